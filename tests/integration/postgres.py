@@ -1,0 +1,195 @@
+"""A private PostgreSQL server for tests: ``initdb`` in a temporary directory, a free loopback
+port, a password-protected role, torn down at the end. No reliance on a server started by hand.
+
+Debian's ``postgresql`` package provides the binaries (``make setup`` installs it when missing).
+PostgreSQL refuses to run as root, so under root the server runs as the ``postgres`` user.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+DATABASE = "nocturne"
+ROLE = "nocturne"
+
+
+class PostgresError(RuntimeError):
+    """The server binaries are missing or the server failed to start."""
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """A running server; ``url`` is a SQLAlchemy URL for the psycopg 3 driver."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str
+    data_dir: Path
+
+    @property
+    def url(self) -> str:
+        """``postgresql+psycopg://`` URL of the test database."""
+        return (
+            f"postgresql+psycopg://{self.user}:{self.password}@{self.host}:{self.port}/"
+            f"{self.database}"
+        )
+
+    @property
+    def log_file(self) -> Path:
+        """The server's log."""
+        return self.data_dir.parent / "postgres.log"
+
+
+def bin_dir() -> Path:
+    """Directory of initdb/pg_ctl: the newest ``/usr/lib/postgresql/*/bin`` or one on PATH."""
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0,
+    )
+    if candidates:
+        return Path(candidates[-1]).parent
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    raise PostgresError(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found; run `make setup` "
+        "(installs Debian's postgresql package)"
+    )
+
+
+@contextmanager
+def running_postgres() -> Iterator[PostgresServer]:
+    """Start a throw-away server and yield it; stop it and delete its files on exit."""
+    bindir = bin_dir()
+    # Not under pytest's 0700 tmp tree: the `postgres` user must be able to reach its files.
+    root = Path(tempfile.mkdtemp(prefix="nocturne-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data_dir = root / "data"
+    password = secrets.token_urlsafe(24)
+    pwfile = root / "pwfile"
+    pwfile.write_text(password + "\n")
+    if run_as:
+        os.chown(pwfile, pwd.getpwnam("postgres").pw_uid, -1)
+    pwfile.chmod(0o600)
+    port = _free_port()
+    server = PostgresServer("127.0.0.1", port, DATABASE, ROLE, password, data_dir)
+    try:
+        _run(
+            [
+                *run_as,
+                str(bindir / "initdb"),
+                "-D",
+                str(data_dir),
+                "-U",
+                "postgres",
+                "--auth-local=peer",
+                "--auth-host=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ],
+            "initdb",
+        )
+        pwfile.unlink()
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {root} "
+            # Test data is disposable: durability only costs time.
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=100 -c timezone=UTC"
+        )
+        _run(
+            [
+                *run_as,
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(data_dir),
+                "-l",
+                str(server.log_file),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            "pg_ctl start",
+            log=server.log_file,
+        )
+        # Two -c options: CREATE DATABASE cannot share a transaction with other statements.
+        _run(
+            [
+                *run_as,
+                str(bindir / "psql"),
+                "-h",
+                str(root),
+                "-p",
+                str(port),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-q",
+                "-c",
+                f"CREATE ROLE {ROLE} LOGIN PASSWORD '{password}'",
+                "-c",
+                f"CREATE DATABASE {DATABASE} OWNER {ROLE}",
+            ],
+            "create role and database",
+        )
+        yield server
+    finally:
+        if (data_dir / "postmaster.pid").exists():
+            subprocess.run(
+                [
+                    *run_as,
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "30",
+                    "stop",
+                ],
+                capture_output=True,
+                check=False,
+            )
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(cmd: list[str], what: str, log: Path | None = None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd="/")
+    if result.returncode != 0:
+        detail = result.stderr or result.stdout
+        if log is not None and log.exists():
+            detail += "\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise PostgresError(f"{what} failed (exit {result.returncode}):\n{detail}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
