@@ -11,7 +11,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -109,4 +115,92 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and _cluster_for_reports:
         report.sections.append(("control-plane logs", _cluster_for_reports[0].log_tails()))
+    if report.failed and _operators_for_reports:
+        tail = "\n".join(_operators_for_reports[0].log_text().splitlines()[-80:])
+        report.sections.append(("operator log", tail))
     return report
+
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO / "crds"
+
+
+@dataclass(frozen=True)
+class OperatorProcess:
+    """The operator running as a subprocess against the cluster; its log is kept for failures."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        """Everything the operator logged so far."""
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl: Kubectl) -> None:
+    """Install the CRDs and wait until they are served."""
+    kubectl("apply", "--server-side", "-f", str(CRD_DIR))
+    kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/agentschedules.nocturne.dev"
+    )
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: Cluster, crds: None, executor: ExecutorProcess | None
+) -> Iterator[OperatorProcess]:
+    """``python -m nocturne_operator`` with a fast drift timer, as a real separate process."""
+    log = cluster.state_dir / "operator.log"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "PYTHONSAFEPATH": "1",
+        "NOCTURNE_RECONCILE_INTERVAL_SECONDS": "3",
+        "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
+        "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
+    }
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nocturne_operator"],
+            env=env,
+            cwd="/",
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = OperatorProcess(proc, log)
+    _operators_for_reports.append(running)
+    try:
+        # kopf answers its liveness endpoint once startup handlers have run.
+        wait_for(
+            lambda: proc.poll() is not None or _healthy(health_port),
+            60,
+            "the operator's health endpoint",
+        )
+        if proc.poll() is not None:
+            raise AssertionError(f"operator exited with {proc.returncode}:\n{running.log_text()}")
+        yield running
+    finally:
+        _operators_for_reports.clear()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+_operators_for_reports: list[OperatorProcess] = []
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

@@ -93,7 +93,7 @@ def test_cronjob_in_tokyo_time_is_fired_by_the_cronjob_controller(
             "spec": {
                 "schedule": "* * * * *",
                 "timeZone": "Asia/Tokyo",
-                "jobTemplate": job_manifest("unused", "echo tick from $HOSTNAME")["spec"],
+                "jobTemplate": {"spec": job_manifest("unused", "echo tick from $HOSTNAME")["spec"]},
             },
         },
     )
@@ -124,7 +124,7 @@ def test_create_job_from_cronjob_runs_at_once(
             "spec": {
                 "schedule": "0 0 1 1 *",
                 "timeZone": "Europe/Berlin",
-                "jobTemplate": job_manifest("unused", "echo manual run")["spec"],
+                "jobTemplate": {"spec": job_manifest("unused", "echo manual run")["spec"]},
             },
         },
     )
@@ -202,7 +202,7 @@ def test_deleting_a_cronjob_collects_its_jobs_and_pods(
             "metadata": {"name": "doomed"},
             "spec": {
                 "schedule": "0 0 1 1 *",
-                "jobTemplate": job_manifest("unused", "sleep 300")["spec"],
+                "jobTemplate": {"spec": job_manifest("unused", "sleep 300")["spec"]},
             },
         },
     )

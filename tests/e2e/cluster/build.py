@@ -93,7 +93,10 @@ def ensure(*, quiet: bool = False) -> Path:
 
 
 def _build(go: str, target: Path, *, quiet: bool) -> None:
-    say = (lambda _msg: None) if quiet else (lambda msg: print(f"[kube-local] {msg}", flush=True))
+    def say(msg: str) -> None:
+        if not quiet:
+            print(f"[kube-local] {msg}", flush=True)
+
     say(
         f"building {kubernetes_version()} from {MODULE_DIR} -> {target} "
         "(cold: ~9 min on 2 cores plus module download; cached afterwards)"

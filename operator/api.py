@@ -1,0 +1,221 @@
+"""The AgentSchedule API (nocturne.dev/v1alpha1) as pydantic models.
+
+These mirror ``crds/agentschedules.nocturne.dev.yaml`` field for field (a unit test keeps the two in
+step) and apply the same defaults, so the offline CLI sees what the apiserver would store.
+Money is ``Decimal``, parsed from the CR's decimal strings; never float.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+GROUP = "nocturne.dev"
+VERSION = "v1alpha1"
+PLURAL = "agentschedules"
+KIND = "AgentSchedule"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+RESTRICTED_OPERATIONS = ("send_email", "purchase", "delete_data", "change_permissions")
+TOOLS = ("web_fetch", *RESTRICTED_OPERATIONS)
+NOTIFICATION_EVENTS = (
+    "Succeeded",
+    "Failed",
+    "BudgetExceeded",
+    "AutoPaused",
+    "Recovered",
+    "SilentStop",
+    "Alert",
+)
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_KEY_NAME = r"^[-._a-zA-Z0-9]+$"
+_USD_PER_RUN = r"^[0-9]{1,6}(\.[0-9]{1,6})?$"
+_USD_TOTAL = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
+
+
+class Provider(StrEnum):
+    """LLM provider families the runner speaks."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    OFFLINE = "offline"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, str_strip_whitespace=False
+    )
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the schedule's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)
+    key: str = Field(min_length=1, max_length=253, pattern=_KEY_NAME)
+
+
+class Task(_Model):
+    """What the agent does on each run."""
+
+    query: str = Field(min_length=1, max_length=16384)
+    context: dict[str, Any] = Field(default_factory=dict)
+    state_key: str | None = Field(
+        None, alias="stateKey", max_length=128, pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
+class Agent(_Model):
+    """Which model the agent uses, how to reach it, and what it may do."""
+
+    model: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
+    provider: Provider = Provider.OPENAI
+    base_url: str = Field("", alias="baseURL", max_length=2048)
+    api_key_secret_ref: SecretKeyRef | None = Field(None, alias="apiKeySecretRef")
+    tools: list[
+        Literal["web_fetch", "send_email", "purchase", "delete_data", "change_permissions"]
+    ] = Field(default_factory=list, max_length=16)
+    allow_restricted_operations: list[
+        Literal["send_email", "purchase", "delete_data", "change_permissions"]
+    ] = Field(default_factory=list, alias="allowRestrictedOperations", max_length=4)
+    max_steps: int = Field(10, alias="maxSteps", ge=1, le=100)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not (
+            value.startswith(("http://", "https://")) and len(value.split("://", 1)[1]) > 0
+        ):
+            raise ValueError("must be an http(s) URL")
+        if any(ch.isspace() for ch in value):
+            raise ValueError("must be an http(s) URL without spaces")
+        return value
+
+    @field_validator("tools", "allow_restricted_operations")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not list an entry twice")
+        return value
+
+    @model_validator(mode="after")
+    def _restricted_need_opt_in(self) -> Agent:
+        missing = [
+            t for t in self.tools if t != "web_fetch" and t not in self.allow_restricted_operations
+        ]
+        if missing:
+            raise ValueError(
+                f"tools {missing} are restricted operations; list them in "
+                "spec.agent.allowRestrictedOperations to allow them in unattended runs"
+            )
+        if self.provider is not Provider.OFFLINE and self.api_key_secret_ref is None:
+            raise ValueError(
+                f"apiKeySecretRef is required for provider {self.provider.value!r} "
+                "(only the offline provider needs no key)"
+            )
+        return self
+
+
+class Budget(_Model):
+    """USD caps. The per-run cap is hard; the total cap suspends the schedule when reached."""
+
+    max_per_run_usd: Decimal = Field(alias="maxPerRunUSD")
+    max_total_usd: Decimal | None = Field(None, alias="maxTotalUSD")
+
+    @field_validator("max_per_run_usd", "max_total_usd", mode="before")
+    @classmethod
+    def _decimal_string(cls, value: object, info: ValidationInfo) -> object:
+        pattern = _USD_PER_RUN if info.field_name == "max_per_run_usd" else _USD_TOTAL
+        if value is None and info.field_name == "max_total_usd":
+            return value
+        if not isinstance(value, str):
+            # pydantic turns ValueError (not TypeError) into a field error.
+            raise ValueError(  # noqa: TRY004
+                'must be a decimal string such as "2.00" (quote it in YAML; floats lose cents)'
+            )
+        if not re.fullmatch(pattern, value):
+            raise ValueError('must be a non-negative decimal string such as "2.00"')
+        return Decimal(value)
+
+    @model_validator(mode="after")
+    def _total_covers_one_run(self) -> Budget:
+        if self.max_total_usd is not None and self.max_total_usd < self.max_per_run_usd:
+            raise ValueError(
+                f"maxTotalUSD {self.max_total_usd} is below maxPerRunUSD {self.max_per_run_usd}: "
+                "a single run could spend past the total"
+            )
+        return self
+
+
+class FailurePolicy(_Model):
+    """When repeated failures pause the schedule."""
+
+    pause_after_consecutive_failures: int = Field(
+        3, alias="pauseAfterConsecutiveFailures", ge=1, le=100
+    )
+
+
+class Notifications(_Model):
+    """Where and when to notify."""
+
+    webhook_secret_ref: SecretKeyRef | None = Field(None, alias="webhookSecretRef")
+    on: list[
+        Literal[
+            "Succeeded",
+            "Failed",
+            "BudgetExceeded",
+            "AutoPaused",
+            "Recovered",
+            "SilentStop",
+            "Alert",
+        ]
+    ] = Field(default_factory=list, max_length=8)
+    cooldown_minutes: int = Field(60, alias="cooldownMinutes", ge=0, le=10080)
+
+
+class AgentScheduleSpec(_Model):
+    """``spec`` of an AgentSchedule."""
+
+    schedule: str = Field(min_length=1, max_length=128)
+    time_zone: str = Field(
+        "UTC",
+        alias="timeZone",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$",
+    )
+    suspend: bool = False
+    task: Task
+    agent: Agent
+    budget: Budget
+    timeout_seconds: int = Field(600, alias="timeoutSeconds", ge=30, le=86400)
+    retries: int = Field(2, ge=0, le=10)
+    concurrency_policy: Literal["Allow", "Forbid", "Replace"] = Field(
+        "Forbid", alias="concurrencyPolicy"
+    )
+    starting_deadline_seconds: int | None = Field(
+        None, alias="startingDeadlineSeconds", ge=10, le=86400
+    )
+    failure_policy: FailurePolicy = Field(default_factory=FailurePolicy, alias="failurePolicy")
+    notifications: Notifications = Field(default_factory=Notifications)
+
+    def to_cr(self) -> dict[str, Any]:
+        """The spec as the apiserver stores it (camelCase, decimal strings)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)

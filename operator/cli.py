@@ -1,0 +1,216 @@
+"""The ``nocturne`` command line: offline checks for CI pipelines (``validate``, ``next-runs``) and
+day-to-day control of a schedule in the cluster (``pause``, ``resume``, ``run``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import yaml
+from kubernetes import config
+
+from nocturne_operator import cron
+from nocturne_operator.api import API_VERSION, KIND
+from nocturne_operator.errors import SettingsError
+from nocturne_operator.kube import Kube
+from nocturne_operator.reconcile import ANNOTATION_RUN_NOW, ANNOTATION_SUSPEND_REASON
+from nocturne_operator.settings import Settings, load_settings
+from nocturne_operator.validation import validate
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def _documents(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """(label, AgentSchedule document or None, error) for each YAML document in ``path``."""
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+        docs = list(yaml.safe_load_all(text))
+    except (OSError, yaml.YAMLError) as exc:
+        yield str(path), None, f"cannot read YAML: {exc}".replace("\n", " ")
+        return
+    for position, doc in enumerate(docs, start=1):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            yield f"{path}#{position}", None, "document is not a mapping"
+            continue
+        if doc.get("kind") != KIND:
+            continue
+        name = (doc.get("metadata") or {}).get("name", f"#{position}")
+        label = f"{path}: {KIND}/{name}"
+        if doc.get("apiVersion") != API_VERSION:
+            yield label, None, f"apiVersion {doc.get('apiVersion')!r}: expected {API_VERSION!r}"
+            continue
+        yield label, doc, None
+
+
+def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    """One line per error; exit 1 when any schedule is invalid."""
+    now = datetime.now(UTC)
+    failed = checked = 0
+    for path in args.files:
+        for label, doc, error in _documents(Path(path)):
+            if doc is None:
+                print(f"{label}: {error}")
+                failed += 1
+                continue
+            checked += 1
+            result = validate(doc, settings, now=now)
+            for problem in result.errors:
+                print(f"{label}: {problem}")
+            for warning in result.warnings:
+                print(f"{label}: warning: {warning}", file=sys.stderr)
+            if not result.ok:
+                failed += 1
+            elif not args.quiet:
+                print(f"{label}: valid")
+    if checked == 0 and failed == 0:
+        print(f"no {KIND} documents found in {', '.join(args.files)}")
+        return EXIT_INVALID
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def cmd_next_runs(args: argparse.Namespace, settings: Settings) -> int:
+    """The next N fire times, exactly as the CronJob controller will fire them."""
+    after = datetime.fromisoformat(args.after) if args.after else datetime.now(UTC)
+    if after.tzinfo is None:
+        print(f"--after {args.after!r}: needs a UTC offset, e.g. 2026-03-08T00:00:00-05:00")
+        return EXIT_USAGE
+    output: list[dict[str, Any]] = []
+    status = EXIT_OK
+    for path in args.files:
+        for label, doc, error in _documents(Path(path)):
+            if doc is None:
+                print(f"{label}: {error}")
+                status = EXIT_INVALID
+                continue
+            result = validate(doc, settings, now=after)
+            if result.spec is None:
+                for problem in result.errors:
+                    print(f"{label}: {problem}")
+                status = EXIT_INVALID
+                continue
+            zone = ZoneInfo(result.spec.time_zone)
+            schedule = cron.parse_schedule(result.spec.schedule)
+            runs = [
+                cron.describe_run(t, zone)
+                for t in cron.next_fire_times(schedule, zone, after, args.count)
+            ]
+            output.append(
+                {
+                    "name": doc["metadata"].get("name"),
+                    "schedule": result.spec.schedule,
+                    "timeZone": result.spec.time_zone,
+                    "runs": [{"utc": r.utc, "local": r.local} for r in runs],
+                }
+            )
+    if args.output == "json":
+        print(json.dumps(output, indent=2))
+    else:
+        for item in output:
+            print(f"{item['name']}  {item['schedule']!r}  {item['timeZone']}")
+            for run in item["runs"]:
+                print(f"  {run['utc']}  {run['local']}")
+    return status
+
+
+def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
+    """pause / resume / run: patch the AgentSchedule; the operator does the rest."""
+    kube = Kube.connect()
+    namespace = args.namespace or _current_namespace()
+    if kube.get(KIND, namespace, args.name) is None:
+        print(f"{KIND} {namespace}/{args.name} not found")
+        return EXIT_INVALID
+    patch: dict[str, Any]
+    if args.command == "pause":
+        patch = {
+            "metadata": {"annotations": {ANNOTATION_SUSPEND_REASON: args.reason}},
+            "spec": {"suspend": True},
+        }
+    elif args.command == "resume":
+        patch = {
+            "metadata": {"annotations": {ANNOTATION_SUSPEND_REASON: None}},
+            "spec": {"suspend": False},
+        }
+    else:
+        request = args.request_id or uuid.uuid4().hex[:12]
+        patch = {"metadata": {"annotations": {ANNOTATION_RUN_NOW: request}}}
+    kube.merge_patch(KIND, namespace, args.name, patch)
+    print(f"{args.command}: {namespace}/{args.name} patched")
+    return EXIT_OK
+
+
+def _current_namespace() -> str:
+    try:
+        _, context = config.list_kube_config_contexts()
+        return str(context.get("context", {}).get("namespace") or "default")
+    except (config.ConfigException, OSError):
+        return "default"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nocturne", description=__doc__)
+    parser.add_argument("--config", type=Path, help="operator settings file (YAML)")
+    parser.add_argument("--min-interval-minutes", type=int)
+    parser.add_argument("--max-per-run-usd")
+    parser.add_argument("--max-schedules-per-namespace", type=int)
+    sub = parser.add_subparsers(dest="command", required=True)
+    val = sub.add_parser("validate", help="validate AgentSchedule manifests offline")
+    val.add_argument("files", nargs="+", help="YAML files ('-' for stdin)")
+    val.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    val.set_defaults(func=cmd_validate)
+    nxt = sub.add_parser("next-runs", help="print the next fire times of AgentSchedules")
+    nxt.add_argument("files", nargs="+")
+    nxt.add_argument("--count", type=int, default=5, choices=range(1, 101), metavar="N")
+    nxt.add_argument("--after", help="start time (ISO 8601 with offset); default now")
+    nxt.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    nxt.set_defaults(func=cmd_next_runs)
+    for name, text in (
+        ("pause", "suspend a schedule"),
+        ("resume", "resume a schedule"),
+        ("run", "start one run now"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("name")
+        cmd.add_argument("-n", "--namespace")
+        if name == "pause":
+            cmd.add_argument("--reason", required=True, help="why (shown on the condition)")
+        if name == "run":
+            cmd.add_argument("--request-id", help="idempotency key (default: random)")
+        cmd.set_defaults(func=cmd_control)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nocturne`` console script."""
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.min_interval_minutes is not None:
+        overrides["min_interval_minutes"] = args.min_interval_minutes
+    if args.max_schedules_per_namespace is not None:
+        overrides["max_schedules_per_namespace"] = args.max_schedules_per_namespace
+    if args.max_per_run_usd is not None:
+        try:
+            overrides["max_per_run_usd"] = Decimal(args.max_per_run_usd)
+        except InvalidOperation:
+            print(f"--max-per-run-usd {args.max_per_run_usd!r}: not a decimal number")
+            return EXIT_USAGE
+    try:
+        settings = load_settings(args.config, **overrides)
+    except SettingsError as exc:
+        print(exc)
+        return EXIT_USAGE
+    status: int = args.func(args, settings)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

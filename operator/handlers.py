@@ -1,0 +1,109 @@
+"""kopf wiring: every trigger calls the one ``reconcile``. Handlers return None; status is
+written explicitly by ``reconcile`` into declared fields only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from nocturne_operator import reconcile as rec
+from nocturne_operator.api import GROUP, PLURAL, VERSION
+from nocturne_operator.kube import Kube
+from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
+from nocturne_operator.settings import Settings, load_settings
+from nocturne_operator.validation import Peer
+
+# Loaded at import: kopf needs the timer interval when the decorators run.
+SETTINGS: Settings = load_settings()
+_MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
+
+
+@kopf.on.startup()
+def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+    """kopf's own bookkeeping lives under nocturne.dev; only warnings become Events."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.WARNING
+    # A watch that silently hangs would stop drift repair: reconnect periodically.
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.execution.max_workers = 8
+    memo["kube"] = Kube.connect()
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def schedules_by_namespace(
+    *, namespace: str | None, name: str, meta: kopf.Meta, **_: Any
+) -> dict[str, Peer]:
+    """Namespace -> its AgentSchedules, for the quota."""
+    return {str(namespace): Peer(name, str(meta.get("creationTimestamp", "")))}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def schedule_bodies(
+    *, namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(namespace, name) -> the AgentSchedule, to reconcile an owner from its CronJob's events."""
+    return {(str(namespace), name): dict(body)}
+
+
+# kopf injects indexes as keyword arguments named after them; they arrive through **kwargs so the
+# handlers keep kopf's handler signatures.
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def schedule_changed(*, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    """Create, update (spec or annotations) and operator restart."""
+    _reconcile(dict(body), memo, kwargs["schedules_by_namespace"])
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds)
+def periodic(*, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+    """Drift repair and fresh next-run times, on a timer."""
+    _reconcile(dict(body), memo, kwargs["schedules_by_namespace"])
+
+
+@kopf.on.event("batch", "v1", "cronjobs", labels=_MANAGED)
+def cronjob_event(
+    *,
+    type: str,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    """A managed CronJob changed or vanished: repair it at once, or remove it if orphaned."""
+    owner_name = labels.get(LABEL_SCHEDULE, "")
+    bodies: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["schedule_bodies"]
+    owners = list(bodies.get((str(namespace), owner_name), []))
+    kube: Kube = memo["kube"]
+    if not owners:
+        if type != "DELETED" and kube.delete("CronJob", str(namespace), name):
+            kopf.event(
+                body,
+                type="Warning",
+                reason="OrphanRemoved",
+                message=f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
+            )
+        return
+    _reconcile(owners[0], memo, kwargs["schedules_by_namespace"])
+
+
+def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) -> None:
+    namespace = body["metadata"]["namespace"]
+    peers = list(index.get(namespace, []))
+    rec.reconcile(body, SETTINGS, memo["kube"], events=_post, peers=peers)
+
+
+def _post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(kopf.Body(obj), type=type_, reason=reason, message=message[:1024])  # type: ignore[arg-type]

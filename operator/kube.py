@@ -1,0 +1,152 @@
+"""A thin adapter over the Kubernetes API for the few object kinds the operator writes.
+
+Objects travel as plain dicts (what the apiserver speaks), which keeps comparisons with the pure
+renderers simple. Server-side apply uses one field manager, so ownership of every field we set is
+visible in ``managedFields``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from nocturne_operator.api import GROUP, PLURAL, VERSION
+from nocturne_operator.render import FIELD_MANAGER
+
+_PATHS = {
+    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
+    "Event": "/api/v1/namespaces/{ns}/events",
+    "CronJob": "/apis/batch/v1/namespaces/{ns}/cronjobs",
+    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "AgentSchedule": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
+}
+
+
+class Kube:
+    """Typed-as-dict access to the objects Nocturne manages."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._api = api
+
+    @classmethod
+    def connect(cls) -> Kube:
+        """In-cluster credentials when running in a pod, else the current kubeconfig."""
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        return cls(client.ApiClient())
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return self._call("GET", kind, namespace, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_objects(
+        self, kind: str, namespace: str, label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        """Objects of ``kind`` in ``namespace``."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        items: list[dict[str, Any]] = self._call("GET", kind, namespace, query=query)["items"]
+        return items
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply ``obj`` as our field manager, taking over conflicting fields (a
+        hand edit of a field we own is drift and gets repaired)."""
+        meta = obj["metadata"]
+        return self._call(
+            "PATCH",
+            obj["kind"],
+            meta["namespace"],
+            meta["name"],
+            body=obj,
+            content_type="application/apply-patch+yaml",
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        )
+
+    def merge_patch(
+        self, kind: str, namespace: str, name: str, patch: dict[str, Any], *, status: bool = False
+    ) -> dict[str, Any]:
+        """JSON merge patch of the object (or its status subresource)."""
+        return self._call(
+            "PATCH",
+            kind,
+            namespace,
+            name,
+            body=patch,
+            content_type="application/merge-patch+json",
+            subresource="status" if status else "",
+            query=[("fieldManager", FIELD_MANAGER)],
+        )
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """Create ``obj``; None when an object of that name already exists."""
+        try:
+            return self._call(
+                "POST",
+                obj["kind"],
+                obj["metadata"]["namespace"],
+                body=obj,
+                query=[("fieldManager", FIELD_MANAGER)],
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete with background propagation; False when it was already gone."""
+        try:
+            self._call(
+                "DELETE",
+                kind,
+                namespace,
+                name,
+                body={"propagationPolicy": "Background"},
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def _call(
+        self,
+        method: str,
+        kind: str,
+        namespace: str,
+        name: str = "",
+        *,
+        body: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+        subresource: str = "",
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        path = _PATHS[kind].format(ns=namespace)
+        if name:
+            path += f"/{name}"
+        if subresource:
+            path += f"/{subresource}"
+        method_, url, headers, payload, post = self._api.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=query or [],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(
+            method_, url, header_params=headers, body=payload, post_params=post
+        )
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        data: dict[str, Any] = json.loads(response.data or b"{}")
+        return data

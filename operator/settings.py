@@ -1,0 +1,92 @@
+"""Cluster-wide settings of the operator: limits that bound every schedule, and how runner pods
+are rendered. Read from ``NOCTURNE_*`` environment variables and an optional YAML file
+(``NOCTURNE_CONFIG_FILE``), which the Helm chart renders from its values."""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from nocturne_operator.errors import SettingsError
+
+
+class Resources(BaseModel):
+    """Requests and limits of runner pods (Kubernetes quantity strings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_request: str = "100m"
+    memory_request: str = "256Mi"
+    cpu_limit: str = "1"
+    memory_limit: str = "512Mi"
+
+
+class Settings(BaseSettings):
+    """Every limit has a default an operator can run with; the chart overrides them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="NOCTURNE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    max_schedules_per_namespace: int = Field(50, ge=1, le=10_000)
+    min_interval_minutes: int = Field(60, ge=1, le=525_600)
+    max_per_run_usd: Decimal = Field(Decimal("10"), ge=0, max_digits=12, decimal_places=6)
+    runner_image: str = Field("ghcr.io/nocturne-dev/nocturne-runner:0.1.0", min_length=1)
+    runner_image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
+    runner_service_account: str = ""
+    runner_resources: Resources = Resources()
+    # Database credentials reach runner pods only as a secretKeyRef.
+    database_secret_name: str = "nocturne-database"  # noqa: S105 - a Secret's name, not a secret
+    database_secret_key: str = "url"  # noqa: S105 - a key name within that Secret
+    price_table_configmap: str = "nocturne-prices"
+    successful_jobs_history_limit: int = Field(3, ge=0, le=100)
+    failed_jobs_history_limit: int = Field(3, ge=0, le=100)
+    job_ttl_seconds_after_finished: int = Field(3 * 86_400, ge=60)
+    # How often each schedule is re-checked for drift and its next runs refreshed.
+    reconcile_interval_seconds: float = Field(60.0, ge=1, le=3600)
+    next_runs_count: int = Field(5, ge=1, le=10)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Explicit arguments win over the environment; no .env or secrets-dir lookups."""
+        return init_settings, env_settings
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``config_file`` (or ``$NOCTURNE_CONFIG_FILE``), the environment and
+    ``overrides``; raises SettingsError naming the file and field on bad values."""
+    path = config_file or (
+        Path(os.environ["NOCTURNE_CONFIG_FILE"]) if os.environ.get("NOCTURNE_CONFIG_FILE") else None
+    )
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise SettingsError(f"{path}: cannot read settings: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"{path}: settings must be a mapping, got {type(loaded).__name__}")
+        data = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        where = str(path) if path else "settings"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])} {err.get('input')!r}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"{where}: {problems}") from exc

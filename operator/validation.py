@@ -1,0 +1,197 @@
+"""Validation of an AgentSchedule beyond what the apiserver's schema and CEL rules can check:
+cron semantics, minimum interval over a whole year, IANA time zone, budget caps, quota.
+
+Shared by the operator and the offline CLI (``nocturne validate``). Pure: no I/O; the caller
+passes the clock and, for the quota, the namespace's schedules.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import ValidationError
+
+from nocturne_operator import cron
+from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.settings import Settings
+
+MAX_NAME_LENGTH = 63
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One broken rule: the field's path, the offending value and the rule, for people."""
+
+    field: str
+    value: Any
+    rule: str
+    has_value: bool = True
+
+    def __str__(self) -> str:
+        if not self.has_value:
+            return f"{self.field}: {self.rule}"
+        return f"{self.field} {_show(self.value)}: {self.rule}"
+
+
+@dataclass(frozen=True)
+class Validated:
+    """Outcome of validation: the parsed spec when there are no errors, plus warnings."""
+
+    spec: AgentScheduleSpec | None
+    errors: list[FieldError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    min_interval: timedelta | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the schedule may run."""
+        return self.spec is not None and not self.errors
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Another AgentSchedule in the same namespace, for the quota (oldest first wins)."""
+
+    name: str
+    created: str  # RFC 3339 creationTimestamp; sorts chronologically
+
+
+def validate(
+    body: Mapping[str, Any],
+    settings: Settings,
+    *,
+    now: datetime,
+    peers: Sequence[Peer] | None = None,
+) -> Validated:
+    """Validate an AgentSchedule object (``metadata`` + ``spec``) against ``settings``.
+
+    ``peers`` are the namespace's AgentSchedules (including this one) for the quota; None skips
+    the quota check (offline CLI without a cluster)."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    errors: list[FieldError] = []
+    metadata = body.get("metadata") or {}
+    name = str(metadata.get("name", ""))
+    if len(name) > MAX_NAME_LENGTH:
+        errors.append(FieldError("metadata.name", name, f"at most {MAX_NAME_LENGTH} characters"))
+    raw_spec = body.get("spec")
+    if not isinstance(raw_spec, Mapping):
+        errors.append(FieldError("spec", raw_spec, "required, must be a mapping"))
+        return Validated(None, errors)
+    try:
+        spec = AgentScheduleSpec.model_validate(dict(raw_spec))
+    except ValidationError as exc:
+        errors.extend(_from_pydantic(exc, raw_spec))
+        return Validated(None, errors)
+
+    warnings: list[str] = []
+    gap: timedelta | None = None
+    tz = _zone(spec.time_zone, errors)
+    schedule = _schedule(spec.schedule, errors)
+    if tz is not None and schedule is not None:
+        year_start = datetime(now.astimezone(tz).year, 1, 1, tzinfo=tz)
+        minimum = timedelta(minutes=settings.min_interval_minutes)
+        too_short = cron.check_min_interval(schedule, tz, minimum, year_start)
+        if too_short is not None:
+            errors.append(
+                FieldError(
+                    "spec.schedule",
+                    spec.schedule,
+                    f"runs as often as every {_duration(too_short)} (in {spec.time_zone}), "
+                    f"minimum interval is {_duration(minimum)}",
+                )
+            )
+        else:
+            gap = cron.min_interval(schedule, tz, year_start)
+        for anomaly in cron.dst_anomalies(schedule, tz, now):
+            warnings.append(str(anomaly))
+    if spec.budget.max_per_run_usd > settings.max_per_run_usd:
+        errors.append(
+            FieldError(
+                "spec.budget.maxPerRunUSD",
+                str(spec.budget.max_per_run_usd),
+                f"exceeds the cluster-wide cap of {settings.max_per_run_usd} USD per run",
+            )
+        )
+    if peers is not None:
+        errors.extend(_quota(name, peers, settings.max_schedules_per_namespace))
+    if errors:
+        return Validated(None, errors, warnings)
+    return Validated(spec, [], warnings, gap)
+
+
+def _zone(name: str, errors: list[FieldError]) -> ZoneInfo | None:
+    # The CronJob controller rejects "Local" (the node's zone); so do we.
+    if name == "Local":
+        errors.append(FieldError("spec.timeZone", name, "not an IANA time zone name"))
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        errors.append(
+            FieldError("spec.timeZone", name, "not an IANA time zone name (e.g. Asia/Tokyo)")
+        )
+        return None
+
+
+def _schedule(expr: str, errors: list[FieldError]) -> cron.CronSchedule | None:
+    try:
+        return cron.parse_schedule(expr)
+    except cron.CronError as exc:
+        errors.append(FieldError("spec.schedule", expr, str(exc)))
+        return None
+
+
+def _quota(name: str, peers: Sequence[Peer], limit: int) -> list[FieldError]:
+    ordered = sorted(peers, key=lambda p: (p.created, p.name))
+    allowed = {p.name for p in ordered[:limit]}
+    if name in allowed or len(ordered) <= limit:
+        return []
+    return [
+        FieldError(
+            "metadata.namespace",
+            name,
+            f"quota exceeded: at most {limit} AgentSchedules per namespace "
+            f"({len(ordered)} exist; the oldest {limit} run)",
+            has_value=True,
+        )
+    ]
+
+
+def _from_pydantic(exc: ValidationError, raw_spec: Mapping[str, Any]) -> list[FieldError]:
+    errors = []
+    for err in exc.errors():
+        # pydantic reports locations by alias, i.e. the CR's camelCase names.
+        path = "spec" + "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]
+        )
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "missing":
+            errors.append(FieldError(path, None, "required", has_value=False))
+        elif err["type"] == "extra_forbidden":
+            errors.append(FieldError(path, None, "unknown field", has_value=False))
+        elif err["loc"] and err["type"] == "value_error" and isinstance(err["input"], Mapping):
+            # A cross-field rule of a nested object: name the object, not its whole value.
+            errors.append(FieldError(path, None, message, has_value=False))
+        else:
+            errors.append(FieldError(path, err.get("input"), message))
+    return errors
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds % 60:
+        return f"{seconds} s"
+    if seconds >= 3 * 3600 and seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 60} min"

@@ -1,0 +1,392 @@
+"""The operator against the real control plane: AgentSchedule -> CronJob, status, pause/resume,
+run-now, drift repair, deletion, and invalid input at apply time (CEL) and on status."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.conftest import OperatorProcess
+from e2e.kube import Kubectl, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def manifest(name: str = "daily-ai-news", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "nocturne.dev/v1alpha1",
+        "kind": "AgentSchedule",
+        "metadata": {"name": name},
+        "spec": {
+            "schedule": "0 9 * * *",
+            "timeZone": "Asia/Tokyo",
+            "task": {"query": "Generate a daily news digest about AI"},
+            "agent": {"model": "offline-demo", "provider": "offline"},
+            "budget": {"maxPerRunUSD": "2.00"},
+            "timeoutSeconds": 600,
+            "retries": 2,
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def apply(kubectl: Kubectl, namespace: str, obj: dict[str, Any], *, check: bool = True) -> str:
+    return kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(obj), check=check)
+
+
+def schedule(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any]:
+    obj: dict[str, Any] = kubectl.json("agentschedule", name, "-n", namespace)
+    return obj
+
+
+def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next(
+        (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), None
+    )
+
+
+def ready(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any] | None:
+    """The schedule once Ready=True for its current generation, else None."""
+    obj = schedule(kubectl, namespace, name)
+    cond = condition(obj, "Ready")
+    current = (
+        obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+        if ("status" in obj)
+        else False
+    )
+    return obj if cond and cond["status"] == "True" and current else None
+
+
+def cronjob(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any] | None:
+    out = kubectl("get", "cronjob", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(out) if out else None
+
+
+def events(kubectl: Kubectl, namespace: str, reason: str) -> list[dict[str, Any]]:
+    return [e for e in kubectl.items("events", "-n", namespace) if e.get("reason") == reason]
+
+
+def test_valid_schedule_becomes_a_cronjob_with_status(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None
+    spec = cj["spec"]
+    assert (spec["schedule"], spec["timeZone"], spec["suspend"]) == (
+        "0 9 * * *",
+        "Asia/Tokyo",
+        False,
+    )
+    assert spec["concurrencyPolicy"] == "Forbid"
+    job = spec["jobTemplate"]["spec"]
+    assert job["activeDeadlineSeconds"] == 600
+    assert job["backoffLimit"] == 2
+    assert job["podFailurePolicy"]["rules"][0]["action"] == "FailJob"
+    pod = job["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert cj["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+
+    status = obj["status"]
+    assert status["phase"] == "Active"
+    assert status["cronJobName"] == "daily-ai-news"
+    assert status["timeZone"] == "Asia/Tokyo"
+    assert status["nextRunAt"].endswith("T00:00:00Z")  # 09:00 JST
+    assert "09:00 JST" in status["nextRunLocal"]
+    assert len(status["nextRuns"]) == 5
+    assert "kopf" not in status  # kopf keeps its bookkeeping in nocturne.dev annotations
+    table = kubectl("get", "asched", "-n", namespace)
+    header, row = table.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "SCHEDULE", "ZONE", "SUSPENDED"]
+    assert "Asia/Tokyo" in row
+    assert "JST" in row
+    assert "Active" in row
+    assert kubectl("get", "nocturne", "-n", namespace).strip()  # category
+
+
+def test_update_is_applied_and_generation_observed(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    apply(kubectl, namespace, manifest(schedule="30 7 * * 1-5", timeoutSeconds=300, retries=0))
+    obj = wait_for(lambda: ready(kubectl, namespace), 30, "the update to be observed")
+    assert obj["metadata"]["generation"] == 2
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None
+    assert cj["spec"]["schedule"] == "30 7 * * 1-5"
+    assert cj["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] == 300
+    assert cj["spec"]["jobTemplate"]["spec"]["backoffLimit"] == 0
+    assert "07:30 JST" in obj["status"]["nextRunLocal"]
+
+
+def test_reconcile_is_idempotent(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    """Once settled, the periodic reconcile (every 3 s here) writes nothing at all."""
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+
+    def versions() -> tuple[str, str]:
+        cj = cronjob(kubectl, namespace)
+        assert cj is not None
+        return (
+            schedule(kubectl, namespace)["metadata"]["resourceVersion"],
+            cj["metadata"]["resourceVersion"],
+        )
+
+    # kopf records the handled configuration in an annotation just after the first reconcile.
+    seen: list[tuple[str, str]] = []
+
+    def settled() -> tuple[str, str] | None:
+        seen.append(versions())
+        return seen[-1] if len(seen) > 1 and seen[-1] == seen[-2] else None
+
+    before = wait_for(settled, 30, "the objects to settle", interval=2)
+    time.sleep(8)  # more than two drift-timer periods
+    assert versions() == before
+
+
+def test_pause_and_resume_round_trip_with_a_reason(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    kubectl(
+        "annotate",
+        "-n",
+        namespace,
+        "asched/daily-ai-news",
+        "nocturne.dev/suspend-reason=holiday freeze",
+    )
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "asched/daily-ai-news",
+        "--type=merge",
+        "-p",
+        '{"spec":{"suspend":true}}',
+    )
+
+    def paused() -> dict[str, Any] | None:
+        obj = ready(kubectl, namespace)
+        cj = cronjob(kubectl, namespace)
+        return obj if obj and cj and cj["spec"]["suspend"] else None
+
+    obj = wait_for(paused, 30, "the CronJob to be suspended")
+    cond = condition(obj, "Suspended")
+    assert cond is not None
+    assert (cond["status"], cond["reason"], cond["message"]) == (
+        "True",
+        "SuspendedByUser",
+        "holiday freeze",
+    )
+    assert obj["status"]["phase"] == "Suspended"
+    assert "nextRunAt" not in obj["status"]
+    assert wait_for(lambda: events(kubectl, namespace, "Paused"), 15, "a Paused event")
+
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "asched/daily-ai-news",
+        "--type=merge",
+        "-p",
+        '{"spec":{"suspend":false}}',
+    )
+
+    def resumed() -> dict[str, Any] | None:
+        cj = cronjob(kubectl, namespace)
+        return ready(kubectl, namespace) if cj and not cj["spec"]["suspend"] else None
+
+    obj = wait_for(resumed, 30, "the schedule to resume")
+    assert obj["status"]["phase"] == "Active"
+    assert wait_for(lambda: events(kubectl, namespace, "Resumed"), 15, "a Resumed event")
+
+
+def test_run_now_creates_exactly_one_job_per_request(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest(suspend=True))  # allowed while suspended
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+
+    def jobs() -> list[dict[str, Any]]:
+        return kubectl.items("jobs", "-n", namespace, "-l", "nocturne.dev/schedule=daily-ai-news")
+
+    kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=req-1")
+    [job] = wait_for(jobs, 30, "the run-now Job")
+    assert job["metadata"]["annotations"]["nocturne.dev/manual-request"] == "req-1"
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "CronJob"
+    obj = schedule(kubectl, namespace)
+    assert obj["status"]["lastManualRun"]["requestId"] == "req-1"
+    # The same request again (GitOps re-sync, a retry) starts nothing new.
+    kubectl(
+        "annotate",
+        "--overwrite",
+        "-n",
+        namespace,
+        "asched/daily-ai-news",
+        "nocturne.dev/run-now=req-1",
+    )
+    time.sleep(5)
+    assert len(jobs()) == 1
+    kubectl(
+        "annotate",
+        "--overwrite",
+        "-n",
+        namespace,
+        "asched/daily-ai-news",
+        "nocturne.dev/run-now=req-2",
+    )
+    wait_for(lambda: len(jobs()) == 2, 30, "the second run-now Job")
+
+
+def test_deleting_the_schedule_removes_everything(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=before")
+    wait_for(lambda: kubectl.items("jobs", "-n", namespace), 30, "a Job")
+    kubectl("delete", "-n", namespace, "asched/daily-ai-news", "--wait=true", "--timeout=30s")
+    wait_for(lambda: cronjob(kubectl, namespace) is None, 60, "the CronJob to be collected")
+    wait_for(lambda: not kubectl.items("jobs", "-n", namespace), 60, "Jobs to be collected")
+    wait_for(
+        lambda: not kubectl.items("configmaps", "-n", namespace, "-l", "nocturne.dev/schedule"),
+        60,
+        "the task ConfigMap",
+    )
+
+
+def test_hand_deleted_and_hand_edited_cronjobs_are_repaired(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "cronjob/daily-ai-news",
+        "--type=merge",
+        "-p",
+        '{"spec":{"schedule":"* * * * *","suspend":true}}',
+    )
+    wait_for(
+        lambda: (
+            (c := cronjob(kubectl, namespace))
+            and c["spec"]["schedule"] == "0 9 * * *"
+            and not c["spec"]["suspend"]
+        ),
+        30,
+        "the edited CronJob to be restored",
+    )
+    old_uid = cronjob(kubectl, namespace)["metadata"]["uid"]  # type: ignore[index]
+    kubectl("delete", "-n", namespace, "cronjob/daily-ai-news")
+    wait_for(
+        lambda: (c := cronjob(kubectl, namespace)) and c["metadata"]["uid"] != old_uid,
+        30,
+        "the deleted CronJob to be recreated",
+    )
+    repairs = wait_for(lambda: events(kubectl, namespace, "DriftRepaired"), 15, "Events")
+    assert {e["involvedObject"]["kind"] for e in repairs} == {"AgentSchedule"}
+
+
+def test_orphaned_managed_cronjob_is_removed(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    kubectl(
+        "create",
+        "cronjob",
+        "-n",
+        namespace,
+        "stray",
+        "--image=busybox",
+        "--schedule=0 0 1 1 *",
+        "--",
+        "true",
+    )
+    kubectl(
+        "label",
+        "-n",
+        namespace,
+        "cronjob/stray",
+        "app.kubernetes.io/managed-by=nocturne-operator",
+        "nocturne.dev/schedule=gone",
+    )
+    wait_for(lambda: cronjob(kubectl, namespace, "stray") is None, 30, "the orphan to go")
+    assert wait_for(lambda: events(kubectl, namespace, "OrphanRemoved"), 15, "an Event")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"schedule": "TZ=Asia/Tokyo 0 9 * * *"}, "TZ= and CRON_TZ= prefixes are not supported"),
+        ({"schedule": "0 9 * *"}, "must be 5 cron fields"),
+        ({"budget": {"maxPerRunUSD": "two dollars"}}, "spec.budget.maxPerRunUSD"),
+        ({"timeoutSeconds": 5}, "spec.timeoutSeconds"),
+        ({"retries": 50}, "spec.retries"),
+        ({"agent": {"model": "gpt-4o", "provider": "openai"}}, "apiKeySecretRef is required"),
+        (
+            {"agent": {"model": "m", "provider": "offline", "tools": ["purchase"]}},
+            "restricted operations need an explicit opt-in",
+        ),
+        ({"concurrencyPolicy": "Sometimes"}, "spec.concurrencyPolicy"),
+        ({"timeZone": "not a zone"}, "spec.timeZone"),
+    ],
+)
+def test_invalid_schedules_are_rejected_at_apply_time(
+    crds: None, kubectl: Kubectl, namespace: str, spec: dict[str, Any], message: str
+) -> None:
+    """The apiserver refuses these even with the operator down; nothing is stored."""
+    with pytest.raises(AssertionError, match=re.escape(message)):
+        apply(kubectl, namespace, manifest(**spec))
+    assert kubectl.items("agentschedules", "-n", namespace) == []
+
+
+def test_invalid_schedule_is_reported_on_status_and_suspends_the_cronjob(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    apply(kubectl, namespace, manifest(schedule="0,5 9 * * *"))
+
+    def invalid() -> dict[str, Any] | None:
+        obj = schedule(kubectl, namespace)
+        cond = condition(obj, "Ready")
+        return obj if cond and cond["reason"] == "InvalidSpec" else None
+
+    obj = wait_for(invalid, 30, "Ready=False InvalidSpec")
+    cond = condition(obj, "Ready")
+    assert cond is not None
+    assert cond["message"] == (
+        'spec.schedule "0,5 9 * * *": runs as often as every 5 min (in Asia/Tokyo), '
+        "minimum interval is 60 min"
+    )
+    assert obj["status"]["phase"] == "Invalid"
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None, "an existing CronJob is suspended, not deleted"
+    assert cj["spec"]["suspend"] is True
+    assert cj["spec"]["schedule"] == "0 9 * * *"
+    warnings = wait_for(lambda: events(kubectl, namespace, "InvalidSpec"), 15, "a Warning")
+    assert warnings[0]["type"] == "Warning"
+    assert "minimum interval is 60 min" in warnings[0]["message"]
+
+    apply(kubectl, namespace, manifest(name="never-valid", schedule="*/10 * * * *"))
+    wait_for(
+        lambda: (
+            (c := condition(schedule(kubectl, namespace, "never-valid"), "Ready"))
+            and c["status"] == "False"
+        ),
+        30,
+        "the second schedule to be judged",
+    )
+    assert cronjob(kubectl, namespace, "never-valid") is None
