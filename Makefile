@@ -19,7 +19,7 @@ PY_SOURCES := $(shell find operator agent_runner -name '*.py' 2>/dev/null)
 .PHONY: help setup system-deps lint typecheck test test-fast cluster-build demo demo-down clean
 
 help:
-	@echo "make demo       bring up the local control plane (etcd, kube-apiserver, kube-controller-manager)"
+	@echo "make demo       local control plane + pod executor + operator, example schedules, one run"
 	@echo "make demo-down  stop it"
 	@echo "make test       set up and run all tests (lint, types, unit, integration, e2e)"
 	@echo "make test-fast  unit + integration tests only"
@@ -59,17 +59,10 @@ test-fast: setup
 	$(VENV)/bin/pytest -m "not e2e"
 
 demo: setup
-	@$(PY) -m e2e.cluster.build
-	@$(PY) -m e2e.cluster.controlplane up --dir $(DEMO_DIR)
-	@echo
-	@echo "Try it:"
-	@echo "  export KUBECONFIG=$(CURDIR)/$(DEMO_DIR)/admin.kubeconfig"
-	@echo "  export PATH=\$$($(PY) -m e2e.cluster.tools):\$$PATH   # pinned kubectl and helm"
-	@echo "  kubectl get --raw /readyz; kubectl version"
-	@echo "Stop it with: make demo-down"
+	@$(PY) -m e2e.cluster.demo up --dir $(DEMO_DIR)
 
 demo-down:
-	@test -x $(PY) && $(PY) -m e2e.cluster.controlplane down --dir $(DEMO_DIR) || true
+	@test -x $(PY) && $(PY) -m e2e.cluster.demo down --dir $(DEMO_DIR) || true
 
 clean: demo-down
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .nocturne

@@ -3,6 +3,7 @@ active pod; the Deployment uses the Recreate strategy)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -11,11 +12,24 @@ import kopf
 import nocturne_operator.handlers  # noqa: F401  (registers the handlers)
 
 
+class _QuietRoutine(logging.Filter):
+    """Drop kopf's per-object "succeeded" lines for the drift timer and CronJob events: at one
+    line per schedule per minute they would drown everything that matters."""
+
+    _ROUTINE = ("Timer 'periodic' succeeded", "Handler 'cronjob_event' succeeded")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno <= logging.INFO and record.getMessage().startswith(self._ROUTINE)
+        )
+
+
 def main() -> int:
     """Run kopf with Nocturne's handlers until stopped."""
     namespaces = [n for n in os.environ.get("NOCTURNE_WATCH_NAMESPACES", "").split(",") if n]
     health = os.environ.get("NOCTURNE_HEALTH_ENDPOINT", "http://0.0.0.0:8080/healthz")
     kopf.configure(verbose=os.environ.get("NOCTURNE_LOG_LEVEL", "").upper() == "DEBUG")
+    logging.getLogger("kopf.objects").addFilter(_QuietRoutine())
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,

@@ -19,16 +19,19 @@ from nocturne_operator.validation import Peer
 # Loaded at import: kopf needs the timer interval when the decorators run.
 SETTINGS: Settings = load_settings()
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
+KOPF_PREFIX = f"kopf.{GROUP}"
 
 
 @kopf.on.startup()
 def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    """kopf's own bookkeeping lives under nocturne.dev; only warnings become Events."""
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    """kopf's own bookkeeping lives under kopf.nocturne.dev; only warnings become Events."""
+    # Not plain nocturne.dev: kopf ignores every annotation under its storage prefix when it
+    # diffs objects, and users' run-now / suspend-reason annotations live under nocturne.dev.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = f"{KOPF_PREFIX}/finalizer"
     settings.posting.level = logging.WARNING
     # A watch that silently hangs would stop drift repair: reconnect periodically.
     settings.watching.server_timeout = 270

@@ -14,8 +14,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from nocturne_operator.api import GROUP, PLURAL, VERSION
-from nocturne_operator.render import FIELD_MANAGER
 
+FIELD_MANAGER = "nocturne-operator"
 _PATHS = {
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "Event": "/api/v1/namespaces/{ns}/events",

@@ -16,7 +16,6 @@ from nocturne_operator.api import API_VERSION, KIND, AgentScheduleSpec, Provider
 from nocturne_operator.settings import Settings
 
 MAX_CRONJOB_NAME = 52  # the CronJob controller appends an 11-character suffix to Job names
-FIELD_MANAGER = "nocturne-operator"
 LABEL_SCHEDULE = "nocturne.dev/schedule"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "nocturne-operator"

@@ -159,7 +159,6 @@ def operator(
         **os.environ,
         "KUBECONFIG": str(cluster.kubeconfig),
         "PYTHONSAFEPATH": "1",
-        "NOCTURNE_RECONCILE_INTERVAL_SECONDS": "3",
         "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
         "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
     }

@@ -130,28 +130,36 @@ def test_update_is_applied_and_generation_observed(
 def test_reconcile_is_idempotent(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    """Once settled, the periodic reconcile (every 3 s here) writes nothing at all."""
+    """Once settled, another reconcile (from a CronJob event or an AgentSchedule update that does
+    not touch the spec) writes nothing: no CronJob change, no status change."""
     apply(kubectl, namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
 
-    def versions() -> tuple[str, str]:
+    def snapshot() -> tuple[str, dict[str, Any]]:
         cj = cronjob(kubectl, namespace)
         assert cj is not None
-        return (
-            schedule(kubectl, namespace)["metadata"]["resourceVersion"],
-            cj["metadata"]["resourceVersion"],
-        )
+        return cj["metadata"]["resourceVersion"], schedule(kubectl, namespace)["status"]
 
-    # kopf records the handled configuration in an annotation just after the first reconcile.
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, dict[str, Any]]] = []
 
-    def settled() -> tuple[str, str] | None:
-        seen.append(versions())
+    def settled() -> tuple[str, dict[str, Any]] | None:
+        seen.append(snapshot())
         return seen[-1] if len(seen) > 1 and seen[-1] == seen[-2] else None
 
-    before = wait_for(settled, 30, "the objects to settle", interval=2)
-    time.sleep(8)  # more than two drift-timer periods
-    assert versions() == before
+    wait_for(settled, 30, "the objects to settle", interval=2)
+    # A CronJob event: the operator reconciles the owner again.
+    kubectl("label", "-n", namespace, "cronjob/daily-ai-news", "example.com/touched=1")
+    after_label = snapshot()
+    # An AgentSchedule update without a spec change: kopf runs the update handler again.
+    updates = operator.log_text().count("Updating is processed")
+    kubectl("label", "-n", namespace, "asched/daily-ai-news", "example.com/touched=1")
+    wait_for(
+        lambda: operator.log_text().count("Updating is processed") > updates,
+        15,
+        "the update handler to run",
+    )
+    time.sleep(2)
+    assert snapshot() == after_label
 
 
 def test_pause_and_resume_round_trip_with_a_reason(

@@ -1,0 +1,216 @@
+"""``make demo``: a local control plane with the pod executor and the Nocturne operator, the example
+schedules applied and one run started. ``make demo-down`` stops everything.
+
+Everything runs detached; pids live in ``<dir>/demo.json``, logs in ``<dir>/logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import suppress
+from pathlib import Path
+
+from e2e.cluster import build, controlplane, tools
+from e2e.kube import Kubectl, wait_for
+
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLES = REPO / "docs" / "examples"
+NAMESPACE = "demo"
+
+
+def say(message: str) -> None:
+    """Progress for people."""
+    print(f"[demo] {message}", flush=True)
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str]) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd="/",
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def up(state: Path) -> int:
+    """Start (or reuse) everything and print how to explore it."""
+    started = time.monotonic()
+    say("building or reusing kube-local (the first build takes ~9 min)")
+    build.ensure()
+    if not controlplane.is_up(state):
+        down(state)
+        controlplane.main(["up", "--dir", str(state)])
+    kubeconfig = state / "admin.kubeconfig"
+    kubectl = Kubectl(tools.ensure().kubectl, kubeconfig)
+    env = {
+        **os.environ,
+        "PYTHONSAFEPATH": "1",
+        "PYTHONPATH": str(REPO / "tests"),
+        "KUBECONFIG": str(kubeconfig),
+    }
+    pids = _read_pids(state)
+    if not _alive(pids.get("executor")):
+        ready = state / "executor.ready"
+        ready.unlink(missing_ok=True)
+        pids["executor"] = _spawn(
+            [
+                sys.executable,
+                "-m",
+                "e2e.cluster.executor",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--state-dir",
+                str(state / "executor"),
+                "--ready-file",
+                str(ready),
+            ],
+            state / "logs" / "executor.log",
+            env,
+        )
+        wait_for(ready.exists, 60, "the pod executor")
+        say("pod executor running (it plays the kubelet)")
+    kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
+    kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/agentschedules.nocturne.dev"
+    )
+    if not _alive(pids.get("operator")):
+        port = _free_port()
+        pids["operator"] = _spawn(
+            [sys.executable, "-m", "nocturne_operator"],
+            state / "logs" / "operator.log",
+            {
+                **env,
+                "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
+                "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:dev",
+            },
+        )
+        wait_for(lambda: _healthy(port), 60, "the operator")
+        say("operator running")
+    _write_pids(state, pids)
+    if not kubectl("get", "namespace", NAMESPACE, check=False):
+        kubectl("create", "namespace", NAMESPACE)
+    kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES))
+    for name in ("daily-ai-news", "competitor-monitor", "weekly-summary"):
+        wait_for(
+            lambda n=name: (
+                kubectl(
+                    "get",
+                    "asched",
+                    n,
+                    "-n",
+                    NAMESPACE,
+                    "-o",
+                    "jsonpath={.status.phase}",
+                    check=False,
+                )
+                == "Active"
+            ),
+            60,
+            f"{name} to become Active",
+        )
+    kubectl(
+        "annotate",
+        "--overwrite",
+        "-n",
+        NAMESPACE,
+        "asched/daily-ai-news",
+        f"nocturne.dev/run-now=demo-{int(time.time())}",
+    )
+    say(f"ready in {time.monotonic() - started:.0f} s; the schedules:")
+    print(kubectl("get", "asched", "-n", NAMESPACE))
+    print(kubectl("get", "cronjobs,jobs", "-n", NAMESPACE))
+    bin_dir = tools.ensure().bin_dir
+    print(
+        "Explore:\n"
+        f"  export KUBECONFIG={kubeconfig}\n"
+        f"  export PATH={bin_dir}:$PATH                    # pinned kubectl and helm\n"
+        f"  kubectl get asched -n {NAMESPACE} -o yaml\n"
+        f"  kubectl describe asched daily-ai-news -n {NAMESPACE}\n"
+        f"  .venv/bin/nocturne next-runs docs/examples/weekly-summary.yaml --count 5\n"
+        f"  .venv/bin/nocturne pause daily-ai-news -n {NAMESPACE} --reason 'trying it out'\n"
+        f"Logs: {state / 'logs'}\n"
+        "Stop: make demo-down"
+    )
+    return 0
+
+
+def down(state: Path) -> int:
+    """Stop the operator, the executor and the control plane."""
+    pids = _read_pids(state)
+    for name in ("operator", "executor"):
+        pid = pids.get(name)
+        if pid and _alive(pid):
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.2)
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    (state / "demo.json").unlink(missing_ok=True)
+    stopped = controlplane.down(state)
+    say("stopped" if stopped or pids else "nothing was running")
+    return 0
+
+
+def _read_pids(state: Path) -> dict[str, int]:
+    path = state / "demo.json"
+    data: dict[str, int] = json.loads(path.read_text()) if path.exists() else {}
+    return data
+
+
+def _write_pids(state: Path, pids: dict[str, int]) -> None:
+    (state / "demo.json").write_text(json.dumps(pids))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: up | down."""
+    parser = argparse.ArgumentParser(prog="python -m e2e.cluster.demo")
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--dir", type=Path, default=REPO / ".nocturne" / "cluster")
+    args = parser.parse_args(argv)
+    state: Path = args.dir.resolve()
+    return up(state) if args.command == "up" else down(state)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

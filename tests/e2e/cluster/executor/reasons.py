@@ -1,0 +1,10 @@
+"""Container (and pod) reasons this executor reports; CamelCase like the kubelet's."""
+
+REASON_IMAGE = "ErrImageNotMapped"
+REASON_CONFIG = "CreateContainerConfigError"
+REASON_UNSUPPORTED = "UnsupportedPodSpec"
+REASON_START = "StartError"
+REASON_INTERNAL = "CreateContainerError"
+REASON_DEADLINE = "DeadlineExceeded"
+REASON_STOPPED = "ExecutorStopped"
+DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
