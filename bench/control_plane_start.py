@@ -45,14 +45,20 @@ def main(runs: int) -> None:
     start = statistics.median(starts)
     print(f"runs: {runs}")
     print(f"baseline  binary start (kube-local version): {base * 1000:8.1f} ms")
-    print(f"warm start etcd+apiserver+controller-manager: {start:8.2f} s  "
-          f"({start / base:.0f}x the baseline)")
+    print(
+        f"warm start etcd+apiserver+controller-manager: {start:8.2f} s  "
+        f"({start / base:.0f}x the baseline)"
+    )
     for name in controlplane.COMPONENTS:
         values = [m[name] for m in memory]
-        print(f"RSS {name:<24} median {statistics.median(values):7.1f} MiB  max {max(values):7.1f} MiB")
+        print(
+            f"RSS {name:<24} median {statistics.median(values):7.1f} MiB  max {max(values):7.1f} MiB"
+        )
     total = [sum(m.values()) for m in memory]
-    print(f"RSS total                    median {statistics.median(total):7.1f} MiB  "
-          f"max {max(total):7.1f} MiB")
+    print(
+        f"RSS total                    median {statistics.median(total):7.1f} MiB  "
+        f"max {max(total):7.1f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ ANNOTATION_MANUAL_REQUEST = "nocturne.dev/manual-request"
 TASK_MOUNT = "/run/nocturne/task"
 TASK_FILE = "task.json"
 
-# The runner's exit-code contract (docs/runner-exit-codes.md); podFailurePolicy depends on it.
+# The runner's exit-code contract (docs/schedule-reference.md); podFailurePolicy depends on it.
 EXIT_SUCCEEDED = 0
 EXIT_TRANSIENT = 1  # retried within backoffLimit
 EXIT_CONFIG_ERROR = 3  # fails the Job at once

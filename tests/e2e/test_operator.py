@@ -4,7 +4,10 @@ run-now, drift repair, deletion, and invalid input at apply time (CEL) and on st
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -12,7 +15,7 @@ import pytest
 import yaml
 
 from e2e.conftest import OperatorProcess
-from e2e.kube import Kubectl, wait_for
+from e2e.kube import Cluster, Kubectl, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -398,3 +401,59 @@ def test_invalid_schedule_is_reported_on_status_and_suspends_the_cronjob(
         "the second schedule to be judged",
     )
     assert cronjob(kubectl, namespace, "never-valid") is None
+
+
+def test_cli_pause_resume_and_run(
+    cluster: Cluster, operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(cluster.kubeconfig)}
+
+    def nocturne(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nocturne_operator.cli", *args],
+            env=env,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert nocturne("pause", "daily-ai-news", "-n", namespace, "--reason", "audit").returncode == 0
+    obj = wait_for(
+        lambda: (o := ready(kubectl, namespace)) and o["status"]["phase"] == "Suspended" and o,
+        30,
+        "the CLI pause",
+    )
+    suspended = condition(obj, "Suspended")
+    assert suspended is not None
+    assert suspended["message"] == "audit"
+    assert nocturne("resume", "daily-ai-news", "-n", namespace).returncode == 0
+    wait_for(
+        lambda: (o := ready(kubectl, namespace)) and o["status"]["phase"] == "Active",
+        30,
+        "the CLI resume",
+    )
+    assert "nocturne.dev/suspend-reason" not in schedule(kubectl, namespace)["metadata"].get(
+        "annotations", {}
+    )
+    run = nocturne("run", "daily-ai-news", "-n", namespace, "--request-id", "cli-1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    wait_for(lambda: kubectl.items("jobs", "-n", namespace), 30, "the CLI run's Job")
+    missing = nocturne("pause", "nope", "-n", namespace, "--reason", "x")
+    assert missing.returncode == 1
+    assert f"AgentSchedule {namespace}/nope not found" in missing.stdout
+
+
+def test_dst_sensitive_schedule_gets_a_warning_condition(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, manifest(schedule="30 2 * * *", timeZone="America/New_York"))
+    obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    warning = condition(obj, "ScheduleWarning")
+    assert warning is not None
+    assert (warning["status"], warning["reason"]) == ("True", "DSTTransitions")
+    assert "02:30" in warning["message"]
+    assert wait_for(lambda: events(kubectl, namespace, "DSTTransitions"), 15, "a Warning Event")

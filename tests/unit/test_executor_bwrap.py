@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from e2e.cluster import sandbox
 from e2e.cluster.executor import (
     DEFAULT_PATH,
     FileProjection,
     exit_code_of,
     host_paths_for,
     main_process,
+    sandbox,
     write_volume,
 )
 from prerequisites import skip_or_fail

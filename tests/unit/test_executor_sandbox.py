@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from e2e.cluster.sandbox import (
+from e2e.cluster.executor.sandbox import (
     Mount,
     MountTargetError,
     SandboxSpec,

@@ -18,10 +18,10 @@ from e2e.cluster.executor import (
     FileProjection,
     HostCapacity,
     Identity,
+    ObjectCache,
     PodStartError,
     VolumeDir,
     VolumeSources,
-    _Objects,
     container_identity,
     container_mounts,
     host_paths_for,
@@ -95,7 +95,7 @@ def files(
     volume: dict[str, Any], identity: Identity | None = None, tokens: Tokens | None = None
 ) -> dict[str, tuple[bytes, int, int | None]] | None:
     ident = identity or container_identity(POD, {"name": "main"})
-    sources = VolumeSources(POD, ident, _Objects(OBJECTS, "ns"), tokens or Tokens(), CAPACITY)
+    sources = VolumeSources(POD, ident, ObjectCache(OBJECTS, "ns"), tokens or Tokens(), CAPACITY)
     found = sources.files(volume)
     if found is None:
         return None
@@ -178,7 +178,7 @@ def test_missing_root_ca_names_the_controller() -> None:
     empty = VolumeSources(
         POD,
         container_identity(POD, {"name": "main"}),
-        _Objects(Objects({}, {}), "ns"),
+        ObjectCache(Objects({}, {}), "ns"),
         Tokens(),
         CAPACITY,
     )

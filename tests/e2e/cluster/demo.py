@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 
 from e2e.cluster import build, controlplane, tools
@@ -120,23 +121,7 @@ def up(state: Path) -> int:
         kubectl("create", "namespace", NAMESPACE)
     kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES))
     for name in ("daily-ai-news", "competitor-monitor", "weekly-summary"):
-        wait_for(
-            lambda n=name: (
-                kubectl(
-                    "get",
-                    "asched",
-                    n,
-                    "-n",
-                    NAMESPACE,
-                    "-o",
-                    "jsonpath={.status.phase}",
-                    check=False,
-                )
-                == "Active"
-            ),
-            60,
-            f"{name} to become Active",
-        )
+        wait_for(partial(_is_active, kubectl, name), 60, f"{name} to become Active")
     kubectl(
         "annotate",
         "--overwrite",
@@ -145,6 +130,7 @@ def up(state: Path) -> int:
         "asched/daily-ai-news",
         f"nocturne.dev/run-now=demo-{int(time.time())}",
     )
+    wait_for(lambda: kubectl("get", "jobs", "-n", NAMESPACE, "-o", "name"), 30, "the run-now Job")
     say(f"ready in {time.monotonic() - started:.0f} s; the schedules:")
     print(kubectl("get", "asched", "-n", NAMESPACE))
     print(kubectl("get", "cronjobs,jobs", "-n", NAMESPACE))
@@ -180,6 +166,13 @@ def down(state: Path) -> int:
     stopped = controlplane.down(state)
     say("stopped" if stopped or pids else "nothing was running")
     return 0
+
+
+def _is_active(kubectl: Kubectl, name: str) -> bool:
+    phase = kubectl(
+        "get", "asched", name, "-n", NAMESPACE, "-o", "jsonpath={.status.phase}", check=False
+    )
+    return phase == "Active"
 
 
 def _read_pids(state: Path) -> dict[str, int]:

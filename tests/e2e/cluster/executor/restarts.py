@@ -20,6 +20,9 @@ class History:
     last: Termination | None = None
 
 
+FIRST_RUN = History()  # a container that has not been restarted (yet)
+
+
 def restart_delay(policy: str, exit_code: int, restarts_so_far: int) -> float | None:
     """Seconds until the kubelet would restart an exited container, None if it stays down.
 

@@ -277,13 +277,24 @@ def visibility_args(
 ) -> list[str]:
     """bwrap args for ``visibility_plan``: the tmpfs dirs first (each hides what is below it),
     then the read-only binds, with world-traversable parents."""
+    return _visible(paths, SANDBOX_TMPFS, mode_of, on_skip).argv
+
+
+def _visible(
+    paths: Iterable[str],
+    owned: Sequence[str],
+    mode_of: Callable[[str], int | None],
+    on_skip: Callable[[str, str], None] | None,
+) -> _Args:
+    """``visibility_args`` as ``_Args`` that own ``owned`` plus the new tmpfs dirs, for more
+    mounts to follow."""
     tmpfs, binds = visibility_plan(paths, mode_of, on_skip)
-    args = _Args([*SANDBOX_TMPFS, *tmpfs])
+    args = _Args([*owned, *tmpfs])
     for directory in tmpfs:
         args.argv += ["--tmpfs", directory]
     for path in binds:
         args.mount("--ro-bind", path, path)
-    return args.argv
+    return args
 
 
 def _mount_depth(mount: Mount) -> int:
@@ -321,12 +332,7 @@ def build_bwrap_argv(
     if spec.writable_tmp:
         argv += ["--perms", "1777"]
     argv += ["--tmpfs", "/tmp", "--tmpfs", "/run"]  # noqa: S108
-    tmpfs, binds = visibility_plan(spec.host_paths, mode_of, on_skip)
-    args = _Args([*SANDBOX_OWNED, *tmpfs])
-    for directory in tmpfs:
-        args.argv += ["--tmpfs", directory]
-    for path in binds:
-        args.mount("--ro-bind", path, path)
+    args = _visible(spec.host_paths, SANDBOX_OWNED, mode_of, on_skip)
     for path in spec.hidden:
         args.parents(path)
         args.argv += ["--tmpfs", path]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from e2e.cluster.executor.pod import JSON, PodKey, get_items, get_map, get_text
-from e2e.cluster.executor.restarts import History
+from e2e.cluster.executor.restarts import FIRST_RUN, History
 from e2e.cluster.executor.termination import Termination
 
 # (type, status, reason, message) of one pod condition to upsert.
@@ -95,10 +95,11 @@ def _container_status(
 def _pod_status(
     pod: Mapping[str, Any],
     phase: str,
+    *,
     start_time: str,
     conditions: Sequence[ConditionUpdate],
     now: str,
-    container_status: JSON,
+    container: JSON,
 ) -> JSON:
     """The fields every document sets; ``status.startTime`` once set is kept, else
     ``start_time``."""
@@ -108,7 +109,7 @@ def _pod_status(
         "conditions": merge_conditions(
             get_items(get_map(pod, "status"), "conditions"), conditions, now
         ),
-        "containerStatuses": [container_status],
+        "containerStatuses": [container],
     }
 
 
@@ -117,13 +118,13 @@ def claimed_status(pod: Mapping[str, Any], info: ContainerInfo, now: str) -> JSO
     return _pod_status(
         pod,
         "Pending",
-        now,
-        _not_ready(info.name),
-        now,
-        _container_status(
+        start_time=now,
+        conditions=_not_ready(info.name),
+        now=now,
+        container=_container_status(
             info,
             {"waiting": {"reason": "ContainerCreating"}},
-            History(),
+            FIRST_RUN,
             ready=False,
             image_id=False,
         ),
@@ -137,22 +138,22 @@ def running_status(
     started_at: str,
     now: str,
     *,
-    history: History = History(),
+    history: History = FIRST_RUN,
 ) -> JSON:
     """Running, Ready: what the Job controller counts in ``status.ready``."""
     return _pod_status(
         pod,
         "Running",
-        started_at,
-        [
+        start_time=started_at,
+        conditions=[
             ("PodReadyToStartContainers", True, None, None),
             ("PodScheduled", True, None, None),
             ("Initialized", True, None, None),
             ("ContainersReady", True, None, None),
             ("Ready", True, None, None),
         ],
-        now,
-        _container_status(
+        now=now,
+        container=_container_status(
             info,
             {"running": {"startedAt": started_at}},
             history,
@@ -175,10 +176,10 @@ def backoff_status(
     return _pod_status(
         pod,
         "Running",
-        now,
-        _not_ready(info.name),
-        now,
-        _container_status(info, {"waiting": waiting}, history, ready=False),
+        start_time=now,
+        conditions=_not_ready(info.name),
+        now=now,
+        container=_container_status(info, {"waiting": waiting}, history, ready=False),
     )
 
 
@@ -186,7 +187,7 @@ def terminated_status(
     pod: Mapping[str, Any],
     info: ContainerInfo,
     term: Termination,
-    history: History = History(),
+    history: History = FIRST_RUN,
 ) -> JSON:
     """Succeeded (exit 0) or Failed, container ``state.terminated``, Ready=False.
 
@@ -197,19 +198,30 @@ def terminated_status(
     status = _pod_status(
         pod,
         "Succeeded" if succeeded else "Failed",
-        term.started_at,
-        [
+        start_time=term.started_at,
+        conditions=[
             ("PodReadyToStartContainers", False, None, None),
             ("PodScheduled", True, None, None),
             ("Initialized", True, None, None),
             ("ContainersReady", False, completed, None),
             ("Ready", False, completed, None),
         ],
-        term.finished_at,
-        _container_status(info, term.state(), history, ready=False, container_id=term.container_id),
+        now=term.finished_at,
+        container=_container_status(
+            info, term.state(), history, ready=False, container_id=term.container_id
+        ),
     )
     if term.pod_reason:
         status["reason"] = term.pod_reason
     if term.pod_message:
         status["message"] = term.pod_message
     return status
+
+
+def ran_locally(status: Mapping[str, Any]) -> bool:
+    """Whether ``status`` was written by a local executor after a start: imageID is
+    local://<table key> in every such status (a Running pod of an earlier executor)."""
+    return any(
+        str(c.get("imageID", "")).startswith("local://")
+        for c in get_items(status, "containerStatuses")
+    )

@@ -84,6 +84,7 @@ class Termination:
 
 def exited_termination(
     exit_code: int,
+    *,
     term_path: Path,
     log_path: Path,
     message_policy: str,
@@ -104,8 +105,6 @@ def exited_termination(
         finished_at=now_rfc3339(),
         container_id=f"local://{pid}",
     )
-
-
 
 
 def rejected_termination(reason: str, message: str, now: str) -> Termination:

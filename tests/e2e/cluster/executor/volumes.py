@@ -301,3 +301,23 @@ def termination_log_mount(
     except sandbox.MountTargetError as exc:
         raise config_error(f"terminationMessagePath: {exc}") from exc
     return sandbox.Mount(str(host_file), target, read_only=False)
+
+
+def materialise_volumes(
+    volumes: Sequence[Mapping[str, Any]], sources: VolumeSources, root: Path
+) -> dict[str, VolumeDir]:
+    """Every pod volume as a directory ``root/<name>``: emptyDirs writable, the others written
+    once and read-only for the container."""
+    fs_group = sources.identity.fs_group
+    found: dict[str, VolumeDir] = {}
+    for volume in volumes:
+        name = get_text(volume, "name")
+        files = sources.files(volume)
+        path = root / name
+        if files is None:
+            make_empty_dir(path, fs_group)
+            found[name] = VolumeDir(path, writable=True)
+        else:
+            write_volume(path, files, fs_group)
+            found[name] = VolumeDir(path, writable=False)
+    return found
