@@ -51,9 +51,8 @@ def main(runs: int) -> None:
     )
     for name in controlplane.COMPONENTS:
         values = [m[name] for m in memory]
-        print(
-            f"RSS {name:<24} median {statistics.median(values):7.1f} MiB  max {max(values):7.1f} MiB"
-        )
+        median = statistics.median(values)
+        print(f"RSS {name:<24} median {median:7.1f} MiB  max {max(values):7.1f} MiB")
     total = [sum(m.values()) for m in memory]
     print(
         f"RSS total                    median {statistics.median(total):7.1f} MiB  "
