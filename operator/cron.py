@@ -1,13 +1,14 @@
 """Cron semantics exactly as the Kubernetes CronJob controller fires them.
 
 The controller (k8s 1.35) validates ``spec.schedule`` with robfig/cron v3 ``ParseStandard`` plus a
-rule of its own (no ``TZ``/``CRON_TZ`` anywhere in the string), parses ``"TZ=<timeZone> <schedule>"``
-and then chains ``Schedule.Next``. This module reproduces both on :mod:`zoneinfo`, mirroring Go's
-wall-clock arithmetic: ``time.Date`` normalisation of skipped/repeated local times, ``AddDate``
-working on the wall clock and ``Add`` on absolute time. That is what makes robfig's DST behaviour
-come out the same: a time in a spring-forward gap never fires, a time in a fall-back overlap fires
-twice, and after a 30-minute shift (Australia/Lord_Howe) the search can carry a ``:30`` minute and
-skip a regular run (``0 0 * * *`` does not run on the Monday after the April change).
+rule of its own (no ``TZ``/``CRON_TZ`` anywhere in the string), parses
+``"TZ=<timeZone> <schedule>"`` and then chains ``Schedule.Next``. This module reproduces both on
+:mod:`zoneinfo`, mirroring Go's wall-clock arithmetic: ``time.Date`` normalisation of skipped and
+repeated local times, ``AddDate`` working on the wall clock and ``Add`` on absolute time. That is
+what makes robfig's DST behaviour come out the same: a time in a spring-forward gap never fires,
+a time in a fall-back overlap fires twice, and after a 30-minute change (Australia/Lord_Howe) the
+search can carry a ``:30`` minute and skip a regular run (``0 0 * * *`` does not run on the Monday
+after the April change). Results were checked against robfig/cron v3.0.1 itself.
 
 Where the controller differs from a raw ``Next`` chain (pkg/controller/cronjob/utils.go):
 
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import re
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -62,8 +63,8 @@ class _Field:
     names: dict[str, int] | None = None
 
 
-_MONTH_NAMES = "jan feb mar apr may jun jul aug sep oct nov dec".split()
-_DOW_NAMES = "sun mon tue wed thu fri sat".split()
+_MONTH_NAMES = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+_DOW_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]
 _FIELDS = (
     _Field("minute", 0, 59),
     _Field("hour", 0, 23),
@@ -123,6 +124,10 @@ def parse_schedule(expr: str) -> CronSchedule:
     """Parse exactly what ``batch/v1`` CronJob accepts; raise :class:`CronError` otherwise.
 
     Also rejects schedules that can never fire (``0 0 30 2 *``), which the apiserver accepts.
+    robfig's dialect: minute hour day-of-month month day-of-week; day-of-week is 0-6 (7 is an
+    error), names (JAN-DEC, SUN-SAT) in any case, ``?`` means ``*`` in any field, ``N/s`` means
+    ``N-max/s``, empty list elements are ignored and so is anything after ``*-``. ``@every``
+    takes a Go duration, rounded down to whole seconds and raised to at least one second.
     """
     if not isinstance(expr, str):
         raise TypeError(f"schedule must be a string, not {type(expr).__name__}")
@@ -201,11 +206,11 @@ def _parse_range(expr: str, text: str, spec: _Field) -> tuple[int, bool]:
     if star:  # robfig ignores whatever follows "*-" or "?-"
         start, end = spec.low, spec.high
     else:
-        start = _value(low_high[0], where, spec)
+        start = _value(low_high[0], where, spec, "range start" if len(low_high) > 1 else "value")
         if len(low_high) == 1:
             end = start
         elif len(low_high) == 2:
-            end = _value(low_high[1], where, spec)
+            end = _value(low_high[1], where, spec, "range end")
         else:
             raise CronError(f'{where}: too many "-" in "{expr}"')
     step = 1
@@ -218,7 +223,8 @@ def _parse_range(expr: str, text: str, spec: _Field) -> tuple[int, bool]:
         star = star and step == 1  # "*/2" is not a star for the day-of-month/week rule
     elif len(range_and_step) > 2:
         raise CronError(f'{where}: too many "/" in "{expr}"')
-    for bad in (v for v in (start, end) if not spec.low <= v <= spec.high):
+    bad = next((v for v in (start, end) if not spec.low <= v <= spec.high), None)
+    if bad is not None:
         sunday = " (use 0 or SUN for Sunday)" if spec.name == "day-of-week" and bad == 7 else ""
         raise CronError(f"{where}: value {bad} out of range {spec.low}-{spec.high}{sunday}")
     if start > end:
@@ -228,13 +234,13 @@ def _parse_range(expr: str, text: str, spec: _Field) -> tuple[int, bool]:
     return sum(1 << v for v in range(start, end + 1, step)), star
 
 
-def _value(token: str, where: str, spec: _Field) -> int:
+def _value(token: str, where: str, spec: _Field, what: str) -> int:
     if spec.names is not None:
         # Go's strings.ToLower maps U+0130 to a plain "i"; Python adds a combining dot.
         named = spec.names.get(token.replace("\u0130", "i").lower())
         if named is not None:
             return named
-    return _number(token, where, "value", _NAME_HINT.get(spec.name, ""))
+    return _number(token, where, what, _NAME_HINT.get(spec.name, ""))
 
 
 def _number(token: str, where: str, what: str, hint: str = "") -> int:
@@ -245,7 +251,7 @@ def _number(token: str, where: str, what: str, hint: str = "") -> int:
         raise CronError(f'{where}: "{token}" is not a number{hint}')
     number = int(token)
     if not -_INT64 <= number < _INT64:
-        raise CronError(f"{where}: value {token} out of range")
+        raise CronError(f"{where}: {what} {token} is too large")
     return number
 
 
@@ -260,43 +266,38 @@ def _go_duration(text: str) -> int:
         raise ValueError("invalid duration")
     total = 0
     while rest:
-        if not (rest[0] == "." or "0" <= rest[0] <= "9"):
-            raise ValueError("invalid duration")
-        whole = re.match("[0-9]*", rest)
-        digits = whole.group() if whole else ""
-        rest = rest[len(digits) :]
-        value = int(digits or "0")
-        fraction, scale, has_fraction = 0, 1.0, False
-        if rest.startswith("."):
-            frac = re.match("[0-9]*", rest[1:])
-            frac_digits = frac.group() if frac else ""
-            rest, has_fraction = rest[1 + len(frac_digits) :], bool(frac_digits)
-            for ch in frac_digits:  # leadingFraction: stops gaining precision on overflow
-                if fraction > (_INT64 - 1) // 10 or fraction * 10 + int(ch) > _INT64:
-                    break
-                fraction, scale = fraction * 10 + int(ch), scale * 10
-        if not digits and not has_fraction:
-            raise ValueError("invalid duration")
-        unit_match = re.match(r"[^.0-9]*", rest)
-        unit = unit_match.group() if unit_match else ""
-        rest = rest[len(unit) :]
-        if not unit:
-            raise ValueError("missing unit")
-        if unit not in _NS_PER_UNIT:
-            raise ValueError(f'unknown unit "{unit}"')
-        per_unit = _NS_PER_UNIT[unit]
-        if value > _INT64 or value > _INT64 // per_unit:
-            raise ValueError("invalid duration")
-        value *= per_unit
-        if fraction:
-            # Go computes the fractional part in float64; mirror it bit for bit.
-            value += int(float(fraction) * (float(per_unit) / scale))
+        value, rest = _duration_term(rest)
         total += value
-        if value > _INT64 or total > _INT64:
+        if total > _INT64:
             raise ValueError("invalid duration")
     if not negative and total > _INT64 - 1:
         raise ValueError("invalid duration")
     return -total if negative else total
+
+
+def _duration_term(text: str) -> tuple[int, str]:
+    """One ``[0-9]*(.[0-9]*)?unit`` term of a Go duration: (nanoseconds, rest of the text)."""
+    match = re.match(r"([0-9]*)(?:\.([0-9]*))?([^.0-9]*)", text)
+    digits, fraction_digits, unit = match.groups("") if match else ("", "", "")
+    if not text or not (text[0] == "." or "0" <= text[0] <= "9") or not (digits or fraction_digits):
+        raise ValueError("invalid duration")
+    if not unit:
+        raise ValueError("missing unit")
+    if unit not in _NS_PER_UNIT:
+        raise ValueError(f'unknown unit "{unit}"')
+    per_unit, value = _NS_PER_UNIT[unit], int(digits or "0")
+    if value > _INT64 // per_unit:
+        raise ValueError("invalid duration")
+    fraction, scale = 0, 1.0
+    for ch in fraction_digits:  # leadingFraction: stops gaining precision instead of overflowing
+        if fraction > (_INT64 - 1) // 10 or fraction * 10 + int(ch) > _INT64:
+            break
+        fraction, scale = fraction * 10 + int(ch), scale * 10
+    # Go adds the fractional part through float64; mirror it bit for bit.
+    value = value * per_unit + int(float(fraction) * (float(per_unit) / scale))
+    if value > _INT64:
+        raise ValueError("invalid duration")
+    return value, text[match.end() if match else 0 :]
 
 
 def _days_in_month(month: int) -> int:
@@ -350,6 +351,10 @@ class _Wall(NamedTuple):
     minute: int
     second: int
     weekday: int  # Go's time.Weekday: Sunday is 0
+
+    @property
+    def clock(self) -> int:
+        return self.hour * 3600 + self.minute * 60 + self.second
 
 
 class _Zone:
@@ -411,13 +416,12 @@ class _Zone:
             d.year, d.month, d.day, secs // 3600, secs // 60 % 60, secs % 60, (days + 4) % 7
         )
 
-    def date(
-        self, year: int, month: int, day: int = 1, hour: int = 0, minute: int = 0, second: int = 0
-    ) -> int:
-        """Go's time.Date: out-of-range parts carry over; gap/overlap times resolve as Go does."""
+    def date(self, year: int, month: int, day: int = 1, clock: int = 0) -> int:
+        """Go's time.Date (``clock`` in seconds after midnight): out-of-range parts carry over,
+        and local times in a gap or an overlap resolve the way Go resolves them."""
         year, month = year + (month - 1) // 12, (month - 1) % 12 + 1
         days = date(year, month, 1).toordinal() - _EPOCH_ORDINAL + day - 1
-        local = days * _DAY + hour * 3600 + minute * 60 + second
+        local = days * _DAY + clock
         # Go looks the offset up at the local time read as UTC, then once more at the result.
         return local - self.offset(local - self.offset(local))
 
@@ -430,23 +434,17 @@ def _zone(tz: ZoneInfo) -> _Zone:
 # --- robfig SpecSchedule.Next ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """Per-schedule tables derived once from the bitsets."""
+class _Loop(NamedTuple):
+    """One of robfig's absolute-time loops (hour, minute, second) for one schedule."""
 
-    mods: tuple[int, ...]  # allowed minutes of the day, ascending
-    index: dict[int, int]  # minute of the day -> position in mods
-    hour_steps: tuple[int, ...]  # from hour v: +1h steps until robfig's hour loop stops
-    minute_steps: tuple[int, ...]
-
-    def gaps(self, lo: int, hi: int) -> list[int]:
-        """Minutes between consecutive mods[lo..hi]."""
-        return [self.mods[i + 1] - self.mods[i] for i in range(lo, hi)]
+    unit: int  # seconds added per step
+    field: int  # index into _Wall
+    allowed: int  # bitset of values that end the loop
+    steps: tuple[int, ...]  # from value v: steps until an allowed value or the wrap to 0
 
 
-def _steps(allowed: int, modulus: int) -> tuple[int, ...]:
-    # robfig's loops stop on an allowed value or when the field wraps to 0 (goto WRAP).
-    return tuple(
+def _loop(unit: int, field: int, allowed: int, modulus: int) -> _Loop:
+    steps = tuple(
         next(
             k
             for k in range(1, modulus + 1)
@@ -454,6 +452,24 @@ def _steps(allowed: int, modulus: int) -> tuple[int, ...]:
         )
         for v in range(modulus)
     )
+    return _Loop(unit, field, allowed, steps)
+
+
+_SECOND_LOOP = _loop(1, 5, 1, 60)  # robfig's second field is always {0} for standard specs
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Per-schedule tables derived once from the bitsets."""
+
+    mods: tuple[int, ...]  # allowed minutes of the day, ascending
+    index: dict[int, int]  # minute of the day -> position in mods
+    hour_loop: _Loop
+    minute_loop: _Loop
+
+    def gaps(self, lo: int, hi: int) -> list[int]:
+        """Minutes between consecutive mods[lo..hi]."""
+        return [self.mods[i + 1] - self.mods[i] for i in range(lo, hi)]
 
 
 @functools.lru_cache(maxsize=256)
@@ -462,12 +478,9 @@ def _plan(s: CronSchedule) -> _Plan:
     return _Plan(
         mods=mods,
         index={m: i for i, m in enumerate(mods)},
-        hour_steps=_steps(s.hour, 24),
-        minute_steps=_steps(s.minute, 60),
+        hour_loop=_loop(3600, 3, s.hour, 24),
+        minute_loop=_loop(60, 4, s.minute, 60),
     )
-
-
-_SECOND_STEPS = tuple(60 - v for v in range(60))  # the second loop always runs to :00
 
 
 def _dom_dow_match(s: CronSchedule, day: int, weekday: int) -> bool:
@@ -484,61 +497,60 @@ def _fires_on(s: CronSchedule, day_number: int) -> bool:
 def _spec_next(s: CronSchedule, z: _Zone, after: int) -> int | None:
     """robfig SpecSchedule.Next(after) in zone z: the first fire time > after, or None.
 
-    The month and day loops step the wall clock (AddDate) one unit at a time, as robfig does; the
-    hour, minute and second loops add absolute time and are jumped over in one go whenever no
-    offset change lies in between, which is what keeps this fast.
+    Each ``continue`` is robfig's ``goto WRAP``. The month and day loops step the wall clock
+    (AddDate) one unit at a time as robfig does; the hour, minute and second loops add absolute
+    time and are jumped over in one go where no offset change lies in between.
     """
     plan = _plan(s)
     t = after + 1
     added = False  # robfig resets the lower fields only the first time a field does not match
     year_limit = z.wall(t).year + 5
-    while True:  # one pass per robfig "goto WRAP"
+    while True:
         w = z.wall(t)
         if w.year > year_limit:
             return None
         if not s.month >> w.month & 1:
-            if not added:
-                added = True
-                w = z.wall(t := z.date(w.year, w.month))
-            while True:
-                w = z.wall(t := z.date(w.year, w.month + 1, w.day, w.hour, w.minute, w.second))
-                if w.month == 1 or s.month >> w.month & 1:
-                    break
+            t, w = _next_month(s, z, z.date(w.year, w.month) if not added else t)
+            added = True
             if w.month == 1:
                 continue
         if not _dom_dow_match(s, w.day, w.weekday):
-            if not added:
-                added = True
-                w = z.wall(t := z.date(w.year, w.month, w.day))
-            t, w = _next_day(s, z, w)
+            t, w = _next_day(s, z, z.date(w.year, w.month, w.day) if not added else t)
+            added = True
             if w.day == 1:
                 continue
         if not s.hour >> w.hour & 1:
-            if not added:
-                added = True
-                w = z.wall(t := z.date(w.year, w.month, w.day, w.hour))
-            t, w = _advance(z, t, w, 3600, 3, s.hour, plan.hour_steps)
+            start = z.date(w.year, w.month, w.day, w.hour * 3600) if not added else t
+            t, w = _advance(z, start, plan.hour_loop)
+            added = True
             if w.hour == 0:
                 continue
         if not s.minute >> w.minute & 1:
-            if not added:
-                added = True
-                t -= t % 60  # Truncate(time.Minute): absolute, like Go
-                w = z.wall(t)
-            t, w = _advance(z, t, w, 60, 4, s.minute, plan.minute_steps)
+            t, w = _advance(z, t - t % 60 if not added else t, plan.minute_loop)  # Truncate(Minute)
+            added = True
             if w.minute == 0:
                 continue
-        if w.second != 0:  # robfig's second field is always {0} for standard specs
-            added = True
-            t, w = _advance(z, t, w, 1, 5, 1, _SECOND_STEPS)
-            continue
-        return t
+        if w.second == 0:
+            return t
+        t, w = _advance(z, t, _SECOND_LOOP)  # always ends on :00, robfig's wrap
+        added = True
 
 
-def _next_day(s: CronSchedule, z: _Zone, w: _Wall) -> tuple[int, _Wall]:
+def _next_month(s: CronSchedule, z: _Zone, t: int) -> tuple[int, _Wall]:
+    """robfig's month loop: AddDate(0, 1, 0) until the month matches or a year starts."""
+    while True:
+        w = z.wall(t)
+        t = z.date(w.year, w.month + 1, w.day, w.clock)
+        w = z.wall(t)
+        if w.month == 1 or s.month >> w.month & 1:
+            return t, w
+
+
+def _next_day(s: CronSchedule, z: _Zone, t: int) -> tuple[int, _Wall]:
     """robfig's day loop: AddDate(0, 0, 1) until the day matches or a month starts."""
     while True:
-        t = z.date(w.year, w.month, w.day + 1, w.hour, w.minute, w.second)
+        w = z.wall(t)
+        t = z.date(w.year, w.month, w.day + 1, w.clock)
         w = z.wall(t)
         if w.hour != 0:
             # robfig's fix for zones where midnight does not exist: back to 0h or on to 24h.
@@ -548,19 +560,19 @@ def _next_day(s: CronSchedule, z: _Zone, w: _Wall) -> tuple[int, _Wall]:
             return t, w
 
 
-def _advance(
-    z: _Zone, t: int, w: _Wall, unit: int, field: int, allowed: int, steps: tuple[int, ...]
-) -> tuple[int, _Wall]:
-    """Add ``unit`` seconds until ``w[field]`` is allowed or wraps to 0, as robfig's loops do."""
+def _advance(z: _Zone, t: int, loop: _Loop) -> tuple[int, _Wall]:
+    """Add ``loop.unit`` until the field is allowed or wraps to 0, as robfig's loop does."""
+    w = z.wall(t)
     while True:
-        k = steps[w[field]]
-        change = z.next_transition(t, k * unit)
+        k = loop.steps[w[loop.field]]
+        change = z.next_transition(t, k * loop.unit)
         if change is None:
-            t += k * unit
-        else:  # step up to the offset change one unit at a time: the wall clock jumps there
-            t += ((change - t - 1) // unit + 1) * unit
+            t += k * loop.unit
+        else:  # step just across the offset change: the wall clock jumps there
+            t += ((change - t - 1) // loop.unit + 1) * loop.unit
         w = z.wall(t)
-        if w[field] == 0 or allowed >> w[field] & 1:
+        value = w[loop.field]
+        if value == 0 or loop.allowed >> value & 1:
             return t, w
 
 
@@ -581,6 +593,7 @@ class _Block:
     days: tuple[int, ...] = ()
     start_k: int = 0
     last_k: int = 0
+    stalls: bool = False  # robfig's Next does not advance past ``head``: the chain ends here
 
     def _at(self, day: int, k: int) -> int:
         return day * _DAY + self.plan.mods[k] * 60 - self.offset
@@ -622,7 +635,7 @@ class _Block:
             if len(days) > 2:
                 minutes += plan.gaps(0, n - 1)
             wrap = plan.mods[0] - plan.mods[-1]
-            minutes.append(min(b - a for a, b in zip(days, days[1:], strict=False)) * 1440 + wrap)
+            minutes.append(min(b - a for a, b in itertools.pairwise(days)) * 1440 + wrap)
         head_gap = self._at(days[0], self.start_k) - self.head
         return min([head_gap, *(m * 60 for m in minutes)])
 
@@ -684,15 +697,22 @@ def _plain_block(s: CronSchedule, z: _Zone, fire: int, end: int) -> _Block:
 def _blocks(s: CronSchedule, z: _Zone, after: int, end: int) -> Iterator[_Block]:
     """The robfig Next chain from ``after`` as plain blocks, each followed by one exact Next call.
 
-    Stops after yielding the first block that starts at or after ``end``.
+    Stops after yielding the first block that starts at or after ``end``, or one that ``stalls``.
     """
     fire = _spec_next(s, z, after)
     while fire is not None:
         block = _plain_block(s, z, fire, end)
+        following = _spec_next(s, z, block.last)
+        if following is not None and following <= block.last:
+            # Only a time robfig reached off-schedule can do this (plain fires always advance).
+            # The controller computes t1 = Next(last), t2 = Next(t1) and, with t2 <= t1, reports
+            # "time difference between two schedules is less than 1 second": it never runs t1.
+            yield _Block(block.head, block.plan, block.offset, stalls=True)
+            return
         yield block
         if block.head >= end:
             return
-        fire = _spec_next(s, z, block.last)
+        fire = following
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -721,7 +741,9 @@ def next_fire_times(
 ) -> list[datetime]:
     """The next ``count`` times (> after, aware, in tz) robfig's Next chain yields from ``after``.
 
-    Fewer are returned when robfig's five-year search finds nothing more.
+    Fewer are returned when robfig's five-year search finds nothing more, or when Next stops
+    advancing (a robfig bug after some historical DST changes, e.g. America/St_Johns at 00:01 in
+    2008): the controller then runs neither that time nor any later one.
     """
     z, start = _zone_of(tz), _unix(after, "after")
     if count < 0:
@@ -733,6 +755,8 @@ def next_fire_times(
     if count == 0:
         return times
     for block in _blocks(schedule, z, start, _FAR_FUTURE):
+        if block.stalls:
+            break
         for t in block.fires():
             times.append(datetime.fromtimestamp(t, tz))
             if len(times) == count:
@@ -743,7 +767,7 @@ def next_fire_times(
 def _year_window(z: _Zone, year_start: datetime) -> tuple[int, int]:
     start = _unix(year_start, "year_start")
     w = z.wall(start)
-    return start, z.date(w.year + 1, w.month, w.day, w.hour, w.minute, w.second)
+    return start, z.date(w.year + 1, w.month, w.day, w.clock)
 
 
 def min_interval(schedule: CronSchedule, tz: ZoneInfo, year_start: datetime) -> timedelta:
@@ -757,9 +781,12 @@ def min_interval(schedule: CronSchedule, tz: ZoneInfo, year_start: datetime) -> 
     every = _every_seconds(schedule)
     if every is not None:
         return timedelta(seconds=every)
+    end = _judged_until(schedule, z, start, end)
     best: int | None = None
     previous: int | None = None
     for block in _blocks(schedule, z, start - 1, end):
+        if block.stalls:
+            break
         if previous is not None:
             best = _smaller(best, block.head - previous)
             if block.head >= end:
@@ -769,8 +796,16 @@ def min_interval(schedule: CronSchedule, tz: ZoneInfo, year_start: datetime) -> 
         if best is not None and best <= 60:  # fires sit on whole minutes: nothing can be closer
             break
     if best is None:
-        raise CronError(f"never fires twice after {year_start.isoformat()}")
+        raise CronError(f"fewer than two fire times after {year_start.isoformat()}")
     return timedelta(seconds=best)
+
+
+def _judged_until(s: CronSchedule, z: _Zone, start: int, end: int) -> int:
+    """The year's end, or just past the first fire if the schedule skips the whole year."""
+    first = _spec_next(s, z, start - 1)
+    if first is None:
+        raise CronError("never fires (robfig/cron searches five years ahead)")
+    return max(end, first + 1)
 
 
 def _smaller(a: int | None, b: int | None) -> int | None:
@@ -788,8 +823,11 @@ def check_min_interval(
     every = _every_seconds(schedule)
     if every is not None:
         return timedelta(seconds=every) if every < limit else None
+    end = _judged_until(schedule, z, start, end)
     previous: int | None = None
     for block in _blocks(schedule, z, start - 1, end):
+        if block.stalls:
+            break
         if previous is not None:
             if block.head - previous < limit:
                 return timedelta(seconds=block.head - previous)
@@ -804,9 +842,9 @@ def check_min_interval(
 
 @dataclass(frozen=True, slots=True)
 class DstAnomaly:
-    """A local fire time that a DST change makes robfig skip, or run twice."""
+    """A local fire time a DST change makes robfig skip, run twice, or get stuck on."""
 
-    kind: Literal["skipped", "repeated"]
+    kind: Literal["skipped", "repeated", "stalled"]
     local_date: date
     local_time: time
     reason: str
@@ -821,10 +859,11 @@ def dst_anomalies(
     start: datetime,
     horizon: timedelta = timedelta(days=366),
 ) -> list[DstAnomaly]:
-    """DST anomalies in the fire times next_fire_times(start, ...) yields up to start + horizon.
+    """DST anomalies among the fires next_fire_times(start, ...) yields up to start + horizon.
 
-    "skipped": a local time the schedule names is never run (it falls in a spring-forward gap, or
-    robfig's search overshoots it after a shift); "repeated": it runs twice (fall-back overlap).
+    "skipped": a local time the schedule names never runs (it falls in a spring-forward gap, or
+    robfig's search overshoots it after a change); "repeated": it runs twice (fall-back overlap);
+    "stalled": robfig's Next stops advancing there, so the CronJob never runs again.
     """
     z = _zone_of(tz)
     lo = _unix(start, "start")
@@ -838,29 +877,36 @@ def dst_anomalies(
             windows[-1][1] = b
         else:
             windows.append([a, b])
-    anomalies: list[DstAnomaly] = []
-    pending = iter(windows)
-    window = next(pending, None)
-    fired: list[int] = []
+    found: list[DstAnomaly] = []
+    fired: list[int] = []  # fires in the current window, then the first one after it
     for block in _blocks(schedule, z, lo, hi + 3 * _DAY):
-        while window is not None:
-            done = False
-            for t in block.fires(since=window[0] + 1):
+        if block.stalls:
+            local = datetime.fromtimestamp(block.head, tz)
+            found.append(DstAnomaly("stalled", local.date(), local.time(), _STALL_REASON))
+            break
+        while windows:
+            window_from, window_to = windows[0]
+            for t in block.fires(since=window_from + 1):
                 fired.append(t)
-                if t > window[1]:
-                    done = True
+                if t > window_to:
                     break
-            if not done:
-                break
-            anomalies += _window_anomalies(schedule, z, window[0], fired)
+            if not fired or fired[-1] <= window_to:
+                break  # the window goes on in the next block
+            found += _window_anomalies(schedule, z, window_from, fired)
+            windows.pop(0)
             fired = []
-            window = next(pending, None)
-        if window is None:
+        if not windows:
             break
     key_lo, key_hi = _minute_key(z, lo), _minute_key(z, hi)
     # A long Next call can reach across two changes' windows: report each local time once.
-    unique = {(a.kind, _anomaly_key(a)): a for a in anomalies if key_lo < _anomaly_key(a) <= key_hi}
+    unique = {(a.kind, _anomaly_key(a)): a for a in found if key_lo < _anomaly_key(a) <= key_hi}
     return sorted(unique.values(), key=_anomaly_key)
+
+
+_STALL_REASON = (
+    "robfig/cron's Next does not advance past this time; the CronJob controller reports "
+    '"time difference between two schedules is less than 1 second" and never runs again'
+)
 
 
 def _anomaly_key(a: DstAnomaly) -> int:
@@ -874,31 +920,33 @@ def _minute_key(z: _Zone, t: int) -> int:
 
 
 def _window_anomalies(s: CronSchedule, z: _Zone, since: int, fired: list[int]) -> list[DstAnomaly]:
-    """Compare the wall-clock times the schedule names with those robfig fired, in (since, last)."""
-    plan = _plan(s)
+    """Compare the local times the schedule names with those robfig ran, after ``since`` and
+    before the last of ``fired``."""
     key_from, key_to = _minute_key(z, since), _minute_key(z, fired[-1])
-    counts = Counter(_minute_key(z, t) for t in fired[:-1])
+    runs: dict[int, list[int]] = {}
+    for t in fired[:-1]:
+        runs.setdefault(_minute_key(z, t), []).append(t)
     found: list[DstAnomaly] = []
     for day in range(key_from // 1440, key_to // 1440 + 1):
         if not _fires_on(s, day):
             continue
-        for m in plan.mods:
+        for m in _plan(s).mods:
             key = day * 1440 + m
-            if not key_from < key < key_to or counts[key] == 1:
+            if not key_from < key < key_to or len(runs.get(key, ())) == 1:
                 continue
             d, clock = date.fromordinal(day + _EPOCH_ORDINAL), time(m // 60, m % 60)
-            if counts[key] == 0:
-                exists = _minute_key(z, z.date(d.year, d.month, d.day, m // 60, m % 60)) == key
-                reason = (
-                    "robfig/cron's search overshoots it after the DST change"
-                    if exists
-                    else "the local time does not exist (spring-forward gap)"
-                )
-                found.append(DstAnomaly("skipped", d, clock, reason))
+            if key in runs:
+                times = " and ".join(_rfc3339(t) for t in runs[key])
+                found.append(DstAnomaly("repeated", d, clock, f"runs at {times}"))
+            elif _minute_key(z, z.date(d.year, d.month, d.day, m * 60)) == key:
+                found.append(DstAnomaly("skipped", d, clock, _OVERSHOOT_REASON))
             else:
-                runs = [_rfc3339(t) for t in fired[:-1] if _minute_key(z, t) == key]
-                found.append(DstAnomaly("repeated", d, clock, "runs at " + " and ".join(runs)))
+                found.append(DstAnomaly("skipped", d, clock, _GAP_REASON))
     return found
+
+
+_GAP_REASON = "the local time does not exist (spring-forward gap)"
+_OVERSHOOT_REASON = "robfig/cron's search overshoots it after the DST change"
 
 
 @dataclass(frozen=True, slots=True)

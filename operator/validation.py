@@ -94,22 +94,25 @@ def validate(
     tz = _zone(spec.time_zone, errors)
     schedule = _schedule(spec.schedule, errors)
     if tz is not None and schedule is not None:
-        year_start = datetime(now.astimezone(tz).year, 1, 1, tzinfo=tz)
-        minimum = timedelta(minutes=settings.min_interval_minutes)
-        too_short = cron.check_min_interval(schedule, tz, minimum, year_start)
-        if too_short is not None:
-            errors.append(
-                FieldError(
-                    "spec.schedule",
-                    spec.schedule,
-                    f"runs as often as every {_duration(too_short)} (in {spec.time_zone}), "
-                    f"minimum interval is {_duration(minimum)}",
-                )
-            )
-        else:
-            gap = cron.min_interval(schedule, tz, year_start)
-        for anomaly in cron.dst_anomalies(schedule, tz, now):
-            warnings.append(str(anomaly))
+        try:
+            gap = _interval(spec.schedule, spec.time_zone, schedule, tz, settings, now, errors)
+            for anomaly in cron.dst_anomalies(schedule, tz, now):
+                if anomaly.kind == "stalled":
+                    # The CronJob controller stops firing for good: that is an error, not a note.
+                    errors.append(
+                        FieldError(
+                            "spec.schedule",
+                            spec.schedule,
+                            (
+                                f"in {spec.time_zone} the CronJob controller would stop firing on "
+                                f"{anomaly.local_date} at {anomaly.local_time:%H:%M} ({anomaly.reason})"
+                            ),
+                        )
+                    )
+                else:
+                    warnings.append(str(anomaly))
+        except cron.CronError as exc:
+            errors.append(FieldError("spec.schedule", spec.schedule, str(exc)))
     if spec.budget.max_per_run_usd > settings.max_per_run_usd:
         errors.append(
             FieldError(
@@ -123,6 +126,32 @@ def validate(
     if errors:
         return Validated(None, errors, warnings)
     return Validated(spec, [], warnings, gap)
+
+
+def _interval(
+    expr: str,
+    zone: str,
+    schedule: cron.CronSchedule,
+    tz: ZoneInfo,
+    settings: Settings,
+    now: datetime,
+    errors: list[FieldError],
+) -> timedelta | None:
+    """The shortest gap over this year in ``tz``; an error when below the cluster minimum."""
+    year_start = datetime(now.astimezone(tz).year, 1, 1, tzinfo=tz)
+    minimum = timedelta(minutes=settings.min_interval_minutes)
+    too_short = cron.check_min_interval(schedule, tz, minimum, year_start)
+    if too_short is None:
+        return cron.min_interval(schedule, tz, year_start)
+    errors.append(
+        FieldError(
+            "spec.schedule",
+            expr,
+            f"runs as often as every {_duration(too_short)} (in {zone}), "
+            f"minimum interval is {_duration(minimum)}",
+        )
+    )
+    return None
 
 
 def _zone(name: str, errors: list[FieldError]) -> ZoneInfo | None:

@@ -371,3 +371,23 @@ def test_quota_lets_the_oldest_schedules_run() -> None:
 def test_naive_clock_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         validate(schedule(), SETTINGS, now=datetime(2026, 1, 1))  # noqa: DTZ001
+
+
+def test_schedule_the_controller_would_stall_on_is_an_error() -> None:
+    """Pacific/Chatham's April change makes robfig's Next return the same time; the controller
+    then never fires again."""
+    obj = with_path("schedule", "52 3 * * *")
+    obj["spec"]["timeZone"] = "Pacific/Chatham"
+    [error] = errors_of(obj)
+    assert error.startswith(
+        'spec.schedule "52 3 * * *": in Pacific/Chatham the CronJob controller would stop firing on '
+    )
+
+
+def test_dst_gap_is_a_warning_not_an_error() -> None:
+    obj = with_path("schedule", "30 2 * * *")
+    obj["spec"]["timeZone"] = "America/New_York"
+    result = validate(obj, SETTINGS, now=NOW)
+    assert result.ok
+    assert any(w.startswith("skipped 2027-03-14 02:30") for w in result.warnings)
+    assert not any(w.startswith("repeated") for w in result.warnings)

@@ -1,0 +1,284 @@
+"""``web_fetch``: HTTP GET of a public page, with limits and an SSRF guard.
+
+- only ``http``/``https``, no credentials in URLs, no proxies from the environment;
+- the host is resolved once, every address is checked (``addresses.check_address``), and the
+  connection goes to a checked address (the URL's host is replaced by the IP; ``Host`` and TLS SNI
+  keep the name, so certificates are verified against the name). A DNS answer that changes
+  between check and connect (rebinding) therefore cannot redirect the connection;
+- redirects are followed by hand (at most ``max_redirects``), each hop checked the same way;
+- at most ``max_bytes`` of (decompressed) body are read; a wall-clock limit covers the whole fetch;
+- HTML becomes plain text (``html_text``); other text types are returned as they are; binary
+  content is refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import httpx
+
+from agent_runner import __version__
+from agent_runner.tools.addresses import (
+    BlockedAddressError,
+    IPAddress,
+    IPNetwork,
+    Resolver,
+    check_address,
+    system_resolver,
+)
+from agent_runner.tools.html_text import html_to_text
+
+MAX_BYTES = 512 * 1024
+TIMEOUT = 20.0
+MAX_REDIRECTS = 5
+MAX_ADDRESSES_TRIED = 3
+USER_AGENT = f"nocturne-runner/{__version__} (scheduled background agent)"
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_TEXT_TYPES = frozenset(
+    {
+        "application/json",
+        "application/ld+json",
+        "application/xml",
+        "application/rss+xml",
+        "application/atom+xml",
+        "application/xhtml+xml",
+        "application/javascript",
+    }
+)
+_HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
+
+class WebFetchError(Exception):
+    """The page could not be fetched; the message is meant for the model."""
+
+
+class WebFetchRefusedError(WebFetchError):
+    """The fetch is not allowed (SSRF guard, scheme, credentials): a recorded refusal."""
+
+
+@dataclass(frozen=True)
+class WebPage:
+    """A fetched page. ``url`` is the final URL after redirects."""
+
+    url: str
+    status: int
+    content_type: str
+    title: str | None
+    text: str
+    truncated: bool  # the body was longer than the fetcher's byte limit
+
+
+@dataclass(frozen=True)
+class _Target:
+    url: httpx.URL
+    host: str  # ASCII (IDNA) host name or IP literal
+    port: int
+    literal: bool
+    addresses: tuple[IPAddress, ...]
+
+
+class WebFetcher:
+    """Fetches pages under the SSRF guard and the size, time and redirect limits."""
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool = False,
+        allow_networks: Sequence[IPNetwork] = (),
+        max_bytes: int = MAX_BYTES,
+        timeout: float = TIMEOUT,
+        max_redirects: int = MAX_REDIRECTS,
+        resolver: Resolver = system_resolver,
+        transport: httpx.BaseTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allow_private = allow_private
+        self.allow_networks = tuple(allow_networks)
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self.max_redirects = max_redirects
+        self._resolver = resolver
+        self._transport = transport
+        self._clock = clock
+        self._tls: ssl.SSLContext | None = None
+
+    def fetch(self, url: str, *, deadline: float | None = None) -> WebPage:
+        """GET ``url``; WebFetchRefusedError when the guard refuses it, WebFetchError on failure.
+        ``deadline`` (``time.monotonic()`` seconds) shortens the fetcher's own timeout."""
+        end = self._clock() + self.timeout
+        if deadline is not None:
+            end = min(end, deadline)
+        current = url
+        for _ in range(self.max_redirects + 1):
+            target = self._target(current)
+            result = self._get(target, end)
+            if isinstance(result, WebPage):
+                return result
+            current = result
+        raise WebFetchError(f"{url}: more than {self.max_redirects} redirects")
+
+    def _target(self, url: str) -> _Target:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise WebFetchError(f"{url!r}: not a valid URL: {exc}") from exc
+        if parsed.scheme not in ("http", "https"):
+            raise WebFetchRefusedError(f"{url}: only http and https URLs can be fetched")
+        if not parsed.host:
+            raise WebFetchError(f"{url!r}: the URL has no host")
+        if parsed.userinfo:
+            raise WebFetchRefusedError(f"{parsed.host}: URLs with credentials are not fetched")
+        host = parsed.raw_host.decode("ascii")
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            addresses: list[IPAddress] = [ipaddress.ip_address(host)]
+            literal = True
+        except ValueError:
+            literal = False
+            addresses = self._resolve(host, port)
+        for address in addresses:
+            try:
+                check_address(
+                    address, allow_private=self.allow_private, allow_networks=self.allow_networks
+                )
+            except BlockedAddressError as exc:
+                shown = host if literal else f"{host} resolves to an address that"
+                raise WebFetchRefusedError(
+                    f"{url}: refused by the SSRF guard: {shown} is not public: {exc}"
+                ) from exc
+        return _Target(parsed, host, port, literal, tuple(addresses))
+
+    def _resolve(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            names = self._resolver(host, port)
+        except (OSError, FutureTimeout, UnicodeError) as exc:
+            reason = exc.strerror if isinstance(exc, socket.gaierror) else type(exc).__name__
+            raise WebFetchError(f"{host}: cannot resolve the host name ({reason})") from exc
+        addresses: list[IPAddress] = []
+        for name in names:
+            try:
+                addresses.append(ipaddress.ip_address(name))
+            except ValueError as exc:
+                raise WebFetchError(f"{host}: the resolver returned {name!r}") from exc
+        if not addresses:
+            raise WebFetchError(f"{host}: the host name has no addresses")
+        return addresses
+
+    def _get(self, target: _Target, end: float) -> WebPage | str:
+        default_port = 443 if target.url.scheme == "https" else 80
+        shown_host = f"[{target.host}]" if ":" in target.host else target.host
+        headers = {
+            "host": shown_host if target.port == default_port else f"{shown_host}:{target.port}",
+            "user-agent": USER_AGENT,
+            "accept": "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.5",
+            "accept-encoding": "gzip, deflate",
+        }
+        extensions = {}
+        if target.url.scheme == "https" and not target.literal:
+            extensions["sni_hostname"] = target.host
+        failure: Exception | None = None
+        for address in target.addresses[:MAX_ADDRESSES_TRIED]:
+            remaining = end - self._clock()
+            if remaining <= 0:
+                break
+            # One client per connection: a pooled TLS connection verified for one name must never
+            # carry a request for another name on the same IP.
+            if self._tls is None:  # built once: loading the CA bundle takes milliseconds
+                self._tls = httpx.create_ssl_context()
+            with httpx.Client(
+                transport=self._transport,
+                verify=self._tls,
+                trust_env=False,
+                follow_redirects=False,
+                timeout=httpx.Timeout(remaining, connect=min(5.0, remaining)),
+            ) as client:
+                try:
+                    with client.stream(
+                        "GET",
+                        target.url.copy_with(host=str(address)),
+                        headers=headers,
+                        extensions=extensions,
+                    ) as response:
+                        return self._read(target, response, end)
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    failure = exc
+                    continue
+                except httpx.TimeoutException as exc:
+                    raise WebFetchError(f"{target.url}: timed out") from exc
+                except httpx.HTTPError as exc:
+                    raise WebFetchError(f"{target.url}: {type(exc).__name__}: {exc}") from exc
+        if failure is None:
+            raise WebFetchError(f"{target.url}: timed out")
+        raise WebFetchError(f"{target.url}: cannot connect ({type(failure).__name__})")
+
+    def _read(self, target: _Target, response: httpx.Response, end: float) -> WebPage | str:
+        if response.status_code in _REDIRECT_STATUSES:
+            location = response.headers.get("location")
+            if not location:
+                raise WebFetchError(f"{target.url}: redirect without a Location header")
+            return str(target.url.join(location))
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and not (content_type.startswith("text/") or content_type in _TEXT_TYPES):
+            raise WebFetchError(f"{target.url}: content type {content_type} is not text")
+        coding = response.headers.get("content-encoding", "identity").strip().lower()
+        if coding in ("gzip", "x-gzip", "deflate"):
+            decoder = zlib.decompressobj(wbits=zlib.MAX_WBITS | 32)
+        elif coding in ("", "identity"):
+            decoder = None
+        else:
+            raise WebFetchError(f"{target.url}: content encoding {coding} is not supported")
+        body = bytearray()
+        truncated = False
+        try:
+            for raw in response.iter_raw():
+                if self._clock() > end:
+                    raise WebFetchError(f"{target.url}: timed out while reading")
+                # Decompress at most one byte past the limit: no decompression bombs.
+                room = self.max_bytes - len(body) + 1
+                body += decoder.decompress(raw, room) if decoder else raw[:room]
+                if len(body) > self.max_bytes:
+                    del body[self.max_bytes :]
+                    truncated = True
+                    break
+        except zlib.error as exc:
+            raise WebFetchError(f"{target.url}: corrupt {coding} body") from exc
+        charset = response.charset_encoding or "utf-8"
+        try:
+            text = bytes(body).decode(charset, errors="replace")
+        except LookupError:
+            text = bytes(body).decode("utf-8", errors="replace")
+        text = text.replace("\x00", "")
+        title = None
+        looks_html = not content_type and text.lstrip()[:15].lower().startswith(
+            ("<!doctype", "<html")
+        )
+        if content_type in _HTML_TYPES or looks_html:
+            title, text = html_to_text(text)
+        return WebPage(
+            url=str(target.url),
+            status=response.status_code,
+            content_type=content_type or "unknown",
+            title=title,
+            text=text,
+            truncated=truncated,
+        )
+
+
+def web_fetch(
+    url: str,
+    *,
+    allow_private: bool = False,
+    deadline: float | None = None,
+    max_bytes: int = MAX_BYTES,
+    timeout: float = TIMEOUT,
+) -> WebPage:
+    """Fetch ``url`` with the default limits and the SSRF guard (see the module docstring)."""
+    fetcher = WebFetcher(allow_private=allow_private, max_bytes=max_bytes, timeout=timeout)
+    return fetcher.fetch(url, deadline=deadline)

@@ -1,0 +1,424 @@
+"""The agent loop against a scripted in-process provider: finishing, memory, limits, failures."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from agent_runner.agent import (
+    FINISH_SPEC,
+    MAX_UNKNOWN_OUTCOMES,
+    STATE_LIMIT_BYTES,
+    RunResult,
+    run_agent,
+    system_prompt,
+    user_prompt,
+)
+from agent_runner.budget import Budget, cost_of, input_token_bound
+from agent_runner.config import ConfigError, TaskDocument, parse_task
+from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED, TRANSIENT
+from agent_runner.prices import ModelPrice
+from agent_runner.providers import (
+    Completion,
+    DeadlineReachedError,
+    Message,
+    OutcomeUnknownError,
+    ProviderUnavailableError,
+    ToolCall,
+    ToolSpec,
+    Usage,
+)
+from agent_runner.providers.client import encode
+from agent_runner.tools import build_tools
+from agent_runner.tools.registry import REASON_NOT_ALLOWED
+
+PRICE = ModelPrice("openai", "gpt-4o-mini", Decimal("0.15"), Decimal("0.60"), 16384)
+NOW = dt.datetime(2026, 11, 26, 0, 0, tzinfo=dt.UTC)
+Step = Completion | Exception | Callable[[Sequence[Message], int], Completion]
+
+
+def task(**agent: Any) -> TaskDocument:
+    return parse_task(
+        {
+            "version": 1,
+            "schedule": {"namespace": "research", "name": "prices", "uid": "uid-1"},
+            "task": {"query": "Report price changes.", "context": {"pages": ["https://x.test/"]}},
+            "agent": {
+                "model": "gpt-4o-mini",
+                "provider": "openai",
+                "baseURL": "",
+                "tools": agent.pop("tools", []),
+                "allowRestrictedOperations": agent.pop("allow", []),
+                "maxSteps": agent.pop("max_steps", 5),
+            },
+            "budget": {"maxPerRunUSD": "1.00"},
+            "timeoutSeconds": 600,
+            "timeZone": "Asia/Tokyo",
+        }
+    )
+
+
+def finish(output: str = "done", **arguments: Any) -> ToolCall:
+    return ToolCall(id="f", name="finish", arguments={"output": output, **arguments})
+
+
+USAGE = Usage(100, 20)
+
+
+def answer(text: str = "", *calls: ToolCall, usage: Usage | None = USAGE) -> Completion:
+    return Completion(text=text, tool_calls=calls, usage=usage, stop_reason="end_turn")
+
+
+@dataclass
+class ScriptedProvider:
+    """Plays a script of completions or exceptions; records every request."""
+
+    steps: list[Step]
+    requests: list[tuple[list[Message], int]] = field(default_factory=list)
+    name: str = "scripted"
+
+    def input_token_bound(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> int:
+        body = encode({"m": [m.text for m in messages], "t": [t.name for t in tools]})
+        return input_token_bound(body, messages=len(messages))
+
+    def complete(
+        self,
+        messages: Sequence[Message],
+        tools: Sequence[ToolSpec],
+        *,
+        max_tokens: int,
+        deadline: float,
+    ) -> Completion:
+        self.requests.append((list(messages), max_tokens))
+        step = self.steps.pop(0)
+        if isinstance(step, Exception):
+            raise step
+        if callable(step):
+            return step(messages, max_tokens)
+        return step
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def run(
+    provider: ScriptedProvider,
+    doc: TaskDocument | None = None,
+    *,
+    budget: Budget | None = None,
+    clock: Callable[[], float] = lambda: 0.0,
+    **kwargs: Any,
+) -> RunResult:
+    doc = doc or task()
+    return run_agent(
+        doc,
+        provider=provider,
+        budget=budget or Budget(doc.budget.max_per_run_usd, PRICE),
+        tools=build_tools(doc.agent),
+        deadline=100.0,
+        clock=clock,
+        now=NOW,
+        **kwargs,
+    )
+
+
+def test_finish_ends_the_run_with_output_alert_and_state() -> None:
+    seen: list[tuple[Decimal, int, int]] = []
+    provider = ScriptedProvider(
+        [answer("", finish("Prices rose.", alert=True, alert_reason=" +10% ", state={"p": 11}))]
+    )
+    result = run(provider, previous_state={"p": 10}, on_usage=lambda *usage: seen.append(usage))
+    assert result.status == "succeeded"
+    assert result.exit_code == SUCCEEDED
+    assert (result.output, result.alert, result.alert_reason) == ("Prices rose.", True, "+10%")
+    assert result.state == {"p": 11}
+    assert result.steps == 1
+    assert result.cost == cost_of(PRICE, 100, 20)
+    assert (result.input_tokens, result.output_tokens) == (100, 20)
+    assert seen == [(result.cost, 100, 20)]
+    assert result.refusals == ()
+    assert result.error is None
+    assert provider.requests[0][1] == 8192
+
+
+def test_state_is_kept_unless_finish_sets_it() -> None:
+    kept = run(ScriptedProvider([answer("", finish())]), previous_state={"seen": 1})
+    assert kept.state == {"seen": 1}
+    cleared = run(ScriptedProvider([answer("", finish(state={}))]), previous_state={"seen": 1})
+    assert cleared.state == {}
+    no_alert = run(ScriptedProvider([answer("", finish(alert=False, alert_reason="x"))]))
+    assert (no_alert.alert, no_alert.alert_reason) == (False, None)
+
+
+def test_plain_text_answer_is_accepted() -> None:
+    result = run(ScriptedProvider([answer("  The digest.  ")]), previous_state={"a": 1})
+    assert (result.status, result.output, result.alert) == ("succeeded", "The digest.", False)
+    assert result.state == {"a": 1}
+
+
+def test_oversized_state_goes_back_to_the_model() -> None:
+    big = {"blob": "x" * STATE_LIMIT_BYTES}
+    provider = ScriptedProvider(
+        [answer("", finish(state=big)), answer("", finish(state={"small": True}))]
+    )
+    result = run(provider)
+    assert result.status == "succeeded"
+    assert result.state == {"small": True}
+    assert result.steps == 2
+    feedback = provider.requests[1][0][-1]
+    assert feedback.role == "tool"
+    assert feedback.is_error
+    assert f"the limit is {STATE_LIMIT_BYTES}" in feedback.text
+
+
+def test_invalid_finish_arguments_go_back_to_the_model() -> None:
+    provider = ScriptedProvider(
+        [
+            answer("", ToolCall(id="a", name="finish", arguments={"output": 3, "alert": "yes"})),
+            answer("", finish("ok")),
+        ]
+    )
+    result = run(provider)
+    assert result.output == "ok"
+    feedback = provider.requests[1][0][-1].text
+    assert "invalid finish arguments" in feedback
+    assert "output" in feedback
+    assert "alert" in feedback
+
+
+def test_refused_restricted_operation_is_recorded_and_the_run_goes_on() -> None:
+    provider = ScriptedProvider(
+        [
+            answer("", ToolCall(id="e", name="send_email", arguments={"to": "ceo@corp"})),
+            answer("", finish("Would have e-mailed the CEO.")),
+        ]
+    )
+    result = run(provider)
+    assert result.status == "succeeded"
+    (refusal,) = result.refusals
+    assert (refusal.tool, refusal.reason, refusal.step) == ("send_email", REASON_NOT_ALLOWED, 1)
+    tool_reply = provider.requests[1][0][-1]
+    assert tool_reply.tool_call_id == "e"
+    assert tool_reply.is_error
+    assert tool_reply.text.startswith("Refused:")
+
+
+def test_restricted_call_next_to_finish_is_still_recorded() -> None:
+    purchase = ToolCall(id="p", name="purchase", arguments={"item": "gpu"})
+    result = run(ScriptedProvider([answer("", purchase, finish())]))
+    assert result.status == "succeeded"
+    assert [r.tool for r in result.refusals] == ["purchase"]
+
+
+def test_max_steps_without_an_answer_fails_and_warns_the_last_call() -> None:
+    looping = ToolCall(id="x", name="delete_data", arguments={"target": "db"})
+    provider = ScriptedProvider([answer("", looping) for _ in range(3)])
+    result = run(provider, task(max_steps=3))
+    assert result.status == "failed"
+    assert result.exit_code == TRANSIENT
+    assert result.error == "no final answer within agent.maxSteps=3 model calls"
+    assert result.steps == 3
+    assert len(result.refusals) == 3
+    assert "last model call" not in provider.requests[1][0][-1].text
+    assert "last model call" in provider.requests[2][0][-1].text
+
+
+def test_empty_answer_is_nudged_once() -> None:
+    provider = ScriptedProvider([answer(""), answer("Now an answer.")])
+    assert run(provider).output == "Now an answer."
+    assert "empty" in provider.requests[1][0][-1].text
+    twice = run(ScriptedProvider([answer(""), answer(" ")]))
+    assert twice.status == "failed"
+    assert twice.error == "the model returned an empty answer twice"
+
+
+def test_budget_exhausted_before_the_first_call() -> None:
+    doc = task()
+    budget = Budget(Decimal("0.0001"), PRICE)
+    provider = ScriptedProvider([answer("never")])
+    result = run(provider, doc, budget=budget)
+    assert result.status == "budget_exceeded"
+    assert result.exit_code == BUDGET_EXHAUSTED
+    assert result.steps == 0
+    assert result.cost == 0
+    assert provider.requests == []
+    assert "maxPerRunUSD 0.0001" in str(result.error)
+
+
+def test_retry_attempt_continues_the_same_budget() -> None:
+    budget = Budget(Decimal("1.00"), PRICE, spent_before=Decimal("0.9999"))
+    result = run(ScriptedProvider([answer("never")]), budget=budget)
+    assert result.status == "budget_exceeded"
+    assert "earlier attempts 0.9999" in str(result.error)
+
+
+def test_budget_runs_out_mid_run() -> None:
+    # The first call's reservation fits; after settling at the full reservation (usage unknown)
+    # no second call fits.
+    budget = Budget(Decimal("0.004"), PRICE)
+    provider = ScriptedProvider(
+        [answer("", ToolCall(id="x", name="send_email"), usage=None), answer("never")]
+    )
+    result = run(provider, budget=budget)
+    assert result.status == "budget_exceeded"
+    assert result.steps == 1
+    assert 0 < result.cost <= Decimal("0.004")
+
+
+def test_unknown_outcome_is_charged_and_retried_a_bounded_number_of_times() -> None:
+    provider = ScriptedProvider([OutcomeUnknownError("read timeout"), answer("ok")])
+    budget = Budget(Decimal("1.00"), PRICE)
+    result = run(provider, budget=budget)
+    assert result.status == "succeeded"
+    assert result.steps == 2
+    assert result.cost > cost_of(PRICE, 100, 20)  # the lost call was charged at its reservation
+    failing = ScriptedProvider([OutcomeUnknownError("lost") for _ in range(5)])
+    failed = run(failing)
+    assert failed.status == "failed"
+    assert failed.steps == MAX_UNKNOWN_OUTCOMES + 1
+    assert failed.exit_code == TRANSIENT
+
+
+def test_provider_failures_release_their_reservation() -> None:
+    unavailable = run(ScriptedProvider([ProviderUnavailableError("503 x5")]))
+    assert (unavailable.status, unavailable.exit_code) == ("failed", TRANSIENT)
+    assert unavailable.cost == 0
+    bad_key = run(ScriptedProvider([ConfigError("NOCTURNE_LLM_API_KEY: 401")]))
+    assert (bad_key.status, bad_key.exit_code) == ("failed", CONFIG_ERROR)
+    assert bad_key.error == "NOCTURNE_LLM_API_KEY: 401"
+    late = run(ScriptedProvider([DeadlineReachedError("deadline")]))
+    assert (late.status, late.exit_code) == ("timed_out", TRANSIENT)
+    assert late.cost == 0
+
+
+def test_deadline_stops_the_loop() -> None:
+    times = iter([0.0, 150.0])
+    provider = ScriptedProvider([answer("", ToolCall(id="x", name="send_email"))])
+    result = run(provider, clock=lambda: next(times))
+    assert result.status == "timed_out"
+    assert result.steps == 1
+
+
+def test_usage_beyond_the_reservation_stops_the_run_and_is_recorded() -> None:
+    def greedy(messages: Sequence[Message], max_tokens: int) -> Completion:
+        return answer("", finish(), usage=Usage(10, max_tokens * 1000))
+
+    budget = Budget(Decimal("0.01"), PRICE)
+    result = run(ScriptedProvider([greedy]), budget=budget)
+    assert result.status == "budget_exceeded"
+    assert "beyond the call's reservation" in str(result.error)
+    assert result.cost > Decimal("0.01")  # the truth, not a convenient number
+    assert result.output is None
+
+
+def test_missing_usage_is_charged_at_the_reservation() -> None:
+    provider = ScriptedProvider([answer("ok", usage=None)])
+    budget = Budget(Decimal("1.00"), PRICE)
+    result = run(provider, budget=budget)
+    bound = provider.input_token_bound(provider.requests[0][0], [FINISH_SPEC])
+    assert result.status == "succeeded"
+    assert result.cost == cost_of(PRICE, bound, 0) + cost_of(PRICE, 0, 8192)
+    assert (result.input_tokens, result.output_tokens) == (bound, 8192)
+
+
+def test_failing_usage_callback_does_not_stop_the_run() -> None:
+    def broken(cost: Decimal, input_tokens: int, output_tokens: int) -> None:
+        raise RuntimeError("database down")
+
+    result = run(ScriptedProvider([answer("ok")]), on_usage=broken)
+    assert result.status == "succeeded"
+
+
+def test_prompts_carry_memory_time_and_task() -> None:
+    doc = task(tools=["web_fetch"])
+    first = system_prompt(
+        doc, tool_names=("web_fetch",), previous_state=None, previous_output=None, now=NOW
+    )
+    assert "first run of this schedule" in first
+    assert '"research/prices"' in first
+    assert "2026-11-26 09:00 JST (Asia/Tokyo)" in first
+    assert "Tools: web_fetch." in first
+    assert "untrusted" in first
+    later = system_prompt(
+        doc,
+        tool_names=(),
+        previous_state={"price": 10},
+        previous_output="Yesterday: 10 USD",
+        now=NOW,
+    )
+    assert "<previous_output>\nYesterday: 10 USD\n</previous_output>" in later
+    assert '<previous_state>\n{"price": 10}\n</previous_state>' in later
+    assert "Tools: none besides finish." in later
+    prompt = user_prompt(doc)
+    assert prompt.startswith("Report price changes.\n\nContext (JSON):\n")
+    assert json.loads(prompt.split("Context (JSON):\n")[1]) == {"pages": ["https://x.test/"]}
+
+
+def test_property_agent_runs_never_record_more_than_the_limit() -> None:
+    """Random budgets, prices, earlier spend and model behaviour (tool calls, answers, missing
+    usage, lost responses, failures): the recorded cost never exceeds what the limit allows."""
+    rng = random.Random(4242)  # noqa: S311 - seeded, reproducible
+    outcomes: dict[str, int] = {}
+    for _ in range(300):
+        price = ModelPrice(
+            "p",
+            "m",
+            Decimal(rng.randint(0, 20_000_000)).scaleb(-6),
+            Decimal(rng.randint(0, 80_000_000)).scaleb(-6),
+            rng.choice([128, 4096, 64_000]),
+        )
+        limit = Decimal(rng.randint(0, 2_000_000)).scaleb(-6)
+        before = (limit * Decimal(rng.choice(["0", "0", "0.3", "0.9", "1"]))).quantize(
+            Decimal("1e-10")
+        )
+
+        def behave(messages: Sequence[Message], max_tokens: int) -> Completion:
+            bound = ScriptedProvider([]).input_token_bound(messages, [FINISH_SPEC])
+            usage = (
+                None
+                if rng.random() < 0.1
+                else Usage(rng.randint(0, bound), rng.randint(0, max_tokens))
+            )
+            roll = rng.random()
+            if roll < 0.5:
+                call = ToolCall(id=str(roll), name="send_email", arguments={"x": "y" * 500})
+                return answer("", call, usage=usage)
+            if roll < 0.8:
+                return answer("", finish("done", state={"n": 1}), usage=usage)
+            return answer("plain answer", usage=usage)
+
+        steps: list[Step] = []
+        for _ in range(12):
+            roll = rng.random()
+            if roll < 0.05:
+                steps.append(OutcomeUnknownError("lost"))
+            elif roll < 0.08:
+                steps.append(ProviderUnavailableError("503"))
+            else:
+                steps.append(behave)
+        recorded: list[Decimal] = []
+        budget = Budget(limit, price, spent_before=before)
+        result = run(
+            ScriptedProvider(steps),
+            task(max_steps=rng.randint(1, 10)),
+            budget=budget,
+            on_usage=lambda cost, *_, log=recorded: log.append(cost),
+        )
+        assert before + result.cost <= limit
+        assert all(before + cost <= limit for cost in recorded)
+        assert recorded == sorted(recorded)
+        outcomes[result.status] = outcomes.get(result.status, 0) + 1
+    assert set(outcomes) == {"succeeded", "failed", "budget_exceeded"}
+
+
+def test_results_are_immutable() -> None:
+    result = run(ScriptedProvider([answer("x")]))
+    with pytest.raises(AttributeError):
+        result.status = "failed"  # type: ignore[misc]

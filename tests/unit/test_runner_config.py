@@ -1,0 +1,246 @@
+"""The runner reads exactly what the operator renders, and says precisely what is wrong."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_runner import config, exitcodes
+from agent_runner.config import ConfigError, load_env, load_task, parse_task
+from nocturne_operator import api, render
+from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.render import ScheduleRef, task_document
+from nocturne_operator.settings import Settings
+
+REF = ScheduleRef("competitor-monitor", "research", "0b6c9a1e-0000-4000-8000-000000000001")
+DB_URL = "postgresql+psycopg://runner:hunter2-very-secret@db:5432/nocturne"
+API_KEY = "sk-test-abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def spec(**overrides: Any) -> AgentScheduleSpec:
+    data: dict[str, Any] = {
+        "schedule": "0 */6 * * *",
+        "timeZone": "Europe/Berlin",
+        "task": {
+            "query": "Report price changes since the last check.",
+            "context": {"pages": ["https://example.com/pricing"], "limit": 3},
+            "stateKey": "competitor-prices",
+        },
+        "agent": {
+            "model": "gpt-4o-mini",
+            "baseURL": "https://llm.internal/v1",
+            "apiKeySecretRef": {"name": "llm", "key": "OPENAI_API_KEY"},
+            "tools": ["web_fetch", "send_email"],
+            "allowRestrictedOperations": ["send_email"],
+            "maxSteps": 7,
+        },
+        "budget": {"maxPerRunUSD": "0.25", "maxTotalUSD": "30.000001"},
+        "timeoutSeconds": 300,
+    }
+    data.update(overrides)
+    return AgentScheduleSpec.model_validate(data)
+
+
+def document(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(json.dumps(task_document(REF, spec(**overrides))))
+    return data
+
+
+def env(**overrides: str) -> dict[str, str]:
+    values = {
+        "NOCTURNE_TASK_FILE": "/run/nocturne/task/task.json",
+        "NOCTURNE_POD_NAME": "competitor-monitor-29000000-abcde",
+        "NOCTURNE_POD_UID": "pod-uid",
+        "NOCTURNE_JOB_NAME": "competitor-monitor-29000000",
+        "NOCTURNE_JOB_UID": "job-uid",
+        "NOCTURNE_DATABASE_URL": DB_URL,
+        "NOCTURNE_LLM_API_KEY": API_KEY,
+    }
+    values.update(overrides)
+    return values
+
+
+def test_rendered_task_document_round_trips() -> None:
+    task = parse_task(json.dumps(task_document(REF, spec())))
+    assert task.version == 1
+    assert (task.schedule.namespace, task.schedule.name, task.schedule.uid) == (
+        REF.namespace,
+        REF.name,
+        REF.uid,
+    )
+    assert task.task.query == "Report price changes since the last check."
+    assert task.task.context == {"pages": ["https://example.com/pricing"], "limit": 3}
+    assert task.task.state_key == "competitor-prices"
+    assert task.agent.model == "gpt-4o-mini"
+    assert task.agent.provider == "openai"
+    assert task.agent.base_url == "https://llm.internal/v1"
+    assert task.agent.tools == ("web_fetch", "send_email")
+    assert task.agent.allow_restricted_operations == ("send_email",)
+    assert task.agent.max_steps == 7
+    assert task.budget.max_per_run_usd == Decimal("0.25")
+    assert task.budget.max_total_usd == Decimal("30.000001")
+    assert isinstance(task.budget.max_per_run_usd, Decimal)
+    assert task.timeout_seconds == 300
+    assert task.time_zone == "Europe/Berlin"
+
+
+def test_minimal_offline_document_round_trips_with_defaults() -> None:
+    minimal = spec(
+        task={"query": "digest"},
+        agent={"model": "offline-demo", "provider": "offline"},
+        budget={"maxPerRunUSD": "1"},
+    )
+    task = parse_task(task_document(REF, minimal))
+    assert task.task.context == {}
+    assert task.task.state_key is None
+    assert task.agent.provider == "offline"
+    assert task.agent.tools == ()
+    assert task.agent.max_steps == 10
+    assert task.budget.max_total_usd is None
+
+
+def test_runner_vocabulary_matches_the_operator() -> None:
+    assert config.TOOLS == api.TOOLS
+    assert config.RESTRICTED_OPERATIONS == api.RESTRICTED_OPERATIONS
+    assert {p.value for p in api.Provider} == {"openai", "anthropic", "offline"}
+
+
+def test_exit_codes_match_the_operator_pod_failure_policy() -> None:
+    assert exitcodes.SUCCEEDED == render.EXIT_SUCCEEDED
+    assert exitcodes.TRANSIENT == render.EXIT_TRANSIENT
+    assert exitcodes.CONFIG_ERROR == render.EXIT_CONFIG_ERROR
+    assert exitcodes.BUDGET_EXHAUSTED == render.EXIT_BUDGET_EXHAUSTED
+    assert exitcodes.NON_RETRYABLE == render.NON_RETRYABLE_EXIT_CODES
+    assert ConfigError.exit_code == exitcodes.CONFIG_ERROR
+
+
+def test_task_file_path_matches_the_rendered_env() -> None:
+    rendered = render.render_cronjob(REF, spec(), Settings(), suspend=False, min_interval=None)
+    container = rendered["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    names = {item["name"] for item in container["env"]}
+    assert names <= set(config.ENV_VARS)
+    task_file = next(e["value"] for e in container["env"] if e["name"] == "NOCTURNE_TASK_FILE")
+    assert task_file == f"{render.TASK_MOUNT}/{render.TASK_FILE}"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (
+            lambda d: d["budget"].update(maxPerRunUSD=2.5),
+            "task document field budget.maxPerRunUSD 2.5: Value error, must be a non-negative "
+            'decimal string such as "2.00"',
+        ),
+        (
+            lambda d: d["budget"].update(maxPerRunUSD="-1"),
+            'budget.maxPerRunUSD "-1": Value error, must be a non-negative decimal string',
+        ),
+        (
+            lambda d: d["agent"].update(provider="gemini"),
+            "agent.provider \"gemini\": Input should be 'openai', 'anthropic' or 'offline'",
+        ),
+        (lambda d: d["agent"].update(maxSteps=0), "agent.maxSteps 0: Input should be greater"),
+        (lambda d: d["agent"].update(tools=["shell"]), 'agent.tools.0 "shell": Input should be'),
+        (lambda d: d.update(surprise=1), "task document field surprise 1: Extra inputs"),
+        (lambda d: d["task"].pop("query"), "task document field task.query: is required"),
+        (
+            lambda d: d["agent"].update(baseURL="ftp://x"),
+            'agent.baseURL "ftp://x": Value error, must be empty or an http(s) URL',
+        ),
+    ],
+)
+def test_invalid_documents_name_field_value_and_rule(mutate: Any, expected: str) -> None:
+    data = document()
+    mutate(data)
+    with pytest.raises(ConfigError) as excinfo:
+        parse_task(data)
+    assert expected in str(excinfo.value)
+    assert excinfo.value.exit_code == exitcodes.CONFIG_ERROR
+
+
+def test_other_versions_are_refused_before_field_checks() -> None:
+    data = document()
+    data["version"] = 2
+    data["newField"] = True
+    with pytest.raises(ConfigError, match=r"version 2: this runner understands version 1 only"):
+        parse_task(data)
+
+
+def test_not_json_and_not_an_object() -> None:
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse_task("{")
+    with pytest.raises(ConfigError, match="must be a JSON object, got list"):
+        parse_task("[]")
+
+
+def test_long_values_are_shortened_in_messages() -> None:
+    data = document()
+    data["agent"]["model"] = "m" * 500
+    with pytest.raises(ConfigError) as excinfo:
+        parse_task(data)
+    assert "..." in str(excinfo.value)
+    assert "m" * 100 not in str(excinfo.value)
+
+
+def test_load_task_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "task.json"
+    with pytest.raises(ConfigError, match=r"NOCTURNE_TASK_FILE '.*task.json': cannot read"):
+        load_task(path)
+    path.write_text(json.dumps(document()))
+    assert load_task(path).schedule.name == "competitor-monitor"
+    path.write_text("{}")
+    with pytest.raises(ConfigError, match=r"task.json: task document version null"):
+        load_task(path)
+
+
+def test_env_is_read_with_defaults() -> None:
+    runner_env = load_env(env())
+    assert runner_env.task_file == Path("/run/nocturne/task/task.json")
+    assert runner_env.job_uid == "job-uid"
+    assert runner_env.database_url.get_secret_value() == DB_URL
+    assert runner_env.llm_api_key is not None
+    assert runner_env.llm_api_key.get_secret_value() == API_KEY
+    assert runner_env.price_table is None
+    assert runner_env.termination_log == Path("/dev/termination-log")
+    assert runner_env.web_fetch_allow_private is False
+    assert DB_URL not in repr(runner_env)
+    assert API_KEY not in repr(runner_env)
+
+
+def test_env_optional_values() -> None:
+    runner_env = load_env(
+        env(
+            NOCTURNE_LLM_API_KEY="",
+            NOCTURNE_PRICE_TABLE="/etc/nocturne/prices.yaml",
+            NOCTURNE_TERMINATION_LOG="/tmp/summary.json",  # noqa: S108 - a path, not a file
+            NOCTURNE_WEB_FETCH_ALLOW_PRIVATE="true",
+            NOCTURNE_SOMETHING_ELSE="ignored",
+        )
+    )
+    assert runner_env.llm_api_key is None
+    assert runner_env.price_table == Path("/etc/nocturne/prices.yaml")
+    assert runner_env.termination_log == Path("/tmp/summary.json")  # noqa: S108
+    assert runner_env.web_fetch_allow_private is True
+
+
+def test_env_errors_never_show_secrets() -> None:
+    values = env(NOCTURNE_WEB_FETCH_ALLOW_PRIVATE="perhaps")
+    del values["NOCTURNE_JOB_UID"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_env(values)
+    message = str(excinfo.value)
+    assert "NOCTURNE_JOB_UID: is required" in message
+    assert 'NOCTURNE_WEB_FETCH_ALLOW_PRIVATE "perhaps": Input should be a valid boolean' in message
+    assert DB_URL not in message
+    assert "hunter2" not in message
+    assert API_KEY not in message
+
+
+def test_blank_database_url_is_refused_without_echo() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_env(env(NOCTURNE_DATABASE_URL="   "))
+    assert "NOCTURNE_DATABASE_URL: Value error, must not be empty" in str(excinfo.value)
