@@ -95,22 +95,20 @@ def validate(
     schedule = _schedule(spec.schedule, errors)
     if tz is not None and schedule is not None:
         try:
-            gap = _interval(spec.schedule, spec.time_zone, schedule, tz, settings, now, errors)
+            gap = _interval(spec, schedule, tz, settings, now, errors)
             for anomaly in cron.dst_anomalies(schedule, tz, now):
-                if anomaly.kind == "stalled":
-                    # The CronJob controller stops firing for good: that is an error, not a note.
-                    errors.append(
-                        FieldError(
-                            "spec.schedule",
-                            spec.schedule,
-                            (
-                                f"in {spec.time_zone} the CronJob controller would stop firing on "
-                                f"{anomaly.local_date} at {anomaly.local_time:%H:%M} ({anomaly.reason})"
-                            ),
-                        )
-                    )
-                else:
+                if anomaly.kind != "stalled":
                     warnings.append(str(anomaly))
+                    continue
+                # The CronJob controller stops firing for good: that is an error, not a note.
+                errors.append(
+                    FieldError(
+                        "spec.schedule",
+                        spec.schedule,
+                        f"in {spec.time_zone} the CronJob controller would stop firing on "
+                        f"{anomaly.local_date} at {anomaly.local_time:%H:%M} ({anomaly.reason})",
+                    )
+                )
         except cron.CronError as exc:
             errors.append(FieldError("spec.schedule", spec.schedule, str(exc)))
     if spec.budget.max_per_run_usd > settings.max_per_run_usd:
@@ -129,8 +127,7 @@ def validate(
 
 
 def _interval(
-    expr: str,
-    zone: str,
+    spec: AgentScheduleSpec,
     schedule: cron.CronSchedule,
     tz: ZoneInfo,
     settings: Settings,
@@ -146,8 +143,8 @@ def _interval(
     errors.append(
         FieldError(
             "spec.schedule",
-            expr,
-            f"runs as often as every {_duration(too_short)} (in {zone}), "
+            spec.schedule,
+            f"runs as often as every {_duration(too_short)} (in {spec.time_zone}), "
             f"minimum interval is {_duration(minimum)}",
         )
     )
