@@ -95,7 +95,7 @@ def validate(
     schedule = _schedule(spec.schedule, errors)
     if tz is not None and schedule is not None:
         try:
-            gap = _interval(spec, schedule, tz, settings, now, errors)
+            gap = _interval(spec, schedule, tz, settings, now=now, errors=errors)
             for anomaly in cron.dst_anomalies(schedule, tz, now):
                 if anomaly.kind != "stalled":
                     warnings.append(str(anomaly))
@@ -131,6 +131,7 @@ def _interval(
     schedule: cron.CronSchedule,
     tz: ZoneInfo,
     settings: Settings,
+    *,
     now: datetime,
     errors: list[FieldError],
 ) -> timedelta | None:
