@@ -133,6 +133,8 @@ class RunnerEnv(_Model):
     llm_api_key: SecretStr | None = Field(None, alias="NOCTURNE_LLM_API_KEY")
     price_table: Path | None = Field(None, alias="NOCTURNE_PRICE_TABLE")
     termination_log: Path = Field(Path("/dev/termination-log"), alias="NOCTURNE_TERMINATION_LOG")
+    # Set by the operator on run-now Jobs: the request id that started this run.
+    manual_request: str | None = Field(None, alias="NOCTURNE_MANUAL_REQUEST", max_length=253)
     # Cluster config: lets web_fetch reach private and loopback (never link-local) addresses.
     web_fetch_allow_private: bool = Field(False, alias="NOCTURNE_WEB_FETCH_ALLOW_PRIVATE")
 

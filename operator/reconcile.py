@@ -238,6 +238,8 @@ class _Reconciler:
         ref = self.ref
         name = manual_job_name(ref.name, request)
         template = render_job_template(ref, spec, self.settings)
+        [runner] = template["spec"]["template"]["spec"]["containers"]
+        runner["env"].append({"name": "NOCTURNE_MANUAL_REQUEST", "value": request})
         job = {
             "apiVersion": "batch/v1",
             "kind": "Job",

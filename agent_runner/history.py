@@ -1,0 +1,1091 @@
+"""Execution history in PostgreSQL: the schema (SQLAlchemy models, Alembic migrations) and the
+repository the runner writes through and the operator and CLI read from.
+
+The module depends on SQLAlchemy, psycopg and Alembic only, so it can move unchanged to a package
+the operator may import (the import contract forbids the operator to import ``agent_runner``).
+
+Writes are short transactions keyed so that replaying them changes nothing: ``start`` is keyed by
+Job UID + pod UID, ``record_progress`` and ``finish`` never lower a cost, and the first final
+status wins. Money is ``NUMERIC(14, 6)`` in SQL and ``Decimal`` in Python; times are aware.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, NamedTuple, cast
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "ERROR_LIMIT_BYTES",
+    "OUTPUT_LIMIT_BYTES",
+    "STATE_LIMIT_BYTES",
+    "STATE_OUTPUT_LIMIT_BYTES",
+    "AgentState",
+    "Base",
+    "CostPeriod",
+    "Event",
+    "EventKind",
+    "EventRecord",
+    "Execution",
+    "ExecutionKey",
+    "ExecutionNotFoundError",
+    "ExecutionRecord",
+    "ExecutionStatus",
+    "History",
+    "HistoryError",
+    "HistoryUnavailableError",
+    "SavedState",
+    "StateTooLargeError",
+    "quantize_usd",
+    "redact_url",
+    "upgrade",
+    "validate_state",
+]
+
+log = logging.getLogger(__name__)
+
+# Shipped as the packages agent_runner.migrations(.versions) plus script.py.mako (pyproject);
+# resolve() also finds them through the strict editable install's symlink tree.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# pg_advisory_lock key serialising concurrent `upgrade()` calls on one database ("noct" + "hist").
+_MIGRATION_LOCK_KEY = 0x6E6F6374_68697374
+
+STATE_LIMIT_BYTES = 64 * 1024
+"""Largest agent state, measured as compact UTF-8 JSON."""
+STATE_OUTPUT_LIMIT_BYTES = 256 * 1024
+"""Largest previous-run output kept with the agent state (UTF-8 bytes)."""
+OUTPUT_LIMIT_BYTES = 1024 * 1024
+"""A run's output is truncated beyond this (UTF-8 bytes): losing the record would be worse."""
+ERROR_LIMIT_BYTES = 64 * 1024
+"""A run's error text is truncated beyond this (UTF-8 bytes)."""
+
+USD_QUANTUM = Decimal("0.000001")
+MAX_USD = Decimal("99999999.999999")  # NUMERIC(14, 6)
+MAX_TOKENS = 2**63 - 1  # BIGINT
+_MAX_PAGE = 1000
+
+
+class ExecutionStatus(StrEnum):
+    """Status of one run attempt; every value but RUNNING is final."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELLED = "CANCELLED"
+
+
+class EventKind(StrEnum):
+    """Audit trail event kinds known today; the column accepts any lower_snake_case kind."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    AUTO_PAUSED = "auto_paused"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    BUDGET_RESET = "budget_reset"
+    RUN_REQUESTED = "run_requested"
+    SILENT_STOP = "silent_stop"
+    DELETED = "deleted"
+    DRIFT_REPAIRED = "drift_repaired"
+
+
+_EVENT_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# An escaped NUL in JSON text, not preceded by an escaping backslash (`\\u0000` is text).
+_JSON_NUL_RE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_STATUS_SQL = ", ".join(f"'{s.value}'" for s in ExecutionStatus)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+class HistoryError(RuntimeError):
+    """A history operation failed; the message names the operation and the cause."""
+
+
+class HistoryUnavailableError(HistoryError):
+    """The database could not be reached or did not answer in time (connection, timeout)."""
+
+
+class ExecutionNotFoundError(HistoryError, LookupError):
+    """No execution row has the given id."""
+
+
+class StateTooLargeError(ValueError):
+    """Agent state or its output is over the size limit, or is not storable JSON."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema. Migration 0001 creates exactly this; tests/integration/test_history_schema.py checks it.
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the history tables."""
+
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
+        str: sa.Text(),
+        datetime: sa.DateTime(timezone=True),
+        Decimal: sa.Numeric(14, 6),
+        dict[str, Any]: pg.JSONB(),
+    }
+
+
+class Execution(Base):
+    """One run attempt (one pod of a Job): RUNNING at start, a final status at the end."""
+
+    __tablename__ = "schedule_executions"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    namespace: Mapped[str]
+    schedule_name: Mapped[str]
+    schedule_uid: Mapped[str]
+    job_name: Mapped[str]
+    job_uid: Mapped[str]
+    pod_uid: Mapped[str]
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    manual_request: Mapped[str | None]
+    status: Mapped[str]
+    started_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+    cost_usd: Mapped[Decimal] = mapped_column(server_default=sa.text("0"))
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    model: Mapped[str]
+    provider: Mapped[str]
+    error: Mapped[str | None]
+    output: Mapped[str | None]
+    alert: Mapped[bool] = mapped_column(server_default=sa.false())
+    alert_reason: Mapped[str | None]
+    # `metadata` is reserved on declarative classes; the column keeps the documented name.
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=sa.text("'{}'::jsonb"))
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("id", name="pk_schedule_executions"),
+        # The idempotency key: a replayed start() finds the row instead of adding one.
+        sa.UniqueConstraint("job_uid", "pod_uid", name="uq_schedule_executions_job_uid_pod_uid"),
+        sa.CheckConstraint(f"status IN ({_STATUS_SQL})", name="ck_schedule_executions_status"),
+        sa.CheckConstraint(
+            "(status = 'RUNNING') = (completed_at IS NULL)",
+            name="ck_schedule_executions_completed_at_iff_final",
+        ),
+        sa.CheckConstraint("cost_usd >= 0", name="ck_schedule_executions_cost_usd"),
+        sa.CheckConstraint(
+            "input_tokens >= 0 AND output_tokens >= 0", name="ck_schedule_executions_tokens"
+        ),
+        sa.CheckConstraint("attempt >= 0", name="ck_schedule_executions_attempt"),
+        # "Runs of schedule X between A and B, newest first" and "cost of schedule X": the
+        # keyset (started_at, id) matches runs()' order; cost_usd and status are carried so sums
+        # and per-status counts are index-only scans.
+        sa.Index(
+            "ix_schedule_executions_schedule_started",
+            "namespace",
+            "schedule_name",
+            sa.desc("started_at"),
+            sa.desc("id"),
+            postgresql_include=["cost_usd", "status"],
+        ),
+        # "Runs of schedule X with status S, newest first": the operator's last successful run
+        # (silent-stop alarm) and `nocturne history --status`, fast even when S is rare.
+        sa.Index(
+            "ix_schedule_executions_schedule_status_started",
+            "namespace",
+            "schedule_name",
+            "status",
+            sa.desc("started_at"),
+            sa.desc("id"),
+        ),
+        # The reaper's "RUNNING for too long": tiny, only unfinished rows.
+        sa.Index(
+            "ix_schedule_executions_running",
+            "started_at",
+            postgresql_where=sa.text("status = 'RUNNING'"),
+        ),
+        # spent_for_job(job_uid) uses the unique index above (job_uid leads it): no extra index.
+    )
+
+
+@sa.event.listens_for(Execution.__table__, "after_create")
+def _create_statistics(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
+    # namespace and schedule_name are correlated; without these statistics the planner
+    # multiplies their selectivities and underestimates a schedule's rows.
+    table = connection.dialect.identifier_preparer.format_table(target)
+    connection.execute(
+        sa.text(
+            "CREATE STATISTICS st_schedule_executions_schedule (ndistinct, dependencies) "
+            f"ON namespace, schedule_name FROM {table}"
+        )
+    )
+
+
+class Event(Base):
+    """Audit trail of a schedule's lifecycle (created, paused, auto_paused, ...)."""
+
+    __tablename__ = "schedule_events"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    namespace: Mapped[str]
+    schedule_name: Mapped[str]
+    schedule_uid: Mapped[str | None]
+    kind: Mapped[str]
+    reason: Mapped[str | None]
+    actor: Mapped[str | None]
+    at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    details: Mapped[dict[str, Any]] = mapped_column(server_default=sa.text("'{}'::jsonb"))
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("id", name="pk_schedule_events"),
+        sa.CheckConstraint("kind ~ '^[a-z][a-z0-9_]*$'", name="ck_schedule_events_kind"),
+        sa.Index("ix_schedule_events_schedule_at", "namespace", "schedule_name", "at"),
+    )
+
+
+class AgentState(Base):
+    """What an agent saved for its next run, per schedule and optional ``task.stateKey``."""
+
+    __tablename__ = "agent_state"
+
+    namespace: Mapped[str]
+    schedule_name: Mapped[str]
+    state_key: Mapped[str]
+    state: Mapped[dict[str, Any]]
+    output: Mapped[str | None]
+    execution_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("namespace", "schedule_name", "state_key", name="pk_agent_state"),
+        sa.ForeignKeyConstraint(
+            ["execution_id"],
+            ["schedule_executions.id"],
+            name="fk_agent_state_execution_id",
+            ondelete="SET NULL",
+        ),
+    )
+
+
+_EXECUTIONS = cast(sa.Table, Execution.__table__)
+_EVENTS = cast(sa.Table, Event.__table__)
+_STATE = cast(sa.Table, AgentState.__table__)
+
+
+# --------------------------------------------------------------------------------------------
+# Values passed in and out
+
+
+@dataclass(frozen=True)
+class ExecutionKey:
+    """Identity of one run attempt; (job_uid, pod_uid) is the idempotency key."""
+
+    namespace: str
+    schedule_name: str
+    schedule_uid: str
+    job_name: str
+    job_uid: str
+    pod_uid: str
+    attempt: int
+    manual_request: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "namespace",
+            "schedule_name",
+            "schedule_uid",
+            "job_name",
+            "job_uid",
+            "pod_uid",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"ExecutionKey.{name}: {value!r} must be a non-empty string")
+        if isinstance(self.attempt, bool) or not isinstance(self.attempt, int) or self.attempt < 0:
+            raise ValueError(f"ExecutionKey.attempt: {self.attempt!r} must be an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ExecutionRecord:
+    """One row of ``schedule_executions`` (``output`` is None unless asked for)."""
+
+    id: int
+    namespace: str
+    schedule_name: str
+    schedule_uid: str
+    job_name: str
+    job_uid: str
+    pod_uid: str
+    attempt: int
+    manual_request: str | None
+    status: ExecutionStatus
+    started_at: datetime
+    completed_at: datetime | None
+    cost_usd: Decimal
+    input_tokens: int
+    output_tokens: int
+    model: str
+    provider: str
+    error: str | None
+    output: str | None
+    alert: bool
+    alert_reason: str | None
+    metadata: dict[str, Any]
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """An agent's saved state with the output of the run that saved it."""
+
+    state: Any
+    output: str | None
+    execution_id: int | None
+    updated_at: datetime
+
+
+class CostPeriod(NamedTuple):
+    """Cost of the runs started in one calendar period (start is local midnight in ``tz``)."""
+
+    period_start: datetime
+    cost_usd: Decimal
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One row of ``schedule_events``."""
+
+    id: int
+    namespace: str
+    schedule_name: str
+    schedule_uid: str | None
+    kind: str
+    reason: str | None
+    actor: str | None
+    at: datetime
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+_URL_PASSWORD_RE = re.compile(r"(?P<head>://[^/@:\s]*:)[^@\s]*@")
+
+
+def redact_url(url: str | sa.URL) -> str:
+    """The URL with its password replaced by ``***``, safe to log (also for unparsable URLs)."""
+    if isinstance(url, sa.URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # a malformed URL still must not leak its password
+        return _URL_PASSWORD_RE.sub(r"\g<head>***@", url)
+
+
+def quantize_usd(value: Decimal) -> Decimal:
+    """Round a USD amount up to the stored 6 decimals: a recorded cost never under-reports the
+    spend, and a cost within a budget of at most 6 decimals stays within it."""
+    return value.quantize(USD_QUANTUM, rounding=ROUND_CEILING)
+
+
+def _usd(name: str, value: Decimal) -> Decimal:
+    if not isinstance(value, Decimal):
+        raise TypeError(f"{name}: {value!r} must be a Decimal (money is never a float)")
+    if not value.is_finite() or value < 0:
+        raise ValueError(f"{name}: {value} must be a finite amount >= 0")
+    try:
+        quantized = quantize_usd(value)
+    except InvalidOperation:
+        quantized = MAX_USD + 1
+    if quantized > MAX_USD:
+        raise ValueError(f"{name}: {value} exceeds the largest storable amount {MAX_USD}")
+    return quantized
+
+
+def _tokens(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS:
+        raise ValueError(f"{name}: {value!r} must be an integer between 0 and {MAX_TOKENS}")
+    return value
+
+
+def _aware(name: str, value: datetime) -> datetime:
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ValueError(f"{name}: {value!r} must be a timezone-aware datetime")
+    return value
+
+
+def _compact_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _clean_text(value: str | None, limit_bytes: int) -> str | None:
+    """Text PostgreSQL can store: NUL replaced, invalid surrogates replaced, long text cut at a
+    character boundary with a visible marker."""
+    if value is None:
+        return None
+    data = value.replace("\x00", "\ufffd").encode("utf-8", "replace")
+    if len(data) <= limit_bytes:
+        return data.decode("utf-8")
+    marker = f"\n…[truncated, {len(data)} bytes in total]"
+    keep = limit_bytes - len(marker.encode("utf-8"))
+    return data[:keep].decode("utf-8", "ignore") + marker
+
+
+def _json_document(name: str, value: Any, error: type[ValueError] = ValueError) -> str:
+    """Serialise a JSONB value or raise ``error`` saying why PostgreSQL could not store it."""
+    try:
+        text = _compact_json(value)
+        text.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+        raise error(f"{name} is not storable JSON: {exc}") from None
+    if _JSON_NUL_RE.search(text):
+        raise error(
+            f"{name} contains a NUL character (\\u0000), which PostgreSQL JSONB cannot store"
+        )
+    return text
+
+
+def validate_state(state: Any, output: str | None = None, *, what: str = "agent state") -> None:
+    """Raise StateTooLargeError unless ``state`` is storable JSON within STATE_LIMIT_BYTES and
+    ``output`` is within STATE_OUTPUT_LIMIT_BYTES (both as UTF-8)."""
+    size = len(_json_document(what, state, StateTooLargeError).encode("utf-8"))
+    if size > STATE_LIMIT_BYTES:
+        raise StateTooLargeError(
+            f"{what} is {size} bytes as compact JSON; the limit is {STATE_LIMIT_BYTES} bytes"
+        )
+    if output is not None:
+        out_size = len(output.encode("utf-8", "replace"))
+        if out_size > STATE_OUTPUT_LIMIT_BYTES:
+            raise StateTooLargeError(
+                f"{what}: output is {out_size} bytes; the limit is {STATE_OUTPUT_LIMIT_BYTES} bytes"
+            )
+        if "\x00" in output:
+            raise StateTooLargeError(f"{what}: output contains a NUL character")
+
+
+def _zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"tz: {tz!r} is not an IANA time zone name") from None
+
+
+def _execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
+    c = _EXECUTIONS.c
+    output: sa.ColumnElement[Any] = (
+        c.output if include_output else sa.null().cast(sa.Text).label("output")
+    )
+    return [
+        c.id,
+        c.namespace,
+        c.schedule_name,
+        c.schedule_uid,
+        c.job_name,
+        c.job_uid,
+        c.pod_uid,
+        c.attempt,
+        c.manual_request,
+        c.status,
+        c.started_at,
+        c.completed_at,
+        c.cost_usd,
+        c.input_tokens,
+        c.output_tokens,
+        c.model,
+        c.provider,
+        c.error,
+        output,
+        c.alert,
+        c.alert_reason,
+        c["metadata"].label("metadata"),
+        c.updated_at,
+    ]
+
+
+def _record(row: sa.Row[Any]) -> ExecutionRecord:
+    values = dict(row._mapping)
+    values["status"] = ExecutionStatus(values["status"])
+    return ExecutionRecord(**values)
+
+
+def _engine(
+    url: str,
+    *,
+    connect_timeout: int,
+    statement_timeout_ms: int | None,
+    application_name: str,
+    pool: bool,
+) -> sa.Engine:
+    try:
+        parsed = sa.make_url(url)
+    except Exception:  # the parser's message would repeat the password
+        raise HistoryError(f"database URL {redact_url(url)} is not a valid URL") from None
+    if parsed.get_backend_name() != "postgresql":
+        raise HistoryError(
+            f"database URL {redact_url(parsed)}: the history needs PostgreSQL "
+            "(postgresql+psycopg://user:password@host:port/database)"
+        )
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if statement_timeout_ms is not None:
+        # Appended to the server options (keeping e.g. a search_path the URL already sets).
+        options = str(parsed.query.get("options", ""))
+        options = f"{options} -c statement_timeout={int(statement_timeout_ms)}".strip()
+        parsed = parsed.update_query_dict({"options": options})
+    connect_args: dict[str, Any] = {"connect_timeout": connect_timeout}
+    if "application_name" not in parsed.query:
+        connect_args["application_name"] = application_name
+    return sa.create_engine(
+        parsed,
+        pool_pre_ping=True,
+        poolclass=sa.QueuePool if pool else sa.NullPool,
+        # Agent output and state are data, not diagnostics: keep them out of error messages.
+        hide_parameters=True,
+        json_serializer=_compact_json,
+        connect_args=connect_args,
+        **({"pool_size": 2, "max_overflow": 2} if pool else {}),
+    )
+
+
+@contextmanager
+def _translate(operation: str, url: sa.URL) -> Iterator[None]:
+    """Re-raise driver errors as HistoryError naming the operation (never the password)."""
+    try:
+        yield
+    except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip()
+        raise HistoryUnavailableError(
+            f"{operation}: database {redact_url(url)} unavailable: {cause}"
+        ) from exc
+    except sa.exc.DBAPIError as exc:
+        cause = str(exc.orig or exc).strip()
+        raise HistoryError(f"{operation} failed: {cause}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Migrations
+
+
+def upgrade(url: str, revision: str = "head", *, connect_timeout: int = 10) -> None:
+    """Migrate the history schema to ``revision``; safe to run concurrently (advisory lock).
+
+    Tables and Alembic's version table go to the first schema of the connection's search_path.
+    """
+    from alembic import command  # noqa: PLC0415 - only migrations need Alembic
+    from alembic.config import Config  # noqa: PLC0415
+
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise HistoryError(
+            f"history migrations not found at {MIGRATIONS_DIR}: agent_runner/migrations must be "
+            "installed as package data"
+        )
+    engine = _engine(
+        url,
+        connect_timeout=connect_timeout,
+        statement_timeout_ms=None,
+        application_name="nocturne-migrate",
+        pool=False,
+    )
+    lock = sa.text("SELECT pg_advisory_lock(:key)").bindparams(key=_MIGRATION_LOCK_KEY)
+    unlock = sa.text("SELECT pg_advisory_unlock(:key)").bindparams(key=_MIGRATION_LOCK_KEY)
+    try:
+        with _translate(f"migrate history to {revision}", engine.url), engine.connect() as conn:
+            conn.execute(lock)
+            conn.commit()
+            try:
+                config = Config()
+                config.set_main_option("script_location", str(MIGRATIONS_DIR))
+                config.attributes["connection"] = conn
+                command.upgrade(config, revision)
+                conn.commit()
+            finally:
+                conn.rollback()
+                conn.execute(unlock)
+                conn.commit()
+        log.info("history schema of %s at %s", redact_url(engine.url), revision)
+    finally:
+        engine.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# Repository
+
+
+CostBy = Literal["day", "week", "month"]
+
+
+class History:
+    """The history repository: short transactions on a small pooled engine."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def connect(
+        cls,
+        url: str,
+        *,
+        connect_timeout: int = 5,
+        statement_timeout_ms: int = 15_000,
+        application_name: str = "nocturne",
+    ) -> History:
+        """A repository on ``url`` (``postgresql+psycopg://``); connects lazily, with pre-ping,
+        ``connect_timeout`` seconds to connect and a server-side ``statement_timeout``."""
+        engine = _engine(
+            url,
+            connect_timeout=connect_timeout,
+            statement_timeout_ms=statement_timeout_ms,
+            application_name=application_name,
+            pool=True,
+        )
+        log.debug("history database %s", redact_url(engine.url))
+        return cls(engine)
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _begin(self, operation: str) -> Iterator[sa.Connection]:
+        with _translate(operation, self.engine.url), self.engine.begin() as conn:
+            yield conn
+
+    # ---- runner writes -----------------------------------------------------------------------
+
+    def start(self, key: ExecutionKey, *, model: str, provider: str, started_at: datetime) -> int:
+        """Insert the attempt as RUNNING and return its id; a replay with the same
+        (job_uid, pod_uid) returns the existing row's id and changes nothing."""
+        _aware("started_at", started_at)
+        t = _EXECUTIONS
+        insert = (
+            pg.insert(t)
+            .values(
+                namespace=key.namespace,
+                schedule_name=key.schedule_name,
+                schedule_uid=key.schedule_uid,
+                job_name=key.job_name,
+                job_uid=key.job_uid,
+                pod_uid=key.pod_uid,
+                attempt=key.attempt,
+                manual_request=key.manual_request,
+                status=ExecutionStatus.RUNNING.value,
+                started_at=started_at,
+                model=model,
+                provider=provider,
+            )
+            .on_conflict_do_nothing(constraint="uq_schedule_executions_job_uid_pod_uid")
+            .returning(t.c.id)
+        )
+        what = f"start execution of {key.namespace}/{key.schedule_name} job {key.job_name}"
+        with self._begin(what) as conn:
+            new_id = conn.execute(insert).scalar_one_or_none()
+            if new_id is not None:
+                return int(new_id)
+            row = conn.execute(
+                sa.select(t.c.id, t.c.namespace, t.c.schedule_name).where(
+                    t.c.job_uid == key.job_uid, t.c.pod_uid == key.pod_uid
+                )
+            ).one()
+        if (row.namespace, row.schedule_name) != (key.namespace, key.schedule_name):
+            raise HistoryError(
+                f"{what}: job UID {key.job_uid} pod UID {key.pod_uid} already belongs to "
+                f"execution {row.id} of {row.namespace}/{row.schedule_name}"
+            )
+        return int(row.id)
+
+    def record_progress(
+        self, execution_id: int, *, cost_usd: Decimal, input_tokens: int, output_tokens: int
+    ) -> None:
+        """Raise a RUNNING execution's cost and token counts to the given totals (never lower
+        them); a no-op once the execution is final."""
+        cost = _usd("cost_usd", cost_usd)
+        tokens_in = _tokens("input_tokens", input_tokens)
+        tokens_out = _tokens("output_tokens", output_tokens)
+        t = _EXECUTIONS
+        update = (
+            sa.update(t)
+            .where(t.c.id == execution_id, t.c.status == ExecutionStatus.RUNNING.value)
+            .values(
+                cost_usd=sa.func.greatest(t.c.cost_usd, cost),
+                input_tokens=sa.func.greatest(t.c.input_tokens, tokens_in),
+                output_tokens=sa.func.greatest(t.c.output_tokens, tokens_out),
+                updated_at=sa.func.now(),
+            )
+            .returning(t.c.id)
+        )
+        with self._begin(f"record progress of execution {execution_id}") as conn:
+            if conn.execute(update).first() is None and not self._exists(conn, execution_id):
+                raise ExecutionNotFoundError(
+                    f"record progress of execution {execution_id}: no such execution"
+                )
+
+    def finish(
+        self,
+        execution_id: int,
+        *,
+        status: ExecutionStatus | str,
+        completed_at: datetime,
+        cost_usd: Decimal,
+        input_tokens: int,
+        output_tokens: int,
+        output: str | None = None,
+        error: str | None = None,
+        alert: bool = False,
+        alert_reason: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ExecutionStatus:
+        """Record the final status and return the status now stored.
+
+        The first final status wins: a replay, or a later finish by someone else (the reaper),
+        keeps status, output and error, but cost and tokens still only ever rise. Output and
+        error are truncated to OUTPUT_LIMIT_BYTES / ERROR_LIMIT_BYTES.
+        """
+        final = ExecutionStatus(status)
+        if final is ExecutionStatus.RUNNING:
+            raise ValueError("finish(): status RUNNING is not a final status")
+        _aware("completed_at", completed_at)
+        cost = _usd("cost_usd", cost_usd)
+        tokens_in = _tokens("input_tokens", input_tokens)
+        tokens_out = _tokens("output_tokens", output_tokens)
+        meta = dict(metadata or {})
+        _json_document("finish(): metadata", meta)
+        t = _EXECUTIONS
+        what = f"finish execution {execution_id} as {final.value}"
+        with self._begin(what) as conn:
+            current = conn.execute(
+                sa.select(t.c.status).where(t.c.id == execution_id).with_for_update()
+            ).scalar_one_or_none()
+            if current is None:
+                raise ExecutionNotFoundError(f"{what}: no such execution")
+            values: dict[str, Any] = {
+                "cost_usd": sa.func.greatest(t.c.cost_usd, cost),
+                "input_tokens": sa.func.greatest(t.c.input_tokens, tokens_in),
+                "output_tokens": sa.func.greatest(t.c.output_tokens, tokens_out),
+                "updated_at": sa.func.now(),
+            }
+            if current == ExecutionStatus.RUNNING:
+                values |= {
+                    "status": final.value,
+                    "completed_at": completed_at,
+                    "output": _clean_text(output, OUTPUT_LIMIT_BYTES),
+                    "error": _clean_text(error, ERROR_LIMIT_BYTES),
+                    "alert": bool(alert),
+                    "alert_reason": _clean_text(alert_reason, ERROR_LIMIT_BYTES),
+                    "metadata": meta,
+                }
+                conn.execute(sa.update(t).where(t.c.id == execution_id).values(values))
+                return final
+            conn.execute(
+                sa.update(t)
+                .where(
+                    t.c.id == execution_id,
+                    sa.or_(
+                        t.c.cost_usd < cost,
+                        t.c.input_tokens < tokens_in,
+                        t.c.output_tokens < tokens_out,
+                    ),
+                )
+                .values(values)
+            )
+            return ExecutionStatus(current)
+
+    def spent_for_job(self, job_uid: str, *, exclude_pod_uid: str | None = None) -> Decimal:
+        """Recorded cost of every attempt (pod) of a Job, so retries share one budget;
+        ``exclude_pod_uid`` leaves out the caller's own attempt."""
+        t = _EXECUTIONS
+        query = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_usd), 0)).where(
+            t.c.job_uid == job_uid
+        )
+        if exclude_pod_uid is not None:
+            query = query.where(t.c.pod_uid != exclude_pod_uid)
+        with self._begin(f"read spent cost of job {job_uid}") as conn:
+            return Decimal(conn.execute(query).scalar_one())
+
+    def save_state(
+        self,
+        namespace: str,
+        schedule_name: str,
+        state_key: str = "",
+        *,
+        state: Any,
+        output: str | None,
+        execution_id: int | None,
+    ) -> None:
+        """Replace the agent state of a schedule (and state key) for its next run.
+
+        Raises StateTooLargeError over STATE_LIMIT_BYTES / STATE_OUTPUT_LIMIT_BYTES.
+        """
+        what = f"agent state of {namespace}/{schedule_name} (stateKey {state_key!r})"
+        validate_state(state, output, what=what)
+        t = _STATE
+        insert = pg.insert(t).values(
+            namespace=namespace,
+            schedule_name=schedule_name,
+            state_key=state_key,
+            state=state,
+            output=output,
+            execution_id=execution_id,
+        )
+        upsert = insert.on_conflict_do_update(
+            constraint="pk_agent_state",
+            set_={
+                "state": insert.excluded.state,
+                "output": insert.excluded.output,
+                "execution_id": insert.excluded.execution_id,
+                "updated_at": sa.func.now(),
+            },
+        )
+        with self._begin(f"save {what}") as conn:
+            conn.execute(upsert)
+
+    def load_state(
+        self, namespace: str, schedule_name: str, state_key: str = ""
+    ) -> SavedState | None:
+        """The state saved for a schedule (and state key), or None if none was saved."""
+        t = _STATE
+        query = sa.select(t.c.state, t.c.output, t.c.execution_id, t.c.updated_at).where(
+            t.c.namespace == namespace,
+            t.c.schedule_name == schedule_name,
+            t.c.state_key == state_key,
+        )
+        what = f"load agent state of {namespace}/{schedule_name} (stateKey {state_key!r})"
+        with self._begin(what) as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return SavedState(row.state, row.output, row.execution_id, row.updated_at)
+
+    # ---- reads for the operator and CLI -----------------------------------------------------
+
+    def get(self, execution_id: int, *, include_output: bool = True) -> ExecutionRecord | None:
+        """One execution by id, or None."""
+        query = sa.select(*_execution_columns(include_output)).where(
+            _EXECUTIONS.c.id == execution_id
+        )
+        with self._begin(f"read execution {execution_id}") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _record(row)
+
+    def for_job(self, job_uid: str, *, include_output: bool = False) -> list[ExecutionRecord]:
+        """Every attempt of a Job, oldest first."""
+        t = _EXECUTIONS
+        query = (
+            sa.select(*_execution_columns(include_output))
+            .where(t.c.job_uid == job_uid)
+            .order_by(t.c.started_at, t.c.id)
+        )
+        with self._begin(f"read executions of job {job_uid}") as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def runs(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        status: ExecutionStatus | str | Collection[ExecutionStatus | str] | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+        include_output: bool = False,
+    ) -> list[ExecutionRecord]:
+        """Runs of a schedule started in [since, until), newest first, at most ``limit``.
+
+        Keyset pagination: pass the last id of a page as ``before_id`` for the next page.
+        """
+        if isinstance(limit, bool) or not 1 <= limit <= _MAX_PAGE:
+            raise ValueError(f"limit: {limit!r} must be between 1 and {_MAX_PAGE}")
+        t = _EXECUTIONS
+        what = f"list runs of {namespace}/{schedule_name}"
+        query = (
+            sa.select(*_execution_columns(include_output))
+            .where(*self._schedule_range(namespace, schedule_name, since, until))
+            .order_by(t.c.started_at.desc(), t.c.id.desc())
+            .limit(limit)
+        )
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            query = query.where(t.c.status.in_([ExecutionStatus(s).value for s in wanted]))
+        with self._begin(what) as conn:
+            if before_id is not None:
+                cursor = conn.execute(
+                    sa.select(t.c.started_at, t.c.id).where(
+                        t.c.id == before_id,
+                        t.c.namespace == namespace,
+                        t.c.schedule_name == schedule_name,
+                    )
+                ).first()
+                if cursor is None:
+                    raise ValueError(
+                        f"before_id: {before_id} is not a run of {namespace}/{schedule_name}"
+                    )
+                query = query.where(
+                    sa.tuple_(t.c.started_at, t.c.id) < sa.tuple_(cursor.started_at, cursor.id)
+                )
+            return [_record(row) for row in conn.execute(query)]
+
+    def cost(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        by: CostBy = "day",
+        tz: str = "UTC",
+    ) -> list[CostPeriod]:
+        """Cost of a schedule's runs started in [since, until), summed per calendar day, week
+        (from Monday) or month in time zone ``tz``; periods without runs are left out."""
+        if by not in ("day", "week", "month"):
+            raise ValueError(f"by: {by!r} must be one of day, week, month")
+        zone = _zone(tz)
+        t = _EXECUTIONS
+        period = sa.func.date_trunc(
+            sa.literal(by, sa.Text),
+            t.c.started_at,
+            sa.literal(tz, sa.Text),
+            type_=sa.DateTime(timezone=True),
+        ).label("period_start")
+        inner = (
+            sa.select(period, t.c.cost_usd)
+            .where(*self._schedule_range(namespace, schedule_name, since, until))
+            .subquery()
+        )
+        query = (
+            sa.select(inner.c.period_start, sa.func.sum(inner.c.cost_usd))
+            .group_by(inner.c.period_start)
+            .order_by(inner.c.period_start)
+        )
+        with self._begin(f"sum cost of {namespace}/{schedule_name} by {by} in {tz}") as conn:
+            rows = conn.execute(query).all()
+        return [CostPeriod(start.astimezone(zone), Decimal(total)) for start, total in rows]
+
+    def total_cost(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Decimal:
+        """Total cost of a schedule's runs started in [since, until)."""
+        query = sa.select(sa.func.coalesce(sa.func.sum(_EXECUTIONS.c.cost_usd), 0)).where(
+            *self._schedule_range(namespace, schedule_name, since, until)
+        )
+        with self._begin(f"sum cost of {namespace}/{schedule_name}") as conn:
+            return Decimal(conn.execute(query).scalar_one())
+
+    def stuck_running(self, older_than: timedelta, *, limit: int = 500) -> list[ExecutionRecord]:
+        """RUNNING executions started more than ``older_than`` ago, oldest first (for the reaper,
+        which checks whether their Job or pod still exists)."""
+        cutoff = datetime.now(UTC) - older_than
+        t = _EXECUTIONS
+        query = (
+            sa.select(*_execution_columns(False))
+            # A literal, not a parameter: the planner must see it to use the partial index.
+            .where(t.c.status == sa.literal_column("'RUNNING'"), t.c.started_at < cutoff)
+            .order_by(t.c.started_at)
+            .limit(limit)
+        )
+        with self._begin("list stuck RUNNING executions") as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def record_event(
+        self,
+        namespace: str,
+        schedule_name: str,
+        kind: EventKind | str,
+        *,
+        reason: str | None = None,
+        actor: str | None = None,
+        schedule_uid: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> int:
+        """Append an audit event and return its id; ``kind`` is lower_snake_case."""
+        kind = str(kind)
+        if not _EVENT_KIND_RE.match(kind):
+            raise ValueError(f"kind: {kind!r} must be lower_snake_case (e.g. auto_paused)")
+        if at is not None:
+            _aware("at", at)
+        payload = dict(details or {})
+        _json_document("record_event(): details", payload)
+        values: dict[str, Any] = {
+            "namespace": namespace,
+            "schedule_name": schedule_name,
+            "schedule_uid": schedule_uid,
+            "kind": kind,
+            "reason": _clean_text(reason, ERROR_LIMIT_BYTES),
+            "actor": actor,
+            "details": payload,
+        }
+        if at is not None:
+            values["at"] = at
+        insert = sa.insert(_EVENTS).values(values).returning(_EVENTS.c.id)
+        with self._begin(f"record {kind} event of {namespace}/{schedule_name}") as conn:
+            return int(conn.execute(insert).scalar_one())
+
+    def events(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[EventRecord]:
+        """Audit events of a schedule in [since, until), newest first."""
+        if isinstance(limit, bool) or not 1 <= limit <= _MAX_PAGE:
+            raise ValueError(f"limit: {limit!r} must be between 1 and {_MAX_PAGE}")
+        t = _EVENTS
+        query = (
+            sa.select(t)
+            .where(t.c.namespace == namespace, t.c.schedule_name == schedule_name)
+            .order_by(t.c.at.desc(), t.c.id.desc())
+            .limit(limit)
+        )
+        if since is not None:
+            query = query.where(t.c.at >= _aware("since", since))
+        if until is not None:
+            query = query.where(t.c.at < _aware("until", until))
+        with self._begin(f"list events of {namespace}/{schedule_name}") as conn:
+            return [EventRecord(**row._mapping) for row in conn.execute(query)]
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _schedule_range(
+        namespace: str, schedule_name: str, since: datetime | None, until: datetime | None
+    ) -> list[sa.ColumnElement[bool]]:
+        t = _EXECUTIONS
+        where = [t.c.namespace == namespace, t.c.schedule_name == schedule_name]
+        if since is not None:
+            where.append(t.c.started_at >= _aware("since", since))
+        if until is not None:
+            where.append(t.c.started_at < _aware("until", until))
+        return where
+
+    @staticmethod
+    def _exists(conn: sa.Connection, execution_id: int) -> bool:
+        query = sa.select(sa.literal(1)).where(_EXECUTIONS.c.id == execution_id)
+        return conn.execute(query).first() is not None
