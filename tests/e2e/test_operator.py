@@ -12,10 +12,14 @@ import time
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
+from agent_runner.history import ExecutionStatus, History, upgrade
+from agent_runner.summary import parse_summary
 from e2e.conftest import OperatorProcess
 from e2e.kube import Cluster, Kubectl, wait_for
+from integration.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e
 
@@ -457,3 +461,63 @@ def test_dst_sensitive_schedule_gets_a_warning_condition(
     assert (warning["status"], warning["reason"]) == ("True", "DSTTransitions")
     assert "02:30" in warning["message"]
     assert wait_for(lambda: events(kubectl, namespace, "DSTTransitions"), 15, "a Warning Event")
+
+
+@pytest.fixture
+def runner_database(postgres: PostgresServer, kubectl: Kubectl, namespace: str) -> str:
+    """A migrated schema for this namespace's runs, and the Secret runner pods read it from."""
+    schema = namespace.replace("-", "_")
+    engine = sa.create_engine(postgres.url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    url = f"{postgres.url}?options=-csearch_path%3D{schema}"
+    upgrade(url)
+    kubectl(
+        "create",
+        "secret",
+        "generic",
+        "-n",
+        namespace,
+        "nocturne-database",
+        f"--from-literal=url={url}",
+    )
+    return url
+
+
+def test_run_now_executes_the_runner_and_records_the_run(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
+) -> None:
+    """The whole path: AgentSchedule -> CronJob -> run-now Job -> runner pod (non-root, read-only
+    root, no token) -> execution row in PostgreSQL and a summary in the termination message."""
+    apply(kubectl, namespace, manifest(suspend=True))
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=full-1")
+
+    def finished_job() -> dict[str, Any] | None:
+        jobs = kubectl.items("jobs", "-n", namespace)
+        for job in jobs:
+            for cond in job.get("status", {}).get("conditions", []):
+                if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+                    return job
+        return None
+
+    job = wait_for(finished_job, 90, "the run-now Job to finish")
+    [pod] = kubectl.items(
+        "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job['metadata']['name']}"
+    )
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 0, terminated
+    summary = parse_summary(terminated["message"])
+    assert summary is not None
+    assert summary.status == "SUCCEEDED"
+    assert summary.history_written
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    with History.connect(runner_database) as history:
+        row = history.get(summary.execution_id or 0)
+        assert row is not None
+        assert row.status == ExecutionStatus.SUCCEEDED
+        assert row.job_uid == job["metadata"]["uid"]
+        assert row.manual_request == "full-1"
+        assert row.output is not None
+        assert row.output.startswith("[offline provider]")
