@@ -12,11 +12,12 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from agent_runner import exitcodes
 from agent_runner.agent import RunResult, run_agent
@@ -29,6 +30,7 @@ from agent_runner.summary import Summary, write_termination_message
 from agent_runner.tools import build_tools
 
 log = logging.getLogger("nocturne.runner")
+T = TypeVar("T")
 
 # Leave time to record the result before the Job's deadline kills the pod.
 _DEADLINE_MARGIN = timedelta(seconds=10)
@@ -83,64 +85,62 @@ def _run(state: Attempt) -> int:
     price = load_price_table(env.price_table).lookup(task.agent.provider, task.agent.model)
     provider = make_provider(task.agent, api_key=env.llm_api_key)
     try:
-        history = _connect(env)
-        state.history = history
-        spent_before = (
-            history.spent_for_job(env.job_uid, exclude_pod_uid=env.pod_uid)
-            if (history)
-            else Decimal(0)
+        state.history = _connect(env)
+        schedule = task.schedule
+        spent_before = _db(
+            state,
+            "read this Job's earlier spend",
+            Decimal(0),
+            lambda h: h.spent_for_job(env.job_uid, exclude_pod_uid=env.pod_uid),
         )
         spent_elsewhere = Decimal(0)
-        if history and task.budget.max_total_usd is not None:
-            total = history.total_cost(task.schedule.namespace, task.schedule.name)
-            spent_elsewhere = total - history.spent_for_job(env.job_uid)
+        if task.budget.max_total_usd is not None:
+            spent_elsewhere = _db(
+                state,
+                "read the schedule's total spend",
+                Decimal(0),
+                lambda h: (
+                    h.total_cost(schedule.namespace, schedule.name) - h.spent_for_job(env.job_uid)
+                ),
+            )
         budget = state.budget = Budget(
             per_run_limit(task.budget, spent_by_other_jobs=spent_elsewhere),
             price,
             spent_before=spent_before,
         )
-        if history is not None:
-            state.attempt = len(history.for_job(env.job_uid))
-            state.execution_id = history.start(
-                _key(env, task, state.attempt),
-                model=task.agent.model,
-                provider=task.agent.provider,
-                started_at=state.started_at,
+        state.attempt = _db(state, "count attempts", None, lambda h: len(h.for_job(env.job_uid)))
+        if state.attempt is not None:
+            attempt = state.attempt
+            state.execution_id = _db(
+                state,
+                "record the start",
+                None,
+                lambda h: h.start(
+                    _key(env, task, attempt),
+                    model=task.agent.model,
+                    provider=task.agent.provider,
+                    started_at=state.started_at,
+                ),
             )
-            # If the pod dies before the end, the operator still learns which row is ours.
-            _write_summary(state, "RUNNING")
-        saved = (
-            history.load_state(
-                task.schedule.namespace, task.schedule.name, task.task.state_key or ""
-            )
-            if history
-            else None
+        # Written at once: if the pod dies before the end, the operator still learns our row.
+        _write_summary(state, "RUNNING")
+        saved = _db(
+            state,
+            "load the previous state",
+            None,
+            lambda h: h.load_state(schedule.namespace, schedule.name, task.task.state_key or ""),
         )
-        budget_left = state.budget.remaining
-        if budget_left <= 0:
-            result = RunResult(
-                status="budget_exceeded",
-                output=None,
-                alert=False,
-                alert_reason=None,
-                state=None,
-                cost=Decimal(0),
-                input_tokens=0,
-                output_tokens=0,
-                steps=0,
-                error="no budget left for this run",
-                exit_code=exitcodes.BUDGET_EXHAUSTED,
-            )
+        if budget.remaining <= 0:
+            result = _no_budget_left()
         else:
-            deadline = (
-                state.started_monotonic + task.timeout_seconds - _DEADLINE_MARGIN.total_seconds()
-            )
             result = run_agent(
                 task,
                 provider=provider,
                 budget=budget,
                 tools=build_tools(task.agent, allow_private=env.web_fetch_allow_private),
-                deadline=deadline,
+                deadline=state.started_monotonic
+                + task.timeout_seconds
+                - _DEADLINE_MARGIN.total_seconds(),
                 previous_state=saved.state if saved else None,
                 previous_output=saved.output if saved else None,
                 on_usage=lambda cost, i, o: _progress(state, cost, i, o),
@@ -151,14 +151,48 @@ def _run(state: Attempt) -> int:
     return result.exit_code
 
 
+def _db(state: Attempt, what: str, default: T, call: Callable[[History], T]) -> T:
+    """Best effort: on the first database failure the run goes on without history and reports
+    through its termination summary; the operator writes the row once the database is back."""
+    if state.history is None:
+        return default
+    try:
+        return call(state.history)
+    except HistoryError as exc:
+        log.warning(
+            "history unavailable (%s); the run continues and reports through its "
+            "termination summary: %s",
+            what,
+            exc,
+        )
+        state.history.close()
+        state.history = None
+        return default
+
+
 def _connect(env: RunnerEnv) -> History | None:
-    """The history store, or None when it is unreachable: the run still happens and the
-    operator writes the row from the termination summary once the database is back."""
+    """The history store (connections open lazily), or None when its URL is unusable."""
     try:
         return History.connect(env.database_url.get_secret_value())
     except HistoryError as exc:
         log.warning("history unavailable, running without it: %s", exc)
         return None
+
+
+def _no_budget_left() -> RunResult:
+    return RunResult(
+        status="budget_exceeded",
+        output=None,
+        alert=False,
+        alert_reason=None,
+        state=None,
+        cost=Decimal(0),
+        input_tokens=0,
+        output_tokens=0,
+        steps=0,
+        error="no budget left for this run",
+        exit_code=exitcodes.BUDGET_EXHAUSTED,
+    )
 
 
 def _key(env: RunnerEnv, task: TaskDocument, attempt: int) -> ExecutionKey:
@@ -175,12 +209,15 @@ def _key(env: RunnerEnv, task: TaskDocument, attempt: int) -> ExecutionKey:
 
 
 def _progress(state: Attempt, cost: Decimal, input_tokens: int, output_tokens: int) -> None:
-    if state.history is not None and state.execution_id is not None:
-        state.history.record_progress(
-            state.execution_id,
-            cost_usd=cost,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
+    execution_id = state.execution_id
+    if execution_id is not None:
+        _db(
+            state,
+            "record progress",
+            None,
+            lambda h: h.record_progress(
+                execution_id, cost_usd=cost, input_tokens=input_tokens, output_tokens=output_tokens
+            ),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from zoneinfo import ZoneInfo
 import yaml
 from kubernetes import config
 
+from agent_runner import history
 from nocturne_operator import cron
 from nocturne_operator.api import API_VERSION, KIND
 from nocturne_operator.errors import SettingsError
@@ -148,6 +150,21 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_db_upgrade(args: argparse.Namespace, _settings: Settings) -> int:
+    """Apply the history schema's migrations (the Helm hook Job runs this before the operator)."""
+    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
+    if not url:
+        print("db upgrade: no database URL (set NOCTURNE_DATABASE_URL or --database-url)")
+        return EXIT_USAGE
+    try:
+        history.upgrade(url)
+    except history.HistoryError as exc:
+        print(f"db upgrade failed: {exc}")
+        return EXIT_INVALID
+    print(f"db upgrade: {history.redact_url(url)} is at the latest schema")
+    return EXIT_OK
+
+
 def _current_namespace() -> str:
     try:
         _, context = config.list_kube_config_contexts()
@@ -173,6 +190,11 @@ def _parser() -> argparse.ArgumentParser:
     nxt.add_argument("--after", help="start time (ISO 8601 with offset); default now")
     nxt.add_argument("-o", "--output", choices=["table", "json"], default="table")
     nxt.set_defaults(func=cmd_next_runs)
+    db = sub.add_parser("db", help="manage the history database")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    up = db_sub.add_parser("upgrade", help="apply schema migrations (idempotent, safe in parallel)")
+    up.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL (keep it in a Secret)")
+    up.set_defaults(func=cmd_db_upgrade)
     for name, text in (
         ("pause", "suspend a schedule"),
         ("resume", "resume a schedule"),

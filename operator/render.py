@@ -272,6 +272,8 @@ def _env(spec: AgentScheduleSpec, settings: Settings) -> list[dict[str, Any]]:
             },
         },
     ]
+    if settings.web_fetch_allow_private:
+        env.append({"name": "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE", "value": "true"})
     key_ref = spec.agent.api_key_secret_ref
     if spec.agent.provider is not Provider.OFFLINE and key_ref is not None:
         env.append(

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     # Database credentials reach runner pods only as a secretKeyRef.
     database_secret_name: str = "nocturne-database"  # noqa: S105 - a Secret's name, not a secret
     database_secret_key: str = "url"  # noqa: S105 - a key name within that Secret
-    price_table_configmap: str = "nocturne-prices"
+    # Let runners' web_fetch reach private and loopback addresses (never link-local/metadata).
+    web_fetch_allow_private: bool = False
     successful_jobs_history_limit: int = Field(3, ge=0, le=100)
     failed_jobs_history_limit: int = Field(3, ge=0, le=100)
     job_ttl_seconds_after_finished: int = Field(3 * 86_400, ge=60)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,3 +242,19 @@ def test_sigterm_records_cancelled_with_cost_so_far(
     assert row.status == ExecutionStatus.CANCELLED
     assert row.error is not None
     assert "SIGTERM" in row.error
+
+
+def test_database_down_still_runs_and_reports_through_the_summary(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = f"postgresql+psycopg://nocturne:hunter2-secret@127.0.0.1:{port}/nocturne"
+    env = runner_env(tmp_path, down, make_task(tmp_path))
+    result = run(env)
+    assert result.returncode == exitcodes.SUCCEEDED, result.stderr
+    summary = summary_of(env)
+    assert summary.status == "SUCCEEDED"
+    assert summary.history_written is False
+    assert summary.execution_id is None
+    assert "history unavailable" in result.stderr
+    assert "hunter2-secret" not in result.stderr
