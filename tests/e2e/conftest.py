@@ -161,6 +161,8 @@ def operator(
         "PYTHONSAFEPATH": "1",
         "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
         "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
+        # Tests serve pages on loopback; production keeps the SSRF guard's default.
+        "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE": "true",
     }
     with log.open("ab") as out:
         proc = subprocess.Popen(

@@ -19,6 +19,7 @@ from agent_runner.history import ExecutionStatus, History, upgrade
 from agent_runner.summary import parse_summary
 from e2e.conftest import OperatorProcess
 from e2e.kube import Cluster, Kubectl, wait_for
+from integration.llm_server import ScriptedServer, html_page
 from integration.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e
@@ -521,3 +522,42 @@ def test_run_now_executes_the_runner_and_records_the_run(
         assert row.manual_request == "full-1"
         assert row.output is not None
         assert row.output.startswith("[offline provider]")
+
+
+def slow_page(_request: object) -> Any:
+    """Answers long after any run's deadline."""
+    time.sleep(60)
+    return html_page("too late")
+
+
+def test_run_past_its_deadline_ends_timed_out(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
+) -> None:
+    with ScriptedServer() as site:
+        site.route("/slow", slow_page)
+        apply(
+            kubectl,
+            namespace,
+            manifest(
+                suspend=True,
+                timeoutSeconds=30,
+                retries=0,
+                task={"query": "watch", "context": {"url": f"{site.url}/slow"}},
+                agent={"model": "offline-demo", "provider": "offline", "tools": ["web_fetch"]},
+            ),
+        )
+        wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+        kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=slow")
+        job = wait_for(
+            lambda: next(iter(kubectl.items("jobs", "-n", namespace)), None), 30, "the run-now Job"
+        )
+        uid = job["metadata"]["uid"]
+
+        def final_row() -> Any:
+            with History.connect(runner_database) as history:
+                rows = [r for r in history.for_job(uid) if r.status != ExecutionStatus.RUNNING]
+            return rows[0] if rows else None
+
+        row = wait_for(final_row, 90, "the run's final row")
+    assert row.status == ExecutionStatus.TIMED_OUT
+    assert row.completed_at is not None
