@@ -357,6 +357,24 @@ class SavedState:
     updated_at: datetime
 
 
+@dataclass(frozen=True)
+class RunStats:
+    """A schedule's runs as people count them: one run per Job, whose outcome is its last
+    attempt's. ``last_run`` is the latest finished Job's last attempt."""
+
+    total_cost: Decimal
+    succeeded: int
+    failed: int
+    consecutive_failures: int
+    last_run: ExecutionRecord | None
+
+
+# Outcomes that count as a failed run; CANCELLED (deletion, eviction) does not.
+FAILED_OUTCOMES = frozenset(
+    {ExecutionStatus.FAILED, ExecutionStatus.BUDGET_EXCEEDED, ExecutionStatus.TIMED_OUT}
+)
+
+
 class CostPeriod(NamedTuple):
     """Cost of the runs started in one calendar period (start is local midnight in ``tz``)."""
 
@@ -979,6 +997,59 @@ class History:
         with self._begin(f"sum cost of {namespace}/{schedule_name} by {by} in {tz}") as conn:
             rows = conn.execute(query).all()
         return [CostPeriod(start.astimezone(zone), Decimal(total)) for start, total in rows]
+
+    def run_stats(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        failures_since: datetime | None = None,
+        streak_limit: int = 100,
+    ) -> RunStats:
+        """Totals and the current failure streak, derived from the rows (the source of truth, so
+        replays and operator restarts never double-count). Failures of Jobs started before
+        ``failures_since`` (a resume) do not count towards the streak."""
+        t = _EXECUTIONS
+        where = self._schedule_range(namespace, schedule_name, None, None)
+        newest_first = sa.func.row_number().over(
+            partition_by=t.c.job_uid,
+            order_by=(t.c.attempt.desc(), t.c.started_at.desc(), t.c.id.desc()),
+        )
+        ranked = (
+            sa.select(*_execution_columns(include_output=False), newest_first.label("rank"))
+            .where(*where)
+            .subquery()
+        )
+        last_attempts = (
+            sa.select(*(c for c in ranked.c if c.name != "rank"))
+            .where(ranked.c.rank == 1)
+            .subquery()
+        )
+        outcome = last_attempts.c.status
+        counts = sa.select(
+            sa.func.count().filter(outcome == ExecutionStatus.SUCCEEDED.value),
+            sa.func.count().filter(outcome.in_([s.value for s in FAILED_OUTCOMES])),
+        )
+        recent = (
+            sa.select(last_attempts)
+            .where(outcome != ExecutionStatus.RUNNING.value)
+            .order_by(last_attempts.c.started_at.desc(), last_attempts.c.id.desc())
+            .limit(streak_limit)
+        )
+        total = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_usd), 0)).where(*where)
+        with self._begin(f"read run statistics of {namespace}/{schedule_name}") as conn:
+            succeeded, failed = conn.execute(counts).one()
+            rows = [_record(row) for row in conn.execute(recent)]
+            total_cost = Decimal(conn.execute(total).scalar_one())
+        streak = 0
+        for row in rows:
+            if failures_since is not None and row.started_at < failures_since:
+                break
+            if row.status is ExecutionStatus.SUCCEEDED:
+                break
+            if row.status in FAILED_OUTCOMES:
+                streak += 1
+        return RunStats(total_cost, int(succeeded), int(failed), streak, rows[0] if rows else None)
 
     def total_cost(
         self,

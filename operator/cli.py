@@ -23,7 +23,11 @@ from nocturne_operator import cron
 from nocturne_operator.api import API_VERSION, KIND
 from nocturne_operator.errors import SettingsError
 from nocturne_operator.kube import Kube
-from nocturne_operator.reconcile import ANNOTATION_RUN_NOW, ANNOTATION_SUSPEND_REASON
+from nocturne_operator.reconcile import (
+    ANNOTATION_RESUME,
+    ANNOTATION_RUN_NOW,
+    ANNOTATION_SUSPEND_REASON,
+)
 from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.validation import validate
 
@@ -138,8 +142,15 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
             "spec": {"suspend": True},
         }
     elif args.command == "resume":
+        # The resume request also restarts the failure count and lifts an auto-pause, which
+        # then starts one verification run at once.
         patch = {
-            "metadata": {"annotations": {ANNOTATION_SUSPEND_REASON: None}},
+            "metadata": {
+                "annotations": {
+                    ANNOTATION_SUSPEND_REASON: None,
+                    ANNOTATION_RESUME: uuid.uuid4().hex[:12],
+                }
+            },
             "spec": {"suspend": False},
         }
     else:

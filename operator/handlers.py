@@ -9,7 +9,9 @@ from typing import Any
 
 import kopf
 
+from agent_runner.history import History, HistoryError
 from nocturne_operator import reconcile as rec
+from nocturne_operator import results
 from nocturne_operator.api import GROUP, PLURAL, VERSION
 from nocturne_operator.kube import Kube
 from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
@@ -38,6 +40,8 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.watching.client_timeout = 300
     settings.execution.max_workers = 8
     memo["kube"] = Kube.connect()
+    url = SETTINGS.database_url
+    memo["history"] = History.connect(url.get_secret_value()) if url is not None else None
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -71,8 +75,16 @@ def schedule_changed(*, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds)
 def periodic(*, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
-    """Drift repair and fresh next-run times, on a timer."""
-    _reconcile(dict(body), memo, kwargs["schedules_by_namespace"])
+    """Drift repair, fresh next-run times, and results a missed Job event or a database outage
+    left unrecorded, on a timer."""
+    schedule = dict(body)
+    if memo["history"] is not None:
+        kube: Kube = memo["kube"]
+        meta = schedule["metadata"]
+        jobs = kube.list_objects("Job", meta["namespace"], f"{LABEL_SCHEDULE}={meta['name']}")
+        for job in jobs:
+            _record_job(job, schedule, memo)
+    _reconcile(schedule, memo, kwargs["schedules_by_namespace"])
 
 
 @kopf.on.event("batch", "v1", "cronjobs", labels=_MANAGED)
@@ -103,10 +115,59 @@ def cronjob_event(
     _reconcile(owners[0], memo, kwargs["schedules_by_namespace"])
 
 
+@kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
+def job_event(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    labels: kopf.Labels,
+    memo: Any,
+    **kwargs: Any,
+) -> None:
+    """A run finished: make sure its attempts are recorded, then refresh the owner's status."""
+    if results.job_outcome(body) is None:
+        return
+    bodies: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["schedule_bodies"]
+    owners = list(bodies.get((str(namespace), labels.get(LABEL_SCHEDULE, "")), []))
+    if not owners:
+        return
+    _record_job(body, owners[0], memo)
+    _reconcile(owners[0], memo, kwargs["schedules_by_namespace"])
+
+
+def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
+    history: History | None = memo["history"]
+    if history is None or results.job_outcome(job) is None:
+        return
+    meta = job["metadata"]
+    kube: Kube = memo["kube"]
+    pods = kube.list_objects(
+        "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
+    )
+    try:
+        results.record_finished_job(job, pods, schedule, history)
+    except HistoryError as exc:
+        # The timer comes back to it: nothing is lost while the database is down.
+        logging.getLogger(__name__).warning(
+            "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
+        )
+
+
 def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) -> None:
-    namespace = body["metadata"]["namespace"]
-    peers = list(index.get(namespace, []))
-    rec.reconcile(body, SETTINGS, memo["kube"], events=_post, peers=peers)
+    meta = body["metadata"]
+    peers = list(index.get(meta["namespace"], []))
+    history: History | None = memo["history"]
+    stats = None
+    if history is not None:
+        since = rec.failures_counted_since(body.get("status") or {})
+        try:
+            stats = history.run_stats(meta["namespace"], meta["name"], failures_since=since)
+        except HistoryError as exc:
+            # Keep reconciling (drift repair must not depend on the database); results and
+            # holds stay as last recorded on status.
+            logging.getLogger(__name__).warning("run results unavailable: %s", exc)
+    rec.reconcile(body, SETTINGS, memo["kube"], events=_post, peers=peers, stats=stats)
 
 
 def _post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

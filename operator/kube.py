@@ -21,6 +21,7 @@ _PATHS = {
     "Event": "/api/v1/namespaces/{ns}/events",
     "CronJob": "/apis/batch/v1/namespaces/{ns}/cronjobs",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
+    "Pod": "/api/v1/namespaces/{ns}/pods",
     "AgentSchedule": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
 }
 

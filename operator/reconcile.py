@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from agent_runner.history import ExecutionStatus, RunStats
 from nocturne_operator import conditions as cond
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ANNOTATION_RUN_NOW = "nocturne.dev/run-now"
 ANNOTATION_SUSPEND_REASON = "nocturne.dev/suspend-reason"
+ANNOTATION_RESUME = "nocturne.dev/resume"
 # Status keys this module owns; everything else under status is left alone.
 OWNED_STATUS = (
     "observedGeneration",
@@ -45,7 +48,23 @@ OWNED_STATUS = (
     "nextRunLocal",
     "nextRuns",
     "lastManualRun",
+    "lastRun",
+    "totalCostUSD",
+    "runs",
+    "consecutiveFailures",
+    "autoPause",
+    "failuresCountedSince",
+    "pendingVerification",
+    "lastResumeRequest",
 )
+_RESULT_NAMES = {
+    ExecutionStatus.SUCCEEDED: "Succeeded",
+    ExecutionStatus.FAILED: "Failed",
+    ExecutionStatus.BUDGET_EXCEEDED: "BudgetExceeded",
+    ExecutionStatus.TIMED_OUT: "TimedOut",
+    ExecutionStatus.CANCELLED: "Cancelled",
+    ExecutionStatus.RUNNING: "Running",
+}
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """(object, type Normal|Warning, reason, message) -> None"""
@@ -74,10 +93,30 @@ def reconcile(
     *,
     events: EventSink,
     peers: Sequence[Peer] | None,
+    stats: RunStats | None = None,
     now: datetime | None = None,
 ) -> None:
-    """Bring the CronJob, its task ConfigMap and the status in line with the AgentSchedule."""
-    _Reconciler(body, settings, kube, events, now or datetime.now(UTC)).run(peers)
+    """Bring the CronJob, its task ConfigMap and the status in line with the AgentSchedule.
+    ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budget; None
+    when no database is configured."""
+    _Reconciler(body, settings, kube, events, now or datetime.now(UTC), stats=stats).run(peers)
+
+
+def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
+    """Failures of runs started before the last resume do not count towards auto-pause."""
+    stamp = status.get("failuresCountedSince")
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+
+
+def usd(amount: Decimal) -> str:
+    """Money for people and for status: at least two decimals, no float on the way."""
+    text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
+    whole, _, cents = text.partition(".")
+    return f"{whole}.{cents.ljust(2, '0')}"
+
+
+def _stamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class _Reconciler:
@@ -90,8 +129,11 @@ class _Reconciler:
         kube: Kube,
         events: EventSink,
         now: datetime,
+        *,
+        stats: RunStats | None,
     ) -> None:
         meta = body["metadata"]
+        self.stats = stats
         self.body = body
         self.settings = settings
         self.kube = kube
@@ -101,7 +143,9 @@ class _Reconciler:
         self.generation: int | None = meta.get("generation")
         self.annotations: Mapping[str, str] = meta.get("annotations") or {}
         self.old: dict[str, Any] = dict(body.get("status") or {})
-        self.new: dict[str, Any] = {"lastManualRun": self.old.get("lastManualRun")}
+        # Keys another pass owns keep their value unless this pass decides otherwise.
+        self.new: dict[str, Any] = {k: self.old.get(k) for k in OWNED_STATUS}
+        self._verification_run: str | None = None
 
     def run(self, peers: Sequence[Peer] | None) -> None:
         result = validate(self.body, self.settings, now=self.now, peers=peers)
@@ -150,8 +194,10 @@ class _Reconciler:
         current_cm = kube.get("ConfigMap", ref.namespace, configmap["metadata"]["name"])
         if current_cm is None or not contains(current_cm, configmap):
             kube.apply(configmap)
+        held = self._results(spec)
+        suspend = spec.suspend or held
         cronjob = render_cronjob(
-            ref, spec, self.settings, suspend=spec.suspend, min_interval=result.min_interval
+            ref, spec, self.settings, suspend=suspend, min_interval=result.min_interval
         )
         if actual is None or not contains(actual, cronjob):
             if self.old.get("observedGeneration") == self.generation and self.old.get(
@@ -165,7 +211,16 @@ class _Reconciler:
                     f"CronJob {cronjob['metadata']['name']} was {what}; restored",
                 )
             actual = kube.apply(cronjob)
-        self._next_runs(spec)
+        self._next_runs(spec, suspended=suspend)
+        verification = self._verification_run
+        if verification:
+            job = self._run_now(spec, actual, verification)
+            self.events(
+                self.body,
+                "Normal",
+                "VerificationRun",
+                f"resumed after auto-pause; verification run Job {job} started",
+            )
         request = self.annotations.get(ANNOTATION_RUN_NOW)
         if request and (self.old.get("lastManualRun") or {}).get("requestId") != request:
             job = self._run_now(spec, actual, request)
@@ -182,10 +237,15 @@ class _Reconciler:
             f"CronJob {actual['metadata']['name']} runs {spec.schedule!r} in {spec.time_zone}",
             self.generation,
         )
-        return [ready, self._suspended(spec), self._schedule_warning(result)]
+        return [
+            ready,
+            self._suspended(spec),
+            self._budget_condition(spec),
+            self._schedule_warning(result),
+        ]
 
-    def _next_runs(self, spec: AgentScheduleSpec) -> None:
-        if spec.suspend:
+    def _next_runs(self, spec: AgentScheduleSpec, *, suspended: bool) -> None:
+        if suspended:
             self.new.update(nextRunAt=None, nextRunLocal=None, nextRuns=None)
             return
         zone = ZoneInfo(spec.time_zone)
@@ -200,18 +260,105 @@ class _Reconciler:
         )
 
     def _suspended(self, spec: AgentScheduleSpec) -> dict[str, Any]:
+        auto = self.new.get("autoPause")
         if spec.suspend:
             why = self.annotations.get(ANNOTATION_SUSPEND_REASON) or "spec.suspend is true"
             new = cond.condition(cond.SUSPENDED, True, cond.SUSPENDED_BY_USER, why, self.generation)
+        elif auto:
+            new = cond.condition(
+                cond.SUSPENDED, True, cond.CONSECUTIVE_FAILURES, auto["message"], self.generation
+            )
         else:
             new = cond.condition(cond.SUSPENDED, False, cond.NOT_SUSPENDED, "", self.generation)
         old = self._find(cond.SUSPENDED)
         if old is None or old.get("status") != new["status"]:
-            if spec.suspend:
+            if auto and not spec.suspend:
+                self.events(self.body, "Warning", "AutoPaused", new["message"])
+            elif spec.suspend:
                 self.events(self.body, "Normal", "Paused", f"schedule paused: {new['message']}")
             elif old is not None:
                 self.events(self.body, "Normal", "Resumed", "schedule resumed")
         return new
+
+    def _results(self, spec: AgentScheduleSpec) -> bool:
+        """Run results on status; auto-pause and the cumulative budget. True when the CronJob
+        must be held suspended although the user did not pause it."""
+        resume = self.annotations.get(ANNOTATION_RESUME)
+        resumed = bool(resume) and resume != self.old.get("lastResumeRequest")
+        if resumed:
+            self.new["lastResumeRequest"] = resume
+            self.new["failuresCountedSince"] = _stamp(self.now)
+            if self.old.get("autoPause"):
+                # Check the cause at once instead of waiting for the next slot.
+                self.new["autoPause"] = None
+                self.new["pendingVerification"] = True
+                self._verification_run = f"resume-{resume}"
+        stats = self.stats
+        if stats is None:
+            return bool(self.new.get("autoPause")) or self._budget_exhausted(spec)
+        last = stats.last_run
+        self.new.update(
+            totalCostUSD=usd(stats.total_cost),
+            runs={"succeeded": stats.succeeded, "failed": stats.failed},
+            consecutiveFailures=0 if resumed else stats.consecutive_failures,
+            lastRun=None
+            if last is None
+            else {
+                "job": last.job_name,
+                "startedAt": _stamp(last.started_at),
+                "completedAt": _stamp(last.completed_at) if last.completed_at else None,
+                "result": _RESULT_NAMES[last.status],
+                "costUSD": usd(last.cost_usd),
+                "inputTokens": last.input_tokens,
+                "outputTokens": last.output_tokens,
+            },
+        )
+        since = failures_counted_since(self.new)
+        if (
+            self.new.get("pendingVerification")
+            and last is not None
+            and last.status is ExecutionStatus.SUCCEEDED
+            and (since is None or last.started_at >= since)
+        ):
+            self.new["pendingVerification"] = None
+        limit = spec.failure_policy.pause_after_consecutive_failures
+        # After a resume from auto-pause, one more failure is enough: the cause is still there.
+        threshold = 1 if self.new.get("pendingVerification") else limit
+        streak = self.new["consecutiveFailures"]
+        if not self.new.get("autoPause") and not resumed and streak >= threshold:
+            self.new["autoPause"] = {
+                "reason": cond.CONSECUTIVE_FAILURES,
+                "message": f"{streak} failed runs in a row (pauseAfterConsecutiveFailures "
+                f"{limit}); fix the cause, then `nocturne resume {self.ref.name}`",
+                "pausedAt": _stamp(self.now),
+            }
+            self.new["pendingVerification"] = None
+        return bool(self.new.get("autoPause")) or self._budget_exhausted(spec)
+
+    def _budget_exhausted(self, spec: AgentScheduleSpec) -> bool:
+        cap = spec.budget.max_total_usd
+        if self.stats is not None:
+            total: Decimal | None = self.stats.total_cost
+        else:  # database unavailable: hold on to the last recorded total
+            recorded = self.old.get("totalCostUSD")
+            total = Decimal(recorded) if recorded else None
+        return cap is not None and total is not None and total >= cap
+
+    def _budget_condition(self, spec: AgentScheduleSpec) -> dict[str, Any]:
+        cap = spec.budget.max_total_usd
+        if self._budget_exhausted(spec) and cap is not None:
+            new = cond.condition(
+                cond.BUDGET_EXHAUSTED,
+                True,
+                cond.TOTAL_BUDGET_REACHED,
+                f"total cost {self.new.get('totalCostUSD')} USD reached maxTotalUSD {usd(cap)}; "
+                "raise spec.budget.maxTotalUSD to resume",
+                self.generation,
+            )
+            if not self._same_condition(new):
+                self.events(self.body, "Warning", "BudgetExhausted", new["message"])
+            return new
+        return cond.condition(cond.BUDGET_EXHAUSTED, False, cond.WITHIN_BUDGET, "", self.generation)
 
     def _schedule_warning(self, result: Validated) -> dict[str, Any]:
         if not result.warnings:

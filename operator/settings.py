@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from nocturne_operator.errors import SettingsError
@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     runner_image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
     runner_service_account: str = ""
     runner_resources: Resources = Resources()
+    # The operator's own connection (from a Secret via env); None runs without run results.
+    database_url: SecretStr | None = None
     # Database credentials reach runner pods only as a secretKeyRef.
     database_secret_name: str = "nocturne-database"  # noqa: S105 - a Secret's name, not a secret
     database_secret_key: str = "url"  # noqa: S105 - a key name within that Secret

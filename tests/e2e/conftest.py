@@ -21,11 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from kubernetes import client, config
 
+from agent_runner.history import upgrade
 from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import ExecutorProcess, run_executor
 from e2e.kube import Cluster, Kubectl, wait_for
+from integration.postgres import PostgresServer
 from prerequisites import skip_or_fail
 
 _cluster_for_reports: list[Cluster] = []
@@ -147,8 +150,35 @@ def crds(kubectl: Kubectl) -> None:
 
 
 @pytest.fixture(scope="session")
+def history_url(postgres: PostgresServer) -> str:
+    """The history database of the session's operator and runner pods, migrated once."""
+    engine = sa.create_engine(postgres.url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS e2e_history"))
+    engine.dispose()
+    url = f"{postgres.url}?options=-csearch_path%3De2e_history"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def runner_database(history_url: str, kubectl: Kubectl, namespace: str) -> str:
+    """The Secret runner pods in this namespace read the history database URL from."""
+    kubectl(
+        "create",
+        "secret",
+        "generic",
+        "-n",
+        namespace,
+        "nocturne-database",
+        f"--from-literal=url={history_url}",
+    )
+    return history_url
+
+
+@pytest.fixture(scope="session")
 def operator(
-    cluster: Cluster, crds: None, executor: ExecutorProcess | None
+    cluster: Cluster, crds: None, executor: ExecutorProcess | None, history_url: str
 ) -> Iterator[OperatorProcess]:
     """``python -m nocturne_operator`` with a fast drift timer, as a real separate process."""
     log = cluster.state_dir / "operator.log"
@@ -161,6 +191,7 @@ def operator(
         "PYTHONSAFEPATH": "1",
         "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
         "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
+        "NOCTURNE_DATABASE_URL": history_url,
         # Tests serve pages on loopback; production keeps the SSRF guard's default.
         "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE": "true",
     }

@@ -9,18 +9,18 @@ import re
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 import yaml
 
-from agent_runner.history import ExecutionStatus, History, upgrade
+from agent_runner.history import ExecutionKey, ExecutionStatus, History
 from agent_runner.summary import parse_summary
 from e2e.conftest import OperatorProcess
 from e2e.kube import Cluster, Kubectl, wait_for
 from integration.llm_server import ScriptedServer, html_page
-from integration.postgres import PostgresServer
 
 pytestmark = pytest.mark.e2e
 
@@ -464,28 +464,6 @@ def test_dst_sensitive_schedule_gets_a_warning_condition(
     assert wait_for(lambda: events(kubectl, namespace, "DSTTransitions"), 15, "a Warning Event")
 
 
-@pytest.fixture
-def runner_database(postgres: PostgresServer, kubectl: Kubectl, namespace: str) -> str:
-    """A migrated schema for this namespace's runs, and the Secret runner pods read it from."""
-    schema = namespace.replace("-", "_")
-    engine = sa.create_engine(postgres.url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-    url = f"{postgres.url}?options=-csearch_path%3D{schema}"
-    upgrade(url)
-    kubectl(
-        "create",
-        "secret",
-        "generic",
-        "-n",
-        namespace,
-        "nocturne-database",
-        f"--from-literal=url={url}",
-    )
-    return url
-
-
 def test_run_now_executes_the_runner_and_records_the_run(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
 ) -> None:
@@ -561,3 +539,154 @@ def test_run_past_its_deadline_ends_timed_out(
         row = wait_for(final_row, 90, "the run's final row")
     assert row.status == ExecutionStatus.TIMED_OUT
     assert row.completed_at is not None
+
+
+def status_of(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
+    status: dict[str, Any] = schedule(kubectl, namespace).get("status", {})
+    return status
+
+
+def run_now(kubectl: Kubectl, namespace: str, request: str) -> None:
+    kubectl(
+        "annotate",
+        "--overwrite",
+        "-n",
+        namespace,
+        "asched/daily-ai-news",
+        f"nocturne.dev/run-now={request}",
+    )
+
+
+def test_consecutive_failures_auto_pause_and_resume_verifies(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    namespace: str,
+    runner_database: str,
+) -> None:
+    """An unknown model fails every run before it can reach the database; the operator records
+    the runs from their termination summaries, pauses after two, and a resume runs a check."""
+    broken = {"model": "no-such-model", "provider": "offline"}
+    apply(
+        kubectl,
+        namespace,
+        manifest(
+            schedule="0 0 1 1 *", agent=broken, failurePolicy={"pauseAfterConsecutiveFailures": 2}
+        ),
+    )
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    run_now(kubectl, namespace, "fail-1")
+    wait_for(
+        lambda: (status_of(kubectl, namespace).get("runs") or {}).get("failed") == 1,
+        90,
+        "the first failed run on status",
+    )
+    first = status_of(kubectl, namespace)
+    assert first["lastRun"]["result"] == "Failed"
+    assert first["consecutiveFailures"] == 1
+    assert "autoPause" not in first
+    run_now(kubectl, namespace, "fail-2")
+    paused = wait_for(
+        lambda: (s := status_of(kubectl, namespace)).get("autoPause") and s, 90, "auto-pause"
+    )
+    assert paused["phase"] == "Suspended"
+    assert paused["consecutiveFailures"] == 2
+    suspended = condition(schedule(kubectl, namespace), "Suspended")
+    assert suspended is not None
+    assert (suspended["status"], suspended["reason"]) == ("True", "ConsecutiveFailures")
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None
+    assert cj["spec"]["suspend"] is True
+    assert wait_for(lambda: events(kubectl, namespace, "AutoPaused"), 15, "an AutoPaused Event")
+    with History.connect(runner_database) as history:
+        rows = history.runs(namespace, "daily-ai-news")
+    assert {r.status for r in rows} == {ExecutionStatus.FAILED}
+    assert all("no-such-model" in (r.error or "") for r in rows)
+
+    # Fix the cause and resume: one verification run at once, then back to Active.
+    apply(
+        kubectl,
+        namespace,
+        manifest(schedule="0 0 1 1 *", failurePolicy={"pauseAfterConsecutiveFailures": 2}),
+    )
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(cluster.kubeconfig)}
+    resume = subprocess.run(
+        [sys.executable, "-m", "nocturne_operator.cli", "resume", "daily-ai-news", "-n", namespace],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    healed = wait_for(
+        lambda: (
+            (s := status_of(kubectl, namespace)).get("lastRun", {}).get("result") == "Succeeded"
+            and s
+        ),
+        90,
+        "the verification run to succeed",
+    )
+    assert healed["phase"] == "Active"
+    assert healed["consecutiveFailures"] == 0
+    assert healed["runs"] == {"succeeded": 1, "failed": 2}
+    assert "autoPause" not in healed
+    assert "pendingVerification" not in healed
+    assert wait_for(lambda: events(kubectl, namespace, "VerificationRun"), 15, "an Event")
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None
+    assert cj["spec"]["suspend"] is False
+
+
+def test_reaching_the_total_budget_suspends_until_it_is_raised(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
+) -> None:
+    apply(kubectl, namespace, manifest(budget={"maxPerRunUSD": "1.00", "maxTotalUSD": "3.00"}))
+    obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    with History.connect(runner_database) as history:
+        for i in range(3):
+            key = ExecutionKey(
+                namespace,
+                "daily-ai-news",
+                obj["metadata"]["uid"],
+                f"j{i}",
+                f"job-{namespace}-{i}",
+                f"pod-{namespace}-{i}",
+                0,
+            )
+            run_id = history.start(
+                key, model="gpt-4o-mini", provider="openai", started_at=datetime.now(UTC)
+            )
+            history.finish(
+                run_id,
+                status=ExecutionStatus.SUCCEEDED,
+                completed_at=datetime.now(UTC),
+                cost_usd=Decimal("1.00"),
+                input_tokens=10,
+                output_tokens=10,
+            )
+    kubectl("label", "-n", namespace, "asched/daily-ai-news", "example.com/nudge=1")
+
+    def exhausted() -> dict[str, Any] | None:
+        obj = schedule(kubectl, namespace)
+        cond = condition(obj, "BudgetExhausted")
+        return obj if cond and cond["status"] == "True" else None
+
+    obj = wait_for(exhausted, 30, "BudgetExhausted")
+    assert obj["status"]["phase"] == "BudgetExhausted"
+    assert obj["status"]["totalCostUSD"] == "3.00"
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None
+    assert cj["spec"]["suspend"] is True
+    assert wait_for(lambda: events(kubectl, namespace, "BudgetExhausted"), 15, "an Event")
+
+    apply(kubectl, namespace, manifest(budget={"maxPerRunUSD": "1.00", "maxTotalUSD": "10.00"}))
+    wait_for(
+        lambda: (o := ready(kubectl, namespace)) and o["status"]["phase"] == "Active",
+        30,
+        "the raised budget to lift the hold",
+    )
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None
+    assert cj["spec"]["suspend"] is False

@@ -1,0 +1,157 @@
+"""Finished Jobs -> final execution rows. The runner writes its own row; this closes the gaps:
+a run whose database write failed is written from its termination summary, and an attempt that
+left no result (killed at the deadline, never started) is finalised from the Job's conditions.
+
+Idempotent per Job and pod UID: replays and operator restarts change nothing (the history keeps
+the first final status and never lowers cost).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from agent_runner.history import ExecutionKey, ExecutionStatus, History
+from agent_runner.summary import Summary, parse_summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """A finished Job: its terminal condition."""
+
+    succeeded: bool
+    reason: str
+    message: str
+
+
+def job_outcome(job: Mapping[str, Any]) -> JobOutcome | None:
+    """The Job's terminal condition, or None while it runs."""
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("status") == "True" and cond.get("type") in ("Complete", "Failed"):
+            return JobOutcome(
+                cond["type"] == "Complete", cond.get("reason", ""), cond.get("message", "")
+            )
+    return None
+
+
+def record_finished_job(
+    job: Mapping[str, Any],
+    pods: Sequence[Mapping[str, Any]],
+    schedule: Mapping[str, Any],
+    history: History,
+) -> int:
+    """Make sure every attempt of a finished Job has a final row; returns how many rows were
+    written or finalised here (0 when the runner already recorded everything)."""
+    outcome = job_outcome(job)
+    if outcome is None:
+        return 0
+    meta = job["metadata"]
+    rows = {row.pod_uid: row for row in history.for_job(meta["uid"])}
+    agent = (schedule.get("spec") or {}).get("agent") or {}
+    ordered = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp", ""))
+    written = 0
+    for attempt, pod in enumerate(ordered):
+        pod_uid = pod["metadata"]["uid"]
+        row = rows.get(pod_uid)
+        if row is not None and row.status is not ExecutionStatus.RUNNING:
+            continue
+        summary = _summary(pod)
+        status, error = _final_status(summary, outcome, pod)
+        run_id = (
+            row.id
+            if row is not None
+            else history.start(
+                ExecutionKey(
+                    namespace=meta["namespace"],
+                    schedule_name=schedule["metadata"]["name"],
+                    schedule_uid=schedule["metadata"]["uid"],
+                    job_name=meta["name"],
+                    job_uid=meta["uid"],
+                    pod_uid=pod_uid,
+                    attempt=attempt,
+                    manual_request=(meta.get("annotations") or {}).get(
+                        "nocturne.dev/manual-request"
+                    ),
+                ),
+                model=str(agent.get("model", "unknown")),
+                provider=str(agent.get("provider", "unknown")),
+                started_at=_started(pod, job),
+            )
+        )
+        history.finish(
+            run_id,
+            status=status,
+            completed_at=(summary.completed_at if summary and summary.completed_at else None)
+            or _finished(pod, job),
+            cost_usd=max(
+                summary.cost_usd if summary else Decimal(0), row.cost_usd if row else Decimal(0)
+            ),
+            input_tokens=max(
+                summary.input_tokens if summary else 0, row.input_tokens if row else 0
+            ),
+            output_tokens=max(
+                summary.output_tokens if summary else 0, row.output_tokens if row else 0
+            ),
+            output=summary.output_preview if summary else None,
+            error=error,
+            alert=bool(summary and summary.alert),
+            alert_reason=summary.alert_reason if summary else None,
+            metadata={"recordedBy": "operator"},
+        )
+        written += 1
+        log.info(
+            "recorded %s for Job %s/%s pod %s",
+            status.value,
+            meta["namespace"],
+            meta["name"],
+            pod["metadata"]["name"],
+        )
+    return written
+
+
+def _summary(pod: Mapping[str, Any]) -> Summary | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        terminated = (status.get("state") or {}).get("terminated")
+        if terminated and terminated.get("message"):
+            return parse_summary(terminated["message"])
+    return None
+
+
+def _final_status(
+    summary: Summary | None, outcome: JobOutcome, pod: Mapping[str, Any]
+) -> tuple[ExecutionStatus, str | None]:
+    if summary is not None and summary.status != "RUNNING":
+        return ExecutionStatus(summary.status), summary.error
+    if outcome.reason == "DeadlineExceeded":
+        return ExecutionStatus.TIMED_OUT, f"Job deadline exceeded: {outcome.message}"
+    pod_status = pod.get("status") or {}
+    why = pod_status.get("message") or pod_status.get("reason") or outcome.message
+    return ExecutionStatus.FAILED, f"the pod ended without a result ({outcome.reason}): {why}"
+
+
+def _started(pod: Mapping[str, Any], job: Mapping[str, Any]) -> datetime:
+    stamp = (
+        (pod.get("status") or {}).get("startTime")
+        or (job.get("status") or {}).get("startTime")
+        or pod["metadata"].get("creationTimestamp")
+    )
+    return _parse(stamp) if stamp else datetime.now(UTC)
+
+
+def _finished(pod: Mapping[str, Any], job: Mapping[str, Any]) -> datetime:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        finished = ((status.get("state") or {}).get("terminated") or {}).get("finishedAt")
+        if finished:
+            return _parse(finished)
+    stamp = (job.get("status") or {}).get("completionTime")
+    return _parse(stamp) if stamp else datetime.now(UTC)
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))

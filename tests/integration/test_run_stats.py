@@ -1,0 +1,76 @@
+"""Run statistics are derived from the rows: one run per Job, outcome of its last attempt."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+
+from agent_runner.history import ExecutionKey, ExecutionStatus, History, upgrade
+from integration.postgres import PostgresServer
+
+pytestmark = pytest.mark.integration
+T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def history(postgres: PostgresServer) -> Iterator[History]:
+    schema = f"stats_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(postgres.url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    engine.dispose()
+    url = f"{postgres.url}?options=-csearch_path%3D{schema}"
+    upgrade(url)
+    with History.connect(url) as store:
+        yield store
+
+
+def attempt(
+    history: History, job: str, n: int, status: ExecutionStatus, hour: int, *, cost: str = "0.10"
+) -> None:
+    key = ExecutionKey("ns", "news", "uid-1", f"news-{job}", f"job-{job}", f"pod-{job}-{n}", n)
+    run_id = history.start(
+        key, model="m", provider="offline", started_at=T0 + timedelta(hours=hour, minutes=n)
+    )
+    if status is not ExecutionStatus.RUNNING:
+        history.finish(
+            run_id,
+            status=status,
+            completed_at=T0 + timedelta(hours=hour, minutes=n + 1),
+            cost_usd=Decimal(cost),
+            input_tokens=1,
+            output_tokens=1,
+        )
+
+
+def test_runs_are_counted_per_job_by_their_last_attempt(history: History) -> None:
+    attempt(history, "a", 0, ExecutionStatus.FAILED, 0)
+    attempt(history, "a", 1, ExecutionStatus.SUCCEEDED, 0)  # a retry that healed: a success
+    attempt(history, "b", 0, ExecutionStatus.FAILED, 1)
+    attempt(history, "c", 0, ExecutionStatus.CANCELLED, 2)  # deletion: not a failure
+    attempt(history, "d", 0, ExecutionStatus.TIMED_OUT, 3)
+    attempt(history, "e", 0, ExecutionStatus.RUNNING, 4, cost="0")
+    stats = history.run_stats("ns", "news")
+    assert (stats.succeeded, stats.failed) == (1, 2)
+    assert stats.consecutive_failures == 2
+    assert stats.total_cost == Decimal("0.500000")
+    assert stats.last_run is not None
+    assert stats.last_run.job_uid == "job-d"
+
+
+def test_a_resume_restarts_the_streak(history: History) -> None:
+    for i, job in enumerate("abc"):
+        attempt(history, job, 0, ExecutionStatus.FAILED, i)
+    assert history.run_stats("ns", "news").consecutive_failures == 3
+    resumed = T0 + timedelta(hours=1, minutes=30)
+    assert history.run_stats("ns", "news", failures_since=resumed).consecutive_failures == 1
+
+
+def test_no_runs(history: History) -> None:
+    stats = history.run_stats("ns", "never")
+    assert stats == type(stats)(Decimal(0), 0, 0, 0, None)
