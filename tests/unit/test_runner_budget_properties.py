@@ -8,12 +8,12 @@ Deterministic: every test runs under ``PROFILE`` (derandomized, no example datab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from agent_runner.agent import RunResult, run_agent
@@ -41,7 +41,7 @@ from agent_runner.providers import (
 from agent_runner.providers.client import encode
 from agent_runner.tools import build_tools
 
-PROFILE = settings(max_examples=250, derandomize=True, database=None, deadline=None)
+PROFILE = settings(max_examples=200, derandomize=True, database=None, deadline=None)
 PERMILLE = 1000
 ZERO = Decimal(0)
 
@@ -75,6 +75,8 @@ limits = st.one_of(
     st.decimals(min_value=0, max_value=Decimal(10), places=12),
     st.decimals(min_value=0, max_value=Decimal("999999999999"), places=2),
 )
+# What schedules really set: cents to a few dollars.
+usual_limits = st.integers(1, 1_000).map(lambda cents: Decimal(cents) / 100)
 input_bounds = st.one_of(
     st.integers(0, 2_000), st.integers(1_024, 200_000), st.integers(0, 10_000_000)
 )
@@ -114,7 +116,7 @@ ledger_calls = st.lists(
         input_permille=permille,
         output_permille=permille,
     ),
-    max_size=12,
+    max_size=10,
 )
 
 
@@ -191,7 +193,7 @@ def settle_as(budget: Budget, reservation: Reservation, call: LedgerCall) -> Dec
 
 @PROFILE
 @given(ledger_cases())
-def test_recorded_cost_never_exceeds_the_limit(case: LedgerCase) -> None:
+def test_recorded_cost_never_exceeds_the_limit_and_settling_only_adds(case: LedgerCase) -> None:
     budget = Budget(case.limit, case.price, spent_before=case.spent_before)
     for call in case.calls:
         try:
@@ -199,73 +201,48 @@ def test_recorded_cost_never_exceeds_the_limit(case: LedgerCase) -> None:
         except BudgetExhaustedError:
             continue
         assert budget.spent_before + budget.spent + budget.reserved <= case.limit
-        spent = budget.spent
+        before = snapshot(budget)
         expected = settle_as(budget, reservation, call)
-        assert budget.spent == spent + expected
-        assert budget.reserved == 0
-        assert budget.total_spent <= case.limit
+        after = snapshot(budget)
+        assert after.spent == before.spent + expected
+        assert after.reserved == 0
+        assert after.total_spent <= case.limit
+        # Monotonic: spend and tokens only grow; what was reserved and not spent comes back.
+        assert after.total_spent >= before.total_spent
+        assert after.input_tokens >= before.input_tokens
+        assert after.output_tokens >= before.output_tokens
+        assert after.remaining == before.remaining + reservation.amount - expected
     assert budget.total_spent <= case.limit
     assert budget.committed == budget.spent
 
 
 @PROFILE
 @given(ledger_cases())
-def test_reservations_never_exceed_what_remains(case: LedgerCase) -> None:
+def test_reservations_fit_what_remains_and_a_refused_call_changes_nothing(
+    case: LedgerCase,
+) -> None:
     budget = Budget(case.limit, case.price, spent_before=case.spent_before)
     for call in case.calls:
-        remaining = budget.remaining
+        before = snapshot(budget)
         smallest = worst_case(case.price, call.input_bound, budget.min_output_tokens)
         try:
             reservation = budget.reserve(call.input_bound)
         except BudgetExhaustedError:
+            assert snapshot(budget) == before
             # Refused only when not even the smallest useful call fits.
-            assert smallest > remaining
+            assert smallest > before.remaining
+            event("refused")
             continue
-        assert reservation.amount <= remaining
+        event("reserved" if budget.remaining else "reserved all that remained")
+        assert reservation.amount <= before.remaining
         assert reservation.amount == worst_case(
             case.price, call.input_bound, reservation.max_tokens
         )
         assert reservation.input_tokens == call.input_bound
         assert budget.min_output_tokens <= reservation.max_tokens <= budget.max_tokens_cap
         assert reservation.max_tokens <= case.price.max_output_tokens
-        assert budget.remaining == remaining - reservation.amount
-        settle_as(budget, reservation, call)
-
-
-@PROFILE
-@given(ledger_cases())
-def test_settling_is_monotonic(case: LedgerCase) -> None:
-    budget = Budget(case.limit, case.price, spent_before=case.spent_before)
-    for call in case.calls:
-        try:
-            reservation = budget.reserve(call.input_bound)
-        except BudgetExhaustedError:
-            continue
-        before = snapshot(budget)
-        settle_as(budget, reservation, call)
-        after = snapshot(budget)
-        assert after.spent >= before.spent
-        assert after.total_spent >= before.total_spent
-        assert after.input_tokens >= before.input_tokens
-        assert after.output_tokens >= before.output_tokens
-        # What was reserved and not spent comes back; nothing else does.
-        assert after.remaining == before.remaining + reservation.amount - (
-            after.spent - before.spent
-        )
-
-
-@PROFILE
-@given(ledger_cases())
-def test_a_refused_call_changes_nothing(case: LedgerCase) -> None:
-    budget = Budget(case.limit, case.price, spent_before=case.spent_before)
-    for call in case.calls:
-        before = snapshot(budget)
-        try:
-            reservation = budget.reserve(call.input_bound)
-        except BudgetExhaustedError as exc:
-            assert exc.exit_code == BUDGET_EXHAUSTED
-            assert snapshot(budget) == before
-            continue
+        assert budget.remaining == before.remaining - reservation.amount
+        assert (budget.spent, budget.input_tokens) == (before.spent, before.input_tokens)
         settle_as(budget, reservation, call)
 
 
@@ -325,7 +302,8 @@ class Turn:
     of text (the run goes on, the conversation grows); ``finish``/``text``: a final answer;
     ``empty``: an empty answer; ``unknown``: no response (maybe billed); ``unavailable``: retries
     ran out (not billed). ``usage`` is ``None`` (not reported) or permille of the call's input
-    bound and max_tokens; ``overrun`` adds tokens beyond them."""
+    bound and max_tokens; a nonzero ``overrun`` reports that many tokens beyond the bound
+    (input) or max_tokens (output) instead."""
 
     kind: TurnKind
     pad: int = 0
@@ -347,8 +325,9 @@ class ScriptedModel:
     def input_token_bound(self, messages: Sequence[Message], tools: Sequence[ToolSpec]) -> int:
         body = encode(
             {
-                "messages": [[m.role, m.text, [c.arguments_json() for c in m.tool_calls]]
-                             for m in messages],
+                "messages": [
+                    [m.role, m.text, [c.arguments_json() for c in m.tool_calls]] for m in messages
+                ],
                 "tools": [[t.name, t.description, dict(t.parameters)] for t in tools],
             }
         )
@@ -375,8 +354,12 @@ class ScriptedModel:
         if turn.usage is None:
             self.billed.append((reserved, bound, max_tokens))
         else:
-            used_in = bound * turn.usage[0] // PERMILLE + turn.overrun[0]
-            used_out = max_tokens * turn.usage[1] // PERMILLE + turn.overrun[1]
+            used_in = bound * turn.usage[0] // PERMILLE
+            used_out = max_tokens * turn.usage[1] // PERMILLE
+            if turn.overrun[0]:
+                used_in = bound + turn.overrun[0]
+            if turn.overrun[1]:
+                used_out = max_tokens + turn.overrun[1]
             usage = Usage(used_in, used_out)
             self.billed.append((cost_of(self.price, used_in, used_out), used_in, used_out))
         calls: tuple[ToolCall, ...] = ()
@@ -414,8 +397,7 @@ def turns(*, usage: st.SearchStrategy[tuple[int, int] | None]) -> st.SearchStrat
     return st.builds(
         Turn,
         kind=st.sampled_from(
-            ["continue", "continue", "continue", "continue", "finish", "text", "empty", "unknown",
-             "unavailable"]
+            ["continue"] * 6 + ["finish", "text", "empty", "unknown", "unavailable"]
         ),
         pad=st.one_of(st.just(0), st.integers(0, 4_000)),
         usage=usage,
@@ -436,26 +418,47 @@ class RunCase:
     script: list[Turn]
 
 
+def any_limit(price: ModelPrice) -> st.SearchStrategy[Decimal]:
+    """A few calls' worth at ``price`` (the budget runs out mid-run), a usual or any limit."""
+    return st.one_of(a_few_calls(price), usual_limits, limits)
+
+
+def a_few_calls(price: ModelPrice) -> st.SearchStrategy[Decimal]:
+    """Half a call's to ten calls' worst case at ``price`` (a call of 5000 input tokens)."""
+    call = worst_case(price, 5_000, Budget(ZERO, price).max_tokens_cap)
+    return st.integers(5, 100).map(lambda tenths: ceil_usd(call * tenths / 10))
+
+
+RUN_PRICES = st.one_of(real_prices, prices)
+RUN_MAX_TOTALS = st.one_of(st.none(), usual_limits)
+RUN_MAX_STEPS = st.sampled_from([1, 2, 3, 5, 8, 13, 20, 40])
+RUN_SCRIPTS = st.lists(turns(usage=well_behaved_usage), max_size=15)
+
+
 @st.composite
 def run_cases(
     draw: st.DrawFn,
     *,
-    price_strategy: st.SearchStrategy[ModelPrice] = prices,
-    limit_strategy: st.SearchStrategy[Decimal] = limits,
-    script: st.SearchStrategy[list[Turn]] = st.lists(
-        turns(usage=well_behaved_usage), max_size=15
-    ),
+    price_strategy: st.SearchStrategy[ModelPrice] = RUN_PRICES,
+    limit_strategy: Callable[[ModelPrice], st.SearchStrategy[Decimal]] = any_limit,
+    max_total_strategy: st.SearchStrategy[Decimal | None] = RUN_MAX_TOTALS,
+    max_steps: st.SearchStrategy[int] = RUN_MAX_STEPS,
+    script: st.SearchStrategy[list[Turn]] = RUN_SCRIPTS,
 ) -> RunCase:
-    max_per_run = draw(limit_strategy)
-    max_total = draw(st.one_of(st.none(), limits))
+    """A task document (maxPerRunUSD, maybe maxTotalUSD), the model's price, what earlier
+    attempts and the schedule's other Jobs spent, and the model's script."""
+    price = draw(price_strategy)
+    max_per_run = draw(limit_strategy(price))
+    max_total = draw(max_total_strategy)
     spent_elsewhere = ZERO
     if max_total is not None:
-        spent_elsewhere = draw(st.decimals(min_value=0, max_value=max_total, places=12))
-    doc = task_document(max_per_run, max_total, draw(st.integers(1, 20)))
+        spent_elsewhere = draw(
+            st.one_of(st.just(ZERO), st.decimals(min_value=0, max_value=max_total, places=12))
+        )
+    doc = task_document(max_per_run, max_total, draw(max_steps))
     limit = per_run_limit(doc.budget, spent_by_other_jobs=spent_elsewhere)
-    return RunCase(
-        draw(price_strategy), doc, draw(spent_before(limit)), spent_elsewhere, draw(script)
-    )
+    earlier = draw(st.one_of(st.just(ZERO), st.decimals(min_value=0, max_value=limit, places=12)))
+    return RunCase(price, doc, earlier, spent_elsewhere, draw(script))
 
 
 def play(case: RunCase) -> tuple[ScriptedModel, Budget, RunResult, list[Decimal]]:
@@ -478,9 +481,8 @@ def play(case: RunCase) -> tuple[ScriptedModel, Budget, RunResult, list[Decimal]
     return model, budget, result, reported
 
 
-@PROFILE
-@given(run_cases())
-def test_a_run_never_records_more_than_max_per_run_usd(case: RunCase) -> None:
+def check_within_budget(case: RunCase) -> RunResult:
+    """Play ``case`` and check the guarantee and the record; the run's result."""
     model, budget, result, reported = play(case)
     max_per_run = case.doc.budget.max_per_run_usd
     assert budget.total_spent <= max_per_run
@@ -499,9 +501,38 @@ def test_a_run_never_records_more_than_max_per_run_usd(case: RunCase) -> None:
     assert reported[-1:] in ([], [result.cost])
     if result.status == "budget_exceeded":
         assert result.exit_code == BUDGET_EXHAUSTED
+    event(f"{result.status} after {'no' if result.steps == 0 else 'some'} model calls")
+    return result
 
 
-overrun = st.tuples(st.integers(0, 100_000), st.integers(0, 100_000)).filter(lambda o: any(o))
+@PROFILE
+@given(run_cases())
+def test_a_run_never_records_more_than_max_per_run_usd(case: RunCase) -> None:
+    check_within_budget(case)
+
+
+# Calls that keep the run going and use much of what they reserve.
+heavy_usage = st.one_of(st.none(), st.tuples(st.integers(500, PERMILLE), permille))
+continuing = st.builds(Turn, kind=st.just("continue"), pad=st.integers(0, 4_000), usage=heavy_usage)
+
+
+@PROFILE
+@given(
+    run_cases(
+        limit_strategy=a_few_calls,
+        max_total_strategy=st.none(),
+        max_steps=st.just(40),
+        script=st.lists(st.one_of(continuing, turns(usage=heavy_usage)), min_size=8, max_size=12),
+    )
+)
+def test_a_run_that_runs_out_of_budget_stops_within_it(case: RunCase) -> None:
+    check_within_budget(case)
+
+
+_beyond = st.one_of(st.integers(1, 1_000), st.sampled_from([100_000, 1_000_000, 10_000_000]))
+overrun = st.one_of(
+    st.tuples(_beyond, st.just(0)), st.tuples(st.just(0), _beyond), st.tuples(_beyond, _beyond)
+)
 
 
 @st.composite
@@ -531,7 +562,9 @@ def overrun_scripts(draw: st.DrawFn) -> list[Turn]:
 @given(
     run_cases(
         price_strategy=real_prices,
-        limit_strategy=st.decimals(min_value=1, max_value=Decimal(1000), places=6),
+        limit_strategy=lambda _: st.decimals(min_value=5, max_value=Decimal(100), places=6),
+        max_total_strategy=st.none(),
+        max_steps=st.integers(5, 20),  # room for the calls up to the overrun
         script=overrun_scripts(),
     )
 )
@@ -540,10 +573,11 @@ def test_a_provider_over_its_reservation_stops_the_run_and_is_recorded_as_report
 ) -> None:
     model, budget, result, _ = play(case)
     at = next(i for i, turn in enumerate(case.script) if any(turn.overrun))
-    assert model.calls <= at + 1  # never a call after the overrun
+    assert result.steps == model.calls <= at + 1  # never a call after the overrun
     assert result.cost == budget.spent == sum((cost for cost, _, _ in model.billed), ZERO)
     assert result.input_tokens == sum(tokens for _, tokens, _ in model.billed)
     assert result.output_tokens == sum(tokens for _, _, tokens in model.billed)
+    event("overrun reached" if model.calls == at + 1 else "run ended before the overrun")
     if model.calls < at + 1:  # the budget or max_steps ended the run first
         assert budget.total_spent <= case.doc.budget.max_per_run_usd
         return
@@ -552,6 +586,10 @@ def test_a_provider_over_its_reservation_stops_the_run_and_is_recorded_as_report
     assert result.error is not None
     assert "recorded as reported" in result.error
     assert result.output is None
-    # Everything before the overrun stayed within the limit; the overrun is booked as reported.
-    overrun_cost = model.billed[-1][0]
+    # Everything before the overrun stayed within the limit; the overrun is booked as reported,
+    # even where that is past the limit.
+    overrun_cost, overrun_in, overrun_out = model.billed[-1]
+    assert overrun_cost == cost_of(case.price, overrun_in, overrun_out)
     assert budget.total_spent - overrun_cost <= case.doc.budget.max_per_run_usd
+    if budget.total_spent > case.doc.budget.max_per_run_usd:
+        event("recorded past the limit")
