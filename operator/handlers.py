@@ -9,11 +9,11 @@ from typing import Any
 
 import kopf
 
-from agent_runner.history import History, HistoryError
+from agent_runner.history import EventKind, History, HistoryError
 from nocturne_operator import reconcile as rec
 from nocturne_operator import results
 from nocturne_operator.api import GROUP, PLURAL, VERSION
-from nocturne_operator.kube import Kube
+from nocturne_operator.kube import FIELD_MANAGER, Kube
 from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
 from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.validation import Peer
@@ -68,9 +68,66 @@ def schedule_bodies(
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=15)
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=15)
 @kopf.on.update(GROUP, VERSION, PLURAL, backoff=15)
-def schedule_changed(*, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
+def schedule_changed(*, body: kopf.Body, memo: Any, reason: str, **kwargs: Any) -> None:
     """Create, update (spec or annotations) and operator restart."""
+    if reason in ("create", "update"):
+        kind = EventKind.CREATED if reason == "create" else EventKind.UPDATED
+        _audit(memo, body, kind, f"generation {body.get('metadata', {}).get('generation')}")
     _reconcile(dict(body), memo, kwargs["schedules_by_namespace"])
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def schedule_deleted(*, type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+    """Audit only, without a finalizer: deletion never waits for the operator (if it is down,
+    the deletion is not audited, and nothing else is lost)."""
+    if type == "DELETED":
+        _audit(memo, body, EventKind.DELETED, "the AgentSchedule was deleted")
+
+
+# Event reasons the reconciler posts that also belong in the audit trail.
+_AUDITED = {
+    "Paused": EventKind.PAUSED,
+    "Resumed": EventKind.RESUMED,
+    "AutoPaused": EventKind.AUTO_PAUSED,
+    "BudgetExhausted": EventKind.BUDGET_EXHAUSTED,
+    "DriftRepaired": EventKind.DRIFT_REPAIRED,
+    "RunNow": EventKind.RUN_REQUESTED,
+    "VerificationRun": EventKind.RUN_REQUESTED,
+}
+
+
+def _audit(memo: Any, obj: Mapping[str, Any], kind: EventKind, reason: str) -> None:
+    """Append to the audit trail; never fails the handler (the database may be down)."""
+    history: History | None = memo["history"]
+    if history is None:
+        return
+    meta = obj.get("metadata") or {}
+    try:
+        history.record_event(
+            meta.get("namespace", ""),
+            meta.get("name", ""),
+            kind,
+            reason=reason,
+            actor=_last_writer(meta),
+            schedule_uid=meta.get("uid"),
+        )
+    except HistoryError as exc:
+        logging.getLogger(__name__).warning("audit event %s not recorded: %s", kind, exc)
+
+
+def _last_writer(meta: Mapping[str, Any]) -> str | None:
+    """The field manager that wrote the object last (kubectl, argocd-controller, ...), not
+    counting the operator's own bookkeeping writes."""
+    ours = {"kopf", FIELD_MANAGER}
+    entries = [
+        e
+        for e in meta.get("managedFields") or []
+        if e.get("manager") and e.get("manager") not in ours and e.get("subresource") != "status"
+    ]
+    if not entries:
+        return None
+    latest = max(entries, key=lambda e: e.get("time") or "")
+    return str(latest["manager"])
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds)
@@ -167,7 +224,13 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             # Keep reconciling (drift repair must not depend on the database); results and
             # holds stay as last recorded on status.
             logging.getLogger(__name__).warning("run results unavailable: %s", exc)
-    rec.reconcile(body, SETTINGS, memo["kube"], events=_post, peers=peers, stats=stats)
+
+    def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        _post(obj, type_, reason, message)
+        if reason in _AUDITED:
+            _audit(memo, obj, _AUDITED[reason], message)
+
+    rec.reconcile(body, SETTINGS, memo["kube"], events=post, peers=peers, stats=stats)
 
 
 def _post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

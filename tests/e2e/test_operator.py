@@ -690,3 +690,34 @@ def test_reaching_the_total_budget_suspends_until_it_is_raised(
     cj = cronjob(kubectl, namespace)
     assert cj is not None
     assert cj["spec"]["suspend"] is False
+
+
+def test_lifecycle_is_recorded_in_the_audit_trail(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, history_url: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "asched/daily-ai-news",
+        "--type=merge",
+        "-p",
+        '{"spec":{"suspend":true}}',
+    )
+    wait_for(lambda: status_of(kubectl, namespace).get("phase") == "Suspended", 30, "pause")
+    kubectl("delete", "-n", namespace, "asched/daily-ai-news", "--wait=true")
+
+    def kinds() -> list[str] | None:
+        with History.connect(history_url) as history:
+            found = [e.kind for e in reversed(history.events(namespace, "daily-ai-news"))]
+        return found if "deleted" in found else None
+
+    recorded = wait_for(kinds, 30, "the deletion in the audit trail")
+    assert recorded[0] == "created"
+    assert "updated" in recorded
+    assert "paused" in recorded
+    with History.connect(history_url) as history:
+        actors = {e.actor for e in history.events(namespace, "daily-ai-news")}
+    assert "kubectl-patch" in actors or "kubectl" in actors
