@@ -19,7 +19,7 @@ import yaml
 from kubernetes import config
 
 from agent_runner import history
-from nocturne_operator import cron
+from nocturne_operator import cron, reports
 from nocturne_operator.api import API_VERSION, KIND
 from nocturne_operator.errors import SettingsError
 from nocturne_operator.kube import Kube
@@ -176,12 +176,123 @@ def cmd_db_upgrade(args: argparse.Namespace, _settings: Settings) -> int:
     return EXIT_OK
 
 
+def _database_url(args: argparse.Namespace) -> str:
+    url: str = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
+    if not url:
+        raise ValueError("no database URL (set NOCTURNE_DATABASE_URL or --database-url)")
+    return url
+
+
+def cmd_history(args: argparse.Namespace, _settings: Settings) -> int:
+    """Runs of a schedule, newest first, paginated."""
+    try:
+        since = reports.parse_time(args.since, "--since")
+        until = reports.parse_time(args.until, "--until")
+        statuses = reports.parse_statuses(args.status)
+        url = _database_url(args)
+    except ValueError as exc:
+        print(exc)
+        return EXIT_USAGE
+    namespace = args.namespace or _current_namespace()
+    try:
+        with history.History.connect(url) as store:
+            print(
+                reports.history_report(
+                    store,
+                    namespace,
+                    args.name,
+                    since=since,
+                    until=until,
+                    statuses=statuses,
+                    limit=args.limit,
+                    before_id=args.before_id,
+                    output=args.output,
+                )
+            )
+    except history.HistoryError as exc:
+        print(f"history: {exc}")
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
+    """Cost per day, week or month in the schedule's (or a given) time zone."""
+    try:
+        since = reports.parse_time(args.since, "--since")
+        until = reports.parse_time(args.until, "--until")
+        url = _database_url(args)
+        ZoneInfo(args.tz)
+    except (ValueError, KeyError) as exc:
+        print(exc if isinstance(exc, ValueError) else f"--tz {args.tz!r}: not an IANA zone")
+        return EXIT_USAGE
+    namespace = args.namespace or _current_namespace()
+    try:
+        with history.History.connect(url) as store:
+            periods = store.cost(
+                namespace, args.name, since=since, until=until, by=args.by, tz=args.tz
+            )
+    except history.HistoryError as exc:
+        print(f"cost: {exc}")
+        return EXIT_INVALID
+    print(reports.cost_report(periods, args.by, args.output))
+    return EXIT_OK
+
+
+def cmd_describe(args: argparse.Namespace, _settings: Settings) -> int:
+    """The schedule from the cluster plus its last runs from PostgreSQL (when reachable)."""
+    namespace = args.namespace or _current_namespace()
+    obj = Kube.connect().get(KIND, namespace, args.name)
+    if obj is None:
+        print(f"{KIND} {namespace}/{args.name} not found")
+        return EXIT_INVALID
+    runs: list[history.ExecutionRecord] = []
+    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
+    if url:
+        try:
+            with history.History.connect(url) as store:
+                runs = store.runs(namespace, args.name, limit=5)
+        except history.HistoryError as exc:
+            print(f"(history unavailable: {exc})")
+    print(reports.describe(obj, runs))
+    return EXIT_OK
+
+
 def _current_namespace() -> str:
     try:
         _, context = config.list_kube_config_contexts()
         return str(context.get("context", {}).get("namespace") or "default")
     except (config.ConfigException, OSError):
         return "default"
+
+
+def _add_report_parsers(sub: Any) -> None:
+    """history, cost and describe: read PostgreSQL (and the cluster for describe)."""
+    hist = sub.add_parser("history", help="runs of a schedule, newest first")
+    hist.add_argument("name")
+    hist.add_argument("-n", "--namespace")
+    hist.add_argument("--since", help="ISO 8601 date or time (UTC unless an offset is given)")
+    hist.add_argument("--until")
+    hist.add_argument("--status", action="append", help="repeatable, e.g. --status FAILED")
+    hist.add_argument("--limit", type=int, default=50, choices=range(1, 1001), metavar="N")
+    hist.add_argument("--before-id", type=int, help="next page: the last id of the previous")
+    hist.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    hist.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
+    hist.set_defaults(func=cmd_history)
+    cost = sub.add_parser("cost", help="cost of a schedule per day, week or month")
+    cost.add_argument("name")
+    cost.add_argument("-n", "--namespace")
+    cost.add_argument("--since")
+    cost.add_argument("--until")
+    cost.add_argument("--by", choices=["day", "week", "month"], default="day")
+    cost.add_argument("--tz", default="UTC", help="IANA zone the periods are cut in")
+    cost.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    cost.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
+    cost.set_defaults(func=cmd_cost)
+    desc = sub.add_parser("describe", help="schedule, next runs, last runs, cost, conditions")
+    desc.add_argument("name")
+    desc.add_argument("-n", "--namespace")
+    desc.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
+    desc.set_defaults(func=cmd_describe)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -201,6 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     nxt.add_argument("--after", help="start time (ISO 8601 with offset); default now")
     nxt.add_argument("-o", "--output", choices=["table", "json"], default="table")
     nxt.set_defaults(func=cmd_next_runs)
+    _add_report_parsers(sub)
     db = sub.add_parser("db", help="manage the history database")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     up = db_sub.add_parser("upgrade", help="apply schema migrations (idempotent, safe in parallel)")

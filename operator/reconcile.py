@@ -19,6 +19,7 @@ from nocturne_operator import conditions as cond
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.kube import Kube
+from nocturne_operator.money import usd
 from nocturne_operator.render import (
     ANNOTATION_MANUAL_REQUEST,
     ScheduleRef,
@@ -106,13 +107,6 @@ def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
     """Failures of runs started before the last resume do not count towards auto-pause."""
     stamp = status.get("failuresCountedSince")
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
-
-
-def usd(amount: Decimal) -> str:
-    """Money for people and for status: at least two decimals, no float on the way."""
-    text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
-    whole, _, cents = text.partition(".")
-    return f"{whole}.{cents.ljust(2, '0')}"
 
 
 def _stamp(moment: datetime) -> str:

@@ -721,3 +721,49 @@ def test_lifecycle_is_recorded_in_the_audit_trail(
     with History.connect(history_url) as history:
         actors = {e.actor for e in history.events(namespace, "daily-ai-news")}
     assert "kubectl-patch" in actors or "kubectl" in actors
+
+
+def test_describe_shows_status_next_runs_and_last_runs(
+    cluster: Cluster,
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    namespace: str,
+    runner_database: str,
+) -> None:
+    apply(kubectl, namespace, manifest(suspend=False))
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    run_now(kubectl, namespace, "describe-1")
+    wait_for(
+        lambda: status_of(kubectl, namespace).get("lastRun", {}).get("result") == "Succeeded",
+        90,
+        "the run on status",
+    )
+    env = {
+        **os.environ,
+        "PYTHONSAFEPATH": "1",
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "NOCTURNE_DATABASE_URL": runner_database,
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nocturne_operator.cli",
+            "describe",
+            "daily-ai-news",
+            "-n",
+            namespace,
+        ],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert f"Name:          {namespace}/daily-ai-news" in out
+    assert "Phase:         Active" in out
+    assert "09:00 JST" in out
+    assert "Ready=True Reconciled" in out
+    assert "SUCCEEDED" in out.split("Last runs:")[1]
+    assert "1 succeeded, 0 failed" in out

@@ -1,0 +1,159 @@
+"""``nocturne history``, ``nocturne cost`` and ``nocturne describe``: run history and cost for
+people (tables) and scripts (JSON), read from PostgreSQL with the indexed queries."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from agent_runner.history import CostPeriod, ExecutionRecord, ExecutionStatus, History
+from nocturne_operator.money import usd
+
+_STATUSES = [s.value for s in ExecutionStatus]
+
+
+def parse_time(text: str | None, what: str) -> datetime | None:
+    """An ISO 8601 time or date; dates and naive times are UTC. ValueError names the flag."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: not an ISO 8601 date or time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def parse_statuses(values: Sequence[str] | None) -> list[str] | None:
+    """Validated --status values (case-insensitive)."""
+    if not values:
+        return None
+    upper = [v.upper() for v in values]
+    bad = [v for v in upper if v not in _STATUSES]
+    if bad:
+        raise ValueError(f"--status {bad[0]!r}: expected one of {', '.join(_STATUSES)}")
+    return upper
+
+
+def history_report(
+    history: History,
+    namespace: str,
+    name: str,
+    *,
+    since: datetime | None,
+    until: datetime | None,
+    statuses: list[str] | None,
+    limit: int,
+    before_id: int | None,
+    output: str,
+) -> str:
+    """One page of runs, newest first; the JSON carries the cursor for the next page."""
+    rows = history.runs(
+        namespace, name, since=since, until=until, status=statuses, limit=limit, before_id=before_id
+    )
+    next_before = rows[-1].id if len(rows) == limit else None
+    if output == "json":
+        return json.dumps(
+            {"runs": [_run_json(r) for r in rows], "nextBeforeId": next_before}, indent=2
+        )
+    if not rows:
+        return f"no runs of {namespace}/{name} in that range"
+    table = _table(
+        ["ID", "STARTED (UTC)", "STATUS", "COST USD", "TOKENS IN/OUT", "JOB", "ERROR"],
+        [
+            [
+                str(r.id),
+                r.started_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M"),
+                r.status.value,
+                usd(r.cost_usd),
+                f"{r.input_tokens}/{r.output_tokens}",
+                r.job_name,
+                (r.error or "")[:60],
+            ]
+            for r in rows
+        ],
+    )
+    more = f"\nmore: --before-id {next_before}" if next_before else ""
+    return table + more
+
+
+def cost_report(periods: Sequence[CostPeriod], by: str, output: str) -> str:
+    """Cost per day, week or month, with the total."""
+    total = sum((p.cost_usd for p in periods), Decimal(0))
+    if output == "json":
+        return json.dumps(
+            {
+                "by": by,
+                "periods": [
+                    {"start": p.period_start.isoformat(), "costUSD": usd(p.cost_usd)}
+                    for p in periods
+                ],
+                "totalUSD": usd(total),
+            },
+            indent=2,
+        )
+    if not periods:
+        return "no cost in that range"
+    rows = [[p.period_start.strftime("%Y-%m-%d"), usd(p.cost_usd)] for p in periods]
+    rows.append(["total", usd(total)])
+    return _table([by.upper(), "COST USD"], rows)
+
+
+def describe(schedule: Mapping[str, Any], runs: Sequence[ExecutionRecord]) -> str:
+    """The schedule, its next runs in local time, recent runs, cost to date and conditions."""
+    meta, spec = schedule["metadata"], schedule.get("spec") or {}
+    status = schedule.get("status") or {}
+    lines = [
+        f"Name:          {meta['namespace']}/{meta['name']}",
+        f"Schedule:      {spec.get('schedule')!r} in {spec.get('timeZone', 'UTC')}",
+        f"Phase:         {status.get('phase', 'Pending')}",
+        f"Suspended:     {spec.get('suspend', False)}",
+        f"Budget:        {spec.get('budget', {}).get('maxPerRunUSD')} USD per run, total cap "
+        f"{spec.get('budget', {}).get('maxTotalUSD', 'none')}",
+        f"Cost to date:  {status.get('totalCostUSD', '0.00')} USD",
+        f"Runs:          {status.get('runs', {}).get('succeeded', 0)} succeeded, "
+        f"{status.get('runs', {}).get('failed', 0)} failed, "
+        f"{status.get('consecutiveFailures', 0)} failures in a row",
+        "Next runs:",
+        *[f"  {r['local']}   ({r['utc']})" for r in status.get("nextRuns") or []],
+        "Conditions:",
+        *[
+            f"  {c['type']}={c['status']} {c['reason']}: {c.get('message', '')}"
+            for c in status.get("conditions") or []
+        ],
+        "Last runs:",
+    ]
+    lines += [
+        f"  {r.started_at.astimezone(UTC):%Y-%m-%d %H:%M}Z  {r.status.value:<15} "
+        f"{usd(r.cost_usd):>10} USD  {r.job_name}"
+        for r in runs
+    ] or ["  (none)"]
+    return "\n".join(lines)
+
+
+def _run_json(r: ExecutionRecord) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "job": r.job_name,
+        "attempt": r.attempt,
+        "status": r.status.value,
+        "startedAt": r.started_at.isoformat(),
+        "completedAt": r.completed_at.isoformat() if r.completed_at else None,
+        "costUSD": usd(r.cost_usd),
+        "inputTokens": r.input_tokens,
+        "outputTokens": r.output_tokens,
+        "model": r.model,
+        "error": r.error,
+        "alert": r.alert,
+        "manualRequest": r.manual_request,
+    }
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
