@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from agent_runner.history import EventKind, History, HistoryError
+from agent_runner.history import EventKind, ExecutionStatus, History, HistoryError
+from nocturne_operator import metrics, results
 from nocturne_operator import reconcile as rec
-from nocturne_operator import results
 from nocturne_operator.api import GROUP, PLURAL, VERSION
 from nocturne_operator.kube import FIELD_MANAGER, Kube
 from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
@@ -42,6 +43,10 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     memo["kube"] = Kube.connect()
     url = SETTINGS.database_url
     memo["history"] = History.connect(url.get_secret_value()) if url is not None else None
+    # Jobs that finished before this process started were counted by its predecessor.
+    memo["started_at"] = datetime.now(UTC)
+    memo["counted_jobs"] = set()
+    metrics.serve(SETTINGS.metrics_port)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -82,6 +87,7 @@ def schedule_deleted(*, type: str, body: kopf.Body, memo: Any, **_: Any) -> None
     the deletion is not audited, and nothing else is lost)."""
     if type == "DELETED":
         _audit(memo, body, EventKind.DELETED, "the AgentSchedule was deleted")
+        metrics.forget_schedule(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
 
 
 # Event reasons the reconciler posts that also belong in the audit trail.
@@ -204,11 +210,43 @@ def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) 
     )
     try:
         results.record_finished_job(job, pods, schedule, history)
+        _count_runs(job, history, memo)
     except HistoryError as exc:
         # The timer comes back to it: nothing is lost while the database is down.
         logging.getLogger(__name__).warning(
             "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
         )
+
+
+def _count_runs(job: Mapping[str, Any], history: History, memo: Any) -> None:
+    """Feed the run metrics once per Job this process saw finish."""
+    meta = job["metadata"]
+    counted: set[str] = memo["counted_jobs"]
+    finished = (job.get("status") or {}).get("completionTime") or next(
+        (
+            c.get("lastTransitionTime")
+            for c in (job.get("status") or {}).get("conditions") or []
+            if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        ),
+        None,
+    )
+    if meta["uid"] in counted or not finished:
+        return
+    counted.add(meta["uid"])
+    if datetime.fromisoformat(finished.replace("Z", "+00:00")) < memo["started_at"]:
+        return
+    for row in history.for_job(meta["uid"]):
+        if row.status is not ExecutionStatus.RUNNING:
+            metrics.observe_run(
+                row.namespace,
+                row.schedule_name,
+                result=row.status.value.lower(),
+                cost=row.cost_usd,
+                input_tokens=row.input_tokens,
+                output_tokens=row.output_tokens,
+                started=row.started_at,
+                completed=row.completed_at,
+            )
 
 
 def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) -> None:
@@ -227,10 +265,22 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
 
     def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         _post(obj, type_, reason, message)
+        if reason == "AutoPaused":
+            metrics.AUTO_PAUSES.labels(meta["namespace"], meta["name"]).inc()
+        elif reason == "BudgetExhausted":
+            metrics.BUDGET_EXHAUSTED.labels(meta["namespace"], meta["name"]).inc()
         if reason in _AUDITED:
             _audit(memo, obj, _AUDITED[reason], message)
 
-    rec.reconcile(body, SETTINGS, memo["kube"], events=post, peers=peers, stats=stats)
+    with metrics.RECONCILE_DURATION.time():
+        try:
+            phase = rec.reconcile(
+                body, SETTINGS, memo["kube"], events=post, peers=peers, stats=stats
+            )
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+    metrics.observe_schedule(meta["namespace"], meta["name"], phase)
 
 
 def _post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

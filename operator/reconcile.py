@@ -96,11 +96,14 @@ def reconcile(
     peers: Sequence[Peer] | None,
     stats: RunStats | None = None,
     now: datetime | None = None,
-) -> None:
-    """Bring the CronJob, its task ConfigMap and the status in line with the AgentSchedule.
+) -> str:
+    """Bring the CronJob, its task ConfigMap and the status in line with the AgentSchedule;
+    returns the phase it wrote.
     ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budget; None
     when no database is configured."""
-    _Reconciler(body, settings, kube, events, now or datetime.now(UTC), stats=stats).run(peers)
+    return _Reconciler(body, settings, kube, events, now or datetime.now(UTC), stats=stats).run(
+        peers
+    )
 
 
 def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
@@ -141,7 +144,7 @@ class _Reconciler:
         self.new: dict[str, Any] = {k: self.old.get(k) for k in OWNED_STATUS}
         self._verification_run: str | None = None
 
-    def run(self, peers: Sequence[Peer] | None) -> None:
+    def run(self, peers: Sequence[Peer] | None) -> str:
         result = validate(self.body, self.settings, now=self.now, peers=peers)
         name = cronjob_name(self.ref.name)
         actual = self.kube.get("CronJob", self.ref.namespace, name)
@@ -161,6 +164,7 @@ class _Reconciler:
             self.kube.merge_patch(
                 "AgentSchedule", self.ref.namespace, self.ref.name, {"status": patch}, status=True
             )
+        return str(self.new["phase"])
 
     def _invalid(self, result: Validated, actual: dict[str, Any] | None) -> list[dict[str, Any]]:
         message = "; ".join(str(e) for e in result.errors)

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # How often each schedule is re-checked for drift and its next runs refreshed.
     reconcile_interval_seconds: float = Field(60.0, ge=1, le=3600)
     next_runs_count: int = Field(5, ge=1, le=10)
+    # /metrics for Prometheus; 0 turns it off.
+    metrics_port: int = Field(9090, ge=0, le=65535)
 
     @classmethod
     def settings_customise_sources(

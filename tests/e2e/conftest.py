@@ -134,6 +134,7 @@ class OperatorProcess:
 
     process: subprocess.Popen[bytes]
     log: Path
+    metrics_url: str
 
     def log_text(self) -> str:
         """Everything the operator logged so far."""
@@ -182,9 +183,11 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     """``python -m nocturne_operator`` with a fast drift timer, as a real separate process."""
     log = cluster.state_dir / "operator.log"
-    with socket.socket() as probe:
+    with socket.socket() as probe, socket.socket() as probe2:
         probe.bind(("127.0.0.1", 0))
+        probe2.bind(("127.0.0.1", 0))
         health_port = probe.getsockname()[1]
+        metrics_port = probe2.getsockname()[1]
     env = {
         **os.environ,
         "KUBECONFIG": str(cluster.kubeconfig),
@@ -192,6 +195,7 @@ def operator(
         "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
         "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
         "NOCTURNE_DATABASE_URL": history_url,
+        "NOCTURNE_METRICS_PORT": str(metrics_port),
         # Tests serve pages on loopback; production keeps the SSRF guard's default.
         "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE": "true",
     }
@@ -204,7 +208,7 @@ def operator(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    running = OperatorProcess(proc, log)
+    running = OperatorProcess(proc, log, f"http://127.0.0.1:{metrics_port}/metrics")
     _operators_for_reports.append(running)
     try:
         # kopf answers its liveness endpoint once startup handlers have run.

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -767,3 +768,49 @@ def test_describe_shows_status_next_runs_and_last_runs(
     assert "Ready=True Reconciled" in out
     assert "SUCCEEDED" in out.split("Last runs:")[1]
     assert "1 succeeded, 0 failed" in out
+
+
+def test_metrics_are_served_with_their_names_types_and_values(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
+) -> None:
+    apply(kubectl, namespace, manifest())
+    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    run_now(kubectl, namespace, "metrics-1")
+    wait_for(
+        lambda: status_of(kubectl, namespace).get("lastRun", {}).get("result") == "Succeeded",
+        90,
+        "the run on status",
+    )
+    # The exposition format sorts labels by name.
+    labels = f'namespace="{namespace}",schedule="daily-ai-news"'
+
+    def runs(result: str) -> str:
+        return (
+            f'nocturne_runs_total{{namespace="{namespace}",result="{result}",'
+            f'schedule="daily-ai-news"}}'
+        )
+
+    def scrape() -> str | None:
+        with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
+            text: str = resp.read().decode()
+        return text if f"{runs('succeeded')} 1.0" in text else None
+
+    text = wait_for(scrape, 30, "the run in the metrics")
+    for name, kind in [
+        ("nocturne_schedules", "gauge"),
+        ("nocturne_runs_total", "counter"),
+        ("nocturne_run_cost_usd_total", "counter"),
+        ("nocturne_tokens_total", "counter"),
+        ("nocturne_run_duration_seconds", "histogram"),
+        ("nocturne_budget_exhausted_total", "counter"),
+        ("nocturne_auto_pauses_total", "counter"),
+        ("nocturne_reconcile_duration_seconds", "histogram"),
+        ("nocturne_reconcile_errors_total", "counter"),
+    ]:
+        assert f"# TYPE {name} {kind}" in text, name
+    assert f"{runs('failed')} 0.0" in text  # label sets are initialised at zero
+    assert f"nocturne_run_duration_seconds_count{{{labels}}} 1.0" in text
+    assert f"nocturne_auto_pauses_total{{{labels}}} 0.0" in text
+    active = re.search(r'^nocturne_schedules\{phase="Active"\} (\d+)\.0$', text, re.M)
+    assert active is not None
+    assert int(active.group(1)) >= 1
