@@ -211,6 +211,24 @@ def test_full_argv_order() -> None:
     assert argv[-3:] == ["sh", "-c", "echo hi"]
 
 
+def test_a_volume_over_the_checkout_does_not_hide_it() -> None:
+    """The runner mounts an emptyDir at /tmp; CI's clone lives below /tmp: bind it back on top."""
+    private = TMP + "/" + "ci-local.abc"
+    clone = f"{private}/project"
+    spec = SandboxSpec(
+        argv=["python", "-m", "agent_runner"],
+        uid=65532,
+        gid=65532,
+        mounts=[Mount("/state/pod/tmp", TMP, read_only=False)],
+        host_paths=[clone],
+        writable_tmp=False,
+    )
+    text = " ".join(build_bwrap_argv(spec, mode_of=modes({private: DIR_700})))
+    volume = text.index(f"--bind /state/pod/tmp {TMP}")
+    again = text.index(f"--ro-bind {clone} {clone}", volume)
+    assert text.index(f"--perms 0755 --dir {private}", volume) < again
+
+
 def test_writable_tmp_groups_and_root_capabilities() -> None:
     argv = build_bwrap_argv(
         SandboxSpec(argv=["id"], uid=0, gid=0, groups=[10, 20], no_new_privs=False),

@@ -264,6 +264,10 @@ class _Args:
                 self._made.add(prefix)
                 self.argv += ["--perms", "0755", "--dir", prefix]
 
+    def forget_below(self, targets: Iterable[str]) -> None:
+        """Directories made below ``targets`` are hidden by the mounts there: make them anew."""
+        self._made = {d for d in self._made if not any(is_under(d, t) and d != t for t in targets)}
+
     def mount(self, option: str, source: str, target: str) -> None:
         self.parents(target)
         self.argv += [option, source, target]
@@ -341,6 +345,16 @@ def build_bwrap_argv(
         args.mount("--ro-bind" if mount.read_only else "--bind", mount.source, mount.target)
         if not mount.read_only:
             args.owned.append(mount.target)  # nested mount points land in this writable dir
+    # A volume over an ancestor of a path the command needs (an emptyDir at /tmp over a checkout
+    # under /tmp, as in CI's clone) hides that path again: bind it back on top.
+    _, needed = visibility_plan(spec.host_paths, mode_of, None)
+    covered = [
+        p for p in needed if any(is_under(p, m.target) and p != m.target for m in spec.mounts)
+    ]
+    if covered:
+        args.forget_below([m.target for m in spec.mounts])
+        for path in covered:
+            args.mount("--ro-bind", path, path)
     argv += args.argv
     if spec.uid == 0:
         argv += ["--cap-drop", "ALL"]
