@@ -66,3 +66,35 @@ demo-down:
 
 clean: demo-down
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .nocturne
+
+# --- kind (needs Docker; not available on our CI machines, used by .github/workflows/kind-e2e.yml) ---
+KIND_CLUSTER ?= nocturne
+KIND_NS ?= nocturne-system
+KIND_DEMO_NS ?= chart-demo
+KIND_PG_PASSWORD ?= kind-demo
+KIND_KUBECONFIG := .nocturne/kind.kubeconfig
+
+.PHONY: kind-up kind-load kind-install kind-e2e
+
+kind-up:
+	kind create cluster --config kind-config.yaml
+	@mkdir -p .nocturne && kind get kubeconfig --name $(KIND_CLUSTER) > $(KIND_KUBECONFIG)
+
+kind-load:
+	docker build -f operator/Dockerfile -t nocturne-operator:e2e .
+	docker build -f agent_runner/Dockerfile -t nocturne-runner:e2e .
+	kind load docker-image nocturne-operator:e2e nocturne-runner:e2e --name $(KIND_CLUSTER)
+
+kind-install: setup
+	@export PATH="$$($(PY) -m e2e.cluster.tools):$$PATH" KUBECONFIG=$(KIND_KUBECONFIG); \
+	kubectl create namespace $(KIND_DEMO_NS) --dry-run=client -o yaml | kubectl apply -f - && \
+	helm upgrade --install nocturne helm/nocturne -n $(KIND_NS) --create-namespace --wait --timeout 6m \
+	  --set operator.image.repository=nocturne-operator --set operator.image.tag=e2e \
+	  --set runner.image.repository=nocturne-runner --set runner.image.tag=e2e \
+	  --set postgresql.enabled=true --set postgresql.auth.password=$(KIND_PG_PASSWORD) \
+	  --set 'operator.watchNamespaces={$(KIND_DEMO_NS)}' --set runner.databaseSecret.create=true
+
+kind-e2e: setup
+	NOCTURNE_E2E_KUBECONFIG=$(KIND_KUBECONFIG) \
+	NOCTURNE_E2E_IN_CLUSTER_DATABASE_URL=postgresql+psycopg://nocturne:$(KIND_PG_PASSWORD)@nocturne-postgresql.$(KIND_NS).svc:5432/nocturne \
+	$(VENV)/bin/pytest -m e2e

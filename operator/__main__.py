@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 import kopf
+from kopf._core.engines.peering import Identity  # kopf exports no public name for the type
 
 import nocturne_operator.handlers  # noqa: F401  (registers the handlers)
 
@@ -16,7 +18,11 @@ class _QuietRoutine(logging.Filter):
     """Drop kopf's per-object "succeeded" lines for the drift timer and CronJob events: at one
     line per schedule per minute they would drown everything that matters."""
 
-    _ROUTINE = ("Timer 'periodic' succeeded", "Handler 'cronjob_event' succeeded")
+    _ROUTINE = (
+        "Handler 'cronjob_event' succeeded",
+        "Handler 'job_event' succeeded",
+        "Handler 'schedule_deleted' succeeded",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (
@@ -31,6 +37,9 @@ def main() -> int:
     kopf.configure(verbose=os.environ.get("NOCTURNE_LOG_LEVEL", "").upper() == "DEBUG")
     logging.getLogger("kopf.objects").addFilter(_QuietRoutine())
     kopf.run(
+        # Standalone mode does not peer; an explicit identity spares kopf a getpass lookup,
+        # which fails for a uid without a passwd entry.
+        identity=Identity(f"nocturne-operator@{socket.gethostname()}"),
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,

@@ -3,6 +3,8 @@ written explicitly by ``reconcile`` into declared fields only."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -13,7 +15,7 @@ import kopf
 from agent_runner.history import EventKind, ExecutionStatus, History, HistoryError
 from nocturne_operator import metrics, results
 from nocturne_operator import reconcile as rec
-from nocturne_operator.api import GROUP, PLURAL, VERSION
+from nocturne_operator.api import GROUP, KIND, PLURAL, VERSION
 from nocturne_operator.kube import FIELD_MANAGER, Kube
 from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
 from nocturne_operator.settings import Settings, load_settings
@@ -78,6 +80,7 @@ def schedule_changed(*, body: kopf.Body, memo: Any, reason: str, **kwargs: Any) 
     if reason in ("create", "update"):
         kind = EventKind.CREATED if reason == "create" else EventKind.UPDATED
         _audit(memo, body, kind, f"generation {body.get('metadata', {}).get('generation')}")
+    _remember_indexes(memo, kwargs)
     _reconcile(dict(body), memo, kwargs["schedules_by_namespace"])
 
 
@@ -136,18 +139,51 @@ def _last_writer(meta: Mapping[str, Any]) -> str | None:
     return str(latest["manager"])
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.reconcile_interval_seconds)
-def periodic(*, body: kopf.Body, memo: Any, **kwargs: Any) -> None:
-    """Drift repair, fresh next-run times, and results a missed Job event or a database outage
-    left unrecorded, on a timer."""
-    schedule = dict(body)
+# Not a @kopf.timer: kopf puts a finalizer on every object a timer serves, so deleting a
+# schedule would hang whenever the operator is down or uninstalled. One operator-level loop over
+# the index does the same work and leaves deletion to garbage collection alone.
+@kopf.on.startup()
+async def start_sweeper(*, memo: Any, **_: Any) -> None:
+    """Start the periodic sweep: drift repair, fresh next runs, results left unrecorded."""
+    memo["sweeper"] = asyncio.create_task(_sweep(memo))
+
+
+@kopf.on.cleanup()
+async def stop_sweeper(*, memo: Any, **_: Any) -> None:
+    """Stop the sweep with the operator."""
+    task: asyncio.Task[None] | None = memo.get("sweeper")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _sweep(memo: Any) -> None:
+    log = logging.getLogger(__name__)
+    while True:
+        await asyncio.sleep(SETTINGS.reconcile_interval_seconds)
+        indexes = memo.get("indexes")
+        if indexes is None:  # no schedule seen yet
+            continue
+        bodies, peers = indexes
+        for key in list(bodies):
+            for schedule in list(bodies.get(key, [])):
+                try:
+                    await asyncio.to_thread(_periodic, schedule, memo, peers)
+                except Exception:
+                    log.exception("periodic reconcile of %s/%s failed", *key)
+
+
+def _periodic(schedule: dict[str, Any], memo: Any, peers: kopf.Index[str, Peer]) -> None:
     if memo["history"] is not None:
         kube: Kube = memo["kube"]
         meta = schedule["metadata"]
         jobs = kube.list_objects("Job", meta["namespace"], f"{LABEL_SCHEDULE}={meta['name']}")
         for job in jobs:
             _record_job(job, schedule, memo)
-    _reconcile(schedule, memo, kwargs["schedules_by_namespace"])
+    fresh = memo["kube"].get(KIND, schedule["metadata"]["namespace"], schedule["metadata"]["name"])
+    if fresh is not None:  # the index may lag behind our own status writes
+        _reconcile(fresh, memo, peers)
 
 
 @kopf.on.event("batch", "v1", "cronjobs", labels=_MANAGED)
@@ -247,6 +283,12 @@ def _count_runs(job: Mapping[str, Any], history: History, memo: Any) -> None:
                 started=row.started_at,
                 completed=row.completed_at,
             )
+
+
+def _remember_indexes(memo: Any, kwargs: Mapping[str, Any]) -> None:
+    """The sweep walks kopf's live indexes; any handler call can hand them over."""
+    if "indexes" not in memo:
+        memo["indexes"] = (kwargs["schedule_bodies"], kwargs["schedules_by_namespace"])
 
 
 def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) -> None:

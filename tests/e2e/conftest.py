@@ -194,6 +194,8 @@ def operator(
         "PYTHONSAFEPATH": "1",
         "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
         "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
+        # chart-* namespaces belong to operators installed by the Helm chart (test_helm.py).
+        "NOCTURNE_WATCH_NAMESPACES": "!chart-*",
         "NOCTURNE_DATABASE_URL": history_url,
         "NOCTURNE_METRICS_PORT": str(metrics_port),
         # Tests serve pages on loopback; production keeps the SSRF guard's default.

@@ -21,11 +21,16 @@ class ImageEntry:
     working_dir: str = "/"
 
 
+# The images' PATH (their venv first), so `command: [nocturne, db, upgrade]` works as in the image.
+_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
 def default_images() -> dict[str, ImageEntry]:
     """The built-in table: Nocturne's images run from this checkout's venv; busybox is the host."""
+    venv_path = (("PATH", f"{Path(sys.executable).parent}:{_IMAGE_PATH}"),)
     return {
-        "nocturne-operator": ImageEntry((sys.executable, "-m", "nocturne_operator")),
-        "nocturne-runner": ImageEntry((sys.executable, "-m", "agent_runner")),
+        "nocturne-operator": ImageEntry((sys.executable, "-m", "nocturne_operator"), env=venv_path),
+        "nocturne-runner": ImageEntry((sys.executable, "-m", "agent_runner"), env=venv_path),
         # busybox's ENTRYPOINT is empty and its CMD is ["sh"]: command/args run on the host's
         # read-only root (/bin/sh, sleep, id, ...).
         "busybox": ImageEntry((), ("sh",)),

@@ -1,0 +1,161 @@
+{{/*
+Names, labels and the settings document. Everything here is a pure function of .Values,
+.Release and .Chart: no lookup, no random values, no timestamps (Argo CD must see no drift).
+*/}}
+
+{{- define "nocturne.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "nocturne.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Standard labels; pass (dict "ctx" $ "component" "operator"). */}}
+{{- define "nocturne.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "nocturne.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+app.kubernetes.io/part-of: nocturne
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "nocturne.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "nocturne.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "nocturne.operatorServiceAccount" -}}
+{{- default (printf "%s-operator" (include "nocturne.fullname" .)) .Values.operator.serviceAccount.name }}
+{{- end }}
+
+{{- define "nocturne.runnerServiceAccount" -}}
+{{- default (printf "%s-runner" (include "nocturne.fullname" .)) .Values.runner.serviceAccount.name }}
+{{- end }}
+
+{{/* An image reference: repository@digest, else repository:tag (tag defaults to appVersion). */}}
+{{- define "nocturne.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .ctx.Chart.AppVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "nocturne.postgresqlHost" -}}
+{{- printf "%s-postgresql.%s.svc" (include "nocturne.fullname" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "nocturne.postgresqlSecretName" -}}
+{{- default (printf "%s-postgresql" (include "nocturne.fullname" .)) .Values.postgresql.auth.existingSecret }}
+{{- end }}
+
+{{/*
+NOCTURNE_DATABASE_URL for the operator and the migration Job: from database.existingSecret, or,
+with the bundled PostgreSQL, composed by the kubelet from the password Secret ($(VAR) expansion),
+so the password never appears in the rendered manifest unless it was given in values.
+*/}}
+{{- define "nocturne.databaseEnv" -}}
+{{- if .Values.postgresql.enabled }}
+- name: NOCTURNE_POSTGRES_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "nocturne.postgresqlSecretName" . }}
+      key: {{ .Values.postgresql.auth.secretKey }}
+- name: NOCTURNE_DATABASE_URL
+  value: {{ printf "postgresql+psycopg://%s:$(NOCTURNE_POSTGRES_PASSWORD)@%s:5432/%s" .Values.postgresql.auth.username (include "nocturne.postgresqlHost" .) .Values.postgresql.auth.database | quote }}
+{{- else }}
+- name: NOCTURNE_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret }}
+      key: {{ .Values.database.secretKey }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's settings file (NOCTURNE_CONFIG_FILE): field names of
+nocturne_operator.settings.Settings, which forbids unknown keys (a unit test loads this file).
+*/}}
+{{- define "nocturne.settings" -}}
+{{- $runnerSA := "" }}
+{{- /* Only an account that exists in the schedule's namespace: one the chart created in each
+watched namespace, or one named explicitly (created by you). Else the namespace's default. */}}
+{{- if or (and .Values.operator.watchNamespaces .Values.runner.serviceAccount.create) .Values.runner.serviceAccount.name }}
+{{- $runnerSA = include "nocturne.runnerServiceAccount" . }}
+{{- end -}}
+max_schedules_per_namespace: {{ .Values.limits.maxSchedulesPerNamespace }}
+min_interval_minutes: {{ .Values.limits.minIntervalMinutes }}
+max_per_run_usd: {{ .Values.limits.maxPerRunUSD | quote }}
+runner_image: {{ include "nocturne.image" (dict "ctx" . "image" .Values.runner.image) | quote }}
+runner_image_pull_policy: {{ .Values.runner.image.pullPolicy }}
+runner_service_account: {{ $runnerSA | quote }}
+runner_resources:
+  cpu_request: {{ .Values.runner.resources.requests.cpu | quote }}
+  memory_request: {{ .Values.runner.resources.requests.memory | quote }}
+  cpu_limit: {{ .Values.runner.resources.limits.cpu | quote }}
+  memory_limit: {{ .Values.runner.resources.limits.memory | quote }}
+database_secret_name: {{ .Values.runner.databaseSecret.name | quote }}
+database_secret_key: {{ .Values.runner.databaseSecret.key | quote }}
+web_fetch_allow_private: {{ .Values.runner.webFetchAllowPrivate }}
+successful_jobs_history_limit: {{ .Values.runner.jobs.successfulJobsHistoryLimit }}
+failed_jobs_history_limit: {{ .Values.runner.jobs.failedJobsHistoryLimit }}
+job_ttl_seconds_after_finished: {{ .Values.runner.jobs.ttlSecondsAfterFinished }}
+reconcile_interval_seconds: {{ .Values.operator.reconcileIntervalSeconds }}
+next_runs_count: {{ .Values.operator.nextRunsCount }}
+{{- end }}
+
+{{- define "nocturne.priceTable" -}}
+{{- if .Values.priceTable.override }}
+{{- .Values.priceTable.override }}
+{{- else }}
+{{- .Files.Get "files/prices.yaml" }}
+{{- end }}
+{{- end }}
+
+{{/* Hardened container securityContext shared by every container the chart runs. */}}
+{{- define "nocturne.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{- define "nocturne.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Validation that the schema cannot express across keys; fails rendering with the fix. */}}
+{{- define "nocturne.validate" -}}
+{{- if and .Values.postgresql.enabled (not .Values.postgresql.auth.password) (not .Values.postgresql.auth.existingSecret) }}
+{{- fail "postgresql.enabled is true: set postgresql.auth.password or postgresql.auth.existingSecret (the chart never generates a password)" }}
+{{- end }}
+{{- if and .Values.runner.databaseSecret.create (not (and .Values.postgresql.enabled .Values.postgresql.auth.password)) }}
+{{- fail "runner.databaseSecret.create needs postgresql.enabled and postgresql.auth.password (the runner's URL must be known at render time); otherwise create the Secret in each namespace yourself" }}
+{{- end }}
+{{- if and .Values.runner.databaseSecret.create (not .Values.operator.watchNamespaces) }}
+{{- fail "runner.databaseSecret.create needs operator.watchNamespaces: the chart renders the Secret into each watched namespace" }}
+{{- end }}
+{{- if and (not .Values.postgresql.enabled) (not .Values.database.existingSecret) }}
+{{- fail "database.existingSecret is empty: name the Secret holding the PostgreSQL URL, or set postgresql.enabled" }}
+{{- end }}
+{{- end }}

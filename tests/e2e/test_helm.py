@@ -1,0 +1,432 @@
+"""The Helm chart on the real control plane (or kind): `helm install` runs the migration hook and
+the operator pod with the chart's own ServiceAccount token, so the chart's RBAC is all the
+operator has; a schedule from docs/examples runs end to end; the runner ServiceAccount can do
+nothing; `helm upgrade` rolls the operator and keeps schedules; `helm uninstall` keeps the CRD and
+the AgentSchedules.
+
+Two operators must never serve the same namespace: the chart's operator watches only namespaces
+named ``chart-*`` (CHART_NAMESPACE_PREFIX), which the session operator of conftest.py excludes
+(NOCTURNE_WATCH_NAMESPACES=!chart-*).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from agent_runner.history import ExecutionStatus, History
+from agent_runner.summary import parse_summary
+from e2e.cluster.executor import ExecutorProcess
+from e2e.cluster.tools import Tools
+from e2e.kube import Cluster, Kubectl, wait_for
+from prerequisites import skip_or_fail
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "nocturne"
+EXAMPLE = REPO / "docs" / "examples" / "daily-news.yaml"
+CHART_NAMESPACE_PREFIX = "chart-"
+# The local executor maps these repositories to this checkout's entry points; the kind workflow
+# builds and loads both images under exactly these names.
+OPERATOR_IMAGE, RUNNER_IMAGE, IMAGE_TAG = "nocturne-operator", "nocturne-runner", "e2e"
+# Against kind, pods cannot reach the test's loopback PostgreSQL: the workflow passes an
+# in-cluster URL (the chart's bundled PostgreSQL) instead.
+IN_CLUSTER_DATABASE_ENV = "NOCTURNE_E2E_IN_CLUSTER_DATABASE_URL"
+
+
+@dataclass(frozen=True)
+class Release:
+    """An installed release of the chart and what the tests need to know about it."""
+
+    name: str
+    namespace: str  # the release namespace
+    watched: str  # the namespace its operator serves (AgentSchedules live here)
+    database_url: str
+    local_database: bool  # True when the test can query the database itself
+    helm: Path
+    kubeconfig: Path
+
+    @property
+    def fullname(self) -> str:
+        return f"{self.name}-nocturne"
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """helm against the cluster under test; AssertionError with its output on failure."""
+        result = subprocess.run(
+            [str(self.helm), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=420,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
+        return result
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def secret_from_literal(kubectl: Kubectl, namespace: str, name: str, **data: str) -> None:
+    literals = [f"--from-literal={key}={value}" for key, value in data.items()]
+    kubectl("create", "secret", "generic", name, "-n", namespace, *literals)
+
+
+@pytest.fixture
+def database_url(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A PostgreSQL URL for the release: a fresh schema of the session server, left unmigrated
+    (the chart's hook migrates it), or the in-cluster URL against kind."""
+    if cluster.local is None:
+        url = os.environ.get(IN_CLUSTER_DATABASE_ENV, "")
+        if not url:
+            skip_or_fail(f"against kind, set {IN_CLUSTER_DATABASE_ENV} to a URL pods can reach")
+        yield url
+        return
+    postgres = request.getfixturevalue("postgres")
+    schema = f"chart_{secrets.token_hex(4)}"
+    engine = sa.create_engine(postgres.url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{postgres.url}?options=-csearch_path%3D{schema}"
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+
+@pytest.fixture
+def watched_namespace(kubectl: Kubectl) -> Iterator[str]:
+    """The namespace the chart's operator serves (the session operator leaves chart-* alone)."""
+    name = f"{CHART_NAMESPACE_PREFIX}{secrets.token_hex(4)}"
+    kubectl("create", "namespace", name)
+    wait_for(
+        lambda: kubectl("get", "serviceaccount", "default", "-n", name, check=False),
+        30,
+        f"the default ServiceAccount in {name}",
+    )
+    try:
+        yield name
+    finally:
+        # The release is uninstalled by now: nobody would remove kopf's finalizer, and the
+        # namespace would stay Terminating for the rest of the session.
+        unfinalize = json.dumps({"metadata": {"finalizers": None}})
+        for obj in kubectl("get", "asched", "-n", name, "-o", "name", check=False).split():
+            kubectl("patch", obj, "-n", name, "--type=merge", "-p", unfinalize, check=False)
+        kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def release(
+    cluster: Cluster,
+    cli_tools: Tools,
+    kubectl: Kubectl,
+    namespace: str,
+    *,
+    executor: ExecutorProcess | None,  # runs the pods locally (None against kind)
+    watched_namespace: str,
+    database_url: str,
+) -> Iterator[Release]:
+    """The chart installed with --wait: the migration hook has run, the operator is Ready."""
+    found = Release(
+        name=f"e2e-{secrets.token_hex(3)}",
+        namespace=namespace,
+        watched=watched_namespace,
+        database_url=database_url,
+        local_database=cluster.local is not None,
+        helm=cli_tools.helm,
+        kubeconfig=cluster.kubeconfig,
+    )
+    # The operator and the migration Job read it in the release namespace; runner pods in the
+    # namespace of their schedule.
+    for ns in (namespace, watched_namespace):
+        secret_from_literal(kubectl, ns, "nocturne-database", url=database_url)
+    found.run(
+        "install",
+        found.name,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--wait",
+        "--timeout=4m",
+        f"--set=operator.image.repository={OPERATOR_IMAGE}",
+        f"--set=operator.image.tag={IMAGE_TAG}",
+        f"--set=runner.image.repository={RUNNER_IMAGE}",
+        f"--set=runner.image.tag={IMAGE_TAG}",
+        f"--set=operator.watchNamespaces={{{watched_namespace}}}",
+        # The local executor runs pods on the host network: every pod needs its own ports.
+        f"--set=operator.healthPort={free_port()}",
+        f"--set=metrics.port={free_port()}",
+        "--set=operator.reconcileIntervalSeconds=3",
+    )
+    try:
+        yield found
+    finally:
+        found.run("uninstall", found.name, "--namespace", namespace, "--wait", check=False)
+
+
+def operator_pods(kubectl: Kubectl, release: Release) -> list[dict[str, Any]]:
+    selector = f"app.kubernetes.io/instance={release.name},app.kubernetes.io/component=operator"
+    return kubectl.items("pods", "-n", release.namespace, "-l", selector)
+
+
+def running_operator(kubectl: Kubectl, release: Release) -> dict[str, Any] | None:
+    """The one operator pod when it is Running and Ready and not being deleted, else None."""
+    pods = [p for p in operator_pods(kubectl, release) if "deletionTimestamp" not in p["metadata"]]
+    if len(pods) != 1 or pods[0].get("status", {}).get("phase") != "Running":
+        return None
+    conditions = {c["type"]: c["status"] for c in pods[0]["status"].get("conditions", [])}
+    return pods[0] if conditions.get("Ready") == "True" else None
+
+
+def schedule(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any]:
+    obj: dict[str, Any] = kubectl.json("agentschedule", name, "-n", namespace)
+    return obj
+
+
+def ready(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any] | None:
+    """The schedule once Ready=True for its current generation, else None."""
+    obj = schedule(kubectl, namespace, name)
+    status = obj.get("status", {})
+    cond = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+    current = status.get("observedGeneration") == obj["metadata"]["generation"]
+    return obj if cond and cond["status"] == "True" and current else None
+
+
+def finished_job(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
+    for job in kubectl.items("jobs", "-n", namespace):
+        for cond in job.get("status", {}).get("conditions", []):
+            if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+                return job
+    return None
+
+
+def can_i(kubectl: Kubectl, account: str, *request: str) -> bool:
+    """``kubectl auth can-i`` as a ServiceAccount ("<namespace>:<name>")."""
+    answer = kubectl(
+        "auth", "can-i", f"--as=system:serviceaccount:{account}", *request, check=False
+    )
+    # "no" comes with exit code 1; anything but yes/no (a typo in a resource) must not pass.
+    assert answer.strip() in ("yes", "no"), f"kubectl auth can-i {request}: {answer!r}"
+    return answer.strip() == "yes"
+
+
+def test_install_runs_a_schedule_with_the_charts_rbac(release: Release, kubectl: Kubectl) -> None:
+    # The hook migrated the database before the operator started.
+    if release.local_database:
+        engine = sa.create_engine(release.database_url)
+        with engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+        engine.dispose()
+        assert {"alembic_version", "schedule_executions"} <= tables, tables
+    pod = running_operator(kubectl, release)
+    assert pod is not None, operator_pods(kubectl, release)
+    assert pod["spec"]["serviceAccountName"] == f"{release.fullname}-operator"
+    assert pod["spec"]["containers"][0]["image"] == f"{OPERATOR_IMAGE}:{IMAGE_TAG}"
+
+    watched = release.watched
+    kubectl("apply", "-n", watched, "-f", str(EXAMPLE))
+    obj = wait_for(lambda: ready(kubectl, watched), 60, "the chart's operator to reconcile")
+    assert obj["status"]["phase"] == "Active"
+    kubectl("annotate", "-n", watched, "asched/daily-ai-news", "nocturne.dev/run-now=chart-1")
+    job = wait_for(lambda: finished_job(kubectl, watched), 120, "the run-now Job to finish")
+    [runner] = kubectl.items(
+        "pods", "-n", watched, "-l", f"batch.kubernetes.io/job-name={job['metadata']['name']}"
+    )
+    assert runner["spec"]["serviceAccountName"] == f"{release.fullname}-runner"
+    assert runner["spec"]["automountServiceAccountToken"] is False
+    assert runner["spec"]["containers"][0]["image"] == f"{RUNNER_IMAGE}:{IMAGE_TAG}"
+    terminated = runner["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 0, terminated
+    summary = parse_summary(terminated["message"])
+    assert summary is not None
+    assert summary.status == "SUCCEEDED"
+    assert summary.history_written
+    if release.local_database:
+        with History.connect(release.database_url) as history:
+            row = history.get(summary.execution_id or 0)
+        assert row is not None
+        assert row.status == ExecutionStatus.SUCCEEDED
+        assert row.manual_request == "chart-1"
+
+    # The operator read the result with the chart's RBAC (Jobs, pods) and filled the status.
+    def recorded() -> dict[str, Any] | None:
+        obj = ready(kubectl, watched)
+        last = (obj or {}).get("status", {}).get("lastRun") or {}
+        return obj if last.get("job") == job["metadata"]["name"] else None
+
+    obj = wait_for(recorded, 60, "status.lastRun of the run-now Job")
+    assert obj["status"]["lastRun"]["result"] == "Succeeded"
+    assert obj["status"]["runs"]["succeeded"] >= 1
+
+
+def test_the_runner_account_can_do_nothing_and_the_operator_only_its_job(
+    release: Release, kubectl: Kubectl
+) -> None:
+    runner = f"{release.watched}:{release.fullname}-runner"
+    assert kubectl("get", "serviceaccount", f"{release.fullname}-runner", "-n", release.watched)
+    requests = [
+        ("get", "pods"),
+        ("list", "secrets"),
+        ("get", "configmaps"),
+        ("create", "pods"),
+        ("create", "jobs.batch"),
+        ("get", "agentschedules.nocturne.dev"),
+        ("patch", "agentschedules.nocturne.dev", "--subresource=status"),
+        ("create", "events"),
+        ("list", "serviceaccounts"),
+    ]
+    for request in requests:
+        assert not can_i(kubectl, runner, *request, "-n", release.watched), request
+    assert not can_i(kubectl, runner, "list", "namespaces")
+    assert not can_i(kubectl, runner, "list", "agentschedules.nocturne.dev", "--all-namespaces")
+    bound = [
+        b["metadata"]["name"]
+        for b in kubectl.items("rolebindings,clusterrolebindings", "--all-namespaces")
+        if any(
+            s.get("kind") == "ServiceAccount" and s.get("name") == f"{release.fullname}-runner"
+            for s in b.get("subjects") or []
+        )
+    ]
+    assert bound == []
+
+    operator = f"{release.namespace}:{release.fullname}-operator"
+    ns = ("-n", release.watched)
+    assert can_i(
+        kubectl, operator, "patch", "agentschedules.nocturne.dev", "--subresource=status", *ns
+    )
+    assert can_i(kubectl, operator, "create", "cronjobs.batch", *ns)
+    assert can_i(kubectl, operator, "get", "pods", *ns)
+    assert not can_i(kubectl, operator, "get", "secrets", *ns)
+    assert not can_i(kubectl, operator, "create", "pods", *ns)
+    assert not can_i(kubectl, operator, "delete", "agentschedules.nocturne.dev", *ns)
+    # Only the watched namespace: not its own, not anyone else's.
+    assert not can_i(kubectl, operator, "create", "cronjobs.batch", "-n", release.namespace)
+    assert not can_i(kubectl, operator, "create", "cronjobs.batch", "-n", "default")
+
+
+def test_upgrade_rolls_the_operator_and_keeps_schedules(release: Release, kubectl: Kubectl) -> None:
+    watched = release.watched
+    kubectl("apply", "-n", watched, "-f", str(EXAMPLE))
+    before = wait_for(lambda: ready(kubectl, watched), 60, "Ready=True")
+    old_pod = wait_for(lambda: running_operator(kubectl, release), 30, "the operator pod")
+
+    release.run(
+        "upgrade",
+        release.name,
+        str(CHART),
+        "--namespace",
+        release.namespace,
+        "--reuse-values",
+        "--wait",
+        "--timeout=4m",
+        "--set=limits.minIntervalMinutes=30",
+    )
+    new_pod = wait_for(lambda: running_operator(kubectl, release), 60, "the new operator pod")
+    assert new_pod["metadata"]["uid"] != old_pod["metadata"]["uid"]
+    settings = kubectl.json("configmap", f"{release.fullname}-settings", "-n", release.namespace)
+    assert "min_interval_minutes: 30\n" in settings["data"]["settings.yaml"]
+
+    after = schedule(kubectl, watched)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    # The new operator serves it: a spec change is observed.
+    kubectl(
+        "patch",
+        "-n",
+        watched,
+        "asched/daily-ai-news",
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"schedule": "30 7 * * 1-5"}}),
+    )
+    changed = wait_for(lambda: ready(kubectl, watched), 60, "the new generation to be observed")
+    assert changed["metadata"]["generation"] == before["metadata"]["generation"] + 1
+    cronjob = kubectl.json("cronjob", "daily-ai-news", "-n", watched)
+    assert cronjob["spec"]["schedule"] == "30 7 * * 1-5"
+
+
+def test_uninstall_keeps_the_crd_and_the_schedules(release: Release, kubectl: Kubectl) -> None:
+    watched = release.watched
+    kubectl("apply", "-n", watched, "-f", str(EXAMPLE))
+    before = wait_for(lambda: ready(kubectl, watched), 60, "Ready=True")
+
+    release.run("uninstall", release.name, "--namespace", release.namespace, "--wait")
+
+    wait_for(lambda: not operator_pods(kubectl, release), 60, "the operator pod to go")
+    assert kubectl("get", "crd", "agentschedules.nocturne.dev", "-o", "name").strip()
+    after = schedule(kubectl, watched)
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    # Its CronJob is still owned by it (nothing deleted the owner, so GC keeps it).
+    cronjob = kubectl.json("cronjob", "daily-ai-news", "-n", watched)
+    assert cronjob["metadata"]["ownerReferences"][0]["uid"] == before["metadata"]["uid"]
+    leftovers = kubectl(
+        "get",
+        "clusterroles,clusterrolebindings",
+        "-o",
+        "name",
+        "-l",
+        f"app.kubernetes.io/instance={release.name}",
+    )
+    assert leftovers.strip() == ""
+
+
+def test_schedules_can_be_deleted_after_uninstall(release: Release, kubectl: Kubectl) -> None:
+    watched = release.watched
+    kubectl("apply", "-n", watched, "-f", str(EXAMPLE))
+    wait_for(lambda: ready(kubectl, watched), 60, "Ready=True")
+    release.run("uninstall", release.name, "--namespace", release.namespace, "--wait")
+    wait_for(lambda: not operator_pods(kubectl, release), 60, "the operator pod to go")
+    # Nothing may wait for the absent operator: deletion completes and garbage collection
+    # removes the CronJob.
+    assert not schedule(kubectl, watched)["metadata"].get("finalizers")
+    kubectl("delete", "asched", "daily-ai-news", "-n", watched, "--timeout=30s")
+    wait_for(
+        lambda: not kubectl("get", "cronjobs", "-n", watched, "-o", "name").strip(),
+        60,
+        "garbage collection of the CronJob",
+    )
+
+
+def test_every_optional_part_passes_server_side_validation(
+    cli_tools: Tools, kubectl: Kubectl, namespace: str, watched_namespace: str
+) -> None:
+    """The bundled PostgreSQL, NetworkPolicies, per-namespace Secrets and accounts, rendered
+    with everything on, are valid objects for the apiserver (dry run: nothing is created). The
+    ServiceMonitor is left out: its CRD belongs to prometheus-operator."""
+    rendered = subprocess.run(
+        [
+            str(cli_tools.helm),
+            "template",
+            "dry",
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--set=postgresql.enabled=true",
+            "--set=postgresql.auth.password=dry-run",
+            f"--set=operator.watchNamespaces={{{watched_namespace}}}",
+            "--set=runner.databaseSecret.create=true",
+            "--set=networkPolicy.enabled=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    out = kubectl("apply", "--dry-run=server", "-f", "-", stdin=rendered)
+    kinds = {line.split("/", 1)[0] for line in out.splitlines()}
+    assert {"statefulset.apps", "networkpolicy.networking.k8s.io", "secret"} <= kinds, out
