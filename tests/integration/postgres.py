@@ -73,6 +73,39 @@ def bin_dir() -> Path:
 @contextmanager
 def running_postgres() -> Iterator[PostgresServer]:
     """Start a throw-away server and yield it; stop it and delete its files on exit."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        stop_postgres(server.data_dir)
+
+
+def stop_postgres(data_dir: Path) -> None:
+    """Stop the server of ``data_dir`` (if running) and delete all its files."""
+    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if (data_dir / "postmaster.pid").exists():
+        subprocess.run(
+            [
+                *run_as,
+                str(bin_dir() / "pg_ctl"),
+                "-D",
+                str(data_dir),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "30",
+                "stop",
+            ],
+            capture_output=True,
+            check=False,
+        )
+    shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+def start_postgres() -> PostgresServer:
+    """Start a private server (initdb in a new temporary directory, a free port, a role with a
+    random password); the caller stops it with ``stop_postgres(server.data_dir)``."""
     bindir = bin_dir()
     # Not under pytest's 0700 tmp tree: the `postgres` user must be able to reach its files.
     root = Path(tempfile.mkdtemp(prefix="nocturne-pg-"))
@@ -157,26 +190,10 @@ def running_postgres() -> Iterator[PostgresServer]:
             ],
             "create role and database",
         )
-        yield server
-    finally:
-        if (data_dir / "postmaster.pid").exists():
-            subprocess.run(
-                [
-                    *run_as,
-                    str(bindir / "pg_ctl"),
-                    "-D",
-                    str(data_dir),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "-t",
-                    "30",
-                    "stop",
-                ],
-                capture_output=True,
-                check=False,
-            )
-        shutil.rmtree(root, ignore_errors=True)
+    except BaseException:
+        stop_postgres(data_dir)
+        raise
+    return server
 
 
 def _run(cmd: list[str], what: str, log: Path | None = None) -> None:

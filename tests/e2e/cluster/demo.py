@@ -19,8 +19,10 @@ from contextlib import suppress
 from functools import partial
 from pathlib import Path
 
+from agent_runner.history import upgrade
 from e2e.cluster import build, controlplane, tools
 from e2e.kube import Kubectl, wait_for
+from integration.postgres import start_postgres, stop_postgres
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "docs" / "examples"
@@ -79,6 +81,16 @@ def up(state: Path) -> int:
         "KUBECONFIG": str(kubeconfig),
     }
     pids = _read_pids(state)
+    database = state / "database.json"
+    if not database.exists():
+        server = start_postgres()
+        upgrade(server.url)
+        # Local demo state only (0600, under .nocturne/): the URL holds the demo's password.
+        database.write_text(json.dumps({"url": server.url, "dataDir": str(server.data_dir)}))
+        database.chmod(0o600)
+        say("PostgreSQL running, history schema migrated")
+    db_url = json.loads(database.read_text())["url"]
+    env["NOCTURNE_DATABASE_URL"] = db_url
     if not _alive(pids.get("executor")):
         ready = state / "executor.ready"
         ready.unlink(missing_ok=True)
@@ -119,6 +131,20 @@ def up(state: Path) -> int:
     _write_pids(state, pids)
     if not kubectl("get", "namespace", NAMESPACE, check=False):
         kubectl("create", "namespace", NAMESPACE)
+    # Runner pods read the history database URL from this Secret (never from the CR).
+    secret = kubectl(
+        "create",
+        "secret",
+        "generic",
+        "nocturne-database",
+        "-n",
+        NAMESPACE,
+        f"--from-literal=url={db_url}",
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    )
+    kubectl("apply", "-f", "-", stdin=secret)
     kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES))
     for name in ("daily-ai-news", "competitor-monitor", "weekly-summary"):
         wait_for(partial(_is_active, kubectl, name), 60, f"{name} to become Active")
@@ -130,7 +156,7 @@ def up(state: Path) -> int:
         "asched/daily-ai-news",
         f"nocturne.dev/run-now=demo-{int(time.time())}",
     )
-    wait_for(lambda: kubectl("get", "jobs", "-n", NAMESPACE, "-o", "name"), 30, "the run-now Job")
+    wait_for(partial(_last_result, kubectl), 90, "the first run to finish")
     say(f"ready in {time.monotonic() - started:.0f} s; the schedules:")
     print(kubectl("get", "asched", "-n", NAMESPACE))
     print(kubectl("get", "cronjobs,jobs", "-n", NAMESPACE))
@@ -142,6 +168,10 @@ def up(state: Path) -> int:
         f"  kubectl get asched -n {NAMESPACE} -o yaml\n"
         f"  kubectl describe asched daily-ai-news -n {NAMESPACE}\n"
         f"  .venv/bin/nocturne next-runs docs/examples/weekly-summary.yaml --count 5\n"
+        "  export NOCTURNE_DATABASE_URL=$(python3 -c 'import json,sys; "
+        f'print(json.load(open(sys.argv[1]))["url"])\' {database})\n'
+        f"  .venv/bin/nocturne history daily-ai-news -n {NAMESPACE}\n"
+        f"  .venv/bin/nocturne describe daily-ai-news -n {NAMESPACE}\n"
         f"  .venv/bin/nocturne pause daily-ai-news -n {NAMESPACE} --reason 'trying it out'\n"
         f"Logs: {state / 'logs'}\n"
         "Stop: make demo-down"
@@ -163,9 +193,26 @@ def down(state: Path) -> int:
             with suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     (state / "demo.json").unlink(missing_ok=True)
+    database = state / "database.json"
+    if database.exists():
+        stop_postgres(Path(json.loads(database.read_text())["dataDir"]))
+        database.unlink()
     stopped = controlplane.down(state)
     say("stopped" if stopped or pids else "nothing was running")
     return 0
+
+
+def _last_result(kubectl: Kubectl) -> str:
+    return kubectl(
+        "get",
+        "asched",
+        "daily-ai-news",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.status.lastRun.result}",
+        check=False,
+    )
 
 
 def _is_active(kubectl: Kubectl, name: str) -> bool:
