@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from kubernetes import client, config
 
 from agent_runner.history import upgrade
@@ -153,11 +152,7 @@ def crds(kubectl: Kubectl) -> None:
 @pytest.fixture(scope="session")
 def history_url(postgres: PostgresServer) -> str:
     """The history database of the session's operator and runner pods, migrated once."""
-    engine = sa.create_engine(postgres.url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS e2e_history"))
-    engine.dispose()
-    url = f"{postgres.url}?options=-csearch_path%3De2e_history"
+    url = postgres.fresh_schema("e2e_history")
     upgrade(url)
     return url
 

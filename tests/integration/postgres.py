@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import sqlalchemy as sa
 
 DATABASE = "nocturne"
 ROLE = "nocturne"
@@ -46,6 +49,20 @@ class PostgresServer:
             f"postgresql+psycopg://{self.user}:{self.password}@{self.host}:{self.port}/"
             f"{self.database}"
         )
+
+    def fresh_schema(self, name: str) -> str:
+        """(Re)create schema ``name`` and return a URL whose search_path is that schema, so
+        tests sharing the server do not see each other's tables."""
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+            raise ValueError(f"schema {name!r}: lowercase letters, digits and _ only")
+        engine = sa.create_engine(self.url, poolclass=sa.NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+                conn.execute(sa.text(f"CREATE SCHEMA {name}"))
+        finally:
+            engine.dispose()
+        return f"{self.url}?options=-csearch_path%3D{name}"
 
     @property
     def log_file(self) -> Path:

@@ -13,15 +13,6 @@ from nocturne_operator.cli import main
 pytestmark = pytest.mark.integration
 
 
-def fresh_schema(postgres: PostgresServer, name: str) -> str:
-    engine = sa.create_engine(postgres.url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
-        conn.execute(sa.text(f"CREATE SCHEMA {name}"))
-    engine.dispose()
-    return f"{postgres.url}?options=-csearch_path%3D{name}"
-
-
 def tables(url: str, schema: str) -> set[str]:
     engine = sa.create_engine(url)
     try:
@@ -33,7 +24,7 @@ def tables(url: str, schema: str) -> set[str]:
 def test_upgrade_creates_the_schema_and_is_idempotent(
     postgres: PostgresServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    url = fresh_schema(postgres, "cli_db")
+    url = postgres.fresh_schema("cli_db")
     assert main(["db", "upgrade", "--database-url", url]) == 0
     assert {"schedule_executions", "schedule_events", "agent_state"} <= tables(url, "cli_db")
     assert main(["db", "upgrade", "--database-url", url]) == 0
@@ -45,7 +36,7 @@ def test_upgrade_creates_the_schema_and_is_idempotent(
 def test_url_from_the_environment(
     postgres: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = fresh_schema(postgres, "cli_db_env")
+    url = postgres.fresh_schema("cli_db_env")
     monkeypatch.setenv("NOCTURNE_DATABASE_URL", url)
     assert main(["db", "upgrade"]) == 0
     assert "schedule_executions" in tables(url, "cli_db_env")

@@ -19,12 +19,7 @@ ROWS = 100_000
 @pytest.fixture(scope="module")
 def seeded(postgres: PostgresServer) -> str:
     """100k runs of ten schedules over 2026, one run every ~5 minutes, every 10th failed."""
-    engine = sa.create_engine(postgres.url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA IF EXISTS cli_reports CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA cli_reports"))
-    engine.dispose()
-    url = f"{postgres.url}?options=-csearch_path%3Dcli_reports"
+    url = postgres.fresh_schema("cli_reports")
     upgrade(url)
     engine = sa.create_engine(url)
     with engine.begin() as conn:

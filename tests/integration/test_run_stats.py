@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-import sqlalchemy as sa
 
 from agent_runner.history import ExecutionKey, ExecutionStatus, History, upgrade
 from integration.postgres import PostgresServer
@@ -19,12 +18,7 @@ T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 
 @pytest.fixture
 def history(postgres: PostgresServer) -> Iterator[History]:
-    schema = f"stats_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(postgres.url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    engine.dispose()
-    url = f"{postgres.url}?options=-csearch_path%3D{schema}"
+    url = postgres.fresh_schema(f"stats_{uuid.uuid4().hex[:8]}")
     upgrade(url)
     with History.connect(url) as store:
         yield store

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from agent_runner import exitcodes
 from agent_runner.history import ExecutionKey, ExecutionStatus, History, upgrade
@@ -34,12 +33,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def db_url(postgres: PostgresServer) -> str:
     """A schema of its own, migrated like the Helm hook will do."""
-    engine = sa.create_engine(postgres.url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DROP SCHEMA IF EXISTS runner_main CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA runner_main"))
-    engine.dispose()
-    url = f"{postgres.url}?options=-csearch_path%3Drunner_main"
+    url = postgres.fresh_schema("runner_main")
     upgrade(url)
     return url
 
