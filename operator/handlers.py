@@ -49,6 +49,8 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     memo["started_at"] = datetime.now(UTC)
     memo["counted_jobs"] = set()
     metrics.serve(SETTINGS.metrics_port)
+    prices = SETTINGS.price_table_file
+    memo["prices"] = prices.read_text() if prices is not None else None
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -317,7 +319,13 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
     with metrics.RECONCILE_DURATION.time():
         try:
             phase = rec.reconcile(
-                body, SETTINGS, memo["kube"], events=post, peers=peers, stats=stats
+                body,
+                SETTINGS,
+                memo["kube"],
+                events=post,
+                peers=peers,
+                stats=stats,
+                prices=memo["prices"],
             )
         except Exception:
             metrics.RECONCILE_ERRORS.inc()

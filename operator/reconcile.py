@@ -95,15 +95,16 @@ def reconcile(
     events: EventSink,
     peers: Sequence[Peer] | None,
     stats: RunStats | None = None,
+    prices: str | None = None,
     now: datetime | None = None,
 ) -> str:
     """Bring the CronJob, its task ConfigMap and the status in line with the AgentSchedule;
     returns the phase it wrote.
     ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budget; None
     when no database is configured."""
-    return _Reconciler(body, settings, kube, events, now or datetime.now(UTC), stats=stats).run(
-        peers
-    )
+    return _Reconciler(
+        body, settings, kube, events, now or datetime.now(UTC), stats=stats, prices=prices
+    ).run(peers)
 
 
 def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
@@ -128,9 +129,11 @@ class _Reconciler:
         now: datetime,
         *,
         stats: RunStats | None,
+        prices: str | None,
     ) -> None:
         meta = body["metadata"]
         self.stats = stats
+        self.prices = prices
         self.body = body
         self.settings = settings
         self.kube = kube
@@ -188,7 +191,7 @@ class _Reconciler:
         self, result: Validated, spec: AgentScheduleSpec, actual: dict[str, Any] | None
     ) -> list[dict[str, Any]]:
         ref, kube = self.ref, self.kube
-        configmap = render_task_configmap(ref, spec)
+        configmap = render_task_configmap(ref, spec, prices=self.prices)
         current_cm = kube.get("ConfigMap", ref.namespace, configmap["metadata"]["name"])
         if current_cm is None or not contains(current_cm, configmap):
             kube.apply(configmap)

@@ -23,6 +23,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_MANUAL_REQUEST = "nocturne.dev/manual-request"
 TASK_MOUNT = "/run/nocturne/task"
 TASK_FILE = "task.json"
+PRICES_FILE = "prices.yaml"
 
 # The runner's exit-code contract (docs/schedule-reference.md); podFailurePolicy depends on it.
 EXIT_SUCCEEDED = 0
@@ -106,8 +107,13 @@ def task_document(ref: ScheduleRef, spec: AgentScheduleSpec) -> dict[str, Any]:
     }
 
 
-def render_task_configmap(ref: ScheduleRef, spec: AgentScheduleSpec) -> dict[str, Any]:
-    """The owned ConfigMap holding ``task.json``."""
+def render_task_configmap(
+    ref: ScheduleRef, spec: AgentScheduleSpec, *, prices: str | None = None
+) -> dict[str, Any]:
+    """The owned ConfigMap holding ``task.json`` and, when the cluster has one, the price table."""
+    data = {TASK_FILE: json.dumps(task_document(ref, spec), indent=2, sort_keys=True)}
+    if prices is not None:
+        data[PRICES_FILE] = prices
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -117,7 +123,7 @@ def render_task_configmap(ref: ScheduleRef, spec: AgentScheduleSpec) -> dict[str
             "labels": labels(ref),
             "ownerReferences": [owner_reference(ref)],
         },
-        "data": {TASK_FILE: json.dumps(task_document(ref, spec), indent=2, sort_keys=True)},
+        "data": data,
     }
 
 
@@ -272,6 +278,8 @@ def _env(spec: AgentScheduleSpec, settings: Settings) -> list[dict[str, Any]]:
             },
         },
     ]
+    if settings.price_table_file is not None:
+        env.append({"name": "NOCTURNE_PRICE_TABLE", "value": f"{TASK_MOUNT}/{PRICES_FILE}"})
     if settings.web_fetch_allow_private:
         env.append({"name": "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE", "value": "true"})
     key_ref = spec.agent.api_key_secret_ref

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Database credentials reach runner pods only as a secretKeyRef.
     database_secret_name: str = "nocturne-database"  # noqa: S105 - a Secret's name, not a secret
     database_secret_key: str = "url"  # noqa: S105 - a key name within that Secret
+    # The cluster's price table (the chart mounts its ConfigMap here); copied into every task
+    # ConfigMap so runners in any namespace price calls with it. None: the runner's built-in table.
+    price_table_file: Path | None = None
     # Let runners' web_fetch reach private and loopback addresses (never link-local/metadata).
     web_fetch_allow_private: bool = False
     successful_jobs_history_limit: int = Field(3, ge=0, le=100)

@@ -168,3 +168,13 @@ def test_long_names_are_shortened_without_collisions() -> None:
     assert len(manual_job_name(a, "request-1")) <= 63
     assert manual_job_name(a, "r1") == manual_job_name(a, "r1")
     assert manual_job_name(a, "r1") != manual_job_name(a, "r2")
+
+
+def test_the_cluster_price_table_travels_with_the_task() -> None:
+    settings = Settings(price_table_file="/run/nocturne/prices/prices.yaml")
+    cm = render_task_configmap(REF, spec(), prices="version: 7\n")
+    assert cm["data"]["prices.yaml"] == "version: 7\n"
+    cj = render_cronjob(REF, spec(), settings, suspend=False, min_interval=None)
+    env = cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "NOCTURNE_PRICE_TABLE", "value": "/run/nocturne/task/prices.yaml"} in env
+    assert "prices.yaml" not in render_task_configmap(REF, spec())["data"]
