@@ -163,9 +163,10 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_db_upgrade(args: argparse.Namespace, _settings: Settings) -> int:
     """Apply the history schema's migrations (the Helm hook Job runs this before the operator)."""
-    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
-    if not url:
-        print("db upgrade: no database URL (set NOCTURNE_DATABASE_URL or --database-url)")
+    try:
+        url = _database_url(args)
+    except ValueError as exc:
+        print(f"db upgrade: {exc}")
         return EXIT_USAGE
     try:
         history.upgrade(url)
@@ -247,7 +248,7 @@ def cmd_describe(args: argparse.Namespace, _settings: Settings) -> int:
         return EXIT_INVALID
     runs: list[history.ExecutionRecord] = []
     url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
-    if url:
+    if url:  # optional here: describe works without history
         try:
             with history.History.connect(url) as store:
                 runs = store.runs(namespace, args.name, limit=5)

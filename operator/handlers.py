@@ -45,9 +45,10 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     memo["kube"] = Kube.connect()
     url = SETTINGS.database_url
     memo["history"] = History.connect(url.get_secret_value()) if url is not None else None
-    # Jobs that finished before this process started were counted by its predecessor.
     memo["started_at"] = datetime.now(UTC)
-    memo["counted_jobs"] = set()
+    # Job UIDs whose attempts are recorded and counted (Jobs are TTL-deleted after some days,
+    # so this stays small: one UID per run).
+    memo["recorded_jobs"] = set()
     metrics.serve(SETTINGS.metrics_port)
     prices = SETTINGS.price_table_file
     memo["prices"] = prices.read_text() if prices is not None else None
@@ -238,42 +239,35 @@ def job_event(
 
 
 def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
+    """Record a finished Job's attempts once; later events and sweeps skip it without any
+    API or database call."""
     history: History | None = memo["history"]
-    if history is None or results.job_outcome(job) is None:
-        return
+    outcome = results.job_outcome(job)
     meta = job["metadata"]
+    done: set[str] = memo["recorded_jobs"]
+    if history is None or outcome is None or meta["uid"] in done:
+        return
     kube: Kube = memo["kube"]
     pods = kube.list_objects(
         "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
     )
     try:
         results.record_finished_job(job, pods, schedule, history)
-        _count_runs(job, history, memo)
+        # Jobs that finished before this process started were counted by its predecessor.
+        if outcome.finished_at >= memo["started_at"]:
+            _count_runs(meta["uid"], history)
     except HistoryError as exc:
-        # The timer comes back to it: nothing is lost while the database is down.
+        # The sweep comes back to it: nothing is lost while the database is down.
         logging.getLogger(__name__).warning(
             "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
         )
+        return
+    done.add(meta["uid"])
 
 
-def _count_runs(job: Mapping[str, Any], history: History, memo: Any) -> None:
-    """Feed the run metrics once per Job this process saw finish."""
-    meta = job["metadata"]
-    counted: set[str] = memo["counted_jobs"]
-    finished = (job.get("status") or {}).get("completionTime") or next(
-        (
-            c.get("lastTransitionTime")
-            for c in (job.get("status") or {}).get("conditions") or []
-            if c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-        ),
-        None,
-    )
-    if meta["uid"] in counted or not finished:
-        return
-    counted.add(meta["uid"])
-    if datetime.fromisoformat(finished.replace("Z", "+00:00")) < memo["started_at"]:
-        return
-    for row in history.for_job(meta["uid"]):
+def _count_runs(job_uid: str, history: History) -> None:
+    """Feed the run metrics with a finished Job's attempts."""
+    for row in history.for_job(job_uid):
         if row.status is not ExecutionStatus.RUNNING:
             metrics.observe_run(
                 row.namespace,

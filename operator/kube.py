@@ -18,7 +18,6 @@ from nocturne_operator.api import GROUP, PLURAL, VERSION
 FIELD_MANAGER = "nocturne-operator"
 _PATHS = {
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
-    "Event": "/api/v1/namespaces/{ns}/events",
     "CronJob": "/apis/batch/v1/namespaces/{ns}/cronjobs",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Pod": "/api/v1/namespaces/{ns}/pods",

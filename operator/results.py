@@ -28,14 +28,21 @@ class JobOutcome:
     succeeded: bool
     reason: str
     message: str
+    finished_at: datetime
 
 
 def job_outcome(job: Mapping[str, Any]) -> JobOutcome | None:
     """The Job's terminal condition, or None while it runs."""
     for cond in (job.get("status") or {}).get("conditions") or []:
         if cond.get("status") == "True" and cond.get("type") in ("Complete", "Failed"):
+            stamp = (job.get("status") or {}).get("completionTime") or cond.get(
+                "lastTransitionTime"
+            )
             return JobOutcome(
-                cond["type"] == "Complete", cond.get("reason", ""), cond.get("message", "")
+                cond["type"] == "Complete",
+                cond.get("reason", ""),
+                cond.get("message", ""),
+                _parse(stamp) if stamp else datetime.now(UTC),
             )
     return None
 
