@@ -12,10 +12,8 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from kubernetes import client, config
 from agent_runner.history import upgrade
 from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import ExecutorProcess, run_executor
-from e2e.kube import Cluster, Kubectl, wait_for
+from e2e.kube import Cluster, Kubectl, healthy, wait_for
 from integration.postgres import PostgresServer
 from prerequisites import skip_or_fail
 
@@ -178,11 +176,7 @@ def operator(
 ) -> Iterator[OperatorProcess]:
     """``python -m nocturne_operator`` with a fast drift timer, as a real separate process."""
     log = cluster.state_dir / "operator.log"
-    with socket.socket() as probe, socket.socket() as probe2:
-        probe.bind(("127.0.0.1", 0))
-        probe2.bind(("127.0.0.1", 0))
-        health_port = probe.getsockname()[1]
-        metrics_port = probe2.getsockname()[1]
+    health_port, metrics_port = controlplane.free_ports(2)
     env = {
         **os.environ,
         "KUBECONFIG": str(cluster.kubeconfig),
@@ -210,7 +204,7 @@ def operator(
     try:
         # kopf answers its liveness endpoint once startup handlers have run.
         wait_for(
-            lambda: proc.poll() is not None or _healthy(health_port),
+            lambda: proc.poll() is not None or healthy(health_port),
             60,
             "the operator's health endpoint",
         )
@@ -229,11 +223,3 @@ def operator(
 
 
 _operators_for_reports: list[OperatorProcess] = []
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False

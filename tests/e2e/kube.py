@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,15 @@ class Kubectl:
         """The ``items`` of a ``kubectl get`` list."""
         items: list[dict[str, Any]] = self.json(*args)["items"]
         return items
+
+
+def healthy(port: int) -> bool:
+    """True when ``http://127.0.0.1:<port>/healthz`` answers 200 (kopf's liveness endpoint)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
 
 
 def wait_for(

@@ -103,7 +103,7 @@ def start(
     (state_dir / "logs").mkdir(exist_ok=True)
     pki = make_pki(state_dir / "pki")
     kubeconfig = state_dir / "admin.kubeconfig"
-    etcd_port, peer_port, api_port = _free_ports(3)
+    etcd_port, peer_port, api_port = free_ports(3)
     cp = ControlPlane(state_dir, binary, pki, etcd_port, api_port, kubeconfig)
     _write_kubeconfig(
         kubeconfig,
@@ -280,7 +280,7 @@ def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
         proc.wait(10)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct free loopback ports (bind :0, read, close; a start retry covers the tiny race)."""
     socks = []
     try:
@@ -346,15 +346,8 @@ def down(state_dir: Path) -> bool:
     pids: dict[str, int] = json.loads(pid_file.read_text())["pids"]
     for name in reversed(COMPONENTS):
         pid = pids.get(name)
-        if pid is None:
-            continue
-        with suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
-        with suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        if pid is not None:
+            stop_group(pid, timeout=20)
     pid_file.unlink()
     return True
 
@@ -365,10 +358,24 @@ def is_up(state_dir: Path) -> bool:
     if not pid_file.exists():
         return False
     pids: dict[str, int] = json.loads(pid_file.read_text())["pids"]
-    return all(_alive(pid) for pid in pids.values())
+    return all(alive(pid) for pid in pids.values())
 
 
-def _alive(pid: int) -> bool:
+def stop_group(pid: int, *, timeout: float) -> None:
+    """SIGTERM a detached process group, SIGKILL it after ``timeout``; fine if already gone."""
+    with suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.2)
+    with suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists (a zombie child of ours is reaped and counts as gone)."""
+    if pid <= 0:  # kill(0) would signal our own process group: no process recorded
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -9,19 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import suppress
 from functools import partial
 from pathlib import Path
 
 from agent_runner.history import upgrade
 from e2e.cluster import build, controlplane, tools
-from e2e.kube import Kubectl, wait_for
+from e2e.kube import Kubectl, healthy, wait_for
 from integration.postgres import start_postgres, stop_postgres
 
 REPO = Path(__file__).resolve().parents[3]
@@ -47,21 +43,6 @@ def _spawn(args: list[str], log: Path, env: dict[str, str]) -> int:
             start_new_session=True,
         )
     return proc.pid
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False
 
 
 def up(state: Path) -> int:
@@ -91,7 +72,7 @@ def up(state: Path) -> int:
         say("PostgreSQL running, history schema migrated")
     db_url = json.loads(database.read_text())["url"]
     env["NOCTURNE_DATABASE_URL"] = db_url
-    if not _alive(pids.get("executor")):
+    if not controlplane.alive(pids.get("executor", 0)):
         ready = state / "executor.ready"
         ready.unlink(missing_ok=True)
         pids["executor"] = _spawn(
@@ -115,8 +96,8 @@ def up(state: Path) -> int:
     kubectl(
         "wait", "--for=condition=Established", "--timeout=60s", "crd/agentschedules.nocturne.dev"
     )
-    if not _alive(pids.get("operator")):
-        port = _free_port()
+    if not controlplane.alive(pids.get("operator", 0)):
+        [port] = controlplane.free_ports(1)
         pids["operator"] = _spawn(
             [sys.executable, "-m", "nocturne_operator"],
             state / "logs" / "operator.log",
@@ -126,7 +107,7 @@ def up(state: Path) -> int:
                 "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:dev",
             },
         )
-        wait_for(lambda: _healthy(port), 60, "the operator")
+        wait_for(lambda: healthy(port), 60, "the operator")
         say("operator running")
     _write_pids(state, pids)
     if not kubectl("get", "namespace", NAMESPACE, check=False):
@@ -184,14 +165,8 @@ def down(state: Path) -> int:
     pids = _read_pids(state)
     for name in ("operator", "executor"):
         pid = pids.get(name)
-        if pid and _alive(pid):
-            with suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.2)
-            with suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+        if pid:
+            controlplane.stop_group(pid, timeout=30)
     (state / "demo.json").unlink(missing_ok=True)
     database = state / "database.json"
     if database.exists():
@@ -230,16 +205,6 @@ def _read_pids(state: Path) -> dict[str, int]:
 
 def _write_pids(state: Path, pids: dict[str, int]) -> None:
     (state / "demo.json").write_text(json.dumps(pids))
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
