@@ -23,7 +23,13 @@ from agent_runner import exitcodes
 from agent_runner.agent import RunResult, run_agent
 from agent_runner.budget import Budget, per_run_limit
 from agent_runner.config import ConfigError, RunnerEnv, TaskDocument, load_env, load_task
-from agent_runner.history import ExecutionKey, ExecutionStatus, History, HistoryError
+from agent_runner.history import (
+    ExecutionKey,
+    ExecutionStatus,
+    History,
+    HistoryError,
+    month_start,
+)
 from agent_runner.prices import load_price_table
 from agent_runner.providers import make_provider
 from agent_runner.summary import Summary, write_termination_message
@@ -103,8 +109,24 @@ def _run(state: Attempt) -> int:
                     h.total_cost(schedule.namespace, schedule.name) - h.spent_for_job(env.job_uid)
                 ),
             )
+        spent_this_month = Decimal(0)
+        if task.budget.max_monthly_usd is not None:
+            since = month_start(state.started_at, task.time_zone)
+            spent_this_month = _db(
+                state,
+                "read the schedule's spend this month",
+                Decimal(0),
+                lambda h: (
+                    h.total_cost(schedule.namespace, schedule.name, since=since)
+                    - h.spent_for_job(env.job_uid)
+                ),
+            )
         budget = state.budget = Budget(
-            per_run_limit(task.budget, spent_by_other_jobs=spent_elsewhere),
+            per_run_limit(
+                task.budget,
+                spent_by_other_jobs=spent_elsewhere,
+                spent_this_month_by_other_jobs=max(Decimal(0), spent_this_month),
+            ),
             price,
             spent_before=spent_before,
         )

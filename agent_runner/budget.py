@@ -65,13 +65,20 @@ def cost_of(price: ModelPrice, input_tokens: int, output_tokens: int) -> Decimal
     )
 
 
-def per_run_limit(budget: BudgetSpec, *, spent_by_other_jobs: Decimal = ZERO) -> Decimal:
+def per_run_limit(
+    budget: BudgetSpec,
+    *,
+    spent_by_other_jobs: Decimal = ZERO,
+    spent_this_month_by_other_jobs: Decimal = ZERO,
+) -> Decimal:
     """The limit for this run: ``maxPerRunUSD``, lowered to what remains of ``maxTotalUSD`` after
-    ``spent_by_other_jobs`` (the schedule's other Jobs; earlier attempts of this Job are the
-    ledger's ``spent_before``)."""
+    ``spent_by_other_jobs`` and of ``maxMonthlyUSD`` after ``spent_this_month_by_other_jobs``
+    (the schedule's other Jobs; earlier attempts of this Job are the ledger's ``spent_before``)."""
     limit = budget.max_per_run_usd
     if budget.max_total_usd is not None:
         limit = min(limit, max(ZERO, budget.max_total_usd - spent_by_other_jobs))
+    if budget.max_monthly_usd is not None:
+        limit = min(limit, max(ZERO, budget.max_monthly_usd - spent_this_month_by_other_jobs))
     return limit
 
 

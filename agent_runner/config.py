@@ -94,11 +94,12 @@ class BudgetSpec(_Model):
 
     max_per_run_usd: Decimal = Field(alias="maxPerRunUSD")
     max_total_usd: Decimal | None = Field(None, alias="maxTotalUSD")
+    max_monthly_usd: Decimal | None = Field(None, alias="maxMonthlyUSD")
 
-    @field_validator("max_per_run_usd", "max_total_usd", mode="before")
+    @field_validator("max_per_run_usd", "max_total_usd", "max_monthly_usd", mode="before")
     @classmethod
     def _decimal_string(cls, value: object, info: ValidationInfo) -> object:
-        if value is None and info.field_name == "max_total_usd":
+        if value is None and info.field_name != "max_per_run_usd":
             return None
         if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
             # pydantic reports ValueError (not TypeError) as a field error.

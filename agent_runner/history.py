@@ -367,6 +367,10 @@ class RunStats:
     failed: int
     consecutive_failures: int
     last_run: ExecutionRecord | None
+    # Start of the latest successful attempt (the silent-stop alarm's reference).
+    last_success_at: datetime | None = None
+    # Cost of runs started since ``month_start`` (the monthly budget); None when not asked.
+    month_cost: Decimal | None = None
 
 
 # Outcomes that count as a failed run; CANCELLED (deletion, eviction) does not.
@@ -500,6 +504,19 @@ def _zone(tz: str) -> ZoneInfo:
         return ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError):
         raise ValueError(f"tz: {tz!r} is not an IANA time zone name") from None
+
+
+def month_start(moment: datetime, tz: str) -> datetime:
+    """Local midnight on the 1st of ``moment``'s month in ``tz`` (the monthly budget's period)."""
+    local = _aware("moment", moment).astimezone(_zone(tz))
+    return datetime(local.year, local.month, 1, tzinfo=local.tzinfo)
+
+
+def next_month_start(moment: datetime, tz: str) -> datetime:
+    """Local midnight on the 1st of the month after ``moment``'s, in ``tz``."""
+    start = month_start(moment, tz)
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return start.replace(year=year, month=month)
 
 
 def _execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
@@ -1004,11 +1021,13 @@ class History:
         schedule_name: str,
         *,
         failures_since: datetime | None = None,
+        month_start: datetime | None = None,
         streak_limit: int = 100,
     ) -> RunStats:
         """Totals and the current failure streak, derived from the rows (the source of truth, so
         replays and operator restarts never double-count). Failures of Jobs started before
-        ``failures_since`` (a resume) do not count towards the streak."""
+        ``failures_since`` (a resume) do not count towards the streak. With ``month_start``,
+        also the cost of runs started since then."""
         t = _EXECUTIONS
         where = self._schedule_range(namespace, schedule_name, None, None)
         newest_first = sa.func.row_number().over(
@@ -1037,10 +1056,20 @@ class History:
             .limit(streak_limit)
         )
         total = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_usd), 0)).where(*where)
+        last_success = sa.select(sa.func.max(t.c.started_at)).where(
+            *where, t.c.status == ExecutionStatus.SUCCEEDED.value
+        )
+        month_cost: Decimal | None = None
         with self._begin(f"read run statistics of {namespace}/{schedule_name}") as conn:
             succeeded, failed = conn.execute(counts).one()
             rows = [_record(row) for row in conn.execute(recent)]
             total_cost = Decimal(conn.execute(total).scalar_one())
+            last_success_at = conn.execute(last_success).scalar_one_or_none()
+            if month_start is not None:
+                month = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_usd), 0)).where(
+                    *self._schedule_range(namespace, schedule_name, month_start, None)
+                )
+                month_cost = Decimal(conn.execute(month).scalar_one())
         streak = 0
         for row in rows:
             if failures_since is not None and row.started_at < failures_since:
@@ -1049,7 +1078,15 @@ class History:
                 break
             if row.status in FAILED_OUTCOMES:
                 streak += 1
-        return RunStats(total_cost, int(succeeded), int(failed), streak, rows[0] if rows else None)
+        return RunStats(
+            total_cost,
+            int(succeeded),
+            int(failed),
+            streak,
+            rows[0] if rows else None,
+            last_success_at=last_success_at,
+            month_cost=month_cost,
+        )
 
     def total_cost(
         self,

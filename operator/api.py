@@ -134,16 +134,18 @@ class Agent(_Model):
 
 
 class Budget(_Model):
-    """USD caps. The per-run cap is hard; the total cap suspends the schedule when reached."""
+    """USD caps. The per-run cap is hard; the total cap suspends the schedule when reached; the
+    monthly cap suspends it until the next month starts in the schedule's time zone."""
 
     max_per_run_usd: Decimal = Field(alias="maxPerRunUSD")
     max_total_usd: Decimal | None = Field(None, alias="maxTotalUSD")
+    max_monthly_usd: Decimal | None = Field(None, alias="maxMonthlyUSD")
 
-    @field_validator("max_per_run_usd", "max_total_usd", mode="before")
+    @field_validator("max_per_run_usd", "max_total_usd", "max_monthly_usd", mode="before")
     @classmethod
     def _decimal_string(cls, value: object, info: ValidationInfo) -> object:
         pattern = _USD_PER_RUN if info.field_name == "max_per_run_usd" else _USD_TOTAL
-        if value is None and info.field_name == "max_total_usd":
+        if value is None and info.field_name != "max_per_run_usd":
             return value
         if not isinstance(value, str):
             # pydantic turns ValueError (not TypeError) into a field error.
@@ -160,6 +162,11 @@ class Budget(_Model):
             raise ValueError(
                 f"maxTotalUSD {self.max_total_usd} is below maxPerRunUSD {self.max_per_run_usd}: "
                 "a single run could spend past the total"
+            )
+        if self.max_monthly_usd is not None and self.max_monthly_usd < self.max_per_run_usd:
+            raise ValueError(
+                f"maxMonthlyUSD {self.max_monthly_usd} is below maxPerRunUSD "
+                f"{self.max_per_run_usd}: a single run could spend past the month's cap"
             )
         return self
 
@@ -188,6 +195,23 @@ class Notifications(_Model):
         ]
     ] = Field(default_factory=list, max_length=8)
     cooldown_minutes: int = Field(60, alias="cooldownMinutes", ge=0, le=10080)
+    format: Literal["slack", "json"] = "json"
+
+    @field_validator("on")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("must not list an event twice")
+        return value
+
+    @model_validator(mode="after")
+    def _events_need_a_sink(self) -> Notifications:
+        if self.on and self.webhook_secret_ref is None:
+            raise ValueError(
+                f"on lists {list(self.on)} but webhookSecretRef is missing: name the Secret "
+                "holding the webhook URL"
+            )
+        return self
 
 
 class AgentScheduleSpec(_Model):

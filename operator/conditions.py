@@ -15,6 +15,7 @@ READY = "Ready"
 SUSPENDED = "Suspended"
 SCHEDULE_WARNING = "ScheduleWarning"
 BUDGET_EXHAUSTED = "BudgetExhausted"
+SILENT_STOP = "SilentStop"
 
 # Reasons
 RECONCILED = "Reconciled"
@@ -23,6 +24,10 @@ QUOTA_EXCEEDED = "QuotaExceeded"
 SUSPENDED_BY_USER = "SuspendedByUser"
 CONSECUTIVE_FAILURES = "ConsecutiveFailures"
 TOTAL_BUDGET_REACHED = "TotalBudgetReached"
+MONTHLY_BUDGET_REACHED = "MonthlyBudgetReached"
+NO_SUCCESSFUL_RUN = "NoSuccessfulRun"
+RUNS_SUCCEEDING = "RunsSucceeding"
+NOT_SCHEDULED = "NotScheduled"
 WITHIN_BUDGET = "WithinBudget"
 NOT_SUSPENDED = "NotSuspended"
 DST_TRANSITIONS = "DSTTransitions"
@@ -35,7 +40,7 @@ PHASE_SUSPENDED = "Suspended"
 PHASE_INVALID = "Invalid"
 PHASE_BUDGET_EXHAUSTED = "BudgetExhausted"
 
-_ORDER = (READY, SUSPENDED, BUDGET_EXHAUSTED, SCHEDULE_WARNING)
+_ORDER = (READY, SUSPENDED, BUDGET_EXHAUSTED, SILENT_STOP, SCHEDULE_WARNING)
 
 
 def condition(

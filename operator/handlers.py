@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from agent_runner.history import EventKind, ExecutionStatus, History, HistoryError
+from agent_runner.history import EventKind, ExecutionStatus, History, HistoryError, month_start
 from nocturne_operator import metrics, results
 from nocturne_operator import reconcile as rec
 from nocturne_operator.api import GROUP, KIND, PLURAL, VERSION
@@ -103,6 +103,8 @@ _AUDITED = {
     "AutoPaused": EventKind.AUTO_PAUSED,
     "BudgetExhausted": EventKind.BUDGET_EXHAUSTED,
     "DriftRepaired": EventKind.DRIFT_REPAIRED,
+    "SilentStop": EventKind.SILENT_STOP,
+    "BudgetAvailable": EventKind.BUDGET_RESET,
     "RunNow": EventKind.RUN_REQUESTED,
     "VerificationRun": EventKind.RUN_REQUESTED,
 }
@@ -295,7 +297,12 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
     if history is not None:
         since = rec.failures_counted_since(body.get("status") or {})
         try:
-            stats = history.run_stats(meta["namespace"], meta["name"], failures_since=since)
+            stats = history.run_stats(
+                meta["namespace"],
+                meta["name"],
+                failures_since=since,
+                month_start=_month_start(body),
+            )
         except HistoryError as exc:
             # Keep reconciling (drift repair must not depend on the database); results and
             # holds stay as last recorded on status.
@@ -325,6 +332,14 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             metrics.RECONCILE_ERRORS.inc()
             raise
     metrics.observe_schedule(meta["namespace"], meta["name"], phase)
+
+
+def _month_start(body: Mapping[str, Any]) -> datetime | None:
+    """This month's start in the schedule's zone (None for a zone validation will reject)."""
+    try:
+        return month_start(datetime.now(UTC), str((body.get("spec") or {}).get("timeZone", "UTC")))
+    except ValueError:
+        return None
 
 
 def _post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:

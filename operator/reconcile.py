@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent_runner.history import ExecutionStatus, RunStats
+from agent_runner.history import ExecutionStatus, RunStats, month_start, next_month_start
 from nocturne_operator import conditions as cond
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec
@@ -22,6 +22,7 @@ from nocturne_operator.kube import Kube
 from nocturne_operator.money import usd
 from nocturne_operator.render import (
     ANNOTATION_MANUAL_REQUEST,
+    LABEL_SCHEDULE,
     ScheduleRef,
     cronjob_name,
     labels,
@@ -51,6 +52,7 @@ OWNED_STATUS = (
     "lastManualRun",
     "lastRun",
     "totalCostUSD",
+    "thisMonth",
     "runs",
     "consecutiveFailures",
     "autoPause",
@@ -69,6 +71,11 @@ _RESULT_NAMES = {
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """(object, type Normal|Warning, reason, message) -> None"""
+NoticeSink = Callable[[str, str, str], None]
+"""(notification kind AutoPaused|BudgetExceeded|SilentStop, dedupe key, message) -> None"""
+# Slack added to a silent-stop deadline: the Job's start may lag its slot, and the sweep
+# looks only every reconcile interval.
+SILENT_STOP_GRACE = timedelta(minutes=5)
 
 
 def contains(actual: Any, desired: Any) -> bool:
@@ -96,14 +103,23 @@ def reconcile(
     peers: Sequence[Peer] | None,
     stats: RunStats | None = None,
     prices: str | None = None,
+    notices: NoticeSink | None = None,
     now: datetime | None = None,
 ) -> str:
     """Bring the CronJob, its task ConfigMap and the status in line with the AgentSchedule;
     returns the phase it wrote.
-    ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budget; None
-    when no database is configured."""
+    ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets; None
+    when no database is configured. ``notices`` receives the schedule-level notifications
+    (auto-pause, budget reached, silent stop); run-level ones come from finished Jobs."""
     return _Reconciler(
-        body, settings, kube, events, now or datetime.now(UTC), stats=stats, prices=prices
+        body,
+        settings,
+        kube,
+        events,
+        now or datetime.now(UTC),
+        stats=stats,
+        prices=prices,
+        notices=notices or (lambda _kind, _key, _message: None),
     ).run(peers)
 
 
@@ -111,6 +127,10 @@ def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
     """Failures of runs started before the last resume do not count towards auto-pause."""
     stamp = status.get("failuresCountedSince")
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
+
+
+def _parse(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def _stamp(moment: datetime) -> str:
@@ -130,8 +150,10 @@ class _Reconciler:
         *,
         stats: RunStats | None,
         prices: str | None,
+        notices: NoticeSink,
     ) -> None:
         meta = body["metadata"]
+        self.notices = notices
         self.stats = stats
         self.prices = prices
         self.body = body
@@ -146,6 +168,7 @@ class _Reconciler:
         # Keys another pass owns keep their value unless this pass decides otherwise.
         self.new: dict[str, Any] = {k: self.old.get(k) for k in OWNED_STATUS}
         self._verification_run: str | None = None
+        self._budget: tuple[str, str, str] | None = None  # (reason, message, notice key)
 
     def run(self, peers: Sequence[Peer] | None) -> str:
         result = validate(self.body, self.settings, now=self.now, peers=peers)
@@ -213,6 +236,7 @@ class _Reconciler:
                 )
             actual = kube.apply(cronjob)
         self._next_runs(spec, suspended=suspend)
+        silent_stop = self._silent_stop(spec, actual, suspended=suspend)
         verification = self._verification_run
         if verification:
             job = self._run_now(spec, actual, verification)
@@ -242,6 +266,7 @@ class _Reconciler:
             ready,
             self._suspended(spec),
             self._budget_condition(spec),
+            silent_stop,
             self._schedule_warning(result),
         ]
 
@@ -275,6 +300,7 @@ class _Reconciler:
         if old is None or old.get("status") != new["status"]:
             if auto and not spec.suspend:
                 self.events(self.body, "Warning", "AutoPaused", new["message"])
+                self.notices("AutoPaused", str(auto.get("pausedAt", "")), new["message"])
             elif spec.suspend:
                 self.events(self.body, "Normal", "Paused", f"schedule paused: {new['message']}")
             elif old is not None:
@@ -296,8 +322,14 @@ class _Reconciler:
                 self._verification_run = f"resume-{resume}"
         stats = self.stats
         if stats is None:
-            return bool(self.new.get("autoPause")) or self._budget_exhausted(spec)
+            self._budget = self._budget_state(spec)
+            return bool(self.new.get("autoPause")) or self._budget is not None
         last = stats.last_run
+        if stats.month_cost is not None:
+            self.new["thisMonth"] = {
+                "month": self._month(spec).strftime("%Y-%m"),
+                "costUSD": usd(stats.month_cost),
+            }
         self.new.update(
             totalCostUSD=usd(stats.total_cost),
             runs={"succeeded": stats.succeeded, "failed": stats.failed},
@@ -334,32 +366,131 @@ class _Reconciler:
                 "pausedAt": _stamp(self.now),
             }
             self.new["pendingVerification"] = None
-        return bool(self.new.get("autoPause")) or self._budget_exhausted(spec)
+        self._budget = self._budget_state(spec)
+        return bool(self.new.get("autoPause")) or self._budget is not None
 
-    def _budget_exhausted(self, spec: AgentScheduleSpec) -> bool:
+    def _month(self, spec: AgentScheduleSpec) -> datetime:
+        return month_start(self.now, spec.time_zone)
+
+    def _budget_state(self, spec: AgentScheduleSpec) -> tuple[str, str, str] | None:
+        """(reason, message, notice key) when a cumulative or monthly cap is reached."""
         cap = spec.budget.max_total_usd
         if self.stats is not None:
             total: Decimal | None = self.stats.total_cost
         else:  # database unavailable: hold on to the last recorded total
             recorded = self.old.get("totalCostUSD")
             total = Decimal(recorded) if recorded else None
-        return cap is not None and total is not None and total >= cap
+        if cap is not None and total is not None and total >= cap:
+            return (
+                cond.TOTAL_BUDGET_REACHED,
+                f"total cost {usd(total)} USD reached maxTotalUSD {usd(cap)}; "
+                "raise spec.budget.maxTotalUSD to resume",
+                f"total:{usd(cap)}",
+            )
+        monthly = spec.budget.max_monthly_usd
+        if monthly is None:
+            return None
+        month = self._month(spec)
+        label = month.strftime("%Y-%m")
+        if self.stats is not None and self.stats.month_cost is not None:
+            spent = self.stats.month_cost
+        else:  # database unavailable: last recorded cost of this month (a new month starts at 0)
+            recorded = self.old.get("thisMonth") or {}
+            spent = Decimal(recorded["costUSD"]) if recorded.get("month") == label else Decimal(0)
+        if spent < monthly:
+            return None
+        zone = ZoneInfo(spec.time_zone)
+        resumes = next_month_start(self.now, spec.time_zone)
+        return (
+            cond.MONTHLY_BUDGET_REACHED,
+            f"cost in {label} {usd(spent)} USD reached maxMonthlyUSD {usd(monthly)}; resumes "
+            f"automatically at {cron.describe_run(resumes, zone).local} "
+            "(or raise spec.budget.maxMonthlyUSD)",
+            f"monthly:{label}:{usd(monthly)}",
+        )
 
     def _budget_condition(self, spec: AgentScheduleSpec) -> dict[str, Any]:
-        cap = spec.budget.max_total_usd
-        if self._budget_exhausted(spec) and cap is not None:
-            new = cond.condition(
-                cond.BUDGET_EXHAUSTED,
-                True,
-                cond.TOTAL_BUDGET_REACHED,
-                f"total cost {self.new.get('totalCostUSD')} USD reached maxTotalUSD {usd(cap)}; "
-                "raise spec.budget.maxTotalUSD to resume",
+        if self._budget is not None:
+            reason, message, key = self._budget
+            new = cond.condition(cond.BUDGET_EXHAUSTED, True, reason, message, self.generation)
+            if not self._same_condition(new, keys=("status", "reason")):
+                self.events(self.body, "Warning", "BudgetExhausted", message)
+                self.notices("BudgetExceeded", key, message)
+            return new
+        new = cond.condition(cond.BUDGET_EXHAUSTED, False, cond.WITHIN_BUDGET, "", self.generation)
+        old = self._find(cond.BUDGET_EXHAUSTED)
+        if old is not None and old.get("status") == "True":
+            self.events(
+                self.body,
+                "Normal",
+                "BudgetAvailable",
+                "within budget again (a new month began or the cap was raised); runs resume",
+            )
+        return new
+
+    def _silent_stop(
+        self, spec: AgentScheduleSpec, cronjob: Mapping[str, Any], *, suspended: bool
+    ) -> dict[str, Any]:
+        """Warn when no run has succeeded for two scheduled intervals (plus the run timeout):
+        catches a CronJob that stopped firing as well as runs that never succeed."""
+        if suspended:
+            return cond.condition(
+                cond.SILENT_STOP,
+                False,
+                cond.NOT_SCHEDULED,
+                "the schedule is suspended",
                 self.generation,
             )
-            if not self._same_condition(new):
-                self.events(self.body, "Warning", "BudgetExhausted", new["message"])
-            return new
-        return cond.condition(cond.BUDGET_EXHAUSTED, False, cond.WITHIN_BUDGET, "", self.generation)
+        since = self._watching_since(cronjob)
+        zone = ZoneInfo(spec.time_zone)
+        fires = cron.next_fire_times(cron.parse_schedule(spec.schedule), zone, since, 2)
+        grace = (
+            timedelta(seconds=spec.timeout_seconds + (spec.starting_deadline_seconds or 0))
+            + SILENT_STOP_GRACE
+        )
+        if len(fires) < 2 or self.now < fires[1] + grace:
+            return cond.condition(
+                cond.SILENT_STOP,
+                False,
+                cond.RUNS_SUCCEEDING,
+                f"watching for a successful run since {cron.describe_run(since, zone).local}",
+                self.generation,
+            )
+        due = " and ".join(cron.describe_run(t, zone).local for t in fires)
+        message = (
+            f"no successful run since {cron.describe_run(since, zone).local}; runs were due at "
+            f"{due}; check CronJob {cronjob['metadata']['name']} and its Jobs "
+            f"(kubectl get jobs -n {self.ref.namespace} -l {LABEL_SCHEDULE}={self.ref.name})"
+        )
+        new = cond.condition(
+            cond.SILENT_STOP, True, cond.NO_SUCCESSFUL_RUN, message, self.generation
+        )
+        if not self._same_condition(new, keys=("status",)):
+            self.events(self.body, "Warning", "SilentStop", message)
+            self.notices("SilentStop", _stamp(since), message)
+        return new
+
+    def _watching_since(self, cronjob: Mapping[str, Any]) -> datetime:
+        """The latest of: the last successful run, the schedule's creation, the moment it was
+        last resumed."""
+        moments: list[datetime] = []
+        created = self.body["metadata"].get("creationTimestamp")
+        if created:
+            moments.append(_parse(created))
+        if self.stats is not None and self.stats.last_success_at is not None:
+            moments.append(self.stats.last_success_at)
+        cron_success = (cronjob.get("status") or {}).get("lastSuccessfulTime")
+        if cron_success:
+            moments.append(_parse(cron_success))
+        suspended = self._find(cond.SUSPENDED)
+        if suspended is not None and suspended.get("status") == "True":
+            moments.append(self.now)  # resumed in this very pass
+        elif suspended is not None and suspended.get("lastTransitionTime"):
+            moments.append(_parse(suspended["lastTransitionTime"]))
+        for stamp in (self.new.get("failuresCountedSince"),):
+            if stamp:
+                moments.append(_parse(stamp))
+        return max(moments, default=self.now)
 
     def _schedule_warning(self, result: Validated) -> dict[str, Any]:
         if not result.warnings:
@@ -420,8 +551,8 @@ class _Reconciler:
     def _find(self, type_: str) -> Mapping[str, Any] | None:
         return next((c for c in self.old.get("conditions") or [] if c.get("type") == type_), None)
 
-    def _same_condition(self, new: Mapping[str, Any]) -> bool:
+    def _same_condition(
+        self, new: Mapping[str, Any], keys: Sequence[str] = ("status", "reason", "message")
+    ) -> bool:
         found = self._find(new["type"])
-        return found is not None and all(
-            found.get(k) == new[k] for k in ("status", "reason", "message")
-        )
+        return found is not None and all(found.get(k) == new[k] for k in keys)

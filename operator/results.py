@@ -4,6 +4,9 @@ left no result (killed at the deadline, never started) is finalised from the Job
 
 Idempotent per Job and pod UID: replays and operator restarts change nothing (the history keeps
 the first final status and never lowers cost).
+
+The reaper closes the last gap: a row left RUNNING whose Job or pod no longer exists (deleted,
+garbage-collected, evicted) is finalised, so no run stays "running" forever.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from agent_runner.history import ExecutionKey, ExecutionStatus, History
+from agent_runner.history import ExecutionKey, ExecutionRecord, ExecutionStatus, History
 from agent_runner.summary import Summary, parse_summary
 
 log = logging.getLogger(__name__)
@@ -162,3 +165,76 @@ def _finished(pod: Mapping[str, Any], job: Mapping[str, Any]) -> datetime:
 
 def _parse(stamp: str) -> datetime:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+
+
+def reap(
+    stuck: Sequence[ExecutionRecord],
+    jobs: Sequence[Mapping[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
+    history: History,
+    *,
+    now: datetime,
+) -> list[tuple[ExecutionRecord, ExecutionStatus]]:
+    """Finalise RUNNING rows (of one namespace) whose Job or pod is gone; returns the rows
+    finalised and the status they got. ``jobs`` and ``pods`` are everything that exists now.
+
+    - Job gone (deleted, or garbage-collected with its schedule): CANCELLED.
+    - Job there, pod gone, Job finished: the Job's verdict (TIMED_OUT at its deadline, else
+      FAILED), as for an attempt that left no result.
+    - Job there, pod gone, Job still running (the pod was evicted or deleted and the Job
+      controller starts another): CANCELLED, which does not count as a failed run.
+    A row whose pod still exists is left alone; ``record_finished_job`` handles it when the Job
+    finishes. Rows finalised by someone else in the meantime keep their status (first wins).
+    """
+    jobs_by_uid = {j["metadata"]["uid"]: j for j in jobs}
+    pod_uids = {p["metadata"]["uid"] for p in pods}
+    done: list[tuple[ExecutionRecord, ExecutionStatus]] = []
+    for row in stuck:
+        if row.status is not ExecutionStatus.RUNNING or row.pod_uid in pod_uids:
+            continue
+        job = jobs_by_uid.get(row.job_uid)
+        outcome = job_outcome(job) if job is not None else None
+        gone = f"the pod of attempt {row.attempt} is gone"
+        completed = now
+        if job is None:
+            status = ExecutionStatus.CANCELLED
+            error = f"Job {row.job_name} was deleted before the run finished"
+        elif outcome is None:
+            status = ExecutionStatus.CANCELLED
+            error = f"{gone} (evicted or deleted); the Job goes on with another pod"
+        else:
+            completed = outcome.finished_at
+            retried = any(r.attempt > row.attempt for r in history.for_job(row.job_uid))
+            if retried:
+                status, error = ExecutionStatus.FAILED, f"{gone}; the Job retried it"
+            elif outcome.succeeded:
+                # The runner exited 0 but its result was lost with the pod: the cost recorded
+                # while it ran is all we know.
+                status = ExecutionStatus.SUCCEEDED
+                error = f"{gone}; the Job completed, its final result was not recorded"
+            elif outcome.reason == "DeadlineExceeded":
+                status = ExecutionStatus.TIMED_OUT
+                error = f"{gone}; Job deadline exceeded: {outcome.message}"
+            else:
+                status = ExecutionStatus.FAILED
+                error = f"{gone}; the Job failed ({outcome.reason}): {outcome.message}"
+        stored = history.finish(
+            row.id,
+            status=status,
+            completed_at=max(completed, row.started_at),
+            cost_usd=row.cost_usd,
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            error=error,
+            metadata={**row.metadata, "recordedBy": "reaper"},
+        )
+        log.info(
+            "reaped execution %s of %s/%s (Job %s): %s",
+            row.id,
+            row.namespace,
+            row.schedule_name,
+            row.job_name,
+            stored.value,
+        )
+        done.append((row, stored))
+    return done

@@ -68,3 +68,14 @@ def test_a_resume_restarts_the_streak(history: History) -> None:
 def test_no_runs(history: History) -> None:
     stats = history.run_stats("ns", "never")
     assert stats == type(stats)(Decimal(0), 0, 0, 0, None)
+
+
+def test_last_success_and_the_cost_since_the_month_started(history: History) -> None:
+    attempt(history, "a", 0, ExecutionStatus.SUCCEEDED, 0, cost="1.00")
+    attempt(history, "b", 0, ExecutionStatus.FAILED, 2, cost="0.25")
+    attempt(history, "c", 0, ExecutionStatus.SUCCEEDED, 5, cost="0.50")
+    attempt(history, "d", 0, ExecutionStatus.FAILED, 7, cost="0.05")
+    stats = history.run_stats("ns", "news", month_start=T0 + timedelta(hours=3))
+    assert stats.last_success_at == T0 + timedelta(hours=5)
+    assert stats.month_cost == Decimal("0.55")
+    assert history.run_stats("ns", "news").month_cost is None

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent_runner import exitcodes
-from agent_runner.history import ExecutionKey, ExecutionStatus, History, upgrade
+from agent_runner.history import ExecutionKey, ExecutionStatus, History, month_start, upgrade
 from agent_runner.summary import parse_summary
 from integration.llm_server import ScriptedServer, html_page, openai_reply
 from integration.postgres import PostgresServer
@@ -52,8 +52,9 @@ def make_task(tmp_path: Path, **spec: Any) -> Path:
         "budget": {"maxPerRunUSD": "0.50"},
         "timeoutSeconds": 120,
     }
+    name = spec.pop("name", "news")
     data.update(spec)
-    ref = ScheduleRef("news", "research", str(uuid.uuid4()))
+    ref = ScheduleRef(name, "research", str(uuid.uuid4()))
     path = tmp_path / "task.json"
     path.write_text(json.dumps(task_document(ref, AgentScheduleSpec.model_validate(data))))
     return path
@@ -195,6 +196,48 @@ def test_retries_share_one_budget(tmp_path: Path, db_url: str, history: History)
     assert result.returncode == exitcodes.BUDGET_EXHAUSTED
     assert summary_of(env).status == "BUDGET_EXCEEDED"
     assert history.spent_for_job(job_uid) == Decimal("0.50")
+
+
+def _seed_run(history: History, schedule: str, started_at: datetime, cost: str) -> None:
+    job_uid = str(uuid.uuid4())
+    run_id = history.start(
+        ExecutionKey(
+            "research", schedule, str(uuid.uuid4()), f"{schedule}-x", job_uid, str(uuid.uuid4()), 0
+        ),
+        model="gpt-4o-mini",
+        provider="openai",
+        started_at=started_at,
+    )
+    history.finish(
+        run_id,
+        status=ExecutionStatus.SUCCEEDED,
+        completed_at=started_at + timedelta(minutes=1),
+        cost_usd=Decimal(cost),
+        input_tokens=10,
+        output_tokens=10,
+    )
+
+
+def test_monthly_cap_counts_this_month_in_the_schedule_time_zone(
+    tmp_path: Path, db_url: str, history: History
+) -> None:
+    """Spend of earlier months does not count; spend since local midnight on the 1st does,
+    even when it is still last month in UTC."""
+    tokyo_month = month_start(datetime.now(UTC), "Asia/Tokyo")
+    _seed_run(history, "monthly", tokyo_month - timedelta(hours=1), "5.00")
+    spec = {
+        "name": "monthly",
+        "timeZone": "Asia/Tokyo",
+        "budget": {"maxPerRunUSD": "0.50", "maxMonthlyUSD": "1.00"},
+    }
+    env = runner_env(tmp_path, db_url, make_task(tmp_path, **spec))
+    assert run(env).returncode == exitcodes.SUCCEEDED, "last month's 5 USD must not count"
+
+    _seed_run(history, "monthly", tokyo_month + timedelta(minutes=30), "1.00")
+    env = runner_env(tmp_path, db_url, make_task(tmp_path, **spec))
+    result = run(env)
+    assert result.returncode == exitcodes.BUDGET_EXHAUSTED, result.stderr
+    assert summary_of(env).status == "BUDGET_EXCEEDED"
 
 
 def slow_page(_request: object) -> Any:

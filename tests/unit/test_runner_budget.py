@@ -153,6 +153,25 @@ def test_per_run_limit_respects_the_total_cap() -> None:
     assert per_run_limit(no_total, spent_by_other_jobs=Decimal(100)) == Decimal("2.00")
 
 
+def test_per_run_limit_respects_the_monthly_cap_and_the_tighter_cap_wins() -> None:
+    spec = BudgetSpec.model_validate(
+        {"maxPerRunUSD": "2.00", "maxTotalUSD": "100", "maxMonthlyUSD": "5"}
+    )
+    assert per_run_limit(spec, spent_this_month_by_other_jobs=Decimal("4.40")) == Decimal("0.60")
+    assert per_run_limit(spec, spent_this_month_by_other_jobs=Decimal(7)) == 0
+    both = per_run_limit(
+        spec,
+        spent_by_other_jobs=Decimal("99.90"),
+        spent_this_month_by_other_jobs=Decimal("1.00"),
+    )
+    assert both == Decimal("0.10")
+
+
+def test_monthly_cap_must_be_a_decimal_string() -> None:
+    with pytest.raises(ValueError, match="maxMonthlyUSD"):
+        BudgetSpec.model_validate({"maxPerRunUSD": "2.00", "maxMonthlyUSD": 5.5})
+
+
 def _random_price(rng: random.Random) -> ModelPrice:
     def per_mtok() -> Decimal:
         if rng.random() < 0.1:

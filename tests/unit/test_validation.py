@@ -196,6 +196,21 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         "1.00",
         "spec.budget: maxTotalUSD 1.00 is below maxPerRunUSD 2.00: a single run could spend past the total",
     ),
+    (
+        "budget.maxMonthlyUSD",
+        12.5,
+        'spec.budget.maxMonthlyUSD 12.5: must be a decimal string such as "2.00" (quote it in YAML; floats lose cents)',
+    ),
+    (
+        "budget.maxMonthlyUSD",
+        "-3",
+        'spec.budget.maxMonthlyUSD "-3": must be a non-negative decimal string such as "2.00"',
+    ),
+    (
+        "budget.maxMonthlyUSD",
+        "1.50",
+        "spec.budget: maxMonthlyUSD 1.50 is below maxPerRunUSD 2.00: a single run could spend past the month's cap",
+    ),
     ("timeoutSeconds", 5, "spec.timeoutSeconds 5: Input should be greater than or equal to 30"),
     (
         "timeoutSeconds",
@@ -238,6 +253,21 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         "notifications.webhookSecretRef",
         {"name": "slack"},
         "spec.notifications.webhookSecretRef.key: required",
+    ),
+    (
+        "notifications.format",
+        "teams",
+        "spec.notifications.format \"teams\": Input should be 'slack' or 'json'",
+    ),
+    (
+        "notifications.on",
+        ["Failed", "Failed"],
+        'spec.notifications.on ["Failed", "Failed"]: must not list an event twice',
+    ),
+    (
+        "notifications",
+        {"on": ["Failed"]},
+        "spec.notifications: on lists ['Failed'] but webhookSecretRef is missing: name the Secret holding the webhook URL",
     ),
     ("unknownField", True, "spec.unknownField: unknown field"),
 ]

@@ -1,0 +1,276 @@
+"""Safety rails of the reconcile as pure decisions: the monthly budget (held, then released when
+the month turns in the schedule's zone) and the silent-stop alarm, with the clock and the run
+statistics given. The objects live in a dict; the real apiserver is exercised by tests/e2e."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, cast
+
+import pytest
+
+from agent_runner.history import RunStats
+from nocturne_operator import conditions as cond
+from nocturne_operator.kube import Kube
+from nocturne_operator.reconcile import reconcile
+from nocturne_operator.settings import Settings
+
+SETTINGS = Settings()
+# 2026-11-26 10:00 in Tokyo.
+NOW = datetime(2026, 11, 26, 1, 0, tzinfo=UTC)
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+@dataclass
+class Objects:
+    """Just enough of the API for one schedule's reconcile: objects by (kind, name)."""
+
+    items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        found = self.items.get((kind, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        stored = copy.deepcopy(obj)
+        stored["metadata"].setdefault("uid", f"uid-{obj['metadata']['name']}")
+        old = self.items.get((obj["kind"], obj["metadata"]["name"]))
+        if old is not None and "status" in old:
+            stored["status"] = old["status"]
+        self.items[(obj["kind"], obj["metadata"]["name"])] = stored
+        return copy.deepcopy(stored)
+
+    def merge_patch(
+        self, kind: str, namespace: str, name: str, patch: dict[str, Any], *, status: bool = False
+    ) -> dict[str, Any]:
+        _merge(self.items[(kind, name)], patch)
+        return copy.deepcopy(self.items[(kind, name)])
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        key = (obj["kind"], obj["metadata"]["name"])
+        if key in self.items:
+            return None
+        return self.apply(obj)
+
+
+@dataclass
+class Recorder:
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    notices: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def event(self, _obj: Any, type_: str, reason: str, message: str) -> None:
+        self.events.append((type_, reason, message))
+
+    def notice(self, kind: str, key: str, message: str) -> None:
+        self.notices.append((kind, key, message))
+
+
+def schedule(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "nocturne.dev/v1alpha1",
+        "kind": "AgentSchedule",
+        "metadata": {
+            "name": "digest",
+            "namespace": "research",
+            "uid": "uid-digest",
+            "generation": 1,
+            "creationTimestamp": "2026-11-01T00:00:00Z",
+        },
+        "spec": {
+            "schedule": "0 9 * * *",
+            "timeZone": "Asia/Tokyo",
+            "task": {"query": "digest"},
+            "agent": {"model": "offline-demo", "provider": "offline"},
+            "budget": {"maxPerRunUSD": "1.00", "maxMonthlyUSD": "5.00"},
+        },
+    }
+    body["spec"].update(spec)
+    return body
+
+
+def stats(month_cost: str | None = "0", last_success: datetime | None = NOW) -> RunStats:
+    return RunStats(
+        Decimal("12.00"),
+        10,
+        0,
+        0,
+        None,
+        last_success_at=last_success,
+        month_cost=None if month_cost is None else Decimal(month_cost),
+    )
+
+
+class Cluster:
+    """One AgentSchedule, reconciled again and again as the operator would."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.objects = Objects()
+        self.objects.items[("AgentSchedule", "digest")] = body
+        self.seen = Recorder()
+        # The first pass happens when the schedule is created, as with the operator.
+        created = datetime.fromisoformat(body["metadata"]["creationTimestamp"])
+        self.reconcile(stats(last_success=None), now=created)
+
+    def reconcile(self, run_stats: RunStats | None, now: datetime = NOW) -> str:
+        body = self.objects.get("AgentSchedule", "research", "digest")
+        assert body is not None
+        return reconcile(
+            body,
+            SETTINGS,
+            cast(Kube, self.objects),
+            events=self.seen.event,
+            peers=None,
+            stats=run_stats,
+            notices=self.seen.notice,
+            now=now,
+        )
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return cast(dict[str, Any], self.objects.items[("AgentSchedule", "digest")]["status"])
+
+    def condition(self, type_: str) -> dict[str, Any]:
+        return next(c for c in self.status["conditions"] if c["type"] == type_)
+
+    @property
+    def cronjob_suspended(self) -> bool:
+        return bool(self.objects.items[("CronJob", "digest")]["spec"]["suspend"])
+
+
+def test_monthly_cap_holds_the_schedule_until_the_month_turns_in_its_zone() -> None:
+    cluster = Cluster(schedule())
+    assert cluster.reconcile(stats("5.00")) == cond.PHASE_BUDGET_EXHAUSTED
+    exhausted = cluster.condition(cond.BUDGET_EXHAUSTED)
+    assert exhausted["reason"] == cond.MONTHLY_BUDGET_REACHED
+    assert exhausted["message"] == (
+        "cost in 2026-11 5.00 USD reached maxMonthlyUSD 5.00; resumes automatically at "
+        "2026-12-01 00:00 JST (+09:00) (or raise spec.budget.maxMonthlyUSD)"
+    )
+    assert cluster.cronjob_suspended
+    assert cluster.status["thisMonth"] == {"month": "2026-11", "costUSD": "5.00"}
+    assert cluster.status.get("nextRunAt") is None
+    assert cluster.seen.notices == [
+        ("BudgetExceeded", "monthly:2026-11:5.00", exhausted["message"])
+    ]
+    # Idempotent: the same pass again posts nothing and changes nothing.
+    before = copy.deepcopy(cluster.status)
+    cluster.reconcile(stats("5.00"))
+    assert cluster.status == before
+    assert len(cluster.seen.notices) == 1
+    assert [e[1] for e in cluster.seen.events].count("BudgetExhausted") == 1
+
+    # One minute before midnight in Tokyo (15:00 UTC on the 30th) it is still November...
+    cluster.reconcile(stats("5.00"), now=datetime(2026, 11, 30, 14, 59, tzinfo=UTC))
+    assert cluster.cronjob_suspended
+    # ...at midnight in Tokyo December's cost is zero: the schedule runs again by itself.
+    december = datetime(2026, 11, 30, 15, 0, 30, tzinfo=UTC)
+    assert cluster.reconcile(stats("0"), now=december) == cond.PHASE_ACTIVE
+    assert not cluster.cronjob_suspended
+    assert cluster.condition(cond.BUDGET_EXHAUSTED)["status"] == "False"
+    assert cluster.status["thisMonth"] == {"month": "2026-12", "costUSD": "0.00"}
+    assert ("Normal", "BudgetAvailable") in [e[:2] for e in cluster.seen.events]
+
+
+def test_without_the_database_the_last_recorded_month_decides() -> None:
+    cluster = Cluster(schedule())
+    cluster.reconcile(stats("6.00"))
+    assert cluster.reconcile(None) == cond.PHASE_BUDGET_EXHAUSTED
+    december = datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
+    assert cluster.reconcile(None, now=december) == cond.PHASE_ACTIVE
+
+
+def test_a_raised_monthly_cap_releases_at_once_and_the_total_cap_still_wins() -> None:
+    cluster = Cluster(schedule())
+    cluster.reconcile(stats("5.00"))
+    body = cluster.objects.items[("AgentSchedule", "digest")]
+    body["spec"]["budget"]["maxMonthlyUSD"] = "8.00"
+    body["metadata"]["generation"] = 2
+    assert cluster.reconcile(stats("5.00")) == cond.PHASE_ACTIVE
+    body["spec"]["budget"]["maxTotalUSD"] = "12.00"
+    assert cluster.reconcile(stats("5.00")) == cond.PHASE_BUDGET_EXHAUSTED
+    assert cluster.condition(cond.BUDGET_EXHAUSTED)["reason"] == cond.TOTAL_BUDGET_REACHED
+
+
+def test_silent_stop_after_two_missed_intervals_once_then_clears_on_success() -> None:
+    cluster = Cluster(schedule())
+    last_success = datetime(2026, 11, 23, 0, 0, 5, tzinfo=UTC)  # 09:00:05 JST on the 23rd
+    # Runs were due at 09:00 on the 24th and the 25th; 25th 09:00 + timeout 600 s + 5 min grace.
+    just_before = datetime(2026, 11, 25, 0, 14, 59, tzinfo=UTC)
+    cluster.reconcile(stats(last_success=last_success), now=just_before)
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    assert cluster.seen.notices == []
+    after = datetime(2026, 11, 25, 0, 15, 1, tzinfo=UTC)
+    cluster.reconcile(stats(last_success=last_success), now=after)
+    alarm = cluster.condition(cond.SILENT_STOP)
+    assert alarm["status"] == "True"
+    assert alarm["reason"] == cond.NO_SUCCESSFUL_RUN
+    assert alarm["message"].startswith(
+        "no successful run since 2026-11-23 09:00 JST (+09:00); runs were due at "
+        "2026-11-24 09:00 JST (+09:00) and 2026-11-25 09:00 JST (+09:00)"
+    )
+    assert cluster.reconcile(stats(last_success=last_success), now=NOW) == cond.PHASE_ACTIVE
+    assert [n[:2] for n in cluster.seen.notices] == [("SilentStop", "2026-11-23T00:00:05Z")]
+    assert [e[1] for e in cluster.seen.events].count("SilentStop") == 1
+    cluster.reconcile(stats(last_success=NOW - timedelta(minutes=1)), now=NOW)
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+
+
+def test_silent_stop_counts_intervals_across_a_dst_change() -> None:
+    """02:30 does not exist in Berlin on 2026-03-29, and robfig/cron (like the CronJob
+    controller) skips that day's run; the alarm waits for the run on the 30th instead of
+    ringing after a naive 48 hours."""
+    body = schedule(schedule="30 2 * * *", timeZone="Europe/Berlin")
+    body["metadata"]["creationTimestamp"] = "2026-03-01T00:00:00Z"
+    cluster = Cluster(body)
+    last_success = datetime(2026, 3, 27, 1, 30, 5, tzinfo=UTC)  # 02:30 CET on the 27th
+    naive_deadline = last_success + timedelta(hours=48, minutes=16)
+    cluster.reconcile(stats(last_success=last_success), now=naive_deadline)
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    # Due: 02:30 CET on the 28th and 02:30 CEST on the 30th (00:30 UTC), + 600 s + 5 min.
+    cluster.reconcile(
+        stats(last_success=last_success), now=datetime(2026, 3, 30, 0, 44, tzinfo=UTC)
+    )
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    cluster.reconcile(
+        stats(last_success=last_success), now=datetime(2026, 3, 30, 0, 46, tzinfo=UTC)
+    )
+    alarm = cluster.condition(cond.SILENT_STOP)
+    assert alarm["status"] == "True", alarm
+    assert "2026-03-28 02:30 CET (+01:00) and 2026-03-30 02:30 CEST (+02:00)" in alarm["message"]
+
+
+@pytest.mark.parametrize("why", ["user", "budget"])
+def test_no_silent_stop_while_suspended(why: str) -> None:
+    body = schedule(suspend=True) if why == "user" else schedule()
+    cluster = Cluster(body)
+    month = "9.00" if why == "budget" else "0"
+    cluster.reconcile(stats(month, last_success=None), now=NOW + timedelta(days=30))
+    assert cluster.condition(cond.SILENT_STOP)["reason"] == cond.NOT_SCHEDULED
+    expected = ["BudgetExceeded"] if why == "budget" else []
+    assert [n[0] for n in cluster.seen.notices] == expected
+
+
+def test_a_resume_restarts_the_silent_stop_clock() -> None:
+    cluster = Cluster(schedule(suspend=True))
+    cluster.reconcile(stats(last_success=None), now=NOW)
+    body = cluster.objects.items[("AgentSchedule", "digest")]
+    body["spec"]["suspend"] = False
+    later = NOW + timedelta(days=20)
+    cluster.reconcile(stats(last_success=None), now=later)
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    cluster.reconcile(stats(last_success=None), now=later + timedelta(days=1))
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    cluster.reconcile(stats(last_success=None), now=later + timedelta(days=3))
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "True"
