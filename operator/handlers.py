@@ -7,15 +7,23 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import kopf
 
-from agent_runner.history import EventKind, ExecutionStatus, History, HistoryError, month_start
-from nocturne_operator import metrics, results
+from agent_runner.history import (
+    EventKind,
+    ExecutionRecord,
+    ExecutionStatus,
+    History,
+    HistoryError,
+    month_start,
+)
+from nocturne_operator import metrics, notify, results
 from nocturne_operator import reconcile as rec
-from nocturne_operator.api import GROUP, KIND, PLURAL, VERSION
+from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
 from nocturne_operator.kube import FIELD_MANAGER, Kube
 from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
 from nocturne_operator.settings import Settings, load_settings
@@ -52,6 +60,51 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     metrics.serve(SETTINGS.metrics_port)
     prices = SETTINGS.price_table_file
     memo["prices"] = prices.read_text() if prices is not None else None
+    memo["notifier"] = _notifier(memo) if SETTINGS.notifications_enabled else None
+
+
+def _notifier(memo: Any) -> notify.Notifier:
+    """Notices are queued in PostgreSQL (an outbox that survives restarts), or in memory when
+    the operator runs without a database."""
+    history: History | None = memo["history"]
+    kube: Kube = memo["kube"]
+    store: notify.Store = (
+        notify.PostgresStore(history.engine) if history is not None else notify.MemoryStore()
+    )
+
+    def outcome(delivery: notify.Delivery, result: str, detail: str) -> None:
+        if result != "failed":
+            return
+        schedule = {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "name": delivery.schedule_name,
+                "namespace": delivery.namespace,
+                "uid": delivery.schedule_uid,
+            },
+        }
+        _post(
+            schedule,
+            "Warning",
+            "NotificationFailed",
+            f"{delivery.kind} notification to the webhook in Secret {delivery.secret_name} "
+            f"(key {delivery.secret_key}) failed after {delivery.attempts} attempt(s): {detail}",
+        )
+
+    return notify.Notifier(
+        store,
+        kube.secret_value,
+        outcome,
+        max_attempts=SETTINGS.notification_max_attempts,
+        retry_base=timedelta(seconds=SETTINGS.notification_retry_base_seconds),
+        retry_cap=timedelta(
+            seconds=max(
+                SETTINGS.notification_retry_cap_seconds, SETTINGS.notification_retry_base_seconds
+            )
+        ),
+        timeout=SETTINGS.notification_timeout_seconds,
+    )
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -151,16 +204,22 @@ def _last_writer(meta: Mapping[str, Any]) -> str | None:
 async def start_sweeper(*, memo: Any, **_: Any) -> None:
     """Start the periodic sweep: drift repair, fresh next runs, results left unrecorded."""
     memo["sweeper"] = asyncio.create_task(_sweep(memo))
+    notifier: notify.Notifier | None = memo.get("notifier")
+    if notifier is not None:
+        # Deliveries run on the operator's loop, apart from every handler: a slow or dead
+        # webhook never holds up a reconcile.
+        memo["deliveries"] = asyncio.create_task(notifier.run(asyncio.Event()))
 
 
 @kopf.on.cleanup()
 async def stop_sweeper(*, memo: Any, **_: Any) -> None:
-    """Stop the sweep with the operator."""
-    task: asyncio.Task[None] | None = memo.get("sweeper")
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    """Stop the sweep and the deliveries with the operator."""
+    for name in ("sweeper", "deliveries"):
+        task: asyncio.Task[None] | None = memo.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _sweep(memo: Any) -> None:
@@ -171,12 +230,54 @@ async def _sweep(memo: Any) -> None:
         if indexes is None:  # no schedule seen yet
             continue
         bodies, peers = indexes
+        if memo["history"] is not None:
+            try:
+                await asyncio.to_thread(_reap, memo)
+            except Exception:
+                log.exception("reaping stuck executions failed")
         for key in list(bodies):
             for schedule in list(bodies.get(key, [])):
                 try:
                     await asyncio.to_thread(_periodic, schedule, memo, peers)
                 except Exception:
                     log.exception("periodic reconcile of %s/%s failed", *key)
+
+
+# A RUNNING row younger than this may belong to a pod the API has not shown us yet.
+REAP_AFTER = timedelta(minutes=2)
+
+
+def _reap(memo: Any) -> None:
+    """Finalise executions left RUNNING whose Job or pod is gone (one query, then one Job and
+    one pod listing per schedule that has such rows)."""
+    history: History = memo["history"]
+    kube: Kube = memo["kube"]
+    try:
+        stuck = history.stuck_running(REAP_AFTER)
+    except HistoryError as exc:
+        logging.getLogger(__name__).warning("reaper skipped: %s", exc)
+        return
+    by_schedule: dict[tuple[str, str], list[ExecutionRecord]] = {}
+    for row in stuck:
+        by_schedule.setdefault((row.namespace, row.schedule_name), []).append(row)
+    for (namespace, name), rows in by_schedule.items():
+        selector = f"{LABEL_SCHEDULE}={name}"
+        jobs = kube.list_objects("Job", namespace, selector)
+        pods = kube.list_objects("Pod", namespace, selector)
+        running_jobs = {j["metadata"]["uid"] for j in jobs if results.job_outcome(j) is None}
+        for row, status in results.reap(rows, jobs, pods, history, now=datetime.now(UTC)):
+            if row.job_uid in running_jobs:
+                continue  # counted with its Job's other attempts when the Job finishes
+            metrics.observe_run(
+                namespace,
+                name,
+                result=status.value.lower(),
+                cost=row.cost_usd,
+                input_tokens=row.input_tokens,
+                output_tokens=row.output_tokens,
+                started=row.started_at,
+                completed=datetime.now(UTC),
+            )
 
 
 def _periodic(schedule: dict[str, Any], memo: Any, peers: kopf.Index[str, Peer]) -> None:
@@ -265,6 +366,61 @@ def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) 
         )
         return
     done.add(meta["uid"])
+    age = (datetime.now(UTC) - outcome.finished_at).total_seconds()
+    if outcome.finished_at >= memo["started_at"] or age <= SETTINGS.notification_max_age_seconds:
+        # The outbox dedupes per Job: a predecessor's notices are not queued again.
+        try:
+            _notify_run(job, schedule, memo)
+        except HistoryError as exc:
+            logging.getLogger(__name__).warning(
+                "notices of Job %s/%s not queued: %s", meta["namespace"], meta["name"], exc
+            )
+
+
+def _target(schedule: Mapping[str, Any]) -> notify.Target | None:
+    """The schedule's webhook target, or None (no notifications asked for, or a spec that
+    does not validate: it gets no notices until it does)."""
+    try:
+        spec = AgentScheduleSpec.model_validate(schedule.get("spec") or {})
+    except ValueError:
+        return None
+    return notify.Target.from_spec(spec.notifications)
+
+
+def _subject(schedule: Mapping[str, Any]) -> notify.NoticeSubject:
+    meta = schedule["metadata"]
+    return notify.NoticeSubject(meta["namespace"], meta["name"], meta["uid"])
+
+
+def _notify_run(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
+    """Queue the notices of a finished Job's outcome (its last attempt)."""
+    notifier: notify.Notifier | None = memo["notifier"]
+    history: History = memo["history"]
+    target = _target(schedule)
+    if notifier is None or target is None:
+        return
+    attempts = [
+        r
+        for r in history.for_job(job["metadata"]["uid"], include_output=True)
+        if r.status is not ExecutionStatus.RUNNING
+    ]
+    if not attempts:
+        return
+    last = max(attempts, key=lambda r: (r.attempt, r.started_at))
+    run = notify.RunInfo(
+        job=last.job_name,
+        job_uid=last.job_uid,
+        result=rec.RESULT_NAMES[last.status],
+        cost_usd=sum((r.cost_usd for r in attempts), Decimal(0)),
+        started_at=min(r.started_at for r in attempts),
+        completed_at=last.completed_at,
+        output=last.output,
+        error=last.error,
+        alert=last.alert,
+        alert_reason=last.alert_reason,
+    )
+    if notifier.run_finished(_subject(schedule), target, run, now=datetime.now(UTC)):
+        notifier.wake()
 
 
 def _count_runs(job_uid: str, history: History) -> None:
@@ -308,6 +464,26 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             # holds stay as last recorded on status.
             logging.getLogger(__name__).warning("run results unavailable: %s", exc)
 
+    def notice(kind: str, key: str, message: str) -> None:
+        notifier: notify.Notifier | None = memo["notifier"]
+        target = _target(body)
+        if notifier is None or target is None:
+            return
+        try:
+            queued = notifier.schedule_event(
+                _subject(body),
+                target,
+                notify.Kind(kind),
+                key=key,
+                message=message,
+                now=datetime.now(UTC),
+            )
+        except HistoryError as exc:  # never fail a reconcile over a notice
+            logging.getLogger(__name__).warning("%s notice not queued: %s", kind, exc)
+            return
+        if queued:
+            notifier.wake()
+
     def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         _post(obj, type_, reason, message)
         if reason == "AutoPaused":
@@ -327,6 +503,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
                 peers=peers,
                 stats=stats,
                 prices=memo["prices"],
+                notices=notice,
             )
         except Exception:
             metrics.RECONCILE_ERRORS.inc()

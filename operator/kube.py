@@ -7,6 +7,8 @@ visible in ``managedFields``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -21,6 +23,7 @@ _PATHS = {
     "CronJob": "/apis/batch/v1/namespaces/{ns}/cronjobs",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Pod": "/api/v1/namespaces/{ns}/pods",
+    "Secret": "/api/v1/namespaces/{ns}/secrets",
     "AgentSchedule": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
 }
 
@@ -48,6 +51,21 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    def secret_value(self, namespace: str, name: str, key: str) -> str:
+        """One key of a Secret, decoded; LookupError naming the Secret and key (never a value)
+        when either is missing or the value is not UTF-8 text."""
+        secret = self.get("Secret", namespace, name)
+        where = f"Secret {namespace}/{name}"
+        if secret is None:
+            raise LookupError(f"{where} not found")
+        encoded = (secret.get("data") or {}).get(key)
+        if encoded is None:
+            raise LookupError(f"{where} has no key {key!r}")
+        try:
+            return base64.b64decode(encoded, validate=True).decode().strip()
+        except (binascii.Error, UnicodeDecodeError):
+            raise LookupError(f"{where} key {key!r} is not UTF-8 text") from None
 
     def list_objects(
         self, kind: str, namespace: str, label_selector: str = ""

@@ -66,6 +66,24 @@ RECONCILE_DURATION = Histogram(
 RECONCILE_ERRORS = Counter(
     "nocturne_reconcile_errors", "Reconciles that raised an error.", registry=REGISTRY
 )
+NOTIFICATIONS = Counter(
+    "nocturne_notifications",
+    "Webhook notifications by kind and result (sent, failed, suppressed by cooldown, retried).",
+    ["kind", "result"],
+    registry=REGISTRY,
+)
+# Both labels are closed sets (the AgentSchedule's notification kinds x delivery results).
+for _kind in (
+    "Succeeded",
+    "Failed",
+    "BudgetExceeded",
+    "AutoPaused",
+    "Recovered",
+    "SilentStop",
+    "Alert",
+):
+    for _result in ("sent", "failed", "suppressed", "retried"):
+        NOTIFICATIONS.labels(_kind, _result)
 
 
 class _Schedules(Collector):

@@ -60,7 +60,7 @@ OWNED_STATUS = (
     "pendingVerification",
     "lastResumeRequest",
 )
-_RESULT_NAMES = {
+RESULT_NAMES = {
     ExecutionStatus.SUCCEEDED: "Succeeded",
     ExecutionStatus.FAILED: "Failed",
     ExecutionStatus.BUDGET_EXCEEDED: "BudgetExceeded",
@@ -340,7 +340,7 @@ class _Reconciler:
                 "job": last.job_name,
                 "startedAt": _stamp(last.started_at),
                 "completedAt": _stamp(last.completed_at) if last.completed_at else None,
-                "result": _RESULT_NAMES[last.status],
+                "result": RESULT_NAMES[last.status],
                 "costUSD": usd(last.cost_usd),
                 "inputTokens": last.input_tokens,
                 "outputTokens": last.output_tokens,

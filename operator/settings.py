@@ -59,6 +59,16 @@ class Settings(BaseSettings):
     next_runs_count: int = Field(5, ge=1, le=10)
     # /metrics for Prometheus; 0 turns it off.
     metrics_port: int = Field(9090, ge=0, le=65535)
+    # Webhook notifications (spec.notifications); off: nothing is queued or sent, and the
+    # operator needs no right to read Secrets.
+    notifications_enabled: bool = True
+    notification_max_attempts: int = Field(6, ge=1, le=50)
+    notification_retry_base_seconds: float = Field(10.0, gt=0, le=3600)
+    notification_retry_cap_seconds: float = Field(600.0, gt=0, le=86_400)
+    notification_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    # A run the operator learns of later than this after it finished (it was down) is news
+    # too old to send.
+    notification_max_age_seconds: int = Field(6 * 3600, ge=60, le=7 * 86_400)
 
     @classmethod
     def settings_customise_sources(

@@ -312,7 +312,10 @@ def test_the_runner_account_can_do_nothing_and_the_operator_only_its_job(
     )
     assert can_i(kubectl, operator, "create", "cronjobs.batch", *ns)
     assert can_i(kubectl, operator, "get", "pods", *ns)
-    assert not can_i(kubectl, operator, "get", "secrets", *ns)
+    # Webhook URLs are read by the Secret's name; no Secret can be listed or watched.
+    assert can_i(kubectl, operator, "get", "secrets", *ns)
+    assert not can_i(kubectl, operator, "list", "secrets", *ns)
+    assert not can_i(kubectl, operator, "watch", "secrets", *ns)
     assert not can_i(kubectl, operator, "create", "pods", *ns)
     assert not can_i(kubectl, operator, "delete", "agentschedules.nocturne.dev", *ns)
     # Only the watched namespace: not its own, not anyone else's.

@@ -19,10 +19,19 @@ from alembic.migration import MigrationContext
 
 from agent_runner.history import MIGRATIONS_DIR, Base, History, upgrade
 from integration.postgres import PostgresServer
+from nocturne_operator.notify import NOTIFICATIONS
 
 pytestmark = pytest.mark.integration
 
-TABLES = ["agent_state", "schedule_events", "schedule_executions"]
+TABLES = ["agent_state", "notifications", "schedule_events", "schedule_executions"]
+
+
+def all_models() -> sa.MetaData:
+    """The history models plus the operator's notification outbox (migration 0002)."""
+    models = sa.MetaData()
+    for table in [*Base.metadata.tables.values(), NOTIFICATIONS]:
+        table.to_metadata(models)
+    return models
 
 
 def schema_url(url: str, schema: str) -> str:
@@ -111,11 +120,9 @@ def test_autogenerate_finds_no_difference_between_models_and_migrations(
         context = MigrationContext.configure(
             conn, opts={"compare_type": True, "compare_server_default": True}
         )
-        assert compare_metadata(context, Base.metadata) == []
+        assert compare_metadata(context, all_models()) == []
         # The comparison is not vacuous: a model change shows up.
-        changed = sa.MetaData()
-        for table in Base.metadata.tables.values():
-            table.to_metadata(changed)
+        changed = all_models()
         changed.tables["schedule_events"].append_column(sa.Column("extra", sa.Text))
         assert [d[0] for d in compare_metadata(context, changed)] == ["add_column"]
     engine.dispose()
@@ -129,7 +136,8 @@ def test_migrated_catalog_equals_the_models_catalog(
     upgrade(migrated_url)
     modelled, modelled_url = new_schema()
     engine = sa.create_engine(modelled_url, poolclass=sa.NullPool)
-    Base.metadata.create_all(engine)
+    Base.metadata.create_all(engine)  # with its CREATE STATISTICS hook
+    NOTIFICATIONS.metadata.create_all(engine)
     engine.dispose()
 
     from_migration = catalog(migrated_url, migrated)
@@ -198,7 +206,7 @@ def test_concurrent_upgrades_are_serialised(
     engine = sa.create_engine(url, poolclass=sa.NullPool)
     with engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
-        assert list(versions) == ["0001"]
+        assert list(versions) == ["0002"]
         # The lock is released: nobody holds an advisory lock afterwards.
         held = conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
         assert held.scalar_one() == 0

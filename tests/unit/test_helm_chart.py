@@ -164,6 +164,8 @@ NAMESPACED_RULES = {
     ("", "configmaps"): {"get", "list", "watch", "create", "patch", "update"},
     ("", "events"): {"create", "patch"},
     ("", "pods"): {"get", "list", "watch"},
+    # Webhook URLs of spec.notifications, by name only.
+    ("", "secrets"): {"get"},
 }
 
 
@@ -181,7 +183,7 @@ def bindings(docs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_rbac_has_no_wildcards_and_no_secret_access(variant: str) -> None:
+def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(variant: str) -> None:
     docs = render(*VARIANTS[variant])
     roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
     assert roles
@@ -191,7 +193,9 @@ def test_rbac_has_no_wildcards_and_no_secret_access(variant: str) -> None:
                 assert "*" not in rule.get(field, []), f"{role['metadata']['name']}: {rule}"
             assert "resourceNames" not in rule or rule["resourceNames"]
             assert "nonResourceURLs" not in rule
-            assert "secrets" not in rule["resources"], "the operator never reads Secrets"
+            if "secrets" in rule["resources"]:
+                assert rule["resources"] == ["secrets"]
+                assert rule["verbs"] == ["get"], "Secrets are read by name, never listed"
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
 
 
@@ -210,6 +214,22 @@ def test_cluster_wide_operator_gets_exactly_its_rules_everywhere() -> None:
     }
     assert not of_kind(docs, "RoleBinding")
     assert env_of(operator_container(docs))["NOCTURNE_WATCH_NAMESPACES"] == ""
+
+
+def test_notifications_off_drops_secret_access_and_webhook_egress() -> None:
+    on = render("--set=networkPolicy.enabled=true")
+    off = render("--set=networkPolicy.enabled=true", "--set=notifications.enabled=false")
+    assert ("", "secrets") in rules_of(one(on, "ClusterRole", f"{RELEASE}-operator"))
+    assert ("", "secrets") not in rules_of(one(off, "ClusterRole", f"{RELEASE}-operator"))
+
+    def egress_ports(docs: list[dict[str, Any]]) -> list[int]:
+        policy = one(docs, "NetworkPolicy", f"{RELEASE}-operator")
+        return [p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]]
+
+    assert 443 in egress_ports(on)
+    webhook_rule = one(on, "NetworkPolicy", f"{RELEASE}-operator")["spec"]["egress"][-1]
+    assert webhook_rule["to"][0]["ipBlock"]["except"] == ["169.254.0.0/16"]
+    assert egress_ports(off).count(443) == 1  # the API server's port only
 
 
 def test_watched_namespaces_get_role_bindings_only_there() -> None:

@@ -54,6 +54,18 @@ def test_file_with_dashes_or_underscores(tmp_path: Path) -> None:
             "reconcile_interval_seconds: 0.5\n",
             "reconcile_interval_seconds 0.5: Input should be greater than or equal to 1",
         ),
+        (
+            "notification_max_attempts: 0\n",
+            "notification_max_attempts 0: Input should be greater than or equal to 1",
+        ),
+        (
+            "notification_retry_base_seconds: 0\n",
+            "notification_retry_base_seconds 0: Input should be greater than 0",
+        ),
+        (
+            "notifications_enabled: perhaps\n",
+            "notifications_enabled 'perhaps': Input should be a valid boolean",
+        ),
         ("surprise: 1\n", "surprise 1: Extra inputs are not permitted"),
         ("- a list\n", "settings must be a mapping, got list"),
         ("key: [unclosed\n", "cannot read settings"),

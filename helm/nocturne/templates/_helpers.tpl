@@ -116,6 +116,12 @@ failed_jobs_history_limit: {{ .Values.runner.jobs.failedJobsHistoryLimit }}
 job_ttl_seconds_after_finished: {{ .Values.runner.jobs.ttlSecondsAfterFinished }}
 reconcile_interval_seconds: {{ .Values.operator.reconcileIntervalSeconds }}
 next_runs_count: {{ .Values.operator.nextRunsCount }}
+notifications_enabled: {{ .Values.notifications.enabled }}
+notification_max_attempts: {{ .Values.notifications.maxAttempts }}
+notification_retry_base_seconds: {{ .Values.notifications.retryBaseSeconds }}
+notification_retry_cap_seconds: {{ .Values.notifications.retryCapSeconds }}
+notification_timeout_seconds: {{ .Values.notifications.timeoutSeconds }}
+notification_max_age_seconds: {{ .Values.notifications.maxAgeSeconds }}
 {{- end }}
 
 {{- define "nocturne.priceTable" -}}

@@ -1,0 +1,655 @@
+"""Webhook notifications without I/O: bodies in both formats, targets, backoff, how an HTTP
+answer is read, and the decision rules on the in-memory store.
+
+The ``RULES`` scenarios take any Store; tests/integration/test_notify.py runs the same ones on
+PostgreSQL, so both stores are held to one behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from nocturne_operator import metrics
+from nocturne_operator import notify as n
+from nocturne_operator.api import Notifications
+from nocturne_operator.notify import (
+    Delivery,
+    Kind,
+    MemoryStore,
+    NoticeSubject,
+    Notifier,
+    RunInfo,
+    Status,
+    Store,
+    Target,
+)
+
+T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
+SUBJECT = NoticeSubject("news-team", "daily-news", "uid-1")
+ALL = frozenset(Kind)
+
+
+def target(
+    kinds: frozenset[Kind] | set[Kind] = ALL,
+    *,
+    minutes: int = 60,
+    fmt: n.Format = "json",
+) -> Target:
+    return Target("hook", "url", fmt, timedelta(minutes=minutes), frozenset(kinds))
+
+
+def run(
+    job: str,
+    result: str = "Succeeded",
+    *,
+    alert: bool = False,
+    reason: str | None = None,
+    output: str | None = "Today's digest",
+    error: str | None = None,
+    cost: str = "0.120000",
+) -> RunInfo:
+    return RunInfo(
+        job=f"daily-news-{job}",
+        job_uid=f"uid-{job}",
+        result=result,
+        cost_usd=Decimal(cost),
+        started_at=T0,
+        completed_at=T0 + timedelta(minutes=2, seconds=5),
+        output=output,
+        error=error,
+        alert=alert,
+        alert_reason=reason,
+    )
+
+
+Outcome = tuple[int, str, str, str]
+
+
+def notifier(store: Store, outcomes: list[Outcome] | None = None) -> Notifier:
+    def on_outcome(delivery: Delivery, result: str, detail: str) -> None:
+        if outcomes is not None:
+            outcomes.append((delivery.id, delivery.kind.value, result, detail))
+
+    def no_url(namespace: str, name: str, key: str) -> str:
+        raise LookupError(f"Secret {namespace}/{name} not found")
+
+    return Notifier(store, no_url, on_outcome)
+
+
+def rows(store: Store) -> list[tuple[str, str, bool]]:
+    """(kind, status, resolved) of the schedule's notices, oldest first."""
+    found = reversed(store.recent(SUBJECT.namespace, SUBJECT.name, limit=1000))
+    return [(d.kind.value, d.status.value, d.resolved) for d in found]
+
+
+def at(minutes: float) -> datetime:
+    return T0 + timedelta(minutes=minutes)
+
+
+# ---- decision rules, for any store ----------------------------------------------------------
+
+
+def rule_unsubscribed_kinds_store_nothing(store: Store) -> None:
+    notes = notifier(store)
+    only_failed = target({Kind.FAILED})
+    assert notes.run_finished(SUBJECT, only_failed, run("a"), now=at(0)) == []
+    assert not notes.schedule_event(
+        SUBJECT, only_failed, Kind.AUTO_PAUSED, key="p1", message="paused", now=at(1)
+    )
+    assert rows(store) == []
+    assert notes.run_finished(SUBJECT, only_failed, run("b", "Failed"), now=at(2)) == [Kind.FAILED]
+    # Recovered needs its own subscription; a success without it stores nothing.
+    assert notes.run_finished(SUBJECT, only_failed, run("c"), now=at(3)) == []
+    assert rows(store) == [("Failed", "PENDING", False)]
+
+
+def rule_a_repeated_enqueue_changes_nothing(store: Store) -> None:
+    notes = notifier(store)
+    failing = run("a", "Failed", alert=True, reason="price dropped", error="boom")
+    assert notes.run_finished(SUBJECT, target(), failing, now=at(0)) == [Kind.FAILED, Kind.ALERT]
+    before = store.recent(SUBJECT.namespace, SUBJECT.name)
+    assert notes.run_finished(SUBJECT, target(), failing, now=at(1)) == []
+    assert store.recent(SUBJECT.namespace, SUBJECT.name) == before
+    ok = run("b")
+    assert notes.run_finished(SUBJECT, target(), ok, now=at(2)) == [
+        Kind.SUCCEEDED,
+        Kind.RECOVERED,
+        Kind.ALERT,
+    ]
+    assert notes.run_finished(SUBJECT, target(), ok, now=at(3)) == []
+    event = {"key": "2026-11-01T10:00:00Z", "message": "paused after 3 failures"}
+    assert notes.schedule_event(SUBJECT, target(), Kind.AUTO_PAUSED, now=at(4), **event)
+    assert not notes.schedule_event(SUBJECT, target(), Kind.AUTO_PAUSED, now=at(5), **event)
+    assert len(rows(store)) == 6
+
+
+def rule_cooldown_suppresses_firing_notices(store: Store) -> None:
+    outcomes: list[Outcome] = []
+    notes = notifier(store, outcomes)
+    kinds = {Kind.FAILED, Kind.SILENT_STOP}
+    assert notes.run_finished(SUBJECT, target(kinds), run("a", "Failed"), now=at(0)) == [
+        Kind.FAILED
+    ]
+    assert notes.run_finished(SUBJECT, target(kinds), run("b", "TimedOut"), now=at(30)) == []
+    # Another kind has its own cooldown.
+    assert notes.schedule_event(
+        SUBJECT, target(kinds), Kind.SILENT_STOP, key="s", message="quiet", now=at(31)
+    )
+    # The window is measured from the last notice that was not suppressed (a, at minute 0).
+    assert notes.run_finished(SUBJECT, target(kinds), run("c", "Failed"), now=at(61)) == [
+        Kind.FAILED
+    ]
+    assert rows(store) == [
+        ("Failed", "PENDING", False),
+        ("Failed", "SUPPRESSED", False),
+        ("SilentStop", "PENDING", False),
+        ("Failed", "PENDING", False),
+    ]
+    assert [(kind, result) for _, kind, result, _ in outcomes] == [("Failed", "suppressed")]
+    # No cooldown: nothing is suppressed.
+    assert notes.run_finished(SUBJECT, target(kinds, minutes=0), run("d", "Failed"), now=at(62))
+
+
+def rule_resolved_notices_are_never_suppressed(store: Store) -> None:
+    notes = notifier(store)
+    t = target({Kind.FAILED, Kind.AUTO_PAUSED, Kind.RECOVERED}, minutes=600)
+    notes.run_finished(SUBJECT, t, run("a", "Failed"), now=at(0))
+    assert notes.run_finished(SUBJECT, t, run("b"), now=at(10)) == [Kind.RECOVERED]
+    assert notes.schedule_event(SUBJECT, t, Kind.AUTO_PAUSED, key="p", message="x", now=at(20))
+    # A second Recovered well within the cooldown of the first.
+    assert notes.run_finished(SUBJECT, t, run("c"), now=at(30)) == [Kind.RECOVERED]
+    assert rows(store) == [
+        ("Failed", "PENDING", False),
+        ("Recovered", "PENDING", True),
+        ("AutoPaused", "PENDING", False),
+        ("Recovered", "PENDING", True),
+    ]
+    recovered = store.recent(SUBJECT.namespace, SUBJECT.name, limit=1)[0]
+    assert "recovered from AutoPaused" in recovered.message
+
+
+def rule_recovery_follows_a_failure_notice_only(store: Store) -> None:
+    notes = notifier(store)
+    t = target({Kind.FAILED, Kind.RECOVERED})
+    assert notes.run_finished(SUBJECT, t, run("a"), now=at(0)) == []
+    notes.run_finished(SUBJECT, t, run("b", "BudgetExceeded", error="per-run cap"), now=at(1))
+    assert notes.run_finished(SUBJECT, t, run("c"), now=at(2)) == [Kind.RECOVERED]
+    assert notes.run_finished(SUBJECT, t, run("d"), now=at(3)) == []
+    assert rows(store) == [("Failed", "PENDING", False), ("Recovered", "PENDING", True)]
+
+
+def rule_a_flapping_schedule_sends_failed_recovered_then_nothing(store: Store) -> None:
+    notes = notifier(store)
+    t = target({Kind.FAILED, Kind.RECOVERED})
+    sent = [
+        notes.run_finished(
+            SUBJECT, t, run(str(i), "Failed" if i % 2 == 0 else "Succeeded"), now=at(10 * i)
+        )
+        for i in range(6)
+    ]
+    assert sent == [[Kind.FAILED], [Kind.RECOVERED], [], [], [], []]
+    assert rows(store) == [
+        ("Failed", "PENDING", False),
+        ("Recovered", "PENDING", True),
+        ("Failed", "SUPPRESSED", False),
+        ("Failed", "SUPPRESSED", False),
+    ]
+
+
+def rule_an_alert_is_cleared_by_the_next_unflagged_success(store: Store) -> None:
+    notes = notifier(store)
+    t = target({Kind.ALERT}, minutes=60)
+    assert notes.run_finished(SUBJECT, t, run("a", alert=True, reason="AAPL < 100"), now=at(0)) == [
+        Kind.ALERT
+    ]
+    assert notes.run_finished(SUBJECT, t, run("b", alert=True), now=at(5)) == []  # cooldown
+    assert notes.run_finished(SUBJECT, t, run("c"), now=at(10)) == [Kind.ALERT]  # all-clear
+    assert notes.run_finished(SUBJECT, t, run("d"), now=at(15)) == []
+    # The latest Alert row counts whatever its status: a suppressed firing is cleared too.
+    assert notes.run_finished(SUBJECT, t, run("e", alert=True), now=at(20)) == []
+    assert notes.run_finished(SUBJECT, t, run("f", "Failed"), now=at(25)) == []  # not a success
+    assert notes.run_finished(SUBJECT, t, run("g"), now=at(30)) == [Kind.ALERT]
+    assert rows(store) == [
+        ("Alert", "PENDING", False),
+        ("Alert", "SUPPRESSED", False),
+        ("Alert", "PENDING", True),
+        ("Alert", "SUPPRESSED", False),
+        ("Alert", "PENDING", True),
+    ]
+    firing = store.recent(SUBJECT.namespace, SUBJECT.name)[-1]
+    assert firing.message == "Run daily-news-a raised an alert: AAPL < 100"
+
+
+def rule_cancelled_runs_send_nothing(store: Store) -> None:
+    notes = notifier(store)
+    assert notes.run_finished(SUBJECT, target(), run("a", "Cancelled", alert=True), now=at(0)) == []
+    assert rows(store) == []
+
+
+def rule_failed_results_name_the_result_and_the_error(store: Store) -> None:
+    notes = notifier(store)
+    for i, result in enumerate(["Failed", "BudgetExceeded", "TimedOut"]):
+        notes.run_finished(
+            SUBJECT,
+            target(minutes=0),
+            run(result, result, error=f"{result} happened\nTraceback ..."),
+            now=at(i),
+        )
+    messages = [d.message for d in reversed(store.recent(SUBJECT.namespace, SUBJECT.name))]
+    assert messages == [
+        "Run daily-news-Failed failed (Failed) after 2m 5s, cost $0.12. Error: Failed happened",
+        "Run daily-news-BudgetExceeded hit its budget (BudgetExceeded) after 2m 5s, cost $0.12. "
+        "Error: BudgetExceeded happened",
+        "Run daily-news-TimedOut timed out (TimedOut) after 2m 5s, cost $0.12. "
+        "Error: TimedOut happened",
+    ]
+    first = store.recent(SUBJECT.namespace, SUBJECT.name)[-1]
+    assert first.run is not None
+    assert first.run["error"] == "Failed happened\nTraceback ..."
+    assert first.run["costUSD"] == "0.12"
+
+
+def rule_schedules_are_independent(store: Store) -> None:
+    notes = notifier(store)
+    other = NoticeSubject(SUBJECT.namespace, "other", "uid-2")
+    assert notes.run_finished(SUBJECT, target(), run("a", "Failed"), now=at(0)) == [Kind.FAILED]
+    # Same Job UID key, other schedule: not a repeat, no shared cooldown, no recovery.
+    assert notes.run_finished(other, target(), run("a", "Failed"), now=at(1)) == [Kind.FAILED]
+    assert notes.run_finished(other, target(), run("b"), now=at(2)) == [
+        Kind.SUCCEEDED,
+        Kind.RECOVERED,
+    ]
+    assert len(rows(store)) == 1
+
+
+RULES: list[Callable[[Store], None]] = [
+    rule_unsubscribed_kinds_store_nothing,
+    rule_a_repeated_enqueue_changes_nothing,
+    rule_cooldown_suppresses_firing_notices,
+    rule_resolved_notices_are_never_suppressed,
+    rule_recovery_follows_a_failure_notice_only,
+    rule_a_flapping_schedule_sends_failed_recovered_then_nothing,
+    rule_an_alert_is_cleared_by_the_next_unflagged_success,
+    rule_cancelled_runs_send_nothing,
+    rule_failed_results_name_the_result_and_the_error,
+    rule_schedules_are_independent,
+]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r.__name__.removeprefix("rule_") for r in RULES])
+def test_rules_on_the_memory_store(rule: Callable[[Store], None]) -> None:
+    rule(MemoryStore())
+
+
+def test_suppressed_notices_are_counted() -> None:
+    counter = metrics.NOTIFICATIONS.labels("Failed", "suppressed")
+    before = counter._value.get()
+    notes = notifier(MemoryStore())
+    notes.run_finished(SUBJECT, target(), run("a", "Failed"), now=at(0))
+    notes.run_finished(SUBJECT, target(), run("b", "Failed"), now=at(1))
+    assert counter._value.get() == before + 1
+
+
+def test_schedule_event_takes_schedule_kinds_only() -> None:
+    notes = notifier(MemoryStore())
+    with pytest.raises(ValueError, match="run notices come from run_finished"):
+        notes.schedule_event(SUBJECT, target(), Kind.SUCCEEDED, key="k", message="m", now=T0)
+    with pytest.raises(ValueError, match="key must not be empty"):
+        notes.schedule_event(SUBJECT, target(), Kind.AUTO_PAUSED, key="", message="m", now=T0)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        notes.schedule_event(
+            SUBJECT,
+            target(),
+            Kind.AUTO_PAUSED,
+            key="k",
+            message="m",
+            now=datetime(2026, 1, 1),  # noqa: DTZ001
+        )
+
+
+def test_run_info_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"RunInfo\.result: 'SUCCEEDED' must be one of"):
+        run("a", "SUCCEEDED")
+    with pytest.raises(TypeError, match="must be a Decimal"):
+        replace(run("a"), cost_usd=0.1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"RunInfo\.started_at"):
+        replace(run("a"), started_at=datetime(2026, 1, 1))  # noqa: DTZ001
+
+
+def test_a_failing_on_outcome_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(delivery: Delivery, result: str, detail: str) -> None:
+        raise RuntimeError("event API down")
+
+    notes = Notifier(MemoryStore(), lambda *_: "", broken)
+    notes.run_finished(SUBJECT, target(), run("a", "Failed"), now=at(0))
+    assert notes.run_finished(SUBJECT, target(), run("b", "Failed"), now=at(1)) == []
+    assert "on_outcome failed" in caplog.text
+
+
+def test_memory_store_rows_are_bounded_but_keep_the_latest_of_each_kind() -> None:
+    store = MemoryStore()
+    notes = notifier(store)
+    t = target({Kind.FAILED, Kind.SUCCEEDED, Kind.RECOVERED}, minutes=0)
+    notes.run_finished(SUBJECT, t, run("first", "Failed"), now=at(0))
+    for i in range(300):
+        notes.run_finished(SUBJECT, t, run(str(i)), now=at(1 + i))
+        for due in store.claim_due(at(1 + i), lease=timedelta(minutes=1), limit=10):
+            store.finish(
+                due.id,
+                status=Status.SENT,
+                next_attempt_at=at(1 + i),
+                sent_at=at(1 + i),
+                last_error=None,
+            )
+    kept = store.recent(SUBJECT.namespace, SUBJECT.name, limit=1000)
+    assert len(kept) == 256
+    assert kept[-1].kind is Kind.FAILED  # the recovery rule still sees the last failure
+    assert notes.run_finished(SUBJECT, t, run("last"), now=at(400)) == [Kind.SUCCEEDED]
+
+
+# ---- targets --------------------------------------------------------------------------------
+
+
+def spec(**fields: Any) -> Notifications:
+    fmt = fields.pop("format", None)
+    parsed = Notifications.model_validate(fields)
+    if fmt is not None:
+        if "format" in Notifications.model_fields:
+            return Notifications.model_validate({**fields, "format": fmt})
+        return parsed.model_copy(update={"format": fmt})
+    return parsed
+
+
+def test_target_from_spec() -> None:
+    ref = {"name": "slack-hook", "key": "url"}
+    assert Target.from_spec(spec()) is None
+    assert Target.from_spec(spec(webhookSecretRef=ref)) is None  # nothing subscribed
+    t = Target.from_spec(spec(webhookSecretRef=ref, on=["Failed", "Recovered"]))
+    assert t == Target(
+        "slack-hook", "url", "json", timedelta(hours=1), frozenset({Kind.FAILED, Kind.RECOVERED})
+    )
+    slack = Target.from_spec(
+        spec(webhookSecretRef=ref, on=["Alert"], cooldownMinutes=0, format="slack")
+    )
+    assert slack is not None
+    assert slack.format == "slack"
+    assert slack.cooldown == timedelta(0)
+    assert slack.kinds == {Kind.ALERT}
+
+
+def test_kinds_match_the_api_and_the_metric_labels() -> None:
+    from nocturne_operator.api import NOTIFICATION_EVENTS  # noqa: PLC0415
+
+    assert [k.value for k in Kind] == list(NOTIFICATION_EVENTS)
+    assert {Kind.FAILED, Kind.AUTO_PAUSED, Kind.SILENT_STOP} == n.FAILURE_KINDS
+    samples = {
+        (s.labels["kind"], s.labels["result"])
+        for family in metrics.NOTIFICATIONS.collect()
+        for s in family.samples
+        if s.name.endswith("_total")
+    }
+    assert samples == {
+        (k.value, r) for k in Kind for r in ("sent", "failed", "suppressed", "retried")
+    }
+
+
+# ---- backoff and the HTTP answer ------------------------------------------------------------
+
+
+def test_retry_delay_doubles_up_to_the_cap() -> None:
+    base, cap = timedelta(seconds=10), timedelta(minutes=10)
+    delays = [n.retry_delay(a, base=base, cap=cap).total_seconds() for a in range(1, 9)]
+    assert delays == [10, 20, 40, 80, 160, 320, 600, 600]
+    assert n.retry_delay(10_000, base=base, cap=cap) == cap
+
+
+def test_retry_delay_honours_retry_after_within_the_cap() -> None:
+    base, cap = timedelta(seconds=10), timedelta(minutes=10)
+    assert n.retry_delay(1, base=base, cap=cap, retry_after=120) == timedelta(minutes=2)
+    assert n.retry_delay(1, base=base, cap=cap, retry_after=86_400) == cap
+    assert n.retry_delay(3, base=base, cap=cap, retry_after=1) == timedelta(seconds=40)
+
+
+def test_retry_delay_jitter_only_shortens() -> None:
+    base, cap = timedelta(seconds=10), timedelta(minutes=10)
+    for attempts in range(1, 12):
+        plain = n.retry_delay(attempts, base=base, cap=cap)
+        jittered = n.retry_delay(attempts, base=base, cap=cap, jitter=0.1)
+        assert plain * 0.9 <= jittered <= plain
+
+
+@pytest.mark.parametrize(
+    ("code", "result"),
+    [
+        (200, "sent"),
+        (204, "sent"),
+        (301, "failed"),
+        (400, "failed"),
+        (403, "failed"),
+        (404, "failed"),
+        (408, "retried"),
+        (425, "retried"),
+        (429, "retried"),
+        (500, "retried"),
+        (503, "retried"),
+    ],
+)
+def test_http_answers(code: int, result: str) -> None:
+    answer = n._answer(code, "Reason", "body text", 7.0)
+    assert answer.result == result
+    if result != "sent":
+        assert answer.detail.startswith(f"HTTP {code} Reason: body text")
+
+
+def test_retry_after_takes_seconds_only() -> None:
+    assert n._retry_after("120") == 120.0
+    assert n._retry_after(" 5 ") == 5.0
+    assert n._retry_after("Wed, 21 Oct 2026 07:28:00 GMT") is None
+    assert n._retry_after(None) is None
+    assert n._retry_after("-1") is None
+
+
+def test_webhook_urls_must_be_http() -> None:
+    good = n._webhook_url("https://hooks.slack.com/services/T0/B0/secret\n")
+    assert good is not None
+    assert good.path == "/services/T0/B0/secret"
+    for bad in ["", "hooks.slack.com/x", "ftp://host/x", "file:///etc/passwd", "http://"]:
+        assert n._webhook_url(bad) is None, bad
+
+
+def test_scrub_hides_the_secret_parts_of_the_url() -> None:
+    raw = "https://hooks.example/services/T0/B0/s3cr3t?token=abc\n"
+    url = n._webhook_url(raw)
+    text = f"failed for {raw.strip()} (path /services/T0/B0/s3cr3t, token=abc)"
+    scrubbed = n._scrub(text, raw, url)
+    assert "s3cr3t" not in scrubbed
+    assert "token=abc" not in scrubbed
+
+
+def test_httpx_request_logs_show_no_webhook_path(caplog: pytest.LogCaptureFixture) -> None:
+    notifier(MemoryStore())  # installs the filter
+    url = httpx.URL("https://hooks.slack.com/services/T0/B0/s3cr3t")
+    with caplog.at_level(logging.INFO, logger="httpx"):
+        logging.getLogger("httpx").info('HTTP Request: %s %s "%s"', "POST", url, "200 OK")
+    assert "s3cr3t" not in caplog.text
+    assert "https://hooks.slack.com/***" in caplog.text
+
+
+# ---- bodies ---------------------------------------------------------------------------------
+
+
+def stored(*calls: Callable[[Notifier], object], fmt: n.Format = "json") -> list[Delivery]:
+    store = MemoryStore()
+    notes = notifier(store)
+    for call in calls:
+        call(notes)
+    found = reversed(store.recent(SUBJECT.namespace, SUBJECT.name))
+    return [replace(d, format=fmt) for d in found]
+
+
+def every_kind(fmt: n.Format) -> dict[str, Delivery]:
+    """One notice of each kind (and the alert all-clear), keyed by kind or "Alert/resolved"."""
+    t = target(minutes=0, fmt=fmt)
+
+    def finished(job: RunInfo, minute: int) -> Callable[[Notifier], object]:
+        return lambda notes: notes.run_finished(SUBJECT, t, job, now=at(minute))
+
+    def event(kind: Kind, minute: int) -> Callable[[Notifier], object]:
+        return lambda notes: notes.schedule_event(
+            SUBJECT, t, kind, key=f"k{minute}", message=f"{kind.value} <now> & then", now=at(minute)
+        )
+
+    notices = stored(
+        finished(run("a", "Failed", error="HTTP 500 from <api>"), 0),
+        finished(run("b", alert=True, reason="price < 100 & falling"), 1),
+        finished(run("c"), 2),
+        event(Kind.AUTO_PAUSED, 3),
+        event(Kind.BUDGET_EXCEEDED, 4),
+        event(Kind.SILENT_STOP, 5),
+        fmt=fmt,
+    )
+    return {
+        f"{d.kind.value}/resolved" if d.kind is Kind.ALERT and d.resolved else d.kind.value: d
+        for d in notices
+    }
+
+
+def test_every_kind_renders_in_json() -> None:
+    bodies = {key: n.json_body(d) for key, d in every_kind("json").items()}
+    assert sorted(bodies) == sorted([*(k.value for k in Kind), "Alert/resolved"])
+    failed = bodies["Failed"]
+    assert failed == {
+        "version": "nocturne.dev/v1",
+        "id": failed["id"],
+        "kind": "Failed",
+        "state": "firing",
+        "schedule": {"namespace": "news-team", "name": "daily-news", "uid": "uid-1"},
+        "message": "Run daily-news-a failed (Failed) after 2m 5s, cost $0.12. "
+        "Error: HTTP 500 from <api>",
+        "at": "2026-11-01T09:00:00Z",
+        "run": {
+            "job": "daily-news-a",
+            "result": "Failed",
+            "costUSD": "0.12",
+            "startedAt": "2026-11-01T09:00:00Z",
+            "completedAt": "2026-11-01T09:02:05Z",
+            "output": "Today's digest",
+            "error": "HTTP 500 from <api>",
+            "alertReason": None,
+        },
+        "text": "Failed: news-team/daily-news: Run daily-news-a failed (Failed) after 2m 5s, "
+        "cost $0.12. Error: HTTP 500 from <api>",
+    }
+    assert bodies["Recovered"]["state"] == "resolved"
+    assert bodies["Alert/resolved"]["state"] == "resolved"
+    assert bodies["Alert"]["state"] == "firing"
+    assert bodies["Alert"]["run"]["alertReason"] == "price < 100 & falling"
+    assert bodies["AutoPaused"]["run"] is None
+    assert bodies["AutoPaused"]["message"] == "AutoPaused <now> & then"
+    for body in bodies.values():
+        json.dumps(body)  # plain JSON: no Decimal, no datetime
+        assert "\n" not in body["text"]
+        assert isinstance(body["run"] is None or body["run"]["costUSD"], bool | str)
+
+
+def slack_texts(body: dict[str, Any]) -> list[str]:
+    texts = []
+    for block in body["blocks"]:
+        if "text" in block:
+            texts.append(block["text"]["text"])
+        texts.extend(element["text"] for element in block.get("elements", []))
+    return texts
+
+
+def test_every_kind_renders_for_slack_within_its_limits() -> None:
+    bodies = {key: n.slack_body(d) for key, d in every_kind("slack").items()}
+    for key, body in bodies.items():
+        header = body["blocks"][0]
+        assert header["type"] == "header"
+        assert header["text"]["type"] == "plain_text"
+        assert len(header["text"]["text"]) <= 150
+        assert all(len(text) <= 3000 for text in slack_texts(body)), key
+        assert "\n" not in body["text"]
+    assert bodies["Failed"]["blocks"][0]["text"]["text"] == "❌ Failed: daily-news"
+    assert bodies["Alert/resolved"]["blocks"][0]["text"]["text"] == "✅ Alert cleared: daily-news"
+    # Succeeded carries the output, Failed the error, Alert the reason and output.
+    assert "*Output*\nToday's digest" in slack_texts(bodies["Succeeded"])
+    assert "*Error*\n```HTTP 500 from &lt;api&gt;```" in slack_texts(bodies["Failed"])
+    alert = slack_texts(bodies["Alert"])
+    assert "*Alert reason*\nprice &lt; 100 &amp; falling" in alert
+    assert "*Output*\nToday's digest" in alert
+    assert not any("*Output*" in t for t in slack_texts(bodies["Recovered"]))
+    assert not any("*Output*" in t for t in slack_texts(bodies["Alert/resolved"]))
+    # Agent and user text is escaped everywhere, including the fallback text.
+    assert "AutoPaused &lt;now&gt; &amp; then" in slack_texts(bodies["AutoPaused"])
+    assert bodies["AutoPaused"]["text"].endswith("AutoPaused &lt;now&gt; &amp; then")
+    assert "Cost $0.12" in slack_texts(bodies["Succeeded"])[-2]
+
+
+def test_slack_truncates_long_output_with_a_pointer_to_the_history() -> None:
+    long = "<b>" + "x" * 20_000
+    (success,) = stored(
+        lambda notes: notes.run_finished(
+            SUBJECT, target({Kind.SUCCEEDED}), run("a", output=long), now=T0
+        ),
+        fmt="slack",
+    )
+    assert success.run is not None
+    assert len(success.run["output"].encode()) <= n.PAYLOAD_TEXT_LIMIT_BYTES  # stored: 16 KiB
+    output = slack_texts(n.slack_body(success))[-1]
+    assert len(output) == 3000
+    assert output.startswith("*Output*\n&lt;b&gt;xxx")
+    assert output.endswith("… (truncated, full output: nocturne history daily-news -n news-team)")
+    json_output = n.json_body(success)["run"]["output"]
+    assert json_output.endswith(f"… [truncated, {len(long)} bytes in total]")
+
+
+def test_slack_cuts_never_split_an_entity() -> None:
+    escaped = n._slack_escape("a" * 10 + "&" * 10)
+    for limit in range(11, 40):
+        cut = n._fit(escaped, limit, "…")
+        assert len(cut) <= limit
+        body = cut.removesuffix("…")
+        assert body.count("&") == body.count("&amp;"), cut
+
+
+def test_slack_header_is_cut_to_150_characters() -> None:
+    (failed,) = stored(
+        lambda notes: notes.run_finished(SUBJECT, target(), run("a", "Failed"), now=T0),
+        fmt="slack",
+    )
+    long_name = replace(failed, schedule_name="n" * 253)
+    header = n.slack_body(long_name)["blocks"][0]["text"]["text"]
+    assert len(header) == 150
+    assert header.endswith("…")
+
+
+def test_render_body_picks_the_format() -> None:
+    (failed,) = stored(
+        lambda notes: notes.run_finished(SUBJECT, target(), run("a", "Failed"), now=T0)
+    )
+    assert n.render_body(failed)["version"] == "nocturne.dev/v1"
+    assert "blocks" in n.render_body(replace(failed, format="slack"))
+
+
+def test_nul_and_lone_surrogates_are_made_storable() -> None:
+    (succeeded,) = stored(
+        lambda notes: notes.run_finished(
+            SUBJECT, target({Kind.SUCCEEDED}), run("a", output="a\x00b\ud800c"), now=T0
+        )
+    )
+    assert succeeded.run is not None
+    assert succeeded.run["output"] == "a\ufffdb?c"
+
+
+def test_delivery_status_values() -> None:
+    assert [s.value for s in Status] == ["PENDING", "SENT", "FAILED", "SUPPRESSED"]
