@@ -296,8 +296,8 @@ def _add_report_parsers(sub: Any) -> None:
     desc.set_defaults(func=cmd_describe)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nocturne", description=__doc__)
+def _parser(prog: str = "nocturne") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("--config", type=Path, help="operator settings file (YAML)")
     parser.add_argument("--min-interval-minutes", type=int)
     parser.add_argument("--max-per-run-usd")
@@ -335,9 +335,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def kubectl_plugin() -> int:
+    """Entry point of ``kubectl-nocturne``: on the PATH, ``kubectl nocturne ...`` runs it
+    (kubectl hands over its arguments and environment, KUBECONFIG included)."""
+    return main(prog="kubectl nocturne")
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "nocturne") -> int:
     """Entry point of the ``nocturne`` console script."""
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.min_interval_minutes is not None:
         overrides["min_interval_minutes"] = args.min_interval_minutes

@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
@@ -21,7 +23,7 @@ from agent_runner.history import ExecutionKey, ExecutionStatus, History
 from agent_runner.summary import parse_summary
 from e2e.conftest import OperatorProcess
 from e2e.kube import Cluster, Kubectl, wait_for
-from integration.llm_server import ScriptedServer, html_page
+from integration.llm_server import Reply, ScriptedServer, html_page
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +81,24 @@ def cronjob(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> di
 
 def events(kubectl: Kubectl, namespace: str, reason: str) -> list[dict[str, Any]]:
     return [e for e in kubectl.items("events", "-n", namespace) if e.get("reason") == reason]
+
+
+def nocturne_cli(
+    cluster: Cluster, *args: str, database_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real `nocturne` CLI against the cluster under test (and a history database)."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(cluster.kubeconfig)}
+    if database_url is not None:
+        env["NOCTURNE_DATABASE_URL"] = database_url
+    return subprocess.run(
+        [sys.executable, "-m", "nocturne_operator.cli", *args],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_valid_schedule_becomes_a_cronjob_with_status(
@@ -414,18 +434,9 @@ def test_cli_pause_resume_and_run(
 ) -> None:
     apply(kubectl, namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(cluster.kubeconfig)}
 
     def nocturne(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "nocturne_operator.cli", *args],
-            env=env,
-            cwd="/",
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        return nocturne_cli(cluster, *args)
 
     assert nocturne("pause", "daily-ai-news", "-n", namespace, "--reason", "audit").returncode == 0
     obj = wait_for(
@@ -558,6 +569,35 @@ def run_now(kubectl: Kubectl, namespace: str, request: str) -> None:
     )
 
 
+def wait_for_failed_runs(kubectl: Kubectl, namespace: str, count: int) -> None:
+    def counted() -> bool:
+        runs: dict[str, int] = status_of(kubectl, namespace).get("runs") or {}
+        return runs.get("failed") == count
+
+    wait_for(counted, 90, f"{count} failed runs on status")
+
+
+def cronjob_suspended(kubectl: Kubectl, namespace: str) -> bool:
+    cj = cronjob(kubectl, namespace)
+    assert cj is not None, "the CronJob is missing"
+    return bool(cj["spec"]["suspend"])
+
+
+def webhook_secret(kubectl: Kubectl, namespace: str, url: str) -> dict[str, Any]:
+    """A Secret holding the webhook URL, and the spec.notifications naming it."""
+    kubectl("create", "secret", "generic", "-n", namespace, "webhook", f"--from-literal=url={url}")
+    return {"webhookSecretRef": {"name": "webhook", "key": "url"}}
+
+
+def received(server: ScriptedServer, count: int, what: str) -> list[Any]:
+    """Exactly ``count`` webhook POSTs: wait for them, then make sure no more arrive."""
+    wait_for(lambda: len(server.requests_to("/hook")) >= count, 60, what)
+    time.sleep(3)  # a duplicate would come right behind
+    bodies = [r.json() for r in server.requests_to("/hook")]
+    assert len(bodies) == count, bodies
+    return bodies
+
+
 def test_consecutive_failures_auto_pause_and_resume_verifies(
     cluster: Cluster,
     operator: OperatorProcess,
@@ -566,91 +606,85 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
     runner_database: str,
 ) -> None:
     """An unknown model fails every run before it can reach the database; the operator records
-    the runs from their termination summaries, pauses after two, and a resume runs a check."""
+    the runs from their termination summaries, pauses after three and notifies once; a resume
+    runs a check, whose success sends one recovery notice."""
     broken = {"model": "no-such-model", "provider": "offline"}
-    apply(
-        kubectl,
-        namespace,
-        manifest(
-            schedule="0 0 1 1 *", agent=broken, failurePolicy={"pauseAfterConsecutiveFailures": 2}
-        ),
-    )
-    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    run_now(kubectl, namespace, "fail-1")
-    wait_for(
-        lambda: (status_of(kubectl, namespace).get("runs") or {}).get("failed") == 1,
-        90,
-        "the first failed run on status",
-    )
-    first = status_of(kubectl, namespace)
-    assert first["lastRun"]["result"] == "Failed"
-    assert first["consecutiveFailures"] == 1
-    assert "autoPause" not in first
-    run_now(kubectl, namespace, "fail-2")
-    paused = wait_for(
-        lambda: (s := status_of(kubectl, namespace)).get("autoPause") and s, 90, "auto-pause"
-    )
-    assert paused["phase"] == "Suspended"
-    assert paused["consecutiveFailures"] == 2
-    suspended = condition(schedule(kubectl, namespace), "Suspended")
-    assert suspended is not None
-    assert (suspended["status"], suspended["reason"]) == ("True", "ConsecutiveFailures")
-    cj = cronjob(kubectl, namespace)
-    assert cj is not None
-    assert cj["spec"]["suspend"] is True
-    assert wait_for(lambda: events(kubectl, namespace, "AutoPaused"), 15, "an AutoPaused Event")
-    with History.connect(runner_database) as history:
-        rows = history.runs(namespace, "daily-ai-news")
-    assert {r.status for r in rows} == {ExecutionStatus.FAILED}
-    assert all("no-such-model" in (r.error or "") for r in rows)
+    with ScriptedServer() as hooks:
+        hooks.route("/hook", Reply(200, json={"ok": True}), method="POST")
+        notifications = {
+            **webhook_secret(kubectl, namespace, f"{hooks.url}/hook"),
+            "on": ["AutoPaused", "Recovered"],
+            "format": "slack",
+        }
+        failing = manifest(
+            schedule="0 0 1 1 *",
+            agent=broken,
+            failurePolicy={"pauseAfterConsecutiveFailures": 3},
+            notifications=notifications,
+        )
+        apply(kubectl, namespace, failing)
+        wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+        for n in (1, 2):
+            run_now(kubectl, namespace, f"fail-{n}")
+            wait_for_failed_runs(kubectl, namespace, n)
+        first = status_of(kubectl, namespace)
+        assert first["lastRun"]["result"] == "Failed"
+        assert first["consecutiveFailures"] == 2
+        assert "autoPause" not in first
+        run_now(kubectl, namespace, "fail-3")
+        paused = wait_for(
+            lambda: (s := status_of(kubectl, namespace)).get("autoPause") and s, 90, "auto-pause"
+        )
+        assert paused["phase"] == "Suspended"
+        assert paused["consecutiveFailures"] == 3
+        suspended = condition(schedule(kubectl, namespace), "Suspended")
+        assert suspended is not None
+        assert (suspended["status"], suspended["reason"]) == ("True", "ConsecutiveFailures")
+        assert cronjob_suspended(kubectl, namespace)
+        assert wait_for(lambda: events(kubectl, namespace, "AutoPaused"), 15, "an Event")
+        [auto_paused] = received(hooks, 1, "the AutoPaused notice")
+        assert auto_paused["text"].startswith("Auto-paused: ")
+        assert "3 failed runs in a row" in json.dumps(auto_paused["blocks"])
+        [delivery] = hooks.requests_to("/hook")
+        assert delivery.headers["x-nocturne-event"] == "AutoPaused"
+        with History.connect(runner_database) as history:
+            rows = history.runs(namespace, "daily-ai-news")
+        assert {r.status for r in rows} == {ExecutionStatus.FAILED}
+        assert all("no-such-model" in (r.error or "") for r in rows)
 
-    # Fix the cause and resume: one verification run at once, then back to Active.
-    apply(
-        kubectl,
-        namespace,
-        manifest(schedule="0 0 1 1 *", failurePolicy={"pauseAfterConsecutiveFailures": 2}),
-    )
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(cluster.kubeconfig)}
-    resume = subprocess.run(
-        [sys.executable, "-m", "nocturne_operator.cli", "resume", "daily-ai-news", "-n", namespace],
-        env=env,
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert resume.returncode == 0, resume.stdout + resume.stderr
-    healed = wait_for(
-        lambda: (
-            (s := status_of(kubectl, namespace)).get("lastRun", {}).get("result") == "Succeeded"
-            and s
-        ),
-        90,
-        "the verification run to succeed",
-    )
-    assert healed["phase"] == "Active"
-    assert healed["consecutiveFailures"] == 0
-    assert healed["runs"] == {"succeeded": 1, "failed": 2}
-    assert "autoPause" not in healed
-    assert "pendingVerification" not in healed
-    assert wait_for(lambda: events(kubectl, namespace, "VerificationRun"), 15, "an Event")
-    cj = cronjob(kubectl, namespace)
-    assert cj is not None
-    assert cj["spec"]["suspend"] is False
+        # Fix the cause and resume: one verification run at once, then back to Active.
+        fixed = {**failing, "spec": {**failing["spec"], "agent": manifest()["spec"]["agent"]}}
+        apply(kubectl, namespace, fixed)
+        resume = nocturne_cli(cluster, "resume", "daily-ai-news", "-n", namespace)
+        assert resume.returncode == 0, resume.stdout + resume.stderr
+        healed = wait_for(
+            lambda: (
+                (s := status_of(kubectl, namespace)).get("lastRun", {}).get("result") == "Succeeded"
+                and s
+            ),
+            90,
+            "the verification run to succeed",
+        )
+        assert healed["phase"] == "Active"
+        assert healed["consecutiveFailures"] == 0
+        assert healed["runs"] == {"succeeded": 1, "failed": 3}
+        assert "autoPause" not in healed
+        assert "pendingVerification" not in healed
+        assert wait_for(lambda: events(kubectl, namespace, "VerificationRun"), 15, "an Event")
+        assert not cronjob_suspended(kubectl, namespace)
+        _, recovered = received(hooks, 2, "the recovery notice")
+        assert recovered["text"].startswith("Recovered: ")
+        assert hooks.requests_to("/hook")[1].headers["x-nocturne-event"] == "Recovered"
 
 
-def test_reaching_the_total_budget_suspends_until_it_is_raised(
-    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
-) -> None:
-    apply(kubectl, namespace, manifest(budget={"maxPerRunUSD": "1.00", "maxTotalUSD": "3.00"}))
-    obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    with History.connect(runner_database) as history:
-        for i in range(3):
+def seed_runs(database_url: str, namespace: str, schedule_uid: str, *costs: str) -> None:
+    """Finished runs of daily-ai-news started now, as a runner would have recorded them."""
+    with History.connect(database_url) as history:
+        for i, cost in enumerate(costs):
             key = ExecutionKey(
                 namespace,
                 "daily-ai-news",
-                obj["metadata"]["uid"],
+                schedule_uid,
                 f"j{i}",
                 f"job-{namespace}-{i}",
                 f"pod-{namespace}-{i}",
@@ -663,34 +697,79 @@ def test_reaching_the_total_budget_suspends_until_it_is_raised(
                 run_id,
                 status=ExecutionStatus.SUCCEEDED,
                 completed_at=datetime.now(UTC),
-                cost_usd=Decimal("1.00"),
+                cost_usd=Decimal(cost),
                 input_tokens=10,
                 output_tokens=10,
             )
+
+
+def budget_exhausted(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
+    obj = schedule(kubectl, namespace)
+    cond = condition(obj, "BudgetExhausted")
+    return obj if cond and cond["status"] == "True" else None
+
+
+def test_reaching_the_total_budget_suspends_until_it_is_raised(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
+) -> None:
+    with ScriptedServer() as hooks:
+        hooks.route("/hook", Reply(204), method="POST")
+        notifications = {
+            **webhook_secret(kubectl, namespace, f"{hooks.url}/hook"),
+            "on": ["BudgetExceeded"],
+        }
+        budget = {"maxPerRunUSD": "1.00", "maxTotalUSD": "3.00"}
+        apply(kubectl, namespace, manifest(budget=budget, notifications=notifications))
+        obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+        seed_runs(runner_database, namespace, obj["metadata"]["uid"], "1.00", "1.00", "1.00")
+        kubectl("label", "-n", namespace, "asched/daily-ai-news", "example.com/nudge=1")
+
+        obj = wait_for(lambda: budget_exhausted(kubectl, namespace), 30, "BudgetExhausted")
+        assert obj["status"]["phase"] == "BudgetExhausted"
+        assert obj["status"]["totalCostUSD"] == "3.00"
+        assert cronjob_suspended(kubectl, namespace)
+        assert wait_for(lambda: events(kubectl, namespace, "BudgetExhausted"), 15, "an Event")
+        [notice] = received(hooks, 1, "the BudgetExceeded notice")
+        assert notice["kind"] == "BudgetExceeded"
+        assert notice["state"] == "firing"
+        assert notice["schedule"] == {
+            "namespace": namespace,
+            "name": "daily-ai-news",
+            "uid": obj["metadata"]["uid"],
+        }
+        assert "reached maxTotalUSD 3.00" in notice["message"]
+
+        raised = {"maxPerRunUSD": "1.00", "maxTotalUSD": "10.00"}
+        apply(kubectl, namespace, manifest(budget=raised, notifications=notifications))
+        wait_for(
+            lambda: (o := ready(kubectl, namespace)) and o["status"]["phase"] == "Active",
+            30,
+            "the raised budget to lift the hold",
+        )
+        assert not cronjob_suspended(kubectl, namespace)
+
+
+def test_monthly_budget_holds_until_the_next_month_in_the_schedule_zone(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
+) -> None:
+    apply(kubectl, namespace, manifest(budget={"maxPerRunUSD": "1.00", "maxMonthlyUSD": "2.00"}))
+    obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+    seed_runs(runner_database, namespace, obj["metadata"]["uid"], "1.50", "0.50")
     kubectl("label", "-n", namespace, "asched/daily-ai-news", "example.com/nudge=1")
-
-    def exhausted() -> dict[str, Any] | None:
-        obj = schedule(kubectl, namespace)
-        cond = condition(obj, "BudgetExhausted")
-        return obj if cond and cond["status"] == "True" else None
-
-    obj = wait_for(exhausted, 30, "BudgetExhausted")
-    assert obj["status"]["phase"] == "BudgetExhausted"
-    assert obj["status"]["totalCostUSD"] == "3.00"
-    cj = cronjob(kubectl, namespace)
-    assert cj is not None
-    assert cj["spec"]["suspend"] is True
-    assert wait_for(lambda: events(kubectl, namespace, "BudgetExhausted"), 15, "an Event")
-
-    apply(kubectl, namespace, manifest(budget={"maxPerRunUSD": "1.00", "maxTotalUSD": "10.00"}))
-    wait_for(
-        lambda: (o := ready(kubectl, namespace)) and o["status"]["phase"] == "Active",
-        30,
-        "the raised budget to lift the hold",
-    )
-    cj = cronjob(kubectl, namespace)
-    assert cj is not None
-    assert cj["spec"]["suspend"] is False
+    obj = wait_for(lambda: budget_exhausted(kubectl, namespace), 30, "BudgetExhausted")
+    held = condition(obj, "BudgetExhausted")
+    assert held is not None
+    assert held["reason"] == "MonthlyBudgetReached"
+    tokyo = datetime.now(ZoneInfo("Asia/Tokyo"))
+    first = (tokyo.replace(day=28) + timedelta(days=4)).replace(day=1)
+    assert f"resumes automatically at {first:%Y-%m-%d} 00:00 JST" in held["message"]
+    assert obj["status"]["thisMonth"] == {"month": f"{tokyo:%Y-%m}", "costUSD": "2.00"}
+    assert cronjob_suspended(kubectl, namespace)
+    # A manual resume does not lift a budget hold.
+    kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/resume=r1")
+    time.sleep(3)
+    assert budget_exhausted(kubectl, namespace) is not None
+    assert cronjob_suspended(kubectl, namespace)
 
 
 def test_lifecycle_is_recorded_in_the_audit_trail(
@@ -741,35 +820,35 @@ def test_describe_shows_status_next_runs_and_last_runs(
         90,
         "the run on status",
     )
-    env = {
-        **os.environ,
-        "PYTHONSAFEPATH": "1",
-        "KUBECONFIG": str(cluster.kubeconfig),
-        "NOCTURNE_DATABASE_URL": runner_database,
-    }
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nocturne_operator.cli",
-            "describe",
-            "daily-ai-news",
-            "-n",
-            namespace,
-        ],
-        env=env,
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    described = nocturne_cli(
+        cluster, "describe", "daily-ai-news", "-n", namespace, database_url=runner_database
+    )
+    assert described.returncode == 0, described.stderr
+    out = described.stdout
     assert f"Name:          {namespace}/daily-ai-news" in out
     assert "Phase:         Active" in out
     assert "09:00 JST" in out
     assert "Ready=True Reconciled" in out
     assert "SUCCEEDED" in out.split("Last runs:")[1]
     assert "1 succeeded, 0 failed" in out
+
+    # The same through kubectl's plugin mechanism: `kubectl nocturne` finds kubectl-nocturne on
+    # the PATH (installed with the package) and hands it the kubeconfig.
+    plugin = subprocess.run(
+        [str(kubectl.binary), "nocturne", "history", "daily-ai-news", "-n", namespace],
+        env={
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "KUBECONFIG": str(cluster.kubeconfig),
+            "NOCTURNE_DATABASE_URL": runner_database,
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert plugin.returncode == 0, plugin.stderr
+    assert "SUCCEEDED" in plugin.stdout
 
 
 def test_metrics_are_served_with_their_names_types_and_values(
