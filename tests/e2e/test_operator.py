@@ -854,14 +854,25 @@ def test_describe_shows_status_next_runs_and_last_runs(
 def test_metrics_are_served_with_their_names_types_and_values(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
-    wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    run_now(kubectl, namespace, "metrics-1")
-    wait_for(
-        lambda: status_of(kubectl, namespace).get("lastRun", {}).get("result") == "Succeeded",
-        90,
-        "the run on status",
-    )
+    with ScriptedServer() as hooks:
+        hooks.route("/hook", Reply(200), method="POST")
+        notifications = {
+            **webhook_secret(kubectl, namespace, f"{hooks.url}/hook"),
+            "on": ["Succeeded"],
+        }
+        apply(kubectl, namespace, manifest(notifications=notifications))
+        wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+        run_now(kubectl, namespace, "metrics-1")
+        wait_for(
+            lambda: status_of(kubectl, namespace).get("lastRun", {}).get("result") == "Succeeded",
+            90,
+            "the run on status",
+        )
+        # The opt-in Succeeded notice carries the run's output (the digest lands in the channel).
+        [digest] = received(hooks, 1, "the Succeeded notice")
+    assert digest["kind"] == "Succeeded"
+    assert digest["run"]["result"] == "Succeeded"
+    assert digest["run"]["output"], digest
     # The exposition format sorts labels by name.
     labels = f'namespace="{namespace}",schedule="daily-ai-news"'
 
@@ -887,11 +898,18 @@ def test_metrics_are_served_with_their_names_types_and_values(
         ("nocturne_auto_pauses_total", "counter"),
         ("nocturne_reconcile_duration_seconds", "histogram"),
         ("nocturne_reconcile_errors_total", "counter"),
+        ("nocturne_notifications_total", "counter"),
     ]:
         assert f"# TYPE {name} {kind}" in text, name
     assert f"{runs('failed')} 0.0" in text  # label sets are initialised at zero
     assert f"nocturne_run_duration_seconds_count{{{labels}}} 1.0" in text
     assert f"nocturne_auto_pauses_total{{{labels}}} 0.0" in text
+    assert 'nocturne_notifications_total{kind="SilentStop",result="failed"} 0.0' in text
+    sent = re.search(
+        r'^nocturne_notifications_total\{kind="Succeeded",result="sent"\} (\d+)\.0$', text, re.M
+    )
+    assert sent is not None
+    assert int(sent.group(1)) >= 1
     active = re.search(r'^nocturne_schedules\{phase="Active"\} (\d+)\.0$', text, re.M)
     assert active is not None
     assert int(active.group(1)) >= 1
