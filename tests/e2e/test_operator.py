@@ -378,6 +378,12 @@ def test_orphaned_managed_cronjob_is_removed(
         ),
         ({"concurrencyPolicy": "Sometimes"}, "spec.concurrencyPolicy"),
         ({"timeZone": "not a zone"}, "spec.timeZone"),
+        (
+            {"notifications": {"on": ["Failed"]}},
+            "webhookSecretRef is required when spec.notifications.on lists events",
+        ),
+        ({"notifications": {"format": "teams"}}, "spec.notifications.format"),
+        ({"budget": {"maxPerRunUSD": "1", "maxMonthlyUSD": "1e3"}}, "spec.budget.maxMonthlyUSD"),
     ],
 )
 def test_invalid_schedules_are_rejected_at_apply_time(
