@@ -454,7 +454,7 @@ def _compact_json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _clean_text(value: str | None, limit_bytes: int) -> str | None:
+def clean_text(value: str | None, limit_bytes: int) -> str | None:
     """Text PostgreSQL can store: NUL replaced, invalid surrogates replaced, long text cut at a
     character boundary with a visible marker."""
     if value is None:
@@ -822,10 +822,10 @@ class History:
                 values |= {
                     "status": final.value,
                     "completed_at": completed_at,
-                    "output": _clean_text(output, OUTPUT_LIMIT_BYTES),
-                    "error": _clean_text(error, ERROR_LIMIT_BYTES),
+                    "output": clean_text(output, OUTPUT_LIMIT_BYTES),
+                    "error": clean_text(error, ERROR_LIMIT_BYTES),
                     "alert": bool(alert),
-                    "alert_reason": _clean_text(alert_reason, ERROR_LIMIT_BYTES),
+                    "alert_reason": clean_text(alert_reason, ERROR_LIMIT_BYTES),
                     "metadata": meta,
                 }
                 conn.execute(sa.update(t).where(t.c.id == execution_id).values(values))
@@ -1143,7 +1143,7 @@ class History:
             "schedule_name": schedule_name,
             "schedule_uid": schedule_uid,
             "kind": kind,
-            "reason": _clean_text(reason, ERROR_LIMIT_BYTES),
+            "reason": clean_text(reason, ERROR_LIMIT_BYTES),
             "actor": actor,
             "details": payload,
         }

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from nocturne_operator.api import NOTIFICATION_EVENTS
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 RESULTS = ("succeeded", "failed", "budget_exceeded", "timed_out", "cancelled")
 PHASES = ("Pending", "Active", "Suspended", "Invalid", "BudgetExhausted")
@@ -73,15 +75,7 @@ NOTIFICATIONS = Counter(
     registry=REGISTRY,
 )
 # Both labels are closed sets (the AgentSchedule's notification kinds x delivery results).
-for _kind in (
-    "Succeeded",
-    "Failed",
-    "BudgetExceeded",
-    "AutoPaused",
-    "Recovered",
-    "SilentStop",
-    "Alert",
-):
+for _kind in NOTIFICATION_EVENTS:
     for _result in ("sent", "failed", "suppressed", "retried"):
         NOTIFICATIONS.labels(_kind, _result)
 

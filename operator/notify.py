@@ -29,7 +29,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from agent_runner.history import HistoryError, HistoryUnavailableError, redact_url
+from agent_runner.history import HistoryError, HistoryUnavailableError, clean_text, redact_url
 from nocturne_operator import metrics
 from nocturne_operator.api import Notifications
 from nocturne_operator.money import usd
@@ -240,16 +240,9 @@ def _rfc3339(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _clean(text: str | None, limit_bytes: int = PAYLOAD_TEXT_LIMIT_BYTES) -> str | None:
+def _clean(text: str | None) -> str | None:
     """Text JSONB can store (no NUL, no lone surrogates), cut at a character boundary."""
-    if text is None:
-        return None
-    data = text.replace("\x00", "\ufffd").encode("utf-8", "replace")
-    if len(data) <= limit_bytes:
-        return data.decode("utf-8")
-    marker = f"\n… [truncated, {len(data)} bytes in total]"
-    keep = limit_bytes - len(marker.encode("utf-8"))
-    return data[:keep].decode("utf-8", "ignore") + marker
+    return clean_text(text, PAYLOAD_TEXT_LIMIT_BYTES)
 
 
 def _first_line(text: str | None, limit: int = 200) -> str:

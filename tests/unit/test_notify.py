@@ -610,7 +610,7 @@ def test_slack_truncates_long_output_with_a_pointer_to_the_history() -> None:
     assert output.startswith("*Output*\n&lt;b&gt;xxx")
     assert output.endswith("… (truncated, full output: nocturne history daily-news -n news-team)")
     json_output = n.json_body(success)["run"]["output"]
-    assert json_output.endswith(f"… [truncated, {len(long)} bytes in total]")
+    assert json_output.endswith(f"…[truncated, {len(long)} bytes in total]")
 
 
 def test_slack_cuts_never_split_an_entity() -> None:
