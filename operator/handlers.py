@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -57,6 +58,9 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     # Job UIDs whose attempts are recorded and counted (Jobs are TTL-deleted after some days,
     # so this stays small: one UID per run).
     memo["recorded_jobs"] = set()
+    memo["notified_jobs"] = set()  # ... and whose notices are queued
+    memo["jobs_in_progress"] = set()
+    memo["jobs_lock"] = threading.Lock()
     metrics.serve(SETTINGS.metrics_port)
     prices = SETTINGS.price_table_file
     memo["prices"] = prices.read_text() if prices is not None else None
@@ -85,6 +89,7 @@ def _notifier(memo: Any) -> notify.Notifier:
             },
         }
         _post(
+            kube,
             schedule,
             "Warning",
             "NotificationFailed",
@@ -265,7 +270,15 @@ def _reap(memo: Any) -> None:
         jobs = kube.list_objects("Job", namespace, selector)
         pods = kube.list_objects("Pod", namespace, selector)
         running_jobs = {j["metadata"]["uid"] for j in jobs if results.job_outcome(j) is None}
-        for row, status in results.reap(rows, jobs, pods, history, now=datetime.now(UTC)):
+        reaped = results.reap(rows, jobs, pods, history, now=datetime.now(UTC))
+        schedule = _indexed_schedule(memo, namespace, name)
+        for job in jobs:
+            ended_here = any(row.job_uid == job["metadata"]["uid"] for row, _ in reaped)
+            if ended_here and job["metadata"]["uid"] not in running_jobs and schedule:
+                # Its last attempt only now has a final status: its notices are due now.
+                memo["notified_jobs"].discard(job["metadata"]["uid"])
+                _record_job(job, schedule, memo)
+        for row, status in reaped:
             if row.job_uid in running_jobs:
                 continue  # counted with its Job's other attempts when the Job finishes
             metrics.observe_run(
@@ -278,6 +291,15 @@ def _reap(memo: Any) -> None:
                 started=row.started_at,
                 completed=datetime.now(UTC),
             )
+
+
+def _indexed_schedule(memo: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
+    indexes = memo.get("indexes")
+    if indexes is None:
+        return None
+    found: list[dict[str, Any]] = list(indexes[0].get((namespace, name), []))
+    return found[0] if found else None
 
 
 def _periodic(schedule: dict[str, Any], memo: Any, peers: kopf.Index[str, Peer]) -> None:
@@ -342,39 +364,56 @@ def job_event(
 
 
 def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
-    """Record a finished Job's attempts once; later events and sweeps skip it without any
-    API or database call."""
+    """Record a finished Job's attempts once and queue its notices once; later events and
+    sweeps skip it without any API or database call. The Job event handler and the sweep may
+    meet on one Job: the first claims it, the other skips it."""
     history: History | None = memo["history"]
     outcome = results.job_outcome(job)
     meta = job["metadata"]
+    uid = meta["uid"]
     done: set[str] = memo["recorded_jobs"]
-    if history is None or outcome is None or meta["uid"] in done:
-        return
-    kube: Kube = memo["kube"]
-    pods = kube.list_objects(
-        "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
-    )
+    notified: set[str] = memo["notified_jobs"]
+    busy: set[str] = memo["jobs_in_progress"]
+    with memo["jobs_lock"]:
+        if history is None or outcome is None or uid in busy or uid in notified:
+            return
+        busy.add(uid)
+    log = logging.getLogger(__name__)
     try:
-        results.record_finished_job(job, pods, schedule, history)
-        # Jobs that finished before this process started were counted by its predecessor.
-        if outcome.finished_at >= memo["started_at"]:
-            _count_runs(meta["uid"], history)
-    except HistoryError as exc:
-        # The sweep comes back to it: nothing is lost while the database is down.
-        logging.getLogger(__name__).warning(
-            "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
-        )
-        return
-    done.add(meta["uid"])
-    age = (datetime.now(UTC) - outcome.finished_at).total_seconds()
-    if outcome.finished_at >= memo["started_at"] or age <= SETTINGS.notification_max_age_seconds:
-        # The outbox dedupes per Job: a predecessor's notices are not queued again.
-        try:
-            _notify_run(job, schedule, memo)
-        except HistoryError as exc:
-            logging.getLogger(__name__).warning(
-                "notices of Job %s/%s not queued: %s", meta["namespace"], meta["name"], exc
+        if uid not in done:
+            kube: Kube = memo["kube"]
+            pods = kube.list_objects(
+                "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
             )
+            try:
+                results.record_finished_job(job, pods, schedule, history)
+                # Jobs that finished before this process started were counted by its predecessor.
+                if outcome.finished_at >= memo["started_at"]:
+                    _count_runs(uid, history)
+            except HistoryError as exc:
+                # The sweep comes back to it: nothing is lost while the database is down.
+                log.warning(
+                    "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
+                )
+                return
+            done.add(uid)
+        age = (datetime.now(UTC) - outcome.finished_at).total_seconds()
+        if (
+            outcome.finished_at >= memo["started_at"]
+            or age <= SETTINGS.notification_max_age_seconds
+        ):
+            # The outbox dedupes per Job: a predecessor's notices are not queued again.
+            try:
+                _notify_run(job, schedule, memo)
+            except HistoryError as exc:
+                log.warning(
+                    "notices of Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
+                )
+                return
+        notified.add(uid)
+    finally:
+        with memo["jobs_lock"]:
+            busy.discard(uid)
 
 
 def _target(schedule: Mapping[str, Any]) -> notify.Target | None:
@@ -399,13 +438,9 @@ def _notify_run(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) 
     target = _target(schedule)
     if notifier is None or target is None:
         return
-    attempts = [
-        r
-        for r in history.for_job(job["metadata"]["uid"], include_output=True)
-        if r.status is not ExecutionStatus.RUNNING
-    ]
-    if not attempts:
-        return
+    attempts = history.for_job(job["metadata"]["uid"], include_output=True)
+    if not attempts or any(r.status is ExecutionStatus.RUNNING for r in attempts):
+        return  # an attempt without its result yet: the reaper finalises it, then notifies
     last = max(attempts, key=lambda r: (r.attempt, r.started_at))
     run = notify.RunInfo(
         job=last.job_name,
@@ -449,6 +484,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
     meta = body["metadata"]
     peers = list(index.get(meta["namespace"], []))
     history: History | None = memo["history"]
+    now = datetime.now(UTC)  # one clock for the month's cost and the month it is labelled with
     stats = None
     if history is not None:
         since = rec.failures_counted_since(body.get("status") or {})
@@ -457,7 +493,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
                 meta["namespace"],
                 meta["name"],
                 failures_since=since,
-                month_start=_month_start(body),
+                month_start=_month_start(body, now),
             )
         except HistoryError as exc:
             # Keep reconciling (drift repair must not depend on the database); results and
@@ -476,7 +512,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
                 notify.Kind(kind),
                 key=key,
                 message=message,
-                now=datetime.now(UTC),
+                now=now,
             )
         except HistoryError as exc:  # never fail a reconcile over a notice
             logging.getLogger(__name__).warning("%s notice not queued: %s", kind, exc)
@@ -485,7 +521,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             notifier.wake()
 
     def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        _post(obj, type_, reason, message)
+        _post(memo["kube"], obj, type_, reason, message)
         if reason == "AutoPaused":
             metrics.AUTO_PAUSES.labels(meta["namespace"], meta["name"]).inc()
         elif reason == "BudgetExhausted":
@@ -504,6 +540,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
                 stats=stats,
                 prices=memo["prices"],
                 notices=notice,
+                now=now,
             )
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
@@ -511,13 +548,21 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
     metrics.observe_schedule(meta["namespace"], meta["name"], phase)
 
 
-def _month_start(body: Mapping[str, Any]) -> datetime | None:
+def _month_start(body: Mapping[str, Any], now: datetime) -> datetime | None:
     """This month's start in the schedule's zone (None for a zone validation will reject)."""
     try:
-        return month_start(datetime.now(UTC), str((body.get("spec") or {}).get("timeZone", "UTC")))
+        return month_start(now, str((body.get("spec") or {}).get("timeZone", "UTC")))
     except ValueError:
         return None
 
 
-def _post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    kopf.event(kopf.Body(obj), type=type_, reason=reason, message=message[:1024])  # type: ignore[arg-type]
+def _post(kube: Kube, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post an Event through the API (from handlers, the sweep and the delivery loop alike);
+    a failure is logged, never raised: an Event is worth less than the reconcile around it."""
+    try:
+        kube.post_event(obj, type_, reason, message)
+    except Exception as exc:  # any API or transport error
+        meta = obj.get("metadata") or {}
+        logging.getLogger(__name__).warning(
+            "Event %s on %s/%s not posted: %s", reason, meta.get("namespace"), meta.get("name"), exc
+        )

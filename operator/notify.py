@@ -94,6 +94,9 @@ class Kind(StrEnum):
 FAILURE_KINDS = frozenset({Kind.FAILED, Kind.AUTO_PAUSED, Kind.SILENT_STOP})
 """The kinds a Recovered notice resolves."""
 _EVENT_KINDS = frozenset({Kind.AUTO_PAUSED, Kind.BUDGET_EXCEEDED, Kind.SILENT_STOP})
+# Never held back: a Succeeded notice carries content (the digest) and is opted into per run;
+# an auto-pause or a reached budget cannot flap (each needs a human or a new month to end).
+_NO_COOLDOWN = frozenset({Kind.SUCCEEDED, Kind.AUTO_PAUSED, Kind.BUDGET_EXCEEDED})
 _RUN_RESULTS = ("Succeeded", "Failed", "BudgetExceeded", "TimedOut", "Cancelled")
 _FAILED_RESULTS = {"Failed": "failed", "BudgetExceeded": "hit its budget", "TimedOut": "timed out"}
 
@@ -470,9 +473,10 @@ class ScheduleView(Protocol):
         ...
 
     def latest(
-        self, kinds: frozenset[Kind], *, include_suppressed: bool
+        self, kinds: frozenset[Kind], *, include_suppressed: bool, before: datetime
     ) -> tuple[Kind, bool] | None:
-        """(kind, resolved) of the newest notice among ``kinds``, or None."""
+        """(kind, resolved) of the newest notice among ``kinds`` created before ``before``,
+        or None."""
         ...
 
     def insert(self, notice: Notice, status: Status) -> Delivery | None:
@@ -483,7 +487,7 @@ class ScheduleView(Protocol):
 class Store(Protocol):
     """The outbox: PostgresStore, or MemoryStore without a database."""
 
-    def schedule(self, namespace: str, name: str) -> AbstractContextManager[ScheduleView]:
+    def schedule(self, subject: NoticeSubject) -> AbstractContextManager[ScheduleView]:
         """A transaction holding the schedule's lock: decisions in it do not race."""
         ...
 
@@ -532,12 +536,10 @@ NOTIFICATIONS = sa.Table(
     sa.Column("payload", pg.JSONB, server_default=sa.text("'{}'::jsonb"), nullable=False),
     sa.PrimaryKeyConstraint("id", name="pk_notifications"),
     # The dedupe key: a repeated enqueue (handler retry, operator restart) changes nothing.
+    # Keyed by the schedule's UID: a schedule deleted and created again under the same name
+    # starts with a clean slate (no inherited dedupe, cooldown or recovery state).
     sa.UniqueConstraint(
-        "namespace",
-        "schedule_name",
-        "kind",
-        "dedupe_key",
-        name="uq_notifications_namespace_schedule_name_kind_dedupe_key",
+        "schedule_uid", "kind", "dedupe_key", name="uq_notifications_schedule_uid_kind_dedupe_key"
     ),
     sa.CheckConstraint(
         "kind IN (" + ", ".join(f"'{k.value}'" for k in Kind) + ")", name="ck_notifications_kind"
@@ -556,13 +558,7 @@ NOTIFICATIONS = sa.Table(
         "ix_notifications_due", "next_attempt_at", postgresql_where=sa.text("status = 'PENDING'")
     ),
     # Cooldown and "latest notice of these kinds" per schedule.
-    sa.Index(
-        "ix_notifications_schedule_kind_created",
-        "namespace",
-        "schedule_name",
-        "kind",
-        "created_at",
-    ),
+    sa.Index("ix_notifications_schedule_uid_kind_created", "schedule_uid", "kind", "created_at"),
 )
 """The table migration 0002 creates (tests/integration/test_notify.py keeps the two in step)."""
 
@@ -575,12 +571,9 @@ def _delivery(row: sa.Row[Any]) -> Delivery:
 
 
 class _PostgresView:
-    def __init__(self, conn: sa.Connection, namespace: str, name: str) -> None:
+    def __init__(self, conn: sa.Connection, subject: NoticeSubject) -> None:
         self._conn = conn
-        self._namespace = namespace
-        self._name = name
-        t = NOTIFICATIONS
-        self._mine = sa.and_(t.c.namespace == namespace, t.c.schedule_name == name)
+        self._mine = NOTIFICATIONS.c.schedule_uid == subject.uid
 
     def exists(self, kind: Kind, dedupe_key: str) -> bool:
         t = NOTIFICATIONS
@@ -603,10 +596,12 @@ class _PostgresView:
         return self._conn.execute(query).first() is not None
 
     def latest(
-        self, kinds: frozenset[Kind], *, include_suppressed: bool
+        self, kinds: frozenset[Kind], *, include_suppressed: bool, before: datetime
     ) -> tuple[Kind, bool] | None:
         t = NOTIFICATIONS
-        query = sa.select(t.c.kind, t.c.resolved).where(self._mine, t.c.kind.in_(sorted(kinds)))
+        query = sa.select(t.c.kind, t.c.resolved).where(
+            self._mine, t.c.kind.in_(sorted(kinds)), t.c.created_at < before
+        )
         if not include_suppressed:
             query = query.where(t.c.status != Status.SUPPRESSED)
         row = self._conn.execute(
@@ -634,9 +629,7 @@ class _PostgresView:
                 format=notice.format,
                 payload=dict(notice.payload),
             )
-            .on_conflict_do_nothing(
-                constraint="uq_notifications_namespace_schedule_name_kind_dedupe_key"
-            )
+            .on_conflict_do_nothing(constraint="uq_notifications_schedule_uid_kind_dedupe_key")
             .returning(*t.c)
         )
         row = self._conn.execute(statement).first()
@@ -663,14 +656,14 @@ class PostgresStore:
             raise HistoryError(f"{operation} failed: {str(exc.orig or exc).strip()}") from exc
 
     @contextmanager
-    def schedule(self, namespace: str, name: str) -> Iterator[ScheduleView]:
+    def schedule(self, subject: NoticeSubject) -> Iterator[ScheduleView]:
         """A transaction holding a per-schedule advisory lock (released at commit)."""
-        with self._begin(f"notifications of {namespace}/{name}") as conn:
+        with self._begin(f"notifications of {subject.namespace}/{subject.name}") as conn:
             conn.execute(
                 sa.text("SELECT pg_advisory_xact_lock(:cls, hashtext(:key))"),
-                {"cls": _LOCK_CLASS, "key": f"{namespace}/{name}"},
+                {"cls": _LOCK_CLASS, "key": subject.uid},
             )
-            yield _PostgresView(conn, namespace, name)
+            yield _PostgresView(conn, subject)
 
     def claim_due(self, now: datetime, *, lease: timedelta, limit: int) -> list[Delivery]:
         t = NOTIFICATIONS
@@ -746,12 +739,14 @@ class _MemoryView:
         )
 
     def latest(
-        self, kinds: frozenset[Kind], *, include_suppressed: bool
+        self, kinds: frozenset[Kind], *, include_suppressed: bool, before: datetime
     ) -> tuple[Kind, bool] | None:
         rows = [
             d
             for d in self._rows
-            if d.kind in kinds and (include_suppressed or d.status is not Status.SUPPRESSED)
+            if d.kind in kinds
+            and d.created_at < before
+            and (include_suppressed or d.status is not Status.SUPPRESSED)
         ]
         if not rows:
             return None
@@ -809,7 +804,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._rows: dict[tuple[str, str], list[Delivery]] = {}
+        self._rows: dict[str, list[Delivery]] = {}  # by schedule UID
         self._last_id = 0
 
     def _new_id(self) -> int:
@@ -817,16 +812,16 @@ class MemoryStore:
         return self._last_id
 
     @contextmanager
-    def schedule(self, namespace: str, name: str) -> Iterator[ScheduleView]:
+    def schedule(self, subject: NoticeSubject) -> Iterator[ScheduleView]:
         with self._lock:
-            rows = self._rows.setdefault((namespace, name), [])
+            rows = self._rows.setdefault(subject.uid, [])
             # All-or-nothing like a transaction: an exception leaves the rows as they were.
             work = list(rows)
             yield _MemoryView(work, self)
             rows[:] = work
 
     def _replace(self, delivery: Delivery) -> None:
-        rows = self._rows[(delivery.namespace, delivery.schedule_name)]
+        rows = self._rows[delivery.schedule_uid]
         rows[:] = [delivery if d.id == delivery.id else d for d in rows]
 
     def claim_due(self, now: datetime, *, lease: timedelta, limit: int) -> list[Delivery]:
@@ -873,7 +868,12 @@ class MemoryStore:
 
     def recent(self, namespace: str, name: str, *, limit: int = 50) -> list[Delivery]:
         with self._lock:
-            rows = list(self._rows.get((namespace, name), []))
+            rows = [
+                d
+                for uid_rows in self._rows.values()
+                for d in uid_rows
+                if (d.namespace, d.schedule_name) == (namespace, name)
+            ]
         return sorted(rows, key=lambda d: (d.created_at, d.id), reverse=True)[:limit]
 
 
@@ -1015,7 +1015,12 @@ class Notifier:
             if run.result == "Succeeded":
                 message = f"Run {run.job} succeeded{_run_line(run)}."
                 stored.append(self._put(view, target, notice(Kind.SUCCEEDED, run.job_uid, message)))
-                failure = view.latest(FAILURE_KINDS | {Kind.RECOVERED}, include_suppressed=False)
+                # Only notices from before this run ended count: a run replayed after an
+                # operator restart must not "recover" from a failure that came after it.
+                ended = run.completed_at or run.started_at
+                failure = view.latest(
+                    FAILURE_KINDS | {Kind.RECOVERED}, include_suppressed=False, before=ended
+                )
                 if failure is not None and failure[0] in FAILURE_KINDS:
                     message = (
                         f"Run {run.job} succeeded{_run_line(run)}; the schedule has recovered "
@@ -1025,7 +1030,7 @@ class Notifier:
                         Kind.RECOVERED, f"{run.job_uid}:resolved", message, resolved=True
                     )
                     stored.append(self._put(view, target, resolved))
-                alert = view.latest(frozenset({Kind.ALERT}), include_suppressed=True)
+                alert = view.latest(frozenset({Kind.ALERT}), include_suppressed=True, before=ended)
                 if not run.alert and alert is not None and not alert[1]:
                     message = f"Run {run.job} raised no alert; the earlier alert is cleared."
                     cleared = notice(Kind.ALERT, f"{run.job_uid}:resolved", message, resolved=True)
@@ -1079,6 +1084,7 @@ class Notifier:
             return None
         cooling = (
             not notice.resolved
+            and notice.kind not in _NO_COOLDOWN
             and target.cooldown > timedelta(0)
             and view.cooling(notice.kind, notice.created_at - target.cooldown)
         )
@@ -1087,7 +1093,7 @@ class Notifier:
     def _enqueue(
         self, subject: NoticeSubject, plan: Callable[[ScheduleView], list[Delivery]]
     ) -> list[Delivery]:
-        with self.store.schedule(subject.namespace, subject.name) as view:
+        with self.store.schedule(subject) as view:
             stored = plan(view)
         for delivery in stored:
             if delivery.status is Status.SUPPRESSED:

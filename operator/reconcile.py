@@ -300,7 +300,9 @@ class _Reconciler:
         if old is None or old.get("status") != new["status"]:
             if auto and not spec.suspend:
                 self.events(self.body, "Warning", "AutoPaused", new["message"])
-                self.notices("AutoPaused", str(auto.get("pausedAt", "")), new["message"])
+                # Keyed by the failed run that tripped it: a repeated pass cannot send it twice.
+                key = auto.get("job") or str(auto.get("pausedAt", ""))
+                self.notices("AutoPaused", str(key), new["message"])
             elif spec.suspend:
                 self.events(self.body, "Normal", "Paused", f"schedule paused: {new['message']}")
             elif old is not None:
@@ -360,6 +362,7 @@ class _Reconciler:
         streak = self.new["consecutiveFailures"]
         if not self.new.get("autoPause") and not resumed and streak >= threshold:
             self.new["autoPause"] = {
+                "job": last.job_name if last is not None else None,
                 "reason": cond.CONSECUTIVE_FAILURES,
                 "message": f"{streak} failed runs in a row (pauseAfterConsecutiveFailures "
                 f"{limit}); fix the cause, then `nocturne resume {self.ref.name}`",
@@ -471,8 +474,8 @@ class _Reconciler:
         return new
 
     def _watching_since(self, cronjob: Mapping[str, Any]) -> datetime:
-        """The latest of: the last successful run, the schedule's creation, the moment it was
-        last resumed."""
+        """The latest of: the last successful run, the schedule's creation, the moment its last
+        hold (pause, budget, invalid spec) ended."""
         moments: list[datetime] = []
         created = self.body["metadata"].get("creationTimestamp")
         if created:
@@ -482,11 +485,17 @@ class _Reconciler:
         cron_success = (cronjob.get("status") or {}).get("lastSuccessfulTime")
         if cron_success:
             moments.append(_parse(cron_success))
-        suspended = self._find(cond.SUSPENDED)
-        if suspended is not None and suspended.get("status") == "True":
-            moments.append(self.now)  # resumed in this very pass
-        elif suspended is not None and suspended.get("lastTransitionTime"):
-            moments.append(_parse(suspended["lastTransitionTime"]))
+        # The end of every hold: a pause, a budget hold, an invalid spec (nothing fired then).
+        for type_, held in (
+            (cond.SUSPENDED, "True"),
+            (cond.BUDGET_EXHAUSTED, "True"),
+            (cond.READY, "False"),
+        ):
+            found = self._find(type_)
+            if found is not None and found.get("status") == held:
+                moments.append(self.now)  # the hold ends in this very pass
+            elif found is not None and found.get("lastTransitionTime"):
+                moments.append(_parse(found["lastTransitionTime"]))
         for stamp in (self.new.get("failuresCountedSince"),):
             if stamp:
                 moments.append(_parse(stamp))

@@ -683,6 +683,28 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
         assert hooks.requests_to("/hook")[1].headers["x-nocturne-event"] == "Recovered"
 
 
+def test_a_webhook_that_refuses_leaves_a_warning_event_without_the_url(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
+) -> None:
+    """Delivery runs apart from every handler; its failure still shows on the schedule."""
+    with ScriptedServer() as hooks:
+        hooks.route("/hook", Reply(400, json={"error": "invalid_payload"}), method="POST")
+        url = f"{hooks.url}/hook"
+        notifications = {**webhook_secret(kubectl, namespace, url), "on": ["Succeeded"]}
+        apply(kubectl, namespace, manifest(notifications=notifications))
+        wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
+        run_now(kubectl, namespace, "refused-1")
+        [event] = wait_for(
+            lambda: events(kubectl, namespace, "NotificationFailed"), 90, "NotificationFailed"
+        )
+    assert event["type"] == "Warning"
+    assert event["involvedObject"]["name"] == "daily-ai-news"
+    assert "Secret webhook" in event["message"]
+    assert "HTTP 400" in event["message"]
+    assert url not in event["message"]
+    assert str(hooks.port) not in event["message"]
+
+
 def seed_runs(database_url: str, namespace: str, schedule_uid: str, *costs: str) -> None:
     """Finished runs of daily-ai-news started now, as a runner would have recorded them."""
     with History.connect(database_url) as history:

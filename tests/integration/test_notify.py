@@ -110,7 +110,7 @@ def test_two_threads_cannot_both_pass_the_cooldown(store: PostgresStore) -> None
     """The per-schedule advisory lock serialises the check and the insert."""
     notes = Notifier(store, lambda *_: "", lambda *_: None)
     for round_ in range(8):
-        subject = NoticeSubject("ns", f"race-{round_}", "uid")
+        subject = NoticeSubject("ns", f"race-{round_}", f"uid-{round_}")
         results, errors = race(notes, subject)
         assert errors == []
         assert sorted(results) == [[], [Kind.FAILED]]
@@ -142,7 +142,7 @@ def race(notes: Notifier, subject: NoticeSubject) -> tuple[list[list[Kind]], lis
 def test_claims_skip_rows_another_claimer_holds(store: PostgresStore) -> None:
     notes = Notifier(store, lambda *_: "", lambda *_: None)
     for i in range(20):
-        subject = NoticeSubject("ns", f"s{i}", "uid")
+        subject = NoticeSubject("ns", f"s{i}", f"uid-{i}")
         notes.run_finished(subject, target(), run("a", "Failed"), now=T0)
     barrier = threading.Barrier(2)
     claimed: list[list[int]] = []
@@ -239,11 +239,11 @@ def test_the_migration_creates_the_table_the_module_describes(
     assert indexes["ix_notifications_due"].endswith(
         "USING btree (next_attempt_at) WHERE (status = 'PENDING'::text)"
     )
-    assert indexes["ix_notifications_schedule_kind_created"].endswith(
-        "(namespace, schedule_name, kind, created_at)"
+    assert indexes["ix_notifications_schedule_uid_kind_created"].endswith(
+        "(schedule_uid, kind, created_at)"
     )
-    assert indexes["uq_notifications_namespace_schedule_name_kind_dedupe_key"].endswith(
-        "(namespace, schedule_name, kind, dedupe_key)"
+    assert indexes["uq_notifications_schedule_uid_kind_dedupe_key"].endswith(
+        "(schedule_uid, kind, dedupe_key)"
     )
     types = {name: type_ for name, type_, *_ in migrated["columns"]}
     assert types["created_at"] == types["next_attempt_at"] == "timestamp with time zone"
@@ -503,8 +503,8 @@ class FlakyStore:
         self.store = store
         self.claims = 0
 
-    def schedule(self, namespace: str, name: str) -> Any:
-        return self.store.schedule(namespace, name)
+    def schedule(self, subject: NoticeSubject) -> Any:
+        return self.store.schedule(subject)
 
     def claim_due(self, now: datetime, *, lease: timedelta, limit: int) -> list[Delivery]:
         self.claims += 1

@@ -56,6 +56,7 @@ def run(
     output: str | None = "Today's digest",
     error: str | None = None,
     cost: str = "0.120000",
+    ended: datetime = T0 + timedelta(minutes=2, seconds=5),
 ) -> RunInfo:
     return RunInfo(
         job=f"daily-news-{job}",
@@ -63,7 +64,7 @@ def run(
         result=result,
         cost_usd=Decimal(cost),
         started_at=T0,
-        completed_at=T0 + timedelta(minutes=2, seconds=5),
+        completed_at=ended,
         output=output,
         error=error,
         alert=alert,
@@ -162,11 +163,11 @@ def rule_cooldown_suppresses_firing_notices(store: Store) -> None:
 def rule_resolved_notices_are_never_suppressed(store: Store) -> None:
     notes = notifier(store)
     t = target({Kind.FAILED, Kind.AUTO_PAUSED, Kind.RECOVERED}, minutes=600)
-    notes.run_finished(SUBJECT, t, run("a", "Failed"), now=at(0))
-    assert notes.run_finished(SUBJECT, t, run("b"), now=at(10)) == [Kind.RECOVERED]
+    notes.run_finished(SUBJECT, t, run("a", "Failed", ended=at(0)), now=at(0))
+    assert notes.run_finished(SUBJECT, t, run("b", ended=at(10)), now=at(10)) == [Kind.RECOVERED]
     assert notes.schedule_event(SUBJECT, t, Kind.AUTO_PAUSED, key="p", message="x", now=at(20))
     # A second Recovered well within the cooldown of the first.
-    assert notes.run_finished(SUBJECT, t, run("c"), now=at(30)) == [Kind.RECOVERED]
+    assert notes.run_finished(SUBJECT, t, run("c", ended=at(30)), now=at(30)) == [Kind.RECOVERED]
     assert rows(store) == [
         ("Failed", "PENDING", False),
         ("Recovered", "PENDING", True),
@@ -192,7 +193,10 @@ def rule_a_flapping_schedule_sends_failed_recovered_then_nothing(store: Store) -
     t = target({Kind.FAILED, Kind.RECOVERED})
     sent = [
         notes.run_finished(
-            SUBJECT, t, run(str(i), "Failed" if i % 2 == 0 else "Succeeded"), now=at(10 * i)
+            SUBJECT,
+            t,
+            run(str(i), "Failed" if i % 2 == 0 else "Succeeded", ended=at(10 * i)),
+            now=at(10 * i),
         )
         for i in range(6)
     ]
@@ -208,16 +212,22 @@ def rule_a_flapping_schedule_sends_failed_recovered_then_nothing(store: Store) -
 def rule_an_alert_is_cleared_by_the_next_unflagged_success(store: Store) -> None:
     notes = notifier(store)
     t = target({Kind.ALERT}, minutes=60)
-    assert notes.run_finished(SUBJECT, t, run("a", alert=True, reason="AAPL < 100"), now=at(0)) == [
+    assert notes.run_finished(
+        SUBJECT, t, run("a", alert=True, reason="AAPL < 100", ended=at(0)), now=at(0)
+    ) == [Kind.ALERT]
+    assert (
+        notes.run_finished(SUBJECT, t, run("b", alert=True, ended=at(5)), now=at(5)) == []
+    )  # cooldown
+    assert notes.run_finished(SUBJECT, t, run("c", ended=at(10)), now=at(10)) == [
         Kind.ALERT
-    ]
-    assert notes.run_finished(SUBJECT, t, run("b", alert=True), now=at(5)) == []  # cooldown
-    assert notes.run_finished(SUBJECT, t, run("c"), now=at(10)) == [Kind.ALERT]  # all-clear
-    assert notes.run_finished(SUBJECT, t, run("d"), now=at(15)) == []
+    ]  # all-clear
+    assert notes.run_finished(SUBJECT, t, run("d", ended=at(15)), now=at(15)) == []
     # The latest Alert row counts whatever its status: a suppressed firing is cleared too.
-    assert notes.run_finished(SUBJECT, t, run("e", alert=True), now=at(20)) == []
-    assert notes.run_finished(SUBJECT, t, run("f", "Failed"), now=at(25)) == []  # not a success
-    assert notes.run_finished(SUBJECT, t, run("g"), now=at(30)) == [Kind.ALERT]
+    assert notes.run_finished(SUBJECT, t, run("e", alert=True, ended=at(20)), now=at(20)) == []
+    assert (
+        notes.run_finished(SUBJECT, t, run("f", "Failed", ended=at(25)), now=at(25)) == []
+    )  # not a success
+    assert notes.run_finished(SUBJECT, t, run("g", ended=at(30)), now=at(30)) == [Kind.ALERT]
     assert rows(store) == [
         ("Alert", "PENDING", False),
         ("Alert", "SUPPRESSED", False),
@@ -227,6 +237,33 @@ def rule_an_alert_is_cleared_by_the_next_unflagged_success(store: Store) -> None
     ]
     firing = store.recent(SUBJECT.namespace, SUBJECT.name)[-1]
     assert firing.message == "Run daily-news-a raised an alert: AAPL < 100"
+
+
+def rule_a_replayed_old_success_does_not_recover_from_a_later_pause(store: Store) -> None:
+    """After a restart the operator replays recent Jobs: a success that ended before the
+    auto-pause must not announce a recovery, nor clear an alert raised after it."""
+    notes = notifier(store)
+    t = target({Kind.AUTO_PAUSED, Kind.RECOVERED, Kind.ALERT})
+    early = run("ok", ended=at(0))
+    notes.run_finished(SUBJECT, t, early, now=at(0))
+    notes.run_finished(SUBJECT, t, run("flag", alert=True, ended=at(5)), now=at(5))
+    assert notes.schedule_event(SUBJECT, t, Kind.AUTO_PAUSED, key="j3", message="x", now=at(60))
+    assert notes.run_finished(SUBJECT, t, early, now=at(90)) == []  # the replay
+    assert notes.run_finished(SUBJECT, t, run("fixed", ended=at(120)), now=at(120)) == [
+        Kind.RECOVERED,
+        Kind.ALERT,
+    ]
+
+
+def rule_content_and_holds_are_never_held_back_by_the_cooldown(store: Store) -> None:
+    """Each Succeeded notice carries that run's output; an auto-pause after a failed
+    verification run is news however soon it follows the first one."""
+    notes = notifier(store)
+    t = target({Kind.SUCCEEDED, Kind.AUTO_PAUSED}, minutes=600)
+    assert notes.run_finished(SUBJECT, t, run("a", ended=at(0)), now=at(0)) == [Kind.SUCCEEDED]
+    assert notes.run_finished(SUBJECT, t, run("b", ended=at(1)), now=at(1)) == [Kind.SUCCEEDED]
+    assert notes.schedule_event(SUBJECT, t, Kind.AUTO_PAUSED, key="j1", message="x", now=at(2))
+    assert notes.schedule_event(SUBJECT, t, Kind.AUTO_PAUSED, key="j2", message="x", now=at(3))
 
 
 def rule_cancelled_runs_send_nothing(store: Store) -> None:
@@ -269,6 +306,9 @@ def rule_schedules_are_independent(store: Store) -> None:
         Kind.RECOVERED,
     ]
     assert len(rows(store)) == 1
+    # The same name created again is another schedule (another UID): it inherits no failure.
+    again = NoticeSubject(SUBJECT.namespace, SUBJECT.name, "uid-again")
+    assert notes.run_finished(again, target(), run("c"), now=at(3)) == [Kind.SUCCEEDED]
 
 
 RULES: list[Callable[[Store], None]] = [
@@ -282,6 +322,8 @@ RULES: list[Callable[[Store], None]] = [
     rule_cancelled_runs_send_nothing,
     rule_failed_results_name_the_result_and_the_error,
     rule_schedules_are_independent,
+    rule_a_replayed_old_success_does_not_recover_from_a_later_pause,
+    rule_content_and_holds_are_never_held_back_by_the_cooldown,
 ]
 
 

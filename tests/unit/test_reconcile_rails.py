@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from agent_runner.history import RunStats
+from agent_runner.history import ExecutionRecord, ExecutionStatus, RunStats
 from nocturne_operator import conditions as cond
 from nocturne_operator.kube import Kube
 from nocturne_operator.reconcile import reconcile
@@ -274,3 +274,65 @@ def test_a_resume_restarts_the_silent_stop_clock() -> None:
     assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
     cluster.reconcile(stats(last_success=None), now=later + timedelta(days=3))
     assert cluster.condition(cond.SILENT_STOP)["status"] == "True"
+
+
+def test_the_end_of_a_budget_hold_restarts_the_silent_stop_clock() -> None:
+    """Held by the monthly cap from the 20th: nothing could fire, so the month turn must not
+    ring the alarm over the runs the hold skipped."""
+    cluster = Cluster(schedule())
+    last_success = datetime(2026, 11, 19, 0, 0, 5, tzinfo=UTC)
+    held_at = datetime(2026, 11, 20, 1, 0, tzinfo=UTC)
+    cluster.reconcile(stats("5.00", last_success=last_success), now=held_at)
+    assert cluster.condition(cond.BUDGET_EXHAUSTED)["status"] == "True"
+    december = datetime(2026, 11, 30, 15, 0, 30, tzinfo=UTC)
+    cluster.reconcile(stats("0", last_success=last_success), now=december)
+    assert cluster.condition(cond.BUDGET_EXHAUSTED)["status"] == "False"
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    cluster.reconcile(stats("0", last_success=last_success), now=december + timedelta(hours=1))
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    assert [n[0] for n in cluster.seen.notices] == ["BudgetExceeded"]
+    # Two December runs missed: now it rings.
+    cluster.reconcile(stats("0", last_success=last_success), now=december + timedelta(days=2))
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "True"
+
+
+def test_an_auto_pause_is_keyed_by_the_run_that_tripped_it() -> None:
+    """Two passes on either side of a second boundary write different pausedAt stamps; the
+    notice key is the failed Job, so one notice is queued, not two."""
+    cluster = Cluster(schedule(failurePolicy={"pauseAfterConsecutiveFailures": 2}))
+    last = ExecutionRecord(
+        id=2,
+        namespace="research",
+        schedule_name="digest",
+        schedule_uid="uid-digest",
+        job_name="digest-29400000",
+        job_uid="uid-job-2",
+        pod_uid="uid-pod-2",
+        attempt=0,
+        manual_request=None,
+        status=ExecutionStatus.FAILED,
+        started_at=NOW - timedelta(minutes=5),
+        completed_at=NOW - timedelta(minutes=4),
+        cost_usd=Decimal("0.01"),
+        input_tokens=1,
+        output_tokens=1,
+        model="offline-demo",
+        provider="offline",
+        error="boom",
+        output=None,
+        alert=False,
+        alert_reason=None,
+        metadata={},
+        updated_at=NOW,
+    )
+    failed = RunStats(Decimal("0.02"), 0, 2, 2, last, month_cost=Decimal("0.02"))
+    body = copy.deepcopy(cluster.objects.items[("AgentSchedule", "digest")])
+    for second in (0, 1):
+        # Two passes that both start from the status before the pause was written.
+        cluster.objects.items[("AgentSchedule", "digest")] = copy.deepcopy(body)
+        cluster.reconcile(failed, now=NOW + timedelta(seconds=second))
+    assert cluster.status["autoPause"]["job"] == "digest-29400000"
+    assert [n[:2] for n in cluster.seen.notices] == [
+        ("AutoPaused", "digest-29400000"),
+        ("AutoPaused", "digest-29400000"),
+    ]

@@ -45,11 +45,10 @@ def upgrade() -> None:
         sa.Column("payload", pg.JSONB(), server_default=sa.text("'{}'::jsonb"), nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_notifications"),
         sa.UniqueConstraint(
-            "namespace",
-            "schedule_name",
+            "schedule_uid",
             "kind",
             "dedupe_key",
-            name="uq_notifications_namespace_schedule_name_kind_dedupe_key",
+            name="uq_notifications_schedule_uid_kind_dedupe_key",
         ),
         sa.CheckConstraint(f"kind IN ({_KINDS})", name="ck_notifications_kind"),
         sa.CheckConstraint(f"status IN ({_STATUSES})", name="ck_notifications_status"),
@@ -66,13 +65,13 @@ def upgrade() -> None:
         postgresql_where=sa.text("status = 'PENDING'"),
     )
     op.create_index(
-        "ix_notifications_schedule_kind_created",
+        "ix_notifications_schedule_uid_kind_created",
         "notifications",
-        ["namespace", "schedule_name", "kind", "created_at"],
+        ["schedule_uid", "kind", "created_at"],
     )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_notifications_schedule_kind_created", table_name="notifications")
+    op.drop_index("ix_notifications_schedule_uid_kind_created", table_name="notifications")
     op.drop_index("ix_notifications_due", table_name="notifications")
     op.drop_table("notifications")
