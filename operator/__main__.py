@@ -30,9 +30,19 @@ class _QuietRoutine(logging.Filter):
         )
 
 
+def watch_patterns(value: str) -> list[str]:
+    """kopf namespace patterns from NOCTURNE_WATCH_NAMESPACES. A plain list ("a,b") is several
+    patterns, any of which may match. Exclusions ("!chart-*,!solo-*") must stay one pattern:
+    as separate patterns each would let in the namespaces the other excludes."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    if any(p.startswith("!") for p in parts):
+        return [", ".join(parts)]
+    return parts
+
+
 def main() -> int:
     """Run kopf with Nocturne's handlers until stopped."""
-    namespaces = [n for n in os.environ.get("NOCTURNE_WATCH_NAMESPACES", "").split(",") if n]
+    namespaces = watch_patterns(os.environ.get("NOCTURNE_WATCH_NAMESPACES", ""))
     health = os.environ.get("NOCTURNE_HEALTH_ENDPOINT", "http://0.0.0.0:8080/healthz")
     kopf.configure(verbose=os.environ.get("NOCTURNE_LOG_LEVEL", "").upper() == "DEBUG")
     logging.getLogger("kopf.objects").addFilter(_QuietRoutine())

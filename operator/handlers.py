@@ -57,6 +57,9 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     memo["started_at"] = datetime.now(UTC)
     # Job UIDs whose attempts are recorded and counted (Jobs are TTL-deleted after some days,
     # so this stays small: one UID per run).
+    # kopf hands each object's handlers a shallow copy of this memo: keys they set stay in
+    # their copy, so what they hand to the operator-level loops goes through this one dict.
+    memo["shared"] = {}
     memo["recorded_jobs"] = set()
     memo["notified_jobs"] = set()  # ... and whose notices are queued
     memo["jobs_in_progress"] = set()
@@ -231,7 +234,7 @@ async def _sweep(memo: Any) -> None:
     log = logging.getLogger(__name__)
     while True:
         await asyncio.sleep(SETTINGS.reconcile_interval_seconds)
-        indexes = memo.get("indexes")
+        indexes = memo["shared"].get("indexes")
         if indexes is None:  # no schedule seen yet
             continue
         bodies, peers = indexes
@@ -295,7 +298,7 @@ def _reap(memo: Any) -> None:
 
 def _indexed_schedule(memo: Any, namespace: str, name: str) -> dict[str, Any] | None:
     """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
-    indexes = memo.get("indexes")
+    indexes = memo["shared"].get("indexes")
     if indexes is None:
         return None
     found: list[dict[str, Any]] = list(indexes[0].get((namespace, name), []))
@@ -476,8 +479,9 @@ def _count_runs(job_uid: str, history: History) -> None:
 
 def _remember_indexes(memo: Any, kwargs: Mapping[str, Any]) -> None:
     """The sweep walks kopf's live indexes; any handler call can hand them over."""
-    if "indexes" not in memo:
-        memo["indexes"] = (kwargs["schedule_bodies"], kwargs["schedules_by_namespace"])
+    shared: dict[str, Any] = memo["shared"]
+    if "indexes" not in shared:
+        shared["indexes"] = (kwargs["schedule_bodies"], kwargs["schedules_by_namespace"])
 
 
 def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) -> None:
