@@ -14,7 +14,8 @@ import secrets
 import signal
 import subprocess
 import sys
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,11 +90,8 @@ def kubectl(cluster: Cluster, cli_tools: tools.Tools) -> Kubectl:
     return Kubectl(cli_tools.kubectl, cluster.kubeconfig)
 
 
-@pytest.fixture
-def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace per test, deleted afterwards (the namespace controller finalises it)."""
-    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
-    name = f"{base}-{secrets.token_hex(3)}"
+@contextmanager
+def _fresh_namespace(kubectl: Kubectl, name: str) -> Iterator[str]:
     kubectl("create", "namespace", name)
     # Pods need the namespace's default ServiceAccount (ServiceAccount admission).
     wait_for(
@@ -107,6 +105,31 @@ def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]
         kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+def _namespace_name(request: pytest.FixtureRequest, prefix: str = "") -> str:
+    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[: 40 - len(prefix)].strip("-")
+    return f"{prefix}{base}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (the namespace controller finalises it)."""
+    with _fresh_namespace(kubectl, _namespace_name(request)) as name:
+        yield name
+
+
+# Namespaces the session operator leaves alone: chart-* for operators installed by the Helm chart
+# (test_helm.py), solo-* for tests that run their own operator (test_resilience.py).
+SOLO_NAMESPACE_PREFIX = "solo-"
+SESSION_OPERATOR_EXCLUDES = "!chart-*,!solo-*"
+
+
+@pytest.fixture
+def solo_namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace that only an operator started by the test itself serves."""
+    with _fresh_namespace(kubectl, _namespace_name(request, SOLO_NAMESPACE_PREFIX)) as name:
+        yield name
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
@@ -115,9 +138,12 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and _cluster_for_reports:
         report.sections.append(("control-plane logs", _cluster_for_reports[0].log_tails()))
-    if report.failed and _operators_for_reports:
-        tail = "\n".join(_operators_for_reports[0].log_text().splitlines()[-80:])
-        report.sections.append(("operator log", tail))
+    if report.failed:
+        for running in [*_operators_for_reports, *_test_operators]:
+            tail = "\n".join(running.log_text().splitlines()[-80:])
+            report.sections.append((f"{running.log.stem} log", tail))
+    if report.when == "teardown":
+        _test_operators.clear()
     return report
 
 
@@ -136,6 +162,96 @@ class OperatorProcess:
     def log_text(self) -> str:
         """Everything the operator logged so far."""
         return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM (kopf's graceful shutdown), SIGKILL after 30 s; a no-op once it exited."""
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+def start_operator(
+    cluster: Cluster,
+    *,
+    database_url: str | None,
+    watch_namespaces: str,
+    extra_env: Mapping[str, str] | None = None,
+    log_name: str = "operator",
+) -> OperatorProcess:
+    """Start ``python -m nocturne_operator`` and wait for its health endpoint; the caller stops
+    it (``OperatorProcess.stop``). Its log goes to ``<state dir>/<log_name>.log``."""
+    log = cluster.state_dir / f"{log_name}.log"
+    health_port, metrics_port = controlplane.free_ports(2)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(cluster.kubeconfig),
+        "PYTHONSAFEPATH": "1",
+        "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
+        "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
+        "NOCTURNE_WATCH_NAMESPACES": watch_namespaces,
+        "NOCTURNE_METRICS_PORT": str(metrics_port),
+        # Tests serve pages on loopback; production keeps the SSRF guard's default.
+        "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE": "true",
+        **(extra_env or {}),
+    }
+    if database_url is not None:
+        env["NOCTURNE_DATABASE_URL"] = database_url
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nocturne_operator"],
+            env=env,
+            cwd="/",
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = OperatorProcess(proc, log, f"http://127.0.0.1:{metrics_port}/metrics")
+    try:
+        # kopf answers its liveness endpoint once startup handlers have run.
+        wait_for(
+            lambda: proc.poll() is not None or healthy(health_port),
+            60,
+            "the operator's health endpoint",
+        )
+    except AssertionError as exc:
+        running.stop()
+        raise AssertionError(f"{exc}; operator log:\n{running.log_text()}") from None
+    except BaseException:
+        running.stop()
+        raise
+    if proc.poll() is not None:
+        raise AssertionError(f"operator exited with {proc.returncode}:\n{running.log_text()}")
+    return running
+
+
+@contextmanager
+def operator_process(
+    cluster: Cluster,
+    *,
+    database_url: str | None,
+    watch_namespaces: str,
+    extra_env: Mapping[str, str] | None = None,
+    log_name: str = "operator",
+) -> Iterator[OperatorProcess]:
+    """``start_operator`` as a context within a test: stopped on exit; its log is attached to
+    the report if the test fails (also after the context has ended)."""
+    running = start_operator(
+        cluster,
+        database_url=database_url,
+        watch_namespaces=watch_namespaces,
+        extra_env=extra_env,
+        log_name=log_name,
+    )
+    _test_operators.append(running)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="session")
@@ -175,51 +291,19 @@ def operator(
     cluster: Cluster, crds: None, executor: ExecutorProcess | None, history_url: str
 ) -> Iterator[OperatorProcess]:
     """``python -m nocturne_operator`` with a fast drift timer, as a real separate process."""
-    log = cluster.state_dir / "operator.log"
-    health_port, metrics_port = controlplane.free_ports(2)
-    env = {
-        **os.environ,
-        "KUBECONFIG": str(cluster.kubeconfig),
-        "PYTHONSAFEPATH": "1",
-        "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{health_port}/healthz",
-        "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:e2e",
-        # chart-* namespaces belong to operators installed by the Helm chart (test_helm.py).
-        "NOCTURNE_WATCH_NAMESPACES": "!chart-*",
-        "NOCTURNE_DATABASE_URL": history_url,
-        "NOCTURNE_METRICS_PORT": str(metrics_port),
-        # Tests serve pages on loopback; production keeps the SSRF guard's default.
-        "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE": "true",
-    }
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nocturne_operator"],
-            env=env,
-            cwd="/",
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    running = OperatorProcess(proc, log, f"http://127.0.0.1:{metrics_port}/metrics")
+    running = start_operator(
+        cluster,
+        database_url=history_url,
+        watch_namespaces=SESSION_OPERATOR_EXCLUDES,
+    )
     _operators_for_reports.append(running)
     try:
-        # kopf answers its liveness endpoint once startup handlers have run.
-        wait_for(
-            lambda: proc.poll() is not None or healthy(health_port),
-            60,
-            "the operator's health endpoint",
-        )
-        if proc.poll() is not None:
-            raise AssertionError(f"operator exited with {proc.returncode}:\n{running.log_text()}")
         yield running
     finally:
-        _operators_for_reports.clear()
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        _operators_for_reports.remove(running)
+        running.stop()
 
 
+# The session operator, and operators the current test started (dropped after its teardown).
 _operators_for_reports: list[OperatorProcess] = []
+_test_operators: list[OperatorProcess] = []

@@ -6,7 +6,7 @@ the AgentSchedules.
 
 Two operators must never serve the same namespace: the chart's operator watches only namespaces
 named ``chart-*`` (CHART_NAMESPACE_PREFIX), which the session operator of conftest.py excludes
-(NOCTURNE_WATCH_NAMESPACES=!chart-*).
+(NOCTURNE_WATCH_NAMESPACES=!chart-*,!solo-*).
 """
 
 from __future__ import annotations

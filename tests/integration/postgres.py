@@ -69,6 +69,15 @@ class PostgresServer:
         """The server's log."""
         return self.data_dir.parent / "postgres.log"
 
+    def stop(self) -> None:
+        """Stop the server and keep its files: ``start()`` brings the same data back on the same
+        port (to test clients through an outage). A no-op when it is not running."""
+        _pg_ctl_stop(self.data_dir)
+
+    def start(self) -> None:
+        """Start the server again after ``stop()``: same data directory, same port."""
+        _pg_ctl_start(self)
+
 
 def bin_dir() -> Path:
     """Directory of initdb/pg_ctl: the newest ``/usr/lib/postgresql/*/bin`` or one on PATH."""
@@ -99,11 +108,19 @@ def running_postgres() -> Iterator[PostgresServer]:
 
 def stop_postgres(data_dir: Path) -> None:
     """Stop the server of ``data_dir`` (if running) and delete all its files."""
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    _pg_ctl_stop(data_dir)
+    shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+def _run_as() -> list[str]:
+    return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def _pg_ctl_stop(data_dir: Path) -> None:
     if (data_dir / "postmaster.pid").exists():
         subprocess.run(
             [
-                *run_as,
+                *_run_as(),
                 str(bin_dir() / "pg_ctl"),
                 "-D",
                 str(data_dir),
@@ -117,7 +134,34 @@ def stop_postgres(data_dir: Path) -> None:
             capture_output=True,
             check=False,
         )
-    shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+def _pg_ctl_start(server: PostgresServer) -> None:
+    root = server.data_dir.parent
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {server.port} -k {root} "
+        # Test data is disposable: durability only costs time.
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        "-c max_connections=100 -c timezone=UTC"
+    )
+    _run(
+        [
+            *_run_as(),
+            str(bin_dir() / "pg_ctl"),
+            "-D",
+            str(server.data_dir),
+            "-l",
+            str(server.log_file),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
+        "pg_ctl start",
+        log=server.log_file,
+    )
 
 
 def start_postgres() -> PostgresServer:
@@ -160,30 +204,7 @@ def start_postgres() -> PostgresServer:
             "initdb",
         )
         pwfile.unlink()
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {port} -k {root} "
-            # Test data is disposable: durability only costs time.
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=100 -c timezone=UTC"
-        )
-        _run(
-            [
-                *run_as,
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(data_dir),
-                "-l",
-                str(server.log_file),
-                "-o",
-                options,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-            "pg_ctl start",
-            log=server.log_file,
-        )
+        _pg_ctl_start(server)
         # Two -c options: CREATE DATABASE cannot share a transaction with other statements.
         _run(
             [

@@ -1,0 +1,412 @@
+"""Outages on the real control plane: the operator restarting while a run finishes, and the
+history database down while a run finishes. Each test runs its own operator over its own
+namespace (the session operator leaves ``solo-*`` alone) with a fast sweep, its own
+history, and a local OpenAI-compatible model, so the runs cost real (tiny) money."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import yaml
+
+from agent_runner.history import (
+    ExecutionRecord,
+    ExecutionStatus,
+    History,
+    quantize_usd,
+    upgrade,
+)
+from agent_runner.summary import Summary, parse_summary
+from e2e.conftest import OperatorProcess, operator_process
+from e2e.kube import Cluster, Kubectl, wait_for
+from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
+from integration.postgres import PostgresServer, start_postgres, stop_postgres
+
+pytestmark = pytest.mark.e2e
+
+NAME = "nightly-digest"
+SWEEP_SECONDS = 2
+FAST_SWEEP = {"NOCTURNE_RECONCILE_INTERVAL_SECONDS": str(SWEEP_SECONDS)}
+API_KEY_SECRET = "llm-api-key"  # noqa: S105 - a Secret's name, not a secret
+# The fields of status.<...> derived from PostgreSQL.
+RESULT_FIELDS = ("runs", "totalCostUSD", "consecutiveFailures", "lastRun")
+
+
+@dataclass
+class Model:
+    """The local model: every call is answered, ``delay`` seconds late."""
+
+    delay: float = 0.0
+
+    def __call__(self, request: Recorded) -> Reply:
+        return replace(openai_reply("Three stories today.")(request), delay=self.delay)
+
+
+@pytest.fixture
+def model() -> Iterator[tuple[Model, ScriptedServer]]:
+    """The local OpenAI-compatible server runner pods call, and its knob."""
+    answers = Model()
+    with ScriptedServer() as site:
+        site.route(OPENAI_PATH, answers, method="POST")
+        yield answers, site
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test alone (it is stopped and started), migrated."""
+    server = start_postgres()
+    try:
+        upgrade(server.url)
+        yield server
+    finally:
+        stop_postgres(server.data_dir)
+
+
+def prepare_namespace(kubectl: Kubectl, namespace: str, database_url: str) -> None:
+    """The Secrets runner pods read: the history database URL and the model's API key."""
+    for name, key, value in (
+        ("nocturne-database", "url", database_url),
+        (API_KEY_SECRET, "key", "sk-e2e-resilience"),
+    ):
+        kubectl(
+            "create", "secret", "generic", "-n", namespace, name, f"--from-literal={key}={value}"
+        )
+
+
+def apply_schedule(kubectl: Kubectl, namespace: str, site: ScriptedServer) -> None:
+    """A suspended schedule (only run-now starts runs) using the local model."""
+    body = {
+        "apiVersion": "nocturne.dev/v1alpha1",
+        "kind": "AgentSchedule",
+        "metadata": {"name": NAME},
+        "spec": {
+            "schedule": "0 9 * * *",
+            "timeZone": "UTC",
+            "suspend": True,
+            "task": {"query": "Summarise the night's news"},
+            "agent": {
+                "model": "gpt-4o-mini",
+                "provider": "openai",
+                "baseURL": f"{site.url}/v1",
+                "apiKeySecretRef": {"name": API_KEY_SECRET, "key": "key"},
+            },
+            "budget": {"maxPerRunUSD": "0.50"},
+            "timeoutSeconds": 120,
+            "retries": 0,
+        },
+    }
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))
+
+    def ready() -> bool:
+        obj = kubectl.json("agentschedule", NAME, "-n", namespace)
+        conditions = obj.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) and (
+            obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
+        )
+
+    wait_for(ready, 30, f"{namespace}/{NAME} to be Ready")
+
+
+def status_of(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
+    status: dict[str, Any] = kubectl.json("agentschedule", NAME, "-n", namespace).get("status", {})
+    return status
+
+
+def results(status: dict[str, Any]) -> dict[str, Any]:
+    """The PostgreSQL-derived part of a status."""
+    return {k: status.get(k) for k in RESULT_FIELDS}
+
+
+def wait_for_succeeded(
+    kubectl: Kubectl, namespace: str, count: int, timeout: float, what: str
+) -> None:
+    wait_for(
+        lambda: (status_of(kubectl, namespace).get("runs") or {}).get("succeeded") == count,
+        timeout,
+        what,
+    )
+
+
+def run_now(kubectl: Kubectl, namespace: str, request: str) -> None:
+    kubectl(
+        "annotate",
+        "--overwrite",
+        "-n",
+        namespace,
+        f"asched/{NAME}",
+        f"nocturne.dev/run-now={request}",
+    )
+
+
+def jobs(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
+    return kubectl.items("jobs", "-n", namespace, "-l", f"nocturne.dev/schedule={NAME}")
+
+
+def job_for(kubectl: Kubectl, namespace: str, request: str) -> dict[str, Any] | None:
+    """The Job of run-now ``request``, if created."""
+    return next(
+        (
+            j
+            for j in jobs(kubectl, namespace)
+            if j["metadata"].get("annotations", {}).get("nocturne.dev/manual-request") == request
+        ),
+        None,
+    )
+
+
+def finished_job(kubectl: Kubectl, namespace: str, request: str) -> dict[str, Any] | None:
+    """The Job of run-now ``request`` once it has ended."""
+    job = job_for(kubectl, namespace, request)
+    return job if finished(job) else None
+
+
+def finished(job: dict[str, Any] | None) -> str | None:
+    """``Complete`` or ``Failed`` once the Job has ended."""
+    for cond in (job or {}).get("status", {}).get("conditions", []):
+        if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
+            return str(cond["type"])
+    return None
+
+
+def summary_of(kubectl: Kubectl, namespace: str, job: dict[str, Any]) -> Summary:
+    """The runner's termination summary of the Job's (single) pod."""
+    [pod] = kubectl.items(
+        "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job['metadata']['name']}"
+    )
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 0, terminated
+    summary = parse_summary(terminated["message"])
+    assert summary is not None, terminated
+    return summary
+
+
+def event_kinds(database_url: str, namespace: str) -> Counter[str]:
+    with History.connect(database_url) as history:
+        return Counter(e.kind for e in history.events(namespace, NAME, limit=1000))
+
+
+def metric(operator: OperatorProcess, sample: str) -> float:
+    """The value of one sample line (name with labels) on the operator's /metrics."""
+    with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
+        text: str = resp.read().decode()
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not on {operator.metrics_url}:\n{text}")
+
+
+def runs_total(namespace: str, result: str) -> str:
+    # The exposition format sorts labels by name.
+    return f'nocturne_runs_total{{namespace="{namespace}",result="{result}",schedule="{NAME}"}}'
+
+
+RECONCILES = "nocturne_reconcile_duration_seconds_count"
+
+
+def assert_results_match(status: dict[str, Any], rows: list[ExecutionRecord]) -> None:
+    """The status's run results are what the execution rows say (one attempt per Job)."""
+    succeeded = sum(r.status is ExecutionStatus.SUCCEEDED for r in rows)
+    newest = max(rows, key=lambda r: (r.started_at, r.id))
+    assert status["runs"] == {"succeeded": succeeded, "failed": len(rows) - succeeded}, status
+    assert status["consecutiveFailures"] == 0, status
+    assert Decimal(status["totalCostUSD"]) == sum((r.cost_usd for r in rows), Decimal(0))
+    last = status["lastRun"]
+    assert (last["job"], last["result"]) == (newest.job_name, "Succeeded"), last
+    assert Decimal(last["costUSD"]) == newest.cost_usd
+    assert (last["inputTokens"], last["outputTokens"]) == (
+        newest.input_tokens,
+        newest.output_tokens,
+    )
+
+
+@pytest.mark.usefixtures("crds", "executor")
+def test_operator_restart_changes_no_totals(
+    cluster: Cluster,
+    kubectl: Kubectl,
+    solo_namespace: str,
+    postgres: PostgresServer,
+    model: tuple[Model, ScriptedServer],
+) -> None:
+    """A run that finishes while the operator is down is recorded once; the new operator's
+    status equals PostgreSQL, its sweeps change nothing, and its metrics re-count nothing."""
+    namespace = solo_namespace
+    answers, site = model
+    url = postgres.fresh_schema(namespace.replace("-", "_")[:60])
+    upgrade(url)
+    prepare_namespace(kubectl, namespace, url)
+    with operator_process(
+        cluster,
+        database_url=url,
+        watch_namespaces=namespace,
+        extra_env=FAST_SWEEP,
+        log_name=f"{namespace}-first",
+    ) as first:
+        apply_schedule(kubectl, namespace, site)
+        for count, request in enumerate(("before-1", "before-2"), start=1):
+            run_now(kubectl, namespace, request)
+            wait_for_succeeded(kubectl, namespace, count, 90, f"run {request} on status")
+        before = results(status_of(kubectl, namespace))
+        assert Decimal(before["totalCostUSD"]) > 0, before
+
+        answers.delay = 8
+        run_now(kubectl, namespace, "during-outage")
+        wait_for(
+            lambda: len(site.requests_to(OPENAI_PATH)) == 3, 60, "the third run to call the model"
+        )
+        events_before = event_kinds(url, namespace)
+        first.stop()
+        assert not finished(job_for(kubectl, namespace, "during-outage")), (
+            "the run ended before the operator stopped: the model answers too fast"
+        )
+        job = wait_for(
+            lambda: finished_job(kubectl, namespace, "during-outage"),
+            60,
+            "the third run to finish while the operator is down",
+        )
+        assert finished(job) == "Complete", job["status"]
+        assert results(status_of(kubectl, namespace)) == before, "nobody serves the namespace"
+        summary = summary_of(kubectl, namespace, job)
+        assert summary.status == "SUCCEEDED"
+        assert summary.history_written
+
+    with operator_process(
+        cluster,
+        database_url=url,
+        watch_namespaces=namespace,
+        extra_env=FAST_SWEEP,
+        log_name=f"{namespace}-second",
+    ) as second:
+        wait_for_succeeded(kubectl, namespace, 3, 30, "the new operator's totals")
+        settled = status_of(kubectl, namespace)
+        with History.connect(url) as history:
+            rows = history.runs(namespace, NAME)
+            [row] = history.for_job(job["metadata"]["uid"])
+        assert len(rows) == 3, rows
+        assert row.status is ExecutionStatus.SUCCEEDED
+        assert row.cost_usd == quantize_usd(summary.cost_usd)
+        assert "recordedBy" not in row.metadata, "the runner wrote its own row"
+        assert_results_match(settled, rows)
+        assert Decimal(settled["totalCostUSD"]) == Decimal(before["totalCostUSD"]) + row.cost_usd
+        assert settled["lastRun"]["job"] == job["metadata"]["name"]
+        added = event_kinds(url, namespace) - events_before
+        assert not added, f"the restart added audit events: {added}"
+
+        # Several sweeps later nothing has moved: status, rows, audit trail, Jobs.
+        reconciles = metric(second, RECONCILES)
+        wait_for(
+            lambda: metric(second, RECONCILES) >= reconciles + 3,
+            10 * SWEEP_SECONDS,
+            "three more sweeps (handlers._sweep reconciles every schedule each interval)",
+        )
+        assert status_of(kubectl, namespace) == settled
+        with History.connect(url) as history:
+            assert history.runs(namespace, NAME) == rows
+        assert event_kinds(url, namespace) == events_before
+        assert len(jobs(kubectl, namespace)) == 3, "the standing run-now request ran again"
+        # Runs that finished before this process started are not counted again (nor, today,
+        # the one that finished while no operator ran: handlers._record_job counts only Jobs
+        # finished after the process started).
+        assert metric(second, runs_total(namespace, "succeeded")) == 0.0
+
+
+def nocturne(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
+    """The real ``nocturne`` CLI."""
+    return subprocess.run(
+        [sys.executable, "-m", "nocturne_operator.cli", *args, "--database-url", database_url],
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.usefixtures("crds", "executor")
+def test_run_finished_while_database_was_down_reaches_history(
+    cluster: Cluster,
+    kubectl: Kubectl,
+    solo_namespace: str,
+    private_postgres: PostgresServer,
+    model: tuple[Model, ScriptedServer],
+) -> None:
+    """The runner finishes without its database and says so in its summary; the operator
+    defers recording until PostgreSQL is back, then writes the row from the summary."""
+    namespace = solo_namespace
+    _, site = model
+    url = private_postgres.url
+    prepare_namespace(kubectl, namespace, url)
+    with operator_process(
+        cluster,
+        database_url=url,
+        watch_namespaces=namespace,
+        extra_env=FAST_SWEEP,
+        log_name=f"{namespace}-operator",
+    ) as operator:
+        apply_schedule(kubectl, namespace, site)
+        private_postgres.stop()
+        run_now(kubectl, namespace, "db-down")
+        job = wait_for(
+            lambda: finished_job(kubectl, namespace, "db-down"),
+            90,
+            "the run to finish without its database",
+        )
+        assert finished(job) == "Complete", job["status"]
+        job_name = job["metadata"]["name"]
+        summary = summary_of(kubectl, namespace, job)
+        assert summary.status == "SUCCEEDED"
+        assert not summary.history_written
+        assert summary.execution_id is None
+        assert summary.cost_usd > 0
+        deferred = f"recording Job {namespace}/{job_name} deferred"
+        # The Job event and then every sweep try again while the database is down.
+        wait_for(
+            lambda: operator.log_text().count(deferred) >= 3,
+            10 * SWEEP_SECONDS,
+            "the Job event and the periodic sweeps to defer recording the run",
+        )
+        assert "lastRun" not in status_of(kubectl, namespace)
+
+        private_postgres.start()
+        status = wait_for(
+            lambda: (s := status_of(kubectl, namespace)).get("lastRun") and s,
+            10 * SWEEP_SECONDS,
+            "the run on status once PostgreSQL is back (the sweep retries deferred Jobs)",
+        )
+        assert status["runs"] == {"succeeded": 1, "failed": 0}
+        assert status["lastRun"]["job"] == job_name
+        assert status["lastRun"]["result"] == "Succeeded"
+        cost = quantize_usd(summary.cost_usd)
+        assert Decimal(status["totalCostUSD"]) == cost
+
+        listed = nocturne("history", NAME, "-n", namespace, "-o", "json", database_url=url)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        [run] = json.loads(listed.stdout)["runs"]
+        assert (run["job"], run["status"], run["manualRequest"]) == (
+            job_name,
+            "SUCCEEDED",
+            "db-down",
+        )
+        assert Decimal(run["costUSD"]) == cost
+        assert (run["inputTokens"], run["outputTokens"]) == (
+            summary.input_tokens,
+            summary.output_tokens,
+        )
+        with History.connect(url) as history:
+            [row] = history.for_job(job["metadata"]["uid"])
+            full = history.get(row.id)
+        assert row.metadata == {"recordedBy": "operator"}
+        assert full is not None
+        assert full.output == "Three stories today."
+        # Recorded late, counted once, by the operator that saw it finish.
+        assert metric(operator, runs_total(namespace, "succeeded")) == 1.0
