@@ -13,6 +13,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 from agent_runner.history import (
+    ExecutionKey,
     ExecutionRecord,
     ExecutionStatus,
     History,
@@ -410,3 +412,50 @@ def test_run_finished_while_database_was_down_reaches_history(
         assert full.output == "Three stories today."
         # Recorded late, counted once, by the operator that saw it finish.
         assert metric(operator, runs_total(namespace, "succeeded")) == 1.0
+
+
+@pytest.mark.usefixtures("crds", "executor")
+def test_the_reaper_finalises_a_run_whose_job_is_gone(
+    cluster: Cluster,
+    kubectl: Kubectl,
+    solo_namespace: str,
+    postgres: PostgresServer,
+    model: tuple[Model, ScriptedServer],
+) -> None:
+    """A runner killed with its node leaves its row RUNNING; once the Job is gone too, the
+    sweep's reaper finalises the row as CANCELLED, keeping the cost recorded so far."""
+    namespace = solo_namespace
+    _, site = model
+    url = postgres.fresh_schema(namespace.replace("-", "_")[:60])
+    upgrade(url)
+    prepare_namespace(kubectl, namespace, url)
+    started = datetime.now(UTC) - timedelta(minutes=10)
+    with History.connect(url) as history:
+        run_id = history.start(
+            ExecutionKey(
+                namespace, NAME, "uid-gone", f"{NAME}-lost", "uid-lost-job", "uid-lost-pod", 0
+            ),
+            model="gpt-4o-mini",
+            provider="openai",
+            started_at=started,
+        )
+        history.record_progress(run_id, cost_usd=Decimal("0.03"), input_tokens=9, output_tokens=4)
+    with operator_process(
+        cluster,
+        database_url=url,
+        watch_namespaces=namespace,
+        extra_env=FAST_SWEEP,
+        log_name=f"{namespace}-reaper",
+    ):
+        apply_schedule(kubectl, namespace, site)  # the sweep walks the schedules it knows
+
+        def reaped() -> ExecutionRecord | None:
+            with History.connect(url) as history:
+                [row] = history.for_job("uid-lost-job")
+            return row if row.status is not ExecutionStatus.RUNNING else None
+
+        row = wait_for(reaped, 30, "the reaper to finalise the orphaned row")
+    assert row.status is ExecutionStatus.CANCELLED
+    assert row.error == f"Job {NAME}-lost was deleted before the run finished"
+    assert (row.cost_usd, row.input_tokens, row.output_tokens) == (Decimal("0.03"), 9, 4)
+    assert row.metadata.get("recordedBy") == "reaper"
