@@ -112,6 +112,7 @@ def _notifier(memo: Any) -> notify.Notifier:
             )
         ),
         timeout=SETTINGS.notification_timeout_seconds,
+        retention=timedelta(days=SETTINGS.notification_retention_days),
     )
 
 

@@ -512,6 +512,11 @@ class Store(Protocol):
         """The schedule's notices, newest first."""
         ...
 
+    def purge(self, before: datetime) -> int:
+        """Delete finished notices (sent, failed, suppressed) created before ``before``;
+        returns how many. Waiting ones stay whatever their age."""
+        ...
+
 
 _METADATA = sa.MetaData()
 NOTIFICATIONS = sa.Table(
@@ -720,6 +725,12 @@ class PostgresStore:
         with self._begin(f"notifications of {namespace}/{name}") as conn:
             return [_delivery(row) for row in conn.execute(query)]
 
+    def purge(self, before: datetime) -> int:
+        t = NOTIFICATIONS
+        statement = sa.delete(t).where(t.c.created_at < before, t.c.status != Status.PENDING)
+        with self._begin("purge old notifications") as conn:
+            return conn.execute(statement).rowcount
+
 
 class _MemoryView:
     def __init__(self, rows: list[Delivery], store: MemoryStore) -> None:
@@ -876,6 +887,18 @@ class MemoryStore:
             ]
         return sorted(rows, key=lambda d: (d.created_at, d.id), reverse=True)[:limit]
 
+    def purge(self, before: datetime) -> int:
+        with self._lock:
+            purged = 0
+            for uid, rows in list(self._rows.items()):
+                kept = [d for d in rows if d.status is Status.PENDING or d.created_at >= before]
+                purged += len(rows) - len(kept)
+                if kept:
+                    rows[:] = kept
+                else:
+                    del self._rows[uid]
+            return purged
+
 
 # --------------------------------------------------------------------------------------------
 # The webhook URL stays secret
@@ -961,6 +984,7 @@ class Notifier:
         jitter: float = 0.1,
         batch: int = 50,
         concurrency: int = 8,
+        retention: timedelta = timedelta(days=30),
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts: {max_attempts} must be at least 1")
@@ -981,6 +1005,8 @@ class Notifier:
         self._jitter = jitter
         self._batch = batch
         self._concurrency = concurrency
+        self.retention = retention
+        self._purged_at: datetime | None = None
         # A claimed row is someone's for this long; then a crashed delivery is tried again.
         self.lease = timedelta(seconds=2 * timeout + 60)
         self._client: httpx.AsyncClient | None = None
@@ -1271,6 +1297,18 @@ class Notifier:
 
     # ---- the loop ----------------------------------------------------------------------------
 
+    async def purge_old(self) -> int:
+        """At most hourly: drop finished notices older than the retention (the outbox is not
+        an archive; a failure notice older than that is not "recovered" from any more)."""
+        now = self._clock()
+        if self._purged_at is not None and now - self._purged_at < timedelta(hours=1):
+            return 0
+        purged = await asyncio.to_thread(self.store.purge, now - self.retention)
+        self._purged_at = now
+        if purged:
+            log.info("purged %d notifications older than %s", purged, self.retention)
+        return purged
+
     def wake(self) -> None:
         """Start a delivery pass now (thread-safe; a no-op before run() started)."""
         loop, event = self._loop, self._wake
@@ -1292,6 +1330,7 @@ class Notifier:
                 attempted = 0
                 try:
                     attempted = await self.deliver_due()
+                    await self.purge_old()
                     failures = 0
                 except HistoryError as exc:
                     failures += 1

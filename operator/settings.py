@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # A run the operator learns of later than this after it finished (it was down) is news
     # too old to send.
     notification_max_age_seconds: int = Field(6 * 3600, ge=60, le=7 * 86_400)
+    # Sent, failed and suppressed notices are deleted from the outbox after this many days.
+    notification_retention_days: int = Field(30, ge=1, le=3650)
 
     @classmethod
     def settings_customise_sources(

@@ -7,6 +7,7 @@ PostgreSQL, so both stores are held to one behaviour.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -311,6 +312,23 @@ def rule_schedules_are_independent(store: Store) -> None:
     assert notes.run_finished(again, target(), run("c"), now=at(3)) == [Kind.SUCCEEDED]
 
 
+def rule_purge_drops_old_finished_notices_only(store: Store) -> None:
+    notes = notifier(store)
+    t = target({Kind.FAILED, Kind.SUCCEEDED}, minutes=0)
+    notes.run_finished(SUBJECT, t, run("old", "Failed", ended=at(0)), now=at(0))
+    notes.run_finished(SUBJECT, t, run("new", ended=at(100)), now=at(100))
+    [old_failed] = [
+        d for d in store.recent(SUBJECT.namespace, SUBJECT.name) if d.kind is Kind.FAILED
+    ]
+    store.finish(
+        old_failed.id, status=Status.SENT, next_attempt_at=at(1), sent_at=at(1), last_error=None
+    )
+    # Waiting notices stay whatever their age; finished ones before the cut go.
+    assert store.purge(at(200)) == 1
+    assert rows(store) == [("Succeeded", "PENDING", False)]
+    assert store.purge(at(200)) == 0
+
+
 RULES: list[Callable[[Store], None]] = [
     rule_unsubscribed_kinds_store_nothing,
     rule_a_repeated_enqueue_changes_nothing,
@@ -324,6 +342,7 @@ RULES: list[Callable[[Store], None]] = [
     rule_schedules_are_independent,
     rule_a_replayed_old_success_does_not_recover_from_a_later_pause,
     rule_content_and_holds_are_never_held_back_by_the_cooldown,
+    rule_purge_drops_old_finished_notices_only,
 ]
 
 
@@ -695,3 +714,27 @@ def test_nul_and_lone_surrogates_are_made_storable() -> None:
 
 def test_delivery_status_values() -> None:
     assert [s.value for s in Status] == ["PENDING", "SENT", "FAILED", "SUPPRESSED"]
+
+
+def test_the_loop_purges_at_most_hourly() -> None:
+    clock = [at(0)]
+    store = MemoryStore()
+    notes = Notifier(
+        store, lambda *_: "", lambda *_: None, clock=lambda: clock[0], retention=timedelta(days=1)
+    )
+    purged: list[datetime] = []
+    real = store.purge
+
+    def spy(before: datetime) -> int:
+        purged.append(before)
+        return real(before)
+
+    store.purge = spy  # type: ignore[method-assign]
+    for minutes in (0, 30, 61, 90, 125):
+        clock[0] = at(minutes)
+        asyncio.run(notes.purge_old())
+    assert purged == [
+        at(0) - timedelta(days=1),
+        at(61) - timedelta(days=1),
+        at(125) - timedelta(days=1),
+    ]

@@ -122,6 +122,7 @@ notification_retry_base_seconds: {{ .Values.notifications.retryBaseSeconds }}
 notification_retry_cap_seconds: {{ .Values.notifications.retryCapSeconds }}
 notification_timeout_seconds: {{ .Values.notifications.timeoutSeconds }}
 notification_max_age_seconds: {{ .Values.notifications.maxAgeSeconds }}
+notification_retention_days: {{ .Values.notifications.retentionDays }}
 {{- end }}
 
 {{- define "nocturne.priceTable" -}}
