@@ -518,6 +518,9 @@ class FlakyStore:
     def recent(self, namespace: str, name: str, *, limit: int = 50) -> list[Delivery]:
         return self.store.recent(namespace, name, limit=limit)
 
+    def purge(self, before: datetime) -> int:
+        return self.store.purge(before)
+
 
 def test_the_loop_delivers_after_a_wake_and_survives_errors(
     harness: Harness, caplog: pytest.LogCaptureFixture
