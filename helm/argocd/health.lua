@@ -3,8 +3,10 @@
 -- (docs/helm.md). Conditions are the truth; `phase` is only a summary for humans.
 --   Progressing: no status yet, or the operator has not observed the current generation.
 --   Degraded:    the spec is invalid or over quota (Ready=False InvalidSpec/QuotaExceeded), the
---                cumulative budget is exhausted, or the operator paused the schedule itself
---                (Suspended=True for any reason but SuspendedByUser, e.g. ConsecutiveFailures).
+--                cumulative budget is exhausted, the operator paused the schedule itself
+--                (Suspended=True for any reason but SuspendedByUser, e.g. ConsecutiveFailures),
+--                or no run has succeeded for two scheduled intervals (SilentStop=True).
+--   Suspended:   the monthly budget is spent; the schedule resumes by itself next month.
 --   Healthy:     Ready=True; a schedule paused by its owner is Healthy, with a message.
 -- Argo CD runs this in gopher-lua (Lua 5.1): no goto, no integer division, no utf8 library.
 
@@ -60,6 +62,9 @@ local function evaluate(o)
     return result("Degraded", describe(ready.reason, ready))
   end
   if budget ~= nil and budget.status == "True" then
+    if budget.reason == "MonthlyBudgetReached" then
+      return result("Suspended", describe("Monthly budget spent", budget))
+    end
     return result("Degraded", describe("Budget exhausted", budget))
   end
   if suspended ~= nil and suspended.status == "True" and suspended.reason ~= USER_REASON then
@@ -67,6 +72,10 @@ local function evaluate(o)
   end
   if ready == nil or ready.status ~= "True" then
     return result("Progressing", describe("Not ready yet", ready))
+  end
+  local silent = find_condition(status, "SilentStop")
+  if silent ~= nil and silent.status == "True" then
+    return result("Degraded", describe("Silent stop", silent))
   end
   if (suspended ~= nil and suspended.status == "True")
       or (o.spec ~= nil and o.spec.suspend == true) then

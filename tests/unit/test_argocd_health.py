@@ -109,6 +109,25 @@ def test_exhausted_budget_is_degraded_even_when_also_paused_by_the_user() -> Non
     assert health(obj) == {"status": "Degraded", "message": "Budget exhausted: 15.02 of 15.00 USD"}
 
 
+def test_a_spent_monthly_budget_is_suspended_until_next_month() -> None:
+    message = (
+        "cost in 2026-11 20.00 USD reached maxMonthlyUSD 20.00; resumes automatically at "
+        "2026-12-01 00:00 JST (+09:00) (or raise spec.budget.maxMonthlyUSD)"
+    )
+    spent = condition("BudgetExhausted", "True", "MonthlyBudgetReached", message)
+    obj = schedule(READY, NOT_SUSPENDED, spent)
+    assert health(obj) == {"status": "Suspended", "message": f"Monthly budget spent: {message}"}
+
+
+def test_a_silent_stop_is_degraded() -> None:
+    message = "no successful run since 2026-11-23 09:00 JST (+09:00); runs were due at ..."
+    silent = condition("SilentStop", "True", "NoSuccessfulRun", message)
+    obj = schedule(READY, NOT_SUSPENDED, WITHIN_BUDGET, silent)
+    assert health(obj) == {"status": "Degraded", "message": f"Silent stop: {message}"}
+    quiet = condition("SilentStop", "False", "RunsSucceeding", "watching since ...")
+    assert health(schedule(READY, NOT_SUSPENDED, WITHIN_BUDGET, quiet))["status"] == "Healthy"
+
+
 @pytest.mark.parametrize("reason", ["InvalidSpec", "QuotaExceeded"])
 def test_invalid_or_over_quota_is_degraded(reason: str) -> None:
     message = 'spec.schedule "*/5 * * * *": minimum interval is 60 min'
