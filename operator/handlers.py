@@ -132,6 +132,17 @@ def schedule_bodies(
     return {(str(namespace), name): dict(body)}
 
 
+@kopf.index("batch", "v1", "jobs", labels=_MANAGED)
+def finished_jobs(
+    *, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]] | None:
+    """(namespace, schedule) -> its finished Jobs: the sweep finds what is left to record
+    without listing Jobs for every schedule on every pass."""
+    if results.job_outcome(body) is None:
+        return None
+    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): dict(body)}
+
+
 # kopf injects indexes as keyword arguments named after them; they arrive through **kwargs so the
 # handlers keep kopf's handler signatures.
 
@@ -238,7 +249,7 @@ async def _sweep(memo: Any) -> None:
         indexes = memo["shared"].get("indexes")
         if indexes is None:  # no schedule seen yet
             continue
-        bodies, peers = indexes
+        bodies, peers, jobs = indexes
         if memo["history"] is not None:
             try:
                 await asyncio.to_thread(_reap, memo)
@@ -247,7 +258,7 @@ async def _sweep(memo: Any) -> None:
         for key in list(bodies):
             for schedule in list(bodies.get(key, [])):
                 try:
-                    await asyncio.to_thread(_periodic, schedule, memo, peers)
+                    await asyncio.to_thread(_periodic, schedule, memo, peers, jobs)
                 except Exception:
                     log.exception("periodic reconcile of %s/%s failed", *key)
 
@@ -306,12 +317,15 @@ def _indexed_schedule(memo: Any, namespace: str, name: str) -> dict[str, Any] | 
     return found[0] if found else None
 
 
-def _periodic(schedule: dict[str, Any], memo: Any, peers: kopf.Index[str, Peer]) -> None:
+def _periodic(
+    schedule: dict[str, Any],
+    memo: Any,
+    peers: kopf.Index[str, Peer],
+    jobs: kopf.Index[tuple[str, str], dict[str, Any]],
+) -> None:
     if memo["history"] is not None:
-        kube: Kube = memo["kube"]
         meta = schedule["metadata"]
-        jobs = kube.list_objects("Job", meta["namespace"], f"{LABEL_SCHEDULE}={meta['name']}")
-        for job in jobs:
+        for job in list(jobs.get((meta["namespace"], meta["name"]), [])):
             _record_job(job, schedule, memo)
     fresh = memo["kube"].get(KIND, schedule["metadata"]["namespace"], schedule["metadata"]["name"])
     if fresh is not None:  # the index may lag behind our own status writes
@@ -482,7 +496,11 @@ def _remember_indexes(memo: Any, kwargs: Mapping[str, Any]) -> None:
     """The sweep walks kopf's live indexes; any handler call can hand them over."""
     shared: dict[str, Any] = memo["shared"]
     if "indexes" not in shared:
-        shared["indexes"] = (kwargs["schedule_bodies"], kwargs["schedules_by_namespace"])
+        shared["indexes"] = (
+            kwargs["schedule_bodies"],
+            kwargs["schedules_by_namespace"],
+            kwargs["finished_jobs"],
+        )
 
 
 def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) -> None:
