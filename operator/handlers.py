@@ -22,7 +22,7 @@ from agent_runner.history import (
     HistoryError,
     month_start,
 )
-from nocturne_operator import metrics, notify, results
+from nocturne_operator import metrics, notices, notify, outbox, results
 from nocturne_operator import reconcile as rec
 from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
 from nocturne_operator.kube import FIELD_MANAGER, Kube
@@ -75,11 +75,11 @@ def _notifier(memo: Any) -> notify.Notifier:
     the operator runs without a database."""
     history: History | None = memo["history"]
     kube: Kube = memo["kube"]
-    store: notify.Store = (
-        notify.PostgresStore(history.engine) if history is not None else notify.MemoryStore()
+    store: outbox.Store = (
+        outbox.PostgresStore(history.engine) if history is not None else outbox.MemoryStore()
     )
 
-    def outcome(delivery: notify.Delivery, result: str, detail: str) -> None:
+    def outcome(delivery: notices.Delivery, result: str, detail: str) -> None:
         if result != "failed":
             return
         schedule = {
@@ -434,19 +434,19 @@ def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) 
             busy.discard(uid)
 
 
-def _target(schedule: Mapping[str, Any]) -> notify.Target | None:
+def _target(schedule: Mapping[str, Any]) -> notices.Target | None:
     """The schedule's webhook target, or None (no notifications asked for, or a spec that
     does not validate: it gets no notices until it does)."""
     try:
         spec = AgentScheduleSpec.model_validate(schedule.get("spec") or {})
     except ValueError:
         return None
-    return notify.Target.from_spec(spec.notifications)
+    return notices.Target.from_spec(spec.notifications)
 
 
-def _subject(schedule: Mapping[str, Any]) -> notify.NoticeSubject:
+def _subject(schedule: Mapping[str, Any]) -> notices.NoticeSubject:
     meta = schedule["metadata"]
-    return notify.NoticeSubject(meta["namespace"], meta["name"], meta["uid"])
+    return notices.NoticeSubject(meta["namespace"], meta["name"], meta["uid"])
 
 
 def _notify_run(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
@@ -460,7 +460,7 @@ def _notify_run(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) 
     if not attempts or any(r.status is ExecutionStatus.RUNNING for r in attempts):
         return  # an attempt without its result yet: the reaper finalises it, then notifies
     last = max(attempts, key=lambda r: (r.attempt, r.started_at))
-    run = notify.RunInfo(
+    run = notices.RunInfo(
         job=last.job_name,
         job_uid=last.job_uid,
         result=rec.RESULT_NAMES[last.status],
@@ -532,7 +532,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             queued = notifier.schedule_event(
                 _subject(body),
                 target,
-                notify.Kind(kind),
+                notices.Kind(kind),
                 key=key,
                 message=message,
                 now=now,

@@ -19,7 +19,7 @@ from alembic.migration import MigrationContext
 
 from agent_runner.history import MIGRATIONS_DIR, Base, History, upgrade
 from integration.postgres import PostgresServer
-from nocturne_operator.notify import NOTIFICATIONS
+from nocturne_operator.outbox import NOTIFICATIONS
 
 pytestmark = pytest.mark.integration
 

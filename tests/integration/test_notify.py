@@ -25,17 +25,10 @@ from alembic.config import Config
 from agent_runner.history import MIGRATIONS_DIR, History, HistoryUnavailableError, upgrade
 from integration.llm_server import Reply, ScriptedServer
 from integration.postgres import PostgresServer
-from nocturne_operator import notify as n
-from nocturne_operator.notify import (
-    Delivery,
-    Kind,
-    NoticeSubject,
-    Notifier,
-    PostgresStore,
-    RunInfo,
-    Status,
-    Store,
-)
+from nocturne_operator import notices, outbox, webhook_bodies
+from nocturne_operator.notices import Delivery, Kind, NoticeSubject, RunInfo, Status
+from nocturne_operator.notify import Notifier
+from nocturne_operator.outbox import PostgresStore, Store
 from unit.test_notify import RULES, SUBJECT, run, target
 
 pytestmark = pytest.mark.integration
@@ -225,7 +218,7 @@ def test_the_migration_creates_the_table_the_module_describes(
     modelled = f"model_{uuid.uuid4().hex[:8]}"
     url = postgres.fresh_schema(modelled)
     engine = sa.create_engine(url, poolclass=sa.NullPool)
-    n.NOTIFICATIONS.metadata.create_all(engine)
+    outbox.NOTIFICATIONS.metadata.create_all(engine)
     engine.dispose()
     try:
         migrated = catalog(schema.url, schema.name)
@@ -348,7 +341,7 @@ def passes(notes: Notifier, clock: Clock, count: int, *, step: float = 1.0) -> l
     return asyncio.run(go())
 
 
-def failed_run(notes: Notifier, fmt: n.Format = "json") -> None:
+def failed_run(notes: Notifier, fmt: notices.Format = "json") -> None:
     notes.run_finished(
         SUBJECT, target({Kind.FAILED}, fmt=fmt), run("a", "Failed", error="boom"), now=T0
     )
@@ -376,7 +369,7 @@ def test_retried_then_sent(harness: Harness) -> None:
         assert request.headers["user-agent"] == "nocturne-operator"
         assert request.headers["x-nocturne-delivery"] == str(row.id)
         assert request.headers["x-nocturne-event"] == "Failed"
-        assert request.json() == n.json_body(row)
+        assert request.json() == webhook_bodies.json_body(row)
 
 
 def test_slack_format_is_posted_as_blocks(harness: Harness) -> None:
@@ -481,7 +474,7 @@ def test_the_url_never_reaches_logs_rows_or_outcomes(
     notes = harness.notifier(timeout=0.3, max_attempts=2)
     for subject in subjects[:4]:
         notes.run_finished(subject, target({Kind.FAILED}), run("a", "Failed"), now=T0)
-    refused = n.Target("refused", "url", "json", timedelta(0), frozenset({Kind.FAILED}))
+    refused = notices.Target("refused", "url", "json", timedelta(0), frozenset({Kind.FAILED}))
     notes.run_finished(subjects[4], refused, run("a", "Failed"), now=T0)
     with caplog.at_level(logging.DEBUG):
         passes(notes, harness.clock, 3)

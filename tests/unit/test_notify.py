@@ -19,20 +19,12 @@ from typing import Any
 import httpx
 import pytest
 
-from nocturne_operator import metrics
+from nocturne_operator import metrics, notices, webhook_bodies
 from nocturne_operator import notify as n
 from nocturne_operator.api import Notifications
-from nocturne_operator.notify import (
-    Delivery,
-    Kind,
-    MemoryStore,
-    NoticeSubject,
-    Notifier,
-    RunInfo,
-    Status,
-    Store,
-    Target,
-)
+from nocturne_operator.notices import Delivery, Kind, NoticeSubject, RunInfo, Status, Target
+from nocturne_operator.notify import Notifier
+from nocturne_operator.outbox import MemoryStore, Store
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 SUBJECT = NoticeSubject("news-team", "daily-news", "uid-1")
@@ -43,7 +35,7 @@ def target(
     kinds: frozenset[Kind] | set[Kind] = ALL,
     *,
     minutes: int = 60,
-    fmt: n.Format = "json",
+    fmt: notices.Format = "json",
 ) -> Target:
     return Target("hook", "url", fmt, timedelta(minutes=minutes), frozenset(kinds))
 
@@ -421,13 +413,7 @@ def test_memory_store_rows_are_bounded_but_keep_the_latest_of_each_kind() -> Non
 
 
 def spec(**fields: Any) -> Notifications:
-    fmt = fields.pop("format", None)
-    parsed = Notifications.model_validate(fields)
-    if fmt is not None:
-        if "format" in Notifications.model_fields:
-            return Notifications.model_validate({**fields, "format": fmt})
-        return parsed.model_copy(update={"format": fmt})
-    return parsed
+    return Notifications.model_validate(fields)
 
 
 def test_target_from_spec() -> None:
@@ -451,7 +437,7 @@ def test_kinds_match_the_api_and_the_metric_labels() -> None:
     from nocturne_operator.api import NOTIFICATION_EVENTS  # noqa: PLC0415
 
     assert [k.value for k in Kind] == list(NOTIFICATION_EVENTS)
-    assert {Kind.FAILED, Kind.AUTO_PAUSED, Kind.SILENT_STOP} == n.FAILURE_KINDS
+    assert {Kind.FAILED, Kind.AUTO_PAUSED, Kind.SILENT_STOP} == notices.FAILURE_KINDS
     samples = {
         (s.labels["kind"], s.labels["result"])
         for family in metrics.NOTIFICATIONS.collect()
@@ -548,7 +534,7 @@ def test_httpx_request_logs_show_no_webhook_path(caplog: pytest.LogCaptureFixtur
 # ---- bodies ---------------------------------------------------------------------------------
 
 
-def stored(*calls: Callable[[Notifier], object], fmt: n.Format = "json") -> list[Delivery]:
+def stored(*calls: Callable[[Notifier], object], fmt: notices.Format = "json") -> list[Delivery]:
     store = MemoryStore()
     notes = notifier(store)
     for call in calls:
@@ -557,7 +543,7 @@ def stored(*calls: Callable[[Notifier], object], fmt: n.Format = "json") -> list
     return [replace(d, format=fmt) for d in found]
 
 
-def every_kind(fmt: n.Format) -> dict[str, Delivery]:
+def every_kind(fmt: notices.Format) -> dict[str, Delivery]:
     """One notice of each kind (and the alert all-clear), keyed by kind or "Alert/resolved"."""
     t = target(minutes=0, fmt=fmt)
 
@@ -569,7 +555,7 @@ def every_kind(fmt: n.Format) -> dict[str, Delivery]:
             SUBJECT, t, kind, key=f"k{minute}", message=f"{kind.value} <now> & then", now=at(minute)
         )
 
-    notices = stored(
+    deliveries = stored(
         finished(run("a", "Failed", error="HTTP 500 from <api>"), 0),
         finished(run("b", alert=True, reason="price < 100 & falling"), 1),
         finished(run("c"), 2),
@@ -580,12 +566,12 @@ def every_kind(fmt: n.Format) -> dict[str, Delivery]:
     )
     return {
         f"{d.kind.value}/resolved" if d.kind is Kind.ALERT and d.resolved else d.kind.value: d
-        for d in notices
+        for d in deliveries
     }
 
 
 def test_every_kind_renders_in_json() -> None:
-    bodies = {key: n.json_body(d) for key, d in every_kind("json").items()}
+    bodies = {key: webhook_bodies.json_body(d) for key, d in every_kind("json").items()}
     assert sorted(bodies) == sorted([*(k.value for k in Kind), "Alert/resolved"])
     failed = bodies["Failed"]
     assert failed == {
@@ -632,7 +618,7 @@ def slack_texts(body: dict[str, Any]) -> list[str]:
 
 
 def test_every_kind_renders_for_slack_within_its_limits() -> None:
-    bodies = {key: n.slack_body(d) for key, d in every_kind("slack").items()}
+    bodies = {key: webhook_bodies.slack_body(d) for key, d in every_kind("slack").items()}
     for key, body in bodies.items():
         header = body["blocks"][0]
         assert header["type"] == "header"
@@ -665,19 +651,19 @@ def test_slack_truncates_long_output_with_a_pointer_to_the_history() -> None:
         fmt="slack",
     )
     assert success.run is not None
-    assert len(success.run["output"].encode()) <= n.PAYLOAD_TEXT_LIMIT_BYTES  # stored: 16 KiB
-    output = slack_texts(n.slack_body(success))[-1]
+    assert len(success.run["output"].encode()) <= notices.PAYLOAD_TEXT_LIMIT_BYTES  # stored: 16 KiB
+    output = slack_texts(webhook_bodies.slack_body(success))[-1]
     assert len(output) == 3000
     assert output.startswith("*Output*\n&lt;b&gt;xxx")
     assert output.endswith("… (truncated, full output: nocturne history daily-news -n news-team)")
-    json_output = n.json_body(success)["run"]["output"]
+    json_output = webhook_bodies.json_body(success)["run"]["output"]
     assert json_output.endswith(f"…[truncated, {len(long)} bytes in total]")
 
 
 def test_slack_cuts_never_split_an_entity() -> None:
-    escaped = n._slack_escape("a" * 10 + "&" * 10)
+    escaped = webhook_bodies._slack_escape("a" * 10 + "&" * 10)
     for limit in range(11, 40):
-        cut = n._fit(escaped, limit, "…")
+        cut = webhook_bodies._fit(escaped, limit, "…")
         assert len(cut) <= limit
         body = cut.removesuffix("…")
         assert body.count("&") == body.count("&amp;"), cut
@@ -689,7 +675,7 @@ def test_slack_header_is_cut_to_150_characters() -> None:
         fmt="slack",
     )
     long_name = replace(failed, schedule_name="n" * 253)
-    header = n.slack_body(long_name)["blocks"][0]["text"]["text"]
+    header = webhook_bodies.slack_body(long_name)["blocks"][0]["text"]["text"]
     assert len(header) == 150
     assert header.endswith("…")
 
@@ -698,8 +684,8 @@ def test_render_body_picks_the_format() -> None:
     (failed,) = stored(
         lambda notes: notes.run_finished(SUBJECT, target(), run("a", "Failed"), now=T0)
     )
-    assert n.render_body(failed)["version"] == "nocturne.dev/v1"
-    assert "blocks" in n.render_body(replace(failed, format="slack"))
+    assert webhook_bodies.render_body(failed)["version"] == "nocturne.dev/v1"
+    assert "blocks" in webhook_bodies.render_body(replace(failed, format="slack"))
 
 
 def test_nul_and_lone_surrogates_are_made_storable() -> None:
