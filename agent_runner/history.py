@@ -597,7 +597,7 @@ def _engine(
 
 
 @contextmanager
-def _translate(operation: str, url: sa.URL) -> Iterator[None]:
+def translate_errors(operation: str, url: sa.URL) -> Iterator[None]:
     """Re-raise driver errors as HistoryError naming the operation (never the password)."""
     try:
         yield
@@ -638,7 +638,10 @@ def upgrade(url: str, revision: str = "head", *, connect_timeout: int = 10) -> N
     lock = sa.text("SELECT pg_advisory_lock(:key)").bindparams(key=_MIGRATION_LOCK_KEY)
     unlock = sa.text("SELECT pg_advisory_unlock(:key)").bindparams(key=_MIGRATION_LOCK_KEY)
     try:
-        with _translate(f"migrate history to {revision}", engine.url), engine.connect() as conn:
+        with (
+            translate_errors(f"migrate history to {revision}", engine.url),
+            engine.connect() as conn,
+        ):
             conn.execute(lock)
             conn.commit()
             try:
@@ -702,7 +705,7 @@ class History:
 
     @contextmanager
     def _begin(self, operation: str) -> Iterator[sa.Connection]:
-        with _translate(operation, self.engine.url), self.engine.begin() as conn:
+        with translate_errors(operation, self.engine.url), self.engine.begin() as conn:
             yield conn
 
     # ---- runner writes -----------------------------------------------------------------------

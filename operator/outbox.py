@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from agent_runner.history import HistoryError, HistoryUnavailableError, redact_url
+from agent_runner.history import translate_errors
 from nocturne_operator.notices import Delivery, Kind, Notice, NoticeSubject, Status
 
 # pg_advisory_xact_lock class of the per-schedule lock ("noti").
@@ -217,16 +217,9 @@ class PostgresStore:
 
     @contextmanager
     def _begin(self, operation: str) -> Iterator[sa.Connection]:
-        try:
-            with self.engine.begin() as conn:
-                yield conn
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError) as exc:
-            cause = str(getattr(exc, "orig", None) or exc).strip()
-            raise HistoryUnavailableError(
-                f"{operation}: database {redact_url(self.engine.url)} unavailable: {cause}"
-            ) from exc
-        except sa.exc.DBAPIError as exc:
-            raise HistoryError(f"{operation} failed: {str(exc.orig or exc).strip()}") from exc
+        # Database errors surface as the history's errors (callers handle one family).
+        with translate_errors(operation, self.engine.url), self.engine.begin() as conn:
+            yield conn
 
     @contextmanager
     def schedule(self, subject: NoticeSubject) -> Iterator[ScheduleView]:
