@@ -105,14 +105,21 @@ def describe(schedule: Mapping[str, Any], runs: Sequence[ExecutionRecord]) -> st
     """The schedule, its next runs in local time, recent runs, cost to date and conditions."""
     meta, spec = schedule["metadata"], schedule.get("spec") or {}
     status = schedule.get("status") or {}
+    budget = spec.get("budget") or {}
     lines = [
         f"Name:          {meta['namespace']}/{meta['name']}",
         f"Schedule:      {spec.get('schedule')!r} in {spec.get('timeZone', 'UTC')}",
         f"Phase:         {status.get('phase', 'Pending')}",
         f"Suspended:     {spec.get('suspend', False)}",
-        f"Budget:        {spec.get('budget', {}).get('maxPerRunUSD')} USD per run, total cap "
-        f"{spec.get('budget', {}).get('maxTotalUSD', 'none')}",
-        f"Cost to date:  {status.get('totalCostUSD', '0.00')} USD",
+        f"Budget:        {budget.get('maxPerRunUSD')} USD per run, total cap "
+        f"{budget.get('maxTotalUSD', 'none')}, monthly cap {budget.get('maxMonthlyUSD', 'none')}",
+        f"Cost to date:  {status.get('totalCostUSD', '0.00')} USD"
+        + (
+            f" ({month['costUSD']} USD in {month['month']})"
+            if (month := status.get("thisMonth"))
+            else ""
+        ),
+        f"Notifications: {_notifications(spec.get('notifications') or {})}",
         f"Runs:          {status.get('runs', {}).get('succeeded', 0)} succeeded, "
         f"{status.get('runs', {}).get('failed', 0)} failed, "
         f"{status.get('consecutiveFailures', 0)} failures in a row",
@@ -131,6 +138,18 @@ def describe(schedule: Mapping[str, Any], runs: Sequence[ExecutionRecord]) -> st
         for r in runs
     ] or ["  (none)"]
     return "\n".join(lines)
+
+
+def _notifications(notifications: Mapping[str, Any]) -> str:
+    ref = notifications.get("webhookSecretRef")
+    events = notifications.get("on") or []
+    if not ref or not events:
+        return "none"
+    return (
+        f"{', '.join(events)} to the webhook in Secret {ref['name']} (key {ref['key']}), "
+        f"{notifications.get('format', 'json')} format, cooldown "
+        f"{notifications.get('cooldownMinutes', 60)} min"
+    )
 
 
 def _run_json(r: ExecutionRecord) -> dict[str, Any]:
