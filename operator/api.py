@@ -183,7 +183,7 @@ class Notifications(_Model):
     """Where and when to notify."""
 
     webhook_secret_ref: SecretKeyRef | None = Field(None, alias="webhookSecretRef")
-    on: list[
+    events: list[
         Literal[
             "Succeeded",
             "Failed",
@@ -197,7 +197,7 @@ class Notifications(_Model):
     cooldown_minutes: int = Field(60, alias="cooldownMinutes", ge=0, le=10080)
     format: Literal["slack", "json"] = "json"
 
-    @field_validator("on")
+    @field_validator("events")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
@@ -206,10 +206,10 @@ class Notifications(_Model):
 
     @model_validator(mode="after")
     def _events_need_a_sink(self) -> Notifications:
-        if self.on and self.webhook_secret_ref is None:
+        if self.events and self.webhook_secret_ref is None:
             raise ValueError(
-                f"on lists {list(self.on)} but webhookSecretRef is missing: name the Secret "
-                "holding the webhook URL"
+                f"events lists {list(self.events)} but webhookSecretRef is missing: name the "
+                "Secret holding the webhook URL"
             )
         return self
 

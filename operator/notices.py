@@ -23,7 +23,7 @@ PAYLOAD_TEXT_LIMIT_BYTES = 16 * 1024
 
 
 class Kind(StrEnum):
-    """What a notice is about; the values are ``spec.notifications.on`` entries."""
+    """What a notice is about; the values are ``spec.notifications.events`` entries."""
 
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -77,14 +77,14 @@ class Target:
     def from_spec(cls, notifications: Notifications) -> Target | None:
         """The schedule's target, or None when it names no webhook Secret or no kinds."""
         ref = notifications.webhook_secret_ref
-        if ref is None or not notifications.on:
+        if ref is None or not notifications.events:
             return None
         return cls(
             secret_name=ref.name,
             secret_key=ref.key,
             format=notifications.format,
             cooldown=timedelta(minutes=notifications.cooldown_minutes),
-            kinds=frozenset(Kind(kind) for kind in notifications.on),
+            kinds=frozenset(Kind(kind) for kind in notifications.events),
         )
 
 

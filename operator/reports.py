@@ -142,7 +142,7 @@ def describe(schedule: Mapping[str, Any], runs: Sequence[ExecutionRecord]) -> st
 
 def _notifications(notifications: Mapping[str, Any]) -> str:
     ref = notifications.get("webhookSecretRef")
-    events = notifications.get("on") or []
+    events = notifications.get("events") or []
     if not ref or not events:
         return "none"
     return (

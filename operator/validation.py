@@ -202,6 +202,19 @@ def _from_pydantic(exc: ValidationError, raw_spec: Mapping[str, Any]) -> list[Fi
             errors.append(FieldError(path, None, "required", has_value=False))
         elif err["type"] == "extra_forbidden":
             errors.append(FieldError(path, None, "unknown field", has_value=False))
+        elif err["type"] == "invalid_key" and isinstance(err["input"], bool):
+            # YAML 1.1 (kubectl, Helm, PyYAML) reads unquoted on/off/yes/no keys as booleans.
+            parent = path.rsplit("[", 1)[0]
+            errors.append(
+                FieldError(
+                    parent,
+                    None,
+                    f"a key was read as {str(err['input']).lower()}: YAML 1.1 turns an unquoted "
+                    "on/off/yes/no key into a boolean; quote it (notifications use 'events', "
+                    "not 'on')",
+                    has_value=False,
+                )
+            )
         elif err["loc"] and err["type"] == "value_error" and isinstance(err["input"], Mapping):
             # A cross-field rule of a nested object: name the object, not its whole value.
             errors.append(FieldError(path, None, message, has_value=False))

@@ -379,8 +379,8 @@ def test_orphaned_managed_cronjob_is_removed(
         ({"concurrencyPolicy": "Sometimes"}, "spec.concurrencyPolicy"),
         ({"timeZone": "not a zone"}, "spec.timeZone"),
         (
-            {"notifications": {"on": ["Failed"]}},
-            "webhookSecretRef is required when spec.notifications.on lists events",
+            {"notifications": {"events": ["Failed"]}},
+            "webhookSecretRef is required when spec.notifications.events is not empty",
         ),
         ({"notifications": {"format": "teams"}}, "spec.notifications.format"),
         ({"budget": {"maxPerRunUSD": "1", "maxMonthlyUSD": "1e3"}}, "spec.budget.maxMonthlyUSD"),
@@ -619,7 +619,7 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
         hooks.route("/hook", Reply(200, json={"ok": True}), method="POST")
         notifications = {
             **webhook_secret(kubectl, namespace, f"{hooks.url}/hook"),
-            "on": ["AutoPaused", "Recovered"],
+            "events": ["AutoPaused", "Recovered"],
             "format": "slack",
         }
         failing = manifest(
@@ -690,7 +690,7 @@ def test_a_webhook_that_refuses_leaves_a_warning_event_without_the_url(
     with ScriptedServer() as hooks:
         hooks.route("/hook", Reply(400, json={"error": "invalid_payload"}), method="POST")
         url = f"{hooks.url}/hook"
-        notifications = {**webhook_secret(kubectl, namespace, url), "on": ["Succeeded"]}
+        notifications = {**webhook_secret(kubectl, namespace, url), "events": ["Succeeded"]}
         apply(kubectl, namespace, manifest(notifications=notifications))
         wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
         run_now(kubectl, namespace, "refused-1")
@@ -744,7 +744,7 @@ def test_reaching_the_total_budget_suspends_until_it_is_raised(
         hooks.route("/hook", Reply(204), method="POST")
         notifications = {
             **webhook_secret(kubectl, namespace, f"{hooks.url}/hook"),
-            "on": ["BudgetExceeded"],
+            "events": ["BudgetExceeded"],
         }
         budget = {"maxPerRunUSD": "1.00", "maxTotalUSD": "3.00"}
         apply(kubectl, namespace, manifest(budget=budget, notifications=notifications))
@@ -886,7 +886,7 @@ def test_metrics_are_served_with_their_names_types_and_values(
         hooks.route("/hook", Reply(200), method="POST")
         notifications = {
             **webhook_secret(kubectl, namespace, f"{hooks.url}/hook"),
-            "on": ["Succeeded"],
+            "events": ["Succeeded"],
         }
         apply(kubectl, namespace, manifest(notifications=notifications))
         wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")

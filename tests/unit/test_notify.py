@@ -420,12 +420,12 @@ def test_target_from_spec() -> None:
     ref = {"name": "slack-hook", "key": "url"}
     assert Target.from_spec(spec()) is None
     assert Target.from_spec(spec(webhookSecretRef=ref)) is None  # nothing subscribed
-    t = Target.from_spec(spec(webhookSecretRef=ref, on=["Failed", "Recovered"]))
+    t = Target.from_spec(spec(webhookSecretRef=ref, events=["Failed", "Recovered"]))
     assert t == Target(
         "slack-hook", "url", "json", timedelta(hours=1), frozenset({Kind.FAILED, Kind.RECOVERED})
     )
     slack = Target.from_spec(
-        spec(webhookSecretRef=ref, on=["Alert"], cooldownMinutes=0, format="slack")
+        spec(webhookSecretRef=ref, events=["Alert"], cooldownMinutes=0, format="slack")
     )
     assert slack is not None
     assert slack.format == "slack"

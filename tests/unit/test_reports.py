@@ -37,7 +37,7 @@ def schedule(**spec: Any) -> dict[str, Any]:
 def test_budgets_cost_this_month_and_notifications_are_shown() -> None:
     notifications = {
         "webhookSecretRef": {"name": "slack", "key": "url"},
-        "on": ["AutoPaused", "Recovered"],
+        "events": ["AutoPaused", "Recovered"],
         "format": "slack",
         "cooldownMinutes": 30,
     }

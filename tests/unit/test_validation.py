@@ -8,6 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+import yaml
 
 from nocturne_operator.settings import Settings
 from nocturne_operator.validation import Peer, validate
@@ -240,9 +241,9 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         "spec.failurePolicy.pauseAfterConsecutiveFailures 0: Input should be greater than or equal to 1",
     ),
     (
-        "notifications.on",
+        "notifications.events",
         ["Exploded"],
-        "spec.notifications.on[0] \"Exploded\": Input should be 'Succeeded', 'Failed', 'BudgetExceeded', 'AutoPaused', 'Recovered', 'SilentStop' or 'Alert'",
+        "spec.notifications.events[0] \"Exploded\": Input should be 'Succeeded', 'Failed', 'BudgetExceeded', 'AutoPaused', 'Recovered', 'SilentStop' or 'Alert'",
     ),
     (
         "notifications.cooldownMinutes",
@@ -260,14 +261,14 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         "spec.notifications.format \"teams\": Input should be 'slack' or 'json'",
     ),
     (
-        "notifications.on",
+        "notifications.events",
         ["Failed", "Failed"],
-        'spec.notifications.on ["Failed", "Failed"]: must not list an event twice',
+        'spec.notifications.events ["Failed", "Failed"]: must not list an event twice',
     ),
     (
         "notifications",
-        {"on": ["Failed"]},
-        "spec.notifications: on lists ['Failed'] but webhookSecretRef is missing: name the Secret holding the webhook URL",
+        {"events": ["Failed"]},
+        "spec.notifications: events lists ['Failed'] but webhookSecretRef is missing: name the Secret holding the webhook URL",
     ),
     ("unknownField", True, "spec.unknownField: unknown field"),
 ]
@@ -421,3 +422,19 @@ def test_dst_gap_is_a_warning_not_an_error() -> None:
     assert result.ok
     assert any(w.startswith("skipped 2027-03-14 02:30") for w in result.warnings)
     assert not any(w.startswith("repeated") for w in result.warnings)
+
+
+def test_an_unquoted_on_key_is_refused_not_silently_lost() -> None:
+    """YAML 1.1 (kubectl, Helm, PyYAML) reads `on:` as the boolean true; the field is `events`,
+    and the stray key is an error naming what happened."""
+    obj = yaml.safe_load(
+        """
+        notifications:
+          webhookSecretRef: {name: slack, key: url}
+          on: [Failed]
+        """
+    )
+    assert errors_of(with_path("notifications", obj["notifications"])) == [
+        "spec.notifications: a key was read as true: YAML 1.1 turns an unquoted on/off/yes/no "
+        "key into a boolean; quote it (notifications use 'events', not 'on')"
+    ]
