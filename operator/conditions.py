@@ -7,8 +7,10 @@ condition's status flips, so re-running a reconcile leaves conditions byte-ident
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
+
+from nocturne_operator.timestamps import rfc3339
 
 # Condition types
 READY = "Ready"
@@ -66,7 +68,7 @@ def merge(
     """Conditions after applying ``desired`` to ``current``: lastTransitionTime is kept unless
     the status flips; conditions not mentioned in ``desired`` are kept as they are."""
     by_type = {c["type"]: dict(c) for c in current or [] if "type" in c}
-    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = rfc3339(now)
     for new in desired:
         old = by_type.get(new["type"])
         merged = dict(new)

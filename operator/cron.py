@@ -34,6 +34,8 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
+from nocturne_operator.timestamps import rfc3339
+
 __all__ = [
     "CronError",
     "CronSchedule",
@@ -936,7 +938,7 @@ def _window_anomalies(s: CronSchedule, z: _Zone, since: int, fired: list[int]) -
                 continue
             d, clock = date.fromordinal(day + _EPOCH_ORDINAL), time(m // 60, m % 60)
             if key in runs:
-                times = " and ".join(_rfc3339(t) for t in runs[key])
+                times = " and ".join(_utc_stamp(t) for t in runs[key])
                 found.append(DstAnomaly("repeated", d, clock, f"runs at {times}"))
             elif _minute_key(z, z.date(d.year, d.month, d.day, m * 60)) == key:
                 found.append(DstAnomaly("skipped", d, clock, _OVERSHOOT_REASON))
@@ -957,8 +959,8 @@ class RunTime:
     local: str
 
 
-def _rfc3339(t: int) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _utc_stamp(t: int) -> str:
+    return rfc3339(datetime.fromtimestamp(t, UTC))
 
 
 def describe_run(dt_utc: datetime, tz: ZoneInfo) -> RunTime:
@@ -972,4 +974,7 @@ def describe_run(dt_utc: datetime, tz: ZoneInfo) -> RunTime:
     offset = f"{sign}{seconds // 3600:02d}:{seconds // 60 % 60:02d}"
     if seconds % 60:
         offset += f":{seconds % 60:02d}"
-    return RunTime(utc=_rfc3339(t), local=f"{local:%Y-%m-%d %H:%M} {local.tzname()} ({offset})")
+    return RunTime(
+        utc=_utc_stamp(t),
+        local=f"{local:%Y-%m-%d %H:%M} {local.tzname()} ({offset})",
+    )

@@ -18,6 +18,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from nocturne_operator.api import GROUP, PLURAL, VERSION
+from nocturne_operator.timestamps import rfc3339
 
 FIELD_MANAGER = "nocturne-operator"
 _PATHS = {
@@ -74,7 +75,7 @@ class Kube:
         """A core/v1 Event about ``obj`` (what ``kubectl describe`` and ``get events`` show).
         Works from any thread or task, unlike kopf.event, which needs a handler's context."""
         meta = obj["metadata"]
-        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        stamp = rfc3339(datetime.now(UTC))
         self.create(
             {
                 "apiVersion": "v1",

@@ -15,6 +15,7 @@ from typing import Any, Literal, cast
 from agent_runner.history import clean_text
 from nocturne_operator.api import Notifications
 from nocturne_operator.money import usd
+from nocturne_operator.timestamps import rfc3339
 
 Format = Literal["slack", "json"]
 RunResult = Literal["Succeeded", "Failed", "BudgetExceeded", "TimedOut", "Cancelled"]
@@ -176,10 +177,6 @@ def aware(name: str, value: datetime) -> datetime:
     if not isinstance(value, datetime) or value.utcoffset() is None:
         raise ValueError(f"{name}: {value!r} must be a timezone-aware datetime")
     return value
-
-
-def rfc3339(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _clean(text: str | None) -> str | None:

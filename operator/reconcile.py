@@ -32,6 +32,7 @@ from nocturne_operator.render import (
     render_task_configmap,
 )
 from nocturne_operator.settings import Settings
+from nocturne_operator.timestamps import parse_rfc3339, rfc3339
 from nocturne_operator.validation import Peer, Validated, validate
 
 log = logging.getLogger(__name__)
@@ -126,15 +127,7 @@ def reconcile(
 def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
     """Failures of runs started before the last resume do not count towards auto-pause."""
     stamp = status.get("failuresCountedSince")
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
-
-
-def _parse(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
-def _stamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return parse_rfc3339(stamp) if stamp else None
 
 
 class _Reconciler:
@@ -252,7 +245,7 @@ class _Reconciler:
             self.new["lastManualRun"] = {
                 "requestId": request,
                 "job": job,
-                "createdAt": self.now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "createdAt": rfc3339(self.now),
             }
             self.events(self.body, "Normal", "RunNow", f"run-now {request!r} started Job {job}")
         ready = cond.condition(
@@ -316,7 +309,7 @@ class _Reconciler:
         resumed = bool(resume) and resume != self.old.get("lastResumeRequest")
         if resumed:
             self.new["lastResumeRequest"] = resume
-            self.new["failuresCountedSince"] = _stamp(self.now)
+            self.new["failuresCountedSince"] = rfc3339(self.now)
             if self.old.get("autoPause"):
                 # Check the cause at once instead of waiting for the next slot.
                 self.new["autoPause"] = None
@@ -340,8 +333,8 @@ class _Reconciler:
             if last is None
             else {
                 "job": last.job_name,
-                "startedAt": _stamp(last.started_at),
-                "completedAt": _stamp(last.completed_at) if last.completed_at else None,
+                "startedAt": rfc3339(last.started_at),
+                "completedAt": rfc3339(last.completed_at) if last.completed_at else None,
                 "result": RESULT_NAMES[last.status],
                 "costUSD": usd(last.cost_usd),
                 "inputTokens": last.input_tokens,
@@ -366,7 +359,7 @@ class _Reconciler:
                 "reason": cond.CONSECUTIVE_FAILURES,
                 "message": f"{streak} failed runs in a row (pauseAfterConsecutiveFailures "
                 f"{limit}); fix the cause, then `nocturne resume {self.ref.name}`",
-                "pausedAt": _stamp(self.now),
+                "pausedAt": rfc3339(self.now),
             }
             self.new["pendingVerification"] = None
         self._budget = self._budget_state(spec)
@@ -470,7 +463,7 @@ class _Reconciler:
         )
         if not self._same_condition(new, keys=("status",)):
             self.events(self.body, "Warning", "SilentStop", message)
-            self.notices("SilentStop", _stamp(since), message)
+            self.notices("SilentStop", rfc3339(since), message)
         return new
 
     def _watching_since(self, cronjob: Mapping[str, Any]) -> datetime:
@@ -479,12 +472,12 @@ class _Reconciler:
         moments: list[datetime] = []
         created = self.body["metadata"].get("creationTimestamp")
         if created:
-            moments.append(_parse(created))
+            moments.append(parse_rfc3339(created))
         if self.stats is not None and self.stats.last_success_at is not None:
             moments.append(self.stats.last_success_at)
         cron_success = (cronjob.get("status") or {}).get("lastSuccessfulTime")
         if cron_success:
-            moments.append(_parse(cron_success))
+            moments.append(parse_rfc3339(cron_success))
         # The end of every hold: a pause, a budget hold, an invalid spec (nothing fired then).
         for type_, held in (
             (cond.SUSPENDED, "True"),
@@ -495,10 +488,10 @@ class _Reconciler:
             if found is not None and found.get("status") == held:
                 moments.append(self.now)  # the hold ends in this very pass
             elif found is not None and found.get("lastTransitionTime"):
-                moments.append(_parse(found["lastTransitionTime"]))
+                moments.append(parse_rfc3339(found["lastTransitionTime"]))
         for stamp in (self.new.get("failuresCountedSince"),):
             if stamp:
-                moments.append(_parse(stamp))
+                moments.append(parse_rfc3339(stamp))
         return max(moments, default=self.now)
 
     def _schedule_warning(self, result: Validated) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from agent_runner.history import ExecutionKey, ExecutionRecord, ExecutionStatus, History
 from agent_runner.summary import Summary, parse_summary
+from nocturne_operator.timestamps import parse_rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def job_outcome(job: Mapping[str, Any]) -> JobOutcome | None:
                 cond["type"] == "Complete",
                 cond.get("reason", ""),
                 cond.get("message", ""),
-                _parse(stamp) if stamp else datetime.now(UTC),
+                parse_rfc3339(stamp) if stamp else datetime.now(UTC),
             )
     return None
 
@@ -151,20 +152,16 @@ def _started(pod: Mapping[str, Any], job: Mapping[str, Any]) -> datetime:
         or (job.get("status") or {}).get("startTime")
         or pod["metadata"].get("creationTimestamp")
     )
-    return _parse(stamp) if stamp else datetime.now(UTC)
+    return parse_rfc3339(stamp) if stamp else datetime.now(UTC)
 
 
 def _finished(pod: Mapping[str, Any], job: Mapping[str, Any]) -> datetime:
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
         finished = ((status.get("state") or {}).get("terminated") or {}).get("finishedAt")
         if finished:
-            return _parse(finished)
+            return parse_rfc3339(finished)
     stamp = (job.get("status") or {}).get("completionTime")
-    return _parse(stamp) if stamp else datetime.now(UTC)
-
-
-def _parse(stamp: str) -> datetime:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return parse_rfc3339(stamp) if stamp else datetime.now(UTC)
 
 
 def reap(

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nocturne_operator.notices import Delivery, Kind, first_line, rfc3339
+from nocturne_operator.notices import Delivery, Kind, first_line
+from nocturne_operator.timestamps import rfc3339
 
 BODY_VERSION = "nocturne.dev/v1"
 # Slack's limits: a header's plain text, a section's mrkdwn text.
