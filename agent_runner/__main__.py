@@ -28,6 +28,7 @@ from agent_runner.history import (
     ExecutionStatus,
     History,
     HistoryError,
+    PriorSpend,
     month_start,
 )
 from agent_runner.prices import load_price_table
@@ -93,44 +94,35 @@ def _run(state: Attempt) -> int:
     try:
         state.history = _connect(env)
         schedule = task.schedule
-        spent_before = _db(
+        monthly = task.budget.max_monthly_usd is not None
+        prior = _db(
             state,
-            "read this Job's earlier spend",
-            Decimal(0),
-            lambda h: h.spent_for_job(env.job_uid, exclude_pod_uid=env.pod_uid),
+            "read the earlier spend",
+            None,
+            lambda h: h.prior_spend(
+                schedule.namespace,
+                schedule.name,
+                env.job_uid,
+                env.pod_uid,
+                month_start=month_start(state.started_at, task.time_zone) if monthly else None,
+            ),
         )
-        spent_elsewhere = Decimal(0)
-        if task.budget.max_total_usd is not None:
-            spent_elsewhere = _db(
-                state,
-                "read the schedule's total spend",
-                Decimal(0),
-                lambda h: (
-                    h.total_cost(schedule.namespace, schedule.name) - h.spent_for_job(env.job_uid)
-                ),
-            )
-        spent_this_month = Decimal(0)
-        if task.budget.max_monthly_usd is not None:
-            since = month_start(state.started_at, task.time_zone)
-            spent_this_month = _db(
-                state,
-                "read the schedule's spend this month",
-                Decimal(0),
-                lambda h: (
-                    h.total_cost(schedule.namespace, schedule.name, since=since)
-                    - h.spent_for_job(env.job_uid)
-                ),
-            )
+        if prior is None:
+            prior = PriorSpend(Decimal(0), Decimal(0), None, attempts=0)
+        else:
+            state.attempt = prior.attempts
         budget = state.budget = Budget(
+            # per_run_limit ignores what a cap the task does not set would count.
             per_run_limit(
                 task.budget,
-                spent_by_other_jobs=spent_elsewhere,
-                spent_this_month_by_other_jobs=max(Decimal(0), spent_this_month),
+                spent_by_other_jobs=prior.other_jobs,
+                spent_this_month_by_other_jobs=max(
+                    Decimal(0), prior.other_jobs_since_month_start or Decimal(0)
+                ),
             ),
             price,
-            spent_before=spent_before,
+            spent_before=prior.this_job_other_attempts,
         )
-        state.attempt = _db(state, "count attempts", None, lambda h: len(h.for_job(env.job_uid)))
         if state.attempt is not None:
             attempt = state.attempt
             state.execution_id = _db(

@@ -47,6 +47,7 @@ __all__ = [
     "History",
     "HistoryError",
     "HistoryUnavailableError",
+    "PriorSpend",
     "SavedState",
     "StateTooLargeError",
     "quantize_usd",
@@ -355,6 +356,17 @@ class SavedState:
     output: str | None
     execution_id: int | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class PriorSpend:
+    """What the schedule's rows say before an attempt starts: its Job's earlier attempts and
+    what the schedule's other Jobs spent (in total, and since ``month_start`` when asked)."""
+
+    this_job_other_attempts: Decimal
+    other_jobs: Decimal
+    other_jobs_since_month_start: Decimal | None
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -858,6 +870,43 @@ class History:
             query = query.where(t.c.pod_uid != exclude_pod_uid)
         with self._begin(f"read spent cost of job {job_uid}") as conn:
             return Decimal(conn.execute(query).scalar_one())
+
+    def prior_spend(
+        self,
+        namespace: str,
+        schedule_name: str,
+        job_uid: str,
+        pod_uid: str,
+        *,
+        month_start: datetime | None = None,
+    ) -> PriorSpend:
+        """One query for a starting attempt: ``spent_for_job(job_uid, exclude_pod_uid=pod_uid)``,
+        ``total_cost`` of the schedule (optionally since ``month_start``) minus the Job's
+        spend, and how many attempts the Job has recorded."""
+        t = _EXECUTIONS
+        in_schedule = sa.and_(t.c.namespace == namespace, t.c.schedule_name == schedule_name)
+        in_job = t.c.job_uid == job_uid
+
+        def cost(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+            return sa.func.coalesce(sa.func.sum(t.c.cost_usd).filter(*where), 0)
+
+        columns = [
+            cost(in_job, t.c.pod_uid != pod_uid),
+            cost(in_job),
+            cost(in_schedule),
+            sa.func.count().filter(in_job),
+        ]
+        if month_start is not None:
+            columns.append(cost(in_schedule, t.c.started_at >= _aware("month_start", month_start)))
+        query = sa.select(*columns).where(sa.or_(in_schedule, in_job))
+        with self._begin(f"read prior spend of {namespace}/{schedule_name} job {job_uid}") as conn:
+            before, job, schedule, attempts, *month = conn.execute(query).one()
+        return PriorSpend(
+            this_job_other_attempts=Decimal(before),
+            other_jobs=Decimal(schedule) - Decimal(job),
+            other_jobs_since_month_start=Decimal(month[0]) - Decimal(job) if month else None,
+            attempts=int(attempts),
+        )
 
     def save_state(
         self,
