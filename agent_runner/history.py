@@ -1098,8 +1098,26 @@ class History:
         )
         outcome = last_attempts.c.status
         counts = sa.select(
-            sa.func.count().filter(outcome == ExecutionStatus.SUCCEEDED.value),
-            sa.func.count().filter(outcome.in_([s.value for s in FAILED_OUTCOMES])),
+            sa.func.count().filter(outcome == ExecutionStatus.SUCCEEDED.value).label("succeeded"),
+            sa.func.count().filter(outcome.in_([s.value for s in FAILED_OUTCOMES])).label("failed"),
+        ).subquery()
+        cost = sa.func.sum(t.c.cost_usd)
+        month_cost = (
+            sa.func.coalesce(cost.filter(t.c.started_at >= _aware("month_start", month_start)), 0)
+            if month_start is not None
+            else sa.null()
+        )
+        # Every attempt's cost and the latest success, in the same statement as the counts.
+        totals = (
+            sa.select(
+                sa.func.coalesce(cost, 0).label("total_cost"),
+                sa.func.max(t.c.started_at)
+                .filter(t.c.status == ExecutionStatus.SUCCEEDED.value)
+                .label("last_success_at"),
+                month_cost.label("month_cost"),
+            )
+            .where(*where)
+            .subquery()
         )
         recent = (
             sa.select(last_attempts)
@@ -1107,21 +1125,11 @@ class History:
             .order_by(last_attempts.c.started_at.desc(), last_attempts.c.id.desc())
             .limit(streak_limit)
         )
-        total = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_usd), 0)).where(*where)
-        last_success = sa.select(sa.func.max(t.c.started_at)).where(
-            *where, t.c.status == ExecutionStatus.SUCCEEDED.value
-        )
-        month_cost: Decimal | None = None
+        # Two one-row subqueries: joined on TRUE, not on a forgotten condition.
+        both = sa.select(counts, totals).select_from(counts.join(totals, sa.true()))
         with self._begin(f"read run statistics of {namespace}/{schedule_name}") as conn:
-            succeeded, failed = conn.execute(counts).one()
+            summary = conn.execute(both).one()
             rows = [_record(row) for row in conn.execute(recent)]
-            total_cost = Decimal(conn.execute(total).scalar_one())
-            last_success_at = conn.execute(last_success).scalar_one_or_none()
-            if month_start is not None:
-                month = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_usd), 0)).where(
-                    *self._schedule_range(namespace, schedule_name, month_start, None)
-                )
-                month_cost = Decimal(conn.execute(month).scalar_one())
         streak = 0
         for row in rows:
             if failures_since is not None and row.started_at < failures_since:
@@ -1131,13 +1139,13 @@ class History:
             if row.status in FAILED_OUTCOMES:
                 streak += 1
         return RunStats(
-            total_cost,
-            int(succeeded),
-            int(failed),
+            Decimal(summary.total_cost),
+            int(summary.succeeded),
+            int(summary.failed),
             streak,
             rows[0] if rows else None,
-            last_success_at=last_success_at,
-            month_cost=month_cost,
+            last_success_at=summary.last_success_at,
+            month_cost=None if summary.month_cost is None else Decimal(summary.month_cost),
         )
 
     def total_cost(
