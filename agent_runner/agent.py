@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationErr
 from agent_runner.budget import Budget, BudgetExhaustedError, Reservation
 from agent_runner.config import ConfigError, TaskDocument
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, SUCCEEDED, TRANSIENT
+from agent_runner.history import STATE_LIMIT_BYTES, StateTooLargeError, validate_state
 from agent_runner.providers.base import (
     FINISH_TOOL,
     PREVIOUS_OUTPUT_TAG,
@@ -49,7 +50,6 @@ from agent_runner.tools.registry import Refusal, ToolRegistry, clip
 
 log = logging.getLogger(__name__)
 
-STATE_LIMIT_BYTES = 64 * 1024
 MAX_PREVIOUS_OUTPUT_CHARS = 8_000
 MAX_ALERT_REASON_CHARS = 500
 MAX_UNKNOWN_OUTCOMES = 2  # calls whose outcome was unknown, charged and retried
@@ -126,12 +126,11 @@ def parse_finish(call: ToolCall) -> _Finish | str:
         )
         return f"Error: invalid finish arguments ({problems}). Call finish again."
     if finish.state is not None:
-        size = len(json.dumps(finish.state, ensure_ascii=False, separators=(",", ":")).encode())
-        if size > STATE_LIMIT_BYTES:
-            return (
-                f"Error: finish 'state' is {size} bytes serialized; the limit is "
-                f"{STATE_LIMIT_BYTES}. Keep only what the next run needs and call finish again."
-            )
+        # The history's own check: a state it would refuse goes back to the model instead.
+        try:
+            validate_state(finish.state, what="finish 'state'")
+        except StateTooLargeError as exc:
+            return f"Error: {exc}. Keep only what the next run needs and call finish again."
     reason = (finish.alert_reason or "").strip()[:MAX_ALERT_REASON_CHARS] or None
     return finish.model_copy(update={"alert_reason": reason if finish.alert else None})
 

@@ -15,7 +15,6 @@ import pytest
 from agent_runner.agent import (
     FINISH_SPEC,
     MAX_UNKNOWN_OUTCOMES,
-    STATE_LIMIT_BYTES,
     RunResult,
     run_agent,
     system_prompt,
@@ -24,6 +23,7 @@ from agent_runner.agent import (
 from agent_runner.budget import Budget, cost_of, input_token_bound
 from agent_runner.config import ConfigError, TaskDocument, parse_task
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED, TRANSIENT
+from agent_runner.history import STATE_LIMIT_BYTES
 from agent_runner.prices import ModelPrice
 from agent_runner.providers import (
     Completion,
@@ -176,6 +176,17 @@ def test_oversized_state_goes_back_to_the_model() -> None:
     assert feedback.role == "tool"
     assert feedback.is_error
     assert f"the limit is {STATE_LIMIT_BYTES}" in feedback.text
+
+
+def test_state_the_history_cannot_store_goes_back_to_the_model() -> None:
+    provider = ScriptedProvider(
+        [answer("", finish(state={"k": "nul \x00"})), answer("", finish(state={"k": "ok"}))]
+    )
+    result = run(provider)
+    assert (result.status, result.state, result.steps) == ("succeeded", {"k": "ok"}, 2)
+    feedback = provider.requests[1][0][-1]
+    assert feedback.is_error
+    assert "NUL character" in feedback.text
 
 
 def test_invalid_finish_arguments_go_back_to_the_model() -> None:
