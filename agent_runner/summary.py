@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +27,8 @@ from pydantic import (
     field_serializer,
     field_validator,
 )
+
+from agent_runner.history import MAX_USD, quantize_usd
 
 __all__ = [
     "MESSAGE_LIMIT_BYTES",
@@ -51,8 +53,6 @@ OUTPUT_PREVIEW_MAX_CHARS = MESSAGE_LIMIT_BYTES
 _MIN_LIMIT_BYTES = 256  # the fields never cut (status, numbers, flags) take at most ~215
 _PARSE_MAX_BYTES = 64 * 1024  # far beyond any summary: anything larger is not one
 _ELLIPSIS = "…"
-_USD_QUANTUM = Decimal("0.000001")
-_MAX_USD = Decimal("99999999.999999")  # NUMERIC(14, 6), as in the history table
 _MAX_INT = 2**63 - 1
 
 Status = Literal["RUNNING", "SUCCEEDED", "FAILED", "BUDGET_EXCEEDED", "TIMED_OUT", "CANCELLED"]
@@ -78,7 +78,7 @@ class Summary(BaseModel):
     execution_id: int | None = Field(None, alias="executionId", ge=1, le=_MAX_INT)
     status: Status
     # strict: the runner passes a Decimal (never a float); JSON carries a decimal string.
-    cost_usd: Decimal = Field(Decimal(0), alias="costUSD", ge=0, le=_MAX_USD, strict=True)
+    cost_usd: Decimal = Field(Decimal(0), alias="costUSD", ge=0, le=MAX_USD, strict=True)
     input_tokens: int = Field(0, alias="inputTokens", ge=0, le=_MAX_INT)
     output_tokens: int = Field(0, alias="outputTokens", ge=0, le=_MAX_INT)
     model: str | None = None
@@ -95,8 +95,8 @@ class Summary(BaseModel):
     @field_validator("cost_usd")
     @classmethod
     def _round_up_to_micro_usd(cls, value: Decimal) -> Decimal:
-        # Same rule as the history table: never under-report, never cross a 6-decimal budget.
-        return value.quantize(_USD_QUANTUM, rounding=ROUND_CEILING)
+        # The history table's rule: never under-report, never cross a 6-decimal budget.
+        return quantize_usd(value)
 
     @field_validator("started_at", "completed_at")
     @classmethod
