@@ -531,6 +531,16 @@ def next_month_start(moment: datetime, tz: str) -> datetime:
     return start.replace(year=year, month=month)
 
 
+def _cost_sum(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    """SUM(cost_usd) of the rows matching ``where`` (FILTER), 0 when there are none."""
+    return sa.func.coalesce(sa.func.sum(_EXECUTIONS.c.cost_usd).filter(*where), 0)
+
+
+def _check_page_limit(limit: int) -> None:
+    if isinstance(limit, bool) or not 1 <= limit <= _MAX_PAGE:
+        raise ValueError(f"limit: {limit!r} must be between 1 and {_MAX_PAGE}")
+
+
 def _execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
     c = _EXECUTIONS.c
     output: sa.ColumnElement[Any] = (
@@ -863,9 +873,7 @@ class History:
         """Recorded cost of every attempt (pod) of a Job, so retries share one budget;
         ``exclude_pod_uid`` leaves out the caller's own attempt."""
         t = _EXECUTIONS
-        query = sa.select(sa.func.coalesce(sa.func.sum(t.c.cost_usd), 0)).where(
-            t.c.job_uid == job_uid
-        )
+        query = sa.select(_cost_sum()).where(t.c.job_uid == job_uid)
         if exclude_pod_uid is not None:
             query = query.where(t.c.pod_uid != exclude_pod_uid)
         with self._begin(f"read spent cost of job {job_uid}") as conn:
@@ -887,17 +895,15 @@ class History:
         in_schedule = sa.and_(t.c.namespace == namespace, t.c.schedule_name == schedule_name)
         in_job = t.c.job_uid == job_uid
 
-        def cost(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
-            return sa.func.coalesce(sa.func.sum(t.c.cost_usd).filter(*where), 0)
-
         columns = [
-            cost(in_job, t.c.pod_uid != pod_uid),
-            cost(in_job),
-            cost(in_schedule),
+            _cost_sum(in_job, t.c.pod_uid != pod_uid),
+            _cost_sum(in_job),
+            _cost_sum(in_schedule),
             sa.func.count().filter(in_job),
         ]
         if month_start is not None:
-            columns.append(cost(in_schedule, t.c.started_at >= _aware("month_start", month_start)))
+            since = t.c.started_at >= _aware("month_start", month_start)
+            columns.append(_cost_sum(in_schedule, since))
         query = sa.select(*columns).where(sa.or_(in_schedule, in_job))
         with self._begin(f"read prior spend of {namespace}/{schedule_name} job {job_uid}") as conn:
             before, job, schedule, attempts, *month = conn.execute(query).one()
@@ -1000,8 +1006,7 @@ class History:
 
         Keyset pagination: pass the last id of a page as ``before_id`` for the next page.
         """
-        if isinstance(limit, bool) or not 1 <= limit <= _MAX_PAGE:
-            raise ValueError(f"limit: {limit!r} must be between 1 and {_MAX_PAGE}")
+        _check_page_limit(limit)
         t = _EXECUTIONS
         what = f"list runs of {namespace}/{schedule_name}"
         query = (
@@ -1101,16 +1106,15 @@ class History:
             sa.func.count().filter(outcome == ExecutionStatus.SUCCEEDED.value).label("succeeded"),
             sa.func.count().filter(outcome.in_([s.value for s in FAILED_OUTCOMES])).label("failed"),
         ).subquery()
-        cost = sa.func.sum(t.c.cost_usd)
         month_cost = (
-            sa.func.coalesce(cost.filter(t.c.started_at >= _aware("month_start", month_start)), 0)
+            _cost_sum(t.c.started_at >= _aware("month_start", month_start))
             if month_start is not None
             else sa.null()
         )
         # Every attempt's cost and the latest success, in the same statement as the counts.
         totals = (
             sa.select(
-                sa.func.coalesce(cost, 0).label("total_cost"),
+                _cost_sum().label("total_cost"),
                 sa.func.max(t.c.started_at)
                 .filter(t.c.status == ExecutionStatus.SUCCEEDED.value)
                 .label("last_success_at"),
@@ -1157,7 +1161,7 @@ class History:
         until: datetime | None = None,
     ) -> Decimal:
         """Total cost of a schedule's runs started in [since, until)."""
-        query = sa.select(sa.func.coalesce(sa.func.sum(_EXECUTIONS.c.cost_usd), 0)).where(
+        query = sa.select(_cost_sum()).where(
             *self._schedule_range(namespace, schedule_name, since, until)
         )
         with self._begin(f"sum cost of {namespace}/{schedule_name}") as conn:
@@ -1223,8 +1227,7 @@ class History:
         limit: int = 100,
     ) -> list[EventRecord]:
         """Audit events of a schedule in [since, until), newest first."""
-        if isinstance(limit, bool) or not 1 <= limit <= _MAX_PAGE:
-            raise ValueError(f"limit: {limit!r} must be between 1 and {_MAX_PAGE}")
+        _check_page_limit(limit)
         t = _EVENTS
         query = (
             sa.select(t)
