@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -30,7 +31,6 @@ from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_B
 from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.validation import Peer
 
-# Loaded at import: kopf needs the timer interval when the decorators run.
 SETTINGS: Settings = load_settings()
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 KOPF_PREFIX = f"kopf.{GROUP}"
@@ -55,15 +55,10 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     url = SETTINGS.database_url
     memo["history"] = History.connect(url.get_secret_value()) if url is not None else None
     memo["started_at"] = datetime.now(UTC)
-    # Job UIDs whose attempts are recorded and counted (Jobs are TTL-deleted after some days,
-    # so this stays small: one UID per run).
     # kopf hands each object's handlers a shallow copy of this memo: keys they set stay in
     # their copy, so what they hand to the operator-level loops goes through this one dict.
     memo["shared"] = {}
-    memo["recorded_jobs"] = set()
-    memo["notified_jobs"] = set()  # ... and whose notices are queued
-    memo["jobs_in_progress"] = set()
-    memo["jobs_lock"] = threading.Lock()
+    memo["jobs"] = _JobLedger()
     metrics.serve(SETTINGS.metrics_port)
     prices = SETTINGS.price_table_file
     memo["prices"] = prices.read_text() if prices is not None else None
@@ -106,14 +101,37 @@ def _notifier(memo: Any) -> notify.Notifier:
         outcome,
         max_attempts=SETTINGS.notification_max_attempts,
         retry_base=timedelta(seconds=SETTINGS.notification_retry_base_seconds),
-        retry_cap=timedelta(
-            seconds=max(
-                SETTINGS.notification_retry_cap_seconds, SETTINGS.notification_retry_base_seconds
-            )
-        ),
+        retry_cap=timedelta(seconds=SETTINGS.notification_retry_cap_seconds),
         timeout=SETTINGS.notification_timeout_seconds,
         retention=timedelta(days=SETTINGS.notification_retention_days),
     )
+
+
+@dataclass
+class _JobLedger:
+    """Finished Jobs this process has dealt with (Jobs are TTL-deleted after some days, so the
+    sets stay small: one UID per run). The Job event handler and the sweep may meet on one
+    Job: whoever claims it first does the work, the other skips it."""
+
+    recorded: set[str] = field(default_factory=set)  # attempts recorded and counted
+    notified: set[str] = field(default_factory=set)  # ... and notices queued
+    _busy: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextlib.contextmanager
+    def claim(self, uid: str) -> Iterator[bool]:
+        """True when the caller holds the Job until the block ends; False when it is done or
+        someone else is at it."""
+        with self._lock:
+            mine = uid not in self.notified and uid not in self._busy
+            if mine:
+                self._busy.add(uid)
+        try:
+            yield mine
+        finally:
+            if mine:
+                with self._lock:
+                    self._busy.discard(uid)
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -252,7 +270,7 @@ async def _sweep(memo: Any) -> None:
         bodies, peers, jobs = indexes
         if memo["history"] is not None:
             try:
-                await asyncio.to_thread(_reap, memo)
+                await asyncio.to_thread(_reap, memo, bodies)
             except Exception:
                 log.exception("reaping stuck executions failed")
         for key in list(bodies):
@@ -267,11 +285,12 @@ async def _sweep(memo: Any) -> None:
 REAP_AFTER = timedelta(minutes=2)
 
 
-def _reap(memo: Any) -> None:
+def _reap(memo: Any, bodies: kopf.Index[tuple[str, str], dict[str, Any]]) -> None:
     """Finalise executions left RUNNING whose Job or pod is gone (one query, then one Job and
     one pod listing per schedule that has such rows)."""
     history: History = memo["history"]
     kube: Kube = memo["kube"]
+    ledger: _JobLedger = memo["jobs"]
     try:
         stuck = history.stuck_running(REAP_AFTER)
     except HistoryError as exc:
@@ -286,12 +305,13 @@ def _reap(memo: Any) -> None:
         pods = kube.list_objects("Pod", namespace, selector)
         running_jobs = {j["metadata"]["uid"] for j in jobs if results.job_outcome(j) is None}
         reaped = results.reap(rows, jobs, pods, history, now=datetime.now(UTC))
-        schedule = _indexed_schedule(memo, namespace, name)
+        reaped_jobs = {row.job_uid for row, _ in reaped}
+        schedule = _owner(bodies, namespace, name)
         for job in jobs:
-            ended_here = any(row.job_uid == job["metadata"]["uid"] for row, _ in reaped)
-            if ended_here and job["metadata"]["uid"] not in running_jobs and schedule:
+            uid = job["metadata"]["uid"]
+            if uid in reaped_jobs and uid not in running_jobs and schedule is not None:
                 # Its last attempt only now has a final status: its notices are due now.
-                memo["notified_jobs"].discard(job["metadata"]["uid"])
+                ledger.notified.discard(uid)
                 _record_job(job, schedule, memo)
         for row, status in reaped:
             if row.job_uid in running_jobs:
@@ -308,13 +328,11 @@ def _reap(memo: Any) -> None:
             )
 
 
-def _indexed_schedule(memo: Any, namespace: str, name: str) -> dict[str, Any] | None:
+def _owner(
+    bodies: kopf.Index[tuple[str, str], dict[str, Any]], namespace: str, name: str
+) -> dict[str, Any] | None:
     """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
-    indexes = memo["shared"].get("indexes")
-    if indexes is None:
-        return None
-    found: list[dict[str, Any]] = list(indexes[0].get((namespace, name), []))
-    return found[0] if found else None
+    return next(iter(bodies.get((namespace, name), [])), None)
 
 
 def _periodic(
@@ -345,19 +363,19 @@ def cronjob_event(
 ) -> None:
     """A managed CronJob changed or vanished: repair it at once, or remove it if orphaned."""
     owner_name = labels.get(LABEL_SCHEDULE, "")
-    bodies: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["schedule_bodies"]
-    owners = list(bodies.get((str(namespace), owner_name), []))
+    owner = _owner(kwargs["schedule_bodies"], str(namespace), owner_name)
     kube: Kube = memo["kube"]
-    if not owners:
+    if owner is None:
         if type != "DELETED" and kube.delete("CronJob", str(namespace), name):
-            kopf.event(
+            _post(
+                kube,
                 body,
-                type="Warning",
-                reason="OrphanRemoved",
-                message=f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
+                "Warning",
+                "OrphanRemoved",
+                f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
             )
         return
-    _reconcile(owners[0], memo, kwargs["schedules_by_namespace"])
+    _reconcile(owner, memo, kwargs["schedules_by_namespace"])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
@@ -373,65 +391,63 @@ def job_event(
     """A run finished: make sure its attempts are recorded, then refresh the owner's status."""
     if results.job_outcome(body) is None:
         return
-    bodies: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["schedule_bodies"]
-    owners = list(bodies.get((str(namespace), labels.get(LABEL_SCHEDULE, "")), []))
-    if not owners:
+    owner = _owner(kwargs["schedule_bodies"], str(namespace), labels.get(LABEL_SCHEDULE, ""))
+    if owner is None:
         return
-    _record_job(body, owners[0], memo)
-    _reconcile(owners[0], memo, kwargs["schedules_by_namespace"])
+    _record_job(body, owner, memo)
+    _reconcile(owner, memo, kwargs["schedules_by_namespace"])
 
 
 def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
     """Record a finished Job's attempts once and queue its notices once; later events and
-    sweeps skip it without any API or database call. The Job event handler and the sweep may
-    meet on one Job: the first claims it, the other skips it."""
+    sweeps skip it without any API or database call."""
     history: History | None = memo["history"]
     outcome = results.job_outcome(job)
+    if history is None or outcome is None:
+        return
+    meta = job["metadata"]
+    ledger: _JobLedger = memo["jobs"]
+    with ledger.claim(meta["uid"]) as mine:
+        if not mine:
+            return
+        try:
+            _record_and_notify(job, outcome, schedule, memo)
+        except HistoryError as exc:
+            # The sweep comes back to it: nothing is lost while the database is down.
+            logging.getLogger(__name__).warning(
+                "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
+            )
+
+
+def _record_and_notify(
+    job: Mapping[str, Any], outcome: results.JobOutcome, schedule: Mapping[str, Any], memo: Any
+) -> None:
+    """The work of ``_record_job`` for a claimed Job: one history read serves the metrics and
+    the notices."""
+    history: History = memo["history"]
+    ledger: _JobLedger = memo["jobs"]
     meta = job["metadata"]
     uid = meta["uid"]
-    done: set[str] = memo["recorded_jobs"]
-    notified: set[str] = memo["notified_jobs"]
-    busy: set[str] = memo["jobs_in_progress"]
-    with memo["jobs_lock"]:
-        if history is None or outcome is None or uid in busy or uid in notified:
-            return
-        busy.add(uid)
-    log = logging.getLogger(__name__)
-    try:
-        if uid not in done:
-            kube: Kube = memo["kube"]
-            pods = kube.list_objects(
-                "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
-            )
-            try:
-                results.record_finished_job(job, pods, schedule, history)
-                # Jobs that finished before this process started were counted by its predecessor.
-                if outcome.finished_at >= memo["started_at"]:
-                    _count_runs(uid, history)
-            except HistoryError as exc:
-                # The sweep comes back to it: nothing is lost while the database is down.
-                log.warning(
-                    "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
-                )
-                return
-            done.add(uid)
-        age = (datetime.now(UTC) - outcome.finished_at).total_seconds()
-        if (
-            outcome.finished_at >= memo["started_at"]
-            or age <= SETTINGS.notification_max_age_seconds
-        ):
-            # The outbox dedupes per Job: a predecessor's notices are not queued again.
-            try:
-                _notify_run(job, schedule, memo)
-            except HistoryError as exc:
-                log.warning(
-                    "notices of Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
-                )
-                return
-        notified.add(uid)
-    finally:
-        with memo["jobs_lock"]:
-            busy.discard(uid)
+    fresh = outcome.finished_at >= memo["started_at"]
+    attempts: list[ExecutionRecord] | None = None
+    if uid not in ledger.recorded:
+        kube: Kube = memo["kube"]
+        pods = kube.list_objects(
+            "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
+        )
+        results.record_finished_job(job, pods, schedule, history)
+        attempts = history.for_job(uid, include_output=True)
+        # Jobs that finished before this process started were counted by its predecessor.
+        if fresh:
+            _count_runs(attempts)
+        ledger.recorded.add(uid)
+    age = (datetime.now(UTC) - outcome.finished_at).total_seconds()
+    if fresh or age <= SETTINGS.notification_max_age_seconds:
+        # The outbox dedupes per Job: a predecessor's notices are not queued again.
+        if attempts is None:
+            attempts = history.for_job(uid, include_output=True)
+        _notify_run(attempts, schedule, memo)
+    ledger.notified.add(uid)
 
 
 def _target(schedule: Mapping[str, Any]) -> notices.Target | None:
@@ -449,14 +465,14 @@ def _subject(schedule: Mapping[str, Any]) -> notices.NoticeSubject:
     return notices.NoticeSubject(meta["namespace"], meta["name"], meta["uid"])
 
 
-def _notify_run(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
+def _notify_run(
+    attempts: Sequence[ExecutionRecord], schedule: Mapping[str, Any], memo: Any
+) -> None:
     """Queue the notices of a finished Job's outcome (its last attempt)."""
     notifier: notify.Notifier | None = memo["notifier"]
-    history: History = memo["history"]
     target = _target(schedule)
     if notifier is None or target is None:
         return
-    attempts = history.for_job(job["metadata"]["uid"], include_output=True)
     if not attempts or any(r.status is ExecutionStatus.RUNNING for r in attempts):
         return  # an attempt without its result yet: the reaper finalises it, then notifies
     last = max(attempts, key=lambda r: (r.attempt, r.started_at))
@@ -472,13 +488,12 @@ def _notify_run(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) 
         alert=last.alert,
         alert_reason=last.alert_reason,
     )
-    if notifier.run_finished(_subject(schedule), target, run, now=datetime.now(UTC)):
-        notifier.wake()
+    notifier.run_finished(_subject(schedule), target, run, now=datetime.now(UTC))
 
 
-def _count_runs(job_uid: str, history: History) -> None:
+def _count_runs(attempts: Sequence[ExecutionRecord]) -> None:
     """Feed the run metrics with a finished Job's attempts."""
-    for row in history.for_job(job_uid):
+    for row in attempts:
         if row.status is not ExecutionStatus.RUNNING:
             metrics.observe_run(
                 row.namespace,
@@ -528,20 +543,12 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
         target = _target(body)
         if notifier is None or target is None:
             return
-        try:
-            queued = notifier.schedule_event(
-                _subject(body),
-                target,
-                notices.Kind(kind),
-                key=key,
-                message=message,
-                now=now,
+        try:  # the notifier wakes its delivery loop itself
+            notifier.schedule_event(
+                _subject(body), target, notices.Kind(kind), key=key, message=message, now=now
             )
         except HistoryError as exc:  # never fail a reconcile over a notice
             logging.getLogger(__name__).warning("%s notice not queued: %s", kind, exc)
-            return
-        if queued:
-            notifier.wake()
 
     def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         _post(memo["kube"], obj, type_, reason, message)
