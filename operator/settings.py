@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from nocturne_operator.errors import SettingsError
@@ -71,6 +71,15 @@ class Settings(BaseSettings):
     notification_max_age_seconds: int = Field(6 * 3600, ge=60, le=7 * 86_400)
     # Sent, failed and suppressed notices are deleted from the outbox after this many days.
     notification_retention_days: int = Field(30, ge=1, le=3650)
+
+    @model_validator(mode="after")
+    def _retry_cap_covers_the_base(self) -> Settings:
+        if self.notification_retry_cap_seconds < self.notification_retry_base_seconds:
+            raise ValueError(
+                f"notification_retry_cap_seconds {self.notification_retry_cap_seconds} is below "
+                f"notification_retry_base_seconds {self.notification_retry_base_seconds}"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -63,6 +63,10 @@ def test_file_with_dashes_or_underscores(tmp_path: Path) -> None:
             "notification_retry_base_seconds 0: Input should be greater than 0",
         ),
         (
+            "notification_retry_base_seconds: 60\nnotification_retry_cap_seconds: 30\n",
+            "notification_retry_cap_seconds 30.0 is below notification_retry_base_seconds 60.0",
+        ),
+        (
             "notifications_enabled: perhaps\n",
             "notifications_enabled 'perhaps': Input should be a valid boolean",
         ),
