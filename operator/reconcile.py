@@ -211,7 +211,10 @@ class _Reconciler:
         current_cm = kube.get("ConfigMap", ref.namespace, configmap["metadata"]["name"])
         if current_cm is None or not contains(current_cm, configmap):
             kube.apply(configmap)
-        held = self._results(spec)
+        self._results(spec)
+        self._budget = self._budget_state(spec)
+        # Held: the CronJob stays suspended although the user did not pause the schedule.
+        held = bool(self.new.get("autoPause")) or self._budget is not None
         suspend = spec.suspend or held
         cronjob = render_cronjob(
             ref, spec, self.settings, suspend=suspend, min_interval=result.min_interval
@@ -302,9 +305,8 @@ class _Reconciler:
                 self.events(self.body, "Normal", "Resumed", "schedule resumed")
         return new
 
-    def _results(self, spec: AgentScheduleSpec) -> bool:
-        """Run results on status; auto-pause and the cumulative budget. True when the CronJob
-        must be held suspended although the user did not pause it."""
+    def _results(self, spec: AgentScheduleSpec) -> None:
+        """Run results on status, a resume request, and auto-pause."""
         resume = self.annotations.get(ANNOTATION_RESUME)
         resumed = bool(resume) and resume != self.old.get("lastResumeRequest")
         if resumed:
@@ -316,9 +318,8 @@ class _Reconciler:
                 self.new["pendingVerification"] = True
                 self._verification_run = f"resume-{resume}"
         stats = self.stats
-        if stats is None:
-            self._budget = self._budget_state(spec)
-            return bool(self.new.get("autoPause")) or self._budget is not None
+        if stats is None:  # no database: results and holds stay as last recorded
+            return
         last = stats.last_run
         if stats.month_cost is not None:
             self.new["thisMonth"] = {
@@ -362,8 +363,6 @@ class _Reconciler:
                 "pausedAt": rfc3339(self.now),
             }
             self.new["pendingVerification"] = None
-        self._budget = self._budget_state(spec)
-        return bool(self.new.get("autoPause")) or self._budget is not None
 
     def _month(self, spec: AgentScheduleSpec) -> datetime:
         return month_start(self.now, spec.time_zone)
@@ -489,9 +488,8 @@ class _Reconciler:
                 moments.append(self.now)  # the hold ends in this very pass
             elif found is not None and found.get("lastTransitionTime"):
                 moments.append(parse_rfc3339(found["lastTransitionTime"]))
-        for stamp in (self.new.get("failuresCountedSince"),):
-            if stamp:
-                moments.append(parse_rfc3339(stamp))
+        if resumed := self.new.get("failuresCountedSince"):
+            moments.append(parse_rfc3339(resumed))
         return max(moments, default=self.now)
 
     def _schedule_warning(self, result: Validated) -> dict[str, Any]:
