@@ -268,31 +268,30 @@ def _current_namespace() -> str:
 
 def _add_report_parsers(sub: Any) -> None:
     """history, cost and describe: read PostgreSQL (and the cluster for describe)."""
-    hist = sub.add_parser("history", help="runs of a schedule, newest first")
-    hist.add_argument("name")
-    hist.add_argument("-n", "--namespace")
+    schedule = argparse.ArgumentParser(add_help=False)
+    schedule.add_argument("name")
+    schedule.add_argument("-n", "--namespace")
+    schedule.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
+    hist = sub.add_parser("history", parents=[schedule], help="runs of a schedule, newest first")
     hist.add_argument("--since", help="ISO 8601 date or time (UTC unless an offset is given)")
     hist.add_argument("--until")
     hist.add_argument("--status", action="append", help="repeatable, e.g. --status FAILED")
     hist.add_argument("--limit", type=int, default=50, choices=range(1, 1001), metavar="N")
     hist.add_argument("--before-id", type=int, help="next page: the last id of the previous")
     hist.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    hist.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
     hist.set_defaults(func=cmd_history)
-    cost = sub.add_parser("cost", help="cost of a schedule per day, week or month")
-    cost.add_argument("name")
-    cost.add_argument("-n", "--namespace")
+    cost = sub.add_parser(
+        "cost", parents=[schedule], help="cost of a schedule per day, week or month"
+    )
     cost.add_argument("--since")
     cost.add_argument("--until")
     cost.add_argument("--by", choices=["day", "week", "month"], default="day")
     cost.add_argument("--tz", default="UTC", help="IANA zone the periods are cut in")
     cost.add_argument("-o", "--output", choices=["table", "json"], default="table")
-    cost.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
     cost.set_defaults(func=cmd_cost)
-    desc = sub.add_parser("describe", help="schedule, next runs, last runs, cost, conditions")
-    desc.add_argument("name")
-    desc.add_argument("-n", "--namespace")
-    desc.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
+    desc = sub.add_parser(
+        "describe", parents=[schedule], help="schedule, next runs, last runs, cost, conditions"
+    )
     desc.set_defaults(func=cmd_describe)
 
 
