@@ -17,6 +17,7 @@ from pathlib import Path
 
 from agent_runner.history import upgrade
 from e2e.cluster import build, controlplane, tools
+from e2e.cluster.executor import executor_command
 from e2e.kube import Kubectl, healthy, wait_for
 from integration.postgres import start_postgres, stop_postgres
 
@@ -76,17 +77,7 @@ def up(state: Path) -> int:
         ready = state / "executor.ready"
         ready.unlink(missing_ok=True)
         pids["executor"] = _spawn(
-            [
-                sys.executable,
-                "-m",
-                "e2e.cluster.executor",
-                "--kubeconfig",
-                str(kubeconfig),
-                "--state-dir",
-                str(state / "executor"),
-                "--ready-file",
-                str(ready),
-            ],
+            executor_command(kubeconfig, state / "executor", ready),
             state / "logs" / "executor.log",
             env,
         )

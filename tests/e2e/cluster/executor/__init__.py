@@ -58,7 +58,12 @@ from e2e.cluster.executor.env import (
     service_env,
 )
 from e2e.cluster.executor.expansion import expand
-from e2e.cluster.executor.harness import ExecutorError, ExecutorProcess, run_executor
+from e2e.cluster.executor.harness import (
+    ExecutorError,
+    ExecutorProcess,
+    executor_command,
+    run_executor,
+)
 from e2e.cluster.executor.hostpaths import host_paths_for
 from e2e.cluster.executor.identity import Identity, container_identity
 from e2e.cluster.executor.images import ImageEntry, ImageTable, image_repository
@@ -120,6 +125,7 @@ __all__ = [
     "container_environment",
     "container_identity",
     "container_mounts",
+    "executor_command",
     "exit_code_of",
     "expand",
     "field_value",

@@ -58,6 +58,24 @@ class ExecutorProcess:
         return "\n".join(parts)
 
 
+def executor_command(
+    kubeconfig: Path, state_dir: Path, ready_file: Path, images: Path | None = None
+) -> list[str]:
+    """The executor's command line; it creates ``ready_file`` once its first pod list is done."""
+    command = [
+        sys.executable,
+        "-m",
+        "e2e.cluster.executor",
+        "--kubeconfig",
+        str(kubeconfig),
+        "--state-dir",
+        str(state_dir),
+        "--ready-file",
+        str(ready_file),
+    ]
+    return command if images is None else [*command, "--images", str(images)]
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     # The repository root must not be on sys.path (operator/ shadows the stdlib): import the
@@ -107,22 +125,9 @@ def run_executor(
     state_dir.mkdir(parents=True, exist_ok=True)
     ready = state_dir / "ready"
     ready.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "e2e.cluster.executor",
-        "--kubeconfig",
-        str(kubeconfig),
-        "--state-dir",
-        str(state_dir),
-        "--ready-file",
-        str(ready),
-    ]
-    if images is not None:
-        command += ["--images", str(images)]
     with (state_dir / "executor.stderr").open("ab") as stderr:
         proc = subprocess.Popen(
-            command,
+            executor_command(kubeconfig, state_dir, ready, images),
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=subprocess.STDOUT,
