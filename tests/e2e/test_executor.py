@@ -107,6 +107,19 @@ def log_of(executor: ExecutorProcess, namespace: str, name: str) -> str:
     return executor.log_path(namespace, name, "main").read_text()
 
 
+def succeeded(
+    kube: client.ApiClient,
+    local: ExecutorProcess,
+    namespace: str,
+    name: str,
+    timeout: float = 60,
+) -> tuple[dict[str, Any], str]:
+    """The finished pod, which must have Succeeded, and its container's log."""
+    pod = finished(kube, namespace, name, timeout)
+    assert pod["status"]["phase"] == "Succeeded", (pod["status"], log_of(local, namespace, name))
+    return pod, log_of(local, namespace, name)
+
+
 def test_env_from_secret_config_map_and_field_refs(
     kube: client.ApiClient, namespace: str, local: ExecutorProcess
 ) -> None:
@@ -153,10 +166,9 @@ def test_env_from_secret_config_map_and_field_refs(
             "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}],
         },
     )
-    pod = finished(kube, namespace, name)
-    assert pod["status"]["phase"] == "Succeeded", pod["status"]
+    _, log = succeeded(kube, local, namespace, name)
     host_port = str(kube.configuration.host).removeprefix("https://")
-    assert log_of(local, namespace, name).strip() == (
+    assert log.strip() == (
         f"key=s3cret-value level=debug mode=fast pod={name} ns={namespace} app=envtest "
         f"sa=default host={name} api={host_port}"
     )
@@ -202,9 +214,8 @@ def test_config_map_volume_is_readable_and_sub_path_works(
         },
         volumes=[{"name": "cfg", "configMap": {"name": "agent"}}],
     )
-    pod = finished(kube, namespace, name)
-    assert pod["status"]["phase"] == "Succeeded", log_of(local, namespace, name)
-    assert log_of(local, namespace, name).split() == [
+    _, log = succeeded(kube, local, namespace, name)
+    assert log.split() == [
         "model:",
         "small",
         "config.yaml",
@@ -274,9 +285,8 @@ def test_runs_as_non_root_on_a_read_only_root(
         "id -u; touch /nocturne-x 2>/dev/null || echo root-read-only; "
         "touch /tmp/scratch && echo tmp-writable",
     )
-    pod = finished(kube, namespace, name)
-    assert pod["status"]["phase"] == "Succeeded", log_of(local, namespace, name)
-    assert log_of(local, namespace, name).split() == ["65534", "root-read-only", "tmp-writable"]
+    _, log = succeeded(kube, local, namespace, name)
+    assert log.split() == ["65534", "root-read-only", "tmp-writable"]
     assert not Path("/nocturne-x").exists()
 
 
@@ -295,9 +305,8 @@ def test_run_as_user_and_read_only_root_filesystem(
         securityContext={"runAsGroup": 2345},
         volumes=[{"name": "data", "emptyDir": {}}],
     )
-    pod = finished(kube, namespace, name)
-    assert pod["status"]["phase"] == "Succeeded", log_of(local, namespace, name)
-    assert log_of(local, namespace, name).split() == [
+    _, log = succeeded(kube, local, namespace, name)
+    assert log.split() == [
         "1234",
         "2345",
         "tmp-read-only",
@@ -395,9 +404,8 @@ def test_projected_service_account_volume_is_mounted(
         "cd /var/run/secrets/kubernetes.io/serviceaccount && cat namespace && echo && "
         "test -s token && test -s ca.crt && echo token-and-ca",
     )
-    pod = finished(kube, namespace, name)
-    assert pod["status"]["phase"] == "Succeeded", log_of(local, namespace, name)
-    assert log_of(local, namespace, name).split() == [namespace, "token-and-ca"]
+    pod, log = succeeded(kube, local, namespace, name)
+    assert log.split() == [namespace, "token-and-ca"]
     uid = pod["metadata"]["uid"]
     private = local.pod_dir(namespace, name) / f"uid-{uid}"
     assert not private.exists(), "materialised secrets are removed once the container exits"
@@ -420,6 +428,5 @@ def test_python_in_a_pod_gets_a_working_in_cluster_config(
         "unused",
         container={"image": "nocturne-runner:e2e", "command": [sys.executable, "-c", script]},
     )
-    pod = finished(kube, namespace, name, timeout=90)
-    assert pod["status"]["phase"] == "Succeeded", log_of(local, namespace, name)
-    assert log_of(local, namespace, name).strip() == f"system:serviceaccount:{namespace}:default"
+    _, log = succeeded(kube, local, namespace, name, timeout=90)
+    assert log.strip() == f"system:serviceaccount:{namespace}:default"
