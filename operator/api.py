@@ -52,6 +52,13 @@ class Provider(StrEnum):
     OFFLINE = "offline"
 
 
+def _no_repeats(value: list[str], what: str) -> list[str]:
+    """Lists the apiserver keeps as sets (x-kubernetes-list-type: set) refuse duplicates."""
+    if len(set(value)) != len(value):
+        raise ValueError(f"must not list {what} twice")
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, populate_by_name=True, str_strip_whitespace=False
@@ -111,9 +118,7 @@ class Agent(_Model):
     @field_validator("tools", "allow_restricted_operations")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("must not list an entry twice")
-        return value
+        return _no_repeats(value, "an entry")
 
     @model_validator(mode="after")
     def _restricted_need_opt_in(self) -> Agent:
@@ -200,9 +205,7 @@ class Notifications(_Model):
     @field_validator("events")
     @classmethod
     def _unique(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError("must not list an event twice")
-        return value
+        return _no_repeats(value, "an event")
 
     @model_validator(mode="after")
     def _events_need_a_sink(self) -> Notifications:
