@@ -138,9 +138,11 @@ def _interval(
     """The shortest gap over this year in ``tz``; an error when below the cluster minimum."""
     year_start = datetime(now.astimezone(tz).year, 1, 1, tzinfo=tz)
     minimum = timedelta(minutes=settings.min_interval_minutes)
-    too_short = cron.check_min_interval(schedule, tz, minimum, year_start)
-    if too_short is None:
-        return cron.min_interval(schedule, tz, year_start)
+    gap = cron.min_interval(schedule, tz, year_start)
+    if gap >= minimum:  # the common case: one pass over the year
+        return gap
+    # Name the first offending gap, as people meet it in time order.
+    too_short = cron.check_min_interval(schedule, tz, minimum, year_start) or gap
     errors.append(
         FieldError(
             "spec.schedule",
