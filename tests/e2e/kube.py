@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -84,3 +86,16 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def cluster_cli(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m e2e.cluster.<module> <args>`` as ``make`` runs it; output is captured."""
+    tests = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", f"e2e.cluster.{module}", *args],
+        env={**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(tests)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -4,9 +4,6 @@ controllers drive pods that the executor (or kind's kubelet) runs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +12,7 @@ import yaml
 
 from e2e.cluster import controlplane
 from e2e.cluster.executor import ExecutorProcess
-from e2e.kube import Kubectl, wait_for
+from e2e.kube import Kubectl, cluster_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -304,29 +301,13 @@ def test_deployment_pod_gets_a_real_service_account_token_and_rbac_applies(
 
 def test_control_plane_cli_up_and_down(tmp_path: Path) -> None:
     """`make demo` relies on the detached mode: up leaves it running, down stops every process."""
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     state = tmp_path / "cp"
-    run = [sys.executable, "-m", "e2e.cluster.controlplane"]
-    up = subprocess.run(
-        [*run, "up", "--dir", str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    up = cluster_cli("controlplane", "up", "--dir", str(state), timeout=180)
     try:
         assert up.returncode == 0, up.stderr
         assert f"export KUBECONFIG={state / 'admin.kubeconfig'}" in up.stdout
         assert controlplane.is_up(state)
     finally:
-        down = subprocess.run(
-            [*run, "down", "--dir", str(state)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        down = cluster_cli("controlplane", "down", "--dir", str(state), timeout=120)
     assert down.returncode == 0, down.stderr
     assert not controlplane.is_up(state)
