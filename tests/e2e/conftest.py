@@ -274,15 +274,7 @@ def history_url(postgres: PostgresServer) -> str:
 @pytest.fixture
 def runner_database(history_url: str, kubectl: Kubectl, namespace: str) -> str:
     """The Secret runner pods in this namespace read the history database URL from."""
-    kubectl(
-        "create",
-        "secret",
-        "generic",
-        "-n",
-        namespace,
-        "nocturne-database",
-        f"--from-literal=url={history_url}",
-    )
+    kubectl.create_secret(namespace, "nocturne-database", url=history_url)
     return history_url
 
 

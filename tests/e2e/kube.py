@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from e2e.cluster import controlplane
 
 T = TypeVar("T")
@@ -63,6 +65,15 @@ class Kubectl:
         """The ``items`` of a ``kubectl get`` list."""
         items: list[dict[str, Any]] = self.json(*args)["items"]
         return items
+
+    def apply(self, namespace: str, manifest: dict[str, Any]) -> str:
+        """``kubectl apply`` one manifest (YAML on stdin) in ``namespace``."""
+        return self("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
+
+    def create_secret(self, namespace: str, name: str, **data: str) -> None:
+        """``kubectl create secret generic`` with one literal per key."""
+        literals = [f"--from-literal={key}={value}" for key, value in data.items()]
+        self("create", "secret", "generic", name, "-n", namespace, *literals)
 
 
 def healthy(port: int) -> bool:

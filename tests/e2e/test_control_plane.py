@@ -8,17 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from e2e.cluster import controlplane
 from e2e.cluster.executor import ExecutorProcess
 from e2e.kube import Kubectl, cluster_cli, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def apply(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> None:
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(manifest))
 
 
 def job_condition(kubectl: Kubectl, namespace: str, name: str) -> tuple[str, str] | None:
@@ -80,8 +75,7 @@ def test_server_reports_a_real_version(kubectl: Kubectl) -> None:
 def test_cronjob_in_tokyo_time_is_fired_by_the_cronjob_controller(
     kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
 ) -> None:
-    apply(
-        kubectl,
+    kubectl.apply(
         namespace,
         {
             "apiVersion": "batch/v1",
@@ -111,8 +105,7 @@ def test_cronjob_in_tokyo_time_is_fired_by_the_cronjob_controller(
 def test_create_job_from_cronjob_runs_at_once(
     kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
 ) -> None:
-    apply(
-        kubectl,
+    kubectl.apply(
         namespace,
         {
             "apiVersion": "batch/v1",
@@ -135,7 +128,7 @@ def test_create_job_from_cronjob_runs_at_once(
 def test_failing_pod_is_retried_up_to_backoff_limit(
     kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
 ) -> None:
-    apply(kubectl, namespace, job_manifest("flaky", "echo failing; exit 1", backoffLimit=1))
+    kubectl.apply(namespace, job_manifest("flaky", "echo failing; exit 1", backoffLimit=1))
     # The Job controller waits its real 10 s pod-failure backoff before the retry.
     result = wait_for(lambda: job_condition(kubectl, namespace, "flaky"), 60, "Job flaky to fail")
     assert result == ("Failed", "BackoffLimitExceeded")
@@ -160,7 +153,7 @@ def test_pod_failure_policy_fails_the_job_at_once(
             ]
         },
     )
-    apply(kubectl, namespace, manifest)
+    kubectl.apply(namespace, manifest)
     result = wait_for(lambda: job_condition(kubectl, namespace, "bad-config"), 30, "Job to fail")
     assert result == ("Failed", "PodFailurePolicy")
     pods = job_pods(kubectl, namespace, "bad-config")
@@ -175,7 +168,7 @@ def test_job_deadline_kills_the_pod(
     manifest = job_manifest(
         "slow", "echo started; sleep 120; echo never", backoffLimit=0, activeDeadlineSeconds=5
     )
-    apply(kubectl, namespace, manifest)
+    kubectl.apply(namespace, manifest)
     result = wait_for(lambda: job_condition(kubectl, namespace, "slow"), 60, "Job slow to fail")
     assert result == ("Failed", "DeadlineExceeded")
     if executor is not None:
@@ -190,8 +183,7 @@ def test_job_deadline_kills_the_pod(
 def test_deleting_a_cronjob_collects_its_jobs_and_pods(
     kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
 ) -> None:
-    apply(
-        kubectl,
+    kubectl.apply(
         namespace,
         {
             "apiVersion": "batch/v1",
@@ -217,7 +209,7 @@ def test_deployment_pod_gets_a_real_service_account_token_and_rbac_applies(
 ) -> None:
     kubectl("create", "serviceaccount", "-n", namespace, "reader")
     kubectl("create", "configmap", "-n", namespace, "probe", "--from-literal=msg=hello-rbac")
-    kubectl("create", "secret", "generic", "-n", namespace, "hidden", "--from-literal=k=v")
+    kubectl.create_secret(namespace, "hidden", k="v")
     kubectl(
         "create", "role", "-n", namespace, "cm-reader", "--verb=get,list", "--resource=configmaps"
     )
@@ -231,8 +223,7 @@ def test_deployment_pod_gets_a_real_service_account_token_and_rbac_applies(
         f"--serviceaccount={namespace}:reader",
     )
     kubectl_image = "registry.k8s.io/kubectl:v1.35.2"
-    apply(
-        kubectl,
+    kubectl.apply(
         namespace,
         {
             "apiVersion": "apps/v1",
@@ -272,8 +263,7 @@ def test_deployment_pod_gets_a_real_service_account_token_and_rbac_applies(
     assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
 
     # The same identity may not read Secrets: RBAC is enforced on the token.
-    apply(
-        kubectl,
+    kubectl.apply(
         namespace,
         {
             "apiVersion": "v1",
