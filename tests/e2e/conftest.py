@@ -175,16 +175,19 @@ class OperatorProcess:
             self.process.wait(10)
 
 
-def start_operator(
+@contextmanager
+def operator_process(
     cluster: Cluster,
     *,
     database_url: str | None,
     watch_namespaces: str,
     extra_env: Mapping[str, str] | None = None,
     log_name: str = "operator",
-) -> OperatorProcess:
-    """Start ``python -m nocturne_operator`` and wait for its health endpoint; the caller stops
-    it (``OperatorProcess.stop``). Its log goes to ``<state dir>/<log_name>.log``."""
+    reports: list[OperatorProcess] | None = None,
+) -> Iterator[OperatorProcess]:
+    """Run ``python -m nocturne_operator`` from when its health endpoint answers until the block
+    ends. Its log goes to ``<state dir>/<log_name>.log`` and is attached to the report of a
+    failing test (``reports``: by default the current test's, also after the block has ended)."""
     log = cluster.state_dir / f"{log_name}.log"
     health_port, metrics_port = controlplane.free_ports(2)
     env = {
@@ -212,43 +215,18 @@ def start_operator(
         )
     running = OperatorProcess(proc, log, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
-        # kopf answers its liveness endpoint once startup handlers have run.
-        wait_for(
-            lambda: proc.poll() is not None or healthy(health_port),
-            60,
-            "the operator's health endpoint",
-        )
-    except AssertionError as exc:
-        running.stop()
-        raise AssertionError(f"{exc}; operator log:\n{running.log_text()}") from None
-    except BaseException:
-        running.stop()
-        raise
-    if proc.poll() is not None:
-        raise AssertionError(f"operator exited with {proc.returncode}:\n{running.log_text()}")
-    return running
-
-
-@contextmanager
-def operator_process(
-    cluster: Cluster,
-    *,
-    database_url: str | None,
-    watch_namespaces: str,
-    extra_env: Mapping[str, str] | None = None,
-    log_name: str = "operator",
-) -> Iterator[OperatorProcess]:
-    """``start_operator`` as a context within a test: stopped on exit; its log is attached to
-    the report if the test fails (also after the context has ended)."""
-    running = start_operator(
-        cluster,
-        database_url=database_url,
-        watch_namespaces=watch_namespaces,
-        extra_env=extra_env,
-        log_name=log_name,
-    )
-    _test_operators.append(running)
-    try:
+        try:
+            # kopf answers its liveness endpoint once startup handlers have run.
+            wait_for(
+                lambda: proc.poll() is not None or healthy(health_port),
+                60,
+                "the operator's health endpoint",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; operator log:\n{running.log_text()}") from None
+        if proc.poll() is not None:
+            raise AssertionError(f"operator exited with {proc.returncode}:\n{running.log_text()}")
+        (_test_operators if reports is None else reports).append(running)
         yield running
     finally:
         running.stop()
@@ -283,17 +261,13 @@ def operator(
     cluster: Cluster, crds: None, executor: ExecutorProcess | None, history_url: str
 ) -> Iterator[OperatorProcess]:
     """``python -m nocturne_operator`` with a fast drift timer, as a real separate process."""
-    running = start_operator(
+    with operator_process(
         cluster,
         database_url=history_url,
         watch_namespaces=SESSION_OPERATOR_EXCLUDES,
-    )
-    _operators_for_reports.append(running)
-    try:
+        reports=_operators_for_reports,
+    ) as running:
         yield running
-    finally:
-        _operators_for_reports.remove(running)
-        running.stop()
 
 
 # The session operator, and operators the current test started (dropped after its teardown).
