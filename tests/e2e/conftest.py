@@ -14,6 +14,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -162,6 +163,12 @@ class OperatorProcess:
     def log_text(self) -> str:
         """Everything the operator logged so far."""
         return self.log.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        """What its /metrics endpoint serves now."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            text: str = resp.read().decode()
+        return text
 
     def stop(self) -> None:
         """SIGTERM (kopf's graceful shutdown), SIGKILL after 30 s; a no-op once it exited."""

@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -17,12 +16,21 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-import yaml
 
 from agent_runner.history import ExecutionKey, ExecutionStatus, History
-from agent_runner.summary import parse_summary
 from e2e.conftest import OperatorProcess
 from e2e.kube import Cluster, Kubectl, wait_for
+from e2e.schedules import (
+    condition,
+    finished_job,
+    nocturne_cli,
+    patch_spec,
+    ready,
+    run_now,
+    runner_summary,
+    schedule,
+    status_of,
+)
 from integration.llm_server import Reply, ScriptedServer, html_page
 
 pytestmark = pytest.mark.e2e
@@ -47,33 +55,6 @@ def manifest(name: str = "daily-ai-news", **spec: Any) -> dict[str, Any]:
     return body
 
 
-def apply(kubectl: Kubectl, namespace: str, obj: dict[str, Any], *, check: bool = True) -> str:
-    return kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(obj), check=check)
-
-
-def schedule(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any]:
-    obj: dict[str, Any] = kubectl.json("agentschedule", name, "-n", namespace)
-    return obj
-
-
-def condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
-    return next(
-        (c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), None
-    )
-
-
-def ready(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any] | None:
-    """The schedule once Ready=True for its current generation, else None."""
-    obj = schedule(kubectl, namespace, name)
-    cond = condition(obj, "Ready")
-    current = (
-        obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
-        if ("status" in obj)
-        else False
-    )
-    return obj if cond and cond["status"] == "True" and current else None
-
-
 def cronjob(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any] | None:
     out = kubectl("get", "cronjob", name, "-n", namespace, "-o", "json", check=False)
     return json.loads(out) if out else None
@@ -83,28 +64,10 @@ def events(kubectl: Kubectl, namespace: str, reason: str) -> list[dict[str, Any]
     return [e for e in kubectl.items("events", "-n", namespace) if e.get("reason") == reason]
 
 
-def nocturne_cli(
-    cluster: Cluster, *args: str, database_url: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The real `nocturne` CLI against the cluster under test (and a history database)."""
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(cluster.kubeconfig)}
-    if database_url is not None:
-        env["NOCTURNE_DATABASE_URL"] = database_url
-    return subprocess.run(
-        [sys.executable, "-m", "nocturne_operator.cli", *args],
-        env=env,
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_valid_schedule_becomes_a_cronjob_with_status(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
     cj = cronjob(kubectl, namespace)
     assert cj is not None
@@ -143,9 +106,9 @@ def test_valid_schedule_becomes_a_cronjob_with_status(
 def test_update_is_applied_and_generation_observed(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    apply(kubectl, namespace, manifest(schedule="30 7 * * 1-5", timeoutSeconds=300, retries=0))
+    kubectl.apply(namespace, manifest(schedule="30 7 * * 1-5", timeoutSeconds=300, retries=0))
     obj = wait_for(lambda: ready(kubectl, namespace), 30, "the update to be observed")
     assert obj["metadata"]["generation"] == 2
     cj = cronjob(kubectl, namespace)
@@ -161,7 +124,7 @@ def test_reconcile_is_idempotent(
 ) -> None:
     """Once settled, another reconcile (from a CronJob event or an AgentSchedule update that does
     not touch the spec) writes nothing: no CronJob change, no status change."""
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
 
     def snapshot() -> tuple[str, dict[str, Any]]:
@@ -194,7 +157,7 @@ def test_reconcile_is_idempotent(
 def test_pause_and_resume_round_trip_with_a_reason(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
     kubectl(
         "annotate",
@@ -203,15 +166,7 @@ def test_pause_and_resume_round_trip_with_a_reason(
         "asched/daily-ai-news",
         "nocturne.dev/suspend-reason=holiday freeze",
     )
-    kubectl(
-        "patch",
-        "-n",
-        namespace,
-        "asched/daily-ai-news",
-        "--type=merge",
-        "-p",
-        '{"spec":{"suspend":true}}',
-    )
+    patch_spec(kubectl, namespace, {"suspend": True})
 
     def paused() -> dict[str, Any] | None:
         obj = ready(kubectl, namespace)
@@ -230,15 +185,7 @@ def test_pause_and_resume_round_trip_with_a_reason(
     assert "nextRunAt" not in obj["status"]
     assert wait_for(lambda: events(kubectl, namespace, "Paused"), 15, "a Paused event")
 
-    kubectl(
-        "patch",
-        "-n",
-        namespace,
-        "asched/daily-ai-news",
-        "--type=merge",
-        "-p",
-        '{"spec":{"suspend":false}}',
-    )
+    patch_spec(kubectl, namespace, {"suspend": False})
 
     def resumed() -> dict[str, Any] | None:
         cj = cronjob(kubectl, namespace)
@@ -252,46 +199,32 @@ def test_pause_and_resume_round_trip_with_a_reason(
 def test_run_now_creates_exactly_one_job_per_request(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest(suspend=True))  # allowed while suspended
+    kubectl.apply(namespace, manifest(suspend=True))  # allowed while suspended
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
 
     def jobs() -> list[dict[str, Any]]:
         return kubectl.items("jobs", "-n", namespace, "-l", "nocturne.dev/schedule=daily-ai-news")
 
-    kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=req-1")
+    run_now(kubectl, namespace, "req-1")
     [job] = wait_for(jobs, 30, "the run-now Job")
     assert job["metadata"]["annotations"]["nocturne.dev/manual-request"] == "req-1"
     assert job["metadata"]["ownerReferences"][0]["kind"] == "CronJob"
     obj = schedule(kubectl, namespace)
     assert obj["status"]["lastManualRun"]["requestId"] == "req-1"
     # The same request again (GitOps re-sync, a retry) starts nothing new.
-    kubectl(
-        "annotate",
-        "--overwrite",
-        "-n",
-        namespace,
-        "asched/daily-ai-news",
-        "nocturne.dev/run-now=req-1",
-    )
+    run_now(kubectl, namespace, "req-1")
     time.sleep(5)
     assert len(jobs()) == 1
-    kubectl(
-        "annotate",
-        "--overwrite",
-        "-n",
-        namespace,
-        "asched/daily-ai-news",
-        "nocturne.dev/run-now=req-2",
-    )
+    run_now(kubectl, namespace, "req-2")
     wait_for(lambda: len(jobs()) == 2, 30, "the second run-now Job")
 
 
 def test_deleting_the_schedule_removes_everything(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=before")
+    run_now(kubectl, namespace, "before")
     wait_for(lambda: kubectl.items("jobs", "-n", namespace), 30, "a Job")
     kubectl("delete", "-n", namespace, "asched/daily-ai-news", "--wait=true", "--timeout=30s")
     wait_for(lambda: cronjob(kubectl, namespace) is None, 60, "the CronJob to be collected")
@@ -306,16 +239,10 @@ def test_deleting_the_schedule_removes_everything(
 def test_hand_deleted_and_hand_edited_cronjobs_are_repaired(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    kubectl(
-        "patch",
-        "-n",
-        namespace,
-        "cronjob/daily-ai-news",
-        "--type=merge",
-        "-p",
-        '{"spec":{"schedule":"* * * * *","suspend":true}}',
+    patch_spec(
+        kubectl, namespace, {"schedule": "* * * * *", "suspend": True}, "cronjob/daily-ai-news"
     )
     wait_for(
         lambda: (
@@ -391,16 +318,16 @@ def test_invalid_schedules_are_rejected_at_apply_time(
 ) -> None:
     """The apiserver refuses these even with the operator down; nothing is stored."""
     with pytest.raises(AssertionError, match=re.escape(message)):
-        apply(kubectl, namespace, manifest(**spec))
+        kubectl.apply(namespace, manifest(**spec))
     assert kubectl.items("agentschedules", "-n", namespace) == []
 
 
 def test_invalid_schedule_is_reported_on_status_and_suspends_the_cronjob(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    apply(kubectl, namespace, manifest(schedule="0,5 9 * * *"))
+    kubectl.apply(namespace, manifest(schedule="0,5 9 * * *"))
 
     def invalid() -> dict[str, Any] | None:
         obj = schedule(kubectl, namespace)
@@ -423,7 +350,7 @@ def test_invalid_schedule_is_reported_on_status_and_suspends_the_cronjob(
     assert warnings[0]["type"] == "Warning"
     assert "minimum interval is 60 min" in warnings[0]["message"]
 
-    apply(kubectl, namespace, manifest(name="never-valid", schedule="*/10 * * * *"))
+    kubectl.apply(namespace, manifest(name="never-valid", schedule="*/10 * * * *"))
     wait_for(
         lambda: (
             (c := condition(schedule(kubectl, namespace, "never-valid"), "Ready"))
@@ -438,7 +365,7 @@ def test_invalid_schedule_is_reported_on_status_and_suspends_the_cronjob(
 def test_cli_pause_resume_and_run(
     cluster: Cluster, operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
 
     def nocturne(*args: str) -> subprocess.CompletedProcess[str]:
@@ -473,7 +400,7 @@ def test_cli_pause_resume_and_run(
 def test_dst_sensitive_schedule_gets_a_warning_condition(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    apply(kubectl, namespace, manifest(schedule="30 2 * * *", timeZone="America/New_York"))
+    kubectl.apply(namespace, manifest(schedule="30 2 * * *", timeZone="America/New_York"))
     obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
     warning = condition(obj, "ScheduleWarning")
     assert warning is not None
@@ -487,26 +414,11 @@ def test_run_now_executes_the_runner_and_records_the_run(
 ) -> None:
     """The whole path: AgentSchedule -> CronJob -> run-now Job -> runner pod (non-root, read-only
     root, no token) -> execution row in PostgreSQL and a summary in the termination message."""
-    apply(kubectl, namespace, manifest(suspend=True))
+    kubectl.apply(namespace, manifest(suspend=True))
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=full-1")
-
-    def finished_job() -> dict[str, Any] | None:
-        jobs = kubectl.items("jobs", "-n", namespace)
-        for job in jobs:
-            for cond in job.get("status", {}).get("conditions", []):
-                if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
-                    return job
-        return None
-
-    job = wait_for(finished_job, 90, "the run-now Job to finish")
-    [pod] = kubectl.items(
-        "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job['metadata']['name']}"
-    )
-    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 0, terminated
-    summary = parse_summary(terminated["message"])
-    assert summary is not None
+    run_now(kubectl, namespace, "full-1")
+    job = wait_for(lambda: finished_job(kubectl, namespace), 90, "the run-now Job to finish")
+    pod, summary = runner_summary(kubectl, namespace, job)
     assert summary.status == "SUCCEEDED"
     assert summary.history_written
     assert pod["spec"]["automountServiceAccountToken"] is False
@@ -531,8 +443,7 @@ def test_run_past_its_deadline_ends_timed_out(
 ) -> None:
     with ScriptedServer() as site:
         site.route("/slow", slow_page)
-        apply(
-            kubectl,
+        kubectl.apply(
             namespace,
             manifest(
                 suspend=True,
@@ -543,7 +454,7 @@ def test_run_past_its_deadline_ends_timed_out(
             ),
         )
         wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-        kubectl("annotate", "-n", namespace, "asched/daily-ai-news", "nocturne.dev/run-now=slow")
+        run_now(kubectl, namespace, "slow")
         job = wait_for(
             lambda: next(iter(kubectl.items("jobs", "-n", namespace)), None), 30, "the run-now Job"
         )
@@ -557,22 +468,6 @@ def test_run_past_its_deadline_ends_timed_out(
         row = wait_for(final_row, 90, "the run's final row")
     assert row.status == ExecutionStatus.TIMED_OUT
     assert row.completed_at is not None
-
-
-def status_of(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
-    status: dict[str, Any] = schedule(kubectl, namespace).get("status", {})
-    return status
-
-
-def run_now(kubectl: Kubectl, namespace: str, request: str) -> None:
-    kubectl(
-        "annotate",
-        "--overwrite",
-        "-n",
-        namespace,
-        "asched/daily-ai-news",
-        f"nocturne.dev/run-now={request}",
-    )
 
 
 def wait_for_failed_runs(kubectl: Kubectl, namespace: str, count: int) -> None:
@@ -591,7 +486,7 @@ def cronjob_suspended(kubectl: Kubectl, namespace: str) -> bool:
 
 def webhook_secret(kubectl: Kubectl, namespace: str, url: str) -> dict[str, Any]:
     """A Secret holding the webhook URL, and the spec.notifications naming it."""
-    kubectl("create", "secret", "generic", "-n", namespace, "webhook", f"--from-literal=url={url}")
+    kubectl.create_secret(namespace, "webhook", url=url)
     return {"webhookSecretRef": {"name": "webhook", "key": "url"}}
 
 
@@ -628,7 +523,7 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
             failurePolicy={"pauseAfterConsecutiveFailures": 3},
             notifications=notifications,
         )
-        apply(kubectl, namespace, failing)
+        kubectl.apply(namespace, failing)
         wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
         for n in (1, 2):
             run_now(kubectl, namespace, f"fail-{n}")
@@ -660,7 +555,7 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
 
         # Fix the cause and resume: one verification run at once, then back to Active.
         fixed = {**failing, "spec": {**failing["spec"], "agent": manifest()["spec"]["agent"]}}
-        apply(kubectl, namespace, fixed)
+        kubectl.apply(namespace, fixed)
         resume = nocturne_cli(cluster, "resume", "daily-ai-news", "-n", namespace)
         assert resume.returncode == 0, resume.stdout + resume.stderr
         healed = wait_for(
@@ -691,7 +586,7 @@ def test_a_webhook_that_refuses_leaves_a_warning_event_without_the_url(
         hooks.route("/hook", Reply(400, json={"error": "invalid_payload"}), method="POST")
         url = f"{hooks.url}/hook"
         notifications = {**webhook_secret(kubectl, namespace, url), "events": ["Succeeded"]}
-        apply(kubectl, namespace, manifest(notifications=notifications))
+        kubectl.apply(namespace, manifest(notifications=notifications))
         wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
         run_now(kubectl, namespace, "refused-1")
         [event] = wait_for(
@@ -747,7 +642,7 @@ def test_reaching_the_total_budget_suspends_until_it_is_raised(
             "events": ["BudgetExceeded"],
         }
         budget = {"maxPerRunUSD": "1.00", "maxTotalUSD": "3.00"}
-        apply(kubectl, namespace, manifest(budget=budget, notifications=notifications))
+        kubectl.apply(namespace, manifest(budget=budget, notifications=notifications))
         obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
         seed_runs(runner_database, namespace, obj["metadata"]["uid"], "1.00", "1.00", "1.00")
         kubectl("label", "-n", namespace, "asched/daily-ai-news", "example.com/nudge=1")
@@ -768,7 +663,7 @@ def test_reaching_the_total_budget_suspends_until_it_is_raised(
         assert "reached maxTotalUSD 3.00" in notice["message"]
 
         raised = {"maxPerRunUSD": "1.00", "maxTotalUSD": "10.00"}
-        apply(kubectl, namespace, manifest(budget=raised, notifications=notifications))
+        kubectl.apply(namespace, manifest(budget=raised, notifications=notifications))
         wait_for(
             lambda: (o := ready(kubectl, namespace)) and o["status"]["phase"] == "Active",
             30,
@@ -780,7 +675,7 @@ def test_reaching_the_total_budget_suspends_until_it_is_raised(
 def test_monthly_budget_holds_until_the_next_month_in_the_schedule_zone(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
 ) -> None:
-    apply(kubectl, namespace, manifest(budget={"maxPerRunUSD": "1.00", "maxMonthlyUSD": "2.00"}))
+    kubectl.apply(namespace, manifest(budget={"maxPerRunUSD": "1.00", "maxMonthlyUSD": "2.00"}))
     obj = wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
     seed_runs(runner_database, namespace, obj["metadata"]["uid"], "1.50", "0.50")
     kubectl("label", "-n", namespace, "asched/daily-ai-news", "example.com/nudge=1")
@@ -803,17 +698,9 @@ def test_monthly_budget_holds_until_the_next_month_in_the_schedule_zone(
 def test_lifecycle_is_recorded_in_the_audit_trail(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str, history_url: str
 ) -> None:
-    apply(kubectl, namespace, manifest())
+    kubectl.apply(namespace, manifest())
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
-    kubectl(
-        "patch",
-        "-n",
-        namespace,
-        "asched/daily-ai-news",
-        "--type=merge",
-        "-p",
-        '{"spec":{"suspend":true}}',
-    )
+    patch_spec(kubectl, namespace, {"suspend": True})
     wait_for(lambda: status_of(kubectl, namespace).get("phase") == "Suspended", 30, "pause")
     kubectl("delete", "-n", namespace, "asched/daily-ai-news", "--wait=true")
 
@@ -840,7 +727,7 @@ def test_describe_shows_status_next_runs_and_last_runs(
     namespace: str,
     runner_database: str,
 ) -> None:
-    apply(kubectl, namespace, manifest(suspend=False))
+    kubectl.apply(namespace, manifest(suspend=False))
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
     run_now(kubectl, namespace, "describe-1")
     wait_for(
@@ -888,7 +775,7 @@ def test_metrics_are_served_with_their_names_types_and_values(
             **webhook_secret(kubectl, namespace, f"{hooks.url}/hook"),
             "events": ["Succeeded"],
         }
-        apply(kubectl, namespace, manifest(notifications=notifications))
+        kubectl.apply(namespace, manifest(notifications=notifications))
         wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
         run_now(kubectl, namespace, "metrics-1")
         wait_for(
@@ -911,8 +798,7 @@ def test_metrics_are_served_with_their_names_types_and_values(
         )
 
     def scrape() -> str | None:
-        with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
-            text: str = resp.read().decode()
+        text = operator.metrics()
         return text if f"{runs('succeeded')} 1.0" in text else None
 
     text = wait_for(scrape, 30, "the run in the metrics")

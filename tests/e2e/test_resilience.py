@@ -6,19 +6,15 @@ history, and a local OpenAI-compatible model, so the runs cost real (tiny) money
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import pytest
-import yaml
 
 from agent_runner.history import (
     ExecutionKey,
@@ -28,9 +24,9 @@ from agent_runner.history import (
     quantize_usd,
     upgrade,
 )
-from agent_runner.summary import Summary, parse_summary
 from e2e.conftest import OperatorProcess, operator_process
 from e2e.kube import Cluster, Kubectl, wait_for
+from e2e.schedules import finished, nocturne_cli, ready, run_now, runner_summary, status_of
 from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
 from integration.postgres import PostgresServer, start_postgres, stop_postgres
 
@@ -74,15 +70,30 @@ def private_postgres() -> Iterator[PostgresServer]:
         stop_postgres(server.data_dir)
 
 
+def history_schema(postgres: PostgresServer, namespace: str) -> str:
+    """A migrated history schema of the session's server, named for the test's namespace."""
+    url = postgres.fresh_schema(namespace.replace("-", "_")[:60])
+    upgrade(url)
+    return url
+
+
+def solo_operator(
+    cluster: Cluster, namespace: str, database_url: str, role: str
+) -> AbstractContextManager[OperatorProcess]:
+    """An operator serving only ``namespace``, sweeping fast; logs to ``<namespace>-<role>.log``."""
+    return operator_process(
+        cluster,
+        database_url=database_url,
+        watch_namespaces=namespace,
+        extra_env=FAST_SWEEP,
+        log_name=f"{namespace}-{role}",
+    )
+
+
 def prepare_namespace(kubectl: Kubectl, namespace: str, database_url: str) -> None:
     """The Secrets runner pods read: the history database URL and the model's API key."""
-    for name, key, value in (
-        ("nocturne-database", "url", database_url),
-        (API_KEY_SECRET, "key", "sk-e2e-resilience"),
-    ):
-        kubectl(
-            "create", "secret", "generic", "-n", namespace, name, f"--from-literal={key}={value}"
-        )
+    kubectl.create_secret(namespace, "nocturne-database", url=database_url)
+    kubectl.create_secret(namespace, API_KEY_SECRET, key="sk-e2e-resilience")
 
 
 def apply_schedule(kubectl: Kubectl, namespace: str, site: ScriptedServer) -> None:
@@ -107,21 +118,8 @@ def apply_schedule(kubectl: Kubectl, namespace: str, site: ScriptedServer) -> No
             "retries": 0,
         },
     }
-    kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(body))
-
-    def ready() -> bool:
-        obj = kubectl.json("agentschedule", NAME, "-n", namespace)
-        conditions = obj.get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) and (
-            obj["status"].get("observedGeneration") == obj["metadata"]["generation"]
-        )
-
-    wait_for(ready, 30, f"{namespace}/{NAME} to be Ready")
-
-
-def status_of(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
-    status: dict[str, Any] = kubectl.json("agentschedule", NAME, "-n", namespace).get("status", {})
-    return status
+    kubectl.apply(namespace, body)
+    wait_for(lambda: ready(kubectl, namespace, NAME), 30, f"{namespace}/{NAME} to be Ready")
 
 
 def results(status: dict[str, Any]) -> dict[str, Any]:
@@ -133,20 +131,9 @@ def wait_for_succeeded(
     kubectl: Kubectl, namespace: str, count: int, timeout: float, what: str
 ) -> None:
     wait_for(
-        lambda: (status_of(kubectl, namespace).get("runs") or {}).get("succeeded") == count,
+        lambda: (status_of(kubectl, namespace, NAME).get("runs") or {}).get("succeeded") == count,
         timeout,
         what,
-    )
-
-
-def run_now(kubectl: Kubectl, namespace: str, request: str) -> None:
-    kubectl(
-        "annotate",
-        "--overwrite",
-        "-n",
-        namespace,
-        f"asched/{NAME}",
-        f"nocturne.dev/run-now={request}",
     )
 
 
@@ -172,26 +159,6 @@ def finished_job(kubectl: Kubectl, namespace: str, request: str) -> dict[str, An
     return job if finished(job) else None
 
 
-def finished(job: dict[str, Any] | None) -> str | None:
-    """``Complete`` or ``Failed`` once the Job has ended."""
-    for cond in (job or {}).get("status", {}).get("conditions", []):
-        if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
-            return str(cond["type"])
-    return None
-
-
-def summary_of(kubectl: Kubectl, namespace: str, job: dict[str, Any]) -> Summary:
-    """The runner's termination summary of the Job's (single) pod."""
-    [pod] = kubectl.items(
-        "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job['metadata']['name']}"
-    )
-    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 0, terminated
-    summary = parse_summary(terminated["message"])
-    assert summary is not None, terminated
-    return summary
-
-
 def event_kinds(database_url: str, namespace: str) -> Counter[str]:
     with History.connect(database_url) as history:
         return Counter(e.kind for e in history.events(namespace, NAME, limit=1000))
@@ -199,8 +166,7 @@ def event_kinds(database_url: str, namespace: str) -> Counter[str]:
 
 def metric(operator: OperatorProcess, sample: str) -> float:
     """The value of one sample line (name with labels) on the operator's /metrics."""
-    with urllib.request.urlopen(operator.metrics_url, timeout=5) as resp:
-        text: str = resp.read().decode()
+    text = operator.metrics()
     for line in text.splitlines():
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
@@ -243,25 +209,18 @@ def test_operator_restart_changes_no_totals(
     status equals PostgreSQL, its sweeps change nothing, and its metrics re-count nothing."""
     namespace = solo_namespace
     answers, site = model
-    url = postgres.fresh_schema(namespace.replace("-", "_")[:60])
-    upgrade(url)
+    url = history_schema(postgres, namespace)
     prepare_namespace(kubectl, namespace, url)
-    with operator_process(
-        cluster,
-        database_url=url,
-        watch_namespaces=namespace,
-        extra_env=FAST_SWEEP,
-        log_name=f"{namespace}-first",
-    ) as first:
+    with solo_operator(cluster, namespace, url, "first") as first:
         apply_schedule(kubectl, namespace, site)
         for count, request in enumerate(("before-1", "before-2"), start=1):
-            run_now(kubectl, namespace, request)
+            run_now(kubectl, namespace, request, NAME)
             wait_for_succeeded(kubectl, namespace, count, 90, f"run {request} on status")
-        before = results(status_of(kubectl, namespace))
+        before = results(status_of(kubectl, namespace, NAME))
         assert Decimal(before["totalCostUSD"]) > 0, before
 
         answers.delay = 8
-        run_now(kubectl, namespace, "during-outage")
+        run_now(kubectl, namespace, "during-outage", NAME)
         wait_for(
             lambda: len(site.requests_to(OPENAI_PATH)) == 3, 60, "the third run to call the model"
         )
@@ -276,20 +235,14 @@ def test_operator_restart_changes_no_totals(
             "the third run to finish while the operator is down",
         )
         assert finished(job) == "Complete", job["status"]
-        assert results(status_of(kubectl, namespace)) == before, "nobody serves the namespace"
-        summary = summary_of(kubectl, namespace, job)
+        assert results(status_of(kubectl, namespace, NAME)) == before, "nobody serves the namespace"
+        _, summary = runner_summary(kubectl, namespace, job)
         assert summary.status == "SUCCEEDED"
         assert summary.history_written
 
-    with operator_process(
-        cluster,
-        database_url=url,
-        watch_namespaces=namespace,
-        extra_env=FAST_SWEEP,
-        log_name=f"{namespace}-second",
-    ) as second:
+    with solo_operator(cluster, namespace, url, "second") as second:
         wait_for_succeeded(kubectl, namespace, 3, 30, "the new operator's totals")
-        settled = status_of(kubectl, namespace)
+        settled = status_of(kubectl, namespace, NAME)
         with History.connect(url) as history:
             rows = history.runs(namespace, NAME)
             [row] = history.for_job(job["metadata"]["uid"])
@@ -310,7 +263,7 @@ def test_operator_restart_changes_no_totals(
             10 * SWEEP_SECONDS,
             "three more sweeps (handlers._sweep reconciles every schedule each interval)",
         )
-        assert status_of(kubectl, namespace) == settled
+        assert status_of(kubectl, namespace, NAME) == settled
         with History.connect(url) as history:
             assert history.runs(namespace, NAME) == rows
         assert event_kinds(url, namespace) == events_before
@@ -319,19 +272,6 @@ def test_operator_restart_changes_no_totals(
         # the one that finished while no operator ran: handlers._record_job counts only Jobs
         # finished after the process started).
         assert metric(second, runs_total(namespace, "succeeded")) == 0.0
-
-
-def nocturne(*args: str, database_url: str) -> subprocess.CompletedProcess[str]:
-    """The real ``nocturne`` CLI."""
-    return subprocess.run(
-        [sys.executable, "-m", "nocturne_operator.cli", *args, "--database-url", database_url],
-        env={**os.environ, "PYTHONSAFEPATH": "1"},
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.mark.usefixtures("crds", "executor")
@@ -348,16 +288,10 @@ def test_run_finished_while_database_was_down_reaches_history(
     _, site = model
     url = private_postgres.url
     prepare_namespace(kubectl, namespace, url)
-    with operator_process(
-        cluster,
-        database_url=url,
-        watch_namespaces=namespace,
-        extra_env=FAST_SWEEP,
-        log_name=f"{namespace}-operator",
-    ) as operator:
+    with solo_operator(cluster, namespace, url, "operator") as operator:
         apply_schedule(kubectl, namespace, site)
         private_postgres.stop()
-        run_now(kubectl, namespace, "db-down")
+        run_now(kubectl, namespace, "db-down", NAME)
         job = wait_for(
             lambda: finished_job(kubectl, namespace, "db-down"),
             90,
@@ -365,7 +299,7 @@ def test_run_finished_while_database_was_down_reaches_history(
         )
         assert finished(job) == "Complete", job["status"]
         job_name = job["metadata"]["name"]
-        summary = summary_of(kubectl, namespace, job)
+        _, summary = runner_summary(kubectl, namespace, job)
         assert summary.status == "SUCCEEDED"
         assert not summary.history_written
         assert summary.execution_id is None
@@ -377,11 +311,11 @@ def test_run_finished_while_database_was_down_reaches_history(
             10 * SWEEP_SECONDS,
             "the Job event and the periodic sweeps to defer recording the run",
         )
-        assert "lastRun" not in status_of(kubectl, namespace)
+        assert "lastRun" not in status_of(kubectl, namespace, NAME)
 
         private_postgres.start()
         status = wait_for(
-            lambda: (s := status_of(kubectl, namespace)).get("lastRun") and s,
+            lambda: (s := status_of(kubectl, namespace, NAME)).get("lastRun") and s,
             10 * SWEEP_SECONDS,
             "the run on status once PostgreSQL is back (the sweep retries deferred Jobs)",
         )
@@ -391,7 +325,9 @@ def test_run_finished_while_database_was_down_reaches_history(
         cost = quantize_usd(summary.cost_usd)
         assert Decimal(status["totalCostUSD"]) == cost
 
-        listed = nocturne("history", NAME, "-n", namespace, "-o", "json", database_url=url)
+        listed = nocturne_cli(
+            cluster, "history", NAME, "-n", namespace, "-o", "json", database_url=url
+        )
         assert listed.returncode == 0, listed.stdout + listed.stderr
         [run] = json.loads(listed.stdout)["runs"]
         assert (run["job"], run["status"], run["manualRequest"]) == (
@@ -426,8 +362,7 @@ def test_the_reaper_finalises_a_run_whose_job_is_gone(
     sweep's reaper finalises the row as CANCELLED, keeping the cost recorded so far."""
     namespace = solo_namespace
     _, site = model
-    url = postgres.fresh_schema(namespace.replace("-", "_")[:60])
-    upgrade(url)
+    url = history_schema(postgres, namespace)
     prepare_namespace(kubectl, namespace, url)
     started = datetime.now(UTC) - timedelta(minutes=10)
     with History.connect(url) as history:
@@ -440,13 +375,7 @@ def test_the_reaper_finalises_a_run_whose_job_is_gone(
             started_at=started,
         )
         history.record_progress(run_id, cost_usd=Decimal("0.03"), input_tokens=9, output_tokens=4)
-    with operator_process(
-        cluster,
-        database_url=url,
-        watch_namespaces=namespace,
-        extra_env=FAST_SWEEP,
-        log_name=f"{namespace}-reaper",
-    ):
+    with solo_operator(cluster, namespace, url, "reaper"):
         apply_schedule(kubectl, namespace, site)  # the sweep walks the schedules it knows
 
         def reaped() -> ExecutionRecord | None:
