@@ -92,7 +92,8 @@ def kubectl(cluster: Cluster, cli_tools: tools.Tools) -> Kubectl:
 
 
 @contextmanager
-def _fresh_namespace(kubectl: Kubectl, name: str) -> Iterator[str]:
+def fresh_namespace(kubectl: Kubectl, name: str) -> Iterator[str]:
+    """Create namespace ``name``, wait for its default ServiceAccount; delete it afterwards."""
     kubectl("create", "namespace", name)
     # Pods need the namespace's default ServiceAccount (ServiceAccount admission).
     wait_for(
@@ -114,7 +115,7 @@ def _namespace_name(request: pytest.FixtureRequest, prefix: str = "") -> str:
 @pytest.fixture
 def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace per test, deleted afterwards (the namespace controller finalises it)."""
-    with _fresh_namespace(kubectl, _namespace_name(request)) as name:
+    with fresh_namespace(kubectl, _namespace_name(request)) as name:
         yield name
 
 
@@ -127,7 +128,7 @@ SESSION_OPERATOR_EXCLUDES = "!chart-*,!solo-*"
 @pytest.fixture
 def solo_namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace that only an operator started by the test itself serves."""
-    with _fresh_namespace(kubectl, _namespace_name(request, SOLO_NAMESPACE_PREFIX)) as name:
+    with fresh_namespace(kubectl, _namespace_name(request, SOLO_NAMESPACE_PREFIX)) as name:
         yield name
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +24,12 @@ import pytest
 import sqlalchemy as sa
 
 from agent_runner.history import ExecutionStatus, History
-from agent_runner.summary import parse_summary
+from e2e.cluster.controlplane import free_ports
 from e2e.cluster.executor import ExecutorProcess
 from e2e.cluster.tools import Tools
+from e2e.conftest import fresh_namespace
 from e2e.kube import Cluster, Kubectl, wait_for
+from e2e.schedules import finished_job, patch_spec, ready, run_now, runner_summary, schedule
 from prerequisites import skip_or_fail
 
 pytestmark = pytest.mark.e2e
@@ -75,18 +76,6 @@ class Release:
         return result
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def secret_from_literal(kubectl: Kubectl, namespace: str, name: str, **data: str) -> None:
-    literals = [f"--from-literal={key}={value}" for key, value in data.items()]
-    kubectl("create", "secret", "generic", name, "-n", namespace, *literals)
-
-
 @pytest.fixture
 def database_url(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A PostgreSQL URL for the release: a fresh schema of the session server, left unmigrated
@@ -99,11 +88,10 @@ def database_url(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[s
         return
     postgres = request.getfixturevalue("postgres")
     schema = f"chart_{secrets.token_hex(4)}"
+    url = postgres.fresh_schema(schema)
     engine = sa.create_engine(postgres.url)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{postgres.url}?options=-csearch_path%3D{schema}"
+        yield url
     finally:
         with engine.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
@@ -113,22 +101,15 @@ def database_url(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[s
 @pytest.fixture
 def watched_namespace(kubectl: Kubectl) -> Iterator[str]:
     """The namespace the chart's operator serves (the session operator leaves chart-* alone)."""
-    name = f"{CHART_NAMESPACE_PREFIX}{secrets.token_hex(4)}"
-    kubectl("create", "namespace", name)
-    wait_for(
-        lambda: kubectl("get", "serviceaccount", "default", "-n", name, check=False),
-        30,
-        f"the default ServiceAccount in {name}",
-    )
-    try:
-        yield name
-    finally:
-        # The release is uninstalled by now: nobody would remove kopf's finalizer, and the
-        # namespace would stay Terminating for the rest of the session.
-        unfinalize = json.dumps({"metadata": {"finalizers": None}})
-        for obj in kubectl("get", "asched", "-n", name, "-o", "name", check=False).split():
-            kubectl("patch", obj, "-n", name, "--type=merge", "-p", unfinalize, check=False)
-        kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with fresh_namespace(kubectl, f"{CHART_NAMESPACE_PREFIX}{secrets.token_hex(4)}") as name:
+        try:
+            yield name
+        finally:
+            # The release is uninstalled by now: nobody would remove kopf's finalizer, and the
+            # namespace would stay Terminating for the rest of the session.
+            unfinalize = json.dumps({"metadata": {"finalizers": None}})
+            for obj in kubectl("get", "asched", "-n", name, "-o", "name", check=False).split():
+                kubectl("patch", obj, "-n", name, "--type=merge", "-p", unfinalize, check=False)
 
 
 @pytest.fixture
@@ -155,7 +136,8 @@ def release(
     # The operator and the migration Job read it in the release namespace; runner pods in the
     # namespace of their schedule.
     for ns in (namespace, watched_namespace):
-        secret_from_literal(kubectl, ns, "nocturne-database", url=database_url)
+        kubectl.create_secret(ns, "nocturne-database", url=database_url)
+    health_port, metrics_port = free_ports(2)
     found.run(
         "install",
         found.name,
@@ -170,8 +152,8 @@ def release(
         f"--set=runner.image.tag={IMAGE_TAG}",
         f"--set=operator.watchNamespaces={{{watched_namespace}}}",
         # The local executor runs pods on the host network: every pod needs its own ports.
-        f"--set=operator.healthPort={free_port()}",
-        f"--set=metrics.port={free_port()}",
+        f"--set=operator.healthPort={health_port}",
+        f"--set=metrics.port={metrics_port}",
         "--set=operator.reconcileIntervalSeconds=3",
     )
     try:
@@ -192,28 +174,6 @@ def running_operator(kubectl: Kubectl, release: Release) -> dict[str, Any] | Non
         return None
     conditions = {c["type"]: c["status"] for c in pods[0]["status"].get("conditions", [])}
     return pods[0] if conditions.get("Ready") == "True" else None
-
-
-def schedule(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any]:
-    obj: dict[str, Any] = kubectl.json("agentschedule", name, "-n", namespace)
-    return obj
-
-
-def ready(kubectl: Kubectl, namespace: str, name: str = "daily-ai-news") -> dict[str, Any] | None:
-    """The schedule once Ready=True for its current generation, else None."""
-    obj = schedule(kubectl, namespace, name)
-    status = obj.get("status", {})
-    cond = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
-    current = status.get("observedGeneration") == obj["metadata"]["generation"]
-    return obj if cond and cond["status"] == "True" and current else None
-
-
-def finished_job(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
-    for job in kubectl.items("jobs", "-n", namespace):
-        for cond in job.get("status", {}).get("conditions", []):
-            if cond["type"] in ("Complete", "Failed") and cond["status"] == "True":
-                return job
-    return None
 
 
 def can_i(kubectl: Kubectl, account: str, *request: str) -> bool:
@@ -243,18 +203,12 @@ def test_install_runs_a_schedule_with_the_charts_rbac(release: Release, kubectl:
     kubectl("apply", "-n", watched, "-f", str(EXAMPLE))
     obj = wait_for(lambda: ready(kubectl, watched), 60, "the chart's operator to reconcile")
     assert obj["status"]["phase"] == "Active"
-    kubectl("annotate", "-n", watched, "asched/daily-ai-news", "nocturne.dev/run-now=chart-1")
+    run_now(kubectl, watched, "chart-1")
     job = wait_for(lambda: finished_job(kubectl, watched), 120, "the run-now Job to finish")
-    [runner] = kubectl.items(
-        "pods", "-n", watched, "-l", f"batch.kubernetes.io/job-name={job['metadata']['name']}"
-    )
+    runner, summary = runner_summary(kubectl, watched, job)
     assert runner["spec"]["serviceAccountName"] == f"{release.fullname}-runner"
     assert runner["spec"]["automountServiceAccountToken"] is False
     assert runner["spec"]["containers"][0]["image"] == f"{RUNNER_IMAGE}:{IMAGE_TAG}"
-    terminated = runner["status"]["containerStatuses"][0]["state"]["terminated"]
-    assert terminated["exitCode"] == 0, terminated
-    summary = parse_summary(terminated["message"])
-    assert summary is not None
     assert summary.status == "SUCCEEDED"
     assert summary.history_written
     if release.local_database:
@@ -348,15 +302,7 @@ def test_upgrade_rolls_the_operator_and_keeps_schedules(release: Release, kubect
     after = schedule(kubectl, watched)
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     # The new operator serves it: a spec change is observed.
-    kubectl(
-        "patch",
-        "-n",
-        watched,
-        "asched/daily-ai-news",
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"schedule": "30 7 * * 1-5"}}),
-    )
+    patch_spec(kubectl, watched, {"schedule": "30 7 * * 1-5"})
     changed = wait_for(lambda: ready(kubectl, watched), 60, "the new generation to be observed")
     assert changed["metadata"]["generation"] == before["metadata"]["generation"] + 1
     cronjob = kubectl.json("cronjob", "daily-ai-news", "-n", watched)
