@@ -26,7 +26,7 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from agent_runner.config import BudgetSpec
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, RunnerError
-from agent_runner.prices import ModelPrice
+from agent_runner.contract import ModelPrice
 
 QUANTUM = Decimal("0.0000000001")
 ZERO = Decimal(0)

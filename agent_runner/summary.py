@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from agent_runner.history import MAX_USD, quantize_usd
+from agent_runner.contract import MAX_USD, quantize_usd
 
 __all__ = [
     "MESSAGE_LIMIT_BYTES",

@@ -15,7 +15,7 @@ from typing import Any
 
 import kopf
 
-from agent_runner.history import (
+from nocturne_operator.storage.history import (
     EventKind,
     ExecutionRecord,
     ExecutionStatus,

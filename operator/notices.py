@@ -12,7 +12,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal, cast
 
-from agent_runner.history import clean_text
+from nocturne_operator.storage.history import clean_text
 from nocturne_operator.api import Notifications
 from nocturne_operator.money import usd
 from nocturne_operator.timestamps import rfc3339

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from agent_runner.history import translate_errors
+from nocturne_operator.storage.history import translate_errors
 from nocturne_operator.notices import Delivery, Kind, Notice, NoticeSubject, Status
 
 # pg_advisory_xact_lock class of the per-schedule lock ("noti").

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent_runner.history import ExecutionStatus, RunStats, month_start, next_month_start
+from nocturne_operator.storage.history import ExecutionStatus, RunStats, month_start, next_month_start
 from nocturne_operator import conditions as cond
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec

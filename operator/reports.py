@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from agent_runner.history import CostPeriod, ExecutionRecord, ExecutionStatus, History
+from nocturne_operator.storage.history import CostPeriod, ExecutionRecord, ExecutionStatus, History
 from nocturne_operator.money import usd
 
 _STATUSES = [s.value for s in ExecutionStatus]

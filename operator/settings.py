@@ -41,14 +41,28 @@ class Settings(BaseSettings):
     runner_image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
     runner_service_account: str = ""
     runner_resources: Resources = Resources()
-    # The operator's own connection (from a Secret via env); None runs without run results.
+    # The operator's own connection (from a Secret via env); it is PostgreSQL's only client.
+    # None: no history, and runs get no budget grant (fail closed).
     database_url: SecretStr | None = None
-    # Database credentials reach runner pods only as a secretKeyRef.
-    database_secret_name: str = "nocturne-database"  # noqa: S105 - a Secret's name, not a secret
-    database_secret_key: str = "url"  # noqa: S105 - a key name within that Secret
-    # The cluster's price table (the chart mounts its ConfigMap here); copied into every task
-    # ConfigMap so runners in any namespace price calls with it. None: the runner's built-in table.
+    # The cluster's price table (the chart mounts its ConfigMap here). It lives only with the
+    # operator: each run's grant carries its model's price. None: the built-in table.
     price_table_file: Path | None = None
+    # --- the run API runner pods report through (issue 10) ---
+    # Port of the TLS listener; served by every replica.
+    run_api_port: int = Field(8443, ge=1, le=65535)
+    run_api_bind: str = "0.0.0.0"  # noqa: S104 - runner pods connect from the pod network
+    # The URL runner pods use (the chart's Service); its host is in the serving certificate.
+    run_api_url: str = Field(
+        "https://nocturne-run-api.nocturne-system.svc:8443", pattern=r"^https://[^\s/]+(/\S*)?$"
+    )
+    # More names (DNS or IP) for the serving certificate, besides run_api_url's host.
+    run_api_hostnames: list[str] = Field(default_factory=list)
+    # The operator's own CA and serving certificate live in this Secret of this namespace (the
+    # operator's). Empty namespace: an in-memory CA for one process (development only).
+    run_api_tls_secret: str = Field("nocturne-run-api-tls", min_length=1, max_length=253)
+    run_api_tls_namespace: str = Field("", max_length=63)
+    # Lifetime of the runner's projected token (the kubelet refreshes it at 80%).
+    runner_token_expiration_seconds: int = Field(3600, ge=600, le=86_400)
     # Let runners' web_fetch reach private and loopback addresses (never link-local/metadata).
     web_fetch_allow_private: bool = False
     successful_jobs_history_limit: int = Field(3, ge=0, le=100)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from agent_runner.history import upgrade
+from nocturne_operator.storage.history import upgrade
 from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import ExecutorProcess, run_executor
 from e2e.kube import Cluster, Kubectl, healthy, wait_for

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent_runner.history import ExecutionStatus, History
+from nocturne_operator.storage.history import ExecutionStatus, History
 from e2e.cluster.controlplane import free_ports
 from e2e.cluster.executor import ExecutorProcess
 from e2e.cluster.tools import Tools

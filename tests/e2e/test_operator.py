@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent_runner.history import ExecutionKey, ExecutionStatus, History
+from nocturne_operator.storage.history import ExecutionKey, ExecutionStatus, History
 from e2e.conftest import OperatorProcess
 from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import (

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent_runner.history import (
+from nocturne_operator.storage.history import (
     ExecutionKey,
     ExecutionRecord,
     ExecutionStatus,

@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from agent_runner.history import upgrade
+from nocturne_operator.storage.history import upgrade
 from integration.postgres import PostgresServer
 from nocturne_operator.cli import main
 

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from agent_runner.history import ExecutionRecord, ExecutionStatus, RunStats
+from nocturne_operator.storage.history import ExecutionRecord, ExecutionStatus, RunStats
 from nocturne_operator import conditions as cond
 from nocturne_operator.kube import Kube
 from nocturne_operator.reconcile import reconcile

@@ -15,7 +15,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from agent_runner.history import upgrade
+from nocturne_operator.storage.history import upgrade
 from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import executor_command
 from e2e.kube import Kubectl, healthy, wait_for

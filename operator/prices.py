@@ -1,5 +1,8 @@
 """The versioned model price table (USD per million tokens), shipped as package data
-(``agent_runner/data/prices.yaml``) and replaceable with ``$NOCTURNE_PRICE_TABLE``.
+(``operator/data/prices.yaml``) and replaceable with the setting ``price_table_file``.
+
+The table lives only with the operator: each run's grant carries its model's price
+(``agent_runner.contract.ModelPrice``), so runner pods hold no copy.
 
 Prices are ``Decimal`` parsed from decimal strings; a YAML float is refused because it has already
 lost precision. A model missing from the table is a configuration error, never a guess.
@@ -18,32 +21,15 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent_runner.config import ConfigError, ProviderName, describe_validation_error
+from agent_runner.contract import ModelPrice, ProviderName, describe_validation_error
+from nocturne_operator.errors import NocturneError
 
 PRICE_TABLE_VERSION = 1
-TOKENS_PER_PRICE_UNIT = Decimal(1_000_000)
 _PRICE = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6})?$")
 
 
-@dataclass(frozen=True)
-class ModelPrice:
-    """What one model costs and how many tokens it can produce in one response."""
-
-    provider: str
-    model: str
-    input_usd_per_mtok: Decimal
-    output_usd_per_mtok: Decimal
-    max_output_tokens: int
-
-    @property
-    def input_usd_per_token(self) -> Decimal:
-        """Exact (unrounded) USD per input token."""
-        return self.input_usd_per_mtok / TOKENS_PER_PRICE_UNIT
-
-    @property
-    def output_usd_per_token(self) -> Decimal:
-        """Exact (unrounded) USD per output token."""
-        return self.output_usd_per_mtok / TOKENS_PER_PRICE_UNIT
+class PriceTableError(NocturneError):
+    """The price table is unusable, or it has no price for a schedule's model."""
 
 
 class _Entry(BaseModel):
@@ -84,14 +70,14 @@ class PriceTable:
     models: dict[tuple[str, str], ModelPrice]
 
     def lookup(self, provider: str, model: str) -> ModelPrice:
-        """The price of ``model`` served by ``provider``; ConfigError when the table has none."""
+        """The price of ``model`` served by ``provider``; PriceTableError if the table has none."""
         price = self.models.get((provider, model))
         if price is None:
             known = sorted(name for prov, name in self.models if prov == provider)
-            raise ConfigError(
+            raise PriceTableError(
                 f"agent.model {model!r}: no price for provider {provider!r} in the price table "
                 f"{self.source} (updated {self.updated}); known: {', '.join(known) or 'none'}. "
-                "Add it to a price table file and point NOCTURNE_PRICE_TABLE at it"
+                "Add it to the cluster's price table (Helm value priceTable.override)"
             )
         return price
 
@@ -101,11 +87,11 @@ def parse_price_table(text: str, *, source: str) -> PriceTable:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"price table {source}: not valid YAML: {exc}") from exc
+        raise PriceTableError(f"price table {source}: not valid YAML: {exc}") from exc
     try:
         table = _Table.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(
+        raise PriceTableError(
             f"price table {source}: {describe_validation_error(exc, prefix='')}"
         ) from exc
     models: dict[tuple[str, str], ModelPrice] = {}
@@ -113,7 +99,7 @@ def parse_price_table(text: str, *, source: str) -> PriceTable:
         for name, entry in entries.items():
             for key in (name, *entry.aliases):
                 if (provider, key) in models:
-                    raise ConfigError(
+                    raise PriceTableError(
                         f"price table {source}: providers.{provider}.{name}: model name or "
                         f"alias {key!r} is listed twice"
                     )
@@ -128,21 +114,19 @@ def parse_price_table(text: str, *, source: str) -> PriceTable:
 
 
 def load_price_table(path: Path | None = None) -> PriceTable:
-    """The table at ``path`` (e.g. ``$NOCTURNE_PRICE_TABLE``), else the one shipped with the
-    runner."""
+    """The table at ``path`` (the setting ``price_table_file``), else the one shipped with the
+    operator."""
     if path is None:
-        resource = importlib.resources.files("agent_runner").joinpath("data/prices.yaml")
+        resource = importlib.resources.files("nocturne_operator").joinpath("data/prices.yaml")
         try:
             text = resource.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(
+            raise PriceTableError(
                 f"price table: the built-in table is missing from the package: {exc}"
             ) from exc
         return parse_price_table(text, source="built-in prices.yaml")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            f"NOCTURNE_PRICE_TABLE {str(path)!r}: cannot read: {exc.strerror}"
-        ) from exc
+        raise PriceTableError(f"price table {str(path)!r}: cannot read: {exc.strerror}") from exc
     return parse_price_table(text, source=str(path))

@@ -11,14 +11,13 @@ status wins. Money is ``NUMERIC(14, 6)`` in SQL and ``Decimal`` in Python; times
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
@@ -27,6 +26,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from agent_runner.contract import (
+    MAX_TOKENS,
+    MAX_USD,
+    STATE_LIMIT_BYTES,
+    STATE_OUTPUT_LIMIT_BYTES,
+    StateTooLargeError,
+    compact_json,
+    json_document,
+    quantize_usd,
+    validate_state,
+)
 
 __all__ = [
     "ERROR_LIMIT_BYTES",
@@ -58,24 +69,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Shipped as the packages agent_runner.migrations(.versions) plus script.py.mako (pyproject);
+# Shipped as the packages nocturne_operator.storage.migrations(.versions) plus
+# script.py.mako (pyproject);
 # resolve() also finds them through the strict editable install's symlink tree.
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # pg_advisory_lock key serialising concurrent `upgrade()` calls on one database ("noct" + "hist").
 _MIGRATION_LOCK_KEY = 0x6E6F6374_68697374
 
-STATE_LIMIT_BYTES = 64 * 1024
-"""Largest agent state, measured as compact UTF-8 JSON."""
-STATE_OUTPUT_LIMIT_BYTES = 256 * 1024
-"""Largest previous-run output kept with the agent state (UTF-8 bytes)."""
 OUTPUT_LIMIT_BYTES = 1024 * 1024
 """A run's output is truncated beyond this (UTF-8 bytes): losing the record would be worse."""
 ERROR_LIMIT_BYTES = 64 * 1024
 """A run's error text is truncated beyond this (UTF-8 bytes)."""
 
-USD_QUANTUM = Decimal("0.000001")
-MAX_USD = Decimal("99999999.999999")  # NUMERIC(14, 6)
-MAX_TOKENS = 2**63 - 1  # BIGINT
 _MAX_PAGE = 1000
 
 
@@ -107,8 +112,6 @@ class EventKind(StrEnum):
 
 
 _EVENT_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-# An escaped NUL in JSON text, not preceded by an escaping backslash (`\\u0000` is text).
-_JSON_NUL_RE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _STATUS_SQL = ", ".join(f"'{s.value}'" for s in ExecutionStatus)
 
 
@@ -126,10 +129,6 @@ class HistoryUnavailableError(HistoryError):
 
 class ExecutionNotFoundError(HistoryError, LookupError):
     """No execution row has the given id."""
-
-
-class StateTooLargeError(ValueError):
-    """Agent state or its output is over the size limit, or is not storable JSON."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,12 +429,6 @@ def redact_url(url: str | sa.URL) -> str:
         return _URL_PASSWORD_RE.sub(r"\g<head>***@", url)
 
 
-def quantize_usd(value: Decimal) -> Decimal:
-    """Round a USD amount up to the stored 6 decimals: a recorded cost never under-reports the
-    spend, and a cost within a budget of at most 6 decimals stays within it."""
-    return value.quantize(USD_QUANTUM, rounding=ROUND_CEILING)
-
-
 def _usd(name: str, value: Decimal) -> Decimal:
     if not isinstance(value, Decimal):
         raise TypeError(f"{name}: {value!r} must be a Decimal (money is never a float)")
@@ -462,10 +455,6 @@ def _aware(name: str, value: datetime) -> datetime:
     return value
 
 
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
 def clean_text(value: str | None, limit_bytes: int) -> str | None:
     """Text PostgreSQL can store: NUL replaced, invalid surrogates replaced, long text cut at a
     character boundary with a visible marker."""
@@ -477,38 +466,6 @@ def clean_text(value: str | None, limit_bytes: int) -> str | None:
     marker = f"\n…[truncated, {len(data)} bytes in total]"
     keep = limit_bytes - len(marker.encode("utf-8"))
     return data[:keep].decode("utf-8", "ignore") + marker
-
-
-def _json_document(name: str, value: Any, error: type[ValueError] = ValueError) -> str:
-    """Serialise a JSONB value or raise ``error`` saying why PostgreSQL could not store it."""
-    try:
-        text = _compact_json(value)
-        text.encode("utf-8")
-    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
-        raise error(f"{name} is not storable JSON: {exc}") from None
-    if _JSON_NUL_RE.search(text):
-        raise error(
-            f"{name} contains a NUL character (\\u0000), which PostgreSQL JSONB cannot store"
-        )
-    return text
-
-
-def validate_state(state: Any, output: str | None = None, *, what: str = "agent state") -> None:
-    """Raise StateTooLargeError unless ``state`` is storable JSON within STATE_LIMIT_BYTES and
-    ``output`` is within STATE_OUTPUT_LIMIT_BYTES (both as UTF-8)."""
-    size = len(_json_document(what, state, StateTooLargeError).encode("utf-8"))
-    if size > STATE_LIMIT_BYTES:
-        raise StateTooLargeError(
-            f"{what} is {size} bytes as compact JSON; the limit is {STATE_LIMIT_BYTES} bytes"
-        )
-    if output is not None:
-        out_size = len(output.encode("utf-8", "replace"))
-        if out_size > STATE_OUTPUT_LIMIT_BYTES:
-            raise StateTooLargeError(
-                f"{what}: output is {out_size} bytes; the limit is {STATE_OUTPUT_LIMIT_BYTES} bytes"
-            )
-        if "\x00" in output:
-            raise StateTooLargeError(f"{what}: output contains a NUL character")
 
 
 def _zone(tz: str) -> ZoneInfo:
@@ -612,7 +569,7 @@ def _engine(
         poolclass=sa.QueuePool if pool else sa.NullPool,
         # Agent output and state are data, not diagnostics: keep them out of error messages.
         hide_parameters=True,
-        json_serializer=_compact_json,
+        json_serializer=compact_json,
         connect_args=connect_args,
         **({"pool_size": 2, "max_overflow": 2} if pool else {}),
     )
@@ -647,7 +604,8 @@ def upgrade(url: str, revision: str = "head", *, connect_timeout: int = 10) -> N
 
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise HistoryError(
-            f"history migrations not found at {MIGRATIONS_DIR}: agent_runner/migrations must be "
+            f"history migrations not found at {MIGRATIONS_DIR}: operator/storage/migrations "
+            "must be "
             "installed as package data"
         )
     engine = _engine(
@@ -828,7 +786,7 @@ class History:
         tokens_in = _tokens("input_tokens", input_tokens)
         tokens_out = _tokens("output_tokens", output_tokens)
         meta = dict(metadata or {})
-        _json_document("finish(): metadata", meta)
+        json_document("finish(): metadata", meta)
         t = _EXECUTIONS
         what = f"finish execution {execution_id} as {final.value}"
         with self._begin(what) as conn:
@@ -1201,7 +1159,7 @@ class History:
         if at is not None:
             _aware("at", at)
         payload = dict(details or {})
-        _json_document("record_event(): details", payload)
+        json_document("record_event(): details", payload)
         values: dict[str, Any] = {
             "namespace": namespace,
             "schedule_name": schedule_name,
