@@ -1,7 +1,7 @@
 """``web_fetch``: HTTP GET of a public page, with limits and an SSRF guard.
 
 - only ``http``/``https``, no credentials in URLs, no proxies from the environment;
-- the host is resolved once, every address is checked (``addresses.check_address``), and the
+- the host is resolved once, every address is checked (``agent_runner.addresses``), and the
   connection goes to a checked address (the URL's host is replaced by the IP; ``Host`` and TLS SNI
   keep the name, so certificates are verified against the name). A DNS answer that changes
   between check and connect (rebinding) therefore cannot redirect the connection;
@@ -13,24 +13,24 @@
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import ssl
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import httpx
 
 from agent_runner import __version__
-from agent_runner.tools.addresses import (
+from agent_runner.addresses import (
     BlockedAddressError,
-    IPAddress,
+    Destination,
     IPNetwork,
+    ResolveError,
     Resolver,
     check_address,
+    default_port,
+    resolve,
     system_resolver,
 )
 from agent_runner.tools.html_text import html_to_text
@@ -78,10 +78,7 @@ class WebPage:
 @dataclass(frozen=True)
 class _Target:
     url: httpx.URL
-    host: str  # ASCII (IDNA) host name or IP literal
-    port: int
-    literal: bool
-    addresses: tuple[IPAddress, ...]
+    destination: Destination
 
 
 class WebFetcher:
@@ -136,55 +133,40 @@ class WebFetcher:
         if parsed.userinfo:
             raise WebFetchRefusedError(f"{parsed.host}: URLs with credentials are not fetched")
         host = parsed.raw_host.decode("ascii")
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        port = parsed.port or default_port(parsed.scheme)
         try:
-            addresses: list[IPAddress] = [ipaddress.ip_address(host)]
-            literal = True
-        except ValueError:
-            literal = False
-            addresses = self._resolve(host, port)
-        for address in addresses:
+            destination = resolve(host, port, self._resolver)
+        except ResolveError as exc:
+            raise WebFetchError(str(exc)) from exc
+        for address in destination.addresses:
             try:
                 check_address(
-                    address, allow_private=self.allow_private, allow_networks=self.allow_networks
+                    address,
+                    allow_private=self.allow_private,
+                    allow_networks=self.allow_networks,
+                    setting="NOCTURNE_WEB_FETCH_ALLOW_PRIVATE",
                 )
             except BlockedAddressError as exc:
-                shown = host if literal else f"{host} resolves to an address that"
+                shown = host if destination.literal else f"{host} resolves to an address that"
                 raise WebFetchRefusedError(
                     f"{url}: refused by the SSRF guard: {shown} is not public: {exc}"
                 ) from exc
-        return _Target(parsed, host, port, literal, tuple(addresses))
-
-    def _resolve(self, host: str, port: int) -> list[IPAddress]:
-        try:
-            names = self._resolver(host, port)
-        except (OSError, FutureTimeout, UnicodeError) as exc:
-            reason = exc.strerror if isinstance(exc, socket.gaierror) else type(exc).__name__
-            raise WebFetchError(f"{host}: cannot resolve the host name ({reason})") from exc
-        addresses: list[IPAddress] = []
-        for name in names:
-            try:
-                addresses.append(ipaddress.ip_address(name))
-            except ValueError as exc:
-                raise WebFetchError(f"{host}: the resolver returned {name!r}") from exc
-        if not addresses:
-            raise WebFetchError(f"{host}: the host name has no addresses")
-        return addresses
+        return _Target(parsed, destination)
 
     def _get(self, target: _Target, end: float) -> WebPage | str:
-        default_port = 443 if target.url.scheme == "https" else 80
-        shown_host = f"[{target.host}]" if ":" in target.host else target.host
+        scheme = target.url.scheme
         headers = {
-            "host": shown_host if target.port == default_port else f"{shown_host}:{target.port}",
+            "host": target.destination.host_header(scheme),
             "user-agent": USER_AGENT,
             "accept": "text/html,application/xhtml+xml,text/plain;q=0.9,*/*;q=0.5",
             "accept-encoding": "gzip, deflate",
         }
         extensions = {}
-        if target.url.scheme == "https" and not target.literal:
-            extensions["sni_hostname"] = target.host
+        sni = target.destination.sni_hostname(scheme)
+        if sni is not None:
+            extensions["sni_hostname"] = sni
         failure: Exception | None = None
-        for address in target.addresses[:MAX_ADDRESSES_TRIED]:
+        for address in target.destination.addresses[:MAX_ADDRESSES_TRIED]:
             remaining = end - self._clock()
             if remaining <= 0:
                 break

@@ -67,9 +67,17 @@ def test_metadata_and_private_addresses_are_refused(url: str) -> None:
     assert time.monotonic() - started < 0.5  # refused before any connection attempt
 
 
-def test_metadata_stays_refused_with_allow_private() -> None:
-    with pytest.raises(WebFetchRefusedError, match="link-local"):
-        web_fetch("http://169.254.169.254/latest/meta-data/", allow_private=True)
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00:ec2::254]/latest/meta-data/",  # inside the ULA range allow_private opens
+        "http://100.100.100.200/latest/meta-data/",  # inside the CGNAT range allow_private opens
+    ],
+)
+def test_metadata_stays_refused_with_allow_private(url: str) -> None:
+    with pytest.raises(WebFetchRefusedError, match="cloud metadata endpoint"):
+        web_fetch(url, allow_private=True)
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,10 @@ from collections.abc import Sequence
 import httpx
 import pytest
 
-from agent_runner.config import AgentSpec
-from agent_runner.providers import ToolCall
-from agent_runner.tools import WebFetcher, WebFetchError, WebFetchRefusedError, build_tools
-from agent_runner.tools.addresses import (
+from agent_runner.addresses import (
     LINK_LOCAL,
     LOOPBACK,
+    METADATA,
     MULTICAST,
     PRIVATE,
     RESERVED,
@@ -24,7 +22,11 @@ from agent_runner.tools.addresses import (
     BlockedAddressError,
     check_address,
     classify,
+    resolve,
 )
+from agent_runner.config import AgentSpec
+from agent_runner.providers import ToolCall
+from agent_runner.tools import WebFetcher, WebFetchError, WebFetchRefusedError, build_tools
 from agent_runner.tools.html_text import html_to_text
 from agent_runner.tools.registry import (
     MAX_RESULT_CHARS,
@@ -50,18 +52,26 @@ PUBLIC_IP = "93.184.215.14"
         ("10.0.0.1", PRIVATE),
         ("172.16.5.4", PRIVATE),
         ("192.168.1.1", PRIVATE),
-        ("fd00:ec2::254", PRIVATE),  # IPv6 ULA (AWS's IPv6 metadata endpoint)
+        ("fd00::1", PRIVATE),  # IPv6 ULA
+        ("fd00:ec2::254", METADATA),  # AWS's IPv6 metadata endpoint, inside the ULA range
+        ("fd20:ce::254", METADATA),  # Google Cloud's IPv6 metadata endpoint
         ("fc00::1", PRIVATE),
         ("fec0::1", PRIVATE),  # deprecated site-local
         ("::ffff:10.1.2.3", PRIVATE),
         ("64:ff9b::a00:1", PRIVATE),  # NAT64 of 10.0.0.1
         ("2002:a00:1::", PRIVATE),  # 6to4 of 10.0.0.1
-        ("169.254.169.254", LINK_LOCAL),  # cloud metadata
-        ("::ffff:169.254.169.254", LINK_LOCAL),
+        ("169.254.169.254", METADATA),
+        ("::ffff:169.254.169.254", METADATA),
+        ("64:ff9b::a9fe:a9fe", METADATA),  # NAT64 of 169.254.169.254
+        ("169.254.170.2", METADATA),  # AWS ECS task credentials
+        ("169.254.1.1", LINK_LOCAL),
         ("fe80::1", LINK_LOCAL),
         ("fe80::1%eth0", LINK_LOCAL),
         ("100.64.0.1", SHARED),  # CGNAT
-        ("100.100.100.200", SHARED),  # Alibaba Cloud metadata
+        ("100.100.100.200", METADATA),  # Alibaba Cloud, inside the CGNAT range
+        ("::ffff:100.100.100.200", METADATA),
+        ("192.0.0.192", METADATA),  # Oracle Cloud (legacy)
+        ("168.63.129.16", METADATA),  # Azure WireServer, a public address
         ("224.0.0.1", MULTICAST),
         ("ff02::1", MULTICAST),
         ("0.0.0.0", UNSPECIFIED),  # noqa: S104 - an address under test, nothing binds
@@ -77,16 +87,72 @@ def test_classify(address: str, category: str | None) -> None:
 
 
 def test_allow_private_unlocks_private_but_never_link_local() -> None:
+    setting = "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE"
     for address in ("127.0.0.1", "10.0.0.1", "::1", "fd00::1", "100.64.0.1"):
         ip = ipaddress.ip_address(address)
-        with pytest.raises(BlockedAddressError, match="NOCTURNE_WEB_FETCH_ALLOW_PRIVATE"):
-            check_address(ip)
+        with pytest.raises(BlockedAddressError, match=setting):
+            check_address(ip, setting=setting)
         check_address(ip, allow_private=True)
     never = ("169.254.169.254", "fe80::1", "224.0.0.1", "0.0.0.0", "240.0.0.1")  # noqa: S104
     for address in never:
         with pytest.raises(BlockedAddressError) as excinfo:
-            check_address(ipaddress.ip_address(address), allow_private=True)
-        assert "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE" not in str(excinfo.value)
+            check_address(ipaddress.ip_address(address), allow_private=True, setting=setting)
+        assert setting not in str(excinfo.value)
+
+
+METADATA_ENDPOINTS = (
+    "169.254.169.254",
+    "fd00:ec2::254",
+    "100.100.100.200",
+    "::ffff:100.100.100.200",
+    "64:ff9b::6464:64c8",  # NAT64 of 100.100.100.200
+    "fd20:ce::254",
+    "192.0.0.192",
+    "168.63.129.16",
+)
+
+
+@pytest.mark.parametrize("address", METADATA_ENDPOINTS)
+def test_nothing_unlocks_metadata_endpoints(address: str) -> None:
+    ip = ipaddress.ip_address(address)
+    everything = [ipaddress.ip_network("::/0"), ipaddress.ip_network("0.0.0.0/0")]
+    with pytest.raises(BlockedAddressError, match="cloud metadata endpoint") as excinfo:
+        check_address(ip, allow_private=True, allow_networks=everything, setting="X_ALLOW")
+    assert "X_ALLOW" not in str(excinfo.value)
+    assert excinfo.value.reason == METADATA
+
+
+def test_explicit_networks_never_unlock_link_local() -> None:
+    allowed = [ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10")]
+    for address in ("169.254.1.1", "fe80::1"):
+        with pytest.raises(BlockedAddressError, match="link-local"):
+            check_address(ipaddress.ip_address(address), allow_networks=allowed)
+
+
+def test_metadata_endpoints_are_refused_by_web_fetch_even_with_allow_private() -> None:
+    seen: list[httpx.Request] = []
+    fetcher = WebFetcher(
+        allow_private=True,
+        resolver=FakeResolver(["fd00:ec2::254"]),
+        transport=_recording_transport(seen, {}),
+    )
+    for url in ("http://100.100.100.200/latest/meta-data/", "http://metadata.example/"):
+        with pytest.raises(WebFetchRefusedError, match="cloud metadata endpoint"):
+            fetcher.fetch(url)
+    assert seen == []
+
+
+def test_resolve_pins_and_names_the_host() -> None:
+    named = resolve("hooks.example", 8443, FakeResolver(["10.0.0.1", "10.0.0.2"]))
+    assert named.addresses == (ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.2"))
+    assert not named.literal
+    assert named.host_header("https") == "hooks.example:8443"
+    assert named.sni_hostname("https") == "hooks.example"
+    assert named.sni_hostname("http") is None
+    literal = resolve("::1", 443, FakeResolver([]))
+    assert literal.literal
+    assert literal.host_header("https") == "[::1]"
+    assert literal.sni_hostname("https") is None
 
 
 def test_allow_networks_are_exact() -> None:
@@ -177,7 +243,7 @@ def test_redirect_hops_are_resolved_and_checked_again() -> None:
 
 def test_any_blocked_address_refuses_the_host() -> None:
     fetcher = WebFetcher(resolver=FakeResolver([PUBLIC_IP, "169.254.169.254"]))
-    with pytest.raises(WebFetchRefusedError, match="link-local"):
+    with pytest.raises(WebFetchRefusedError, match="cloud metadata endpoint"):
         fetcher.fetch("http://mixed.example/")
 
 
@@ -189,8 +255,9 @@ def test_any_blocked_address_refuses_the_host() -> None:
         ("http://user:pw@example.com/", WebFetchRefusedError, "credentials"),
         ("http://127.0.0.1/", WebFetchRefusedError, "127.0.0.1 is not public"),
         ("http://[::1]:8080/", WebFetchRefusedError, "loopback"),
-        ("http://169.254.169.254/latest/meta-data/", WebFetchRefusedError, "link-local"),
-        ("http://[::ffff:a9fe:a9fe]/", WebFetchRefusedError, "link-local"),
+        ("http://169.254.169.254/latest/meta-data/", WebFetchRefusedError, "metadata endpoint"),
+        ("http://[::ffff:a9fe:a9fe]/", WebFetchRefusedError, "metadata endpoint"),
+        ("http://169.254.1.1/", WebFetchRefusedError, "link-local"),
         ("http://10.0.0.1/", WebFetchRefusedError, "private"),
         ("http://0.0.0.0:80/", WebFetchRefusedError, "unspecified"),
         ("http:///nohost", WebFetchError, "no host"),
