@@ -1,4 +1,4 @@
-"""The one reconcile: AgentSchedule -> task ConfigMap + CronJob + status.
+"""The one reconcile: AgentSchedule -> CronJob (carrying each Job's task snapshot) + status.
 
 Called for create, update, resume, the periodic drift timer and events of the owned CronJob.
 Idempotent: a second call with nothing changed writes nothing (objects are compared with their
@@ -14,7 +14,12 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from nocturne_operator.storage.history import ExecutionStatus, RunStats, month_start, next_month_start
+from nocturne_operator.storage.history import (
+    ExecutionStatus,
+    RunStats,
+    month_start,
+    next_month_start,
+)
 from nocturne_operator import conditions as cond
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec
@@ -28,8 +33,9 @@ from nocturne_operator.render import (
     labels,
     manual_job_name,
     render_cronjob,
+    RunApiEndpoint,
+    legacy_task_configmap_name,
     render_job_template,
-    render_task_configmap,
 )
 from nocturne_operator.settings import Settings
 from nocturne_operator.timestamps import parse_rfc3339, rfc3339
@@ -95,6 +101,14 @@ def contains(actual: Any, desired: Any) -> bool:
     return bool(actual == desired)
 
 
+def _mounts_legacy_task(cronjob: Mapping[str, Any] | None) -> bool:
+    """True when the CronJob's pods still mount the pre-snapshot task ConfigMap."""
+    if cronjob is None:
+        return False
+    pod = cronjob.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {})
+    return any("configMap" in v for v in (pod.get("spec") or {}).get("volumes") or [])
+
+
 def reconcile(
     body: Mapping[str, Any],
     settings: Settings,
@@ -103,11 +117,11 @@ def reconcile(
     events: EventSink,
     peers: Sequence[Peer] | None,
     stats: RunStats | None = None,
-    prices: str | None = None,
+    run_api: RunApiEndpoint,
     notices: NoticeSink | None = None,
     now: datetime | None = None,
 ) -> str:
-    """Bring the CronJob, its task ConfigMap and the status in line with the AgentSchedule;
+    """Bring the CronJob and the status in line with the AgentSchedule;
     returns the phase it wrote.
     ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets; None
     when no database is configured. ``notices`` receives the schedule-level notifications
@@ -119,7 +133,7 @@ def reconcile(
         events,
         now or datetime.now(UTC),
         stats=stats,
-        prices=prices,
+        run_api=run_api,
         notices=notices or (lambda _kind, _key, _message: None),
     ).run(peers)
 
@@ -142,13 +156,13 @@ class _Reconciler:
         now: datetime,
         *,
         stats: RunStats | None,
-        prices: str | None,
+        run_api: RunApiEndpoint,
         notices: NoticeSink,
     ) -> None:
         meta = body["metadata"]
         self.notices = notices
         self.stats = stats
-        self.prices = prices
+        self.run_api = run_api
         self.body = body
         self.settings = settings
         self.kube = kube
@@ -207,21 +221,25 @@ class _Reconciler:
         self, result: Validated, spec: AgentScheduleSpec, actual: dict[str, Any] | None
     ) -> list[dict[str, Any]]:
         ref, kube = self.ref, self.kube
-        configmap = render_task_configmap(ref, spec, prices=self.prices)
-        current_cm = kube.get("ConfigMap", ref.namespace, configmap["metadata"]["name"])
-        if current_cm is None or not contains(current_cm, configmap):
-            kube.apply(configmap)
         self._results(spec)
         self._budget = self._budget_state(spec)
         # Held: the CronJob stays suspended although the user did not pause the schedule.
         held = bool(self.new.get("autoPause")) or self._budget is not None
         suspend = spec.suspend or held
         cronjob = render_cronjob(
-            ref, spec, self.settings, suspend=suspend, min_interval=result.min_interval
+            ref,
+            spec,
+            self.settings,
+            suspend=suspend,
+            min_interval=result.min_interval,
+            run_api=self.run_api,
         )
         if actual is None or not contains(actual, cronjob):
-            if self.old.get("observedGeneration") == self.generation and self.old.get(
-                "cronJobName"
+            legacy = _mounts_legacy_task(actual)
+            if (
+                not legacy  # an upgrade of ours, not drift
+                and self.old.get("observedGeneration") == self.generation
+                and self.old.get("cronJobName")
             ):
                 what = "deleted" if actual is None else "changed outside Nocturne"
                 self.events(
@@ -231,6 +249,9 @@ class _Reconciler:
                     f"CronJob {cronjob['metadata']['name']} was {what}; restored",
                 )
             actual = kube.apply(cronjob)
+            if legacy:
+                # Upgraded from a version whose Jobs read one shared task ConfigMap.
+                kube.delete("ConfigMap", ref.namespace, legacy_task_configmap_name(ref.name))
         self._next_runs(spec, suspended=suspend)
         silent_stop = self._silent_stop(spec, actual, suspended=suspend)
         verification = self._verification_run
@@ -516,7 +537,7 @@ class _Reconciler:
         """One Job from the CronJob's template per request id (a repeated id creates nothing)."""
         ref = self.ref
         name = manual_job_name(ref.name, request)
-        template = render_job_template(ref, spec, self.settings)
+        template = render_job_template(ref, spec, self.settings, self.run_api)
         [runner] = template["spec"]["template"]["spec"]["containers"]
         runner["env"].append({"name": "NOCTURNE_MANUAL_REQUEST", "value": request})
         job = {

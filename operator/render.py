@@ -1,4 +1,9 @@
-"""Rendering an AgentSchedule into the objects that run it: a CronJob and the task ConfigMap.
+"""Rendering an AgentSchedule into the CronJob that runs it.
+
+Each Job carries its own task snapshot (env ``NOCTURNE_TASK`` in the Job template), so every
+attempt of a Job runs the task the Job was created with, whatever the spec says later. The runner
+reports to the run API with a projected token bound to its pod (audience ``TOKEN_AUDIENCE``) and
+verifies the API's certificate with the operator's CA, which travels in the template too.
 
 Pure functions: no I/O, same input -> same output, so they are unit-tested directly and the
 reconciler can compare desired with actual objects.
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from agent_runner.contract import TOKEN_AUDIENCE
 from nocturne_operator.api import API_VERSION, KIND, AgentScheduleSpec, Provider
 from nocturne_operator.settings import Settings
 
@@ -21,9 +27,8 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "nocturne-operator"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_MANUAL_REQUEST = "nocturne.dev/manual-request"
-TASK_MOUNT = "/run/nocturne/task"
-TASK_FILE = "task.json"
-PRICES_FILE = "prices.yaml"
+TOKEN_DIR = "/var/run/secrets/nocturne.dev/run-api"
+TOKEN_FILE = "token"
 
 # The runner's exit-code contract (docs/schedule-reference.md); podFailurePolicy depends on it.
 EXIT_SUCCEEDED = 0
@@ -33,6 +38,14 @@ EXIT_BUDGET_EXHAUSTED = 4  # fails the Job at once
 NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_BUDGET_EXHAUSTED)
 
 RUNNER_UID = 65532
+
+
+@dataclass(frozen=True)
+class RunApiEndpoint:
+    """Where runner pods report, and the CA bundle that proves it is the operator."""
+
+    url: str
+    ca_pem: str
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,9 @@ def cronjob_name(schedule_name: str) -> str:
     return f"{schedule_name[: MAX_CRONJOB_NAME - 9].rstrip('-.')}-{digest}"
 
 
-def task_configmap_name(schedule_name: str) -> str:
-    """Name of the ConfigMap that carries the run's task to the runner."""
+def legacy_task_configmap_name(schedule_name: str) -> str:
+    """The ConfigMap earlier versions rendered per schedule (one fixed name, so a spec edit
+    changed what a retrying Job read); removed once the CronJob no longer mounts it."""
     return f"{cronjob_name(schedule_name)}-task"
 
 
@@ -107,26 +121,6 @@ def task_document(ref: ScheduleRef, spec: AgentScheduleSpec) -> dict[str, Any]:
     }
 
 
-def render_task_configmap(
-    ref: ScheduleRef, spec: AgentScheduleSpec, *, prices: str | None = None
-) -> dict[str, Any]:
-    """The owned ConfigMap holding ``task.json`` and, when the cluster has one, the price table."""
-    data = {TASK_FILE: json.dumps(task_document(ref, spec), indent=2, sort_keys=True)}
-    if prices is not None:
-        data[PRICES_FILE] = prices
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": task_configmap_name(ref.name),
-            "namespace": ref.namespace,
-            "labels": labels(ref),
-            "ownerReferences": [owner_reference(ref)],
-        },
-        "data": data,
-    }
-
-
 def starting_deadline_seconds(spec: AgentScheduleSpec, min_interval: timedelta | None) -> int:
     """The user's value, or half the shortest interval clamped to [60 s, 1 h]: a missed run may
     still start late, but never so late that it runs into the next slot."""
@@ -144,6 +138,7 @@ def render_cronjob(
     *,
     suspend: bool,
     min_interval: timedelta | None,
+    run_api: RunApiEndpoint,
 ) -> dict[str, Any]:
     """The CronJob that runs the schedule; ``suspend`` is decided by the reconciler (user pause,
     invalid spec, exhausted budget)."""
@@ -164,13 +159,13 @@ def render_cronjob(
             "startingDeadlineSeconds": starting_deadline_seconds(spec, min_interval),
             "successfulJobsHistoryLimit": settings.successful_jobs_history_limit,
             "failedJobsHistoryLimit": settings.failed_jobs_history_limit,
-            "jobTemplate": render_job_template(ref, spec, settings),
+            "jobTemplate": render_job_template(ref, spec, settings, run_api),
         },
     }
 
 
 def render_job_template(
-    ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings
+    ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings, run_api: RunApiEndpoint
 ) -> dict[str, Any]:
     """The CronJob's jobTemplate: deadline, retries, non-retryable exits, hardened pod."""
     return {
@@ -195,17 +190,20 @@ def render_job_template(
             },
             "template": {
                 "metadata": {"labels": labels(ref)},
-                "spec": _pod_spec(ref, spec, settings),
+                "spec": _pod_spec(ref, spec, settings, run_api),
             },
         },
     }
 
 
-def _pod_spec(ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings) -> dict[str, Any]:
+def _pod_spec(
+    ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings, run_api: RunApiEndpoint
+) -> dict[str, Any]:
     res = settings.runner_resources
     pod: dict[str, Any] = {
         "restartPolicy": "Never",
-        # The agent reads untrusted pages: it must hold no Kubernetes credentials.
+        # The agent reads untrusted pages: it must hold no Kubernetes credentials. Its only
+        # token is the projected one below, whose audience the apiserver does not accept.
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
@@ -221,7 +219,7 @@ def _pod_spec(ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings) -> 
                 "name": "runner",
                 "image": settings.runner_image,
                 "imagePullPolicy": settings.runner_image_pull_policy,
-                "env": _env(spec, settings),
+                "env": _env(ref, spec, settings, run_api),
                 "resources": {
                     "requests": {"cpu": res.cpu_request, "memory": res.memory_request},
                     "limits": {"cpu": res.cpu_limit, "memory": res.memory_limit},
@@ -234,15 +232,26 @@ def _pod_spec(ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings) -> 
                 },
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
-                    {"name": "task", "mountPath": TASK_MOUNT, "readOnly": True},
+                    {"name": "run-api-token", "mountPath": TOKEN_DIR, "readOnly": True},
                     {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the pod's own emptyDir
                 ],
             }
         ],
         "volumes": [
             {
-                "name": "task",
-                "configMap": {"name": task_configmap_name(ref.name), "defaultMode": 0o444},
+                "name": "run-api-token",
+                "projected": {
+                    "defaultMode": 0o400,
+                    "sources": [
+                        {
+                            "serviceAccountToken": {
+                                "audience": TOKEN_AUDIENCE,
+                                "expirationSeconds": settings.runner_token_expiration_seconds,
+                                "path": TOKEN_FILE,
+                            }
+                        }
+                    ],
+                },
             },
             {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
         ],
@@ -252,12 +261,15 @@ def _pod_spec(ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings) -> 
     return pod
 
 
-def _env(spec: AgentScheduleSpec, settings: Settings) -> list[dict[str, Any]]:
+def _env(
+    ref: ScheduleRef, spec: AgentScheduleSpec, settings: Settings, run_api: RunApiEndpoint
+) -> list[dict[str, Any]]:
     def field_ref(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
 
+    task = json.dumps(task_document(ref, spec), sort_keys=True, separators=(",", ":"))
     env: list[dict[str, Any]] = [
-        {"name": "NOCTURNE_TASK_FILE", "value": f"{TASK_MOUNT}/{TASK_FILE}"},
+        {"name": "NOCTURNE_TASK", "value": task},
         {"name": "NOCTURNE_POD_NAME", "valueFrom": field_ref("metadata.name")},
         {"name": "NOCTURNE_POD_UID", "valueFrom": field_ref("metadata.uid")},
         {
@@ -268,18 +280,10 @@ def _env(spec: AgentScheduleSpec, settings: Settings) -> list[dict[str, Any]]:
             "name": "NOCTURNE_JOB_UID",
             "valueFrom": field_ref("metadata.labels['batch.kubernetes.io/controller-uid']"),
         },
-        {
-            "name": "NOCTURNE_DATABASE_URL",
-            "valueFrom": {
-                "secretKeyRef": {
-                    "name": settings.database_secret_name,
-                    "key": settings.database_secret_key,
-                }
-            },
-        },
+        {"name": "NOCTURNE_RUN_API_URL", "value": run_api.url},
+        {"name": "NOCTURNE_RUN_API_CA", "value": run_api.ca_pem},
+        {"name": "NOCTURNE_RUN_API_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_FILE}"},
     ]
-    if settings.price_table_file is not None:
-        env.append({"name": "NOCTURNE_PRICE_TABLE", "value": f"{TASK_MOUNT}/{PRICES_FILE}"})
     if settings.web_fetch_allow_private:
         env.append({"name": "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE", "value": "true"})
     key_ref = spec.agent.api_key_secret_ref

@@ -197,7 +197,7 @@ def operator_process(
     ends. Its log goes to ``<state dir>/<log_name>.log`` and is attached to the report of a
     failing test (``reports``: by default the current test's, also after the block has ended)."""
     log = cluster.state_dir / f"{log_name}.log"
-    health_port, metrics_port = controlplane.free_ports(2)
+    health_port, metrics_port, run_api_port = controlplane.free_ports(3)
     env = {
         **os.environ,
         "KUBECONFIG": str(cluster.kubeconfig),
@@ -208,6 +208,13 @@ def operator_process(
         "NOCTURNE_METRICS_PORT": str(metrics_port),
         # Tests serve pages on loopback; production keeps the SSRF guard's default.
         "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE": "true",
+        # Runner pods share the host network here (the executor has no CNI): they reach the
+        # run API on loopback. Its CA lives in a Secret of `default`, so every operator the
+        # tests start (and restart) serves the certificate the running Jobs trust.
+        "NOCTURNE_RUN_API_PORT": str(run_api_port),
+        "NOCTURNE_RUN_API_BIND": "127.0.0.1",
+        "NOCTURNE_RUN_API_URL": f"https://127.0.0.1:{run_api_port}",
+        "NOCTURNE_RUN_API_TLS_NAMESPACE": "default",
         **(extra_env or {}),
     }
     if database_url is not None:
@@ -258,9 +265,9 @@ def history_url(postgres: PostgresServer) -> str:
 
 
 @pytest.fixture
-def runner_database(history_url: str, kubectl: Kubectl, namespace: str) -> str:
-    """The Secret runner pods in this namespace read the history database URL from."""
-    kubectl.create_secret(namespace, "nocturne-database", url=history_url)
+def runner_database(history_url: str, namespace: str) -> str:
+    """The history database this test reads. Runner pods get no credential of it: they report
+    through the operator's run API (the name stays from when they did)."""
     return history_url
 
 

@@ -91,8 +91,8 @@ def solo_operator(
 
 
 def prepare_namespace(kubectl: Kubectl, namespace: str, database_url: str) -> None:
-    """The Secrets runner pods read: the history database URL and the model's API key."""
-    kubectl.create_secret(namespace, "nocturne-database", url=database_url)
+    """The Secret runner pods read: the model's API key (no database URL: runner pods report
+    through the operator's run API)."""
     kubectl.create_secret(namespace, API_KEY_SECRET, key="sk-e2e-resilience")
 
 

@@ -88,7 +88,7 @@ def up(state: Path) -> int:
         "wait", "--for=condition=Established", "--timeout=60s", "crd/agentschedules.nocturne.dev"
     )
     if not controlplane.alive(pids.get("operator", 0)):
-        [port] = controlplane.free_ports(1)
+        port, run_api_port = controlplane.free_ports(2)
         pids["operator"] = _spawn(
             [sys.executable, "-m", "nocturne_operator"],
             state / "logs" / "operator.log",
@@ -96,6 +96,12 @@ def up(state: Path) -> int:
                 **env,
                 "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
                 "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:dev",
+                # Runner pods share the host network (no CNI): the run API on loopback, its CA
+                # in a Secret of `default`.
+                "NOCTURNE_RUN_API_PORT": str(run_api_port),
+                "NOCTURNE_RUN_API_BIND": "127.0.0.1",
+                "NOCTURNE_RUN_API_URL": f"https://127.0.0.1:{run_api_port}",
+                "NOCTURNE_RUN_API_TLS_NAMESPACE": "default",
             },
         )
         wait_for(lambda: healthy(port), 60, "the operator")
@@ -103,20 +109,7 @@ def up(state: Path) -> int:
     _write_pids(state, pids)
     if not kubectl("get", "namespace", NAMESPACE, check=False):
         kubectl("create", "namespace", NAMESPACE)
-    # Runner pods read the history database URL from this Secret (never from the CR).
-    secret = kubectl(
-        "create",
-        "secret",
-        "generic",
-        "nocturne-database",
-        "-n",
-        NAMESPACE,
-        f"--from-literal=url={db_url}",
-        "--dry-run=client",
-        "-o",
-        "yaml",
-    )
-    kubectl("apply", "-f", "-", stdin=secret)
+    # No database Secret here: runner pods report through the operator's run API.
     kubectl("apply", "-n", NAMESPACE, "-f", str(EXAMPLES))
     for name in ("daily-ai-news", "competitor-monitor", "weekly-summary"):
         wait_for(partial(_is_active, kubectl, name), 60, f"{name} to become Active")
