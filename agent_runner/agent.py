@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationErr
 
 from agent_runner.budget import Budget, BudgetExhaustedError, Reservation
 from agent_runner.config import ConfigError, TaskDocument
-from agent_runner.exitcodes import BUDGET_EXHAUSTED, SUCCEEDED, TRANSIENT
 from agent_runner.contract import STATE_LIMIT_BYTES, StateTooLargeError, validate_state
+from agent_runner.exitcodes import BUDGET_EXHAUSTED, SUCCEEDED, TRANSIENT
 from agent_runner.providers.base import (
     FINISH_TOOL,
     PREVIOUS_OUTPUT_TAG,

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from agent_runner.config import BudgetSpec
-from agent_runner.exitcodes import BUDGET_EXHAUSTED, RunnerError
 from agent_runner.contract import ModelPrice
+from agent_runner.exitcodes import BUDGET_EXHAUSTED, RunnerError
 
 QUANTUM = Decimal("0.0000000001")
 ZERO = Decimal(0)

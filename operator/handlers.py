@@ -15,6 +15,12 @@ from typing import Any
 
 import kopf
 
+from nocturne_operator import metrics, notices, notify, outbox, results
+from nocturne_operator import reconcile as rec
+from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
+from nocturne_operator.kube import FIELD_MANAGER, Kube
+from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
+from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.storage.history import (
     EventKind,
     ExecutionRecord,
@@ -23,12 +29,6 @@ from nocturne_operator.storage.history import (
     HistoryError,
     month_start,
 )
-from nocturne_operator import metrics, notices, notify, outbox, results
-from nocturne_operator import reconcile as rec
-from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
-from nocturne_operator.kube import FIELD_MANAGER, Kube
-from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
-from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.validation import Peer
 
 SETTINGS: Settings = load_settings()

@@ -12,9 +12,9 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal, cast
 
-from nocturne_operator.storage.history import clean_text
 from nocturne_operator.api import Notifications
 from nocturne_operator.money import usd
+from nocturne_operator.storage.history import clean_text
 from nocturne_operator.timestamps import rfc3339
 
 Format = Literal["slack", "json"]

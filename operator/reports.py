@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from nocturne_operator.storage.history import CostPeriod, ExecutionRecord, ExecutionStatus, History
 from nocturne_operator.money import usd
+from nocturne_operator.storage.history import CostPeriod, ExecutionRecord, ExecutionStatus, History
 
 _STATUSES = [s.value for s in ExecutionStatus]
 

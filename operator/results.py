@@ -18,8 +18,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from nocturne_operator.storage.history import ExecutionKey, ExecutionRecord, ExecutionStatus, History
 from agent_runner.summary import Summary, parse_summary
+from nocturne_operator.storage.history import (
+    ExecutionKey,
+    ExecutionRecord,
+    ExecutionStatus,
+    History,
+)
 from nocturne_operator.timestamps import parse_rfc3339
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from nocturne_operator.storage.history import ExecutionKey, ExecutionStatus, History
 from e2e.conftest import OperatorProcess
 from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import (
@@ -32,6 +31,7 @@ from e2e.schedules import (
     status_of,
 )
 from integration.llm_server import Reply, ScriptedServer, html_page
+from nocturne_operator.storage.history import ExecutionKey, ExecutionStatus, History
 
 pytestmark = pytest.mark.e2e
 

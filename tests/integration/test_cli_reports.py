@@ -8,9 +8,9 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from nocturne_operator.storage.history import upgrade
 from integration.postgres import PostgresServer
 from nocturne_operator.cli import main
+from nocturne_operator.storage.history import upgrade
 
 pytestmark = pytest.mark.integration
 ROWS = 100_000

@@ -12,11 +12,11 @@ from typing import Any, cast
 
 import pytest
 
-from nocturne_operator.storage.history import ExecutionRecord, ExecutionStatus, RunStats
 from nocturne_operator import conditions as cond
 from nocturne_operator.kube import Kube
 from nocturne_operator.reconcile import reconcile
 from nocturne_operator.settings import Settings
+from nocturne_operator.storage.history import ExecutionRecord, ExecutionStatus, RunStats
 
 SETTINGS = Settings()
 # 2026-11-26 10:00 in Tokyo.

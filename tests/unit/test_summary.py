@@ -13,7 +13,6 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
-from agent_runner.history import ExecutionStatus
 from agent_runner.summary import (
     MESSAGE_LIMIT_BYTES,
     Status,
@@ -21,6 +20,7 @@ from agent_runner.summary import (
     parse_summary,
     write_termination_message,
 )
+from nocturne_operator.storage.history import ExecutionStatus
 
 STARTED = datetime(2026, 11, 27, 0, 0, tzinfo=UTC)
 
