@@ -4,13 +4,26 @@ are rendered. Read from ``NOCTURNE_*`` environment variables and an optional YAM
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
+import re
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from nocturne_operator.errors import SettingsError
@@ -25,6 +38,81 @@ class Resources(BaseModel):
     memory_request: str = "256Mi"
     cpu_limit: str = "1"
     memory_limit: str = "512Mi"
+
+
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_PATH_SEGMENT_TRAPS = frozenset({".", ".."})
+
+
+def _secret_name(value: str) -> str:
+    if len(value) > 253 or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise ValueError(
+            "not a Secret name (a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', "
+            "at most 253 characters)"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An http(s) URL taken apart for allow-list matching: scheme and host lowercased, the
+    default port filled in, the path as percent-decoded segments."""
+
+    scheme: str
+    host: str
+    port: int
+    path: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        """The parts of ``url``; ValueError saying which rule it breaks: http(s) only, a host,
+        no credentials, query or fragment, no ``.``/``..`` segments, no backslashes."""
+        if any(ch.isspace() or not ch.isprintable() or ch == "\\" for ch in url):
+            raise ValueError("must not contain spaces, control characters or backslashes")
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("must be an http or https URL")
+        if "@" in parts.netloc:
+            raise ValueError("must not carry credentials (user:password@)")
+        if parts.query or url.endswith("?"):
+            raise ValueError("must not have a query (?...)")
+        if parts.fragment or "#" in url:
+            raise ValueError("must not have a fragment (#...)")
+        host = (parts.hostname or "").rstrip(".")
+        if not host:
+            raise ValueError("has no host")
+        if not host.isascii():
+            raise ValueError("host must be ASCII (write an international name in its xn-- form)")
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port is None:
+            port = 443 if parts.scheme == "https" else 80
+        elif port == 0:
+            raise ValueError("has a port that is not a number from 1 to 65535")
+        with contextlib.suppress(ValueError):
+            host = ipaddress.ip_address(host).compressed  # one spelling per address
+        segments = tuple(unquote(s) for s in parts.path.split("/") if s)
+        if any(s in _PATH_SEGMENT_TRAPS or "/" in s or "\\" in s for s in segments):
+            raise ValueError("must not have '.' or '..' path segments or encoded slashes")
+        return cls(parts.scheme, host, port, segments)
+
+    def covers(self, other: Endpoint) -> bool:
+        """True when ``other`` lies under this endpoint: same scheme, host and port, and this
+        path is a prefix of its path by whole segments (``/v1`` covers ``/v1/x``, not ``/v10``)."""
+        return (self.scheme, self.host, self.port) == (other.scheme, other.host, other.port) and (
+            other.path[: len(self.path)] == self.path
+        )
+
+
+def _endpoint_url(value: str) -> str:
+    Endpoint.parse(value)
+    return value
+
+
+SecretName = Annotated[str, AfterValidator(_secret_name)]
+EndpointURL = Annotated[str, AfterValidator(_endpoint_url)]
 
 
 class Settings(BaseSettings):
@@ -85,6 +173,23 @@ class Settings(BaseSettings):
     notification_max_age_seconds: int = Field(6 * 3600, ge=60, le=7 * 86_400)
     # Sent, failed and suppressed notices are deleted from the outbox after this many days.
     notification_retention_days: int = Field(30, ge=1, le=3650)
+    # --- credentials and endpoints schedules may use (issue 10) ---
+    # Secrets (by name, in the schedule's own namespace) a schedule may name in
+    # spec.agent.apiKeySecretRef; their values go to the model's endpoint. Empty: no schedule
+    # may use a key (only provider offline runs).
+    llm_secrets: list[SecretName] = Field(default_factory=lambda: ["llm-credentials"])
+    # spec.agent.baseURL must lie under one of these (scheme, host and port equal, path a
+    # prefix by whole segments); an empty baseURL (the provider's own endpoint) always may.
+    # http only where an entry says http.
+    llm_base_urls: list[EndpointURL] = Field(
+        default_factory=lambda: ["https://api.openai.com/v1", "https://api.anthropic.com"]
+    )
+    # Secrets a schedule may name in spec.notifications.webhookSecretRef; the operator reads
+    # no other Secret for a webhook URL.
+    webhook_secrets: list[SecretName] = Field(default_factory=lambda: ["slack"])
+    # Let webhooks go to loopback and private addresses, over http too (in-cluster receivers);
+    # never to link-local or cloud metadata addresses. Off: public https receivers only.
+    webhook_allow_private: bool = False
 
     @model_validator(mode="after")
     def _retry_cap_covers_the_base(self) -> Settings:

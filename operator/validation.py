@@ -1,5 +1,6 @@
 """Validation of an AgentSchedule beyond what the apiserver's schema and CEL rules can check:
-cron semantics, minimum interval over a whole year, IANA time zone, budget caps, quota.
+cron semantics, minimum interval over a whole year, IANA time zone, budget caps, quota, and the
+Secrets and model endpoints the cluster admin allows schedules to use.
 
 Shared by the operator and the offline CLI (``nocturne validate``). Pure: no I/O; the caller
 passes the clock and, for the quota, the namespace's schedules.
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec
-from nocturne_operator.settings import Settings
+from nocturne_operator.settings import Endpoint, Settings
 
 MAX_NAME_LENGTH = 63
 
@@ -119,6 +120,7 @@ def validate(
                 f"exceeds the cluster-wide cap of {settings.max_per_run_usd} USD per run",
             )
         )
+    errors.extend(_credentials(spec, settings))
     if peers is not None:
         errors.extend(_quota(name, peers, settings.max_schedules_per_namespace))
     if errors:
@@ -152,6 +154,55 @@ def _interval(
         )
     )
     return None
+
+
+def _credentials(spec: AgentScheduleSpec, settings: Settings) -> list[FieldError]:
+    """Secrets and endpoints are the cluster admin's choice: an API key goes out as
+    ``Authorization`` to ``baseURL``, and the operator reads the webhook Secret with its own
+    rights, so a schedule names only Secrets and endpoints the settings list."""
+    errors: list[FieldError] = []
+    key = spec.agent.api_key_secret_ref
+    if key is not None and key.name not in settings.llm_secrets:
+        errors.append(
+            FieldError(
+                "spec.agent.apiKeySecretRef.name",
+                key.name,
+                "not a Secret the cluster admin allows for LLM keys "
+                f"(allowed: {_listed(settings.llm_secrets)})",
+            )
+        )
+    if spec.agent.base_url:
+        rule = _endpoint_rule(spec.agent.base_url, settings.llm_base_urls)
+        if rule is not None:
+            errors.append(FieldError("spec.agent.baseURL", spec.agent.base_url, rule))
+    hook = spec.notifications.webhook_secret_ref
+    if hook is not None and hook.name not in settings.webhook_secrets:
+        errors.append(
+            FieldError(
+                "spec.notifications.webhookSecretRef.name",
+                hook.name,
+                "not a Secret the cluster admin allows for webhooks "
+                f"(allowed: {_listed(settings.webhook_secrets)})",
+            )
+        )
+    return errors
+
+
+def _endpoint_rule(url: str, allowed: Sequence[str]) -> str | None:
+    """The rule ``url`` breaks as a model endpoint, or None when an allowed endpoint covers it."""
+    try:
+        endpoint = Endpoint.parse(url)
+    except ValueError as exc:
+        return str(exc)
+    if any(Endpoint.parse(entry).covers(endpoint) for entry in allowed):
+        return None
+    if not allowed:
+        return "no endpoints are allowed but the provider's own (leave baseURL empty)"
+    return f"not in the allowed endpoints ({_listed(allowed)})"
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names) if names else "none"
 
 
 def _zone(name: str, errors: list[FieldError]) -> ZoneInfo | None:

@@ -71,6 +71,58 @@ def test_file_with_dashes_or_underscores(tmp_path: Path) -> None:
             "notifications_enabled 'perhaps': Input should be a valid boolean",
         ),
         ("surprise: 1\n", "surprise 1: Extra inputs are not permitted"),
+        (
+            "llm_secrets: [llm-credentials, Bad_Name]\n",
+            "llm_secrets.1 'Bad_Name': Value error, not a Secret name (a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters)",
+        ),
+        (
+            "llm_secrets: llm-credentials\n",
+            "llm_secrets 'llm-credentials': Input should be a valid list",
+        ),
+        (
+            "webhook_secrets: ['-slack']\n",
+            "webhook_secrets.0 '-slack': Value error, not a Secret name",
+        ),
+        (
+            f"webhook_secrets: [{'a' * 254}]\n",
+            "webhook_secrets.0 '" + "a" * 254 + "': Value error, not a Secret name",
+        ),
+        (
+            "llm_base_urls: ['ftp://models.internal']\n",
+            "llm_base_urls.0 'ftp://models.internal': Value error, must be an http or https URL",
+        ),
+        (
+            "llm_base_urls: ['models.internal/v1']\n",
+            "llm_base_urls.0 'models.internal/v1': Value error, must be an http or https URL",
+        ),
+        (
+            "llm_base_urls: ['https:///v1']\n",
+            "llm_base_urls.0 'https:///v1': Value error, has no host",
+        ),
+        (
+            "llm_base_urls: ['https://user:pw@models.internal']\n",
+            "llm_base_urls.0 'https://user:pw@models.internal': Value error, must not carry credentials (user:password@)",
+        ),
+        (
+            "llm_base_urls: ['https://models.internal/v1#x']\n",
+            "llm_base_urls.0 'https://models.internal/v1#x': Value error, must not have a fragment (#...)",
+        ),
+        (
+            "llm_base_urls: ['https://models.internal/v1?x=1']\n",
+            "llm_base_urls.0 'https://models.internal/v1?x=1': Value error, must not have a query (?...)",
+        ),
+        (
+            "llm_base_urls: ['https://models.internal:70000']\n",
+            "llm_base_urls.0 'https://models.internal:70000': Value error, has a port that is not a number from 1 to 65535",
+        ),
+        (
+            "llm_base_urls: ['https://models.internal/a/../b']\n",
+            "llm_base_urls.0 'https://models.internal/a/../b': Value error, must not have '.' or '..' path segments",
+        ),
+        (
+            "webhook_allow_private: perhaps\n",
+            "webhook_allow_private 'perhaps': Input should be a valid boolean",
+        ),
         ("- a list\n", "settings must be a mapping, got list"),
         ("key: [unclosed\n", "cannot read settings"),
     ],
@@ -87,3 +139,26 @@ def test_bad_values_name_file_field_and_rule(tmp_path: Path, content: str, messa
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="cannot read settings"):
         load_settings(tmp_path / "absent.yaml")
+
+
+def test_credential_defaults_are_documented_names() -> None:
+    settings = load_settings()
+    assert settings.llm_secrets == ["llm-credentials"]
+    assert settings.llm_base_urls == ["https://api.openai.com/v1", "https://api.anthropic.com"]
+    assert settings.webhook_secrets == ["slack"]
+    assert settings.webhook_allow_private is False
+
+
+def test_credential_lists_from_the_environment_are_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOCTURNE_LLM_SECRETS", '["llm-api-key"]')
+    monkeypatch.setenv("NOCTURNE_LLM_BASE_URLS", '["http://127.0.0.1:8080/v1"]')
+    monkeypatch.setenv("NOCTURNE_WEBHOOK_SECRETS", "[]")
+    monkeypatch.setenv("NOCTURNE_WEBHOOK_ALLOW_PRIVATE", "true")
+    settings = load_settings()
+    assert settings.llm_secrets == ["llm-api-key"]
+    assert settings.llm_base_urls == ["http://127.0.0.1:8080/v1"]
+    assert settings.webhook_secrets == []
+    assert settings.webhook_allow_private is True
+    monkeypatch.setenv("NOCTURNE_LLM_BASE_URLS", '["gopher://x"]')
+    with pytest.raises(SettingsError, match=r"llm_base_urls.0 'gopher://x': Value error, must be"):
+        load_settings()

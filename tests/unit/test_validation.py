@@ -271,6 +271,72 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         "spec.notifications: events lists ['Failed'] but webhookSecretRef is missing: name the Secret holding the webhook URL",
     ),
     ("unknownField", True, "spec.unknownField: unknown field"),
+    # Secrets and endpoints the cluster admin allows (Settings' defaults)
+    (
+        "agent.apiKeySecretRef.name",
+        "db-admin",
+        'spec.agent.apiKeySecretRef.name "db-admin": not a Secret the cluster admin allows for LLM keys (allowed: llm-credentials)',
+    ),
+    (
+        "notifications.webhookSecretRef",
+        {"name": "db-admin", "key": "url"},
+        'spec.notifications.webhookSecretRef.name "db-admin": not a Secret the cluster admin allows for webhooks (allowed: slack)',
+    ),
+    (
+        "agent.baseURL",
+        "http://169.254.169.254/",
+        'spec.agent.baseURL "http://169.254.169.254/": not in the allowed endpoints (https://api.openai.com/v1, https://api.anthropic.com)',
+    ),
+    (
+        "agent.baseURL",
+        "http://api.openai.com/v1",
+        'spec.agent.baseURL "http://api.openai.com/v1": not in the allowed endpoints (https://api.openai.com/v1, https://api.anthropic.com)',
+    ),
+    (
+        "agent.baseURL",
+        "https://api.openai.com/v10",
+        'spec.agent.baseURL "https://api.openai.com/v10": not in the allowed endpoints (https://api.openai.com/v1, https://api.anthropic.com)',
+    ),
+    (
+        "agent.baseURL",
+        "https://api.openai.com.evil.example/v1",
+        'spec.agent.baseURL "https://api.openai.com.evil.example/v1": not in the allowed endpoints (https://api.openai.com/v1, https://api.anthropic.com)',
+    ),
+    (
+        "agent.baseURL",
+        "https://api.openai.com:8443/v1",
+        'spec.agent.baseURL "https://api.openai.com:8443/v1": not in the allowed endpoints (https://api.openai.com/v1, https://api.anthropic.com)',
+    ),
+    (
+        "agent.baseURL",
+        "https://sk-user:pw@api.openai.com/v1",
+        'spec.agent.baseURL "https://sk-user:pw@api.openai.com/v1": must not carry credentials (user:password@)',
+    ),
+    (
+        "agent.baseURL",
+        "https://evil.example#@api.openai.com/v1",
+        'spec.agent.baseURL "https://evil.example#@api.openai.com/v1": must not have a fragment (#...)',
+    ),
+    (
+        "agent.baseURL",
+        "https://api.openai.com/v1/../../admin",
+        "spec.agent.baseURL \"https://api.openai.com/v1/../../admin\": must not have '.' or '..' path segments or encoded slashes",
+    ),
+    (
+        "agent.baseURL",
+        "https://api.openai.com/v1/%2e%2e/admin",
+        "spec.agent.baseURL \"https://api.openai.com/v1/%2e%2e/admin\": must not have '.' or '..' path segments or encoded slashes",
+    ),
+    (
+        "agent.baseURL",
+        "https://api.openai.com/v1?via=evil.example",
+        'spec.agent.baseURL "https://api.openai.com/v1?via=evil.example": must not have a query (?...)',
+    ),
+    (
+        "agent.baseURL",
+        "https://api.openai.com:0/v1",
+        'spec.agent.baseURL "https://api.openai.com:0/v1": has a port that is not a number from 1 to 65535',
+    ),
 ]
 
 
@@ -437,4 +503,84 @@ def test_an_unquoted_on_key_is_refused_not_silently_lost() -> None:
     assert errors_of(with_path("notifications", obj["notifications"])) == [
         "spec.notifications: a key was read as true: YAML 1.1 turns an unquoted on/off/yes/no "
         "key into a boolean; quote it (notifications use 'events', not 'on')"
+    ]
+
+
+# ---- Secrets and endpoints the cluster admin allows --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.openai.com/v1",
+        "https://api.openai.com/v1/",
+        "https://API.OpenAI.com:443/v1",
+        "https://api.openai.com./v1/deployments/x",
+        "https://api.anthropic.com",
+    ],
+)
+def test_allowed_endpoints_cover_their_spellings_and_subpaths(url: str) -> None:
+    assert errors_of(with_path("agent.baseURL", url)) == []
+
+
+def test_an_empty_base_url_is_the_providers_own_endpoint_and_always_allowed() -> None:
+    closed = Settings(llm_base_urls=[])
+    assert errors_of(with_path("agent.baseURL", ""), closed) == []
+    assert errors_of(with_path("agent.baseURL", "https://api.openai.com/v1"), closed) == [
+        'spec.agent.baseURL "https://api.openai.com/v1": no endpoints are allowed but the '
+        "provider's own (leave baseURL empty)"
+    ]
+
+
+def test_http_only_where_the_admin_lists_it() -> None:
+    local = Settings(llm_base_urls=["http://127.0.0.1:8080/v1", "https://[::1]:8443"])
+    for url in ("http://127.0.0.1:8080/v1", "http://127.0.0.1:8080/v1/x", "https://[0::1]:8443/"):
+        assert errors_of(with_path("agent.baseURL", url), local) == [], url
+    for url in ("http://127.0.0.1/v1", "https://127.0.0.1:8080/v1", "http://127.0.0.2:8080/v1"):
+        [error] = errors_of(with_path("agent.baseURL", url), local)
+        assert error == (
+            f'spec.agent.baseURL "{url}": not in the allowed endpoints '
+            "(http://127.0.0.1:8080/v1, https://[::1]:8443)"
+        )
+
+
+def test_secrets_allowed_come_from_settings() -> None:
+    mine = Settings(llm_secrets=["team-llm"], webhook_secrets=["team-hook", "slack"])
+    obj = with_path("agent.apiKeySecretRef.name", "team-llm")
+    obj["spec"]["notifications"] = {"webhookSecretRef": {"name": "team-hook", "key": "url"}}
+    assert errors_of(obj, mine) == []
+    assert errors_of(schedule(), mine) == [
+        'spec.agent.apiKeySecretRef.name "llm-credentials": not a Secret the cluster admin '
+        "allows for LLM keys (allowed: team-llm)"
+    ]
+
+
+def test_no_llm_secrets_means_only_offline_runs() -> None:
+    none = Settings(llm_secrets=[])
+    assert errors_of(schedule(), none) == [
+        'spec.agent.apiKeySecretRef.name "llm-credentials": not a Secret the cluster admin '
+        "allows for LLM keys (allowed: none)"
+    ]
+    offline = with_path("agent.apiKeySecretRef", DELETE)
+    offline["spec"]["agent"]["provider"] = "offline"
+    assert errors_of(offline, none) == []
+
+
+def test_a_key_named_for_the_offline_provider_must_be_allowed_too() -> None:
+    """The runner pod would still get the Secret's value in its environment."""
+    obj = with_path("agent.apiKeySecretRef.name", "db-admin")
+    obj["spec"]["agent"]["provider"] = "offline"
+    [error] = errors_of(obj)
+    assert error.startswith('spec.agent.apiKeySecretRef.name "db-admin": not a Secret')
+
+
+def test_every_credential_error_is_reported_at_once() -> None:
+    obj = with_path("agent.apiKeySecretRef.name", "db-admin")
+    obj["spec"]["agent"]["baseURL"] = "http://10.0.0.1/"
+    obj["spec"]["notifications"] = {"webhookSecretRef": {"name": "kube-root", "key": "ca"}}
+    fields = [e.field for e in validate(obj, SETTINGS, now=NOW).errors]
+    assert fields == [
+        "spec.agent.apiKeySecretRef.name",
+        "spec.agent.baseURL",
+        "spec.notifications.webhookSecretRef.name",
     ]
