@@ -86,6 +86,11 @@ so the password never appears in the rendered manifest unless it was given in va
 {{- end }}
 {{- end }}
 
+{{/* The run API's Service DNS name, the host runner pods connect to (in its certificate). */}}
+{{- define "nocturne.runApiHost" -}}
+{{- printf "%s-run-api.%s.svc" (include "nocturne.fullname" .) .Release.Namespace }}
+{{- end }}
+
 {{/*
 The operator's settings file (NOCTURNE_CONFIG_FILE): field names of
 nocturne_operator.settings.Settings, which forbids unknown keys (a unit test loads this file).
@@ -108,8 +113,15 @@ runner_resources:
   memory_request: {{ .Values.runner.resources.requests.memory | quote }}
   cpu_limit: {{ .Values.runner.resources.limits.cpu | quote }}
   memory_limit: {{ .Values.runner.resources.limits.memory | quote }}
-database_secret_name: {{ .Values.runner.databaseSecret.name | quote }}
-database_secret_key: {{ .Values.runner.databaseSecret.key | quote }}
+runner_token_expiration_seconds: {{ .Values.runner.tokenExpirationSeconds }}
+run_api_port: {{ .Values.runApi.port }}
+run_api_url: {{ printf "https://%s:%d" (include "nocturne.runApiHost" .) (int .Values.runApi.port) | quote }}
+run_api_hostnames:
+  {{- range (concat (list (printf "%s-run-api" (include "nocturne.fullname" .)) (printf "%s-run-api.%s" (include "nocturne.fullname" .) .Release.Namespace)) .Values.runApi.extraHostnames) }}
+  - {{ . | quote }}
+  {{- end }}
+run_api_tls_secret: {{ printf "%s-run-api-tls" (include "nocturne.fullname" .) | quote }}
+run_api_tls_namespace: {{ .Release.Namespace | quote }}
 web_fetch_allow_private: {{ .Values.runner.webFetchAllowPrivate }}
 successful_jobs_history_limit: {{ .Values.runner.jobs.successfulJobsHistoryLimit }}
 failed_jobs_history_limit: {{ .Values.runner.jobs.failedJobsHistoryLimit }}
@@ -155,12 +167,6 @@ seccompProfile:
 {{- define "nocturne.validate" -}}
 {{- if and .Values.postgresql.enabled (not .Values.postgresql.auth.password) (not .Values.postgresql.auth.existingSecret) }}
 {{- fail "postgresql.enabled is true: set postgresql.auth.password or postgresql.auth.existingSecret (the chart never generates a password)" }}
-{{- end }}
-{{- if and .Values.runner.databaseSecret.create (not (and .Values.postgresql.enabled .Values.postgresql.auth.password)) }}
-{{- fail "runner.databaseSecret.create needs postgresql.enabled and postgresql.auth.password (the runner's URL must be known at render time); otherwise create the Secret in each namespace yourself" }}
-{{- end }}
-{{- if and .Values.runner.databaseSecret.create (not .Values.operator.watchNamespaces) }}
-{{- fail "runner.databaseSecret.create needs operator.watchNamespaces: the chart renders the Secret into each watched namespace" }}
 {{- end }}
 {{- if and (not .Values.postgresql.enabled) (not .Values.database.existingSecret) }}
 {{- fail "database.existingSecret is empty: name the Secret holding the PostgreSQL URL, or set postgresql.enabled" }}
