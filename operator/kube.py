@@ -201,3 +201,48 @@ class Kube:
             raise ApiException(http_resp=response)
         data: dict[str, Any] = json.loads(response.data or b"{}")
         return data
+
+    # ---- the run API (issue 10) ------------------------------------------------------------
+
+    def replace(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """PUT ``obj`` (optimistic concurrency through its ``metadata.resourceVersion``); None
+        when the object changed since it was read (409), so the caller re-reads it."""
+        meta = obj["metadata"]
+        try:
+            return self._call(
+                "PUT",
+                obj["kind"],
+                meta["namespace"],
+                meta["name"],
+                body=obj,
+                query=[("fieldManager", FIELD_MANAGER)],
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise
+
+    def review_token(self, token: str, audiences: list[str]) -> dict[str, Any]:
+        """The ``status`` of a TokenReview (authentication.k8s.io/v1) of ``token`` for
+        ``audiences``: ``authenticated``, ``user`` (username, extra) and ``audiences``."""
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview",
+            "spec": {"token": token, "audiences": audiences},
+        }
+        method, url, headers, payload, post = self._api.param_serialize(
+            method="POST",
+            resource_path="/apis/authentication.k8s.io/v1/tokenreviews",
+            query_params=[],
+            header_params={"Accept": "application/json", "Content-Type": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self._api.call_api(
+            method, url, header_params=headers, body=payload, post_params=post
+        )
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        status: dict[str, Any] = json.loads(response.data or b"{}").get("status") or {}
+        return status
