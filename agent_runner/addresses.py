@@ -63,6 +63,7 @@ class BlockedAddressError(Exception):
         super().__init__(f"address {address} is {reason}{hint}")
         self.address = address
         self.reason = reason
+        self.hint = hint
 
 
 class ResolveError(Exception):

@@ -8,23 +8,46 @@ at least once: a row is claimed with a lease, so a crash mid-POST sends it again
 ends; receivers dedupe on the ``X-Nocturne-Delivery`` header. The webhook URL is a credential
 (Slack's are): it is read from its Secret at delivery time and never stored, logged or put into
 an error message.
+
+The webhook URL is the tenant's choice, the connection is the operator's: the Secret is read only
+when the cluster settings list its name (``webhook_secrets``); the host is resolved once, every
+address goes through the same SSRF guard as the runner's ``web_fetch`` (agent_runner.addresses)
+and the POST goes to a checked address (Host and TLS SNI keep the name), so DNS rebinding cannot
+move it; redirects are not followed and no proxy from the environment is used. https only, but
+with ``webhook_allow_private`` also http to loopback and private receivers; metadata and
+link-local addresses never. Nothing of an answer but its status code reaches an outcome, a row,
+an Event or a log line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http
 import json
 import logging
+import os
 import random
-from collections.abc import Callable
+import ssl
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
 import httpx
 
-from agent_runner.history import HistoryError
+from agent_runner.addresses import (
+    UNLOCKED_BY_ALLOW_PRIVATE,
+    BlockedAddressError,
+    Destination,
+    ResolveError,
+    Resolver,
+    check_address,
+    classify,
+    default_port,
+    resolve,
+    system_resolver,
+)
 from nocturne_operator import metrics
 from nocturne_operator.notices import (
     FAILURE_KINDS,
@@ -43,6 +66,8 @@ from nocturne_operator.notices import (
     utcnow,
 )
 from nocturne_operator.outbox import ScheduleView, Store
+from nocturne_operator.settings import load_settings
+from nocturne_operator.storage.history import HistoryError
 from nocturne_operator.webhook_bodies import render_body
 
 __all__ = ["Notifier", "retry_delay"]
@@ -51,7 +76,8 @@ log = logging.getLogger(__name__)
 
 Result = Literal["sent", "failed", "suppressed", "retried"]
 USER_AGENT = "nocturne-operator"
-_RESPONSE_SNIPPET = 200
+ALLOW_PRIVATE_SETTING = "NOCTURNE_WEBHOOK_ALLOW_PRIVATE"
+MAX_ADDRESSES_TRIED = 3
 _EVENT_KINDS = frozenset({Kind.AUTO_PAUSED, Kind.BUDGET_EXCEEDED, Kind.SILENT_STOP})
 # Never held back: a Succeeded notice carries content (the digest) and is opted into per run;
 # an auto-pause or a reached budget cannot flap (each needs a human or a new month to end).
@@ -119,17 +145,6 @@ def _webhook_url(raw: str) -> httpx.URL | None:
     return url
 
 
-def _scrub(text: str, raw: str, url: httpx.URL | None) -> str:
-    """``text`` with the URL and its path and query (the secret parts) replaced."""
-    secrets = {raw, raw.strip()}
-    if url is not None:
-        secrets |= {str(url), url.path, url.query.decode("ascii", "replace")}
-        secrets.add(url.raw_path.decode("ascii", "replace"))
-    for secret in sorted((s for s in secrets if len(s) > 1), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
 # --------------------------------------------------------------------------------------------
 # The notifier
 
@@ -147,7 +162,10 @@ class Notifier:
     """Decides and stores notices (sync, from handler threads) and delivers them (async loop).
 
     ``resolve_url(namespace, secret_name, key)`` returns the webhook URL and raises LookupError
-    with a clear message when the Secret or key is missing; it runs in a worker thread.
+    with a clear message when the Secret or key is missing; it runs in a worker thread and is
+    called only for Secrets named in ``webhook_secrets``. ``webhook_secrets`` and
+    ``allow_private`` default to the cluster settings (``load_settings()``); ``resolver`` looks
+    up a host's addresses (tests script it).
     ``on_outcome(delivery, result, detail)`` hears every "sent", "failed", "suppressed" and
     "retried" result (``detail`` never holds the URL); it runs in a handler or worker thread,
     never on the event loop, and its exceptions are logged and ignored.
@@ -168,6 +186,9 @@ class Notifier:
         batch: int = 50,
         concurrency: int = 8,
         retention: timedelta = timedelta(days=30),
+        webhook_secrets: Collection[str] | None = None,
+        allow_private: bool | None = None,
+        resolver: Resolver = system_resolver,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"max_attempts: {max_attempts} must be at least 1")
@@ -189,11 +210,19 @@ class Notifier:
         self._batch = batch
         self._concurrency = concurrency
         self.retention = retention
+        if webhook_secrets is None or allow_private is None:
+            settings = load_settings()
+            if webhook_secrets is None:
+                webhook_secrets = settings.webhook_secrets
+            if allow_private is None:
+                allow_private = settings.webhook_allow_private
+        self.webhook_secrets = frozenset(webhook_secrets)
+        self.allow_private = allow_private
+        self._resolver = resolver
+        self._tls: ssl.SSLContext | None = None
         self._purged_at: datetime | None = None
         # A claimed row is someone's for this long; then a crashed delivery is tried again.
         self.lease = timedelta(seconds=2 * timeout + 60)
-        self._client: httpx.AsyncClient | None = None
-        self._client_loop: asyncio.AbstractEventLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         _hide_urls_in_httpx_logs()
@@ -324,24 +353,6 @@ class Notifier:
         except Exception:
             log.exception("on_outcome failed for notification %s", delivery.id)
 
-    def _http_client(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._client_loop is not loop:
-            # A client's connections belong to the loop that opened them.
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout),
-                follow_redirects=False,
-                headers={"User-Agent": USER_AGENT},
-            )
-            self._client_loop = loop
-        return self._client
-
-    async def aclose(self) -> None:
-        """Close the HTTP client (run() does this when cancelled)."""
-        client, self._client, self._client_loop = self._client, None, None
-        if client is not None:
-            await client.aclose()
-
     async def deliver_due(self) -> int:
         """One delivery pass: claim the due notices, POST them, record each outcome; returns
         how many were attempted. Raises HistoryError when the store is unreachable."""
@@ -351,19 +362,18 @@ class Notifier:
         )
         if not due:
             return 0
-        client = self._http_client()
         gate = asyncio.Semaphore(self._concurrency)
 
         async def one(delivery: Delivery) -> None:
             async with gate:
-                await self._deliver(client, delivery)
+                await self._deliver(delivery)
 
         await asyncio.gather(*(one(d) for d in due))
         return len(due)
 
-    async def _deliver(self, client: httpx.AsyncClient, delivery: Delivery) -> None:
+    async def _deliver(self, delivery: Delivery) -> None:
         try:
-            outcome = await self._try(client, delivery)
+            outcome = await self._try(delivery)
         except Exception as exc:  # a bug must not stop the other deliveries
             log.exception("notification %s: delivery try failed", delivery.id)
             outcome = _Try("retried", f"internal error: {type(exc).__name__}")
@@ -425,7 +435,14 @@ class Notifier:
         )
         await asyncio.to_thread(self._report, done or delivery, result, detail)
 
-    async def _try(self, client: httpx.AsyncClient, delivery: Delivery) -> _Try:
+    async def _try(self, delivery: Delivery) -> _Try:
+        if delivery.secret_name not in self.webhook_secrets:
+            # Checked again here, not only in validation: the outbox may hold notices from
+            # before the settings changed. Nothing is read, so nothing about the Secret is told.
+            return _Try(
+                "failed",
+                f"Secret {delivery.secret_name} is not one the cluster admin allows for webhooks",
+            )
         secret = f"Secret {delivery.namespace}/{delivery.secret_name} key {delivery.secret_key}"
         try:
             raw = await asyncio.to_thread(
@@ -434,49 +451,100 @@ class Notifier:
         except LookupError as exc:
             return _Try("retried", f"webhook URL not found: {exc}")
         except Exception as exc:
-            return _Try("retried", f"reading {secret}: {type(exc).__name__}: {exc}"[:500])
+            # An API error's text may hold a response body; its status code is enough.
+            status = getattr(exc, "status", None)
+            code = f" (HTTP {status})" if isinstance(status, int) else ""
+            return _Try("retried", f"reading {secret}: {type(exc).__name__}{code}")
         url = _webhook_url(raw) if isinstance(raw, str) else None
         if url is None:
             return _Try("failed", f"{secret} does not hold an http(s) URL")
-        return await self._post(client, delivery, raw, url)
+        return await self._post(delivery, url)
 
-    async def _post(
-        self, client: httpx.AsyncClient, delivery: Delivery, raw: str, url: httpx.URL
-    ) -> _Try:
+    async def _destination(self, url: httpx.URL) -> Destination | _Try:
+        """The webhook host resolved once and every address checked, or why not."""
+        host = url.raw_host.decode("ascii")
+        try:
+            destination = await asyncio.to_thread(
+                resolve, host, url.port or default_port(url.scheme), self._resolver
+            )
+        except ResolveError:
+            return _Try("retried", "cannot resolve the webhook's host")
+        for address in destination.addresses:
+            try:
+                check_address(
+                    address, allow_private=self.allow_private, setting=ALLOW_PRIVATE_SETTING
+                )
+            except BlockedAddressError as exc:
+                if destination.literal:
+                    return _Try("failed", f"refused: {exc}")
+                # The tenant wrote the name, not what it resolves to: that stays unsaid.
+                return _Try("failed", f"refused: the webhook's host is {exc.reason}{exc.hint}")
+        if url.scheme == "http" and not (
+            self.allow_private
+            and all(classify(a) in UNLOCKED_BY_ALLOW_PRIVATE for a in destination.addresses)
+        ):
+            return _Try(
+                "failed",
+                "refused: webhook URLs must be https (http only to private addresses, with "
+                f"{ALLOW_PRIVATE_SETTING})",
+            )
+        return destination
+
+    async def _post(self, delivery: Delivery, url: httpx.URL) -> _Try:
         body = json.dumps(render_body(delivery), ensure_ascii=False, separators=(",", ":"))
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
-            "X-Nocturne-Delivery": str(delivery.id),
-            "X-Nocturne-Event": delivery.kind.value,
-        }
         try:
             async with asyncio.timeout(self.timeout):
-                request = client.build_request("POST", url, content=body.encode(), headers=headers)
-                response = await client.send(request, stream=True)
-                try:
-                    said = b""
-                    async for chunk in response.aiter_bytes():
-                        said += chunk
-                        if len(said) >= _RESPONSE_SNIPPET:
-                            break
-                finally:
-                    await response.aclose()
+                destination = await self._destination(url)
+                if isinstance(destination, _Try):
+                    return destination
+                headers = {
+                    "Host": destination.host_header(url.scheme),
+                    "Content-Type": "application/json",
+                    "User-Agent": USER_AGENT,
+                    "X-Nocturne-Delivery": str(delivery.id),
+                    "X-Nocturne-Event": delivery.kind.value,
+                }
+                sni = destination.sni_hostname(url.scheme)
+                extensions = {"sni_hostname": sni} if sni is not None else {}
+                failure: httpx.TransportError | None = None
+                for address in destination.addresses[:MAX_ADDRESSES_TRIED]:
+                    pinned = url.copy_with(host=str(address))
+                    try:
+                        code, retry_after = await self._send(
+                            pinned, body.encode(), headers, extensions
+                        )
+                    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                        failure = exc
+                        continue
+                    return _answer(code, retry_after)
         except TimeoutError:
             return _Try("retried", f"no answer within {self.timeout:g}s")
         except httpx.TransportError as exc:
-            text = _scrub(str(exc), raw, url) or "no details"
-            return _Try("retried", f"{type(exc).__name__}: {text}"[:500])
+            return _Try("retried", _transport_failure(exc))
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            text = _scrub(str(exc), raw, url)
-            return _Try("failed", f"{type(exc).__name__}: {text}"[:500])
-        text = _scrub(said[:_RESPONSE_SNIPPET].decode("utf-8", "replace").strip(), raw, url)
-        return _answer(
-            response.status_code,
-            response.reason_phrase,
-            text,
-            _retry_after(response.headers.get("Retry-After")),
-        )
+            return _Try("failed", type(exc).__name__)
+        return _Try("retried", _transport_failure(failure) if failure else "cannot connect")
+
+    async def _send(
+        self, url: httpx.URL, body: bytes, headers: dict[str, str], extensions: dict[str, str]
+    ) -> tuple[int, float | None]:
+        """POST to one checked address; the status code and Retry-After seconds. The body of
+        the answer is never read. One client per connection: a pooled TLS connection verified
+        for one name must never carry a request for another name on the same address."""
+        if self._tls is None:  # built once: loading the CA bundle takes milliseconds
+            self._tls = httpx.create_ssl_context()
+        async with httpx.AsyncClient(
+            verify=self._tls,
+            trust_env=False,
+            follow_redirects=False,
+            timeout=httpx.Timeout(self.timeout),
+        ) as client:
+            request = client.build_request(
+                "POST", url, content=body, headers=headers, extensions=extensions
+            )
+            response = await client.send(request, stream=True)
+            await response.aclose()
+            return response.status_code, _retry_after(response.headers.get("Retry-After"))
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -532,13 +600,16 @@ class Notifier:
         finally:
             self._loop = None
             self._wake = None
-            await self.aclose()
 
 
-def _answer(code: int, reason: str, said: str, retry_after: float | None) -> _Try:
+def _answer(code: int, retry_after: float | None) -> _Try:
     """What a webhook's HTTP answer means: 2xx sent; 408, 425, 429 and 5xx worth a retry;
-    anything else (other 4xx, a redirect) final."""
-    status = f"HTTP {code} {reason}".strip() + (f": {said}" if said else "")
+    anything else (other 4xx, a redirect) final. Only the code is told, with its standard
+    phrase: the receiver's own reason phrase and body are its words, not ours to relay."""
+    try:
+        status = f"HTTP {code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        status = f"HTTP {code}"
     if 200 <= code < 300:
         return _Try("sent", f"HTTP {code}")
     if code in (408, 425, 429) or code >= 500:
@@ -546,6 +617,21 @@ def _answer(code: int, reason: str, said: str, retry_after: float | None) -> _Tr
     if 300 <= code < 400:
         return _Try("failed", f"{status} (redirects are not followed)")
     return _Try("failed", status)
+
+
+def _transport_failure(exc: httpx.TransportError) -> str:
+    """A failed connection in words of our own: the exception's type and, for a refused or
+    unreachable address, the OS's reason. Never the exception's text, which may quote what
+    the receiver sent (h11 quotes a malformed status line) or the URL."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError):
+            return f"{type(exc).__name__}: TLS handshake failed"
+        if isinstance(cause, OSError) and cause.errno:
+            # The errno's own words: asyncio's messages name the address connected to.
+            return f"{type(exc).__name__}: {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    return type(exc).__name__
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -22,13 +22,18 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from agent_runner.history import MIGRATIONS_DIR, History, HistoryUnavailableError, upgrade
 from integration.llm_server import Reply, ScriptedServer
 from integration.postgres import PostgresServer
 from nocturne_operator import notices, outbox, webhook_bodies
 from nocturne_operator.notices import Delivery, Kind, NoticeSubject, RunInfo, Status
 from nocturne_operator.notify import Notifier
 from nocturne_operator.outbox import PostgresStore, Store
+from nocturne_operator.storage.history import (
+    MIGRATIONS_DIR,
+    History,
+    HistoryUnavailableError,
+    upgrade,
+)
 from unit.test_notify import RULES, SUBJECT, run, target
 
 pytestmark = pytest.mark.integration
@@ -306,6 +311,9 @@ class Harness:
             "retry_base": timedelta(milliseconds=10),
             "jitter": 0.0,
             "clock": self.clock,
+            # The receiver listens on loopback: what NOCTURNE_WEBHOOK_ALLOW_PRIVATE is for.
+            "allow_private": True,
+            "webhook_secrets": {"hook", "refused"},
             **options,
         }
         return Notifier(store or self.store, resolve, on_outcome, **options)
@@ -330,12 +338,9 @@ def passes(notes: Notifier, clock: Clock, count: int, *, step: float = 1.0) -> l
 
     async def go() -> list[int]:
         attempted = []
-        try:
-            for _ in range(count):
-                attempted.append(await notes.deliver_due())
-                clock.advance(step)
-        finally:
-            await notes.aclose()
+        for _ in range(count):
+            attempted.append(await notes.deliver_due())
+            clock.advance(step)
         return attempted
 
     return asyncio.run(go())
@@ -403,10 +408,8 @@ def test_a_client_error_fails_at_once(harness: Harness) -> None:
     assert passes(notes, harness.clock, 2) == [1, 0]
     row = harness.row()
     assert (row.status, row.attempts) == (Status.FAILED, 1)
-    assert row.last_error == "HTTP 400 Bad Request: invalid_payload"
-    assert harness.outcomes == [
-        (row.id, "Failed", "failed", "HTTP 400 Bad Request: invalid_payload")
-    ]
+    assert row.last_error == "HTTP 400 Bad Request"
+    assert harness.outcomes == [(row.id, "Failed", "failed", "HTTP 400 Bad Request")]
 
 
 def test_gives_up_after_max_attempts(harness: Harness) -> None:
@@ -486,7 +489,7 @@ def test_the_url_never_reaches_logs_rows_or_outcomes(
         assert "s3cr3tT0ken" not in text
         assert "T000/B000" not in text
     assert any("HTTP 404" in d for *_, d in harness.outcomes)
-    assert any("ConnectError" in d for *_, d in harness.outcomes)
+    assert any("ConnectError: Connection refused" in d for *_, d in harness.outcomes)
 
 
 class FlakyStore:
@@ -607,3 +610,127 @@ def test_the_delivered_body_is_plain_json(harness: Harness) -> None:
     assert body["run"]["completedAt"] is None
     assert body["run"]["output"] == "<digest> & more"
     assert body["state"] == "firing"
+
+
+# ---- the fence ------------------------------------------------------------------------------
+
+
+def test_a_response_body_never_reaches_a_detail_a_row_or_a_log(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.receiver.script(
+        HOOK,
+        Reply(500, body=b"SECRET-BODY from the internal admin API"),
+        Reply(403, body=b"SECRET-BODY again"),
+    )
+    notes = harness.notifier(max_attempts=3)
+    failed_run(notes)
+    with caplog.at_level(logging.DEBUG):
+        assert passes(notes, harness.clock, 3) == [1, 1, 0]
+    row = harness.row()
+    assert row.status is Status.FAILED
+    assert [d for *_, d in harness.outcomes] == [
+        "HTTP 500 Internal Server Error; attempt 1 of 3, next in 0.01s",
+        "HTTP 403 Forbidden",
+    ]
+    for text in (caplog.text, str(row.last_error), *(d for *_, d in harness.outcomes)):
+        assert "SECRET-BODY" not in text
+
+
+def test_loopback_is_refused_without_allow_private(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness.receiver.script(HOOK, Reply(200, body=b"SECRET-BODY"))
+    notes = harness.notifier(allow_private=False)
+    failed_run(notes)
+    with caplog.at_level(logging.DEBUG):
+        assert passes(notes, harness.clock, 2) == [1, 0]
+    assert harness.receiver.requests == []
+    row = harness.row()
+    assert row.status is Status.FAILED
+    assert row.last_error == (
+        "refused: address 127.0.0.1 is loopback (allowed only with NOCTURNE_WEBHOOK_ALLOW_PRIVATE)"
+    )
+    assert harness.outcomes == [(row.id, "Failed", "failed", row.last_error)]
+    assert "s3cr3tT0ken" not in caplog.text
+
+
+def test_a_name_resolving_to_loopback_is_refused_without_saying_the_address(
+    harness: Harness,
+) -> None:
+    url = harness.receiver.url.replace("127.0.0.1", "localhost") + HOOK
+    harness.secrets[(SUBJECT.namespace, "hook", "url")] = url
+    notes = harness.notifier(allow_private=False)
+    failed_run(notes)
+    passes(notes, harness.clock, 1)
+    assert harness.receiver.requests == []
+    assert harness.row().last_error == (
+        "refused: the webhook's host is loopback (allowed only with NOCTURNE_WEBHOOK_ALLOW_PRIVATE)"
+    )
+
+
+def test_metadata_addresses_stay_refused_with_allow_private(harness: Harness) -> None:
+    harness.secrets[(SUBJECT.namespace, "hook", "url")] = "http://169.254.169.254/latest/"
+    notes = harness.notifier(allow_private=True)
+    failed_run(notes)
+    started = time.monotonic()
+    passes(notes, harness.clock, 1)
+    assert time.monotonic() - started < 1  # refused before any connection attempt
+    assert harness.row().last_error == (
+        "refused: address 169.254.169.254 is a cloud metadata endpoint"
+    )
+
+
+def test_a_name_is_resolved_once_and_the_post_goes_to_the_checked_address(
+    harness: Harness,
+) -> None:
+    """DNS rebinding: the name would resolve elsewhere on a second lookup; there is none, and
+    the receiver still sees the name in Host."""
+    answers = [["127.0.0.1"], ["169.254.169.254"]]
+    lookups: list[str] = []
+
+    def rebinding(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return answers.pop(0)
+
+    port = harness.receiver.port
+    harness.secrets[(SUBJECT.namespace, "hook", "url")] = f"http://hooks.internal:{port}{HOOK}"
+    harness.receiver.script(HOOK, Reply(204, body=b""))
+    notes = harness.notifier(resolver=rebinding)
+    failed_run(notes)
+    passes(notes, harness.clock, 1)
+    assert harness.results() == ["sent"]
+    assert lookups == ["hooks.internal"]
+    (request,) = harness.receiver.requests_to(HOOK)
+    assert request.headers["host"] == f"hooks.internal:{port}"
+
+
+def test_redirects_are_not_followed(harness: Harness) -> None:
+    harness.receiver.script(
+        HOOK, Reply(302, body=b"", headers={"Location": f"{harness.receiver.url}/elsewhere"})
+    )
+    notes = harness.notifier()
+    failed_run(notes)
+    passes(notes, harness.clock, 1)
+    assert harness.row().last_error == "HTTP 302 Found (redirects are not followed)"
+    assert [r.path for r in harness.receiver.requests] == [HOOK]
+
+
+def test_a_secret_the_admin_does_not_allow_is_not_read(harness: Harness) -> None:
+    reads: list[str] = []
+    secrets = harness.secrets
+
+    class Spy(dict[tuple[str, str, str], str]):
+        def __getitem__(self, key: tuple[str, str, str]) -> str:
+            reads.append(key[1])
+            return secrets[key]
+
+    harness.secrets = Spy()
+    notes = harness.notifier(webhook_secrets={"slack"})
+    failed_run(notes)
+    passes(notes, harness.clock, 1)
+    assert reads == []
+    assert harness.row().last_error == (
+        "Secret hook is not one the cluster admin allows for webhooks"
+    )
+    assert harness.receiver.requests == []

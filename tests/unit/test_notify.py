@@ -8,17 +8,20 @@ PostgreSQL, so both stores are held to one behaviour.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from http import HTTPStatus
 from typing import Any
 
 import httpx
 import pytest
 
+from agent_runner.addresses import BlockedAddressError
 from nocturne_operator import metrics, notices, webhook_bodies
 from nocturne_operator import notify as n
 from nocturne_operator.api import Notifications
@@ -491,10 +494,16 @@ def test_retry_delay_jitter_only_shortens() -> None:
     ],
 )
 def test_http_answers(code: int, result: str) -> None:
-    answer = n._answer(code, "Reason", "body text", 7.0)
+    answer = n._answer(code, 7.0)
     assert answer.result == result
     if result != "sent":
-        assert answer.detail.startswith(f"HTTP {code} Reason: body text")
+        assert answer.detail.startswith(f"HTTP {code} {HTTPStatus(code).phrase}")
+
+
+def test_an_answer_is_told_by_its_code_alone() -> None:
+    """Neither the receiver's reason phrase nor its body reach a detail (an Event)."""
+    assert n._answer(599, None).detail == "HTTP 599"
+    assert n._answer(500, None).detail == "HTTP 500 Internal Server Error"
 
 
 def test_retry_after_takes_seconds_only() -> None:
@@ -513,13 +522,13 @@ def test_webhook_urls_must_be_http() -> None:
         assert n._webhook_url(bad) is None, bad
 
 
-def test_scrub_hides_the_secret_parts_of_the_url() -> None:
-    raw = "https://hooks.example/services/T0/B0/s3cr3t?token=abc\n"
-    url = n._webhook_url(raw)
-    text = f"failed for {raw.strip()} (path /services/T0/B0/s3cr3t, token=abc)"
-    scrubbed = n._scrub(text, raw, url)
-    assert "s3cr3t" not in scrubbed
-    assert "token=abc" not in scrubbed
+def test_transport_failures_are_told_in_our_words() -> None:
+    """An exception's text may quote the receiver (h11 quotes a bad status line) or the URL."""
+    quoted = httpx.RemoteProtocolError("illegal status line: b'SECRET-BODY'")
+    assert n._transport_failure(quoted) == "RemoteProtocolError"
+    refused = httpx.ConnectError("https://hooks.example/s3cr3t: nope")
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert n._transport_failure(refused) == "ConnectError: Connection refused"
 
 
 def test_httpx_request_logs_show_no_webhook_path(caplog: pytest.LogCaptureFixture) -> None:
@@ -724,3 +733,167 @@ def test_the_loop_purges_at_most_hourly() -> None:
         at(61) - timedelta(days=1),
         at(125) - timedelta(days=1),
     ]
+
+
+# ---- the fence: which Secrets are read, which addresses are reached -------------------------
+
+
+class Resolver:
+    """Answers every lookup with ``addresses``; records the hosts asked for."""
+
+    def __init__(self, *addresses: str) -> None:
+        self.addresses = list(addresses)
+        self.lookups: list[str] = []
+
+    def __call__(self, host: str, port: int) -> Sequence[str]:
+        self.lookups.append(host)
+        return self.addresses
+
+
+def deliver_once(
+    url: str, *, secrets: frozenset[str] = frozenset({"hook"}), **options: Any
+) -> tuple[list[tuple[str, str, str]], list[Outcome]]:
+    """One failed run's notice through one delivery pass; (Secret reads, outcomes)."""
+    reads: list[tuple[str, str, str]] = []
+    outcomes: list[Outcome] = []
+
+    def resolve_url(namespace: str, name: str, key: str) -> str:
+        reads.append((namespace, name, key))
+        return url
+
+    def on_outcome(delivery: Delivery, result: str, detail: str) -> None:
+        outcomes.append((delivery.id, delivery.kind.value, result, detail))
+
+    notes = Notifier(
+        MemoryStore(),
+        resolve_url,
+        on_outcome,
+        clock=lambda: T0,
+        webhook_secrets=secrets,
+        **{"allow_private": False, **options},
+    )
+    notes.run_finished(SUBJECT, target({Kind.FAILED}), run("a", "Failed"), now=T0)
+    assert asyncio.run(notes.deliver_due()) == 1
+    return reads, outcomes
+
+
+def test_a_secret_the_admin_does_not_allow_is_never_read() -> None:
+    reads, [(_, _, result, detail)] = deliver_once("https://hooks.example/x", secrets=frozenset())
+    assert reads == []
+    assert result == "failed"
+    assert detail == "Secret hook is not one the cluster admin allows for webhooks"
+
+
+def test_webhook_settings_default_to_the_cluster_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NOCTURNE_WEBHOOK_SECRETS", '["team-hook"]')
+    monkeypatch.setenv("NOCTURNE_WEBHOOK_ALLOW_PRIVATE", "true")
+    notes = Notifier(MemoryStore(), lambda *_: "", lambda *_: None)
+    assert notes.webhook_secrets == frozenset({"team-hook"})
+    assert notes.allow_private is True
+    monkeypatch.delenv("NOCTURNE_WEBHOOK_SECRETS")
+    monkeypatch.delenv("NOCTURNE_WEBHOOK_ALLOW_PRIVATE")
+    defaults = Notifier(MemoryStore(), lambda *_: "", lambda *_: None)
+    assert (defaults.webhook_secrets, defaults.allow_private) == (frozenset({"slack"}), False)
+
+
+@pytest.mark.parametrize(
+    ("url", "allow_private", "detail"),
+    [
+        (
+            "http://127.0.0.1:9/hook/s3cr3t",
+            False,
+            "refused: address 127.0.0.1 is loopback (allowed only with "
+            "NOCTURNE_WEBHOOK_ALLOW_PRIVATE)",
+        ),
+        (
+            "https://[::1]/hook/s3cr3t",
+            False,
+            "refused: address ::1 is loopback (allowed only with NOCTURNE_WEBHOOK_ALLOW_PRIVATE)",
+        ),
+        (
+            "http://169.254.169.254/latest/meta-data/",
+            True,
+            "refused: address 169.254.169.254 is a cloud metadata endpoint",
+        ),
+        (
+            "http://[fd00:ec2::254]/latest/meta-data/",
+            True,
+            "refused: address fd00:ec2::254 is a cloud metadata endpoint",
+        ),
+        (
+            "http://100.100.100.200/latest/meta-data/",
+            True,
+            "refused: address 100.100.100.200 is a cloud metadata endpoint",
+        ),
+        (
+            "https://169.254.10.10/hook/s3cr3t",
+            True,
+            "refused: address 169.254.10.10 is link-local (cloud metadata endpoints live here)",
+        ),
+        (
+            "http://93.184.215.14/hook/s3cr3t",
+            True,
+            "refused: webhook URLs must be https (http only to private addresses, with "
+            "NOCTURNE_WEBHOOK_ALLOW_PRIVATE)",
+        ),
+        (
+            "http://10.0.0.1/hook/s3cr3t",
+            False,
+            "refused: address 10.0.0.1 is private (allowed only with "
+            "NOCTURNE_WEBHOOK_ALLOW_PRIVATE)",
+        ),
+    ],
+)
+def test_the_address_guard_refuses_before_any_connection(
+    url: str, allow_private: bool, detail: str
+) -> None:
+    reads, [(_, _, result, said)] = deliver_once(url, allow_private=allow_private)
+    assert reads == [(SUBJECT.namespace, "hook", "url")]
+    assert (result, said) == ("failed", detail)
+
+
+@pytest.mark.parametrize(
+    ("addresses", "detail"),
+    [
+        (("169.254.169.254",), "refused: the webhook's host is a cloud metadata endpoint"),
+        (
+            ("93.184.215.14", "fd00:ec2::254"),
+            "refused: the webhook's host is a cloud metadata endpoint",
+        ),
+        (
+            ("127.0.0.1",),
+            "refused: the webhook's host is loopback (allowed only with "
+            "NOCTURNE_WEBHOOK_ALLOW_PRIVATE)",
+        ),
+    ],
+)
+def test_a_name_is_judged_by_every_address_it_resolves_to(
+    addresses: tuple[str, ...], detail: str
+) -> None:
+    """The detail (an Event the tenant reads) does not say what the name resolved to."""
+    resolver = Resolver(*addresses)
+    _, [(_, _, result, said)] = deliver_once("https://hooks.example/s3cr3t", resolver=resolver)
+    assert (result, said) == ("failed", detail)
+    assert resolver.lookups == ["hooks.example"]
+    for address in addresses:
+        assert address not in said
+
+
+def test_an_unresolvable_host_is_retried_without_details() -> None:
+    def failing(host: str, port: int) -> Sequence[str]:
+        raise OSError("no such host")
+
+    _, [(_, _, result, said)] = deliver_once("https://hooks.example/s3cr3t", resolver=failing)
+    assert result == "retried"
+    assert said.startswith("cannot resolve the webhook's host; attempt 1 of 6")
+
+
+def test_blocked_address_errors_carry_reason_and_hint() -> None:
+    error = BlockedAddressError(ipaddress.ip_address("10.0.0.1"), "private", " (hint)")
+    assert (str(error), error.reason, error.hint) == (
+        "address 10.0.0.1 is private (hint)",
+        "private",
+        " (hint)",
+    )
