@@ -140,38 +140,40 @@ def test_the_chain_names_the_job_the_schedule_and_the_jobs_own_task() -> None:
     assert found.manual_request == "req-7"
 
 
+def _env(job: dict[str, Any]) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    return env
+
+
+BREAKS: dict[str, Any] = {
+    "pod-recreated": lambda p, j, c: p["metadata"].update(uid="other"),
+    "other-service-account": lambda p, j, c: p["spec"].update(serviceAccountName="admin"),
+    "pod-not-from-a-job": lambda p, j, c: p["metadata"].update(
+        ownerReferences=[owner("ReplicaSet", "rs", "rs-uid", "apps/v1")]
+    ),
+    "no-controller": lambda p, j, c: p["metadata"]["ownerReferences"][0].update(controller=False),
+    "job-recreated": lambda p, j, c: j["metadata"].update(uid="other"),
+    "job-not-from-a-cronjob": lambda p, j, c: j["metadata"].update(ownerReferences=[]),
+    "cronjob-recreated": lambda p, j, c: c["metadata"].update(uid="other"),
+    "cronjob-not-from-a-schedule": lambda p, j, c: c["metadata"].update(
+        ownerReferences=[owner("Deployment", "d", "d", "apps/v1")]
+    ),
+    "schedule-other-group": lambda p, j, c: c["metadata"]["ownerReferences"][0].update(
+        apiVersion="evil.dev/v1alpha1"
+    ),
+    "no-task": lambda p, j, c: _env(j).clear(),
+    "bad-task": lambda p, j, c: _env(j)[0].update(value="{"),
+    "task-of-another-schedule": lambda p, j, c: _env(j)[0].update(value=task_json(uid="x")),
+}
+
+
 def _break(part: str) -> tuple[Any, Any, Any]:
     pod, job, cronjob = objects()
     if part == "pod-gone":
         return None, job, cronjob
-    if part == "pod-recreated":
-        pod["metadata"]["uid"] = "other"
-    elif part == "other-service-account":
-        pod["spec"]["serviceAccountName"] = "admin"
-    elif part == "pod-not-from-a-job":
-        pod["metadata"]["ownerReferences"] = [owner("ReplicaSet", "rs", "rs-uid", "apps/v1")]
-    elif part == "no-controller":
-        pod["metadata"]["ownerReferences"][0]["controller"] = False
-    elif part == "job-recreated":
-        job["metadata"]["uid"] = "other"
-    elif part == "job-gone":
-        job = None
-    elif part == "job-not-from-a-cronjob":
-        job["metadata"]["ownerReferences"] = []
-    elif part == "cronjob-recreated":
-        cronjob["metadata"]["uid"] = "other"
-    elif part == "cronjob-not-from-a-schedule":
-        cronjob["metadata"]["ownerReferences"] = [owner("Deployment", "d", "d", "apps/v1")]
-    elif part == "schedule-other-group":
-        cronjob["metadata"]["ownerReferences"][0]["apiVersion"] = "evil.dev/v1alpha1"
-    elif part == "no-task":
-        job["spec"]["template"]["spec"]["containers"][0]["env"] = []
-    elif part == "bad-task":
-        job["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = "{"
-    elif part == "task-of-another-schedule":
-        job["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = task_json(
-            uid="other"
-        )
+    if part == "job-gone":
+        return pod, None, cronjob
+    BREAKS[part](pod, job, cronjob)
     return pod, job, cronjob
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import logging
@@ -94,7 +95,8 @@ def test_lifetimes_and_constraints() -> None:
     assert tls.cert.not_valid_after_utc - NOW == timedelta(days=365)
     ca = tls.ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     leaf = tls.cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    assert ca.ca and not leaf.ca
+    assert ca.ca
+    assert not leaf.ca
     tls.cert.verify_directly_issued_by(tls.ca_cert)
     assert tls.ca_pem.startswith("-----BEGIN CERTIFICATE-----")
     assert "PRIVATE" not in tls.ca_pem
@@ -113,10 +115,8 @@ def test_server_context_loads_and_a_client_trusting_the_ca_verifies_the_chain() 
     s = server.wrap_bio(s_in, s_out, server_side=True)
     for _ in range(10):
         for side in (c, s):
-            try:
+            with contextlib.suppress(ssl.SSLWantReadError):
                 side.do_handshake()
-            except ssl.SSLWantReadError:
-                pass
         s_in.write(outgoing.read())
         incoming.write(s_out.read())
     c.do_handshake()
@@ -185,16 +185,12 @@ def test_near_expiry_or_new_names_reissue_the_serving_cert_with_the_same_ca() ->
     assert renewed.ca_pem == first.ca_pem
     assert renewed.cert != first.cert
     assert renewed.cert.not_valid_after_utc > first.cert.not_valid_after_utc
-    renamed = RunApiTls.load_or_create(
-        store, settings(run_api_hostnames=["10.1.2.3"]), now=later
-    )
+    renamed = RunApiTls.load_or_create(store, settings(run_api_hostnames=["10.1.2.3"]), now=later)
     assert renamed.ca_pem == first.ca_pem
     assert renamed.hostnames == {"nocturne-run-api.nocturne-system.svc", "10.1.2.3"}
     assert store.replaces == 2
     # What the Secret holds now is what the next replica loads.
-    again = RunApiTls.load_or_create(
-        store, settings(run_api_hostnames=["10.1.2.3"]), now=later
-    )
+    again = RunApiTls.load_or_create(store, settings(run_api_hostnames=["10.1.2.3"]), now=later)
     assert again.cert == renamed.cert
 
 
@@ -205,5 +201,5 @@ def test_the_ca_is_never_rotated_silently() -> None:
         RunApiTls.load_or_create(store, settings(), now=first.ca_cert.not_valid_after_utc)
     secret = store.objects[("nocturne-system", "nocturne-run-api-tls")]
     del secret["data"]["ca.key"]
-    with pytest.raises(RunApiTlsError, match="has no key 'ca.key'"):
+    with pytest.raises(RunApiTlsError, match=r"has no key 'ca\.key'"):
         RunApiTls.load_or_create(store, settings(), now=NOW)
