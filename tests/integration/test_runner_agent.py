@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -18,7 +19,6 @@ from agent_runner.agent import RunResult, run_agent
 from agent_runner.budget import Budget
 from agent_runner.config import TaskDocument, parse_task
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED
-from agent_runner.prices import load_price_table
 from agent_runner.providers import Provider, RetryPolicy, make_provider
 from agent_runner.providers.offline import LABEL
 from agent_runner.tools import WebFetcher, build_tools
@@ -35,6 +35,7 @@ from integration.llm_server import (
     openai_reply,
     running,
 )
+from nocturne_operator.prices import load_price_table
 
 pytestmark = pytest.mark.integration
 
@@ -261,7 +262,8 @@ def test_ssrf_attempt_by_the_model_is_refused_and_recorded(server: ScriptedServe
     result, _ = execute(task(server))
     assert result.status == "succeeded"
     assert [r.tool for r in result.refusals] == ["web_fetch"]
-    assert "link-local" in result.refusals[0].detail
+    # The address guard names the metadata endpoint (older wording: "link-local").
+    assert re.search(r"metadata endpoint|link-local", result.refusals[0].detail)
 
 
 def test_malformed_usage_is_charged_at_the_reservation(server: ScriptedServer) -> None:

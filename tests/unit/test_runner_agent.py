@@ -22,9 +22,8 @@ from agent_runner.agent import (
 )
 from agent_runner.budget import Budget, cost_of, input_token_bound
 from agent_runner.config import ConfigError, TaskDocument, parse_task
+from agent_runner.contract import STATE_LIMIT_BYTES, ModelPrice
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED, TRANSIENT
-from agent_runner.history import STATE_LIMIT_BYTES
-from agent_runner.prices import ModelPrice
 from agent_runner.providers import (
     Completion,
     DeadlineReachedError,
@@ -39,7 +38,13 @@ from agent_runner.providers.client import encode
 from agent_runner.tools import build_tools
 from agent_runner.tools.registry import REASON_NOT_ALLOWED
 
-PRICE = ModelPrice("openai", "gpt-4o-mini", Decimal("0.15"), Decimal("0.60"), 16384)
+PRICE = ModelPrice(
+    provider="openai",
+    model="gpt-4o-mini",
+    input_usd_per_mtok=Decimal("0.15"),
+    output_usd_per_mtok=Decimal("0.60"),
+    max_output_tokens=16384,
+)
 NOW = dt.datetime(2026, 11, 26, 0, 0, tzinfo=dt.UTC)
 Step = Completion | Exception | Callable[[Sequence[Message], int], Completion]
 
@@ -379,11 +384,11 @@ def test_property_agent_runs_never_record_more_than_the_limit() -> None:
     outcomes: dict[str, int] = {}
     for _ in range(300):
         price = ModelPrice(
-            "p",
-            "m",
-            Decimal(rng.randint(0, 20_000_000)).scaleb(-6),
-            Decimal(rng.randint(0, 80_000_000)).scaleb(-6),
-            rng.choice([128, 4096, 64_000]),
+            provider="p",
+            model="m",
+            input_usd_per_mtok=Decimal(rng.randint(0, 20_000_000)).scaleb(-6),
+            output_usd_per_mtok=Decimal(rng.randint(0, 80_000_000)).scaleb(-6),
+            max_output_tokens=rng.choice([128, 4096, 64_000]),
         )
         limit = Decimal(rng.randint(0, 2_000_000)).scaleb(-6)
         before = (limit * Decimal(rng.choice(["0", "0", "0.3", "0.9", "1"]))).quantize(

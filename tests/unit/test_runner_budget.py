@@ -18,11 +18,24 @@ from agent_runner.budget import (
     per_run_limit,
 )
 from agent_runner.config import BudgetSpec
+from agent_runner.contract import ModelPrice
 from agent_runner.exitcodes import BUDGET_EXHAUSTED
-from agent_runner.prices import ModelPrice
 
-MINI = ModelPrice("openai", "gpt-4o-mini", Decimal("0.15"), Decimal("0.60"), 16384)
-FREE = ModelPrice("offline", "offline-demo", Decimal(0), Decimal(0), 4096)
+
+def price(
+    model: str, input_per_mtok: Decimal, output_per_mtok: Decimal, max_output_tokens: int
+) -> ModelPrice:
+    return ModelPrice(
+        provider="openai",
+        model=model,
+        input_usd_per_mtok=input_per_mtok,
+        output_usd_per_mtok=output_per_mtok,
+        max_output_tokens=max_output_tokens,
+    )
+
+
+MINI = price("gpt-4o-mini", Decimal("0.15"), Decimal("0.60"), 16384)
+FREE = price("offline-demo", Decimal(0), Decimal(0), 4096)
 
 
 def test_ceil_usd_rounds_up_to_the_quantum() -> None:
@@ -35,7 +48,7 @@ def test_ceil_usd_rounds_up_to_the_quantum() -> None:
 def test_cost_of_is_exact_then_rounded_up() -> None:
     # 1000 * 0.15e-6 + 500 * 0.60e-6 = 0.00015 + 0.0003
     assert cost_of(MINI, 1000, 500) == Decimal("0.00045")
-    odd = ModelPrice("openai", "odd", Decimal("0.000001"), Decimal("0.000003"), 10)
+    odd = price("odd", Decimal("0.000001"), Decimal("0.000003"), 10)
     assert cost_of(odd, 1, 1) == Decimal("1E-10")  # 4e-12 rounds up, never down to 0
 
 
@@ -178,7 +191,7 @@ def _random_price(rng: random.Random) -> ModelPrice:
             return Decimal(0)
         return Decimal(rng.randint(1, 100_000_000)).scaleb(-6)  # 0.000001 .. 100 USD
 
-    return ModelPrice("p", "m", per_mtok(), per_mtok(), rng.choice([16, 64, 4096, 200_000]))
+    return price("m", per_mtok(), per_mtok(), rng.choice([16, 64, 4096, 200_000]))
 
 
 def test_property_recorded_cost_never_exceeds_the_limit() -> None:

@@ -27,8 +27,8 @@ from agent_runner.budget import (
     per_run_limit,
 )
 from agent_runner.config import TaskDocument, parse_task
+from agent_runner.contract import ModelPrice
 from agent_runner.exitcodes import BUDGET_EXHAUSTED
-from agent_runner.prices import ModelPrice
 from agent_runner.providers import (
     Completion,
     Message,
@@ -58,14 +58,22 @@ per_mtok = st.one_of(
 max_output = st.one_of(
     st.sampled_from([1, 63, 64, 65, 4096, 8192, 16384]), st.integers(1, 10_000_000)
 )
-prices = st.builds(ModelPrice, st.just("openai"), st.just("model"), per_mtok, per_mtok, max_output)
+# Keyword names are the wire aliases: hypothesis reads pydantic's signature, which uses them.
+prices = st.builds(
+    ModelPrice,
+    provider=st.just("openai"),
+    model=st.just("model"),
+    inputUSDPerMTok=per_mtok,
+    outputUSDPerMTok=per_mtok,
+    maxOutputTokens=max_output,
+)
 real_prices = st.builds(
     ModelPrice,
-    st.just("openai"),
-    st.just("model"),
-    st.sampled_from(REAL_PER_MTOK),
-    st.sampled_from(REAL_PER_MTOK),
-    st.sampled_from([4096, 8192, 16384]),
+    provider=st.just("openai"),
+    model=st.just("model"),
+    inputUSDPerMTok=st.sampled_from(REAL_PER_MTOK),
+    outputUSDPerMTok=st.sampled_from(REAL_PER_MTOK),
+    maxOutputTokens=st.sampled_from([4096, 8192, 16384]),
 )
 
 # maxPerRunUSD as a task document allows it: up to 12 integer and 12 decimal digits.

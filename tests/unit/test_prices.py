@@ -1,4 +1,5 @@
-"""The price table: shipped with the runner, replaceable, exact, and never guessing."""
+"""The price table: shipped with the operator (each grant carries its model's price),
+replaceable, exact, and never guessing."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_runner.config import ConfigError
-from agent_runner.prices import ModelPrice, load_price_table, parse_price_table
+from agent_runner.contract import ModelPrice
+from nocturne_operator.prices import PriceTableError, load_price_table, parse_price_table
 
 TABLE = """
 version: 1
@@ -30,7 +31,13 @@ def test_shipped_table_prices_well_known_models() -> None:
     assert table.version == 1
     assert table.updated == dt.date(2025, 6, 1)
     mini = table.lookup("openai", "gpt-4o-mini")
-    assert mini == ModelPrice("openai", "gpt-4o-mini", Decimal("0.15"), Decimal("0.60"), 16384)
+    assert mini == ModelPrice(
+        provider="openai",
+        model="gpt-4o-mini",
+        input_usd_per_mtok=Decimal("0.15"),
+        output_usd_per_mtok=Decimal("0.60"),
+        max_output_tokens=16384,
+    )
     assert table.lookup("openai", "gpt-4o").output_usd_per_mtok == Decimal("10.00")
     assert table.lookup("openai", "gpt-4.1-mini").input_usd_per_mtok == Decimal("0.40")
     sonnet = table.lookup("anthropic", "claude-sonnet-4-20250514")
@@ -57,15 +64,15 @@ def test_per_token_prices_are_exact() -> None:
     assert price.output_usd_per_token * 1_000_000 == Decimal("0.60")
 
 
-def test_unknown_model_is_a_config_error_naming_known_ones() -> None:
+def test_unknown_model_is_an_error_naming_known_ones() -> None:
     table = load_price_table()
-    with pytest.raises(ConfigError) as excinfo:
+    with pytest.raises(PriceTableError) as excinfo:
         table.lookup("openai", "gpt-9")
     message = str(excinfo.value)
     assert "agent.model 'gpt-9': no price for provider 'openai'" in message
     assert "gpt-4o-mini" in message
-    assert "NOCTURNE_PRICE_TABLE" in message
-    with pytest.raises(ConfigError, match="no price for provider 'anthropic'"):
+    assert "priceTable.override" in message
+    with pytest.raises(PriceTableError, match="no price for provider 'anthropic'"):
         table.lookup("anthropic", "gpt-4o-mini")  # the provider matters
 
 
@@ -75,12 +82,12 @@ def test_override_file_replaces_the_table(tmp_path: Path) -> None:
     table = load_price_table(path)
     assert table.lookup("openai", "llama").input_usd_per_mtok == Decimal("0.000001")
     assert table.source == str(path)
-    with pytest.raises(ConfigError):
+    with pytest.raises(PriceTableError):
         table.lookup("openai", "gpt-4o-mini")
 
 
 def test_missing_override_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"NOCTURNE_PRICE_TABLE '.*nope.yaml': cannot read"):
+    with pytest.raises(PriceTableError, match=r"price table '.*nope.yaml': cannot read"):
         load_price_table(tmp_path / "nope.yaml")
 
 
@@ -100,7 +107,7 @@ def test_missing_override_file(tmp_path: Path) -> None:
     ],
 )
 def test_bad_tables_are_refused_precisely(text: str, expected: str) -> None:
-    with pytest.raises(ConfigError) as excinfo:
+    with pytest.raises(PriceTableError) as excinfo:
         parse_price_table(text, source="test.yaml")
     assert "price table test.yaml" in str(excinfo.value)
     assert expected in str(excinfo.value)
