@@ -10,14 +10,15 @@ from typing import Any
 import pytest
 
 from agent_runner import config, exitcodes
-from agent_runner.config import ConfigError, load_env, load_task, parse_task
+from agent_runner.config import TOKEN_FILE, ConfigError, load_env, parse_task
 from nocturne_operator import api, render
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.render import ScheduleRef, task_document
 from nocturne_operator.settings import Settings
 
 REF = ScheduleRef("competitor-monitor", "research", "0b6c9a1e-0000-4000-8000-000000000001")
-DB_URL = "postgresql+psycopg://runner:hunter2-very-secret@db:5432/nocturne"
+RUN_API_URL = "https://nocturne-operator.nocturne.svc:8443"
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n"
 API_KEY = "sk-test-abcdefghijklmnopqrstuvwxyz0123456789"
 
 
@@ -52,12 +53,13 @@ def document(**overrides: Any) -> dict[str, Any]:
 
 def env(**overrides: str) -> dict[str, str]:
     values = {
-        "NOCTURNE_TASK_FILE": "/run/nocturne/task/task.json",
+        "NOCTURNE_TASK": json.dumps(document()),
         "NOCTURNE_POD_NAME": "competitor-monitor-29000000-abcde",
         "NOCTURNE_POD_UID": "pod-uid",
         "NOCTURNE_JOB_NAME": "competitor-monitor-29000000",
         "NOCTURNE_JOB_UID": "job-uid",
-        "NOCTURNE_DATABASE_URL": DB_URL,
+        "NOCTURNE_RUN_API_URL": RUN_API_URL,
+        "NOCTURNE_RUN_API_CA": CA_PEM,
         "NOCTURNE_LLM_API_KEY": API_KEY,
     }
     values.update(overrides)
@@ -118,13 +120,23 @@ def test_exit_codes_match_the_operator_pod_failure_policy() -> None:
     assert ConfigError.exit_code == exitcodes.CONFIG_ERROR
 
 
-def test_task_file_path_matches_the_rendered_env() -> None:
-    rendered = render.render_cronjob(REF, spec(), Settings(), suspend=False, min_interval=None)
+def test_rendered_env_is_what_the_runner_reads() -> None:
+    rendered = render.render_cronjob(
+        REF,
+        spec(),
+        Settings(),
+        suspend=False,
+        min_interval=None,
+        run_api=render.RunApiEndpoint(RUN_API_URL, CA_PEM),
+    )
     container = rendered["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     names = {item["name"] for item in container["env"]}
     assert names <= set(config.ENV_VARS)
-    task_file = next(e["value"] for e in container["env"] if e["name"] == "NOCTURNE_TASK_FILE")
-    assert task_file == f"{render.TASK_MOUNT}/{render.TASK_FILE}"
+    assert "NOCTURNE_DATABASE_URL" not in names, "runner pods hold no database credentials"
+    task = next(e["value"] for e in container["env"] if e["name"] == "NOCTURNE_TASK")
+    assert parse_task(task).schedule.uid == REF.uid
+    values = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert load_env({**env(), **values}).token_file == TOKEN_FILE
 
 
 @pytest.mark.parametrize(
@@ -186,61 +198,122 @@ def test_long_values_are_shortened_in_messages() -> None:
     assert "m" * 100 not in str(excinfo.value)
 
 
-def test_load_task_names_the_file(tmp_path: Path) -> None:
-    path = tmp_path / "task.json"
-    with pytest.raises(ConfigError, match=r"NOCTURNE_TASK_FILE '.*task.json': cannot read"):
-        load_task(path)
-    path.write_text(json.dumps(document()))
-    assert load_task(path).schedule.name == "competitor-monitor"
-    path.write_text("{}")
-    with pytest.raises(ConfigError, match=r"task.json: task document version null"):
-        load_task(path)
-
-
 def test_env_is_read_with_defaults() -> None:
     runner_env = load_env(env())
-    assert runner_env.task_file == Path("/run/nocturne/task/task.json")
+    assert parse_task(runner_env.task).schedule.name == "competitor-monitor"
     assert runner_env.job_uid == "job-uid"
-    assert runner_env.database_url.get_secret_value() == DB_URL
+    assert runner_env.run_api_url == RUN_API_URL
+    assert runner_env.run_api_ca == CA_PEM
+    assert runner_env.token_file == TOKEN_FILE
     assert runner_env.llm_api_key is not None
     assert runner_env.llm_api_key.get_secret_value() == API_KEY
-    assert runner_env.price_table is None
     assert runner_env.termination_log == Path("/dev/termination-log")
+    assert runner_env.manual_request is None
     assert runner_env.web_fetch_allow_private is False
-    assert DB_URL not in repr(runner_env)
     assert API_KEY not in repr(runner_env)
 
 
 def test_env_optional_values() -> None:
     runner_env = load_env(
         env(
+            NOCTURNE_RUN_API_URL=RUN_API_URL + "/",
+            NOCTURNE_RUN_API_TOKEN_FILE="/var/run/token",  # noqa: S106 - a path
             NOCTURNE_LLM_API_KEY="",
-            NOCTURNE_PRICE_TABLE="/etc/nocturne/prices.yaml",
             NOCTURNE_TERMINATION_LOG="/tmp/summary.json",  # noqa: S108 - a path, not a file
+            NOCTURNE_MANUAL_REQUEST="run-now-7",
             NOCTURNE_WEB_FETCH_ALLOW_PRIVATE="true",
             NOCTURNE_SOMETHING_ELSE="ignored",
         )
     )
+    assert runner_env.run_api_url == RUN_API_URL  # no trailing slash
+    assert runner_env.token_file == Path("/var/run/token")
     assert runner_env.llm_api_key is None
-    assert runner_env.price_table == Path("/etc/nocturne/prices.yaml")
     assert runner_env.termination_log == Path("/tmp/summary.json")  # noqa: S108
+    assert runner_env.manual_request == "run-now-7"
     assert runner_env.web_fetch_allow_private is True
 
 
+def test_no_database_or_price_table_variables_any_more() -> None:
+    assert not any("DATABASE" in name or "PRICE" in name for name in config.ENV_VARS)
+    assert "NOCTURNE_TASK_FILE" not in config.ENV_VARS
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("NOCTURNE_TASK", None, "NOCTURNE_TASK: is required"),
+        ("NOCTURNE_TASK", "{", 'NOCTURNE_TASK "{": String should have at least 2 characters'),
+        ("NOCTURNE_POD_UID", None, "NOCTURNE_POD_UID: is required"),
+        ("NOCTURNE_POD_NAME", None, "NOCTURNE_POD_NAME: is required"),
+        ("NOCTURNE_JOB_NAME", None, "NOCTURNE_JOB_NAME: is required"),
+        ("NOCTURNE_JOB_UID", None, "NOCTURNE_JOB_UID: is required"),
+        ("NOCTURNE_RUN_API_URL", None, "NOCTURNE_RUN_API_URL: is required"),
+        (
+            "NOCTURNE_RUN_API_URL",
+            "http://nocturne-operator:8443",
+            'NOCTURNE_RUN_API_URL "http://nocturne-operator:8443": Value error, must be an '
+            "https:// URL (the run API is served over TLS)",
+        ),
+        ("NOCTURNE_RUN_API_URL", "https://", "must be an https:// URL"),
+        ("NOCTURNE_RUN_API_URL", "nocturne-operator:8443", "must be an https:// URL"),
+        ("NOCTURNE_RUN_API_URL", "https://a b", "must not contain spaces"),
+        ("NOCTURNE_RUN_API_CA", None, "NOCTURNE_RUN_API_CA: is required"),
+        (
+            "NOCTURNE_RUN_API_CA",
+            "not a certificate",
+            'NOCTURNE_RUN_API_CA "not a certificate": Value error, must be a PEM certificate '
+            "bundle (the operator's run API CA)",
+        ),
+        (
+            "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE",
+            "perhaps",
+            'NOCTURNE_WEB_FETCH_ALLOW_PRIVATE "perhaps": Input should be a valid boolean',
+        ),
+        ("NOCTURNE_MANUAL_REQUEST", "r" * 254, "NOCTURNE_MANUAL_REQUEST"),
+    ],
+)
+def test_bad_env_values_name_the_variable_and_the_rule(
+    name: str, value: str | None, expected: str
+) -> None:
+    values = env()
+    if value is None:
+        del values[name]
+    else:
+        values[name] = value
+    with pytest.raises(ConfigError) as excinfo:
+        load_env(values)
+    assert expected in str(excinfo.value)
+    assert excinfo.value.exit_code == exitcodes.CONFIG_ERROR
+
+
+def test_an_empty_required_variable_counts_as_unset() -> None:
+    with pytest.raises(ConfigError, match="NOCTURNE_RUN_API_URL: is required"):
+        load_env(env(NOCTURNE_RUN_API_URL=""))
+
+
+@pytest.mark.parametrize(
+    ("task", "expected"),
+    [
+        ("{not json", "task document: not valid JSON"),
+        ("[1, 2]", "task document: must be a JSON object, got list"),
+        ('{"version": 2}', "task document version 2: this runner understands version 1 only"),
+        ('{"version": 1}', "task document field schedule: is required"),
+    ],
+)
+def test_a_bad_task_in_the_env_is_a_config_error(task: str, expected: str) -> None:
+    runner_env = load_env(env(NOCTURNE_TASK=task))
+    with pytest.raises(ConfigError) as excinfo:
+        parse_task(runner_env.task)
+    assert expected in str(excinfo.value)
+
+
 def test_env_errors_never_show_secrets() -> None:
-    values = env(NOCTURNE_WEB_FETCH_ALLOW_PRIVATE="perhaps")
+    values = env(NOCTURNE_WEB_FETCH_ALLOW_PRIVATE="perhaps", NOCTURNE_LLM_API_KEY=API_KEY)
     del values["NOCTURNE_JOB_UID"]
+    values["NOCTURNE_RUN_API_URL"] = "http://x"
     with pytest.raises(ConfigError) as excinfo:
         load_env(values)
     message = str(excinfo.value)
     assert "NOCTURNE_JOB_UID: is required" in message
-    assert 'NOCTURNE_WEB_FETCH_ALLOW_PRIVATE "perhaps": Input should be a valid boolean' in message
-    assert DB_URL not in message
-    assert "hunter2" not in message
+    assert "NOCTURNE_RUN_API_URL" in message
     assert API_KEY not in message
-
-
-def test_blank_database_url_is_refused_without_echo() -> None:
-    with pytest.raises(ConfigError) as excinfo:
-        load_env(env(NOCTURNE_DATABASE_URL="   "))
-    assert "NOCTURNE_DATABASE_URL: Value error, must not be empty" in str(excinfo.value)
