@@ -1,0 +1,393 @@
+"""The run API's HTTP server (aiohttp, TLS): start = budget grant, progress, finish.
+
+Every request is authenticated first (``auth``), then its body is parsed with the wire contract
+(``agent_runner.contract``), then its RunRef is checked against the token's run. Budgets are
+reserved centrally by ``History.reserve`` under a per-schedule lock; without the database there
+is no grant (503: the runner spends nothing). Caps, model and zone come from the Job's task
+snapshot, never from the runner. Tokens, request bodies and agent output are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from agent_runner.contract import (
+    FINISH_PATH,
+    PROGRESS_PATH,
+    START_PATH,
+    Ack,
+    ApiError,
+    FinishReport,
+    Grant,
+    PreviousRun,
+    ProgressReport,
+    StartRequest,
+    describe_validation_error,
+)
+from nocturne_operator.prices import PriceTable, PriceTableError
+from nocturne_operator.runapi import metrics
+from nocturne_operator.runapi.auth import AuthError, RunAuthenticator, RunIdentity, check_run
+from nocturne_operator.runapi.tls import RunApiTls
+from nocturne_operator.settings import Settings
+from nocturne_operator.storage.history import (
+    Caps,
+    ExecutionKey,
+    ExecutionNotFoundError,
+    ExecutionStatus,
+    History,
+    HistoryError,
+    HistoryUnavailableError,
+    StateTooLargeError,
+    month_start,
+)
+
+__all__ = ["FINISH_LIMIT_BYTES", "HEALTH_PATH", "REPORT_LIMIT_BYTES", "make_app", "serve"]
+
+log = logging.getLogger(__name__)
+
+REPORT_LIMIT_BYTES = 64 * 1024
+"""Largest start or progress body."""
+FINISH_LIMIT_BYTES = 8 * 1024 * 1024
+"""Largest finish body (output up to 4 MiB as JSON text, escapes included, plus state)."""
+HEALTH_PATH = "/healthz"
+# A runner's startedAt is its own word: it is kept within this window before the server's clock,
+# so no attempt can date itself into an earlier month (outside the monthly cap's sum).
+_START_SKEW = timedelta(minutes=15)
+_TOKEN_LIMIT = 16 * 1024
+# Fields whose values are agent output or state: never echoed in an error message.
+_SECRET_FIELDS = frozenset({"output", "error", "state", "metadata", "alertReason", "activity"})
+
+Clock = Callable[[], datetime]
+OnProgress = Callable[[RunIdentity, ProgressReport], None]
+_Doc = TypeVar("_Doc", StartRequest, ProgressReport, FinishReport)
+
+
+class _RefusalError(Exception):
+    """An answer other than 200: status, reason and a message safe for the caller."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+def _error(status: int, reason: str, message: str) -> web.Response:
+    body = ApiError(reason=reason, message=message[:4096]).model_dump_json(by_alias=True)
+    return web.Response(status=status, text=body, content_type="application/json")
+
+
+def _ok(document: BaseModel) -> web.Response:
+    return web.Response(
+        text=document.model_dump_json(by_alias=True), content_type="application/json"
+    )
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > _TOKEN_LIMIT:
+        raise _RefusalError(
+            401, "Unauthenticated", "a bearer token (the runner's projected token) is required"
+        )
+    return token
+
+
+async def _body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing more than ``limit`` bytes without reading them all."""
+    too_large = _RefusalError(413, "RequestTooLarge", f"the request body is over {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(model: type[_Doc], body: bytes) -> _Doc:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        message = describe_validation_error(exc, secret_fields=_SECRET_FIELDS)
+        raise _RefusalError(400, "BadRequest", f"{model.__name__}: {message}") from None
+
+
+def make_app(
+    *,
+    authenticator: RunAuthenticator,
+    history: History | None,
+    prices: PriceTable,
+    settings: Settings,
+    clock: Clock = lambda: datetime.now(UTC),
+    on_progress: OnProgress | None = None,
+) -> web.Application:
+    """The run API as an aiohttp application. ``history`` None: every start is refused with
+    503 (no grant without the database). ``on_progress`` (optional, sync, must not block)
+    sees every accepted progress report, e.g. for ``status.activeRun``."""
+    app = web.Application(client_max_size=FINISH_LIMIT_BYTES + 1024)
+    api = _RunApi(authenticator, history, prices, settings, clock, on_progress)
+    app.router.add_post(START_PATH, _endpoint("start", REPORT_LIMIT_BYTES, api.start))
+    app.router.add_post(PROGRESS_PATH, _endpoint("progress", REPORT_LIMIT_BYTES, api.progress))
+    app.router.add_post(FINISH_PATH, _endpoint("finish", FINISH_LIMIT_BYTES, api.finish))
+    app.router.add_get(HEALTH_PATH, _health)
+    return app
+
+
+async def _health(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def _endpoint(
+    name: str, limit: int, handle: Callable[[str, bytes], Awaitable[BaseModel]]
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handler(request: web.Request) -> web.Response:
+        began = time.perf_counter()
+        response: web.Response
+        try:
+            token = _bearer(request)
+            body = await _body(request, limit)
+            response = _ok(await handle(token, body))
+        except _RefusalError as exc:
+            response = _error(exc.status, exc.reason, exc.message)
+        except AuthError as exc:
+            response = _error(exc.status, exc.reason, exc.message)
+        except Exception:
+            log.exception("run API %s: unexpected error", name)
+            response = _error(500, "InternalError", "the operator failed to handle the request")
+        metrics.observe(name, response.status, time.perf_counter() - began)
+        return response
+
+    return handler
+
+
+class _RunApi:
+    def __init__(  # noqa: PLR0917 - one private call site
+        self,
+        authenticator: RunAuthenticator,
+        history: History | None,
+        prices: PriceTable,
+        settings: Settings,
+        clock: Clock,
+        on_progress: OnProgress | None,
+    ) -> None:
+        self.authenticator = authenticator
+        self.history = history
+        self.prices = prices
+        self.settings = settings
+        self.clock = clock
+        self.on_progress = on_progress
+
+    async def _identity(
+        self, token: str, body: bytes, model: type[_Doc]
+    ) -> tuple[RunIdentity, _Doc]:
+        # Identity first: an unauthenticated caller learns nothing about bodies or runs.
+        identity = await self.authenticator.identify(token)
+        document = _parse(model, body)
+        check_run(identity, document.run)
+        return identity, document
+
+    async def _history_call(
+        self, what: str, call: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> Any:
+        history = self.history
+        if history is None:
+            raise _RefusalError(
+                503, "HistoryUnavailable", "the operator has no history database: no grant"
+            )
+        try:
+            return await asyncio.to_thread(call, history, *args, **kwargs)
+        except HistoryUnavailableError as exc:
+            log.warning("run API %s: %s", what, exc)
+            raise _RefusalError(
+                503, "HistoryUnavailable", "the history database is unreachable: try again later"
+            ) from None
+        except StateTooLargeError:
+            raise
+        except ExecutionNotFoundError:
+            raise _RefusalError(
+                403, "Forbidden", "the execution does not belong to this run"
+            ) from None
+        except HistoryError as exc:
+            log.error("run API %s: %s", what, exc)  # noqa: TRY400 - the message says it all
+            raise _RefusalError(
+                500, "HistoryError", f"{what} failed in the history database"
+            ) from None
+
+    # ---- start ---------------------------------------------------------------------------
+
+    async def start(self, token: str, body: bytes) -> BaseModel:
+        identity, request = await self._identity(token, body, StartRequest)
+        if self.history is None:
+            raise _RefusalError(
+                503, "HistoryUnavailable", "the operator has no history database: no grant"
+            )
+        task = identity.task
+        try:
+            price = self.prices.lookup(task.agent.provider, task.agent.model)
+        except PriceTableError as exc:
+            raise _RefusalError(422, "UnknownModel", str(exc)) from None
+        now = self.clock()
+        started_at = min(max(request.started_at, now - _START_SKEW), now)
+        budget = task.budget
+        monthly = budget.max_monthly_usd
+        caps = Caps(
+            per_run=min(budget.max_per_run_usd, self.settings.max_per_run_usd),
+            total=budget.max_total_usd,
+            monthly=monthly,
+            month_start=month_start(now, task.time_zone) if monthly is not None else None,
+        )
+        key = ExecutionKey(
+            namespace=identity.namespace,
+            schedule_name=identity.schedule,
+            schedule_uid=identity.schedule_uid,
+            job_name=identity.job_name,
+            job_uid=identity.job_uid,
+            pod_uid=identity.pod_uid,
+            attempt=0,  # reserve() numbers the Job's attempts itself
+            manual_request=identity.manual_request,
+        )
+        where = f"{identity.namespace}/{identity.schedule} job {identity.job_name}"
+        grant = await self._history_call(
+            f"reserve a budget for {where}",
+            History.reserve,
+            key,
+            model=task.agent.model,
+            provider=task.agent.provider,
+            started_at=started_at,
+            caps=caps,
+        )
+        if grant.refused is not None:
+            log.info("run API: no grant for %s: %s", where, grant.refused)
+            raise _RefusalError(
+                409, grant.refused, grant.message or f"no budget left ({grant.refused})"
+            )
+        saved = await self._history_call(
+            f"load the agent state of {where}",
+            History.load_state,
+            identity.namespace,
+            identity.schedule,
+            task.task.state_key or "",
+        )
+        previous = None if saved is None else PreviousRun(state=saved.state, output=saved.output)
+        log.info(
+            "run API: granted %s USD to %s attempt %d (execution %d)",
+            grant.limit,
+            where,
+            grant.attempt,
+            grant.execution_id,
+        )
+        return Grant(
+            execution_id=grant.execution_id,
+            attempt=grant.attempt,
+            limit_usd=grant.limit,
+            spent_before_usd=grant.spent_before,
+            price=price,
+            previous=previous,
+        )
+
+    # ---- progress and finish -------------------------------------------------------------
+
+    async def _own_execution(self, identity: RunIdentity, execution_id: int) -> None:
+        record = await self._history_call(
+            f"read execution {execution_id}", History.get, execution_id, include_output=False
+        )
+        if (
+            record is None
+            or record.job_uid != identity.job_uid
+            or record.pod_uid != identity.pod_uid
+        ):
+            raise _RefusalError(403, "Forbidden", "the execution does not belong to this run")
+
+    async def progress(self, token: str, body: bytes) -> BaseModel:
+        identity, report = await self._identity(token, body, ProgressReport)
+        await self._own_execution(identity, report.execution_id)
+        await self._history_call(
+            f"record progress of execution {report.execution_id}",
+            History.record_progress,
+            report.execution_id,
+            cost_usd=report.cost_usd,
+            input_tokens=report.input_tokens,
+            output_tokens=report.output_tokens,
+        )
+        if self.on_progress is not None:
+            try:
+                self.on_progress(identity, report)
+            except Exception:
+                log.exception("run API: the progress observer failed")
+        return Ack()
+
+    async def finish(self, token: str, body: bytes) -> BaseModel:
+        identity, report = await self._identity(token, body, FinishReport)
+        await self._own_execution(identity, report.execution_id)
+        stored = await self._history_call(
+            f"finish execution {report.execution_id}",
+            History.finish,
+            report.execution_id,
+            status=report.status,
+            completed_at=report.completed_at,
+            cost_usd=report.cost_usd,
+            input_tokens=report.input_tokens,
+            output_tokens=report.output_tokens,
+            output=report.output,
+            error=report.error,
+            alert=report.alert,
+            alert_reason=report.alert_reason,
+            metadata=report.metadata,
+        )
+        # Only the run whose success was recorded hands its state on (not one the reaper
+        # already finished otherwise).
+        if stored is ExecutionStatus.SUCCEEDED and report.state is not None:
+            try:
+                await self._history_call(
+                    f"save the agent state of execution {report.execution_id}",
+                    History.save_state,
+                    identity.namespace,
+                    identity.schedule,
+                    identity.task.task.state_key or "",
+                    state=report.state,
+                    output=report.output,
+                    execution_id=report.execution_id,
+                )
+            except StateTooLargeError as exc:
+                raise _RefusalError(
+                    422, "StateTooLarge", f"the run was recorded, its state was not: {exc}"
+                ) from None
+        return Ack()
+
+
+async def serve(app: web.Application, settings: Settings, tls: RunApiTls) -> web.AppRunner:
+    """Serve ``app`` over TLS on run_api_bind:run_api_port; stop it with ``runner.cleanup()``."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(
+        runner,
+        settings.run_api_bind,
+        settings.run_api_port,
+        ssl_context=tls.server_context(),
+        reuse_address=True,
+    )
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info(
+        "run API listening on %s:%d (TLS, names %s)",
+        settings.run_api_bind,
+        settings.run_api_port,
+        ", ".join(sorted(tls.hostnames)),
+    )
+    return runner
