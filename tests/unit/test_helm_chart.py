@@ -29,7 +29,6 @@ EVERYTHING = (
     "--set=postgresql.enabled=true",
     "--set=postgresql.auth.password=demo-password",
     "--set=operator.watchNamespaces={team-a,team-b}",
-    "--set=runner.databaseSecret.create=true",
     "--set=networkPolicy.enabled=true",
     "--set=metrics.serviceMonitor.enabled=true",
 )
@@ -95,9 +94,9 @@ def test_chart_crd_is_a_byte_copy_of_crds() -> None:
 
 
 def test_price_table_configmap_is_the_packaged_table() -> None:
-    packaged = (REPO / "agent_runner" / "data" / "prices.yaml").read_text()
+    packaged = (REPO / "operator" / "data" / "prices.yaml").read_text()
     assert (CHART / "files" / "prices.yaml").read_text() == packaged, (
-        "cp agent_runner/data/prices.yaml helm/nocturne/files/prices.yaml"
+        "cp operator/data/prices.yaml helm/nocturne/files/prices.yaml"
     )
     configmap = one(render(), "ConfigMap", f"{RELEASE}-prices")
     assert configmap["data"]["prices.yaml"] == packaged
@@ -348,7 +347,42 @@ def test_settings_file_is_mounted_and_accepted_by_the_operator(tmp_path: Path) -
     assert str(settings.max_per_run_usd) == "2.50"
     assert settings.runner_image == "registry.example/nocturne-runner:1.2.3"
     assert settings.reconcile_interval_seconds == 15
-    assert settings.database_secret_name == "nocturne-database"  # noqa: S105 - a name
+    assert settings.llm_secrets == ["llm-credentials"]
+    assert settings.llm_base_urls == ["https://api.openai.com/v1", "https://api.anthropic.com"]
+    assert settings.webhook_secrets == ["slack"]
+    assert settings.webhook_allow_private is False
+
+
+def settings_of(tmp_path: Path, *args: str) -> Any:
+    """The operator's settings as the chart renders them with ``args``."""
+    configmap = one(render(*args), "ConfigMap", f"{RELEASE}-settings")
+    path = tmp_path / "settings.yaml"
+    path.write_text(configmap["data"]["settings.yaml"])
+    return load_settings(config_file=path)
+
+
+def test_allowed_secrets_and_endpoints_reach_the_settings(tmp_path: Path) -> None:
+    settings = settings_of(
+        tmp_path,
+        "--set=llm.secrets={team-llm,shared-llm}",
+        "--set=llm.baseURLs={https://llm.internal:8443/v1,http://vllm.models.svc:8000/v1}",
+        "--set=notifications.webhookSecrets={team-hook}",
+        "--set=notifications.webhookAllowPrivate=true",
+    )
+    assert settings.llm_secrets == ["team-llm", "shared-llm"]
+    assert settings.llm_base_urls == [
+        "https://llm.internal:8443/v1",
+        "http://vllm.models.svc:8000/v1",
+    ]
+    assert settings.webhook_secrets == ["team-hook"]
+    assert settings.webhook_allow_private is True
+
+
+def test_empty_allow_lists_render_as_empty_lists(tmp_path: Path) -> None:
+    values = tmp_path / "closed.yaml"
+    values.write_text("llm: {secrets: [], baseURLs: []}\nnotifications: {webhookSecrets: []}\n")
+    settings = settings_of(tmp_path, "-f", str(values))
+    assert (settings.llm_secrets, settings.llm_base_urls, settings.webhook_secrets) == ([], [], [])
 
 
 def test_a_settings_change_rolls_the_operator() -> None:
@@ -473,6 +507,17 @@ BAD_VALUES = [
     (("--set=runner.resources.requests.cpu=lots",), "'/runner/resources/requests/cpu'"),
     (("--set=runner.jobs.ttlSecondsAfterFinished=5",), "'/runner/jobs/ttlSecondsAfterFinished'"),
     (("--set=postgresql.auth.password=p@ss/word",), "'/postgresql/auth/password'"),
+    (("--set=llm.keys={a}",), "additional properties 'keys' not allowed"),
+    (("--set=llm.secrets={Team_Key}",), "'/llm/secrets/0'"),
+    (("--set=llm.secrets=llm-credentials",), "'/llm/secrets': got string, want array"),
+    (("--set=llm.baseURLs={ftp://models.internal}",), "'/llm/baseURLs/0'"),
+    (("--set=llm.baseURLs={https://user:pw@models.internal}",), "'/llm/baseURLs/0'"),
+    (("--set=llm.baseURLs={https://models.internal/v1#x}",), "'/llm/baseURLs/0'"),
+    (("--set=notifications.webhookSecrets={Slack}",), "'/notifications/webhookSecrets/0'"),
+    (
+        ("--set=notifications.webhookAllowPrivate=sometimes",),
+        "'/notifications/webhookAllowPrivate': got string, want boolean",
+    ),
 ]
 
 
@@ -502,7 +547,6 @@ def test_a_float_budget_in_a_values_file_is_rejected(tmp_path: Path) -> None:
             "set postgresql.auth.password or postgresql.auth.existingSecret",
         ),
         (("--set=database.existingSecret=",), "database.existingSecret is empty"),
-        (("--set=runner.databaseSecret.create=true",), "runner.databaseSecret.create needs"),
     ],
 )
 def test_inconsistent_values_fail_with_the_fix(args: tuple[str, ...], message: str) -> None:
