@@ -1,12 +1,14 @@
 """Execution history in PostgreSQL: the schema (SQLAlchemy models, Alembic migrations) and the
-repository the runner writes through and the operator and CLI read from.
+repository the operator -- its only client -- writes through (the run API, the results of
+finished Jobs, the reaper) and reads from (status, the CLI).
 
-The module depends on SQLAlchemy, psycopg and Alembic only, so it can move unchanged to a package
-the operator may import (the import contract forbids the operator to import ``agent_runner``).
-
-Writes are short transactions keyed so that replaying them changes nothing: ``start`` is keyed by
-Job UID + pod UID, ``record_progress`` and ``finish`` never lower a cost, and the first final
-status wins. Money is ``NUMERIC(14, 6)`` in SQL and ``Decimal`` in Python; times are aware.
+Writes are short transactions keyed so that replaying them changes nothing: ``reserve`` and
+``start`` are keyed by Job UID + pod UID, ``record_progress`` and ``finish`` never lower a cost,
+and the first final status wins. Budgets are reserved centrally: ``reserve`` decides an
+attempt's grant under a per-schedule-UID lock, counting every in-flight grant, so concurrent
+Jobs and retries never overspend a schedule's caps. Rows name the schedule by UID (a re-created
+schedule is a new schedule) and by namespace/name for people. Money is ``NUMERIC(14, 6)`` in
+SQL and ``Decimal`` in Python; times are aware.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
@@ -32,6 +34,8 @@ from agent_runner.contract import (
     MAX_USD,
     STATE_LIMIT_BYTES,
     STATE_OUTPUT_LIMIT_BYTES,
+    USD_QUANTUM,
+    NoGrantReason,
     StateTooLargeError,
     compact_json,
     json_document,
@@ -46,6 +50,7 @@ __all__ = [
     "STATE_OUTPUT_LIMIT_BYTES",
     "AgentState",
     "Base",
+    "Caps",
     "CostPeriod",
     "Event",
     "EventKind",
@@ -55,6 +60,7 @@ __all__ = [
     "ExecutionNotFoundError",
     "ExecutionRecord",
     "ExecutionStatus",
+    "GrantRecord",
     "History",
     "HistoryError",
     "HistoryUnavailableError",
@@ -75,6 +81,10 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # pg_advisory_lock key serialising concurrent `upgrade()` calls on one database ("noct" + "hist").
 _MIGRATION_LOCK_KEY = 0x6E6F6374_68697374
+# Seed of hashtextextended(schedule_uid, seed): the pg_advisory_xact_lock key under which
+# reserve() decides a schedule's grants ("noct" + "budg"). A collision only serialises two
+# schedules' reservations; it never mixes their sums.
+_BUDGET_LOCK_SEED = 0x6E6F6374_62756467
 
 OUTPUT_LIMIT_BYTES = 1024 * 1024
 """A run's output is truncated beyond this (UTF-8 bytes): losing the record would be worse."""
@@ -132,7 +142,8 @@ class ExecutionNotFoundError(HistoryError, LookupError):
 
 
 # --------------------------------------------------------------------------------------------
-# Schema. Migration 0001 creates exactly this; tests/integration/test_history_schema.py checks it.
+# Schema. Migrations 0001 and 0003 create exactly this; tests/integration/test_history_schema.py
+# checks it.
 
 
 class Base(DeclarativeBase):
@@ -175,6 +186,9 @@ class Execution(Base):
     # `metadata` is reserved on declarative classes; the column keeps the documented name.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=sa.text("'{}'::jsonb"))
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    # What reserve() granted this attempt; NULL for rows without a grant (written by start(),
+    # or before grants existed), which count at their cost. Last: migration 0003 added it.
+    granted_usd: Mapped[Decimal | None]
 
     __table_args__ = (
         sa.PrimaryKeyConstraint("id", name="pk_schedule_executions"),
@@ -190,6 +204,7 @@ class Execution(Base):
             "input_tokens >= 0 AND output_tokens >= 0", name="ck_schedule_executions_tokens"
         ),
         sa.CheckConstraint("attempt >= 0", name="ck_schedule_executions_attempt"),
+        sa.CheckConstraint("granted_usd >= 0", name="ck_schedule_executions_granted_usd"),
         # "Runs of schedule X between A and B, newest first" and "cost of schedule X": the
         # keyset (started_at, id) matches runs()' order; cost_usd and status are carried so sums
         # and per-status counts are index-only scans.
@@ -215,6 +230,24 @@ class Execution(Base):
         sa.Index(
             "ix_schedule_executions_running",
             "started_at",
+            postgresql_where=sa.text("status = 'RUNNING'"),
+        ),
+        # The same by schedule UID (a re-created schedule is a new schedule): reserve() sums a
+        # schedule's committed spend (cost_usd, or granted_usd while RUNNING) index-only, and
+        # run_stats(schedule_uid=...) counts one incarnation. Added by migration 0003.
+        sa.Index(
+            "ix_schedule_executions_uid_started",
+            "schedule_uid",
+            sa.desc("started_at"),
+            sa.desc("id"),
+            postgresql_include=["cost_usd", "status", "granted_usd"],
+        ),
+        # The in-flight attempts of a schedule UID (running()): tiny, only unfinished rows.
+        sa.Index(
+            "ix_schedule_executions_uid_running",
+            "schedule_uid",
+            "started_at",
+            "id",
             postgresql_where=sa.text("status = 'RUNNING'"),
         ),
         # spent_for_job(job_uid) uses the unique index above (job_uid leads it): no extra index.
@@ -345,6 +378,55 @@ class ExecutionRecord:
     alert_reason: str | None
     metadata: dict[str, Any]
     updated_at: datetime
+    # What reserve() granted the attempt; None for rows without a grant (they count at cost).
+    granted_usd: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class Caps:
+    """A schedule's budget caps as ``reserve()`` applies them (money as ``Decimal``)."""
+
+    per_run: Decimal
+    """maxPerRunUSD: covers every attempt of one Job together."""
+    total: Decimal | None = None
+    """maxTotalUSD: every Job of this schedule UID, ever."""
+    monthly: Decimal | None = None
+    """maxMonthlyUSD: every Job of this schedule UID started since ``month_start``."""
+    month_start: datetime | None = None
+    """Aware start of the current month in the schedule's zone; required with ``monthly``."""
+
+    def __post_init__(self) -> None:
+        for name in ("per_run", "total", "monthly"):
+            value = getattr(self, name)
+            if value is None and name != "per_run":
+                continue
+            if not isinstance(value, Decimal):
+                raise TypeError(f"Caps.{name}: {value!r} must be a Decimal (never a float)")
+            if not value.is_finite() or value < 0:
+                raise ValueError(f"Caps.{name}: {value} must be a finite amount >= 0")
+        if self.monthly is not None and self.month_start is None:
+            raise ValueError("Caps.month_start: required when Caps.monthly is set")
+        if self.month_start is not None:
+            _aware("Caps.month_start", self.month_start)
+
+
+@dataclass(frozen=True)
+class GrantRecord:
+    """What ``reserve()`` decided for one attempt (or decided before, when ``replay``)."""
+
+    execution_id: int
+    attempt: int
+    """0 for the Job's first attempt, then 1, 2 ..."""
+    limit: Decimal
+    """What this attempt may spend (6 decimals, rounded down); 0 when refused."""
+    spent_before: Decimal
+    """Committed by the Job's earlier attempts (spent, or granted while they still run)."""
+    refused: NoGrantReason | None
+    """None, or the cap that left nothing: per-run first, then total, then monthly."""
+    message: str | None
+    """Why it was refused, naming the cap and the amounts."""
+    replay: bool
+    """This (job_uid, pod_uid) had reserved before; its grant is returned unchanged."""
 
 
 @dataclass(frozen=True)
@@ -493,6 +575,66 @@ def _cost_sum(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
     return sa.func.coalesce(sa.func.sum(_EXECUTIONS.c.cost_usd).filter(*where), 0)
 
 
+def _committed_sum(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    """SUM of what the rows matching ``where`` hold of a budget, 0 when there are none: a final
+    row its cost; a RUNNING row its grant too, which it may still spend (a row without a grant
+    counts at its cost)."""
+    t = _EXECUTIONS
+    held = sa.case(
+        (
+            t.c.status == ExecutionStatus.RUNNING.value,
+            sa.func.greatest(sa.func.coalesce(t.c.granted_usd, t.c.cost_usd), t.c.cost_usd),
+        ),
+        else_=t.c.cost_usd,
+    )
+    return sa.func.coalesce(sa.func.sum(held).filter(*where), 0)
+
+
+def _warn_overrun(what: str, cost: Decimal, granted: Decimal | None) -> None:
+    if granted is not None and cost > granted:
+        log.warning(
+            "%s: cost %s is above the attempt's grant %s (recorded as reported, metadata.overrun)",
+            what,
+            _amount(cost),
+            _amount(granted),
+        )
+
+
+def _floor_usd(value: Decimal) -> Decimal:
+    """Round down to the stored 6 decimals: a grant never exceeds what a cap leaves."""
+    return value.quantize(USD_QUANTUM, rounding=ROUND_FLOOR)
+
+
+def _amount(value: Decimal) -> str:
+    """A USD amount for messages: at least 2 decimals, no trailing zeros beyond them."""
+    text = f"{value.normalize():f}"
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
+
+
+class _Held(NamedTuple):
+    """Sums over some rows: what they committed (spent, or granted while running) and spent."""
+
+    committed: Decimal
+    spent: Decimal
+
+    @property
+    def reserved(self) -> Decimal:
+        return self.committed - self.spent
+
+    def describe(self, cap_name: str, cap: Decimal, by: str, period: str = "") -> str:
+        return (
+            f"{cap_name} {_amount(cap)} reached{period}: {_amount(self.spent)} spent and "
+            f"{_amount(self.reserved)} reserved by {by}"
+        )
+
+
+_NO_GRANT_REASONS: frozenset[str] = frozenset(
+    ("BudgetExhausted", "TotalBudgetReached", "MonthlyBudgetReached")
+)
+_OVERRUN: sa.ColumnElement[Any] = sa.literal_column("""'{"overrun": true}'::jsonb""")
+
+
 def _check_page_limit(limit: int) -> None:
     if isinstance(limit, bool) or not 1 <= limit <= _MAX_PAGE:
         raise ValueError(f"limit: {limit!r} must be between 1 and {_MAX_PAGE}")
@@ -527,6 +669,7 @@ def _execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
         c.alert_reason,
         c["metadata"].label("metadata"),
         c.updated_at,
+        c.granted_usd,
     ]
 
 
@@ -688,11 +831,201 @@ class History:
         with translate_errors(operation, self.engine.url), self.engine.begin() as conn:
             yield conn
 
-    # ---- runner writes -----------------------------------------------------------------------
+    # ---- run writes (the run API, and the operator's own bookkeeping) -------------------------
+
+    def reserve(
+        self, key: ExecutionKey, *, model: str, provider: str, started_at: datetime, caps: Caps
+    ) -> GrantRecord:
+        """Grant an attempt its budget and record it: RUNNING with ``granted_usd`` when something
+        is left, else already final as BUDGET_EXCEEDED with the reason (spend nothing).
+
+        One transaction under a per-schedule-UID advisory lock, so concurrent reservations (any
+        replica) see each other: the committed amounts of a schedule UID -- costs of final rows,
+        max(grant, cost) of running ones -- never exceed its total or monthly cap, nor those of a
+        Job its per-run cap, as long as reported costs stay within grants. A replay with the same
+        (job_uid, pod_uid) returns the recorded grant and changes nothing. ``key.attempt`` is
+        ignored: attempts are numbered here, in the order they reserve.
+        """
+        _aware("started_at", started_at)
+        if not isinstance(caps, Caps):
+            raise TypeError(f"caps: {caps!r} must be a Caps")
+        t = _EXECUTIONS
+        what = (
+            f"reserve the budget of {key.namespace}/{key.schedule_name} job {key.job_name} "
+            f"pod {key.pod_uid}"
+        )
+        lock = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:uid, :seed))").bindparams(
+            uid=key.schedule_uid, seed=_BUDGET_LOCK_SEED
+        )
+        with self._begin(what) as conn:
+            # Read committed: every statement after the lock sees what earlier holders committed.
+            conn.execute(lock)
+            existing = self._attempt_row(conn, key)
+            if existing is not None:
+                return self._replayed(conn, key, existing, what)
+            in_job = t.c.job_uid == key.job_uid
+            job = conn.execute(
+                sa.select(
+                    sa.func.count(),
+                    _committed_sum(),
+                    _cost_sum(),
+                    sa.func.coalesce(sa.func.bool_or(t.c.schedule_uid != key.schedule_uid), False),
+                ).where(in_job)
+            ).one()
+            attempts, job_committed, job_spent, foreign = job
+            if foreign:
+                raise HistoryError(
+                    f"{what}: job UID {key.job_uid} already has attempts of another schedule UID "
+                    f"than {key.schedule_uid}"
+                )
+            refusal, limit = self._decide(conn, key, caps, _Held(job_committed, job_spent))
+            values: dict[str, Any] = {
+                "namespace": key.namespace,
+                "schedule_name": key.schedule_name,
+                "schedule_uid": key.schedule_uid,
+                "job_name": key.job_name,
+                "job_uid": key.job_uid,
+                "pod_uid": key.pod_uid,
+                "attempt": int(attempts),
+                "manual_request": key.manual_request,
+                "status": ExecutionStatus.RUNNING.value,
+                "started_at": started_at,
+                "model": model,
+                "provider": provider,
+                "granted_usd": limit,
+            }
+            if refusal is not None:
+                reason, message = refusal
+                values |= {
+                    "status": ExecutionStatus.BUDGET_EXCEEDED.value,
+                    "completed_at": started_at,
+                    "error": clean_text(message, ERROR_LIMIT_BYTES),
+                    "metadata": {"refused": reason},
+                }
+            insert = (
+                pg.insert(t)
+                .values(values)
+                .on_conflict_do_nothing(constraint="uq_schedule_executions_job_uid_pod_uid")
+                .returning(t.c.id)
+            )
+            new_id = conn.execute(insert).scalar_one_or_none()
+            if new_id is None:  # a racing reservation under another schedule UID's lock
+                row = self._attempt_row(conn, key)
+                if row is None:  # rows are never deleted; this would be a bug
+                    raise HistoryError(f"{what}: the conflicting attempt vanished")
+                return self._replayed(conn, key, row, what)
+        if refusal is not None:
+            log.info("%s: refused, %s", what, refusal[1])
+        return GrantRecord(
+            execution_id=int(new_id),
+            attempt=int(attempts),
+            limit=limit,
+            spent_before=Decimal(job_committed),
+            refused=refusal[0] if refusal else None,
+            message=refusal[1] if refusal else None,
+            replay=False,
+        )
+
+    @staticmethod
+    def _decide(
+        conn: sa.Connection, key: ExecutionKey, caps: Caps, job: _Held
+    ) -> tuple[tuple[NoGrantReason, str] | None, Decimal]:
+        """What an attempt may spend under ``caps``, and why not when nothing is left."""
+        t = _EXECUTIONS
+        columns = [_committed_sum(), _cost_sum()]
+        # Caps makes month_start present whenever monthly is.
+        month_start = caps.month_start if caps.monthly is not None else None
+        if month_start is not None:
+            since = t.c.started_at >= month_start
+            columns += [_committed_sum(since), _cost_sum(since)]
+        # Only this UID's rows: a re-created schedule of the same name starts clean.
+        committed, spent, *month = conn.execute(
+            sa.select(*columns).where(t.c.schedule_uid == key.schedule_uid)
+        ).one()
+        schedule = _Held(Decimal(committed), Decimal(spent))
+        # In precedence order: the first cap with nothing left names the refusal.
+        left: list[tuple[NoGrantReason, Decimal, str]] = [
+            (
+                "BudgetExhausted",
+                caps.per_run - job.committed,
+                job.describe(
+                    "maxPerRunUSD", caps.per_run, f"the earlier attempts of Job {key.job_name}"
+                ),
+            )
+        ]
+        if caps.total is not None:
+            left.append(
+                (
+                    "TotalBudgetReached",
+                    caps.total - schedule.committed,
+                    schedule.describe("maxTotalUSD", caps.total, "running Jobs"),
+                )
+            )
+        if caps.monthly is not None and month_start is not None:
+            this_month = _Held(Decimal(month[0]), Decimal(month[1]))
+            left.append(
+                (
+                    "MonthlyBudgetReached",
+                    caps.monthly - this_month.committed,
+                    this_month.describe(
+                        "maxMonthlyUSD",
+                        caps.monthly,
+                        "running Jobs",
+                        f" for the month from {month_start.isoformat()}",
+                    ),
+                )
+            )
+        limit = _floor_usd(min(MAX_USD, max(Decimal(0), min(amount for _, amount, _ in left))))
+        if limit > 0:
+            return None, limit
+        reason, _, message = next(item for item in left if _floor_usd(item[1]) <= 0)
+        return (reason, message), Decimal(0)
+
+    @staticmethod
+    def _attempt_row(conn: sa.Connection, key: ExecutionKey) -> sa.Row[Any] | None:
+        t = _EXECUTIONS
+        return conn.execute(
+            sa.select(*_execution_columns(False)).where(
+                t.c.job_uid == key.job_uid, t.c.pod_uid == key.pod_uid
+            )
+        ).first()
+
+    @staticmethod
+    def _replayed(
+        conn: sa.Connection, key: ExecutionKey, row: sa.Row[Any], what: str
+    ) -> GrantRecord:
+        """The grant recorded for an attempt that had reserved before."""
+        if row.schedule_uid != key.schedule_uid:
+            raise HistoryError(
+                f"{what}: job UID {key.job_uid} pod UID {key.pod_uid} already belongs to "
+                f"execution {row.id} of schedule UID {row.schedule_uid}"
+            )
+        t = _EXECUTIONS
+        before = conn.execute(
+            sa.select(_committed_sum()).where(t.c.job_uid == key.job_uid, t.c.id < row.id)
+        ).scalar_one()
+        reason = (row.metadata or {}).get("refused")
+        refused = (
+            cast(NoGrantReason, reason)
+            if row.status == ExecutionStatus.BUDGET_EXCEEDED.value and reason in _NO_GRANT_REASONS
+            else None
+        )
+        return GrantRecord(
+            execution_id=int(row.id),
+            attempt=int(row.attempt),
+            # A row without a grant (written by start()) was granted nothing.
+            limit=Decimal(0) if row.granted_usd is None else Decimal(row.granted_usd),
+            spent_before=Decimal(before),
+            refused=refused,
+            message=row.error if refused else None,
+            replay=True,
+        )
 
     def start(self, key: ExecutionKey, *, model: str, provider: str, started_at: datetime) -> int:
-        """Insert the attempt as RUNNING and return its id; a replay with the same
-        (job_uid, pod_uid) returns the existing row's id and changes nothing."""
+        """Insert the attempt as RUNNING without a grant and return its id; a replay with the
+        same (job_uid, pod_uid) returns the existing row's id and changes nothing. For attempts
+        that never reserved (the operator records what a finished Job left); runs get their
+        budget from ``reserve()``."""
         _aware("started_at", started_at)
         t = _EXECUTIONS
         insert = (
@@ -735,27 +1068,38 @@ class History:
         self, execution_id: int, *, cost_usd: Decimal, input_tokens: int, output_tokens: int
     ) -> None:
         """Raise a RUNNING execution's cost and token counts to the given totals (never lower
-        them); a no-op once the execution is final."""
+        them); a no-op once the execution is final.
+
+        A cost above the attempt's grant is still recorded (it was spent), flagged
+        ``metadata.overrun`` and logged as a warning: the schedule's later grants shrink by it.
+        """
         cost = _usd("cost_usd", cost_usd)
         tokens_in = _tokens("input_tokens", input_tokens)
         tokens_out = _tokens("output_tokens", output_tokens)
         t = _EXECUTIONS
+        raised = sa.func.greatest(t.c.cost_usd, cost)
         update = (
             sa.update(t)
             .where(t.c.id == execution_id, t.c.status == ExecutionStatus.RUNNING.value)
             .values(
-                cost_usd=sa.func.greatest(t.c.cost_usd, cost),
+                cost_usd=raised,
                 input_tokens=sa.func.greatest(t.c.input_tokens, tokens_in),
                 output_tokens=sa.func.greatest(t.c.output_tokens, tokens_out),
                 updated_at=sa.func.now(),
+                metadata=sa.case(
+                    (raised > t.c.granted_usd, t.c["metadata"].op("||")(_OVERRUN)),
+                    else_=t.c["metadata"],
+                ),
             )
-            .returning(t.c.id)
+            .returning(t.c.id, t.c.cost_usd, t.c.granted_usd)
         )
-        with self._begin(f"record progress of execution {execution_id}") as conn:
-            if conn.execute(update).first() is None and not self._exists(conn, execution_id):
-                raise ExecutionNotFoundError(
-                    f"record progress of execution {execution_id}: no such execution"
-                )
+        what = f"record progress of execution {execution_id}"
+        with self._begin(what) as conn:
+            row = conn.execute(update).first()
+            if row is None and not self._exists(conn, execution_id):
+                raise ExecutionNotFoundError(f"{what}: no such execution")
+        if row is not None:
+            _warn_overrun(what, row.cost_usd, row.granted_usd)
 
     def finish(
         self,
@@ -776,7 +1120,8 @@ class History:
 
         The first final status wins: a replay, or a later finish by someone else (the reaper),
         keeps status, output and error, but cost and tokens still only ever rise. Output and
-        error are truncated to OUTPUT_LIMIT_BYTES / ERROR_LIMIT_BYTES.
+        error are truncated to OUTPUT_LIMIT_BYTES / ERROR_LIMIT_BYTES. A cost above the grant
+        is recorded as reported, flagged ``metadata.overrun`` and logged (see record_progress).
         """
         final = ExecutionStatus(status)
         if final is ExecutionStatus.RUNNING:
@@ -790,11 +1135,17 @@ class History:
         t = _EXECUTIONS
         what = f"finish execution {execution_id} as {final.value}"
         with self._begin(what) as conn:
-            current = conn.execute(
-                sa.select(t.c.status).where(t.c.id == execution_id).with_for_update()
-            ).scalar_one_or_none()
-            if current is None:
+            row = conn.execute(
+                sa.select(t.c.status, t.c.cost_usd, t.c.granted_usd)
+                .where(t.c.id == execution_id)
+                .with_for_update()
+            ).first()
+            if row is None:
                 raise ExecutionNotFoundError(f"{what}: no such execution")
+            current = row.status
+            overrun = row.granted_usd is not None and max(row.cost_usd, cost) > row.granted_usd
+            if overrun and (current == ExecutionStatus.RUNNING or cost > row.cost_usd):
+                _warn_overrun(what, max(row.cost_usd, cost), row.granted_usd)
             values: dict[str, Any] = {
                 "cost_usd": sa.func.greatest(t.c.cost_usd, cost),
                 "input_tokens": sa.func.greatest(t.c.input_tokens, tokens_in),
@@ -809,7 +1160,7 @@ class History:
                     "error": clean_text(error, ERROR_LIMIT_BYTES),
                     "alert": bool(alert),
                     "alert_reason": clean_text(alert_reason, ERROR_LIMIT_BYTES),
-                    "metadata": meta,
+                    "metadata": meta | {"overrun": True} if overrun else meta,
                 }
                 conn.execute(sa.update(t).where(t.c.id == execution_id).values(values))
                 return final
@@ -823,7 +1174,9 @@ class History:
                         t.c.output_tokens < tokens_out,
                     ),
                 )
-                .values(values)
+                .values(
+                    values | {"metadata": t.c["metadata"].op("||")(_OVERRUN)} if overrun else values
+                )
             )
             return ExecutionStatus(current)
 
@@ -1035,6 +1388,7 @@ class History:
         namespace: str,
         schedule_name: str,
         *,
+        schedule_uid: str | None = None,
         failures_since: datetime | None = None,
         month_start: datetime | None = None,
         streak_limit: int = 100,
@@ -1042,9 +1396,10 @@ class History:
         """Totals and the current failure streak, derived from the rows (the source of truth, so
         replays and operator restarts never double-count). Failures of Jobs started before
         ``failures_since`` (a resume) do not count towards the streak. With ``month_start``,
-        also the cost of runs started since then."""
+        also the cost of runs started since then. With ``schedule_uid``, only that incarnation's
+        rows count (a re-created schedule starts clean); else every row of the name."""
         t = _EXECUTIONS
-        where = self._schedule_range(namespace, schedule_name, None, None)
+        where = self._schedule_range(namespace, schedule_name, None, None, schedule_uid)
         newest_first = sa.func.row_number().over(
             partition_by=t.c.job_uid,
             order_by=(t.c.attempt.desc(), t.c.started_at.desc(), t.c.id.desc()),
@@ -1115,15 +1470,35 @@ class History:
         namespace: str,
         schedule_name: str,
         *,
+        schedule_uid: str | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
     ) -> Decimal:
-        """Total cost of a schedule's runs started in [since, until)."""
+        """Total cost of a schedule's runs started in [since, until); with ``schedule_uid``,
+        of that incarnation's runs only."""
         query = sa.select(_cost_sum()).where(
-            *self._schedule_range(namespace, schedule_name, since, until)
+            *self._schedule_range(namespace, schedule_name, since, until, schedule_uid)
         )
         with self._begin(f"sum cost of {namespace}/{schedule_name}") as conn:
             return Decimal(conn.execute(query).scalar_one())
+
+    def running(self, schedule_uid: str, *, limit: int = 100) -> list[ExecutionRecord]:
+        """The RUNNING attempts of a schedule UID (in flight, holding their grants), oldest
+        first."""
+        _check_page_limit(limit)
+        t = _EXECUTIONS
+        query = (
+            sa.select(*_execution_columns(False))
+            # A literal, not a parameter: the planner must see it to use the partial index.
+            .where(
+                t.c.schedule_uid == schedule_uid,
+                t.c.status == sa.literal_column("'RUNNING'"),
+            )
+            .order_by(t.c.started_at, t.c.id)
+            .limit(limit)
+        )
+        with self._begin(f"list running executions of schedule UID {schedule_uid}") as conn:
+            return [_record(row) for row in conn.execute(query)]
 
     def stuck_running(self, older_than: timedelta, *, limit: int = 500) -> list[ExecutionRecord]:
         """RUNNING executions started more than ``older_than`` ago, oldest first (for the reaper,
@@ -1204,10 +1579,19 @@ class History:
 
     @staticmethod
     def _schedule_range(
-        namespace: str, schedule_name: str, since: datetime | None, until: datetime | None
+        namespace: str,
+        schedule_name: str,
+        since: datetime | None,
+        until: datetime | None,
+        schedule_uid: str | None = None,
     ) -> list[sa.ColumnElement[bool]]:
         t = _EXECUTIONS
-        where = [t.c.namespace == namespace, t.c.schedule_name == schedule_name]
+        # A UID names one incarnation on its own (and leads its index); names are for people.
+        where = (
+            [t.c.namespace == namespace, t.c.schedule_name == schedule_name]
+            if schedule_uid is None
+            else [t.c.schedule_uid == schedule_uid]
+        )
         if since is not None:
             where.append(t.c.started_at >= _aware("since", since))
         if until is not None:

@@ -14,7 +14,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from agent_runner.history import (
+from integration.postgres import PostgresServer
+from nocturne_operator.storage.history import (
     ERROR_LIMIT_BYTES,
     OUTPUT_LIMIT_BYTES,
     STATE_LIMIT_BYTES,
@@ -32,7 +33,6 @@ from agent_runner.history import (
     redact_url,
     upgrade,
 )
-from integration.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration
 

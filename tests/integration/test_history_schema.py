@@ -8,6 +8,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -17,9 +18,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 
-from agent_runner.history import MIGRATIONS_DIR, Base, History, upgrade
 from integration.postgres import PostgresServer
 from nocturne_operator.outbox import NOTIFICATIONS
+from nocturne_operator.storage.history import (
+    MIGRATIONS_DIR,
+    Base,
+    Caps,
+    ExecutionKey,
+    History,
+    upgrade,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -156,6 +164,13 @@ def test_migrated_catalog_equals_the_models_catalog(
         "USING btree (started_at) WHERE (status = 'RUNNING'::text)"
     )
     assert indexes["uq_schedule_executions_job_uid_pod_uid"].endswith("(job_uid, pod_uid)")
+    assert indexes["ix_schedule_executions_uid_started"] == (
+        "CREATE INDEX ix_schedule_executions_uid_started ON schedule_executions USING btree "
+        "(schedule_uid, started_at DESC, id DESC) INCLUDE (cost_usd, status, granted_usd)"
+    )
+    assert indexes["ix_schedule_executions_uid_running"].endswith(
+        "USING btree (schedule_uid, started_at, id) WHERE (status = 'RUNNING'::text)"
+    )
     assert from_migration["statistics"] == [
         (
             "st_schedule_executions_schedule",
@@ -163,8 +178,13 @@ def test_migrated_catalog_equals_the_models_catalog(
             "ON namespace, schedule_name FROM schedule_executions",
         )
     ]
-    money = [row for row in from_migration["columns"] if row[1] == "cost_usd"]
-    assert money == [("schedule_executions", "cost_usd", "numeric(14,6)", True, "0", "")]
+    money = [row for row in from_migration["columns"] if row[1] in ("cost_usd", "granted_usd")]
+    assert money == [
+        ("schedule_executions", "cost_usd", "numeric(14,6)", True, "0", ""),
+        ("schedule_executions", "granted_usd", "numeric(14,6)", False, None, ""),
+    ]
+    checks = {name: text for _, name, kind, text in from_migration["constraints"] if kind == "c"}
+    assert checks["ck_schedule_executions_granted_usd"] == "CHECK ((granted_usd >= (0)::numeric))"
 
 
 def test_downgrade_removes_everything_and_upgrade_restores_it(
@@ -206,7 +226,7 @@ def test_concurrent_upgrades_are_serialised(
     engine = sa.create_engine(url, poolclass=sa.NullPool)
     with engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
-        assert list(versions) == ["0002"]
+        assert list(versions) == ["0003"]
         # The lock is released: nobody holds an advisory lock afterwards.
         held = conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
         assert held.scalar_one() == 0
@@ -223,8 +243,8 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def loaded(postgres: PostgresServer) -> Iterator[History]:
-    """20k executions over 8 schedules in 2 namespaces (~97 days, 7 min apart), vacuumed and
-    analysed."""
+    """20k executions over 8 schedules in 2 namespaces (~97 days, 7 min apart), 20 of each
+    schedule RUNNING, vacuumed and analysed."""
     schema = f"x_{uuid.uuid4().hex[:12]}"
     admin = sa.create_engine(postgres.url, poolclass=sa.NullPool)
     with admin.begin() as conn:
@@ -242,16 +262,17 @@ def loaded(postgres: PostgresServer) -> Iterator[History]:
                 INSERT INTO schedule_executions
                     (namespace, schedule_name, schedule_uid, job_name, job_uid, pod_uid, attempt,
                      status, started_at, completed_at, cost_usd, input_tokens, output_tokens,
-                     model, provider, output)
+                     model, provider, output, granted_usd)
                 SELECT 'ns-' || (g % 2), 'sched-' || (g % :schedules), 'suid-' || (g % :schedules),
                        'job-' || g, 'juid-' || (g / 2), 'puid-' || g, g % 2,
-                       CASE WHEN g % 1000 = 0 THEN 'RUNNING'
+                       CASE WHEN g % 1000 < :schedules THEN 'RUNNING'
                             WHEN g % 7 = 0 THEN 'FAILED' ELSE 'SUCCEEDED' END,
                        :t0 + g * interval '7 minutes',
-                       CASE WHEN g % 1000 = 0 THEN NULL
+                       CASE WHEN g % 1000 < :schedules THEN NULL
                             ELSE :t0 + g * interval '7 minutes' + interval '1 minute' END,
                        (g % 97) / 1000.0, 1000 + g % 500, 200 + g % 50,
-                       'gpt-4o-mini', 'openai', repeat('output ', 20)
+                       'gpt-4o-mini', 'openai', repeat('output ', 20),
+                       CASE WHEN g % 3 = 0 THEN 0.1 END
                 FROM generate_series(1, :rows) AS g
                 """
             ),
@@ -266,8 +287,13 @@ def loaded(postgres: PostgresServer) -> Iterator[History]:
     admin.dispose()
 
 
-def explain(history: History, call: Callable[[History], object]) -> dict[str, Any]:
-    """The plan of the last statement ``call`` sent, with the parameters it sent."""
+def explain(
+    history: History,
+    call: Callable[[History], object],
+    pick: Callable[[str], bool] = lambda _: True,
+) -> dict[str, Any]:
+    """The plan of the last statement ``call`` sent (of those ``pick`` accepts), with the
+    parameters it sent."""
     sent: list[tuple[str, Any]] = []
 
     def capture(*args: Any) -> None:
@@ -278,7 +304,7 @@ def explain(history: History, call: Callable[[History], object]) -> dict[str, An
         call(history)
     finally:
         sa.event.remove(history.engine, "before_cursor_execute", capture)
-    statement, parameters = sent[-1]
+    statement, parameters = [item for item in sent if pick(item[0])][-1]
     with history.engine.connect() as conn:
         result = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {statement}", parameters)
         document = result.scalar_one()
@@ -354,6 +380,12 @@ ACCESS_CASES: list[tuple[str, Callable[[History], object], str, bool]] = [
         False,
     ),
     (
+        "total cost of one incarnation (schedule UID)",
+        lambda h: h.total_cost("ns-0", "sched-4", schedule_uid="suid-4"),
+        "ix_schedule_executions_uid_started",
+        False,
+    ),
+    (
         "stuck RUNNING rows",
         lambda h: h.stuck_running(timedelta(hours=1)),
         "ix_schedule_executions_running",
@@ -387,6 +419,77 @@ def test_cost_query_is_index_only(loaded: History) -> None:
     plan = explain(loaded, lambda h: h.cost("ns-1", "sched-3", by="week", tz="UTC"))
     scans = [node["Node Type"] for node in nodes(plan) if "Relation Name" in node]
     assert scans == ["Index Only Scan"], plan
+
+
+def test_uid_cost_and_the_reservation_sums_are_index_only(loaded: History) -> None:
+    """A reservation sums a schedule UID's committed spend (cost, or grant while RUNNING, this
+    month and ever) from the UID index alone, under its lock: it must stay cheap."""
+    plan = explain(loaded, lambda h: h.total_cost("ns-1", "sched-3", schedule_uid="suid-3"))
+    scans = [(n["Node Type"], n["Index Name"]) for n in nodes(plan) if "Relation Name" in n]
+    assert scans == [("Index Only Scan", "ix_schedule_executions_uid_started")], plan
+
+    def reserve(h: History) -> object:
+        key = ExecutionKey(
+            "ns-1", "sched-3", "suid-3", "job-x", f"juid-{uuid.uuid4()}", "puid-x", 0
+        )
+        caps = Caps(Decimal(1), total=Decimal(10_000), monthly=Decimal(500), month_start=SINCE)
+        return h.reserve(key, model="m", provider="offline", started_at=UNTIL, caps=caps)
+
+    def schedule_sum(statement: str) -> bool:
+        return "sum(" in statement and "schedule_executions.schedule_uid =" in statement
+
+    plan = explain(loaded, reserve, schedule_sum)
+    scans = [(n["Node Type"], n["Index Name"]) for n in nodes(plan) if "Relation Name" in n]
+    assert scans == [("Index Only Scan", "ix_schedule_executions_uid_started")], plan
+
+
+def test_run_stats_of_one_incarnation_reads_the_uid_index(loaded: History) -> None:
+    # Every attempt of the schedule is ranked per Job: a bitmap scan of the UID index is fine.
+    plan = explain(loaded, lambda h: h.run_stats("ns-1", "sched-3", schedule_uid="suid-3"))
+    used = {n["Index Name"] for n in nodes(plan) if "Index Name" in n}
+    assert used == {"ix_schedule_executions_uid_started"}, plan
+    assert "Seq Scan" not in {n["Node Type"] for n in nodes(plan)}, plan
+
+
+def test_running_attempts_of_a_schedule_uid_read_its_partial_index(loaded: History) -> None:
+    """With many schedules in flight (here 2000 RUNNING rows of others, rolled back), the
+    in-flight attempts of one schedule come from its own slice of the small partial index."""
+    sent: list[tuple[str, Any]] = []
+
+    def capture(*args: Any) -> None:
+        sent.append((args[2], args[3]))
+
+    sa.event.listen(loaded.engine, "before_cursor_execute", capture)
+    try:
+        running = loaded.running("suid-3")
+    finally:
+        sa.event.remove(loaded.engine, "before_cursor_execute", capture)
+    assert {r.schedule_uid for r in running} == {"suid-3"}
+    assert len(running) >= ROWS // 1000  # and what other tests reserved
+    statement, parameters = sent[-1]
+    with loaded.engine.connect() as conn:
+        conn.execute(
+            sa.text(
+                """
+                INSERT INTO schedule_executions
+                    (namespace, schedule_name, schedule_uid, job_name, job_uid, pod_uid, attempt,
+                     status, started_at, model, provider, granted_usd)
+                SELECT 'ns-9', 'busy-' || g, 'busy-uid-' || g, 'job-' || g, 'busy-juid-' || g,
+                       'busy-puid-' || g, 0, 'RUNNING', :t0 + g * interval '1 second', 'm', 'o', 1
+                FROM generate_series(1, 2000) AS g
+                """
+            ),
+            {"t0": T0},
+        )
+        conn.execute(sa.text("ANALYZE schedule_executions"))
+        document = conn.exec_driver_sql(
+            f"EXPLAIN (FORMAT JSON) {statement}", parameters
+        ).scalar_one()
+        conn.rollback()
+    plan = (json.loads(document) if isinstance(document, str) else document)[0]["Plan"]
+    scans = [n for n in nodes(plan) if n.get("Relation Name") == "schedule_executions"]
+    assert [n["Index Name"] for n in scans] == ["ix_schedule_executions_uid_running"], plan
+    assert not [n for n in nodes(plan) if "Sort" in n["Node Type"]], plan
 
 
 def test_next_page_seeks_instead_of_skipping(loaded: History) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent_runner.history import ExecutionKey, ExecutionStatus, History, upgrade
 from integration.postgres import PostgresServer
 from nocturne_operator.results import reap
+from nocturne_operator.storage.history import ExecutionKey, ExecutionStatus, History, upgrade
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
