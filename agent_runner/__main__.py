@@ -1,9 +1,13 @@
 """``nocturne-runner``: one agent run of one AgentSchedule, inside a Job's pod.
 
-Reads the task the operator rendered, runs the agent under its budget, records the attempt in
-PostgreSQL (RUNNING at start, cost while running, final status at the end), writes a small JSON
-summary to the termination log for the operator, and exits with a code ``podFailurePolicy`` reads.
-SIGTERM (deadline or deletion) records TIMED_OUT or CANCELLED with the cost so far.
+Reads the task snapshot its Job carries, asks the operator's run API for a budget grant, runs the
+agent within it (reporting the cost after every model call), reports the final record, writes a
+small JSON summary to the termination log (the operator's fallback record when the final report
+did not get through), and exits with a code ``podFailurePolicy`` reads.
+
+No grant, no spend: without one (409, or the run API unreachable) no provider is called.
+SIGTERM (deadline or deletion) reports TIMED_OUT or CANCELLED with the cost so far.
+The runner holds no database credentials and no Kubernetes token (DESIGN.md §1).
 """
 
 from __future__ import annotations
@@ -12,40 +16,55 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
+
+from pydantic import ValidationError
 
 from agent_runner import exitcodes
 from agent_runner.agent import RunResult, run_agent
-from agent_runner.budget import Budget, per_run_limit
-from agent_runner.config import ConfigError, RunnerEnv, TaskDocument, load_env, load_task
-from agent_runner.history import (
-    ExecutionKey,
-    ExecutionStatus,
-    History,
-    HistoryError,
-    PriorSpend,
-    month_start,
+from agent_runner.budget import Budget
+from agent_runner.config import ConfigError, RunnerEnv, TaskDocument, load_env, parse_task
+from agent_runner.contract import (
+    FinalStatus,
+    FinishReport,
+    Grant,
+    ProgressReport,
+    RunRef,
+    StartRequest,
+    describe_validation_error,
+    quantize_usd,
 )
-from agent_runner.prices import load_price_table
 from agent_runner.providers import make_provider
+from agent_runner.runapi import (
+    NoGrantError,
+    RunApiClient,
+    RunApiError,
+    RunApiRefusedError,
+)
 from agent_runner.summary import Summary, write_termination_message
 from agent_runner.tools import build_tools
 
 log = logging.getLogger("nocturne.runner")
-T = TypeVar("T")
 
-# Leave time to record the result before the Job's deadline kills the pod.
+# Leave time to report the result before the Job's deadline kills the pod.
 _DEADLINE_MARGIN = timedelta(seconds=10)
-_STATUS = {
-    "succeeded": ExecutionStatus.SUCCEEDED,
-    "failed": ExecutionStatus.FAILED,
-    "budget_exceeded": ExecutionStatus.BUDGET_EXCEEDED,
-    "timed_out": ExecutionStatus.TIMED_OUT,
+# The final report may take most of that margin (its retries included) ...
+_FINISH_DEADLINE = 8.0
+# ... but after SIGTERM the kubelet's grace period is running: one quick try, then the summary.
+_TERMINATED_FINISH_DEADLINE = 2.0
+# Progress is best effort and must not eat the run's time.
+_PROGRESS_DEADLINE = 3.0
+_OUTPUT_MAX_CHARS = 4 * 1024 * 1024  # FinishReport.output
+_ERROR_MAX_CHARS = 256 * 1024  # FinishReport.error
+_STATUS: dict[str, FinalStatus] = {
+    "succeeded": "SUCCEEDED",
+    "failed": "FAILED",
+    "budget_exceeded": "BUDGET_EXCEEDED",
+    "timed_out": "TIMED_OUT",
 }
 
 
@@ -55,14 +74,15 @@ class Terminated(BaseException):
 
 @dataclass
 class Attempt:
-    """What this attempt has recorded so far (for the summary and the SIGTERM path)."""
+    """What this attempt knows so far (for the reports, the summary and the SIGTERM path)."""
 
     env: RunnerEnv | None = None
     task: TaskDocument | None = None
-    history: History | None = None
-    execution_id: int | None = None
+    client: RunApiClient | None = None
+    run: RunRef | None = None
+    grant: Grant | None = None
     budget: Budget | None = None
-    attempt: int | None = None
+    model_calls: int = 0
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started_monotonic: float = field(default_factory=time.monotonic)
 
@@ -70,6 +90,8 @@ class Attempt:
 def main() -> int:
     """Run one attempt and return the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # httpx logs every request at INFO; the runner logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _on_sigterm)
     state = Attempt()
     try:
@@ -78,8 +100,16 @@ def main() -> int:
         return _terminated(state)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - no traceback for bad config
-        _finish_failed(state, ExecutionStatus.FAILED, f"configuration error: {exc}")
+        _finish_failed(state, "FAILED", f"configuration error: {exc}")
         return exitcodes.CONFIG_ERROR
+    except Exception as exc:
+        # A bug: still release the grant and leave a record, then let the Job retry.
+        log.exception("the runner failed")
+        _finish_failed(state, "FAILED", f"runner error: {type(exc).__name__}: {exc}")
+        return exitcodes.TRANSIENT
+    finally:
+        if state.client is not None:
+            state.client.close()
 
 
 def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
@@ -88,62 +118,30 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def _run(state: Attempt) -> int:
     env = state.env = load_env()
-    task = state.task = load_task(env.task_file)
-    price = load_price_table(env.price_table).lookup(task.agent.provider, task.agent.model)
+    task = state.task = parse_task(env.task)
+    run = state.run = _run_ref(env, task)
+    # Everything that can be refused for configuration is checked before the grant: a run that
+    # cannot start must not hold a reservation.
+    tools = build_tools(task.agent, allow_private=env.web_fetch_allow_private)
     provider = make_provider(task.agent, api_key=env.llm_api_key)
     try:
-        state.history = _connect(env)
-        schedule = task.schedule
-        monthly = task.budget.max_monthly_usd is not None
-        prior = _db(
-            state,
-            "read the earlier spend",
-            None,
-            lambda h: h.prior_spend(
-                schedule.namespace,
-                schedule.name,
-                env.job_uid,
-                env.pod_uid,
-                month_start=month_start(state.started_at, task.time_zone) if monthly else None,
-            ),
+        try:
+            client = state.client = RunApiClient(env.run_api_url, env.run_api_ca, env.token_file)
+            grant = state.grant = client.start(StartRequest(run=run, started_at=state.started_at))
+        except RunApiError as exc:
+            return _no_grant(state, exc)
+        log.info(
+            "budget grant: execution %s, attempt %s, %s USD",
+            grant.execution_id,
+            grant.attempt,
+            grant.limit_usd,
         )
-        if prior is None:
-            prior = PriorSpend(Decimal(0), Decimal(0), None, attempts=0)
-        else:
-            state.attempt = prior.attempts
-        budget = state.budget = Budget(
-            # per_run_limit ignores what a cap the task does not set would count.
-            per_run_limit(
-                task.budget,
-                spent_by_other_jobs=prior.other_jobs,
-                spent_this_month_by_other_jobs=max(
-                    Decimal(0), prior.other_jobs_since_month_start or Decimal(0)
-                ),
-            ),
-            price,
-            spent_before=prior.this_job_other_attempts,
-        )
-        if state.attempt is not None:
-            attempt = state.attempt
-            state.execution_id = _db(
-                state,
-                "record the start",
-                None,
-                lambda h: h.start(
-                    _key(env, task, attempt),
-                    model=task.agent.model,
-                    provider=task.agent.provider,
-                    started_at=state.started_at,
-                ),
-            )
+        # The grant already nets out this Job's earlier attempts and every other reservation.
+        budget = state.budget = Budget(grant.limit_usd, grant.price)
         # Written at once: if the pod dies before the end, the operator still learns our row.
         _write_summary(state, "RUNNING")
-        saved = _db(
-            state,
-            "load the previous state",
-            None,
-            lambda h: h.load_state(schedule.namespace, schedule.name, task.task.state_key or ""),
-        )
+        previous = grant.previous
+        previous_state = previous.state if previous is not None else None
         if budget.remaining <= 0:
             result = _no_budget_left()
         else:
@@ -151,12 +149,12 @@ def _run(state: Attempt) -> int:
                 task,
                 provider=provider,
                 budget=budget,
-                tools=build_tools(task.agent, allow_private=env.web_fetch_allow_private),
+                tools=tools,
                 deadline=state.started_monotonic
                 + task.timeout_seconds
                 - _DEADLINE_MARGIN.total_seconds(),
-                previous_state=saved.state if saved else None,
-                previous_output=saved.output if saved else None,
+                previous_state=previous_state if isinstance(previous_state, dict) else None,
+                previous_output=previous.output if previous is not None else None,
                 on_usage=lambda cost, i, o: _progress(state, cost, i, o),
             )
     finally:
@@ -165,32 +163,33 @@ def _run(state: Attempt) -> int:
     return result.exit_code
 
 
-def _db(state: Attempt, what: str, default: T, call: Callable[[History], T]) -> T:
-    """Best effort: on the first database failure the run goes on without history and reports
-    through its termination summary; the operator writes the row once the database is back."""
-    if state.history is None:
-        return default
+def _run_ref(env: RunnerEnv, task: TaskDocument) -> RunRef:
     try:
-        return call(state.history)
-    except HistoryError as exc:
-        log.warning(
-            "history unavailable (%s); the run continues and reports through its "
-            "termination summary: %s",
-            what,
-            exc,
+        return RunRef(
+            namespace=task.schedule.namespace,
+            schedule=task.schedule.name,
+            schedule_uid=task.schedule.uid,
+            job_uid=env.job_uid,
+            pod_uid=env.pod_uid,
         )
-        state.history.close()
-        state.history = None
-        return default
+    except ValidationError as exc:
+        raise ConfigError(f"run reference: {describe_validation_error(exc)}") from None
 
 
-def _connect(env: RunnerEnv) -> History | None:
-    """The history store (connections open lazily), or None when its URL is unusable."""
-    try:
-        return History.connect(env.database_url.get_secret_value())
-    except HistoryError as exc:
-        log.warning("history unavailable, running without it: %s", exc)
-        return None
+def _no_grant(state: Attempt, exc: RunApiError) -> int:
+    """No grant, no spend: say why in the summary and exit without calling the provider."""
+    if isinstance(exc, NoGrantError):
+        status, code = "BUDGET_EXCEEDED", exitcodes.BUDGET_EXHAUSTED
+        error = f"no budget grant: {exc.reason}: {exc.message}"
+    elif isinstance(exc, RunApiRefusedError):
+        status, code = "FAILED", exitcodes.CONFIG_ERROR
+        error = f"no budget grant: run API refused: {exc}"
+    else:  # RunApiUnavailableError: the Job retries within backoffLimit, spending nothing
+        status, code = "FAILED", exitcodes.TRANSIENT
+        error = f"no budget grant: run API unavailable: {exc}"
+    log.error("%s; nothing was spent", error)
+    _write_summary(state, status, error=error)
+    return code
 
 
 def _no_budget_left() -> RunResult:
@@ -204,75 +203,70 @@ def _no_budget_left() -> RunResult:
         input_tokens=0,
         output_tokens=0,
         steps=0,
-        error="no budget left for this run",
+        error="no budget left for this run (the grant is 0 USD)",
         exit_code=exitcodes.BUDGET_EXHAUSTED,
     )
 
 
-def _key(env: RunnerEnv, task: TaskDocument, attempt: int) -> ExecutionKey:
-    return ExecutionKey(
-        namespace=task.schedule.namespace,
-        schedule_name=task.schedule.name,
-        schedule_uid=task.schedule.uid,
-        job_name=env.job_name,
-        job_uid=env.job_uid,
-        pod_uid=env.pod_uid,
-        attempt=attempt,
-        manual_request=env.manual_request,
-    )
-
-
 def _progress(state: Attempt, cost: Decimal, input_tokens: int, output_tokens: int) -> None:
-    execution_id = state.execution_id
-    if execution_id is not None:
-        _db(
-            state,
-            "record progress",
-            None,
-            lambda h: h.record_progress(
-                execution_id, cost_usd=cost, input_tokens=input_tokens, output_tokens=output_tokens
+    """Best effort: the grant is reserved already, so a lost report costs only freshness."""
+    state.model_calls += 1
+    if state.client is None or state.run is None or state.grant is None:
+        return
+    try:
+        state.client.progress(
+            ProgressReport(
+                run=state.run,
+                execution_id=state.grant.execution_id,
+                cost_usd=quantize_usd(cost),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                steps=min(state.model_calls, 10_000),
             ),
+            deadline=_PROGRESS_DEADLINE,
         )
+    except RunApiError as exc:
+        log.warning("progress report not delivered; the run goes on: %s", exc)
+
+
+def _finish(state: Attempt, deadline: float, /, **fields: Any) -> bool:
+    """Send the final report; True if the operator recorded it."""
+    if state.client is None or state.run is None or state.grant is None:
+        return False
+    try:
+        report = FinishReport(
+            run=state.run,
+            execution_id=state.grant.execution_id,
+            completed_at=datetime.now(UTC),
+            **fields,
+        )
+        state.client.finish(report, deadline=deadline)
+    except (RunApiError, ValidationError) as exc:
+        log.warning("final report not delivered; the termination summary is the fallback: %s", exc)
+        return False
+    return True
 
 
 def _record(state: Attempt, result: RunResult) -> None:
     status = _STATUS[result.status]
-    written = False
-    history, task = state.history, state.task
-    if history is not None and state.execution_id is not None and task is not None:
-        try:
-            history.finish(
-                state.execution_id,
-                status=status,
-                completed_at=datetime.now(UTC),
-                cost_usd=result.cost,
-                input_tokens=result.input_tokens,
-                output_tokens=result.output_tokens,
-                output=result.output,
-                error=result.error,
-                alert=result.alert,
-                alert_reason=result.alert_reason,
-                metadata={
-                    "steps": result.steps,
-                    "refusals": [r.as_dict() for r in result.refusals],
-                },
-            )
-            if status is ExecutionStatus.SUCCEEDED and result.state is not None:
-                history.save_state(
-                    task.schedule.namespace,
-                    task.schedule.name,
-                    task.task.state_key or "",
-                    state=result.state,
-                    output=result.output,
-                    execution_id=state.execution_id,
-                )
-            written = True
-        except HistoryError as exc:
-            log.warning("could not record the result in history: %s", exc)
-    _write_summary(state, status.value, result=result, history_written=written)
+    written = _finish(
+        state,
+        _FINISH_DEADLINE,
+        status=status,
+        cost_usd=quantize_usd(result.cost),
+        input_tokens=result.input_tokens,
+        output_tokens=result.output_tokens,
+        output=_clip(result.output, _OUTPUT_MAX_CHARS),
+        error=_clip(result.error, _ERROR_MAX_CHARS),
+        alert=result.alert,
+        alert_reason=_clip(result.alert_reason, 4096),
+        metadata={"steps": result.steps, "refusals": [r.as_dict() for r in result.refusals]},
+        state=result.state if status == "SUCCEEDED" else None,
+    )
+    _write_summary(state, status, result=result, history_written=written)
     log.info(
         "run %s: cost %s USD, %s+%s tokens, %s steps",
-        status.value,
+        status,
         result.cost,
         result.input_tokens,
         result.output_tokens,
@@ -282,35 +276,51 @@ def _record(state: Attempt, result: RunResult) -> None:
 
 def _terminated(state: Attempt) -> int:
     """SIGTERM: TIMED_OUT when the run's time is up, else CANCELLED; keep the cost so far."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one report, even if a second TERM comes
     task = state.task
     elapsed = time.monotonic() - state.started_monotonic
     timed_out = task is not None and elapsed >= task.timeout_seconds - 2 * _DEADLINE_MARGIN.seconds
-    status = ExecutionStatus.TIMED_OUT if timed_out else ExecutionStatus.CANCELLED
+    status: FinalStatus = "TIMED_OUT" if timed_out else "CANCELLED"
     _finish_failed(
-        state, status, "terminated by SIGTERM" + (" at the deadline" if timed_out else "")
+        state,
+        status,
+        "terminated by SIGTERM" + (" at the deadline" if timed_out else ""),
+        deadline=_TERMINATED_FINISH_DEADLINE,
     )
     return 128 + signal.SIGTERM
 
 
-def _finish_failed(state: Attempt, status: ExecutionStatus, error: str) -> None:
+def _finish_failed(
+    state: Attempt, status: FinalStatus, error: str, *, deadline: float = _FINISH_DEADLINE
+) -> None:
+    """Report an attempt that ended without a result, at its worst-case cost so far (the
+    provider may bill a call that was in flight)."""
     budget = state.budget
-    cost = budget.committed if budget is not None else Decimal(0)
-    written = False
-    if state.history is not None and state.execution_id is not None:
-        try:
-            state.history.finish(
-                state.execution_id,
-                status=status,
-                completed_at=datetime.now(UTC),
-                cost_usd=cost,
-                input_tokens=0,
-                output_tokens=0,
-                error=error,
-            )
-            written = True
-        except HistoryError as exc:
-            log.warning("could not record the %s result: %s", status.value, exc)
-    _write_summary(state, status.value, cost=cost, error=error, history_written=written)
+    cost = quantize_usd(budget.committed) if budget is not None else Decimal(0)
+    tokens = (budget.input_tokens, budget.output_tokens) if budget is not None else (0, 0)
+    written = _finish(
+        state,
+        deadline,
+        status=status,
+        cost_usd=cost,
+        input_tokens=tokens[0],
+        output_tokens=tokens[1],
+        error=_clip(error, _ERROR_MAX_CHARS),
+    )
+    _write_summary(
+        state,
+        status,
+        cost=cost,
+        tokens=tokens,
+        error=error,
+        history_written=written,
+    )
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - 1] + "…"
 
 
 def _write_summary(
@@ -319,14 +329,18 @@ def _write_summary(
     *,
     result: RunResult | None = None,
     cost: Decimal | None = None,
+    tokens: tuple[int, int] = (0, 0),
     error: str | None = None,
     history_written: bool = False,
 ) -> None:
+    grant = state.grant
     fields: dict[str, Any] = {
-        "executionId": state.execution_id,
+        "executionId": grant.execution_id if grant is not None else None,
         "status": status,
         "costUSD": result.cost if result else (cost or Decimal(0)),
-        "attempt": state.attempt,
+        "inputTokens": tokens[0],
+        "outputTokens": tokens[1],
+        "attempt": grant.attempt if grant is not None else None,
         "startedAt": state.started_at,
         "historyWritten": history_written,
     }
@@ -345,12 +359,11 @@ def _write_summary(
         )
     elif error is not None:
         fields["error"] = error
-    path = state.env.termination_log if state.env is not None else None
     summary = Summary.model_validate(fields)
-    if path is None:
+    if state.env is None:
         write_termination_message(summary)
     else:
-        write_termination_message(summary, path)
+        write_termination_message(summary, state.env.termination_log)
 
 
 if __name__ == "__main__":

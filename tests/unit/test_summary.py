@@ -13,6 +13,7 @@ from typing import Any, get_args
 import pytest
 from pydantic import ValidationError
 
+from agent_runner.contract import RunStatus
 from agent_runner.summary import (
     MESSAGE_LIMIT_BYTES,
     Status,
@@ -117,8 +118,9 @@ def test_times_are_written_in_utc() -> None:
     assert json.loads(summary.to_message())["startedAt"] == "2026-11-27T00:00:00Z"
 
 
-def test_statuses_are_the_history_statuses() -> None:
+def test_statuses_are_the_history_and_run_api_statuses() -> None:
     assert set(get_args(Status)) == {s.value for s in ExecutionStatus}
+    assert set(get_args(Status)) == set(get_args(RunStatus))
 
 
 # ---- bounded size ------------------------------------------------------------------------------
