@@ -24,7 +24,7 @@ from nocturne_operator.settings import Settings
 NOW = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
 
-def sans(tls: RunApiTls) -> tuple[list[str], list[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+def sans(tls: RunApiTls) -> tuple[list[str], list[Any]]:
     ext = tls.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return ext.get_values_for_type(x509.DNSName), ext.get_values_for_type(x509.IPAddress)
 
