@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo
 import yaml
 from kubernetes import config
 
-from agent_runner import history
 from nocturne_operator import cron, reports
 from nocturne_operator.api import API_VERSION, KIND
 from nocturne_operator.errors import SettingsError
@@ -29,6 +28,7 @@ from nocturne_operator.reconcile import (
     ANNOTATION_SUSPEND_REASON,
 )
 from nocturne_operator.settings import Settings, load_settings
+from nocturne_operator.storage import history
 from nocturne_operator.validation import validate
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2

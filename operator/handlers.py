@@ -19,7 +19,11 @@ from nocturne_operator import metrics, notices, notify, outbox, results
 from nocturne_operator import reconcile as rec
 from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
 from nocturne_operator.kube import FIELD_MANAGER, Kube
-from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY
+from nocturne_operator.prices import load_price_table
+from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY, RunApiEndpoint
+from nocturne_operator.runapi.auth import Authenticator
+from nocturne_operator.runapi.server import make_app, serve
+from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.storage.history import (
     EventKind,
@@ -60,8 +64,8 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     memo["shared"] = {}
     memo["jobs"] = _JobLedger()
     metrics.serve(SETTINGS.metrics_port)
-    prices = SETTINGS.price_table_file
-    memo["prices"] = prices.read_text() if prices is not None else None
+    # The price table lives only here: each run's grant carries its model's price.
+    memo["prices"] = load_price_table(SETTINGS.price_table_file)
     memo["notifier"] = _notifier(memo) if SETTINGS.notifications_enabled else None
 
 
@@ -233,6 +237,30 @@ def _last_writer(meta: Mapping[str, Any]) -> str | None:
         return None
     latest = max(entries, key=lambda e: e.get("time") or "")
     return str(latest["manager"])
+
+
+@kopf.on.startup()
+async def start_run_api(*, memo: Any, **_: Any) -> None:
+    """Serve the run API (every replica does): runner pods get their budget grants here and
+    report progress and results. Its CA is the operator's own, kept in a Secret."""
+    kube: Kube = memo["kube"]
+    tls = await asyncio.to_thread(RunApiTls.load_or_create, kube, SETTINGS)
+    memo["run_api"] = RunApiEndpoint(SETTINGS.run_api_url, tls.ca_pem)
+    app = make_app(
+        authenticator=Authenticator(kube),
+        history=memo["history"],
+        prices=memo["prices"],
+        settings=SETTINGS,
+    )
+    memo["run_api_server"] = await serve(app, SETTINGS, tls)
+
+
+@kopf.on.cleanup()
+async def stop_run_api(*, memo: Any, **_: Any) -> None:
+    """Stop listening; reports in flight finish first (aiohttp's graceful shutdown)."""
+    server = memo.get("run_api_server")
+    if server is not None:
+        await server.cleanup()
 
 
 # Not a @kopf.timer: kopf puts a finalizer on every object a timer serves, so deleting a
@@ -530,6 +558,8 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             stats = history.run_stats(
                 meta["namespace"],
                 meta["name"],
+                # A re-created schedule is a new one: its streak and totals start clean.
+                schedule_uid=meta["uid"],
                 failures_since=since,
                 month_start=_month_start(body, now),
             )
@@ -568,7 +598,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
                 events=post,
                 peers=peers,
                 stats=stats,
-                prices=memo["prices"],
+                run_api=memo["run_api"],
                 notices=notice,
                 now=now,
             )
