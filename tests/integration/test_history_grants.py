@@ -1,0 +1,477 @@
+"""Central budget reservations (``History.reserve``) against a real PostgreSQL: what each cap
+leaves, replays, refusals recorded as BUDGET_EXCEEDED, retries sharing the per-run cap, the month
+boundary in the schedule's zone, re-created schedules, overruns, and concurrent reservations that
+never overspend."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from integration.postgres import PostgresServer
+from nocturne_operator.results import reap
+from nocturne_operator.storage.history import (
+    Caps,
+    ExecutionKey,
+    ExecutionStatus,
+    GrantRecord,
+    History,
+    HistoryError,
+    month_start,
+    upgrade,
+)
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+MONTH = month_start(T0, "UTC")
+D = Decimal
+
+
+@pytest.fixture
+def url(postgres: PostgresServer) -> str:
+    url = postgres.fresh_schema(f"grants_{uuid.uuid4().hex[:8]}")
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def history(url: str) -> Iterator[History]:
+    with History.connect(url) as store:
+        yield store
+
+
+def key(job: str, pod: str = "0", *, uid: str = "uid-news", name: str = "news") -> ExecutionKey:
+    return ExecutionKey("ns", name, uid, f"{name}-{job}", f"job-{uid}-{job}", f"pod-{pod}", 0)
+
+
+def reserve(
+    history: History,
+    job: str,
+    pod: str = "0",
+    *,
+    caps: Caps,
+    at: datetime = T0,
+    uid: str = "uid-news",
+    name: str = "news",
+) -> GrantRecord:
+    return history.reserve(
+        key(job, pod, uid=uid, name=name),
+        model="gpt-4o-mini",
+        provider="openai",
+        started_at=at,
+        caps=caps,
+    )
+
+
+def spend(
+    history: History,
+    grant: GrantRecord,
+    cost: str | Decimal,
+    status: ExecutionStatus = ExecutionStatus.SUCCEEDED,
+    **extra: Any,
+) -> ExecutionStatus:
+    return history.finish(
+        grant.execution_id,
+        status=status,
+        completed_at=T0 + timedelta(minutes=5),
+        cost_usd=D(cost),
+        input_tokens=10,
+        output_tokens=10,
+        **extra,
+    )
+
+
+def committed(history: History, uid: str = "uid-news", since: datetime | None = None) -> Decimal:
+    """What the schedule's rows hold of its budget, computed here independently of history.py."""
+    with history.engine.connect() as conn:
+        value = conn.execute(
+            sa.text(
+                """
+                SELECT coalesce(sum(CASE WHEN status = 'RUNNING'
+                                         THEN greatest(coalesce(granted_usd, cost_usd), cost_usd)
+                                         ELSE cost_usd END), 0)
+                FROM schedule_executions
+                WHERE schedule_uid = :uid AND started_at >= :since
+                """
+            ),
+            {"uid": uid, "since": since or datetime(1970, 1, 1, tzinfo=UTC)},
+        ).scalar_one()
+    return D(value)
+
+
+# ---- basics -------------------------------------------------------------------------------------
+
+
+def test_a_grant_is_what_the_caps_leave_and_the_attempt_is_recorded_running(
+    history: History,
+) -> None:
+    grant = reserve(
+        history, "a", caps=Caps(D("2.00"), total=D("60"), monthly=D(10), month_start=MONTH)
+    )
+    assert grant == GrantRecord(grant.execution_id, 0, D("2.00"), D(0), None, None, replay=False)
+    row = history.get(grant.execution_id)
+    assert row is not None
+    assert (row.status, row.granted_usd, row.cost_usd, row.attempt) == (
+        ExecutionStatus.RUNNING,
+        D("2.00"),
+        D(0),
+        0,
+    )
+    assert (row.model, row.provider, row.started_at, row.schedule_uid) == (
+        "gpt-4o-mini",
+        "openai",
+        T0,
+        "uid-news",
+    )
+    assert history.running("uid-news") == [row]
+    # The total and monthly caps bind when they leave less than the per-run cap.
+    spend(history, grant, "1.50")
+    assert reserve(history, "b", caps=Caps(D(2), total=D("2.25"))).limit == D("0.75")
+    assert reserve(history, "c", caps=Caps(D(2), monthly=D("2.50"), month_start=MONTH)).limit == D(
+        "0.25"
+    )  # b's grant of 0.75 is in flight
+
+
+def test_a_grant_is_rounded_down_to_the_micro_dollar(history: History) -> None:
+    assert reserve(history, "a", caps=Caps(D("0.1234569"))).limit == D("0.123456")
+    refused = reserve(history, "b", caps=Caps(D(1), total=D("0.1234565")))
+    assert (refused.limit, refused.refused) == (D(0), "TotalBudgetReached")
+
+
+def test_a_replay_returns_the_same_grant_and_changes_nothing(history: History) -> None:
+    caps = Caps(D("1.00"), total=D("5"))
+    first = reserve(history, "a", caps=caps)
+    history.record_progress(first.execution_id, cost_usd=D("0.3"), input_tokens=1, output_tokens=1)
+    # Even under other caps: the decision was made (a lost answer is retried).
+    again = reserve(history, "a", caps=Caps(D("0.01")))
+    assert again == GrantRecord(first.execution_id, 0, D("1.00"), D(0), None, None, replay=True)
+    assert len(history.for_job(key("a").job_uid)) == 1
+    row = history.get(first.execution_id)
+    assert row is not None
+    assert (row.status, row.cost_usd, row.granted_usd) == (ExecutionStatus.RUNNING, D("0.3"), D(1))
+
+    refused = reserve(history, "b", caps=Caps(D(0)))
+    replayed = reserve(history, "b", caps=Caps(D(9)))
+    assert replayed == GrantRecord(
+        refused.execution_id, 0, D(0), D(0), refused.refused, refused.message, replay=True
+    )
+    assert replayed.refused == "BudgetExhausted"
+
+
+def test_a_replay_of_another_schedules_attempt_is_refused(history: History) -> None:
+    reserve(history, "a", caps=Caps(D(1)))
+    other = ExecutionKey("ns", "news", "uid-other", "news-a", key("a").job_uid, "pod-0", 0)
+    with pytest.raises(
+        HistoryError, match=r"already belongs to execution \d+ of schedule UID uid-news"
+    ):
+        history.reserve(other, model="m", provider="offline", started_at=T0, caps=Caps(D(1)))
+    new_pod = ExecutionKey("ns", "news", "uid-other", "news-a", key("a").job_uid, "pod-9", 0)
+    with pytest.raises(HistoryError, match="another schedule UID"):
+        history.reserve(new_pod, model="m", provider="offline", started_at=T0, caps=Caps(D(1)))
+
+
+def test_caps_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"Caps\.month_start: required"):
+        Caps(D(1), monthly=D(5))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        Caps(D(1), monthly=D(5), month_start=datetime(2026, 11, 1))  # noqa: DTZ001
+    with pytest.raises(TypeError, match=r"Caps\.total: 1\.5 must be a Decimal"):
+        Caps(D(1), total=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Caps\.per_run: -1 must be a finite amount >= 0"):
+        Caps(D(-1))
+    with pytest.raises(ValueError, match=r"Caps\.monthly: NaN"):
+        Caps(D(1), monthly=D("NaN"), month_start=MONTH)
+
+
+# ---- refusals -----------------------------------------------------------------------------------
+
+
+def refusal_row(history: History, grant: GrantRecord) -> tuple[Any, ...]:
+    row = history.get(grant.execution_id)
+    assert row is not None
+    return (
+        row.status,
+        row.completed_at,
+        row.cost_usd,
+        row.granted_usd,
+        row.error,
+        row.metadata,
+    )
+
+
+def test_the_total_cap_counts_what_running_jobs_hold(history: History) -> None:
+    caps = Caps(D("0.50"), total=D("1.00"))
+    spend(history, reserve(history, "a", caps=caps), "0.48")
+    spend(history, reserve(history, "b", caps=caps), "0.50")
+    held = reserve(history, "c", caps=caps)  # running: its 0.02 is reserved, not spent
+    assert held.limit == D("0.02")
+    refused = reserve(history, "d", caps=caps)
+    message = "maxTotalUSD 1.00 reached: 0.98 spent and 0.02 reserved by running Jobs"
+    assert refused == GrantRecord(
+        refused.execution_id, 0, D(0), D(0), "TotalBudgetReached", message, replay=False
+    )
+    assert refusal_row(history, refused) == (
+        ExecutionStatus.BUDGET_EXCEEDED,
+        T0,
+        D(0),
+        D(0),
+        message,
+        {"refused": "TotalBudgetReached"},
+    )
+    # Refused attempts hold nothing; the running one spends less than it was granted.
+    spend(history, held, "0.01")
+    assert reserve(history, "e", caps=caps).limit == D("0.01")
+
+
+def test_the_monthly_cap_counts_the_month_in_the_schedules_zone(history: History) -> None:
+    """Tokyo's November starts at 2026-10-31T15:00Z; the caller says when the month started."""
+    tokyo = month_start(datetime(2026, 11, 20, tzinfo=UTC), "Asia/Tokyo")
+    assert tokyo == datetime(2026, 10, 31, 15, 0, tzinfo=UTC)
+    caps = Caps(D(5), monthly=D("1.00"), month_start=tokyo)
+    october = datetime(2026, 10, 31, 14, 59, tzinfo=UTC)  # 23:59 JST on 31 October
+    november = datetime(2026, 10, 31, 15, 0, tzinfo=UTC)  # 00:00 JST on 1 November
+    spend(history, reserve(history, "oct", caps=Caps(D(5)), at=october), "0.90")
+    spend(history, reserve(history, "nov", caps=caps, at=november), "0.30")
+    grant = reserve(history, "now", caps=caps, at=T0)
+    assert grant.limit == D("0.70")
+    refused = reserve(history, "late", caps=caps, at=T0)
+    assert (refused.refused, refused.message) == (
+        "MonthlyBudgetReached",
+        "maxMonthlyUSD 1.00 reached for the month from 2026-11-01T00:00:00+09:00: "
+        "0.30 spent and 0.70 reserved by running Jobs",
+    )
+    assert committed(history, since=tokyo) == D("1.00")
+    # In UTC both runs of 31 October fall in October: the caller's zone decides.
+    utc = Caps(D(5), monthly=D("1.00"), month_start=month_start(T0, "UTC"))
+    assert reserve(history, "utc", caps=utc).limit == D("0.30")
+
+
+def test_the_per_run_cap_is_shared_by_the_attempts_of_one_job(history: History) -> None:
+    caps = Caps(D("1.00"), total=D(10))
+    first = reserve(history, "a", "p0", caps=caps)
+    assert (first.attempt, first.limit, first.spent_before) == (0, D(1), D(0))
+    # While the first attempt runs, its whole grant counts against the Job.
+    early = reserve(history, "a", "p1", caps=caps)
+    assert (early.attempt, early.limit, early.spent_before, early.refused) == (
+        1,
+        D(0),
+        D(1),
+        "BudgetExhausted",
+    )
+    assert early.message == (
+        "maxPerRunUSD 1.00 reached: 0.00 spent and 1.00 reserved by the earlier attempts of "
+        "Job news-a"
+    )
+    spend(history, first, "0.60", ExecutionStatus.FAILED)
+    second = reserve(history, "a", "p2", caps=caps)
+    assert (second.attempt, second.limit, second.spent_before) == (2, D("0.40"), D("0.60"))
+    spend(history, second, "0.40", ExecutionStatus.FAILED)
+    third = reserve(history, "a", "p3", caps=caps)
+    assert (third.attempt, third.limit, third.refused) == (3, D(0), "BudgetExhausted")
+    # Another Job has its own per-run cap.
+    assert reserve(history, "b", caps=caps).limit == D(1)
+    # A replay of the second attempt still tells what was spent before it.
+    assert reserve(history, "a", "p2", caps=caps).spent_before == D("0.60")  # p1 was refused
+
+
+def test_the_first_cap_with_nothing_left_names_the_refusal(history: History) -> None:
+    spend(history, reserve(history, "a", caps=Caps(D(1))), "1.00")
+    everything = Caps(D(1), total=D(1), monthly=D(1), month_start=MONTH)
+    assert reserve(history, "a", "p1", caps=everything).refused == "BudgetExhausted"
+    assert reserve(history, "b", caps=everything).refused == "TotalBudgetReached"
+    assert reserve(history, "c", caps=Caps(D(1), monthly=D(1), month_start=MONTH)).refused == (
+        "MonthlyBudgetReached"
+    )
+
+
+def test_a_recreated_schedule_starts_clean_but_history_lists_every_incarnation(
+    history: History,
+) -> None:
+    caps = Caps(D(1), total=D(1))
+    spend(history, reserve(history, "a", caps=caps, uid="uid-old"), "1.00", ExecutionStatus.FAILED)
+    assert reserve(history, "b", caps=caps, uid="uid-old").refused == "TotalBudgetReached"
+    fresh = reserve(history, "c", caps=caps, uid="uid-new", at=T0 + timedelta(hours=1))
+    assert (fresh.limit, fresh.refused) == (D(1), None)
+    spend(history, fresh, "0.25")
+
+    listed = history.runs("ns", "news")
+    assert [(r.schedule_uid, r.status) for r in listed] == [
+        ("uid-new", ExecutionStatus.SUCCEEDED),
+        ("uid-old", ExecutionStatus.BUDGET_EXCEEDED),
+        ("uid-old", ExecutionStatus.FAILED),
+    ]
+    new = history.run_stats("ns", "news", schedule_uid="uid-new", month_start=MONTH)
+    assert (new.total_cost, new.succeeded, new.failed, new.consecutive_failures) == (
+        D("0.25"),
+        1,
+        0,
+        0,
+    )
+    assert new.month_cost == D("0.25")
+    assert new.last_run is not None
+    assert new.last_run.schedule_uid == "uid-new"
+    both = history.run_stats("ns", "news")
+    assert (both.total_cost, both.succeeded, both.failed) == (D("1.25"), 1, 2)
+    assert history.total_cost("ns", "news", schedule_uid="uid-old") == D(1)
+    assert history.total_cost("ns", "news") == D("1.25")
+
+
+# ---- costs above the grant ---------------------------------------------------------------------
+
+
+def test_a_cost_above_the_grant_is_recorded_flagged_and_counted(
+    history: History, caplog: pytest.LogCaptureFixture
+) -> None:
+    caps = Caps(D(1), total=D("0.30"))
+    grant = reserve(history, "a", caps=caps)
+    assert grant.limit == D("0.30")
+    with caplog.at_level(logging.WARNING, "nocturne_operator.storage.history"):
+        history.record_progress(
+            grant.execution_id, cost_usd=D("0.35"), input_tokens=1, output_tokens=1
+        )
+    assert "cost 0.35 is above the attempt's grant 0.30" in caplog.text
+    row = history.get(grant.execution_id)
+    assert row is not None
+    assert (row.cost_usd, row.metadata) == (D("0.35"), {"overrun": True})
+    # The truth counts: nothing is left for anyone.
+    assert reserve(history, "b", caps=caps).message == (
+        "maxTotalUSD 0.30 reached: 0.35 spent and 0.00 reserved by running Jobs"
+    )
+    # finish keeps the flag next to the caller's metadata; a lower replayed cost lowers nothing.
+    spend(history, grant, "0.36", metadata={"recordedBy": "runner"})
+    spend(history, grant, "0.10", ExecutionStatus.FAILED)
+    row = history.get(grant.execution_id)
+    assert row is not None
+    assert (row.status, row.cost_usd, row.metadata) == (
+        ExecutionStatus.SUCCEEDED,
+        D("0.36"),
+        {"recordedBy": "runner", "overrun": True},
+    )
+
+
+def test_a_cost_reported_on_a_refused_attempt_is_recorded_and_flagged(history: History) -> None:
+    refused = reserve(history, "a", caps=Caps(D(0)))
+    assert spend(history, refused, "0.02", ExecutionStatus.FAILED) is (
+        ExecutionStatus.BUDGET_EXCEEDED
+    )
+    row = history.get(refused.execution_id)
+    assert row is not None
+    assert (row.cost_usd, row.metadata) == (
+        D("0.02"),
+        {"refused": "BudgetExhausted", "overrun": True},
+    )
+
+
+def test_within_the_grant_nothing_is_flagged(history: History) -> None:
+    grant = reserve(history, "a", caps=Caps(D("0.30")))
+    history.record_progress(grant.execution_id, cost_usd=D("0.30"), input_tokens=1, output_tokens=1)
+    spend(history, grant, "0.30", metadata={"k": 1})
+    row = history.get(grant.execution_id)
+    assert row is not None
+    assert row.metadata == {"k": 1}
+
+
+# ---- rows without a grant ----------------------------------------------------------------------
+
+
+def test_rows_from_before_grants_count_at_their_cost(postgres: PostgresServer) -> None:
+    url = postgres.fresh_schema(f"grants_{uuid.uuid4().hex[:8]}")
+    upgrade(url, "0002")
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                """
+                INSERT INTO schedule_executions
+                    (namespace, schedule_name, schedule_uid, job_name, job_uid, pod_uid, attempt,
+                     status, started_at, completed_at, cost_usd, model, provider)
+                VALUES ('ns', 'news', 'uid-news', 'news-x', 'job-x', 'pod-x', 0,
+                        'SUCCEEDED', :t, :t, 0.40, 'm', 'openai'),
+                       ('ns', 'news', 'uid-news', 'news-y', 'job-y', 'pod-y', 0,
+                        'RUNNING', :t, NULL, 0.10, 'm', 'openai')
+                """
+            ),
+            {"t": T0 - timedelta(hours=1)},
+        )
+    engine.dispose()
+    upgrade(url)
+    with History.connect(url) as history:
+        assert [r.granted_usd for r in history.runs("ns", "news")] == [None, None]
+        assert reserve(history, "z", caps=Caps(D(1), total=D(1))).limit == D("0.50")
+        # The operator writes a row for an attempt that never reserved: no grant, its cost.
+        started = history.start(key("w"), model="m", provider="offline", started_at=T0)
+        history.record_progress(started, cost_usd=D("0.05"), input_tokens=1, output_tokens=1)
+        row = history.get(started)
+        assert row is not None
+        assert (row.granted_usd, row.metadata) == (None, {})
+        assert committed(history) == D("1.05")
+        # Replaying a reservation for it returns what it was granted: nothing.
+        replay = reserve(history, "w", caps=Caps(D(1)))
+        assert (replay.execution_id, replay.limit, replay.refused, replay.replay) == (
+            started,
+            D(0),
+            None,
+            True,
+        )
+
+
+def test_the_reaper_turns_a_stale_grant_into_the_cost_it_recorded(history: History) -> None:
+    caps = Caps(D(1), total=D(1))
+    grant = reserve(history, "a", caps=caps)
+    history.record_progress(grant.execution_id, cost_usd=D("0.2"), input_tokens=1, output_tokens=1)
+    assert reserve(history, "b", caps=caps).refused == "TotalBudgetReached"
+    (row,) = history.running("uid-news")
+    done = reap([row], jobs=[], pods=[], history=history, now=T0 + timedelta(hours=2))
+    assert [status for _, status in done] == [ExecutionStatus.CANCELLED]
+    assert committed(history) == D("0.2")
+    assert reserve(history, "c", caps=caps).limit == D("0.8")
+
+
+# ---- concurrency -------------------------------------------------------------------------------
+
+
+def test_concurrent_jobs_never_overspend_the_total_and_monthly_caps(url: str) -> None:
+    """The issue's failure: two Jobs each took the last 0.05 of 1.00. Now 12 Jobs reserve at
+    once on their own connections, each spends its whole grant, and the sums stay within."""
+    caps = Caps(D("0.30"), total=D("1.00"), monthly=D("0.85"), month_start=MONTH)
+    with History.connect(url) as setup:
+        earlier = reserve(setup, "before", caps=Caps(D(1)), at=MONTH - timedelta(days=1))
+        spend(setup, earlier, "0.10")  # counts for the total, not for the month
+    threads = 12
+    barrier = threading.Barrier(threads)
+    grants: list[GrantRecord] = []
+    errors: list[BaseException] = []
+
+    def job(n: int) -> None:
+        try:
+            with History.connect(url) as history:
+                barrier.wait()
+                grant = reserve(history, f"j{n}", caps=caps)
+                grants.append(grant)
+                spend(history, grant, grant.limit)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=job, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert sorted(g.limit for g in grants if g.limit) == [D("0.25"), D("0.30"), D("0.30")]
+    assert {g.refused for g in grants if not g.limit} == {"MonthlyBudgetReached"}
+    with History.connect(url) as history:
+        assert history.total_cost("ns", "news", schedule_uid="uid-news") == D("0.95")
+        assert committed(history, since=MONTH) == D("0.85")
+        stats = history.run_stats("ns", "news", schedule_uid="uid-news", month_start=MONTH)
+        assert (stats.total_cost, stats.month_cost) == (D("0.95"), D("0.85"))
+        assert stats.failed == threads - 3
