@@ -14,12 +14,6 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from nocturne_operator.storage.history import (
-    ExecutionStatus,
-    RunStats,
-    month_start,
-    next_month_start,
-)
 from nocturne_operator import conditions as cond
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec
@@ -28,16 +22,23 @@ from nocturne_operator.money import usd
 from nocturne_operator.render import (
     ANNOTATION_MANUAL_REQUEST,
     LABEL_SCHEDULE,
+    RunApiEndpoint,
     ScheduleRef,
     cronjob_name,
     labels,
+    legacy_task_configmap_name,
     manual_job_name,
     render_cronjob,
-    RunApiEndpoint,
-    legacy_task_configmap_name,
     render_job_template,
 )
 from nocturne_operator.settings import Settings
+from nocturne_operator.storage.history import (
+    ExecutionRecord,
+    ExecutionStatus,
+    RunStats,
+    month_start,
+    next_month_start,
+)
 from nocturne_operator.timestamps import parse_rfc3339, rfc3339
 from nocturne_operator.validation import Peer, Validated, validate
 
@@ -99,6 +100,35 @@ def contains(actual: Any, desired: Any) -> bool:
             and all(contains(a, d) for a, d in zip(actual, desired, strict=True))
         )
     return bool(actual == desired)
+
+
+_MESSAGE_CHARS = 256
+
+
+def _first_line(text: str | None) -> str | None:
+    """The first line of a run's error, short enough for status."""
+    if not text:
+        return None
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= _MESSAGE_CHARS else line[: _MESSAGE_CHARS - 1] + "…"
+
+
+def _last_run(last: ExecutionRecord) -> dict[str, Any]:
+    """status.lastRun; ``message`` only when the run did not succeed (no key otherwise, so an
+    unchanged run compares equal to what the apiserver returns)."""
+    run: dict[str, Any] = {
+        "job": last.job_name,
+        "startedAt": rfc3339(last.started_at),
+        "completedAt": rfc3339(last.completed_at) if last.completed_at else None,
+        "result": RESULT_NAMES[last.status],
+        "costUSD": usd(last.cost_usd),
+        "inputTokens": last.input_tokens,
+        "outputTokens": last.output_tokens,
+    }
+    message = None if last.status is ExecutionStatus.SUCCEEDED else _first_line(last.error)
+    if message:
+        run["message"] = message
+    return run
 
 
 def _mounts_legacy_task(cronjob: Mapping[str, Any] | None) -> bool:
@@ -351,17 +381,7 @@ class _Reconciler:
             totalCostUSD=usd(stats.total_cost),
             runs={"succeeded": stats.succeeded, "failed": stats.failed},
             consecutiveFailures=0 if resumed else stats.consecutive_failures,
-            lastRun=None
-            if last is None
-            else {
-                "job": last.job_name,
-                "startedAt": rfc3339(last.started_at),
-                "completedAt": rfc3339(last.completed_at) if last.completed_at else None,
-                "result": RESULT_NAMES[last.status],
-                "costUSD": usd(last.cost_usd),
-                "inputTokens": last.input_tokens,
-                "outputTokens": last.output_tokens,
-            },
+            lastRun=None if last is None else _last_run(last),
         )
         since = failures_counted_since(self.new)
         if (

@@ -14,6 +14,7 @@ import pytest
 
 from nocturne_operator import conditions as cond
 from nocturne_operator.kube import Kube
+from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.reconcile import reconcile
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage.history import ExecutionRecord, ExecutionStatus, RunStats
@@ -38,6 +39,7 @@ class Objects:
     """Just enough of the API for one schedule's reconcile: objects by (kind, name)."""
 
     items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    patches: list[dict[str, Any]] = field(default_factory=list)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.items.get((kind, name))
@@ -55,6 +57,7 @@ class Objects:
     def merge_patch(
         self, kind: str, namespace: str, name: str, patch: dict[str, Any], *, status: bool = False
     ) -> dict[str, Any]:
+        self.patches.append(copy.deepcopy(patch))
         _merge(self.items[(kind, name)], patch)
         return copy.deepcopy(self.items[(kind, name)])
 
@@ -112,6 +115,11 @@ def stats(month_cost: str | None = "0", last_success: datetime | None = NOW) -> 
     )
 
 
+RUN_API = RunApiEndpoint(
+    "https://127.0.0.1:8443", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+)
+
+
 class Cluster:
     """One AgentSchedule, reconciled again and again as the operator would."""
 
@@ -135,6 +143,7 @@ class Cluster:
             stats=run_stats,
             notices=self.seen.notice,
             now=now,
+            run_api=RUN_API,
         )
 
     @property
@@ -336,3 +345,51 @@ def test_an_auto_pause_is_keyed_by_the_run_that_tripped_it() -> None:
         ("AutoPaused", "digest-29400000"),
         ("AutoPaused", "digest-29400000"),
     ]
+
+
+def _last(status: ExecutionStatus, error: str | None) -> ExecutionRecord:
+    return ExecutionRecord(
+        id=3,
+        namespace="research",
+        schedule_name="digest",
+        schedule_uid="uid-digest",
+        job_name="digest-29400001",
+        job_uid="uid-job-3",
+        pod_uid="uid-pod-3",
+        attempt=0,
+        manual_request=None,
+        status=status,
+        started_at=NOW - timedelta(minutes=5),
+        completed_at=NOW - timedelta(minutes=4),
+        cost_usd=Decimal(0),
+        input_tokens=0,
+        output_tokens=0,
+        model="offline-demo",
+        provider="offline",
+        error=error,
+        output=None,
+        alert=False,
+        alert_reason=None,
+        metadata={},
+        updated_at=NOW,
+    )
+
+
+def test_last_run_says_why_a_run_did_not_succeed_and_nothing_when_it_did() -> None:
+    """A run without a budget grant spent nothing; status says why (the error's first line,
+    bounded). A success carries no message key, so a second pass writes nothing."""
+    cluster = Cluster(schedule())
+    error = "no budget grant: run API unavailable: HTTP 503 HistoryUnavailable\n" + "x" * 900
+    refused = _last(ExecutionStatus.FAILED, error)
+    cluster.reconcile(RunStats(Decimal(0), 0, 1, 1, refused, month_cost=Decimal(0)))
+    message = cluster.status["lastRun"]["message"]
+    assert message == "no budget grant: run API unavailable: HTTP 503 HistoryUnavailable"
+    long = _last(ExecutionStatus.BUDGET_EXCEEDED, "y" * 1000)
+    cluster.reconcile(RunStats(Decimal(0), 0, 1, 1, long, month_cost=Decimal(0)))
+    assert len(cluster.status["lastRun"]["message"]) == 256
+    ok = _last(ExecutionStatus.SUCCEEDED, None)
+    cluster.reconcile(RunStats(Decimal(0), 1, 1, 0, ok, month_cost=Decimal(0)))
+    assert "message" not in cluster.status["lastRun"]
+    writes = len(cluster.objects.patches)
+    cluster.reconcile(RunStats(Decimal(0), 1, 1, 0, ok, month_cost=Decimal(0)))
+    assert len(cluster.objects.patches) == writes
