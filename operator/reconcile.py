@@ -113,6 +113,13 @@ def _first_line(text: str | None) -> str | None:
     return line if len(line) <= _MESSAGE_CHARS else line[: _MESSAGE_CHARS - 1] + "…"
 
 
+def _dropping_removed_keys(new: Any, old: Any) -> Any:
+    """A merge patch keeps keys it does not name: name the ones ``new`` no longer has."""
+    if isinstance(new, dict) and isinstance(old, dict):
+        return {**dict.fromkeys(k for k in old if k not in new), **new}
+    return new
+
+
 def _last_run(last: ExecutionRecord) -> dict[str, Any]:
     """status.lastRun; ``message`` only when the run did not succeed (no key otherwise, so an
     unchanged run compares equal to what the apiserver returns)."""
@@ -222,7 +229,11 @@ class _Reconciler:
             desired = self._invalid(result, actual)
         conditions = cond.merge(self.old.get("conditions"), desired, self.now)
         self.new.update(conditions=conditions, phase=cond.phase(conditions))
-        patch = {k: v for k in OWNED_STATUS if (v := self.new.get(k)) != self.old.get(k)}
+        patch = {
+            k: _dropping_removed_keys(v, self.old.get(k))
+            for k in OWNED_STATUS
+            if (v := self.new.get(k)) != self.old.get(k)
+        }
         if patch:
             self.kube.merge_patch(
                 "AgentSchedule", self.ref.namespace, self.ref.name, {"status": patch}, status=True

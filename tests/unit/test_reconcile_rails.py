@@ -14,8 +14,8 @@ import pytest
 
 from nocturne_operator import conditions as cond
 from nocturne_operator.kube import Kube
-from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.reconcile import reconcile
+from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage.history import ExecutionRecord, ExecutionStatus, RunStats
 
