@@ -1,21 +1,28 @@
 """Measure the runner's start: process start -> first model request, and -> process exit.
 
 Run: PYTHONSAFEPATH=1 PYTHONPATH=tests .venv/bin/python bench/runner_start.py [runs]
-Starts a private PostgreSQL (migrated like the Helm hook does) and a local OpenAI-compatible server,
-writes a task document the way the operator renders it, then runs `python -m agent_runner` `runs`
-times (default 5, after one unmeasured warm-up round) with the environment a Job's pod gets. The
-first model request is timed by the server when it arrives, on the same clock as the process start.
-Baselines, interleaved with the runs (same interpreter and environment): a bare `python -c pass`
-and `python -c "import agent_runner.__main__"` (the runner's imports); the ratios show how much of
-a start is the interpreter, the imports, and the runner's own work (task, price table, database).
-Prints figures only, asserts no timing. The server, PostgreSQL, temporary files and any runner
+Starts the operator's real run API (``nocturne_operator.runapi.server.make_app`` over TLS with its
+own CA, budgets reserved in a private PostgreSQL migrated like the Helm hook does; only the
+TokenReview is replaced by a table of the bench's tokens) and a local OpenAI-compatible server,
+then runs `python -m agent_runner` `runs` times (default 5, after one unmeasured warm-up round)
+with the environment a Job's pod gets: the task snapshot, the run API's URL and CA, a token file.
+The first model request is timed by the server when it arrives, on the same clock as the process
+start. So a start includes the real client path: TLS handshake, start -> grant (a reservation in
+PostgreSQL under the schedule's lock), then the first model call.
+Baselines, interleaved with the runs (same interpreter and environment): a bare `python -c pass`,
+`python -c "import agent_runner.__main__"` (the runner's imports), and the same plus what the
+runner imported before issue 10 (SQLAlchemy with its ORM and PostgreSQL dialect, psycopg, PyYAML
+for the price table). Then one `python -X importtime` breaks the imports down by package.
+Prints figures only, asserts no timing. The servers, PostgreSQL, temporary files and any runner
 process are stopped on errors, Ctrl-C and SIGTERM too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -24,18 +31,38 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import defaultdict
+from concurrent.futures import Future
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
-from agent_runner.history import upgrade
-from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
+from aiohttp import web
+
+from agent_runner.contract import parse_task_document
+from integration.llm_server import (
+    OPENAI_PATH,
+    Recorded,
+    Reply,
+    ScriptedServer,
+    free_port,
+    openai_reply,
+)
 from integration.postgres import running_postgres
 from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import ScheduleRef, task_document
+from nocturne_operator.runapi.auth import AuthError, RunIdentity
+from nocturne_operator.runapi.server import make_app, serve
+from nocturne_operator.runapi.tls import RunApiTls
+from nocturne_operator.settings import Settings
+from nocturne_operator.storage.history import History, upgrade
 
 TIMEOUT = 120.0  # seconds one process may take before the bench gives up on it
 API_KEY = "sk-bench-not-a-secret"
+RECORDED_BEFORE_MS = 735.0  # process start -> first model request, runner with PostgreSQL
+OLD_IMPORTS = "sqlalchemy, sqlalchemy.orm, sqlalchemy.dialects.postgresql, psycopg, yaml"
 
 
 class FirstRequests:
@@ -61,7 +88,71 @@ class FirstRequests:
             return self.arrivals[index] if index < len(self.arrivals) else None
 
 
-def write_task(directory: Path, base_url: str) -> Path:
+class BenchTokens:
+    """The authenticator: the bench's tokens -> their runs (the apiserver's TokenReview and the
+    pod -> Job lookup are what a cluster adds; everything after them is the real server)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, RunIdentity] = {}
+
+    def register(self, token: str, identity: RunIdentity) -> None:
+        with self._lock:
+            self._runs[token] = identity
+
+    async def identify(self, token: str) -> RunIdentity:
+        with self._lock:
+            identity = self._runs.get(token)
+        if identity is None:
+            raise AuthError(401, "Unauthenticated", "not a bench token")
+        return identity
+
+
+class RunApi:
+    """The operator's run API on its own event loop in a thread (context manager)."""
+
+    def __init__(self, history: History) -> None:
+        self.tokens = BenchTokens()
+        self.port = free_port()
+        self.settings = Settings(
+            run_api_port=self.port,
+            run_api_bind="127.0.0.1",
+            run_api_url=f"https://127.0.0.1:{self.port}",
+            run_api_hostnames=["127.0.0.1"],
+        )
+        self.tls = RunApiTls.create(["127.0.0.1"])
+        self.app = make_app(
+            authenticator=self.tokens,
+            history=history,
+            prices=load_price_table(),
+            settings=self.settings,
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def _run(self, coro: Any) -> Any:
+        future: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout=30)
+
+    def __enter__(self) -> RunApi:
+        self.thread.start()
+        self.runner = self._run(serve(self.app, self.settings, self.tls))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.runner is not None:
+            self._run(self.runner.cleanup())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def make_task(base_url: str) -> tuple[str, ScheduleRef]:
     """The task document for an OpenAI-compatible agent whose baseURL is the local server."""
     spec = AgentScheduleSpec.model_validate(
         {
@@ -78,22 +169,40 @@ def write_task(directory: Path, base_url: str) -> Path:
         }
     )
     ref = ScheduleRef("news", "bench", str(uuid.uuid4()))
-    path = directory / "task.json"
-    path.write_text(json.dumps(task_document(ref, spec)))
-    return path
+    return json.dumps(task_document(ref, spec)), ref
 
 
-def job_env(directory: Path, task: Path, database_url: str) -> dict[str, str]:
-    """What the Job gives the runner's container (a new Job and pod each time)."""
+def job_env(directory: Path, task: str, api: RunApi, ref: ScheduleRef) -> dict[str, str]:
+    """What the Job gives the runner's container (a new Job, pod and token each time), with the
+    token registered for that pod."""
+    job, pod = str(uuid.uuid4()), str(uuid.uuid4())
+    token = f"bench-{uuid.uuid4().hex}"
+    token_file = directory / "token"
+    token_file.write_text(token)
+    api.tokens.register(
+        token,
+        RunIdentity(
+            namespace=ref.namespace,
+            schedule=ref.name,
+            schedule_uid=ref.uid,
+            job_name="news-1",
+            job_uid=job,
+            pod_name="news-1-abcde",
+            pod_uid=pod,
+            task=parse_task_document(task),
+        ),
+    )
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "PYTHONSAFEPATH": "1",
-        "NOCTURNE_TASK_FILE": str(task),
-        "NOCTURNE_POD_NAME": "bench-1-abcde",
-        "NOCTURNE_POD_UID": str(uuid.uuid4()),
-        "NOCTURNE_JOB_NAME": "bench-1",
-        "NOCTURNE_JOB_UID": str(uuid.uuid4()),
-        "NOCTURNE_DATABASE_URL": database_url,
+        "NOCTURNE_TASK": task,
+        "NOCTURNE_POD_NAME": "news-1-abcde",
+        "NOCTURNE_POD_UID": pod,
+        "NOCTURNE_JOB_NAME": "news-1",
+        "NOCTURNE_JOB_UID": job,
+        "NOCTURNE_RUN_API_URL": api.url,
+        "NOCTURNE_RUN_API_CA": api.tls.ca_pem,
+        "NOCTURNE_RUN_API_TOKEN_FILE": str(token_file),
         "NOCTURNE_LLM_API_KEY": API_KEY,
         "NOCTURNE_TERMINATION_LOG": str(directory / "termination-log"),
     }
@@ -132,17 +241,37 @@ def time_python(code: str, env: dict[str, str]) -> float:
 
 
 def time_runner(
-    directory: Path, task: Path, database_url: str, model: FirstRequests
+    directory: Path, task: str, ref: ScheduleRef, api: RunApi, model: FirstRequests
 ) -> tuple[float, float]:
     """Seconds from process start to the first model request, and to exit, of one run."""
     seen = model.count()
     start, end, err = run_process(
-        [sys.executable, "-m", "agent_runner"], job_env(directory, task, database_url)
+        [sys.executable, "-m", "agent_runner"], job_env(directory, task, api, ref)
     )
     arrived = model.at(seen)
     if arrived is None:
         raise RuntimeError(f"the runner exited without calling the model:\n{err[-2000:]}")
     return arrived - start, end - start
+
+
+_MEASURED = ("agent_runner", *(name.split(".")[0] for name in OLD_IMPORTS.split(", ")))
+_IMPORTTIME = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \| ( *)(\S+)$")
+
+
+def import_breakdown(env: dict[str, str]) -> dict[str, float]:
+    """Milliseconds (cumulative, ``-X importtime``) per top-level package of one interpreter
+    importing the runner, then what the old runner imported besides: each package counts only
+    what was not loaded before it."""
+    code = f"import agent_runner.__main__; import {OLD_IMPORTS}"
+    _start, _end, err = run_process([sys.executable, "-X", "importtime", "-c", code], env)
+    totals: dict[str, float] = defaultdict(float)
+    for text in err.splitlines():
+        match = _IMPORTTIME.match(text)
+        if match and not match.group(3):  # depth 0: imported by the -c code (or by site)
+            package = match.group(4).split(".")[0]
+            if package in _MEASURED:
+                totals[package] += int(match.group(2)) / 1000
+    return dict(totals)
 
 
 def line(label: str, times: list[float], suffix: str = "") -> str:
@@ -166,31 +295,38 @@ def main(runs: int) -> None:
     with ExitStack() as stack:
         postgres = stack.enter_context(running_postgres())
         upgrade(postgres.url)
+        history = stack.enter_context(History.connect(postgres.url))
+        api = stack.enter_context(RunApi(history))
         server = stack.enter_context(ScriptedServer())
         model = FirstRequests()
         server.route(OPENAI_PATH, model, method="POST")
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nocturne-bench-")))
-        task = write_task(directory, server.url)
-        base_env = job_env(directory, task, postgres.url)
+        task, ref = make_task(server.url)
+        base_env = job_env(directory, task, api, ref)
 
-        # Interleaved, so that a change in the machine's load affects all three alike.
+        # Interleaved, so that a change in the machine's load affects all alike.
         bare: list[float] = []
         imports: list[float] = []
+        old_imports: list[float] = []
         to_request: list[float] = []
         to_exit: list[float] = []
         for i in range(runs + 1):  # the first round warms caches and is not counted
             sample = (
                 time_python("pass", base_env),
                 time_python("import agent_runner.__main__", base_env),
-                *time_runner(directory, task, postgres.url, model),
+                time_python(f"import agent_runner.__main__; import {OLD_IMPORTS}", base_env),
+                *time_runner(directory, task, ref, api, model),
             )
             if i:
-                for series, value in zip((bare, imports, to_request, to_exit), sample, strict=True):
-                    series.append(value)
+                series = (bare, imports, old_imports, to_request, to_exit)
+                for values, value in zip(series, sample, strict=True):
+                    values.append(value)
+        breakdown = import_breakdown(base_env)
 
-    bare_ms = statistics.median(bare)
-    import_ms = statistics.median(imports)
-    request_ms = statistics.median(to_request)
+    bare_ms = statistics.median(bare) * 1000
+    import_ms = statistics.median(imports) * 1000
+    old_ms = statistics.median(old_imports) * 1000
+    request_ms = statistics.median(to_request) * 1000
     print(f"runs: {runs} each, after one warm-up run; interpreter {sys.executable}")
     print(line("baseline  python -c pass", bare))
     print(
@@ -202,12 +338,28 @@ def main(runs: int) -> None:
     )
     print(
         line(
+            "before    ... + SQLAlchemy, psycopg, PyYAML",
+            old_imports,
+            f"  (+{old_ms - import_ms:.1f} ms no longer imported)",
+        )
+    )
+    print(
+        line(
             "runner    process start -> first model request",
             to_request,
             f"  ({request_ms / bare_ms:.1f}x python start, {request_ms / import_ms:.2f}x import)",
         )
     )
     print(line("runner    process start -> exit", to_exit))
+    print(
+        f"{'before    start -> first request (old notes)':<52} "
+        f"median {RECORDED_BEFORE_MS:8.1f} ms  (runner with PostgreSQL; now "
+        f"{request_ms - RECORDED_BEFORE_MS:+.1f} ms, other machine and load)"
+    )
+    print("-X importtime, cumulative ms by package (each counts only what was new to it):")
+    for name, ms in sorted(breakdown.items(), key=lambda item: -item[1]):
+        if ms >= 1:
+            print(f"  {name:<20} {ms:8.1f} ms")
 
 
 if __name__ == "__main__":
