@@ -9,12 +9,15 @@ import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from integration.postgres import PostgresServer
 from nocturne_operator.results import reap
@@ -475,3 +478,166 @@ def test_concurrent_jobs_never_overspend_the_total_and_monthly_caps(url: str) ->
         stats = history.run_stats("ns", "news", schedule_uid="uid-news", month_start=MONTH)
         assert (stats.total_cost, stats.month_cost) == (D("0.95"), D("0.85"))
         assert stats.failed == threads - 3
+
+
+# ---- property: any interleaving stays within the caps -------------------------------------------
+
+PROFILE = settings(max_examples=60, derandomize=True, database=None, deadline=None)
+FINAL = [s for s in ExecutionStatus if s is not ExecutionStatus.RUNNING]
+BEFORE, DURING = MONTH - timedelta(hours=1), MONTH + timedelta(hours=1)
+ZERO = D(0)
+
+cents = st.integers(0, 150).map(lambda c: D(c) / 100)
+caps_strategy = st.builds(
+    Caps,
+    per_run=cents,
+    total=st.none() | cents,
+    monthly=st.none() | cents,
+    month_start=st.just(MONTH),
+)
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("reserve"), st.integers(0, 3), st.sampled_from([BEFORE, DURING])),
+        st.tuples(st.just("replay"), st.integers(0, 99)),
+        st.tuples(st.just("progress"), st.integers(0, 99), st.integers(0, 1000)),
+        st.tuples(
+            st.just("finish"), st.integers(0, 99), st.integers(0, 1000), st.sampled_from(FINAL)
+        ),
+        st.tuples(st.just("reap"), st.integers(0, 99)),
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+@dataclass
+class Attempt:
+    """What the test knows of one reserved attempt."""
+
+    key: ExecutionKey
+    at: datetime
+    grant: GrantRecord
+    cost: Decimal = ZERO
+    final: bool = False
+
+    @property
+    def held(self) -> Decimal:
+        return self.cost if self.final else max(self.grant.limit, self.cost)
+
+
+@pytest.fixture(scope="module")
+def shared(postgres: PostgresServer) -> Iterator[History]:
+    """One schema for every example; each example is a schedule UID of its own."""
+    url = postgres.fresh_schema(f"grants_prop_{uuid.uuid4().hex[:8]}")
+    upgrade(url)
+    with History.connect(url) as store:
+        yield store
+
+
+def sums(history: History, uid: str) -> tuple[Decimal, Decimal, Decimal, Decimal, Decimal]:
+    """Committed and final cost of the schedule (ever, this month) and the most any Job holds."""
+    with history.engine.connect() as conn:
+        row = conn.execute(
+            sa.text(
+                """
+                WITH held AS (
+                    SELECT job_uid, started_at >= :month AS this_month,
+                           status <> 'RUNNING' AS final, cost_usd,
+                           CASE WHEN status = 'RUNNING'
+                                THEN greatest(coalesce(granted_usd, cost_usd), cost_usd)
+                                ELSE cost_usd END AS committed
+                    FROM schedule_executions WHERE schedule_uid = :uid
+                ), per_job AS (SELECT sum(committed) AS committed FROM held GROUP BY job_uid)
+                SELECT coalesce(sum(committed), 0),
+                       coalesce(sum(committed) FILTER (WHERE this_month), 0),
+                       coalesce(sum(cost_usd) FILTER (WHERE final), 0),
+                       coalesce(sum(cost_usd) FILTER (WHERE final AND this_month), 0),
+                       (SELECT coalesce(max(committed), 0) FROM per_job)
+                FROM held
+                """
+            ),
+            {"uid": uid, "month": MONTH},
+        ).one()
+    return (D(row[0]), D(row[1]), D(row[2]), D(row[3]), D(row[4]))
+
+
+def expected_limit(caps: Caps, attempts: list[Attempt], job_uid: str) -> Decimal:
+    """The grant computed from what the test knows, independently of history.py."""
+    left = [caps.per_run - sum((a.held for a in attempts if a.key.job_uid == job_uid), D(0))]
+    if caps.total is not None:
+        left.append(caps.total - sum((a.held for a in attempts), D(0)))
+    if caps.monthly is not None:
+        left.append(caps.monthly - sum((a.held for a in attempts if a.at >= MONTH), D(0)))
+    return max(D(0), min(left)).quantize(D("0.000001"), rounding=ROUND_FLOOR)
+
+
+@PROFILE
+@given(caps=caps_strategy, jobs=st.integers(2, 4), script=steps)
+def test_any_interleaving_of_reservations_and_reports_stays_within_every_cap(
+    shared: History, caps: Caps, jobs: int, script: list[tuple[Any, ...]]
+) -> None:
+    uid = f"uid-{uuid.uuid4().hex}"
+    attempts: list[Attempt] = []
+    for step in script:
+        kind, ref = step[0], step[1]
+        if kind == "reserve":
+            job = ref % jobs
+            pods = [a for a in attempts if a.key.job_uid == f"job-{uid}-{job}"]
+            if len(pods) > 2:  # backoffLimit 2: at most three attempts per Job
+                continue
+            k = key(str(job), f"{uid}-{job}-{len(pods)}", uid=uid)
+            want = expected_limit(caps, attempts, k.job_uid)
+            held_before = sum((a.held for a in pods), D(0))
+            grant = shared.reserve(k, model="m", provider="offline", started_at=step[2], caps=caps)
+            assert (grant.limit, grant.attempt, grant.spent_before) == (
+                want,
+                len(pods),
+                held_before,
+            )
+            assert (grant.refused is None) == (want > 0)
+            attempts.append(Attempt(k, step[2], grant, final=grant.refused is not None))
+            continue
+        if not attempts:
+            continue
+        attempt = attempts[ref % len(attempts)]
+        run_id = attempt.grant.execution_id
+        if kind == "replay":
+            again = shared.reserve(
+                attempt.key, model="m", provider="offline", started_at=attempt.at, caps=caps
+            )
+            assert again.replay
+            assert (again.execution_id, again.limit, again.refused) == (
+                run_id,
+                attempt.grant.limit,
+                attempt.grant.refused,
+            )
+        elif kind == "progress":
+            share = (attempt.grant.limit * step[2] / 1000).quantize(D("0.000001"), ROUND_FLOOR)
+            shared.record_progress(run_id, cost_usd=share, input_tokens=1, output_tokens=1)
+            if not attempt.final:
+                attempt.cost = max(attempt.cost, share)
+        elif kind == "finish":
+            share = (attempt.grant.limit * step[2] / 1000).quantize(D("0.000001"), ROUND_FLOOR)
+            shared.finish(
+                run_id,
+                status=step[3],
+                completed_at=attempt.at + timedelta(minutes=1),
+                cost_usd=share,
+                input_tokens=1,
+                output_tokens=1,
+            )
+            attempt.cost, attempt.final = max(attempt.cost, share), True
+        elif kind == "reap" and not attempt.final:
+            (row,) = [r for r in shared.running(uid) if r.id == run_id]
+            reap([row], jobs=[], pods=[], history=shared, now=attempt.at + timedelta(hours=1))
+            attempt.final = True
+
+        ever, month, final_ever, final_month, most_by_a_job = sums(shared, uid)
+        assert ever == sum((a.held for a in attempts), D(0))
+        assert most_by_a_job <= caps.per_run
+        for cap, held, spent in (
+            (caps.total, ever, final_ever),
+            (caps.monthly, month, final_month),
+        ):
+            if cap is not None:
+                assert spent <= held <= cap
