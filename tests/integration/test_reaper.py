@@ -13,7 +13,14 @@ import pytest
 
 from integration.postgres import PostgresServer
 from nocturne_operator.results import reap
-from nocturne_operator.storage.history import ExecutionKey, ExecutionStatus, History, upgrade
+from nocturne_operator.storage.history import (
+    Caps,
+    ExecutionKey,
+    ExecutionStatus,
+    GrantRecord,
+    History,
+    upgrade,
+)
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -133,3 +140,27 @@ def test_the_first_final_status_wins_over_a_late_reap(history: History) -> None:
     [(_, stored)] = reap(stuck, [], [], history, now=NOW)
     assert stored is ExecutionStatus.SUCCEEDED
     assert status_of(history, "raced") == [(0, "SUCCEEDED", None)]
+
+
+def test_a_reaped_attempt_holds_its_cost_not_its_grant(history: History) -> None:
+    """A RUNNING row holds its whole grant of the schedule's budget; once reaped it holds only
+    what it recorded, so the grant it never spent goes back to the schedule."""
+    caps = Caps(Decimal("0.50"), total=Decimal("0.60"))
+
+    def reserve(job: str) -> GrantRecord:
+        key = ExecutionKey("ns", "news", "uid-news", job, f"uid-{job}", f"pod-{job}-0", 0)
+        return history.reserve(key, model="m", provider="offline", started_at=NOW, caps=caps)
+
+    grant = reserve("gone")
+    assert grant.limit == Decimal("0.50")
+    history.record_progress(
+        grant.execution_id, cost_usd=Decimal("0.20"), input_tokens=1, output_tokens=1
+    )
+    assert reserve("next").limit == Decimal("0.10")
+
+    [(row, stored)] = reap(history.running("uid-news")[:1], [], [], history, now=NOW)
+    assert (row.granted_usd, stored) == (Decimal("0.50"), ExecutionStatus.CANCELLED)
+    [reaped] = history.for_job("uid-gone")
+    assert (reaped.cost_usd, reaped.granted_usd) == (Decimal("0.20"), Decimal("0.50"))
+    # 0.60 - 0.20 spent by the reaped attempt - 0.10 granted to the running one.
+    assert reserve("later").limit == Decimal("0.30")

@@ -25,9 +25,16 @@ def history(postgres: PostgresServer) -> Iterator[History]:
 
 
 def attempt(
-    history: History, job: str, n: int, status: ExecutionStatus, hour: int, *, cost: str = "0.10"
+    history: History,
+    job: str,
+    n: int,
+    status: ExecutionStatus,
+    hour: int,
+    *,
+    cost: str = "0.10",
+    uid: str = "uid-1",
 ) -> None:
-    key = ExecutionKey("ns", "news", "uid-1", f"news-{job}", f"job-{job}", f"pod-{job}-{n}", n)
+    key = ExecutionKey("ns", "news", uid, f"news-{job}", f"job-{job}", f"pod-{job}-{n}", n)
     run_id = history.start(
         key, model="m", provider="offline", started_at=T0 + timedelta(hours=hour, minutes=n)
     )
@@ -79,3 +86,39 @@ def test_last_success_and_the_cost_since_the_month_started(history: History) -> 
     assert stats.last_success_at == T0 + timedelta(hours=5)
     assert stats.month_cost == Decimal("0.55")
     assert history.run_stats("ns", "news").month_cost is None
+
+
+def test_a_schedule_uid_counts_only_that_incarnation(history: History) -> None:
+    """A schedule deleted and re-created under the same name is a new schedule: its totals,
+    streak, last run and month cost start clean; by name, every incarnation counts."""
+    attempt(history, "a", 0, ExecutionStatus.FAILED, 0, cost="1.00", uid="uid-old")
+    attempt(history, "b", 0, ExecutionStatus.FAILED, 1, cost="2.00", uid="uid-old")
+    attempt(history, "c", 0, ExecutionStatus.SUCCEEDED, 2, cost="0.25", uid="uid-new")
+    attempt(history, "d", 0, ExecutionStatus.FAILED, 3, cost="0.05", uid="uid-new")
+    month = T0 + timedelta(hours=1)
+    new = history.run_stats("ns", "news", schedule_uid="uid-new", month_start=month)
+    assert (new.total_cost, new.succeeded, new.failed, new.consecutive_failures) == (
+        Decimal("0.30"),
+        1,
+        1,
+        1,
+    )
+    assert new.last_run is not None
+    assert (new.last_run.job_uid, new.last_run.schedule_uid) == ("job-d", "uid-new")
+    assert (new.last_success_at, new.month_cost) == (T0 + timedelta(hours=2), Decimal("0.30"))
+    old = history.run_stats("ns", "news", schedule_uid="uid-old")
+    assert (old.total_cost, old.succeeded, old.failed, old.consecutive_failures) == (
+        Decimal("3.00"),
+        0,
+        2,
+        2,
+    )
+    assert old.last_success_at is None
+    every = history.run_stats("ns", "news", month_start=month)
+    assert (every.total_cost, every.succeeded, every.failed) == (Decimal("3.30"), 1, 3)
+    assert every.month_cost == Decimal("2.30")
+    assert history.total_cost("ns", "news", schedule_uid="uid-new") == Decimal("0.30")
+    assert history.total_cost("ns", "news", schedule_uid="uid-gone") == Decimal(0)
+    assert history.run_stats("ns", "news", schedule_uid="uid-gone") == type(new)(
+        Decimal(0), 0, 0, 0, None
+    )
