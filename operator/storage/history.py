@@ -64,7 +64,6 @@ __all__ = [
     "History",
     "HistoryError",
     "HistoryUnavailableError",
-    "PriorSpend",
     "SavedState",
     "StateTooLargeError",
     "quantize_usd",
@@ -437,17 +436,6 @@ class SavedState:
     output: str | None
     execution_id: int | None
     updated_at: datetime
-
-
-@dataclass(frozen=True)
-class PriorSpend:
-    """What the schedule's rows say before an attempt starts: its Job's earlier attempts and
-    what the schedule's other Jobs spent (in total, and since ``month_start`` when asked)."""
-
-    this_job_other_attempts: Decimal
-    other_jobs: Decimal
-    other_jobs_since_month_start: Decimal | None
-    attempts: int
 
 
 @dataclass(frozen=True)
@@ -1181,49 +1169,14 @@ class History:
             return ExecutionStatus(current)
 
     def spent_for_job(self, job_uid: str, *, exclude_pod_uid: str | None = None) -> Decimal:
-        """Recorded cost of every attempt (pod) of a Job, so retries share one budget;
-        ``exclude_pod_uid`` leaves out the caller's own attempt."""
+        """Recorded cost of every attempt (pod) of a Job (grants not counted; ``reserve()``
+        counts those); ``exclude_pod_uid`` leaves out one attempt."""
         t = _EXECUTIONS
         query = sa.select(_cost_sum()).where(t.c.job_uid == job_uid)
         if exclude_pod_uid is not None:
             query = query.where(t.c.pod_uid != exclude_pod_uid)
         with self._begin(f"read spent cost of job {job_uid}") as conn:
             return Decimal(conn.execute(query).scalar_one())
-
-    def prior_spend(
-        self,
-        namespace: str,
-        schedule_name: str,
-        job_uid: str,
-        pod_uid: str,
-        *,
-        month_start: datetime | None = None,
-    ) -> PriorSpend:
-        """One query for a starting attempt: ``spent_for_job(job_uid, exclude_pod_uid=pod_uid)``,
-        ``total_cost`` of the schedule (optionally since ``month_start``) minus the Job's
-        spend, and how many attempts the Job has recorded."""
-        t = _EXECUTIONS
-        in_schedule = sa.and_(t.c.namespace == namespace, t.c.schedule_name == schedule_name)
-        in_job = t.c.job_uid == job_uid
-
-        columns = [
-            _cost_sum(in_job, t.c.pod_uid != pod_uid),
-            _cost_sum(in_job),
-            _cost_sum(in_schedule),
-            sa.func.count().filter(in_job),
-        ]
-        if month_start is not None:
-            since = t.c.started_at >= _aware("month_start", month_start)
-            columns.append(_cost_sum(in_schedule, since))
-        query = sa.select(*columns).where(sa.or_(in_schedule, in_job))
-        with self._begin(f"read prior spend of {namespace}/{schedule_name} job {job_uid}") as conn:
-            before, job, schedule, attempts, *month = conn.execute(query).one()
-        return PriorSpend(
-            this_job_other_attempts=Decimal(before),
-            other_jobs=Decimal(schedule) - Decimal(job),
-            other_jobs_since_month_start=Decimal(month[0]) - Decimal(job) if month else None,
-            attempts=int(attempts),
-        )
 
     def save_state(
         self,

@@ -28,7 +28,6 @@ from nocturne_operator.storage.history import (
     History,
     HistoryError,
     HistoryUnavailableError,
-    PriorSpend,
     StateTooLargeError,
     redact_url,
     upgrade,
@@ -392,34 +391,6 @@ def test_spent_for_job_sums_every_attempt(history: History) -> None:
     assert history.spent_for_job("juid-job-1") == Decimal("0.9")
     assert [r.attempt for r in history.for_job("juid-job-1")] == [0, 1]
     assert isinstance(history.spent_for_job("juid-job-2"), Decimal)
-
-
-def test_prior_spend_reads_in_one_query_what_the_separate_reads_say(history: History) -> None:
-    assert history.prior_spend("research", "daily-news", "juid-job-1", "puid-b") == PriorSpend(
-        Decimal(0), Decimal(0), None, attempts=0
-    )
-    first = start(history, key(pod="a", attempt=0))
-    finish(history, first, status="FAILED", cost_usd=Decimal("0.70"))
-    start(history, key(pod="b", attempt=1), at=T0 + timedelta(hours=1))
-    earlier = start(history, key(job="job-2", pod="c"), at=T0 - timedelta(days=40))
-    finish(history, earlier, cost_usd=Decimal("5"))
-    later = start(history, key(job="job-3", pod="d"), at=T0 + timedelta(hours=2))
-    finish(history, later, cost_usd=Decimal("1.25"))
-    start(history, key(job="job-4", pod="e", schedule="other"))
-    prior = history.prior_spend(
-        "research", "daily-news", "juid-job-1", "puid-b", month_start=T0 - timedelta(days=1)
-    )
-    assert prior == PriorSpend(Decimal("0.7"), Decimal("6.25"), Decimal("1.25"), attempts=2)
-    assert prior.this_job_other_attempts == history.spent_for_job(
-        "juid-job-1", exclude_pod_uid="puid-b"
-    )
-    assert prior.other_jobs == history.total_cost("research", "daily-news") - history.spent_for_job(
-        "juid-job-1"
-    )
-    assert prior.attempts == len(history.for_job("juid-job-1"))
-
-
-# ---- agent state ----------------------------------------------------------------------------
 
 
 def test_state_round_trip(history: History) -> None:
