@@ -108,6 +108,8 @@ def _notifier(memo: Any) -> notify.Notifier:
         retry_cap=timedelta(seconds=SETTINGS.notification_retry_cap_seconds),
         timeout=SETTINGS.notification_timeout_seconds,
         retention=timedelta(days=SETTINGS.notification_retention_days),
+        webhook_secrets=SETTINGS.webhook_secrets,
+        allow_private=SETTINGS.webhook_allow_private,
     )
 
 

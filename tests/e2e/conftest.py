@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from nocturne_operator.storage.history import upgrade
 from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import ExecutorProcess, run_executor
 from e2e.kube import Cluster, Kubectl, healthy, wait_for
 from integration.postgres import PostgresServer
+from nocturne_operator.storage.history import upgrade
 from prerequisites import skip_or_fail
 
 _cluster_for_reports: list[Cluster] = []
@@ -215,6 +215,9 @@ def operator_process(
         "NOCTURNE_RUN_API_BIND": "127.0.0.1",
         "NOCTURNE_RUN_API_URL": f"https://127.0.0.1:{run_api_port}",
         "NOCTURNE_RUN_API_TLS_NAMESPACE": "default",
+        # The tests' webhook receivers listen on loopback, in Secrets named "webhook".
+        "NOCTURNE_WEBHOOK_ALLOW_PRIVATE": "true",
+        "NOCTURNE_WEBHOOK_SECRETS": '["webhook", "slack"]',
         **(extra_env or {}),
     }
     if database_url is not None:

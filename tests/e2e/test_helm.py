@@ -11,6 +11,7 @@ named ``chart-*`` (CHART_NAMESPACE_PREFIX), which the session operator of confte
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -133,11 +134,10 @@ def release(
         helm=cli_tools.helm,
         kubeconfig=cluster.kubeconfig,
     )
-    # The operator and the migration Job read it in the release namespace; runner pods in the
-    # namespace of their schedule.
-    for ns in (namespace, watched_namespace):
-        kubectl.create_secret(ns, "nocturne-database", url=database_url)
-    health_port, metrics_port = free_ports(2)
+    # The operator and the migration Job read it in the release namespace; runner pods get no
+    # database credential (they report through the run API).
+    kubectl.create_secret(namespace, "nocturne-database", url=database_url)
+    health_port, metrics_port, run_api_port = free_ports(3)
     found.run(
         "install",
         found.name,
@@ -154,6 +154,10 @@ def release(
         # The local executor runs pods on the host network: every pod needs its own ports.
         f"--set=operator.healthPort={health_port}",
         f"--set=metrics.port={metrics_port}",
+        # ... and no Service DNS: runner pods reach the run API on loopback.
+        f"--set=runApi.port={run_api_port}",
+        f"--set=runApi.url=https://127.0.0.1:{run_api_port}",
+        "--set=runApi.extraHostnames={127.0.0.1}",
         "--set=operator.reconcileIntervalSeconds=3",
     )
     try:
@@ -211,6 +215,16 @@ def test_install_runs_a_schedule_with_the_charts_rbac(release: Release, kubectl:
     assert runner["spec"]["containers"][0]["image"] == f"{RUNNER_IMAGE}:{IMAGE_TAG}"
     assert summary.status == "SUCCEEDED"
     assert summary.history_written
+    # The fence: no database credential reaches the tenant's namespace or its runner pods.
+    env = runner["spec"]["containers"][0]["env"]
+    assert not [e["name"] for e in env if "DATABASE" in e["name"]], env
+    assert all(release.database_url not in str(e) for e in env)
+    for secret in kubectl.items("secrets", "-n", watched):
+        assert "nocturne-database" not in secret["metadata"]["name"], secret["metadata"]
+        values = [
+            base64.b64decode(v).decode(errors="replace") for v in secret.get("data", {}).values()
+        ]
+        assert not any("postgresql" in v for v in values), secret["metadata"]["name"]
     if release.local_database:
         with History.connect(release.database_url) as history:
             row = history.get(summary.execution_id or 0)
@@ -266,6 +280,17 @@ def test_the_runner_account_can_do_nothing_and_the_operator_only_its_job(
     )
     assert can_i(kubectl, operator, "create", "cronjobs.batch", *ns)
     assert can_i(kubectl, operator, "get", "pods", *ns)
+    # The run API checks runner tokens; its CA Secret lives in the release namespace only.
+    assert can_i(kubectl, operator, "create", "tokenreviews.authentication.k8s.io")
+    assert can_i(
+        kubectl,
+        operator,
+        "update",
+        f"secrets/{release.fullname}-run-api-tls",
+        "-n",
+        release.namespace,
+    )
+    assert not can_i(kubectl, operator, "update", "secrets", *ns)
     # Webhook URLs are read by the Secret's name; no Secret can be listed or watched.
     assert can_i(kubectl, operator, "get", "secrets", *ns)
     assert not can_i(kubectl, operator, "list", "secrets", *ns)
@@ -354,7 +379,7 @@ def test_schedules_can_be_deleted_after_uninstall(release: Release, kubectl: Kub
 def test_every_optional_part_passes_server_side_validation(
     cli_tools: Tools, kubectl: Kubectl, namespace: str, watched_namespace: str
 ) -> None:
-    """The bundled PostgreSQL, NetworkPolicies, per-namespace Secrets and accounts, rendered
+    """The bundled PostgreSQL, NetworkPolicies, the run API, per-namespace accounts, rendered
     with everything on, are valid objects for the apiserver (dry run: nothing is created). The
     ServiceMonitor is left out: its CRD belongs to prometheus-operator."""
     rendered = subprocess.run(
@@ -368,7 +393,6 @@ def test_every_optional_part_passes_server_side_validation(
             "--set=postgresql.enabled=true",
             "--set=postgresql.auth.password=dry-run",
             f"--set=operator.watchNamespaces={{{watched_namespace}}}",
-            "--set=runner.databaseSecret.create=true",
             "--set=networkPolicy.enabled=true",
         ],
         capture_output=True,

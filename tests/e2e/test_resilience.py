@@ -16,6 +16,12 @@ from typing import Any
 
 import pytest
 
+from agent_runner.summary import parse_summary
+from e2e.conftest import OperatorProcess, operator_process
+from e2e.kube import Cluster, Kubectl, wait_for
+from e2e.schedules import finished, ready, run_now, runner_summary, status_of
+from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
+from integration.postgres import PostgresServer, start_postgres, stop_postgres
 from nocturne_operator.storage.history import (
     ExecutionKey,
     ExecutionRecord,
@@ -24,11 +30,6 @@ from nocturne_operator.storage.history import (
     quantize_usd,
     upgrade,
 )
-from e2e.conftest import OperatorProcess, operator_process
-from e2e.kube import Cluster, Kubectl, wait_for
-from e2e.schedules import finished, nocturne_cli, ready, run_now, runner_summary, status_of
-from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
-from integration.postgres import PostgresServer, start_postgres, stop_postgres
 
 pytestmark = pytest.mark.e2e
 
@@ -78,14 +79,19 @@ def history_schema(postgres: PostgresServer, namespace: str) -> str:
 
 
 def solo_operator(
-    cluster: Cluster, namespace: str, database_url: str, role: str
+    cluster: Cluster, namespace: str, database_url: str, role: str, site: ScriptedServer
 ) -> AbstractContextManager[OperatorProcess]:
-    """An operator serving only ``namespace``, sweeping fast; logs to ``<namespace>-<role>.log``."""
+    """An operator serving only ``namespace``, sweeping fast; logs to ``<namespace>-<role>.log``.
+    The admin's allow-lists admit the local model's endpoint and the key's Secret."""
     return operator_process(
         cluster,
         database_url=database_url,
         watch_namespaces=namespace,
-        extra_env=FAST_SWEEP,
+        extra_env={
+            **FAST_SWEEP,
+            "NOCTURNE_LLM_SECRETS": json.dumps([API_KEY_SECRET]),
+            "NOCTURNE_LLM_BASE_URLS": json.dumps([f"{site.url}/v1"]),
+        },
         log_name=f"{namespace}-{role}",
     )
 
@@ -205,13 +211,15 @@ def test_operator_restart_changes_no_totals(
     postgres: PostgresServer,
     model: tuple[Model, ScriptedServer],
 ) -> None:
-    """A run that finishes while the operator is down is recorded once; the new operator's
-    status equals PostgreSQL, its sweeps change nothing, and its metrics re-count nothing."""
+    """A run granted its budget before the operator stops and finishing while it is down cannot
+    report through the run API: its summary is the fallback, and the new operator records it
+    once from there. Status equals PostgreSQL, sweeps change nothing, metrics re-count
+    nothing."""
     namespace = solo_namespace
     answers, site = model
     url = history_schema(postgres, namespace)
     prepare_namespace(kubectl, namespace, url)
-    with solo_operator(cluster, namespace, url, "first") as first:
+    with solo_operator(cluster, namespace, url, "first", site) as first:
         apply_schedule(kubectl, namespace, site)
         for count, request in enumerate(("before-1", "before-2"), start=1):
             run_now(kubectl, namespace, request, NAME)
@@ -238,9 +246,10 @@ def test_operator_restart_changes_no_totals(
         assert results(status_of(kubectl, namespace, NAME)) == before, "nobody serves the namespace"
         _, summary = runner_summary(kubectl, namespace, job)
         assert summary.status == "SUCCEEDED"
-        assert summary.history_written
+        assert not summary.history_written, "nobody served the run API"
+        assert summary.execution_id is not None, "the grant came before the operator stopped"
 
-    with solo_operator(cluster, namespace, url, "second") as second:
+    with solo_operator(cluster, namespace, url, "second", site) as second:
         wait_for_succeeded(kubectl, namespace, 3, 30, "the new operator's totals")
         settled = status_of(kubectl, namespace, NAME)
         with History.connect(url) as history:
@@ -249,7 +258,7 @@ def test_operator_restart_changes_no_totals(
         assert len(rows) == 3, rows
         assert row.status is ExecutionStatus.SUCCEEDED
         assert row.cost_usd == quantize_usd(summary.cost_usd)
-        assert "recordedBy" not in row.metadata, "the runner wrote its own row"
+        assert row.metadata.get("recordedBy") == "operator", row.metadata
         assert_results_match(settled, rows)
         assert Decimal(settled["totalCostUSD"]) == Decimal(before["totalCostUSD"]) + row.cost_usd
         assert settled["lastRun"]["job"] == job["metadata"]["name"]
@@ -275,79 +284,68 @@ def test_operator_restart_changes_no_totals(
 
 
 @pytest.mark.usefixtures("crds", "executor")
-def test_run_finished_while_database_was_down_reaches_history(
+def test_no_database_no_grant_no_spend_and_status_says_why(
     cluster: Cluster,
     kubectl: Kubectl,
     solo_namespace: str,
     private_postgres: PostgresServer,
     model: tuple[Model, ScriptedServer],
 ) -> None:
-    """The runner finishes without its database and says so in its summary; the operator
-    defers recording until PostgreSQL is back, then writes the row from the summary."""
+    """PostgreSQL is down when a run starts: the operator cannot reserve its budget, so the run
+    spends nothing (no model call) and says why in its summary; once PostgreSQL is back the
+    operator records it from the summary and status shows the reason. The next run works."""
     namespace = solo_namespace
     _, site = model
     url = private_postgres.url
     prepare_namespace(kubectl, namespace, url)
-    with solo_operator(cluster, namespace, url, "operator") as operator:
+    with solo_operator(cluster, namespace, url, "operator", site) as operator:
         apply_schedule(kubectl, namespace, site)
         private_postgres.stop()
         run_now(kubectl, namespace, "db-down", NAME)
         job = wait_for(
             lambda: finished_job(kubectl, namespace, "db-down"),
             90,
-            "the run to finish without its database",
+            "the run without a grant to end",
         )
-        assert finished(job) == "Complete", job["status"]
+        assert finished(job) == "Failed", job["status"]
+        assert site.requests_to(OPENAI_PATH) == [], "a run without a grant called the model"
         job_name = job["metadata"]["name"]
-        _, summary = runner_summary(kubectl, namespace, job)
-        assert summary.status == "SUCCEEDED"
-        assert not summary.history_written
-        assert summary.execution_id is None
-        assert summary.cost_usd > 0
-        deferred = f"recording Job {namespace}/{job_name} deferred"
-        # The Job event and then every sweep try again while the database is down.
-        wait_for(
-            lambda: operator.log_text().count(deferred) >= 3,
-            10 * SWEEP_SECONDS,
-            "the Job event and the periodic sweeps to defer recording the run",
+        [pod] = kubectl.items(
+            "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={job_name}"
         )
-        assert "lastRun" not in status_of(kubectl, namespace, NAME)
+        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert terminated["exitCode"] == 1, terminated  # transient: retried within backoffLimit
+        summary = parse_summary(terminated["message"])
+        assert summary is not None, terminated
+        assert summary.status == "FAILED"
+        assert summary.cost_usd == 0
+        assert not summary.history_written
+        assert summary.error is not None
+        assert summary.error.startswith("no budget grant: run API unavailable"), summary.error
+        deferred = f"recording Job {namespace}/{job_name} deferred"
+        wait_for(
+            lambda: operator.log_text().count(deferred) >= 2,
+            10 * SWEEP_SECONDS,
+            "the operator to defer recording the run while the database is down",
+        )
 
         private_postgres.start()
         status = wait_for(
             lambda: (s := status_of(kubectl, namespace, NAME)).get("lastRun") and s,
             10 * SWEEP_SECONDS,
-            "the run on status once PostgreSQL is back (the sweep retries deferred Jobs)",
+            "the run on status once PostgreSQL is back",
         )
-        assert status["runs"] == {"succeeded": 1, "failed": 0}
-        assert status["lastRun"]["job"] == job_name
-        assert status["lastRun"]["result"] == "Succeeded"
-        cost = quantize_usd(summary.cost_usd)
-        assert Decimal(status["totalCostUSD"]) == cost
-
-        listed = nocturne_cli(
-            cluster, "history", NAME, "-n", namespace, "-o", "json", database_url=url
-        )
-        assert listed.returncode == 0, listed.stdout + listed.stderr
-        [run] = json.loads(listed.stdout)["runs"]
-        assert (run["job"], run["status"], run["manualRequest"]) == (
-            job_name,
-            "SUCCEEDED",
-            "db-down",
-        )
-        assert Decimal(run["costUSD"]) == cost
-        assert (run["inputTokens"], run["outputTokens"]) == (
-            summary.input_tokens,
-            summary.output_tokens,
-        )
+        last = status["lastRun"]
+        assert (last["job"], last["result"], last["costUSD"]) == (job_name, "Failed", "0")
+        assert last["message"].startswith("no budget grant: run API unavailable"), last
+        assert Decimal(status["totalCostUSD"]) == 0
         with History.connect(url) as history:
             [row] = history.for_job(job["metadata"]["uid"])
-            full = history.get(row.id)
-        assert row.metadata == {"recordedBy": "operator"}
-        assert full is not None
-        assert full.output == "Three stories today."
-        # Recorded late, counted once, by the operator that saw it finish.
-        assert metric(operator, runs_total(namespace, "succeeded")) == 1.0
+        assert (row.status, row.cost_usd) == (ExecutionStatus.FAILED, Decimal(0))
+
+        run_now(kubectl, namespace, "db-back", NAME)
+        wait_for_succeeded(kubectl, namespace, 1, 90, "the next run, with PostgreSQL back")
+        assert len(site.requests_to(OPENAI_PATH)) >= 1
 
 
 @pytest.mark.usefixtures("crds", "executor")
@@ -375,7 +373,7 @@ def test_the_reaper_finalises_a_run_whose_job_is_gone(
             started_at=started,
         )
         history.record_progress(run_id, cost_usd=Decimal("0.03"), input_tokens=9, output_tokens=4)
-    with solo_operator(cluster, namespace, url, "reaper"):
+    with solo_operator(cluster, namespace, url, "reaper", site):
         apply_schedule(kubectl, namespace, site)  # the sweep walks the schedules it knows
 
         def reaped() -> ExecutionRecord | None:

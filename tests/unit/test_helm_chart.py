@@ -160,7 +160,8 @@ NAMESPACED_RULES = {
     ("nocturne.dev", "agentschedules/finalizers"): {"update"},
     ("batch", "cronjobs"): {"get", "list", "watch", "create", "patch", "update", "delete"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "patch", "update"},
+    # Only to remove earlier versions' task ConfigMaps once: Jobs carry their task snapshot.
+    ("", "configmaps"): {"delete"},
     ("", "events"): {"create", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     # Webhook URLs of spec.notifications, by name only.
@@ -194,7 +195,18 @@ def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(variant: str) -> N
             assert "nonResourceURLs" not in rule
             if "secrets" in rule["resources"]:
                 assert rule["resources"] == ["secrets"]
-                assert rule["verbs"] == ["get"], "Secrets are read by name, never listed"
+                assert "list" not in rule["verbs"], "Secrets are read by name, never listed"
+                assert "watch" not in rule["verbs"], "Secrets are read by name, never watched"
+                if role["kind"] == "ClusterRole":
+                    assert rule["verbs"] == ["get"], "tenant Secrets: read by name only"
+                else:
+                    # The run API's own CA, in the release namespace: created once, then
+                    # read and renewed by its one name.
+                    assert role["metadata"]["namespace"] == NAMESPACE
+                    assert rule["verbs"] == ["create"] or (
+                        rule["verbs"] == ["get", "update"]
+                        and rule["resourceNames"] == [f"{RELEASE}-run-api-tls"]
+                    ), rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
 
 
@@ -205,13 +217,17 @@ def test_cluster_wide_operator_gets_exactly_its_rules_everywhere() -> None:
     discovery = one(docs, "ClusterRole", f"{RELEASE}-operator-discovery")
     # Serving every namespace, kopf does not watch namespaces; it does follow CRDs.
     assert rules_of(discovery) == {
-        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}
+        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+        # The run API checks each runner's pod-bound token.
+        ("authentication.k8s.io", "tokenreviews"): {"create"},
     }
     assert {b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")} == {
         f"{RELEASE}-operator",
         f"{RELEASE}-operator-discovery",
     }
-    assert not of_kind(docs, "RoleBinding")
+    # One RoleBinding: the run API's CA Secret in the release namespace.
+    [tls] = of_kind(docs, "RoleBinding")
+    assert (tls["metadata"]["namespace"], tls["roleRef"]["kind"]) == (NAMESPACE, "Role")
     assert env_of(operator_container(docs))["NOCTURNE_WATCH_NAMESPACES"] == ""
 
 
@@ -233,8 +249,12 @@ def test_notifications_off_drops_secret_access_and_webhook_egress() -> None:
 
 def test_watched_namespaces_get_role_bindings_only_there() -> None:
     docs = render("--set=operator.watchNamespaces={team-a,team-b}")
-    role_bindings = of_kind(docs, "RoleBinding")
+    role_bindings = [
+        b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"
+    ]
     assert sorted(b["metadata"]["namespace"] for b in role_bindings) == ["team-a", "team-b"]
+    [tls] = [b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["kind"] == "Role"]
+    assert tls["metadata"]["namespace"] == NAMESPACE
     for binding in role_bindings:
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -433,10 +453,9 @@ def test_bundled_postgresql_migrates_after_install_and_never_generates_a_passwor
     )
     secret = one(docs, "Secret", f"{RELEASE}-postgresql")
     assert secret["stringData"] == {"password": "demo-password"}
-    runner_secrets = [
-        s for s in of_kind(docs, "Secret") if s["metadata"]["name"] == "nocturne-database"
-    ]
-    assert sorted(s["metadata"]["namespace"] for s in runner_secrets) == ["team-a", "team-b"]
+    # The fence: runner pods report through the run API; no namespace but the release's gets a
+    # Secret (the database password stays with the operator and the migration Job).
+    assert {s["metadata"]["namespace"] for s in of_kind(docs, "Secret")} == {NAMESPACE}
     assert one(docs, "StatefulSet")["spec"]["replicas"] == 1
 
 
@@ -560,7 +579,8 @@ def test_notes_tell_what_to_do_next() -> None:
     assert result.returncode == 0, result.stderr
     notes = result.stdout.split("NOTES:", 1)[1]
     assert f"rollout status deployment/{RELEASE}-operator" in notes
-    assert "create secret generic nocturne-database" in notes
+    assert "create secret generic nocturne-database" not in notes
+    assert "no database Secret" in notes
     assert "nocturne.dev/run-now=" in notes
     assert "keeps the CRD and every AgentSchedule" in notes
 

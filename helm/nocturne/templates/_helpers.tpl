@@ -115,7 +115,7 @@ runner_resources:
   memory_limit: {{ .Values.runner.resources.limits.memory | quote }}
 runner_token_expiration_seconds: {{ .Values.runner.tokenExpirationSeconds }}
 run_api_port: {{ .Values.runApi.port }}
-run_api_url: {{ printf "https://%s:%d" (include "nocturne.runApiHost" .) (int .Values.runApi.port) | quote }}
+run_api_url: {{ .Values.runApi.url | default (printf "https://%s:%d" (include "nocturne.runApiHost" .) (int .Values.runApi.port)) | quote }}
 run_api_hostnames:
   {{- range (concat (list (printf "%s-run-api" (include "nocturne.fullname" .)) (printf "%s-run-api.%s" (include "nocturne.fullname" .) .Release.Namespace)) .Values.runApi.extraHostnames) }}
   - {{ . | quote }}
@@ -135,6 +135,12 @@ notification_retry_cap_seconds: {{ .Values.notifications.retryCapSeconds }}
 notification_timeout_seconds: {{ .Values.notifications.timeoutSeconds }}
 notification_max_age_seconds: {{ .Values.notifications.maxAgeSeconds }}
 notification_retention_days: {{ .Values.notifications.retentionDays }}
+{{- /* Secrets and endpoints schedules may use; lists as JSON flow sequences. In this helper so
+the Deployment's checksum/settings rolls the operator when they change. */}}
+llm_secrets: {{ .Values.llm.secrets | toJson }}
+llm_base_urls: {{ .Values.llm.baseURLs | toJson }}
+webhook_secrets: {{ .Values.notifications.webhookSecrets | toJson }}
+webhook_allow_private: {{ .Values.notifications.webhookAllowPrivate }}
 {{- end }}
 
 {{- define "nocturne.priceTable" -}}

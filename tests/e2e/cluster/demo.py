@@ -15,11 +15,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-from nocturne_operator.storage.history import upgrade
 from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import executor_command
 from e2e.kube import Kubectl, healthy, wait_for
 from integration.postgres import start_postgres, stop_postgres
+from nocturne_operator.storage.history import upgrade
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "docs" / "examples"
