@@ -5,7 +5,8 @@ Starts a private PostgreSQL, loads `rows` executions (default 200k: 40 schedules
 one run an hour each), VACUUM ANALYZE, then times each History call (median and p95 of `repeats`,
 end to end through the public API). The baseline measured in the same run is the same call on a
 connection with index and bitmap scans disabled (so every query reads the table sequentially);
-the ratio shows what the indexes buy. Also times the runner's write path per run.
+the ratio shows what the indexes buy. Also times one run's writes as the run API makes them
+(reserve on a schedule with its whole history, 3 progress reports, finish).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from agent_runner.history import ExecutionKey, History, upgrade
 from integration.postgres import running_postgres
+from nocturne_operator.storage.history import Caps, ExecutionKey, History, upgrade
 
 SCHEDULES = 40
 NAMESPACES = 4
@@ -101,19 +102,31 @@ def cases(history: History) -> list[tuple[str, Callable[[], object]]]:
             lambda: history.cost("ns-2", "sched-2", by="month", tz="America/New_York"),
         ),
         ("total cost, all time", lambda: history.total_cost("ns-0", "sched-0")),
+        (
+            "total cost, one incarnation (UID)",
+            lambda: history.total_cost("ns-0", "sched-0", schedule_uid="suid-0"),
+        ),
         ("spent_for_job (retries)", lambda: history.spent_for_job("juid-4321")),
     ]
 
 
 def write_path(history: History, runs: int) -> float:
-    """Median milliseconds for one run's writes: start, 3 progress updates, finish."""
+    """Median milliseconds for one run's writes: reserve (summing the schedule's committed spend
+    under its lock, ever and this month), 3 progress updates, finish."""
+    now = datetime.now(UTC)
+    caps = Caps(
+        Decimal(1),
+        total=Decimal(10**7),
+        monthly=Decimal(10**6),
+        month_start=now.replace(day=1, hour=0, minute=0, second=0, microsecond=0),
+    )
     samples = []
     for i in range(runs):
-        key = ExecutionKey("bench", "writes", "suid", f"job-{i}", f"w-juid-{i}", f"w-puid-{i}", 0)
+        key = ExecutionKey("ns-0", "sched-0", "suid-0", f"job-{i}", f"w-juid-{i}", f"w-pod-{i}", 0)
         t0 = time.perf_counter()
-        execution_id = history.start(
-            key, model="gpt-4o-mini", provider="openai", started_at=datetime.now(UTC)
-        )
+        execution_id = history.reserve(
+            key, model="gpt-4o-mini", provider="openai", started_at=datetime.now(UTC), caps=caps
+        ).execution_id
         for step in range(1, 4):
             history.record_progress(
                 execution_id,
@@ -156,7 +169,7 @@ def main(rows: int, repeats: int) -> None:
                     f"{base_median:11.2f} ms p95 {base_p95:6.2f}{base_median / median:8.0f}x"
                 )
             per_run = write_path(history, 200)
-            print(f"runner write path (start + 3 progress + finish): {per_run:.2f} ms per run")
+            print(f"run write path (reserve + 3 progress + finish): {per_run:.2f} ms per run")
 
 
 if __name__ == "__main__":
