@@ -192,12 +192,15 @@ def operator_process(
     extra_env: Mapping[str, str] | None = None,
     log_name: str = "operator",
     reports: list[OperatorProcess] | None = None,
+    run_api_port: int | None = None,
 ) -> Iterator[OperatorProcess]:
     """Run ``python -m nocturne_operator`` from when its health endpoint answers until the block
     ends. Its log goes to ``<state dir>/<log_name>.log`` and is attached to the report of a
-    failing test (``reports``: by default the current test's, also after the block has ended)."""
+    failing test (``reports``: by default the current test's, also after the block has ended).
+    ``run_api_port``: keep the run API where a predecessor served it (a restart, not a move)."""
     log = cluster.state_dir / f"{log_name}.log"
-    health_port, metrics_port, run_api_port = controlplane.free_ports(3)
+    health_port, metrics_port, free_run_api_port = controlplane.free_ports(3)
+    run_api_port = run_api_port or free_run_api_port
     env = {
         **os.environ,
         "KUBECONFIG": str(cluster.kubeconfig),
