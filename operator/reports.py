@@ -13,6 +13,7 @@ from nocturne_operator.money import usd
 from nocturne_operator.storage.history import CostPeriod, ExecutionRecord, ExecutionStatus, History
 
 _STATUSES = [s.value for s in ExecutionStatus]
+_UID_CHARS = 8  # enough to tell a name's incarnations apart in a table; JSON has the whole UID
 
 
 def parse_time(text: str | None, what: str) -> datetime | None:
@@ -49,7 +50,9 @@ def history_report(
     before_id: int | None,
     output: str,
 ) -> str:
-    """One page of runs, newest first; the JSON carries the cursor for the next page."""
+    """One page of runs, newest first; the JSON carries the cursor for the next page. Runs of
+    every incarnation of the name are listed, each with its schedule's UID (a schedule deleted
+    and re-created under the same name is a new schedule with totals of its own)."""
     rows = history.runs(
         namespace, name, since=since, until=until, status=statuses, limit=limit, before_id=before_id
     )
@@ -61,7 +64,7 @@ def history_report(
     if not rows:
         return f"no runs of {namespace}/{name} in that range"
     table = _table(
-        ["ID", "STARTED (UTC)", "STATUS", "COST USD", "TOKENS IN/OUT", "JOB", "ERROR"],
+        ["ID", "STARTED (UTC)", "STATUS", "COST USD", "TOKENS IN/OUT", "JOB", "UID", "ERROR"],
         [
             [
                 str(r.id),
@@ -70,6 +73,7 @@ def history_report(
                 usd(r.cost_usd),
                 f"{r.input_tokens}/{r.output_tokens}",
                 r.job_name,
+                r.schedule_uid[:_UID_CHARS],
                 (r.error or "")[:60],
             ]
             for r in rows
@@ -155,12 +159,14 @@ def _notifications(notifications: Mapping[str, Any]) -> str:
 def _run_json(r: ExecutionRecord) -> dict[str, Any]:
     return {
         "id": r.id,
+        "scheduleUID": r.schedule_uid,
         "job": r.job_name,
         "attempt": r.attempt,
         "status": r.status.value,
         "startedAt": r.started_at.isoformat(),
         "completedAt": r.completed_at.isoformat() if r.completed_at else None,
         "costUSD": usd(r.cost_usd),
+        "grantedUSD": usd(r.granted_usd) if r.granted_usd is not None else None,
         "inputTokens": r.input_tokens,
         "outputTokens": r.output_tokens,
         "model": r.model,

@@ -162,3 +162,40 @@ def test_bad_flags(
     code, out, _ = run_cli(capsys, *args, "--database-url", seeded)
     assert code == 2
     assert message in out
+
+
+def test_history_lists_every_incarnation_with_its_uid(
+    postgres: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A schedule deleted and re-created under its name is a new schedule (totals of its own),
+    but `nocturne history NAME` lists the runs of both, each with its schedule's UID."""
+    url = postgres.fresh_schema("cli_incarnations")
+    upgrade(url)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for i, uid in enumerate(("0ld0ld00-0000-4000-8000-000000000001", "new0new0-0000-4000")):
+            conn.execute(
+                sa.text("""
+                INSERT INTO schedule_executions (namespace, schedule_name, schedule_uid,
+                    job_name, job_uid, pod_uid, attempt, status, started_at, completed_at,
+                    cost_usd, model, provider)
+                VALUES ('research', 'digest', :uid, :job, :job, :job, 0, 'SUCCEEDED',
+                    timestamptz '2026-11-01 09:00+00' + :i * interval '1 day',
+                    timestamptz '2026-11-01 09:01+00' + :i * interval '1 day',
+                    0.25, 'gpt-4o-mini', 'openai')
+            """),
+                {"uid": uid, "job": f"digest-{i}", "i": i},
+            )
+    engine.dispose()
+    args = ("history", "digest", "-n", "research", "--database-url", url)
+    code, out, _ = run_cli(capsys, *args, "-o", "json")
+    assert code == 0
+    runs = json.loads(out)["runs"]
+    assert [(r["job"], r["scheduleUID"]) for r in runs] == [
+        ("digest-1", "new0new0-0000-4000"),
+        ("digest-0", "0ld0ld00-0000-4000-8000-000000000001"),
+    ]
+    code, out, _ = run_cli(capsys, *args)
+    header, *rows = out.splitlines()
+    assert "UID" in header.split()
+    assert [row.split()[7] for row in rows] == ["new0new0", "0ld0ld00"]  # date and time: 2
