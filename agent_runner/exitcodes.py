@@ -1,7 +1,8 @@
 """The runner's exit-code contract, which the operator's ``podFailurePolicy`` relies on.
 
-Keep in step with ``docs/schedule-reference.md`` and the operator's ``EXIT_*`` constants (a unit
-test compares them; the runner may not import the operator).
+Keep in step with ``docs/schedule-reference.md``. The operator renders ``NON_RETRYABLE`` into
+every Job's ``podFailurePolicy`` from this module (it may import the runner's contract modules,
+never its agent), so there is no second copy to keep in step.
 """
 
 from __future__ import annotations

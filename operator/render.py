@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from agent_runner import exitcodes
 from agent_runner.contract import TOKEN_AUDIENCE
 from nocturne_operator.api import API_VERSION, KIND, AgentScheduleSpec, Provider
 from nocturne_operator.settings import Settings
@@ -30,12 +31,6 @@ ANNOTATION_MANUAL_REQUEST = "nocturne.dev/manual-request"
 TOKEN_DIR = "/var/run/secrets/nocturne.dev/run-api"  # noqa: S105 - a mount path
 TOKEN_FILE = "token"  # noqa: S105 - a file name
 
-# The runner's exit-code contract (docs/schedule-reference.md); podFailurePolicy depends on it.
-EXIT_SUCCEEDED = 0
-EXIT_TRANSIENT = 1  # retried within backoffLimit
-EXIT_CONFIG_ERROR = 3  # fails the Job at once
-EXIT_BUDGET_EXHAUSTED = 4  # fails the Job at once
-NON_RETRYABLE_EXIT_CODES = (EXIT_CONFIG_ERROR, EXIT_BUDGET_EXHAUSTED)
 
 RUNNER_UID = 65532
 
@@ -181,7 +176,8 @@ def render_job_template(
                         "onExitCodes": {
                             "containerName": "runner",
                             "operator": "In",
-                            "values": list(NON_RETRYABLE_EXIT_CODES),
+                            # The runner's exit-code contract, which the runner owns.
+                            "values": list(exitcodes.NON_RETRYABLE),
                         },
                     },
                     # Evictions and preemptions are not the agent's fault: do not count them.

@@ -9,11 +9,10 @@ from typing import Any
 
 import pytest
 
+from agent_runner import exitcodes
 from agent_runner.contract import TOKEN_AUDIENCE, parse_task_document
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.render import (
-    EXIT_BUDGET_EXHAUSTED,
-    EXIT_CONFIG_ERROR,
     RunApiEndpoint,
     ScheduleRef,
     cronjob_name,
@@ -83,7 +82,7 @@ def test_non_retryable_exit_codes_fail_the_job_at_once() -> None:
         "onExitCodes": {
             "containerName": "runner",
             "operator": "In",
-            "values": [EXIT_CONFIG_ERROR, EXIT_BUDGET_EXHAUSTED],
+            "values": [exitcodes.CONFIG_ERROR, exitcodes.BUDGET_EXHAUSTED],
         },
     }
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
