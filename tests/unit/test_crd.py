@@ -86,6 +86,7 @@ def test_names_printer_columns_and_status_subresource() -> None:
         "Schedule": ".spec.schedule",
         "Zone": ".spec.timeZone",
         "Suspended": ".spec.suspend",
+        "Ready": '.status.conditions[?(@.type=="Ready")].status',
         "Phase": ".status.phase",
         "Next Run": ".status.nextRunLocal",
         "Last Result": ".status.lastRun.result",
