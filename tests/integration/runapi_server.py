@@ -1,5 +1,6 @@
 """A local stand-in of the operator's run API for runner tests: the runner's side of the contract
-(``agent_runner.contract``) over real TLS, with a throwaway CA made by ``cryptography``.
+(``agent_runner.contract``) over real TLS, with a throwaway CA of the operator's own kind
+(``nocturne_operator.runapi.tls.RunApiTls``: the same certificates the real run API serves).
 
 It validates every request against the contract's models (422 ``ApiError`` otherwise), answers
 scripted replies per path in order (defaults: a grant for start, an ``Ack`` for progress and
@@ -11,23 +12,14 @@ The server binds 127.0.0.1 on a free port, runs aiohttp in a thread; use it as a
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import json
-import ssl
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ValidationError
 
 from agent_runner.contract import (
@@ -38,6 +30,7 @@ from agent_runner.contract import (
     ProgressReport,
     StartRequest,
 )
+from nocturne_operator.runapi.tls import RunApiTls
 
 DOCUMENTS: dict[str, type[BaseModel]] = {
     START_PATH: StartRequest,
@@ -82,84 +75,6 @@ def api_error(reason: str, message: str) -> dict[str, str]:
     return {"reason": reason, "message": message}
 
 
-class CertificateAuthority:
-    """A throwaway CA (EC P-256) that issues server certificates for 127.0.0.1 and localhost."""
-
-    def __init__(self, name: str = "nocturne-test-ca") -> None:
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = dt.datetime.now(dt.UTC)
-        self._cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self._key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self._key.public_key()), critical=False
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-
-    @property
-    def pem(self) -> str:
-        """The CA certificate (what ``NOCTURNE_RUN_API_CA`` carries)."""
-        return self._cert.public_bytes(serialization.Encoding.PEM).decode()
-
-    def issue(self, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> tuple[bytes, bytes]:
-        """A server certificate and its key (PEM) for ``hosts`` (IP addresses or DNS names)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        names: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
-                critical=False,
-            )
-            .sign(self._key, hashes.SHA256())
-        )
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 @dataclass(frozen=True)
 class Received:
     """One request the server received (headers with lower-case names)."""
@@ -199,11 +114,12 @@ class RunApiServer:
 
     def __init__(
         self,
-        ca: CertificateAuthority | None = None,
+        ca: RunApiTls | None = None,
         *,
         hosts: tuple[str, ...] = ("127.0.0.1", "localhost"),
     ) -> None:
-        self.ca = ca or CertificateAuthority()
+        # The given CA with a serving certificate for ``hosts`` (a fresh CA when none is given).
+        self.ca = (ca or RunApiTls.create(list(hosts))).with_new_server_cert(list(hosts))
         self.hosts = hosts
         self.requests: list[Received] = []
         self._scripts: dict[str, deque[Script]] = {}
@@ -246,12 +162,7 @@ class RunApiServer:
         self._loop.close()
 
     async def _start(self) -> None:
-        cert, key = self.ca.issue(self.hosts)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        with tempfile.TemporaryDirectory(prefix="runapi-tls-") as tmp:
-            (Path(tmp) / "tls.crt").write_bytes(cert)
-            (Path(tmp) / "tls.key").write_bytes(key)
-            context.load_cert_chain(Path(tmp) / "tls.crt", Path(tmp) / "tls.key")
+        context = self.ca.server_context()
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -32,13 +32,13 @@ from integration.llm_server import (
 )
 from integration.runapi_server import (
     Answer,
-    CertificateAuthority,
     RunApiServer,
     api_error,
     grant_json,
 )
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.render import ScheduleRef, task_document
+from nocturne_operator.runapi.tls import RunApiTls
 
 pytestmark = pytest.mark.integration
 
@@ -47,12 +47,12 @@ LLM_KEY = "sk-test-secret"
 
 
 @pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority()
+def ca() -> RunApiTls:
+    return RunApiTls.create(["127.0.0.1", "localhost"])
 
 
 @pytest.fixture
-def api(ca: CertificateAuthority) -> Iterator[RunApiServer]:
+def api(ca: RunApiTls) -> Iterator[RunApiServer]:
     with RunApiServer(ca) as server:
         yield server
 
@@ -110,7 +110,7 @@ def runner_env(
 
 
 def env_for(tmp_path: Path, api: RunApiServer, task: str, **extra: str) -> dict[str, str]:
-    return runner_env(tmp_path, api.url, api.ca.pem, task, **extra)
+    return runner_env(tmp_path, api.url, api.ca.ca_pem, task, **extra)
 
 
 def run(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -237,9 +237,9 @@ def test_no_grant_409_spends_nothing_and_exits_4(
 
 
 def test_run_api_down_spends_nothing_and_exits_transient(
-    tmp_path: Path, ca: CertificateAuthority, llm: ScriptedServer
+    tmp_path: Path, ca: RunApiTls, llm: ScriptedServer
 ) -> None:
-    env = runner_env(tmp_path, f"https://127.0.0.1:{free_port()}", ca.pem, openai_task(llm))
+    env = runner_env(tmp_path, f"https://127.0.0.1:{free_port()}", ca.ca_pem, openai_task(llm))
     started = time.monotonic()
     result = run(env)
     assert result.returncode == exitcodes.TRANSIENT, result.stderr

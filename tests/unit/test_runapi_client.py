@@ -32,11 +32,11 @@ from agent_runner.runapi import (
 from integration.llm_server import free_port
 from integration.runapi_server import (
     Answer,
-    CertificateAuthority,
     RunApiServer,
     api_error,
     grant_json,
 )
+from nocturne_operator.runapi.tls import RunApiTls
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.projected-token-one.signature"  # noqa: S105 - a test value
 RUN = RunRef(
@@ -50,12 +50,12 @@ START = StartRequest(run=RUN, started_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UT
 
 
 @pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority()
+def ca() -> RunApiTls:
+    return RunApiTls.create(["127.0.0.1", "localhost"])
 
 
 @pytest.fixture
-def server(ca: CertificateAuthority) -> Iterator[RunApiServer]:
+def server(ca: RunApiTls) -> Iterator[RunApiServer]:
     with RunApiServer(ca) as running:
         yield running
 
@@ -74,10 +74,8 @@ def client_for(url: str, ca_pem: str, token_file: Path, **options: float) -> Run
 
 
 @pytest.fixture
-def client(
-    server: RunApiServer, ca: CertificateAuthority, token_file: Path
-) -> Iterator[RunApiClient]:
-    with client_for(server.url, ca.pem, token_file) as running:
+def client(server: RunApiServer, ca: RunApiTls, token_file: Path) -> Iterator[RunApiClient]:
+    with client_for(server.url, ca.ca_pem, token_file) as running:
         yield running
 
 
@@ -198,10 +196,10 @@ def test_5xx_every_time_is_unavailable_after_bounded_tries(
     assert excinfo.value.exit_code == TRANSIENT
 
 
-def test_connection_refused_is_unavailable_within_seconds(
-    ca: CertificateAuthority, token_file: Path
-) -> None:
-    with client_for(f"https://127.0.0.1:{free_port()}", ca.pem, token_file, backoff=0.1) as client:
+def test_connection_refused_is_unavailable_within_seconds(ca: RunApiTls, token_file: Path) -> None:
+    with client_for(
+        f"https://127.0.0.1:{free_port()}", ca.ca_pem, token_file, backoff=0.1
+    ) as client:
         started = time.monotonic()
         with pytest.raises(RunApiUnavailableError) as excinfo:
             client.start(START)
@@ -211,9 +209,9 @@ def test_connection_refused_is_unavailable_within_seconds(
     assert 0.4 <= elapsed < 5  # backoff 0.1 + 0.3 between the three tries
 
 
-def test_default_retries_fit_in_a_few_seconds(ca: CertificateAuthority, token_file: Path) -> None:
+def test_default_retries_fit_in_a_few_seconds(ca: RunApiTls, token_file: Path) -> None:
     """The defaults (3 tries, 0.25 s then 0.75 s apart) against a port nobody listens on."""
-    with RunApiClient(f"https://127.0.0.1:{free_port()}", ca.pem, token_file) as client:
+    with RunApiClient(f"https://127.0.0.1:{free_port()}", ca.ca_pem, token_file) as client:
         started = time.monotonic()
         with pytest.raises(RunApiUnavailableError):
             client.progress(progress())
@@ -221,11 +219,11 @@ def test_default_retries_fit_in_a_few_seconds(ca: CertificateAuthority, token_fi
 
 
 def test_timeouts_are_retried_then_unavailable(
-    server: RunApiServer, ca: CertificateAuthority, token_file: Path
+    server: RunApiServer, ca: RunApiTls, token_file: Path
 ) -> None:
     server.route(PROGRESS_PATH, Answer(json={"recorded": True}, delay=1.0))
     with (
-        client_for(server.url, ca.pem, token_file, timeout=0.2, attempts=2) as client,
+        client_for(server.url, ca.ca_pem, token_file, timeout=0.2, attempts=2) as client,
         pytest.raises(RunApiUnavailableError, match="ReadTimeout"),
     ):
         client.progress(progress())
@@ -233,7 +231,7 @@ def test_timeouts_are_retried_then_unavailable(
 
 
 def test_a_call_deadline_bounds_all_tries(
-    server: RunApiServer, ca: CertificateAuthority, token_file: Path
+    server: RunApiServer, ca: RunApiTls, token_file: Path
 ) -> None:
     server.route(FINISH_PATH, Answer(json={"recorded": True}, delay=2.0))
     report = FinishReport(
@@ -245,7 +243,7 @@ def test_a_call_deadline_bounds_all_tries(
         input_tokens=0,
         output_tokens=0,
     )
-    with client_for(server.url, ca.pem, token_file, timeout=5.0) as client:
+    with client_for(server.url, ca.ca_pem, token_file, timeout=5.0) as client:
         started = time.monotonic()
         with pytest.raises(RunApiUnavailableError):
             client.finish(report, deadline=0.5)
@@ -278,9 +276,9 @@ def test_an_oversized_answer_is_not_read_whole(client: RunApiClient, server: Run
 def test_a_certificate_from_another_ca_is_refused_at_tls(
     server: RunApiServer, token_file: Path
 ) -> None:
-    other = CertificateAuthority("someone-else")
+    other = RunApiTls.create(["127.0.0.1", "localhost"])
     with (
-        client_for(server.url, other.pem, token_file) as client,
+        client_for(server.url, other.ca_pem, token_file) as client,
         pytest.raises(RunApiRefusedError) as excinfo,
     ):
         client.start(START)
@@ -288,11 +286,11 @@ def test_a_certificate_from_another_ca_is_refused_at_tls(
     assert server.requests == [], "nothing, and no token, reached the server"
 
 
-def test_the_hostname_is_checked(ca: CertificateAuthority, token_file: Path) -> None:
+def test_the_hostname_is_checked(ca: RunApiTls, token_file: Path) -> None:
     """A certificate of the right CA for another name is refused too."""
     with RunApiServer(ca, hosts=("nocturne-operator.nocturne.svc",)) as elsewhere:
         with (
-            client_for(elsewhere.url, ca.pem, token_file) as client,
+            client_for(elsewhere.url, ca.ca_pem, token_file) as client,
             pytest.raises(RunApiRefusedError, match="certificate does not verify"),
         ):
             client.start(START)
