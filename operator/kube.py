@@ -185,6 +185,18 @@ class Kube:
             path += f"/{name}"
         if subresource:
             path += f"/{subresource}"
+        return self._request(method, path, body=body, content_type=content_type, query=query)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        """One API call with the client's credentials; ApiException unless 2xx."""
         method_, url, headers, payload, post = self._api.param_serialize(
             method=method,
             resource_path=path,
@@ -230,19 +242,6 @@ class Kube:
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": audiences},
         }
-        method, url, headers, payload, post = self._api.param_serialize(
-            method="POST",
-            resource_path="/apis/authentication.k8s.io/v1/tokenreviews",
-            query_params=[],
-            header_params={"Accept": "application/json", "Content-Type": "application/json"},
-            body=body,
-            auth_settings=["BearerToken"],
-        )
-        response = self._api.call_api(
-            method, url, header_params=headers, body=payload, post_params=post
-        )
-        response.read()
-        if not 200 <= response.status < 300:
-            raise ApiException(http_resp=response)
-        status: dict[str, Any] = json.loads(response.data or b"{}").get("status") or {}
+        review = self._request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body)
+        status: dict[str, Any] = review.get("status") or {}
         return status
