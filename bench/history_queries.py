@@ -21,7 +21,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from integration.postgres import running_postgres
-from nocturne_operator.storage.history import Caps, ExecutionKey, History, upgrade
+from nocturne_operator.storage import Caps, ExecutionKey, History, upgrade
 
 SCHEDULES = 40
 NAMESPACES = 4

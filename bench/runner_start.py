@@ -57,7 +57,7 @@ from nocturne_operator.runapi.auth import AuthError, RunIdentity
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage.history import History, upgrade
+from nocturne_operator.storage import History, upgrade
 
 TIMEOUT = 120.0  # seconds one process may take before the bench gives up on it
 API_KEY = "sk-bench-not-a-secret"

@@ -28,7 +28,7 @@ from nocturne_operator.reconcile import (
     ANNOTATION_SUSPEND_REASON,
 )
 from nocturne_operator.settings import Settings, load_settings
-from nocturne_operator.storage import history
+from nocturne_operator.storage import ExecutionRecord, History, HistoryError, redact_url, upgrade
 from nocturne_operator.validation import validate
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -169,11 +169,11 @@ def cmd_db_upgrade(args: argparse.Namespace, _settings: Settings) -> int:
         print(f"db upgrade: {exc}")
         return EXIT_USAGE
     try:
-        history.upgrade(url)
-    except history.HistoryError as exc:
+        upgrade(url)
+    except HistoryError as exc:
         print(f"db upgrade failed: {exc}")
         return EXIT_INVALID
-    print(f"db upgrade: {history.redact_url(url)} is at the latest schema")
+    print(f"db upgrade: {redact_url(url)} is at the latest schema")
     return EXIT_OK
 
 
@@ -196,7 +196,7 @@ def cmd_history(args: argparse.Namespace, _settings: Settings) -> int:
         return EXIT_USAGE
     namespace = args.namespace or _current_namespace()
     try:
-        with history.History.connect(url) as store:
+        with History.connect(url) as store:
             print(
                 reports.history_report(
                     store,
@@ -210,7 +210,7 @@ def cmd_history(args: argparse.Namespace, _settings: Settings) -> int:
                     output=args.output,
                 )
             )
-    except history.HistoryError as exc:
+    except HistoryError as exc:
         print(f"history: {exc}")
         return EXIT_INVALID
     return EXIT_OK
@@ -228,11 +228,11 @@ def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
         return EXIT_USAGE
     namespace = args.namespace or _current_namespace()
     try:
-        with history.History.connect(url) as store:
+        with History.connect(url) as store:
             periods = store.cost(
                 namespace, args.name, since=since, until=until, by=args.by, tz=args.tz
             )
-    except history.HistoryError as exc:
+    except HistoryError as exc:
         print(f"cost: {exc}")
         return EXIT_INVALID
     print(reports.cost_report(periods, args.by, args.output))
@@ -246,13 +246,13 @@ def cmd_describe(args: argparse.Namespace, _settings: Settings) -> int:
     if obj is None:
         print(f"{KIND} {namespace}/{args.name} not found")
         return EXIT_INVALID
-    runs: list[history.ExecutionRecord] = []
+    runs: list[ExecutionRecord] = []
     url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
     if url:  # optional here: describe works without history
         try:
-            with history.History.connect(url) as store:
+            with History.connect(url) as store:
                 runs = store.runs(namespace, args.name, limit=5)
-        except history.HistoryError as exc:
+        except HistoryError as exc:
             print(f"(history unavailable: {exc})")
     print(reports.describe(obj, runs))
     return EXIT_OK

@@ -25,7 +25,7 @@ from nocturne_operator.runapi.auth import Authenticator
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings, load_settings
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     EventKind,
     ExecutionRecord,
     ExecutionStatus,

@@ -14,7 +14,7 @@ from typing import Any, Literal, cast
 
 from nocturne_operator.api import Notifications
 from nocturne_operator.money import usd
-from nocturne_operator.storage.history import clean_text
+from nocturne_operator.storage import clean_text
 from nocturne_operator.timestamps import rfc3339
 
 Format = Literal["slack", "json"]

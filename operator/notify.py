@@ -67,7 +67,7 @@ from nocturne_operator.notices import (
 )
 from nocturne_operator.outbox import ScheduleView, Store
 from nocturne_operator.settings import load_settings
-from nocturne_operator.storage.history import HistoryError
+from nocturne_operator.storage import HistoryError
 from nocturne_operator.webhook_bodies import render_body
 
 __all__ = ["Notifier", "retry_delay"]

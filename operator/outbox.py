@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from nocturne_operator.notices import Delivery, Kind, Notice, NoticeSubject, Status
-from nocturne_operator.storage.history import translate_errors
+from nocturne_operator.storage import translate_errors
 
 # pg_advisory_xact_lock class of the per-schedule lock ("noti").
 _LOCK_CLASS = 0x6E6F7469

@@ -32,7 +32,7 @@ from nocturne_operator.render import (
     render_job_template,
 )
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     ExecutionRecord,
     ExecutionStatus,
     RunStats,

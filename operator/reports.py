@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from nocturne_operator.money import usd
-from nocturne_operator.storage.history import CostPeriod, ExecutionRecord, ExecutionStatus, History
+from nocturne_operator.storage import CostPeriod, ExecutionRecord, ExecutionStatus, History
 
 _STATUSES = [s.value for s in ExecutionStatus]
 _UID_CHARS = 8  # enough to tell a name's incarnations apart in a table; JSON has the whole UID

@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any
 
 from agent_runner.summary import Summary, parse_summary
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     ExecutionKey,
     ExecutionRecord,
     ExecutionStatus,

@@ -37,7 +37,7 @@ from nocturne_operator.runapi import metrics
 from nocturne_operator.runapi.auth import AuthError, RunAuthenticator, RunIdentity, check_run
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
     ExecutionNotFoundError,

@@ -1,2 +1,89 @@
 """PostgreSQL storage of the operator, its only client: execution history, budget grants, the
-audit trail and agent state (``history``), with their Alembic migrations (``migrations``)."""
+audit trail and agent state, split by concern. Import from this package, not its modules.
+
+- ``schema``: the tables (SQLAlchemy models), ExecutionStatus and EventKind. The leaf.
+- ``values``: what the store accepts (money, tokens, aware times, page sizes, storable text).
+- ``engine``: the engine, the HistoryError family and the transaction base of the repository.
+- ``migrate``: ``upgrade()``, running the Alembic scripts in ``migrations/``.
+- ``runs``: writes of run records -- reserve (budget grants), start, record_progress, finish.
+- ``queries``: reads of run records -- runs, cost, run statistics, RUNNING attempts.
+- ``audit``: the lifecycle audit trail. ``state``: agent state between runs.
+- ``repository``: ``History``, the one repository object, composed of the concerns' mixins.
+
+The notifications outbox (migration 0002) lives in ``nocturne_operator.outbox``.
+"""
+
+from agent_runner.contract import (
+    STATE_LIMIT_BYTES,
+    STATE_OUTPUT_LIMIT_BYTES,
+    StateTooLargeError,
+    quantize_usd,
+    validate_state,
+)
+from nocturne_operator.storage.audit import EventRecord
+from nocturne_operator.storage.engine import (
+    ExecutionNotFoundError,
+    HistoryError,
+    HistoryUnavailableError,
+    redact_url,
+    translate_errors,
+)
+from nocturne_operator.storage.migrate import MIGRATIONS_DIR, upgrade
+from nocturne_operator.storage.queries import (
+    FAILED_OUTCOMES,
+    CostBy,
+    CostPeriod,
+    ExecutionRecord,
+    RunStats,
+    month_start,
+    next_month_start,
+)
+from nocturne_operator.storage.repository import History
+from nocturne_operator.storage.runs import Caps, ExecutionKey, GrantRecord
+from nocturne_operator.storage.schema import (
+    AgentState,
+    Base,
+    Event,
+    EventKind,
+    Execution,
+    ExecutionStatus,
+)
+from nocturne_operator.storage.state import SavedState
+from nocturne_operator.storage.values import ERROR_LIMIT_BYTES, OUTPUT_LIMIT_BYTES, clean_text
+
+__all__ = [
+    "ERROR_LIMIT_BYTES",
+    "FAILED_OUTCOMES",
+    "MIGRATIONS_DIR",
+    "OUTPUT_LIMIT_BYTES",
+    "STATE_LIMIT_BYTES",
+    "STATE_OUTPUT_LIMIT_BYTES",
+    "AgentState",
+    "Base",
+    "Caps",
+    "CostBy",
+    "CostPeriod",
+    "Event",
+    "EventKind",
+    "EventRecord",
+    "Execution",
+    "ExecutionKey",
+    "ExecutionNotFoundError",
+    "ExecutionRecord",
+    "ExecutionStatus",
+    "GrantRecord",
+    "History",
+    "HistoryError",
+    "HistoryUnavailableError",
+    "RunStats",
+    "SavedState",
+    "StateTooLargeError",
+    "clean_text",
+    "month_start",
+    "next_month_start",
+    "quantize_usd",
+    "redact_url",
+    "translate_errors",
+    "upgrade",
+    "validate_state",
+]

@@ -27,7 +27,7 @@ from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import ExecutorProcess, run_executor
 from e2e.kube import Cluster, Kubectl, healthy, wait_for
 from integration.postgres import PostgresServer
-from nocturne_operator.storage.history import upgrade
+from nocturne_operator.storage import upgrade
 from prerequisites import skip_or_fail
 
 _cluster_for_reports: list[Cluster] = []

@@ -30,7 +30,7 @@ from e2e.cluster.tools import Tools
 from e2e.conftest import fresh_namespace
 from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import finished_job, patch_spec, ready, run_now, runner_summary, schedule
-from nocturne_operator.storage.history import ExecutionStatus, History
+from nocturne_operator.storage import ExecutionStatus, History
 from prerequisites import skip_or_fail
 
 pytestmark = pytest.mark.e2e

@@ -31,7 +31,7 @@ from e2e.schedules import (
     status_of,
 )
 from integration.llm_server import Reply, ScriptedServer, html_page
-from nocturne_operator.storage.history import ExecutionKey, ExecutionStatus, History
+from nocturne_operator.storage import ExecutionKey, ExecutionStatus, History
 
 pytestmark = pytest.mark.e2e
 

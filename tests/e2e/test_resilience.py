@@ -23,7 +23,7 @@ from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import finished, ready, run_now, runner_summary, status_of
 from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
 from integration.postgres import PostgresServer, start_postgres, stop_postgres
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     ExecutionKey,
     ExecutionRecord,
     ExecutionStatus,

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from integration.postgres import PostgresServer
 from nocturne_operator.cli import main
-from nocturne_operator.storage.history import upgrade
+from nocturne_operator.storage import upgrade
 
 pytestmark = pytest.mark.integration
 ROWS = 100_000

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from integration.postgres import PostgresServer
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     ERROR_LIMIT_BYTES,
     OUTPUT_LIMIT_BYTES,
     STATE_LIMIT_BYTES,

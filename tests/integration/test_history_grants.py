@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from integration.postgres import PostgresServer
 from nocturne_operator.results import reap
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
     ExecutionStatus,
@@ -94,7 +94,7 @@ def spend(
 
 
 def committed(history: History, uid: str = "uid-news", since: datetime | None = None) -> Decimal:
-    """What the schedule's rows hold of its budget, computed here independently of history.py."""
+    """What the schedule's rows hold of its budget, computed apart from storage/runs.py."""
     with history.engine.connect() as conn:
         value = conn.execute(
             sa.text(
@@ -337,7 +337,7 @@ def test_a_cost_above_the_grant_is_recorded_flagged_and_counted(
     caps = Caps(D(1), total=D("0.30"))
     grant = reserve(history, "a", caps=caps)
     assert grant.limit == D("0.30")
-    with caplog.at_level(logging.WARNING, "nocturne_operator.storage.history"):
+    with caplog.at_level(logging.WARNING, "nocturne_operator.storage.runs"):
         history.record_progress(
             grant.execution_id, cost_usd=D("0.35"), input_tokens=1, output_tokens=1
         )
@@ -562,7 +562,7 @@ def sums(history: History, uid: str) -> tuple[Decimal, Decimal, Decimal, Decimal
 
 
 def expected_limit(caps: Caps, attempts: list[Attempt], job_uid: str) -> Decimal:
-    """The grant computed from what the test knows, independently of history.py."""
+    """The grant computed from what the test knows, independently of storage/runs.py."""
     left = [caps.per_run - sum((a.held for a in attempts if a.key.job_uid == job_uid), D(0))]
     if caps.total is not None:
         left.append(caps.total - sum((a.held for a in attempts), D(0)))

@@ -20,7 +20,7 @@ from alembic.migration import MigrationContext
 
 from integration.postgres import PostgresServer
 from nocturne_operator.outbox import NOTIFICATIONS
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     MIGRATIONS_DIR,
     Base,
     Caps,

@@ -28,7 +28,7 @@ from nocturne_operator import notices, outbox, webhook_bodies
 from nocturne_operator.notices import Delivery, Kind, NoticeSubject, RunInfo, Status
 from nocturne_operator.notify import Notifier
 from nocturne_operator.outbox import PostgresStore, Store
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     MIGRATIONS_DIR,
     History,
     HistoryUnavailableError,

@@ -13,7 +13,7 @@ import pytest
 
 from integration.postgres import PostgresServer
 from nocturne_operator.results import reap
-from nocturne_operator.storage.history import (
+from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
     ExecutionStatus,

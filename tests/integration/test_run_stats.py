@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 
 from integration.postgres import PostgresServer
-from nocturne_operator.storage.history import ExecutionKey, ExecutionStatus, History, upgrade
+from nocturne_operator.storage import ExecutionKey, ExecutionStatus, History, upgrade
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)

@@ -38,7 +38,7 @@ from nocturne_operator.runapi.auth import AuthError, RunIdentity
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage.history import ExecutionStatus, History, upgrade
+from nocturne_operator.storage import ExecutionStatus, History, upgrade
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from nocturne_operator.storage.history import month_start, next_month_start
+from nocturne_operator.storage import month_start, next_month_start
 
 
 def test_month_starts_at_local_midnight_on_the_first() -> None:

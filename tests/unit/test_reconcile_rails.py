@@ -17,7 +17,7 @@ from nocturne_operator.kube import Kube
 from nocturne_operator.reconcile import reconcile
 from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage.history import ExecutionRecord, ExecutionStatus, RunStats
+from nocturne_operator.storage import ExecutionRecord, ExecutionStatus, RunStats
 
 SETTINGS = Settings()
 # 2026-11-26 10:00 in Tokyo.

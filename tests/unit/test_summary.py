@@ -21,7 +21,7 @@ from agent_runner.summary import (
     parse_summary,
     write_termination_message,
 )
-from nocturne_operator.storage.history import ExecutionStatus
+from nocturne_operator.storage import ExecutionStatus
 
 STARTED = datetime(2026, 11, 27, 0, 0, tzinfo=UTC)
 

@@ -1,6 +1,6 @@
 """Alembic environment of the history schema.
 
-Run through ``nocturne_operator.storage.history.upgrade(url)``, which holds an advisory lock and
+Run through ``nocturne_operator.storage.upgrade(url)``, which holds an advisory lock and
 passes its connection in ``config.attributes["connection"]``; there is no alembic.ini.
 """
 
@@ -17,7 +17,7 @@ if context.is_offline_mode():
         context.run_migrations()
 elif connection is None:
     raise RuntimeError(
-        "history migrations run through nocturne_operator.storage.history.upgrade(url), "
+        "history migrations run through nocturne_operator.storage.upgrade(url), "
         "which supplies the connection"
     )
 else:

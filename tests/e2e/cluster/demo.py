@@ -19,7 +19,7 @@ from e2e.cluster import build, controlplane, tools
 from e2e.cluster.executor import executor_command
 from e2e.kube import Kubectl, healthy, wait_for
 from integration.postgres import start_postgres, stop_postgres
-from nocturne_operator.storage.history import upgrade
+from nocturne_operator.storage import upgrade
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "docs" / "examples"

@@ -1,0 +1,426 @@
+"""Reads of run records, for the operator (status, budgets, the reaper) and the CLI: single
+runs, a schedule's runs page by page, cost per calendar period, run statistics and the RUNNING
+attempts. Everything is derived from the rows, the source of truth, so replays and operator
+restarts never double-count. Also the monthly budget's period (``month_start``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Literal, NamedTuple
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import sqlalchemy as sa
+
+from nocturne_operator.storage.engine import Repository
+from nocturne_operator.storage.schema import EXECUTIONS, ExecutionStatus
+from nocturne_operator.storage.values import aware, check_page_limit
+
+__all__ = [
+    "FAILED_OUTCOMES",
+    "CostBy",
+    "CostPeriod",
+    "ExecutionRecord",
+    "RunReads",
+    "RunStats",
+    "month_start",
+    "next_month_start",
+]
+
+
+@dataclass(frozen=True)
+class ExecutionRecord:
+    """One row of ``schedule_executions`` (``output`` is None unless asked for)."""
+
+    id: int
+    namespace: str
+    schedule_name: str
+    schedule_uid: str
+    job_name: str
+    job_uid: str
+    pod_uid: str
+    attempt: int
+    manual_request: str | None
+    status: ExecutionStatus
+    started_at: datetime
+    completed_at: datetime | None
+    cost_usd: Decimal
+    input_tokens: int
+    output_tokens: int
+    model: str
+    provider: str
+    error: str | None
+    output: str | None
+    alert: bool
+    alert_reason: str | None
+    metadata: dict[str, Any]
+    updated_at: datetime
+    # What reserve() granted the attempt; None for rows without a grant (they count at cost).
+    granted_usd: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """A schedule's runs as people count them: one run per Job, whose outcome is its last
+    attempt's. ``last_run`` is the latest finished Job's last attempt."""
+
+    total_cost: Decimal
+    succeeded: int
+    failed: int
+    consecutive_failures: int
+    last_run: ExecutionRecord | None
+    # Start of the latest successful attempt (the silent-stop alarm's reference).
+    last_success_at: datetime | None = None
+    # Cost of runs started since ``month_start`` (the monthly budget); None when not asked.
+    month_cost: Decimal | None = None
+
+
+# Outcomes that count as a failed run; CANCELLED (deletion, eviction) does not.
+FAILED_OUTCOMES = frozenset(
+    {ExecutionStatus.FAILED, ExecutionStatus.BUDGET_EXCEEDED, ExecutionStatus.TIMED_OUT}
+)
+
+
+class CostPeriod(NamedTuple):
+    """Cost of the runs started in one calendar period (start is local midnight in ``tz``)."""
+
+    period_start: datetime
+    cost_usd: Decimal
+
+
+CostBy = Literal["day", "week", "month"]
+
+
+def _zone(tz: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"tz: {tz!r} is not an IANA time zone name") from None
+
+
+def month_start(moment: datetime, tz: str) -> datetime:
+    """Local midnight on the 1st of ``moment``'s month in ``tz`` (the monthly budget's period)."""
+    local = aware("moment", moment).astimezone(_zone(tz))
+    return datetime(local.year, local.month, 1, tzinfo=local.tzinfo)
+
+
+def next_month_start(moment: datetime, tz: str) -> datetime:
+    """Local midnight on the 1st of the month after ``moment``'s, in ``tz``."""
+    start = month_start(moment, tz)
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return start.replace(year=year, month=month)
+
+
+def cost_sum(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    """SUM(cost_usd) of the rows matching ``where`` (FILTER), 0 when there are none."""
+    return sa.func.coalesce(sa.func.sum(EXECUTIONS.c.cost_usd).filter(*where), 0)
+
+
+def execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
+    """The columns of an ExecutionRecord, in its order (``output`` NULL unless asked for)."""
+    c = EXECUTIONS.c
+    output: sa.ColumnElement[Any] = (
+        c.output if include_output else sa.null().cast(sa.Text).label("output")
+    )
+    return [
+        c.id,
+        c.namespace,
+        c.schedule_name,
+        c.schedule_uid,
+        c.job_name,
+        c.job_uid,
+        c.pod_uid,
+        c.attempt,
+        c.manual_request,
+        c.status,
+        c.started_at,
+        c.completed_at,
+        c.cost_usd,
+        c.input_tokens,
+        c.output_tokens,
+        c.model,
+        c.provider,
+        c.error,
+        output,
+        c.alert,
+        c.alert_reason,
+        c["metadata"].label("metadata"),
+        c.updated_at,
+        c.granted_usd,
+    ]
+
+
+def _record(row: sa.Row[Any]) -> ExecutionRecord:
+    values = dict(row._mapping)
+    values["status"] = ExecutionStatus(values["status"])
+    return ExecutionRecord(**values)
+
+
+class RunReads(Repository):
+    """The reads of ``schedule_executions``."""
+
+    def spent_for_job(self, job_uid: str, *, exclude_pod_uid: str | None = None) -> Decimal:
+        """Recorded cost of every attempt (pod) of a Job (grants not counted; ``reserve()``
+        counts those); ``exclude_pod_uid`` leaves out one attempt."""
+        t = EXECUTIONS
+        query = sa.select(cost_sum()).where(t.c.job_uid == job_uid)
+        if exclude_pod_uid is not None:
+            query = query.where(t.c.pod_uid != exclude_pod_uid)
+        with self._begin(f"read spent cost of job {job_uid}") as conn:
+            return Decimal(conn.execute(query).scalar_one())
+
+    def get(self, execution_id: int, *, include_output: bool = True) -> ExecutionRecord | None:
+        """One execution by id, or None."""
+        query = sa.select(*execution_columns(include_output)).where(EXECUTIONS.c.id == execution_id)
+        with self._begin(f"read execution {execution_id}") as conn:
+            row = conn.execute(query).first()
+        return None if row is None else _record(row)
+
+    def for_job(self, job_uid: str, *, include_output: bool = False) -> list[ExecutionRecord]:
+        """Every attempt of a Job, oldest first."""
+        t = EXECUTIONS
+        query = (
+            sa.select(*execution_columns(include_output))
+            .where(t.c.job_uid == job_uid)
+            .order_by(t.c.started_at, t.c.id)
+        )
+        with self._begin(f"read executions of job {job_uid}") as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def runs(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        status: ExecutionStatus | str | Collection[ExecutionStatus | str] | None = None,
+        limit: int = 50,
+        before_id: int | None = None,
+        include_output: bool = False,
+    ) -> list[ExecutionRecord]:
+        """Runs of a schedule started in [since, until), newest first, at most ``limit``.
+
+        Keyset pagination: pass the last id of a page as ``before_id`` for the next page.
+        """
+        check_page_limit(limit)
+        t = EXECUTIONS
+        what = f"list runs of {namespace}/{schedule_name}"
+        query = (
+            sa.select(*execution_columns(include_output))
+            .where(*self._schedule_range(namespace, schedule_name, since, until))
+            .order_by(t.c.started_at.desc(), t.c.id.desc())
+            .limit(limit)
+        )
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            query = query.where(t.c.status.in_([ExecutionStatus(s).value for s in wanted]))
+        with self._begin(what) as conn:
+            if before_id is not None:
+                cursor = conn.execute(
+                    sa.select(t.c.started_at, t.c.id).where(
+                        t.c.id == before_id,
+                        t.c.namespace == namespace,
+                        t.c.schedule_name == schedule_name,
+                    )
+                ).first()
+                if cursor is None:
+                    raise ValueError(
+                        f"before_id: {before_id} is not a run of {namespace}/{schedule_name}"
+                    )
+                query = query.where(
+                    sa.tuple_(t.c.started_at, t.c.id) < sa.tuple_(cursor.started_at, cursor.id)
+                )
+            return [_record(row) for row in conn.execute(query)]
+
+    def cost(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        by: CostBy = "day",
+        tz: str = "UTC",
+    ) -> list[CostPeriod]:
+        """Cost of a schedule's runs started in [since, until), summed per calendar day, week
+        (from Monday) or month in time zone ``tz``; periods without runs are left out."""
+        if by not in ("day", "week", "month"):
+            raise ValueError(f"by: {by!r} must be one of day, week, month")
+        zone = _zone(tz)
+        t = EXECUTIONS
+        period = sa.func.date_trunc(
+            sa.literal(by, sa.Text),
+            t.c.started_at,
+            sa.literal(tz, sa.Text),
+            type_=sa.DateTime(timezone=True),
+        ).label("period_start")
+        inner = (
+            sa.select(period, t.c.cost_usd)
+            .where(*self._schedule_range(namespace, schedule_name, since, until))
+            .subquery()
+        )
+        query = (
+            sa.select(inner.c.period_start, sa.func.sum(inner.c.cost_usd))
+            .group_by(inner.c.period_start)
+            .order_by(inner.c.period_start)
+        )
+        with self._begin(f"sum cost of {namespace}/{schedule_name} by {by} in {tz}") as conn:
+            rows = conn.execute(query).all()
+        return [CostPeriod(start.astimezone(zone), Decimal(total)) for start, total in rows]
+
+    def run_stats(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        schedule_uid: str | None = None,
+        failures_since: datetime | None = None,
+        month_start: datetime | None = None,
+        streak_limit: int = 100,
+    ) -> RunStats:
+        """Totals and the current failure streak, derived from the rows (the source of truth, so
+        replays and operator restarts never double-count). Failures of Jobs started before
+        ``failures_since`` (a resume) do not count towards the streak. With ``month_start``,
+        also the cost of runs started since then. With ``schedule_uid``, only that incarnation's
+        rows count (a re-created schedule starts clean); else every row of the name."""
+        t = EXECUTIONS
+        where = self._schedule_range(namespace, schedule_name, None, None, schedule_uid)
+        newest_first = sa.func.row_number().over(
+            partition_by=t.c.job_uid,
+            order_by=(t.c.attempt.desc(), t.c.started_at.desc(), t.c.id.desc()),
+        )
+        ranked = (
+            sa.select(*execution_columns(include_output=False), newest_first.label("rank"))
+            .where(*where)
+            .subquery()
+        )
+        last_attempts = (
+            sa.select(*(c for c in ranked.c if c.name != "rank"))
+            .where(ranked.c.rank == 1)
+            .subquery()
+        )
+        outcome = last_attempts.c.status
+        counts = sa.select(
+            sa.func.count().filter(outcome == ExecutionStatus.SUCCEEDED.value).label("succeeded"),
+            sa.func.count().filter(outcome.in_([s.value for s in FAILED_OUTCOMES])).label("failed"),
+        ).subquery()
+        month_cost = (
+            cost_sum(t.c.started_at >= aware("month_start", month_start))
+            if month_start is not None
+            else sa.null()
+        )
+        # Every attempt's cost and the latest success, in the same statement as the counts.
+        totals = (
+            sa.select(
+                cost_sum().label("total_cost"),
+                sa.func.max(t.c.started_at)
+                .filter(t.c.status == ExecutionStatus.SUCCEEDED.value)
+                .label("last_success_at"),
+                month_cost.label("month_cost"),
+            )
+            .where(*where)
+            .subquery()
+        )
+        recent = (
+            sa.select(last_attempts)
+            .where(outcome != ExecutionStatus.RUNNING.value)
+            .order_by(last_attempts.c.started_at.desc(), last_attempts.c.id.desc())
+            .limit(streak_limit)
+        )
+        # Two one-row subqueries: joined on TRUE, not on a forgotten condition.
+        both = sa.select(counts, totals).select_from(counts.join(totals, sa.true()))
+        with self._begin(f"read run statistics of {namespace}/{schedule_name}") as conn:
+            summary = conn.execute(both).one()
+            rows = [_record(row) for row in conn.execute(recent)]
+        streak = 0
+        for row in rows:
+            if failures_since is not None and row.started_at < failures_since:
+                break
+            if row.status is ExecutionStatus.SUCCEEDED:
+                break
+            if row.status in FAILED_OUTCOMES:
+                streak += 1
+        return RunStats(
+            Decimal(summary.total_cost),
+            int(summary.succeeded),
+            int(summary.failed),
+            streak,
+            rows[0] if rows else None,
+            last_success_at=summary.last_success_at,
+            month_cost=None if summary.month_cost is None else Decimal(summary.month_cost),
+        )
+
+    def total_cost(
+        self,
+        namespace: str,
+        schedule_name: str,
+        *,
+        schedule_uid: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Decimal:
+        """Total cost of a schedule's runs started in [since, until); with ``schedule_uid``,
+        of that incarnation's runs only."""
+        query = sa.select(cost_sum()).where(
+            *self._schedule_range(namespace, schedule_name, since, until, schedule_uid)
+        )
+        with self._begin(f"sum cost of {namespace}/{schedule_name}") as conn:
+            return Decimal(conn.execute(query).scalar_one())
+
+    def running(self, schedule_uid: str, *, limit: int = 100) -> list[ExecutionRecord]:
+        """The RUNNING attempts of a schedule UID (in flight, holding their grants), oldest
+        first."""
+        check_page_limit(limit)
+        t = EXECUTIONS
+        query = (
+            sa.select(*execution_columns(False))
+            # A literal, not a parameter: the planner must see it to use the partial index.
+            .where(
+                t.c.schedule_uid == schedule_uid,
+                t.c.status == sa.literal_column("'RUNNING'"),
+            )
+            .order_by(t.c.started_at, t.c.id)
+            .limit(limit)
+        )
+        with self._begin(f"list running executions of schedule UID {schedule_uid}") as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    def stuck_running(self, older_than: timedelta, *, limit: int = 500) -> list[ExecutionRecord]:
+        """RUNNING executions started more than ``older_than`` ago, oldest first (for the reaper,
+        which checks whether their Job or pod still exists)."""
+        cutoff = datetime.now(UTC) - older_than
+        t = EXECUTIONS
+        query = (
+            sa.select(*execution_columns(False))
+            # A literal, not a parameter: the planner must see it to use the partial index.
+            .where(t.c.status == sa.literal_column("'RUNNING'"), t.c.started_at < cutoff)
+            .order_by(t.c.started_at)
+            .limit(limit)
+        )
+        with self._begin("list stuck RUNNING executions") as conn:
+            return [_record(row) for row in conn.execute(query)]
+
+    @staticmethod
+    def _schedule_range(
+        namespace: str,
+        schedule_name: str,
+        since: datetime | None,
+        until: datetime | None,
+        schedule_uid: str | None = None,
+    ) -> list[sa.ColumnElement[bool]]:
+        t = EXECUTIONS
+        # A UID names one incarnation on its own (and leads its index); names are for people.
+        where = (
+            [t.c.namespace == namespace, t.c.schedule_name == schedule_name]
+            if schedule_uid is None
+            else [t.c.schedule_uid == schedule_uid]
+        )
+        if since is not None:
+            where.append(t.c.started_at >= aware("since", since))
+        if until is not None:
+            where.append(t.c.started_at < aware("until", until))
+        return where

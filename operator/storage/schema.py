@@ -1,0 +1,234 @@
+"""The history schema: the tables as SQLAlchemy models and the status and event vocabularies
+their check constraints hold. Migrations 0001 and 0003 create exactly this;
+tests/integration/test_history_schema.py checks it.
+
+Money is ``NUMERIC(14, 6)`` in SQL and ``Decimal`` in Python; times are ``timestamptz``. Rows
+name the schedule by UID (a re-created schedule is a new schedule) and by namespace/name for
+people. The leaf of the storage package: it imports nothing else of it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, cast
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "AGENT_STATE",
+    "EVENTS",
+    "EXECUTIONS",
+    "AgentState",
+    "Base",
+    "Event",
+    "EventKind",
+    "Execution",
+    "ExecutionStatus",
+]
+
+
+class ExecutionStatus(StrEnum):
+    """Status of one run attempt; every value but RUNNING is final."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELLED = "CANCELLED"
+
+
+class EventKind(StrEnum):
+    """Audit trail event kinds known today; the column accepts any lower_snake_case kind."""
+
+    CREATED = "created"
+    UPDATED = "updated"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    AUTO_PAUSED = "auto_paused"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    BUDGET_RESET = "budget_reset"
+    RUN_REQUESTED = "run_requested"
+    SILENT_STOP = "silent_stop"
+    DELETED = "deleted"
+    DRIFT_REPAIRED = "drift_repaired"
+
+
+_STATUS_SQL = ", ".join(f"'{s.value}'" for s in ExecutionStatus)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the history tables."""
+
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy reads this class attribute
+        str: sa.Text(),
+        datetime: sa.DateTime(timezone=True),
+        Decimal: sa.Numeric(14, 6),
+        dict[str, Any]: pg.JSONB(),
+    }
+
+
+class Execution(Base):
+    """One run attempt (one pod of a Job): RUNNING at start, a final status at the end."""
+
+    __tablename__ = "schedule_executions"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    namespace: Mapped[str]
+    schedule_name: Mapped[str]
+    schedule_uid: Mapped[str]
+    job_name: Mapped[str]
+    job_uid: Mapped[str]
+    pod_uid: Mapped[str]
+    attempt: Mapped[int] = mapped_column(sa.Integer)
+    manual_request: Mapped[str | None]
+    status: Mapped[str]
+    started_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+    cost_usd: Mapped[Decimal] = mapped_column(server_default=sa.text("0"))
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    model: Mapped[str]
+    provider: Mapped[str]
+    error: Mapped[str | None]
+    output: Mapped[str | None]
+    alert: Mapped[bool] = mapped_column(server_default=sa.false())
+    alert_reason: Mapped[str | None]
+    # `metadata` is reserved on declarative classes; the column keeps the documented name.
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=sa.text("'{}'::jsonb"))
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    # What reserve() granted this attempt; NULL for rows without a grant (written by start(),
+    # or before grants existed), which count at their cost. Last: migration 0003 added it.
+    granted_usd: Mapped[Decimal | None]
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("id", name="pk_schedule_executions"),
+        # The idempotency key: a replayed start() finds the row instead of adding one.
+        sa.UniqueConstraint("job_uid", "pod_uid", name="uq_schedule_executions_job_uid_pod_uid"),
+        sa.CheckConstraint(f"status IN ({_STATUS_SQL})", name="ck_schedule_executions_status"),
+        sa.CheckConstraint(
+            "(status = 'RUNNING') = (completed_at IS NULL)",
+            name="ck_schedule_executions_completed_at_iff_final",
+        ),
+        sa.CheckConstraint("cost_usd >= 0", name="ck_schedule_executions_cost_usd"),
+        sa.CheckConstraint(
+            "input_tokens >= 0 AND output_tokens >= 0", name="ck_schedule_executions_tokens"
+        ),
+        sa.CheckConstraint("attempt >= 0", name="ck_schedule_executions_attempt"),
+        sa.CheckConstraint("granted_usd >= 0", name="ck_schedule_executions_granted_usd"),
+        # "Runs of schedule X between A and B, newest first" and "cost of schedule X": the
+        # keyset (started_at, id) matches runs()' order; cost_usd and status are carried so sums
+        # and per-status counts are index-only scans.
+        sa.Index(
+            "ix_schedule_executions_schedule_started",
+            "namespace",
+            "schedule_name",
+            sa.desc("started_at"),
+            sa.desc("id"),
+            postgresql_include=["cost_usd", "status"],
+        ),
+        # "Runs of schedule X with status S, newest first": the operator's last successful run
+        # (silent-stop alarm) and `nocturne history --status`, fast even when S is rare.
+        sa.Index(
+            "ix_schedule_executions_schedule_status_started",
+            "namespace",
+            "schedule_name",
+            "status",
+            sa.desc("started_at"),
+            sa.desc("id"),
+        ),
+        # The reaper's "RUNNING for too long": tiny, only unfinished rows.
+        sa.Index(
+            "ix_schedule_executions_running",
+            "started_at",
+            postgresql_where=sa.text("status = 'RUNNING'"),
+        ),
+        # The same by schedule UID (a re-created schedule is a new schedule): reserve() sums a
+        # schedule's committed spend (cost_usd, or granted_usd while RUNNING) index-only, and
+        # run_stats(schedule_uid=...) counts one incarnation. Added by migration 0003.
+        sa.Index(
+            "ix_schedule_executions_uid_started",
+            "schedule_uid",
+            sa.desc("started_at"),
+            sa.desc("id"),
+            postgresql_include=["cost_usd", "status", "granted_usd"],
+        ),
+        # The in-flight attempts of a schedule UID (running()): tiny, only unfinished rows.
+        sa.Index(
+            "ix_schedule_executions_uid_running",
+            "schedule_uid",
+            "started_at",
+            "id",
+            postgresql_where=sa.text("status = 'RUNNING'"),
+        ),
+        # spent_for_job(job_uid) uses the unique index above (job_uid leads it): no extra index.
+    )
+
+
+@sa.event.listens_for(Execution.__table__, "after_create")
+def _create_statistics(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
+    # namespace and schedule_name are correlated; without these statistics the planner
+    # multiplies their selectivities and underestimates a schedule's rows.
+    table = connection.dialect.identifier_preparer.format_table(target)
+    connection.execute(
+        sa.text(
+            "CREATE STATISTICS st_schedule_executions_schedule (ndistinct, dependencies) "
+            f"ON namespace, schedule_name FROM {table}"
+        )
+    )
+
+
+class Event(Base):
+    """Audit trail of a schedule's lifecycle (created, paused, auto_paused, ...)."""
+
+    __tablename__ = "schedule_events"
+
+    id: Mapped[int] = mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    namespace: Mapped[str]
+    schedule_name: Mapped[str]
+    schedule_uid: Mapped[str | None]
+    kind: Mapped[str]
+    reason: Mapped[str | None]
+    actor: Mapped[str | None]
+    at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    details: Mapped[dict[str, Any]] = mapped_column(server_default=sa.text("'{}'::jsonb"))
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("id", name="pk_schedule_events"),
+        sa.CheckConstraint("kind ~ '^[a-z][a-z0-9_]*$'", name="ck_schedule_events_kind"),
+        sa.Index("ix_schedule_events_schedule_at", "namespace", "schedule_name", "at"),
+    )
+
+
+class AgentState(Base):
+    """What an agent saved for its next run, per schedule and optional ``task.stateKey``."""
+
+    __tablename__ = "agent_state"
+
+    namespace: Mapped[str]
+    schedule_name: Mapped[str]
+    state_key: Mapped[str]
+    state: Mapped[dict[str, Any]]
+    output: Mapped[str | None]
+    execution_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("namespace", "schedule_name", "state_key", name="pk_agent_state"),
+        sa.ForeignKeyConstraint(
+            ["execution_id"],
+            ["schedule_executions.id"],
+            name="fk_agent_state_execution_id",
+            ondelete="SET NULL",
+        ),
+    )
+
+
+# The tables as Core objects: the repository writes statements, not ORM sessions.
+EXECUTIONS = cast(sa.Table, Execution.__table__)
+EVENTS = cast(sa.Table, Event.__table__)
+AGENT_STATE = cast(sa.Table, AgentState.__table__)

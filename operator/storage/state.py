@@ -1,0 +1,86 @@
+"""Agent state (``agent_state``): what a schedule's agent saved for its next run, per optional
+``task.stateKey``, with the output of the run that saved it. Sizes are bounded by the runner
+contract (STATE_LIMIT_BYTES / STATE_OUTPUT_LIMIT_BYTES)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+
+from agent_runner.contract import validate_state
+from nocturne_operator.storage.engine import Repository
+from nocturne_operator.storage.schema import AGENT_STATE
+
+__all__ = ["AgentStates", "SavedState"]
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """An agent's saved state with the output of the run that saved it."""
+
+    state: Any
+    output: str | None
+    execution_id: int | None
+    updated_at: datetime
+
+
+class AgentStates(Repository):
+    """Saves and loads of ``agent_state``."""
+
+    def save_state(
+        self,
+        namespace: str,
+        schedule_name: str,
+        state_key: str = "",
+        *,
+        state: Any,
+        output: str | None,
+        execution_id: int | None,
+    ) -> None:
+        """Replace the agent state of a schedule (and state key) for its next run.
+
+        Raises StateTooLargeError over STATE_LIMIT_BYTES / STATE_OUTPUT_LIMIT_BYTES.
+        """
+        what = f"agent state of {namespace}/{schedule_name} (stateKey {state_key!r})"
+        validate_state(state, output, what=what)
+        t = AGENT_STATE
+        insert = pg.insert(t).values(
+            namespace=namespace,
+            schedule_name=schedule_name,
+            state_key=state_key,
+            state=state,
+            output=output,
+            execution_id=execution_id,
+        )
+        upsert = insert.on_conflict_do_update(
+            constraint="pk_agent_state",
+            set_={
+                "state": insert.excluded.state,
+                "output": insert.excluded.output,
+                "execution_id": insert.excluded.execution_id,
+                "updated_at": sa.func.now(),
+            },
+        )
+        with self._begin(f"save {what}") as conn:
+            conn.execute(upsert)
+
+    def load_state(
+        self, namespace: str, schedule_name: str, state_key: str = ""
+    ) -> SavedState | None:
+        """The state saved for a schedule (and state key), or None if none was saved."""
+        t = AGENT_STATE
+        query = sa.select(t.c.state, t.c.output, t.c.execution_id, t.c.updated_at).where(
+            t.c.namespace == namespace,
+            t.c.schedule_name == schedule_name,
+            t.c.state_key == state_key,
+        )
+        what = f"load agent state of {namespace}/{schedule_name} (stateKey {state_key!r})"
+        with self._begin(what) as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return SavedState(row.state, row.output, row.execution_id, row.updated_at)
