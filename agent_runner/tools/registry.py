@@ -9,8 +9,10 @@ attempt is recorded too) instead of being led to believe something was done.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent_runner.config import RESTRICTED_OPERATIONS, AgentSpec
@@ -22,6 +24,9 @@ MAX_RESULT_CHARS = 20_000  # of one tool result fed back to the model
 REASON_NOT_ALLOWED = "restricted operation not allowed in background runs"
 REASON_NOT_AVAILABLE = "restricted operation allowed but not available in this runner version"
 REASON_SSRF = "web_fetch target refused"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+log = logging.getLogger(__name__)
 
 _URL_PARAMS = {
     "type": "object",
@@ -98,6 +103,11 @@ class ToolResult:
     refusal: Refusal | None = None
 
 
+def valid_text(text: str) -> str:
+    """``text`` with lone surrogates (which UTF-8 cannot carry to the provider) replaced."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def clip(text: str, limit: int = MAX_RESULT_CHARS) -> str:
     """``text`` cut to ``limit`` characters, saying so."""
     if len(text) <= limit:
@@ -143,7 +153,23 @@ class ToolRegistry:
         )
 
     def execute(self, call: ToolCall, *, step: int, deadline: float) -> ToolResult:
-        """Answer one tool call; never raises for anything the model did."""
+        """Answer one tool call; never raises, whatever the model (or a page it read) sent: a
+        failure is a tool error the model sees, in text that can be sent back to it."""
+        try:
+            result = self._dispatch(call, step, deadline)
+        except Exception as exc:
+            # A bug or an input no check foresaw: a run that crashes here crashes again on every
+            # retry of its Job, so the model gets an error instead and the run goes on.
+            log.exception("tool %r failed on arguments %r", call.name, call.arguments)
+            result = ToolResult(
+                f"Error: the tool {call.name!r} failed ({type(exc).__name__}).", is_error=True
+            )
+        refusal = result.refusal
+        if refusal is not None:
+            refusal = replace(refusal, detail=valid_text(refusal.detail))
+        return replace(result, text=valid_text(result.text), refusal=refusal)
+
+    def _dispatch(self, call: ToolCall, step: int, deadline: float) -> ToolResult:
         if call.name in RESTRICTED_OPERATIONS:
             return self._restricted(call, step)
         if call.name != WEB_FETCH or WEB_FETCH not in self.tools:

@@ -81,6 +81,19 @@ class _Target:
     destination: Destination
 
 
+def parse_url(url: str) -> httpx.URL:
+    """``url`` parsed, its host decoded once; WebFetchError for anything httpx cannot represent.
+    httpx parses lazily: a malformed IDNA label (``xn--``) raises IDNAError only when ``.host``
+    is read, and a lone surrogate raises UnicodeEncodeError while quoting — both ValueErrors."""
+    try:
+        parsed = httpx.URL(url)
+        _ = parsed.host
+        str(parsed).encode()
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise WebFetchError(f"{url!r}: not a valid URL: {exc!r}") from exc
+    return parsed
+
+
 class WebFetcher:
     """Fetches pages under the SSRF guard and the size, time and redirect limits."""
 
@@ -122,13 +135,10 @@ class WebFetcher:
         raise WebFetchError(f"{url}: more than {self.max_redirects} redirects")
 
     def _target(self, url: str) -> _Target:
-        try:
-            parsed = httpx.URL(url)
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise WebFetchError(f"{url!r}: not a valid URL: {exc}") from exc
+        parsed = parse_url(url)
         if parsed.scheme not in ("http", "https"):
-            raise WebFetchRefusedError(f"{url}: only http and https URLs can be fetched")
-        if not parsed.host:
+            raise WebFetchRefusedError(f"{parsed}: only http and https URLs can be fetched")
+        if not parsed.raw_host:
             raise WebFetchError(f"{url!r}: the URL has no host")
         if parsed.userinfo:
             raise WebFetchRefusedError(f"{parsed.host}: URLs with credentials are not fetched")
@@ -196,6 +206,10 @@ class WebFetcher:
                     raise WebFetchError(f"{target.url}: timed out") from exc
                 except httpx.HTTPError as exc:
                     raise WebFetchError(f"{target.url}: {type(exc).__name__}: {exc}") from exc
+                except (httpx.InvalidURL, ValueError) as exc:
+                    # A hostile Location: httpx parses it even when not following redirects
+                    # (``http://xn--/`` raises IDNAError inside ``stream``), and so does ``join``.
+                    raise WebFetchError(f"{target.url}: malformed response: {exc!r}") from exc
         if failure is None:
             raise WebFetchError(f"{target.url}: timed out")
         raise WebFetchError(f"{target.url}: cannot connect ({type(failure).__name__})")
