@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -22,6 +23,24 @@ PREVIOUS_STATE_TAG = "previous_state"
 PREVIOUS_OUTPUT_TAG = "previous_output"
 # The tool through which the agent ends a run (output, alert, state for the next run).
 FINISH_TOOL = "finish"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with lone surrogates replaced by U+FFFD: JSON can carry them escaped
+    (``"\\udcff"``), UTF-8 cannot, and every request to a provider is UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def valid_json(value: Any) -> Any:
+    """Decoded JSON with ``valid_text`` applied to every string and key."""
+    if isinstance(value, str):
+        return valid_text(value)
+    if isinstance(value, list):
+        return [valid_json(item) for item in value]
+    if isinstance(value, dict):
+        return {valid_text(str(key)): valid_json(item) for key, item in value.items()}
+    return value
 
 
 @dataclass(frozen=True)

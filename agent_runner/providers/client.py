@@ -31,6 +31,7 @@ from agent_runner.providers.base import (
     ProviderRejectedError,
     ProviderUnavailableError,
     Usage,
+    valid_json,
 )
 from agent_runner.providers.retry import (
     RETRYABLE_STATUSES,
@@ -224,7 +225,7 @@ class JsonClient:
 
     def _decode(self, response: httpx.Response) -> dict[str, Any]:
         try:
-            data = response.json()
+            data = valid_json(response.json())
         except ValueError as exc:
             raise ProviderError(
                 f"{self.provider} {self.url}: HTTP {response.status_code} with a body that is "

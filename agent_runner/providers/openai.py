@@ -30,6 +30,7 @@ from agent_runner.providers.base import (
     ProviderRejectedError,
     ToolCall,
     ToolSpec,
+    valid_json,
 )
 from agent_runner.providers.client import JsonClient, encode, usage_from
 from agent_runner.providers.retry import RetryPolicy
@@ -176,7 +177,7 @@ class OpenAIProvider:
 
 def _tool_call(*, call_id: str, name: str, arguments_text: str) -> ToolCall:
     try:
-        arguments = json.loads(arguments_text) if arguments_text.strip() else {}
+        arguments = valid_json(json.loads(arguments_text)) if arguments_text.strip() else {}
     except ValueError as exc:
         return ToolCall(
             id=call_id,

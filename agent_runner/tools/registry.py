@@ -10,13 +10,12 @@ attempt is recorded too) instead of being led to believe something was done.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from agent_runner.config import RESTRICTED_OPERATIONS, AgentSpec
-from agent_runner.providers.base import ToolCall, ToolSpec
+from agent_runner.providers.base import ToolCall, ToolSpec, valid_text
 from agent_runner.tools.web_fetch import WebFetcher, WebFetchError, WebFetchRefusedError, WebPage
 
 WEB_FETCH = "web_fetch"
@@ -24,7 +23,6 @@ MAX_RESULT_CHARS = 20_000  # of one tool result fed back to the model
 REASON_NOT_ALLOWED = "restricted operation not allowed in background runs"
 REASON_NOT_AVAILABLE = "restricted operation allowed but not available in this runner version"
 REASON_SSRF = "web_fetch target refused"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +99,6 @@ class ToolResult:
     text: str
     is_error: bool = False
     refusal: Refusal | None = None
-
-
-def valid_text(text: str) -> str:
-    """``text`` with lone surrogates (which UTF-8 cannot carry to the provider) replaced."""
-    return _SURROGATE.sub("\ufffd", text)
 
 
 def clip(text: str, limit: int = MAX_RESULT_CHARS) -> str:

@@ -391,3 +391,17 @@ def test_anthropic_overloaded_is_retried_and_auth_is_config(server: ScriptedServ
     server.script(ANTHROPIC_PATH, unauthorized)
     with pytest.raises(ConfigError, match=r"anthropic .* HTTP 401 .*bad key"):
         provider.complete(MESSAGES, [], max_tokens=10, deadline=deadline())
+
+
+def test_lone_surrogates_in_an_answer_never_break_the_next_request(server: ScriptedServer) -> None:
+    # JSON can escape a lone surrogate ("\udcff"); UTF-8 cannot encode it, so echoing the answer
+    # back in the next request raised UnicodeEncodeError and crashed the run.
+    call = Call("finish", {"output": "out \ud800", "alert": False})
+    server.script(OPENAI_PATH, openai_reply("text \udcff", [call]))
+    server.script(ANTHROPIC_PATH, anthropic_reply("text \udcff", [call]))
+    for provider in (openai(server), anthropic(server)):
+        completion = provider.complete(MESSAGES, [FETCH], max_tokens=100, deadline=deadline())
+        assert completion.text == "text \ufffd"
+        assert completion.tool_calls[0].arguments["output"] == "out \ufffd"
+        follow_up = [*MESSAGES, Message("assistant", completion.text, completion.tool_calls)]
+        assert provider.input_token_bound(follow_up, [FETCH]) > 0
