@@ -6,18 +6,26 @@
   keep the name, so certificates are verified against the name). A DNS answer that changes
   between check and connect (rebinding) therefore cannot redirect the connection;
 - redirects are followed by hand (at most ``max_redirects``), each hop checked the same way;
-- at most ``max_bytes`` of (decompressed) body are read; a wall-clock limit covers the whole fetch;
+- at most ``max_bytes`` of (decompressed) body are read;
+- one wall-clock deadline covers the whole fetch — DNS, connect, TLS, headers, body, every
+  redirect hop. httpx's timeouts apply to each socket operation, so a server dripping a byte at a
+  time would never trip them: a watchdog shuts the connection down when the deadline passes;
 - HTML becomes plain text (``html_text``); other text types are returned as they are; binary
   content is refused.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import socket
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -94,6 +102,67 @@ def parse_url(url: str) -> httpx.URL:
     return parsed
 
 
+def _fetch_error(target: _Target, exc: Exception) -> WebFetchError:
+    """What the model is told about a failed request."""
+    if isinstance(exc, WebFetchError):
+        return exc
+    if isinstance(exc, httpx.TimeoutException):
+        return WebFetchError(f"{target.url}: timed out")
+    if isinstance(exc, httpx.HTTPError):
+        return WebFetchError(f"{target.url}: {type(exc).__name__}: {exc}")
+    # A hostile Location: httpx parses it even when not following redirects (``http://xn--/``
+    # raises IDNAError inside ``stream``), and so does ``join``.
+    return WebFetchError(f"{target.url}: malformed response: {exc!r}")
+
+
+class _Watchdog:
+    """Shuts a fetch's connections down when its deadline passes, whatever they are waiting for.
+    Sockets come from httpcore's ``trace`` extension right after connect; a duplicate descriptor
+    is kept, so the shutdown reaches the connection after TLS has wrapped the original."""
+
+    def __init__(self, seconds: float) -> None:
+        self.fired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's ``trace`` callback: keep every connection the fetch opens."""
+        if event != "connection.connect_tcp.complete":
+            return
+        stream = info.get("return_value")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if not isinstance(sock, socket.socket):
+            return
+        with self._lock:
+            self._sockets.append(sock.dup())
+            if self.fired:
+                self._shutdown(self._sockets[-1])
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for sock in self._sockets:
+                self._shutdown(sock)
+
+    @staticmethod
+    def _shutdown(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already closed by the peer or by httpx
+            sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv in the fetching thread
+
+
 class WebFetcher:
     """Fetches pages under the SSRF guard and the size, time and redirect limits."""
 
@@ -127,14 +196,29 @@ class WebFetcher:
             end = min(end, deadline)
         current = url
         for _ in range(self.max_redirects + 1):
-            target = self._target(current)
+            target = self._target(current, end)
             result = self._get(target, end)
             if isinstance(result, WebPage):
                 return result
             current = result
         raise WebFetchError(f"{url}: more than {self.max_redirects} redirects")
 
-    def _target(self, url: str) -> _Target:
+    def _resolve(self, host: str, port: int, end: float) -> Destination:
+        """``resolve`` within the fetch's deadline (the system resolver has its own, longer one)."""
+        remaining = end - self._clock()
+        if remaining <= 0:
+            raise WebFetchError(f"{host}: timed out")
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        try:
+            return pool.submit(resolve, host, port, self._resolver).result(timeout=remaining)
+        except concurrent.futures.TimeoutError as exc:
+            raise WebFetchError(f"{host}: timed out resolving the host name") from exc
+        except ResolveError as exc:
+            raise WebFetchError(str(exc)) from exc
+        finally:
+            pool.shutdown(wait=False)
+
+    def _target(self, url: str, end: float) -> _Target:
         parsed = parse_url(url)
         if parsed.scheme not in ("http", "https"):
             raise WebFetchRefusedError(f"{parsed}: only http and https URLs can be fetched")
@@ -144,10 +228,7 @@ class WebFetcher:
             raise WebFetchRefusedError(f"{parsed.host}: URLs with credentials are not fetched")
         host = parsed.raw_host.decode("ascii")
         port = parsed.port or default_port(parsed.scheme)
-        try:
-            destination = resolve(host, port, self._resolver)
-        except ResolveError as exc:
-            raise WebFetchError(str(exc)) from exc
+        destination = self._resolve(host, port, end)
         for address in destination.addresses:
             try:
                 check_address(
@@ -180,39 +261,57 @@ class WebFetcher:
             remaining = end - self._clock()
             if remaining <= 0:
                 break
-            # One client per connection: a pooled TLS connection verified for one name must never
-            # carry a request for another name on the same IP.
-            if self._tls is None:  # built once: loading the CA bundle takes milliseconds
-                self._tls = httpx.create_ssl_context()
-            with httpx.Client(
+            with _Watchdog(remaining) as watchdog:
+                try:
+                    result = self._attempt(
+                        target,
+                        str(address),
+                        headers=headers,
+                        extensions={**extensions, "trace": watchdog.trace},
+                        remaining=remaining,
+                        end=end,
+                    )
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    failure, result = exc, None
+                except (WebFetchError, httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+                    if watchdog.fired:
+                        raise WebFetchError(f"{target.url}: timed out") from exc
+                    raise _fetch_error(target, exc) from exc
+                if watchdog.fired:  # a cut connection can look like a complete short body
+                    raise WebFetchError(f"{target.url}: timed out")
+                if result is not None:
+                    return result
+        if failure is None:
+            raise WebFetchError(f"{target.url}: timed out")
+        raise WebFetchError(f"{target.url}: cannot connect ({type(failure).__name__})")
+
+    def _attempt(
+        self,
+        target: _Target,
+        address: str,
+        *,
+        headers: dict[str, str],
+        extensions: dict[str, Any],
+        remaining: float,
+        end: float,
+    ) -> WebPage | str:
+        if self._tls is None:  # built once: loading the CA bundle takes milliseconds
+            self._tls = httpx.create_ssl_context()
+        # One client per connection: a pooled TLS connection verified for one name must never
+        # carry a request for another name on the same IP.
+        with (
+            httpx.Client(
                 transport=self._transport,
                 verify=self._tls,
                 trust_env=False,
                 follow_redirects=False,
                 timeout=httpx.Timeout(remaining, connect=min(5.0, remaining)),
-            ) as client:
-                try:
-                    with client.stream(
-                        "GET",
-                        target.url.copy_with(host=str(address)),
-                        headers=headers,
-                        extensions=extensions,
-                    ) as response:
-                        return self._read(target, response, end)
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                    failure = exc
-                    continue
-                except httpx.TimeoutException as exc:
-                    raise WebFetchError(f"{target.url}: timed out") from exc
-                except httpx.HTTPError as exc:
-                    raise WebFetchError(f"{target.url}: {type(exc).__name__}: {exc}") from exc
-                except (httpx.InvalidURL, ValueError) as exc:
-                    # A hostile Location: httpx parses it even when not following redirects
-                    # (``http://xn--/`` raises IDNAError inside ``stream``), and so does ``join``.
-                    raise WebFetchError(f"{target.url}: malformed response: {exc!r}") from exc
-        if failure is None:
-            raise WebFetchError(f"{target.url}: timed out")
-        raise WebFetchError(f"{target.url}: cannot connect ({type(failure).__name__})")
+            ) as client,
+            client.stream(
+                "GET", target.url.copy_with(host=address), headers=headers, extensions=extensions
+            ) as response,
+        ):
+            return self._read(target, response, end)
 
     def _read(self, target: _Target, response: httpx.Response, end: float) -> WebPage | str:
         if response.status_code in _REDIRECT_STATUSES:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -125,6 +127,70 @@ def test_slow_pages_time_out(site: ScriptedServer) -> None:
     with pytest.raises(WebFetchError, match="timed out"):
         loopback_fetcher().fetch(f"{site.url}/slow", deadline=time.monotonic() + 0.3)
     assert time.monotonic() - started < 1.5
+
+
+class Dripper:
+    """A raw TCP server that reads a request, then sends ``head`` and drips ``drip`` one byte
+    every ``interval`` seconds: never idle long enough for a per-read timeout to fire."""
+
+    def __init__(self, head: bytes, drip: bytes, interval: float = 0.05) -> None:
+        self.head, self.drip, self.interval = head, drip, interval
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> Dripper:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        with self.listener.accept()[0] as conn:
+            conn.recv(65536)
+            try:
+                conn.sendall(self.head)
+                for byte in self.drip:
+                    if self.done.wait(self.interval):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:  # the fetcher hung up: what the test wants
+                return
+
+
+@pytest.mark.parametrize(
+    ("head", "drip"),
+    [
+        (b"HTTP/1.1 200 OK\r\n", b"X-Slow: " + b"a" * 1000),  # headers never end
+        (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\n", b"b" * 1000),  # body
+    ],
+    ids=["headers", "body"],
+)
+def test_one_deadline_covers_a_dripping_response(head: bytes, drip: bytes) -> None:
+    for limit in ({"timeout": 0.5}, {"deadline": 0.5}):
+        with Dripper(head, drip) as server:
+            started = time.monotonic()
+            with pytest.raises(WebFetchError, match="timed out"):
+                loopback_fetcher(timeout=limit.get("timeout", 20.0)).fetch(
+                    f"http://127.0.0.1:{server.port}/",
+                    deadline=started + limit["deadline"] if "deadline" in limit else None,
+                )
+            assert time.monotonic() - started < 0.5 + 0.4
+
+
+def test_one_deadline_covers_name_resolution() -> None:
+    def slow_dns(host: str, port: int) -> list[str]:
+        time.sleep(3)
+        return ["127.0.0.1"]
+
+    started = time.monotonic()
+    with pytest.raises(WebFetchError, match="timed out"):
+        loopback_fetcher(resolver=slow_dns, timeout=0.5).fetch("http://slow-dns.example/")
+    assert time.monotonic() - started < 0.5 + 0.4
 
 
 def test_error_statuses_and_text_types(site: ScriptedServer) -> None:
