@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -47,6 +48,7 @@ from agent_runner.providers.base import (
     ToolCall,
     ToolSpec,
 )
+from agent_runner.providers.retry import RetryPolicy, retry_delay
 from agent_runner.tools.registry import Refusal, ToolRegistry, clip
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ log = logging.getLogger(__name__)
 MAX_PREVIOUS_OUTPUT_CHARS = 8_000
 MAX_ALERT_REASON_CHARS = 500
 MAX_UNKNOWN_OUTCOMES = 2  # calls whose outcome was unknown, charged and retried
+# Backoff before retrying a call whose outcome was unknown (a gateway's 502/504 among them).
+UNKNOWN_OUTCOME_RETRY = RetryPolicy(base_delay=1.0, max_delay=10.0)
 
 Status = Literal["succeeded", "failed", "budget_exceeded", "timed_out"]
 UsageCallback = Callable[[Decimal, int, int], None]
@@ -227,6 +231,7 @@ class _Run:
         previous_output: str | None,
         on_usage: UsageCallback | None,
         clock: Callable[[], float],
+        sleep: Callable[[float], None],
         now: dt.datetime,
     ) -> None:
         self.task = task
@@ -237,6 +242,8 @@ class _Run:
         self.previous_state = previous_state
         self.on_usage = on_usage
         self.clock = clock
+        self.sleep = sleep
+        self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self.max_steps = task.agent.max_steps
         self.specs = (*tools.specs, FINISH_SPEC)
         self.steps = 0
@@ -332,8 +339,15 @@ class _Run:
             self.budget.release(reservation)
         if isinstance(exc, OutcomeUnknownError) and self.unknown_outcomes < MAX_UNKNOWN_OUTCOMES:
             self.unknown_outcomes += 1
-            log.warning("%s; charged its reservation, trying again", exc)
-            return None
+            delay = retry_delay(
+                self.unknown_outcomes, UNKNOWN_OUTCOME_RETRY, self.rng, exc.retry_after
+            )
+            if delay is not None and self.clock() + delay >= self.deadline:
+                return self.end("timed_out", error=f"{exc}; no time left to try again")
+            if delay is not None:
+                log.warning("%s; charged its reservation, trying again in %.1fs", exc, delay)
+                self.sleep(delay)
+                return None
         if isinstance(exc, DeadlineReachedError):
             return self.end("timed_out", error=str(exc))
         return self.end("failed", error=str(exc), exit_code=exc.exit_code)
@@ -439,12 +453,14 @@ def run_agent(
     previous_output: str | None = None,
     on_usage: UsageCallback | None = None,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
     now: dt.datetime | None = None,
 ) -> RunResult:
     """Run the agent until it finishes or a limit stops it; never raises for the model's or the
     provider's failures (they become the result's status, error and exit code). ``deadline`` is
     in ``clock()`` seconds; ``on_usage(cost, input_tokens, output_tokens)`` gets this attempt's
-    running totals after every settled model call."""
+    running totals after every settled model call; ``sleep`` waits before retrying a call whose
+    outcome was unknown."""
     return _Run(
         task,
         provider=provider,
@@ -455,5 +471,6 @@ def run_agent(
         previous_output=previous_output,
         on_usage=on_usage,
         clock=clock,
+        sleep=sleep,
         now=now or dt.datetime.now(dt.UTC),
     ).loop()

@@ -155,11 +155,13 @@ class ProviderUnavailableError(ProviderError):
 
 
 class OutcomeUnknownError(ProviderError):
-    """The request was sent but no response arrived (read timeout, dropped connection): it may
-    have been billed, so it is not retried within the same reservation."""
+    """The request was sent but no usable response arrived (read timeout, dropped connection, a
+    gateway's 502/504): it may have been billed, so it is not retried within the same
+    reservation. ``retry_after``: seconds the server asked to wait, if it said."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message, maybe_billed=True)
+        self.retry_after = retry_after
 
 
 class DeadlineReachedError(RunnerError):

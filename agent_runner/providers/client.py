@@ -1,10 +1,13 @@
 """A JSON-over-HTTPS POST with the runner's retry, timeout and error rules, shared by the
 OpenAI-compatible and Anthropic providers.
 
-- 429, 408, 409, 5xx and 529 (overloaded), and connection failures before the request was sent,
-  are retried with backoff honouring ``Retry-After``, never past the deadline.
-- A request that was sent but got no response (read timeout, dropped connection) may have been
-  billed: ``OutcomeUnknownError``, not retried here (the agent charges its reservation first).
+- 429, 408, 409, 529 (overloaded), 503 with ``Retry-After``, and connection failures before the
+  request was sent, are refusals before processing: retried here with backoff honouring
+  ``Retry-After``, never past the deadline.
+- A request that was sent but got no response (read timeout, dropped connection), or an answer
+  that may follow a completed generation (500, 502, 504, 503 without ``Retry-After``), may have
+  been billed: ``OutcomeUnknownError``, not retried here — the agent charges its reservation,
+  then reserves again for the retry, so the ledger never undercounts.
 - 401/403/404 are configuration errors (key, access, model or baseURL); other 4xx are
   ``ProviderRejectedError``.
 - The API key never appears in an error message or a log line: provider error texts are
@@ -36,6 +39,7 @@ from agent_runner.providers.base import (
 from agent_runner.providers.retry import (
     RETRYABLE_STATUSES,
     RetryPolicy,
+    may_have_been_processed,
     parse_retry_after,
     retry_delay,
 )
@@ -199,6 +203,12 @@ class JsonClient:
                 message, _ = error_detail(response.content, self._secret)
                 reason = f"HTTP {response.status_code} {message}".rstrip()
                 retry_after = parse_retry_after(response.headers)
+                if may_have_been_processed(response.status_code, retry_after):
+                    raise OutcomeUnknownError(
+                        f"{self.provider} {self.url}: {reason}; the request may have been "
+                        "processed",
+                        retry_after=retry_after,
+                    )
             if attempt >= self._retry.max_attempts:
                 raise ProviderUnavailableError(
                     f"{self.provider} {self.url}: {reason}; gave up after {attempt} attempts"

@@ -9,8 +9,21 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Statuses that mean "not processed, try again later"; none of them is billed.
+# Statuses worth another attempt. Some may come after the provider generated (and billed) an
+# answer: see ``may_have_been_processed``.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# A gateway's 502/504 (the provider dropped the connection or was too slow for the proxy), a 500
+# from a failure after generation, a proxy's 503 "upstream reset before headers": the generation
+# may have completed and been billed.
+_MAYBE_PROCESSED_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def may_have_been_processed(status: int, retry_after: float | None) -> bool:
+    """Whether an error answer may follow a completed (billed) generation. 408, 409, 429, 529
+    and a 503 with ``Retry-After`` (load shedding) are refusals before any processing."""
+    if status == 503 and retry_after is not None:
+        return False
+    return status in _MAYBE_PROCESSED_STATUSES
 
 
 @dataclass(frozen=True)

@@ -301,6 +301,26 @@ def test_lost_response_then_deadline(server: ScriptedServer) -> None:
     assert result.cost == budget.spent
 
 
+def test_gateway_error_is_charged_at_its_reservation_before_the_retry(
+    server: ScriptedServer,
+) -> None:
+    server.script(
+        OPENAI_PATH,
+        error_reply(504, "gateway timeout"),
+        openai_reply(calls=[Call("finish", {"output": "done", "alert": False})]),
+    )
+    usage_log: list[Decimal] = []
+    result, budget = execute(task(server), usage_log=usage_log, sleep=lambda seconds: None)
+    assert (result.status, result.steps) == ("succeeded", 2)
+    first, _ = server.requests_to(OPENAI_PATH)
+    charged, total = usage_log
+    # The 504 is recorded at its reservation (usage unknown): its whole output limit included.
+    assert charged >= budget.price.output_usd_per_token * first.json()["max_tokens"]
+    assert total > charged  # and the retry's reported usage on top
+    assert result.cost == budget.spent
+    assert budget.reserved == 0
+
+
 def test_state_round_trips_through_json(server: ScriptedServer) -> None:
     state = {"prices": {"pro": "25", "team": "99"}, "seen": ["a", "b"], "note": "ü€"}
     server.script(

@@ -212,8 +212,8 @@ def test_real_sleep_of_a_short_retry_after(server: ScriptedServer) -> None:
     assert time.monotonic() - started >= 0.3
 
 
-def test_server_errors_are_retried_with_backoff(server: ScriptedServer) -> None:
-    server.script(OPENAI_PATH, error_reply(500), error_reply(502), openai_reply("ok"))
+def test_refusals_before_processing_are_retried_with_backoff(server: ScriptedServer) -> None:
+    server.script(OPENAI_PATH, error_reply(429), error_reply(529), openai_reply("ok"))
     sleeps = Sleeps()
     completion = openai(server, sleeps).complete(MESSAGES, [], max_tokens=10, deadline=deadline())
     assert completion.text == "ok"
@@ -223,7 +223,7 @@ def test_server_errors_are_retried_with_backoff(server: ScriptedServer) -> None:
 
 
 def test_retries_are_bounded(server: ScriptedServer) -> None:
-    server.script(OPENAI_PATH, *[error_reply(503, "overloaded") for _ in range(4)])
+    server.script(OPENAI_PATH, *[error_reply(503, "overloaded", retry_after="0") for _ in range(4)])
     sleeps = Sleeps()
     with pytest.raises(ProviderUnavailableError, match="HTTP 503 overloaded; gave up after 4"):
         openai(server, sleeps).complete(MESSAGES, [], max_tokens=10, deadline=deadline())
@@ -250,6 +250,32 @@ def test_connection_refused_is_retried_then_unavailable() -> None:
     with pytest.raises(ProviderUnavailableError, match=r"connection failed \(ConnectError\)"):
         provider.complete(MESSAGES, [], max_tokens=10, deadline=deadline())
     assert len(sleeps.delays) == 3
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        error_reply(502, "bad gateway"),
+        error_reply(504, "gateway timeout", retry_after="1"),
+        error_reply(500, "internal error"),
+        error_reply(503, "upstream connect error or disconnect/reset before headers"),
+        Reply(status=502, body=b"<html>502 Bad Gateway</html>", headers={"content-type": "x"}),
+    ],
+    ids=["502", "504", "500", "503-without-retry-after", "502-html"],
+)
+def test_gateway_errors_may_follow_a_billed_generation(
+    server: ScriptedServer, reply: Reply
+) -> None:
+    # A gateway answers 502/504 when the provider was too slow or dropped the connection — after
+    # it may have generated (and billed) the answer. Retrying under the same reservation would
+    # leave that generation out of the ledger: the agent charges it and reserves anew instead.
+    server.script(OPENAI_PATH, reply, openai_reply("not reached"))
+    sleeps = Sleeps()
+    with pytest.raises(OutcomeUnknownError, match="may have been processed") as excinfo:
+        openai(server, sleeps).complete(MESSAGES, [], max_tokens=10, deadline=deadline())
+    assert excinfo.value.maybe_billed
+    assert server.pending(OPENAI_PATH) == 1
+    assert sleeps.delays == []
 
 
 def test_lost_response_is_an_unknown_outcome_not_retried(server: ScriptedServer) -> None:

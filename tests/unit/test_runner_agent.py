@@ -120,6 +120,7 @@ def run(
     *,
     budget: Budget | None = None,
     clock: Callable[[], float] = lambda: 0.0,
+    sleep: Callable[[float], None] = lambda seconds: None,
     **kwargs: Any,
 ) -> RunResult:
     doc = doc or task()
@@ -130,6 +131,7 @@ def run(
         tools=build_tools(doc.agent),
         deadline=100.0,
         clock=clock,
+        sleep=sleep,
         now=NOW,
         **kwargs,
     )
@@ -301,6 +303,19 @@ def test_unknown_outcome_is_charged_and_retried_a_bounded_number_of_times() -> N
     assert failed.status == "failed"
     assert failed.steps == MAX_UNKNOWN_OUTCOMES + 1
     assert failed.exit_code == TRANSIENT
+
+
+def test_unknown_outcome_retries_wait_for_the_server_and_the_deadline() -> None:
+    sleeps: list[float] = []
+    asked = ScriptedProvider([OutcomeUnknownError("HTTP 504", retry_after=7), answer("ok")])
+    assert run(asked, sleep=sleeps.append).status == "succeeded"
+    assert len(sleeps) == 1
+    assert sleeps[0] >= 7
+    too_long = ScriptedProvider([OutcomeUnknownError("HTTP 502", retry_after=3600)])
+    assert run(too_long, sleep=sleeps.append).status == "failed"
+    late = ScriptedProvider([OutcomeUnknownError("HTTP 502", retry_after=99.5)])
+    assert run(late, clock=lambda: 1.0).status == "timed_out"
+    assert len(sleeps) == 1
 
 
 def test_provider_failures_release_their_reservation() -> None:

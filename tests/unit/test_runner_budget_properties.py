@@ -485,6 +485,7 @@ def play(case: RunCase) -> tuple[ScriptedModel, Budget, RunResult, list[Decimal]
         deadline=100.0,
         on_usage=lambda cost, _in, _out: reported.append(cost),
         clock=lambda: 0.0,
+        sleep=lambda seconds: None,
     )
     return model, budget, result, reported
 

@@ -10,6 +10,7 @@ import pytest
 from agent_runner.providers.retry import (
     RetryPolicy,
     backoff_delay,
+    may_have_been_processed,
     parse_retry_after,
     retry_delay,
 )
@@ -55,3 +56,25 @@ def test_retry_delay_honours_retry_after_up_to_a_limit() -> None:
     small = retry_delay(3, policy, rng, 0.01)
     assert small is not None
     assert small >= 0.2  # backoff still applies when the server asks for less
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "maybe"),
+    [
+        (502, None, True),
+        (504, None, True),
+        (504, 2.0, True),  # a gateway's Retry-After says nothing about the upstream's generation
+        (500, None, True),
+        (503, None, True),  # e.g. a proxy's "upstream reset before headers"
+        (503, 1.0, False),  # load shedding before processing
+        (429, None, False),
+        (429, 5.0, False),
+        (529, None, False),
+        (408, None, False),
+        (409, None, False),
+    ],
+)
+def test_which_answers_may_follow_a_billed_generation(
+    status: int, retry_after: float | None, maybe: bool
+) -> None:
+    assert may_have_been_processed(status, retry_after) is maybe
