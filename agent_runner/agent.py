@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 
-from agent_runner.budget import Budget, BudgetExhaustedError, Reservation
+from agent_runner.budget import Budget, BudgetExhaustedError, Reservation, usd_text
 from agent_runner.config import ConfigError, TaskDocument
 from agent_runner.contract import STATE_LIMIT_BYTES, StateTooLargeError, validate_state
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, SUCCEEDED, TRANSIENT
@@ -297,7 +297,7 @@ class _Run:
             "model call %d/%d: reserved %s USD (input bound %d tokens, max_tokens %d)",
             self.steps,
             self.max_steps,
-            reservation.amount,
+            usd_text(reservation.amount),
             reservation.input_tokens,
             reservation.max_tokens,
         )
@@ -321,9 +321,10 @@ class _Run:
                 "budget_exceeded",
                 error=(
                     f"the provider reported {settlement.input_tokens} input and "
-                    f"{settlement.output_tokens} output tokens ({settlement.cost} USD), beyond the "
-                    f"call's reservation ({reservation.input_tokens} input bound, max_tokens "
-                    f"{reservation.max_tokens}, {reservation.amount} USD); recorded as reported"
+                    f"{settlement.output_tokens} output tokens ({usd_text(settlement.cost)} USD), "
+                    f"beyond the call's reservation ({reservation.input_tokens} input bound, "
+                    f"max_tokens {reservation.max_tokens}, {usd_text(reservation.amount)} USD); "
+                    "recorded as reported"
                 ),
             )
         return completion
@@ -434,7 +435,7 @@ class _Run:
             "run ended: %s after %d model calls, %s USD (%d in, %d out tokens)%s",
             status,
             self.steps,
-            result.cost,
+            usd_text(result.cost),
             result.input_tokens,
             result.output_tokens,
             f": {error}" if error else "",

@@ -42,6 +42,12 @@ class BudgetExhaustedError(RunnerError):
     exit_code = BUDGET_EXHAUSTED
 
 
+def usd_text(amount: Decimal) -> str:
+    """``amount`` as a plain decimal for logs and messages, exact and without trailing zeros:
+    ``str()`` prints the ledger's ``Decimal("0E-10")`` as ``0E-10``."""
+    return format(amount.normalize(), "f")
+
+
 def ceil_usd(amount: Decimal) -> Decimal:
     """``amount`` rounded up to the ledger's quantum."""
     return amount.quantize(QUANTUM, rounding=ROUND_CEILING)
@@ -167,8 +173,9 @@ class Budget:
         max_tokens = self.max_output_tokens(input_tokens_bound)
         if max_tokens < self.min_output_tokens:
             raise BudgetExhaustedError(
-                f"budget: {self.remaining} USD of maxPerRunUSD {self.limit} remains "
-                f"(earlier attempts {self.spent_before}, this attempt {self.spent}); the next "
+                f"budget: {usd_text(self.remaining)} USD of maxPerRunUSD {usd_text(self.limit)} "
+                f"remains (earlier attempts {usd_text(self.spent_before)}, this attempt "
+                f"{usd_text(self.spent)}); the next "
                 f"call needs its input bound of {input_tokens_bound} tokens plus at least "
                 f"{self.min_output_tokens} output tokens at {self.price.model}'s prices"
             )

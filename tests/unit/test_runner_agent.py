@@ -21,7 +21,7 @@ from agent_runner.agent import (
     system_prompt,
     user_prompt,
 )
-from agent_runner.budget import Budget, cost_of, input_token_bound
+from agent_runner.budget import Budget, cost_of, input_token_bound, usd_text
 from agent_runner.config import ConfigError, TaskDocument, parse_task
 from agent_runner.contract import STATE_LIMIT_BYTES, ModelPrice
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED, TRANSIENT
@@ -474,6 +474,30 @@ def test_property_agent_runs_never_record_more_than_the_limit() -> None:
         assert recorded == sorted(recorded)
         outcomes[result.status] = outcomes.get(result.status, 0) + 1
     assert set(outcomes) == {"succeeded", "failed", "budget_exceeded"}
+
+
+def test_money_in_runner_logs_and_errors_is_a_plain_decimal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A free model's ledger holds Decimal("0E-10"); str() printed it as "0E-10 USD".
+    zero = Decimal(0)
+    free = PRICE.model_copy(update={"input_usd_per_mtok": zero, "output_usd_per_mtok": zero})
+    caplog.set_level("INFO", logger="agent_runner")
+    result = run(ScriptedProvider([answer("ok")]), budget=Budget(Decimal("0.5"), free))
+    assert result.status == "succeeded"
+    tight = Budget(Decimal("0.0000004"), PRICE)
+    assert run(ScriptedProvider([answer("ok")]), budget=tight).status == "budget_exceeded"
+    messages = [record.getMessage() for record in caplog.records] + [str(result.error)]
+    assert any("reserved 0 USD" in message for message in messages)
+    assert any(", 0 USD (" in message for message in messages)
+    assert any("budget: 0.0000004 USD of maxPerRunUSD 0.0000004" in m for m in messages)
+    assert not [m for m in messages if re.search(r"\dE[-+]?\d", m)]
+    assert [usd_text(Decimal(v)) for v in ("0E-10", "4.000E-7", "1E+2", "0.25")] == [
+        "0",
+        "0.0000004",
+        "100",
+        "0.25",
+    ]
 
 
 def test_results_are_immutable() -> None:
