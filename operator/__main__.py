@@ -11,7 +11,8 @@ import sys
 import kopf
 from kopf._core.engines.peering import Identity  # kopf exports no public name for the type
 
-import nocturne_operator.handlers  # noqa: F401  (registers the handlers)
+from nocturne_operator.handlers import Memo  # importing it registers the handlers
+from nocturne_operator.settings import load_settings
 
 
 class _QuietRoutine(logging.Filter):
@@ -46,7 +47,10 @@ def main() -> int:
     health = os.environ.get("NOCTURNE_HEALTH_ENDPOINT", "http://0.0.0.0:8080/healthz")
     kopf.configure(verbose=os.environ.get("NOCTURNE_LOG_LEVEL", "").upper() == "DEBUG")
     logging.getLogger("kopf.objects").addFilter(_QuietRoutine())
+    # Bad settings end the process here, with the file and field named, before kopf starts.
+    memo = Memo(settings=load_settings())
     kopf.run(
+        memo=memo,
         # Standalone mode does not peer; an explicit identity spares kopf a getpass lookup,
         # which fails for a uid without a passwd entry.
         identity=Identity(f"nocturne-operator@{socket.gethostname()}"),

@@ -1,5 +1,9 @@
 """kopf wiring: every trigger calls the one ``reconcile``. Handlers return None; status is
-written explicitly by ``reconcile`` into declared fields only."""
+written explicitly by ``reconcile`` into declared fields only.
+
+What handlers and the operator-level loops share is one typed ``Memo``, given to ``kopf.run``
+(``__main__``); settings are loaded when the operator starts, not when this module is imported.
+kopf hands each index to a handler as the keyword argument named after it."""
 
 from __future__ import annotations
 
@@ -11,20 +15,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import kopf
+from aiohttp import web
 
 from nocturne_operator import metrics, notices, notify, outbox, results
 from nocturne_operator import reconcile as rec
 from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
 from nocturne_operator.kube import FIELD_MANAGER, Kube
-from nocturne_operator.prices import load_price_table
+from nocturne_operator.prices import PriceTable, load_price_table
 from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY, RunApiEndpoint
 from nocturne_operator.runapi.auth import Authenticator
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
-from nocturne_operator.settings import Settings, load_settings
+from nocturne_operator.settings import Settings
 from nocturne_operator.storage import (
     EventKind,
     ExecutionRecord,
@@ -35,13 +40,33 @@ from nocturne_operator.storage import (
 )
 from nocturne_operator.validation import Peer
 
-SETTINGS: Settings = load_settings()
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 KOPF_PREFIX = f"kopf.{GROUP}"
 
+ScheduleBodies = kopf.Index[tuple[str, str], dict[str, Any]]
+SchedulePeers = kopf.Index[str, Peer]
+FinishedJobs = kopf.Index[tuple[str, str], dict[str, Any]]
+
+
+class Indexes(NamedTuple):
+    """kopf's live indexes, typed. kopf passes each to every handler as the keyword argument
+    named after its index function; handlers take them through ``**kwargs`` (kopf's handler
+    protocols admit no extra required parameters) and read them here, once."""
+
+    bodies: ScheduleBodies  # schedule_bodies
+    peers: SchedulePeers  # schedules_by_namespace
+    jobs: FinishedJobs  # finished_jobs
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
+        """The indexes among a handler's keyword arguments."""
+        return cls(
+            kwargs["schedule_bodies"], kwargs["schedules_by_namespace"], kwargs["finished_jobs"]
+        )
+
 
 @kopf.on.startup()
-def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
+def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     """kopf's own bookkeeping lives under kopf.nocturne.dev; only warnings become Events."""
     # Not plain nocturne.dev: kopf ignores every annotation under its storage prefix when it
     # diffs objects, and users' run-now / suspend-reason annotations live under nocturne.dev.
@@ -55,25 +80,21 @@ def configure(*, settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.execution.max_workers = 8
-    memo["kube"] = Kube.connect()
-    url = SETTINGS.database_url
-    memo["history"] = History.connect(url.get_secret_value()) if url is not None else None
-    memo["started_at"] = datetime.now(UTC)
-    # kopf hands each object's handlers a shallow copy of this memo: keys they set stay in
-    # their copy, so what they hand to the operator-level loops goes through this one dict.
-    memo["shared"] = {}
-    memo["jobs"] = _JobLedger()
-    metrics.serve(SETTINGS.metrics_port)
+    config = memo.settings
+    memo.kube = Kube.connect()
+    url = config.database_url
+    memo.history = History.connect(url.get_secret_value()) if url is not None else None
+    memo.started_at = datetime.now(UTC)
+    metrics.serve(config.metrics_port)
     # The price table lives only here: each run's grant carries its model's price.
-    memo["prices"] = load_price_table(SETTINGS.price_table_file)
-    memo["notifier"] = _notifier(memo) if SETTINGS.notifications_enabled else None
+    memo.prices = load_price_table(config.price_table_file)
+    memo.notifier = _notifier(memo) if config.notifications_enabled else None
 
 
-def _notifier(memo: Any) -> notify.Notifier:
+def _notifier(memo: Memo) -> notify.Notifier:
     """Notices are queued in PostgreSQL (an outbox that survives restarts), or in memory when
     the operator runs without a database."""
-    history: History | None = memo["history"]
-    kube: Kube = memo["kube"]
+    history, kube, config = memo.history, memo.kube, memo.settings
     store: outbox.Store = (
         outbox.PostgresStore(history.engine) if history is not None else outbox.MemoryStore()
     )
@@ -103,13 +124,13 @@ def _notifier(memo: Any) -> notify.Notifier:
         store,
         kube.secret_value,
         outcome,
-        max_attempts=SETTINGS.notification_max_attempts,
-        retry_base=timedelta(seconds=SETTINGS.notification_retry_base_seconds),
-        retry_cap=timedelta(seconds=SETTINGS.notification_retry_cap_seconds),
-        timeout=SETTINGS.notification_timeout_seconds,
-        retention=timedelta(days=SETTINGS.notification_retention_days),
-        webhook_secrets=SETTINGS.webhook_secrets,
-        allow_private=SETTINGS.webhook_allow_private,
+        max_attempts=config.notification_max_attempts,
+        retry_base=timedelta(seconds=config.notification_retry_base_seconds),
+        retry_cap=timedelta(seconds=config.notification_retry_cap_seconds),
+        timeout=config.notification_timeout_seconds,
+        retention=timedelta(days=config.notification_retention_days),
+        webhook_secrets=config.webhook_secrets,
+        allow_private=config.webhook_allow_private,
     )
 
 
@@ -140,6 +161,32 @@ class _JobLedger:
                     self._busy.discard(uid)
 
 
+@dataclass(eq=False)
+class Memo:
+    """What every handler and loop of one operator process shares. kopf hands each object's
+    handlers a shallow copy of the memo; this one's copy is itself, so what one handler sets
+    (the indexes, the Job ledger) every loop sees. ``settings`` are loaded before kopf starts
+    (``__main__``: bad settings end the process at once); fields without a default are set by
+    the startup handlers before any other handler runs."""
+
+    settings: Settings
+    kube: Kube = field(init=False)
+    prices: PriceTable = field(init=False)
+    run_api: RunApiEndpoint = field(init=False)
+    history: History | None = None
+    notifier: notify.Notifier | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    jobs: _JobLedger = field(default_factory=_JobLedger)
+    # kopf's live indexes, handed over by the first handler call (the sweep walks them).
+    indexes: Indexes | None = None
+    run_api_server: web.AppRunner | None = None
+    sweeper: asyncio.Task[None] | None = None
+    deliveries: asyncio.Task[None] | None = None
+
+    def __copy__(self) -> Memo:
+        return self
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def schedules_by_namespace(
     *, namespace: str | None, name: str, meta: kopf.Meta, **_: Any
@@ -167,25 +214,29 @@ def finished_jobs(
     return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): dict(body)}
 
 
-# kopf injects indexes as keyword arguments named after them; they arrive through **kwargs so the
-# handlers keep kopf's handler signatures.
-
-
 # A failed reconcile (apiserver hiccup, conflict) is retried after 15 s, not kopf's default 60 s.
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=15)
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=15)
 @kopf.on.update(GROUP, VERSION, PLURAL, backoff=15)
-def schedule_changed(*, body: kopf.Body, memo: Any, reason: str, **kwargs: Any) -> None:
+def schedule_changed(
+    *,
+    body: kopf.Body,
+    memo: Memo,
+    reason: str,
+    **kwargs: Any,
+) -> None:
     """Create, update (spec or annotations) and operator restart."""
     if reason in ("create", "update"):
         kind = EventKind.CREATED if reason == "create" else EventKind.UPDATED
         _audit(memo, body, kind, f"generation {body.get('metadata', {}).get('generation')}")
-    _remember_indexes(memo, kwargs)
-    _reconcile(dict(body), memo, kwargs["schedules_by_namespace"])
+    indexes = Indexes.of(kwargs)
+    if memo.indexes is None:  # the sweep walks kopf's live indexes; any handler hands them over
+        memo.indexes = indexes
+    _reconcile(dict(body), memo, indexes.peers)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def schedule_deleted(*, type: str, body: kopf.Body, memo: Any, **_: Any) -> None:
+def schedule_deleted(*, type: str, body: kopf.Body, memo: Memo, **_: Any) -> None:
     """Audit only, without a finalizer: deletion never waits for the operator (if it is down,
     the deletion is not audited, and nothing else is lost)."""
     if type == "DELETED":
@@ -207,9 +258,9 @@ _AUDITED = {
 }
 
 
-def _audit(memo: Any, obj: Mapping[str, Any], kind: EventKind, reason: str) -> None:
+def _audit(memo: Memo, obj: Mapping[str, Any], kind: EventKind, reason: str) -> None:
     """Append to the audit trail; never fails the handler (the database may be down)."""
-    history: History | None = memo["history"]
+    history = memo.history
     if history is None:
         return
     meta = obj.get("metadata") or {}
@@ -242,63 +293,60 @@ def _last_writer(meta: Mapping[str, Any]) -> str | None:
 
 
 @kopf.on.startup()
-async def start_run_api(*, memo: Any, **_: Any) -> None:
+async def start_run_api(*, memo: Memo, **_: Any) -> None:
     """Serve the run API (every replica does): runner pods get their budget grants here and
     report progress and results. Its CA is the operator's own, kept in a Secret."""
-    kube: Kube = memo["kube"]
-    tls = await asyncio.to_thread(RunApiTls.load_or_create, kube, SETTINGS)
-    memo["run_api"] = RunApiEndpoint(SETTINGS.run_api_url, tls.ca_pem)
+    kube, config = memo.kube, memo.settings
+    tls = await asyncio.to_thread(RunApiTls.load_or_create, kube, config)
+    memo.run_api = RunApiEndpoint(config.run_api_url, tls.ca_pem)
     app = make_app(
         authenticator=Authenticator(kube),
-        history=memo["history"],
-        prices=memo["prices"],
-        settings=SETTINGS,
+        history=memo.history,
+        prices=memo.prices,
+        settings=config,
     )
-    memo["run_api_server"] = await serve(app, SETTINGS, tls)
+    memo.run_api_server = await serve(app, config, tls)
 
 
 @kopf.on.cleanup()
-async def stop_run_api(*, memo: Any, **_: Any) -> None:
+async def stop_run_api(*, memo: Memo, **_: Any) -> None:
     """Stop listening; reports in flight finish first (aiohttp's graceful shutdown)."""
-    server = memo.get("run_api_server")
-    if server is not None:
-        await server.cleanup()
+    if memo.run_api_server is not None:
+        await memo.run_api_server.cleanup()
 
 
 # Not a @kopf.timer: kopf puts a finalizer on every object a timer serves, so deleting a
 # schedule would hang whenever the operator is down or uninstalled. One operator-level loop over
 # the index does the same work and leaves deletion to garbage collection alone.
 @kopf.on.startup()
-async def start_sweeper(*, memo: Any, **_: Any) -> None:
+async def start_sweeper(*, memo: Memo, **_: Any) -> None:
     """Start the periodic sweep: drift repair, fresh next runs, results left unrecorded."""
-    memo["sweeper"] = asyncio.create_task(_sweep(memo))
-    notifier: notify.Notifier | None = memo.get("notifier")
+    memo.sweeper = asyncio.create_task(_sweep(memo))
+    notifier = memo.notifier
     if notifier is not None:
         # Deliveries run on the operator's loop, apart from every handler: a slow or dead
         # webhook never holds up a reconcile.
-        memo["deliveries"] = asyncio.create_task(notifier.run(asyncio.Event()))
+        memo.deliveries = asyncio.create_task(notifier.run(asyncio.Event()))
 
 
 @kopf.on.cleanup()
-async def stop_sweeper(*, memo: Any, **_: Any) -> None:
+async def stop_sweeper(*, memo: Memo, **_: Any) -> None:
     """Stop the sweep and the deliveries with the operator."""
-    for name in ("sweeper", "deliveries"):
-        task: asyncio.Task[None] | None = memo.get(name)
+    for task in (memo.sweeper, memo.deliveries):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
 
-async def _sweep(memo: Any) -> None:
+async def _sweep(memo: Memo) -> None:
     log = logging.getLogger(__name__)
     while True:
-        await asyncio.sleep(SETTINGS.reconcile_interval_seconds)
-        indexes = memo["shared"].get("indexes")
-        if indexes is None:  # no schedule seen yet
+        await asyncio.sleep(memo.settings.reconcile_interval_seconds)
+        if memo.indexes is None:  # no schedule seen yet
             continue
-        bodies, peers, jobs = indexes
-        if memo["history"] is not None:
+        bodies, peers, jobs = memo.indexes
+        if memo.history is not None:
             try:
                 await asyncio.to_thread(_reap, memo, bodies)
             except Exception:
@@ -315,12 +363,12 @@ async def _sweep(memo: Any) -> None:
 REAP_AFTER = timedelta(minutes=2)
 
 
-def _reap(memo: Any, bodies: kopf.Index[tuple[str, str], dict[str, Any]]) -> None:
+def _reap(memo: Memo, bodies: ScheduleBodies) -> None:
     """Finalise executions left RUNNING whose Job or pod is gone (one query, then one Job and
     one pod listing per schedule that has such rows)."""
-    history: History = memo["history"]
-    kube: Kube = memo["kube"]
-    ledger: _JobLedger = memo["jobs"]
+    history, kube, ledger = memo.history, memo.kube, memo.jobs
+    if history is None:
+        return
     try:
         stuck = history.stuck_running(REAP_AFTER)
     except HistoryError as exc:
@@ -358,24 +406,19 @@ def _reap(memo: Any, bodies: kopf.Index[tuple[str, str], dict[str, Any]]) -> Non
             )
 
 
-def _owner(
-    bodies: kopf.Index[tuple[str, str], dict[str, Any]], namespace: str, name: str
-) -> dict[str, Any] | None:
+def _owner(bodies: ScheduleBodies, namespace: str, name: str) -> dict[str, Any] | None:
     """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
     return next(iter(bodies.get((namespace, name), [])), None)
 
 
 def _periodic(
-    schedule: dict[str, Any],
-    memo: Any,
-    peers: kopf.Index[str, Peer],
-    jobs: kopf.Index[tuple[str, str], dict[str, Any]],
+    schedule: dict[str, Any], memo: Memo, peers: SchedulePeers, jobs: FinishedJobs
 ) -> None:
-    if memo["history"] is not None:
+    if memo.history is not None:
         meta = schedule["metadata"]
         for job in list(jobs.get((meta["namespace"], meta["name"]), [])):
             _record_job(job, schedule, memo)
-    fresh = memo["kube"].get(KIND, schedule["metadata"]["namespace"], schedule["metadata"]["name"])
+    fresh = memo.kube.get(KIND, schedule["metadata"]["namespace"], schedule["metadata"]["name"])
     if fresh is not None:  # the index may lag behind our own status writes
         _reconcile(fresh, memo, peers)
 
@@ -388,13 +431,14 @@ def cronjob_event(
     namespace: str | None,
     name: str,
     labels: kopf.Labels,
-    memo: Any,
+    memo: Memo,
     **kwargs: Any,
 ) -> None:
     """A managed CronJob changed or vanished: repair it at once, or remove it if orphaned."""
+    indexes = Indexes.of(kwargs)
     owner_name = labels.get(LABEL_SCHEDULE, "")
-    owner = _owner(kwargs["schedule_bodies"], str(namespace), owner_name)
-    kube: Kube = memo["kube"]
+    owner = _owner(indexes.bodies, str(namespace), owner_name)
+    kube = memo.kube
     if owner is None:
         if type != "DELETED" and kube.delete("CronJob", str(namespace), name):
             _post(
@@ -405,7 +449,7 @@ def cronjob_event(
                 f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
             )
         return
-    _reconcile(owner, memo, kwargs["schedules_by_namespace"])
+    _reconcile(owner, memo, indexes.peers)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
@@ -415,28 +459,29 @@ def job_event(
     namespace: str | None,
     name: str,
     labels: kopf.Labels,
-    memo: Any,
+    memo: Memo,
     **kwargs: Any,
 ) -> None:
     """A run finished: make sure its attempts are recorded, then refresh the owner's status."""
     if results.job_outcome(body) is None:
         return
-    owner = _owner(kwargs["schedule_bodies"], str(namespace), labels.get(LABEL_SCHEDULE, ""))
+    indexes = Indexes.of(kwargs)
+    owner = _owner(indexes.bodies, str(namespace), labels.get(LABEL_SCHEDULE, ""))
     if owner is None:
         return
     _record_job(body, owner, memo)
-    _reconcile(owner, memo, kwargs["schedules_by_namespace"])
+    _reconcile(owner, memo, indexes.peers)
 
 
-def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) -> None:
+def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Memo) -> None:
     """Record a finished Job's attempts once and queue its notices once; later events and
     sweeps skip it without any API or database call."""
-    history: History | None = memo["history"]
+    history = memo.history
     outcome = results.job_outcome(job)
     if history is None or outcome is None:
         return
     meta = job["metadata"]
-    ledger: _JobLedger = memo["jobs"]
+    ledger = memo.jobs
     with ledger.claim(meta["uid"]) as mine:
         if not mine:
             return
@@ -450,18 +495,19 @@ def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Any) 
 
 
 def _record_and_notify(
-    job: Mapping[str, Any], outcome: results.JobOutcome, schedule: Mapping[str, Any], memo: Any
+    job: Mapping[str, Any], outcome: results.JobOutcome, schedule: Mapping[str, Any], memo: Memo
 ) -> None:
     """The work of ``_record_job`` for a claimed Job: one history read serves the metrics and
     the notices."""
-    history: History = memo["history"]
-    ledger: _JobLedger = memo["jobs"]
+    history, ledger = memo.history, memo.jobs
+    if history is None:  # _record_job checked it; the type checker cannot know
+        return
     meta = job["metadata"]
     uid = meta["uid"]
-    fresh = outcome.finished_at >= memo["started_at"]
+    fresh = outcome.finished_at >= memo.started_at
     attempts: list[ExecutionRecord] | None = None
     if uid not in ledger.recorded:
-        kube: Kube = memo["kube"]
+        kube = memo.kube
         pods = kube.list_objects(
             "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
         )
@@ -472,7 +518,7 @@ def _record_and_notify(
             _count_runs(attempts)
         ledger.recorded.add(uid)
     age = (datetime.now(UTC) - outcome.finished_at).total_seconds()
-    if fresh or age <= SETTINGS.notification_max_age_seconds:
+    if fresh or age <= memo.settings.notification_max_age_seconds:
         # The outbox dedupes per Job: a predecessor's notices are not queued again.
         if attempts is None:
             attempts = history.for_job(uid, include_output=True)
@@ -496,10 +542,10 @@ def _subject(schedule: Mapping[str, Any]) -> notices.NoticeSubject:
 
 
 def _notify_run(
-    attempts: Sequence[ExecutionRecord], schedule: Mapping[str, Any], memo: Any
+    attempts: Sequence[ExecutionRecord], schedule: Mapping[str, Any], memo: Memo
 ) -> None:
     """Queue the notices of a finished Job's outcome (its last attempt)."""
-    notifier: notify.Notifier | None = memo["notifier"]
+    notifier = memo.notifier
     target = _target(schedule)
     if notifier is None or target is None:
         return
@@ -537,21 +583,10 @@ def _count_runs(attempts: Sequence[ExecutionRecord]) -> None:
             )
 
 
-def _remember_indexes(memo: Any, kwargs: Mapping[str, Any]) -> None:
-    """The sweep walks kopf's live indexes; any handler call can hand them over."""
-    shared: dict[str, Any] = memo["shared"]
-    if "indexes" not in shared:
-        shared["indexes"] = (
-            kwargs["schedule_bodies"],
-            kwargs["schedules_by_namespace"],
-            kwargs["finished_jobs"],
-        )
-
-
-def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) -> None:
+def _reconcile(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> None:
     meta = body["metadata"]
     peers = list(index.get(meta["namespace"], []))
-    history: History | None = memo["history"]
+    history = memo.history
     now = datetime.now(UTC)  # one clock for the month's cost and the month it is labelled with
     stats = None
     if history is not None:
@@ -571,7 +606,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             logging.getLogger(__name__).warning("run results unavailable: %s", exc)
 
     def notice(kind: str, key: str, message: str) -> None:
-        notifier: notify.Notifier | None = memo["notifier"]
+        notifier = memo.notifier
         target = _target(body)
         if notifier is None or target is None:
             return
@@ -583,7 +618,7 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
             logging.getLogger(__name__).warning("%s notice not queued: %s", kind, exc)
 
     def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-        _post(memo["kube"], obj, type_, reason, message)
+        _post(memo.kube, obj, type_, reason, message)
         if reason == "AutoPaused":
             metrics.AUTO_PAUSES.labels(meta["namespace"], meta["name"]).inc()
         elif reason == "BudgetExhausted":
@@ -595,12 +630,12 @@ def _reconcile(body: dict[str, Any], memo: Any, index: kopf.Index[str, Peer]) ->
         try:
             phase = rec.reconcile(
                 body,
-                SETTINGS,
-                memo["kube"],
+                memo.settings,
+                memo.kube,
                 events=post,
                 peers=peers,
                 stats=stats,
-                run_api=memo["run_api"],
+                run_api=memo.run_api,
                 notices=notice,
                 now=now,
             )
