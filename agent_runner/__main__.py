@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from agent_runner import exitcodes
 from agent_runner.agent import RunResult, run_agent
-from agent_runner.budget import Budget
+from agent_runner.budget import Budget, usd_text
 from agent_runner.config import ConfigError, RunnerEnv, TaskDocument, load_env, parse_task
 from agent_runner.contract import (
     FinalStatus,
@@ -134,7 +134,7 @@ def _run(state: Attempt) -> int:
             "budget grant: execution %s, attempt %s, %s USD",
             grant.execution_id,
             grant.attempt,
-            grant.limit_usd,
+            usd_text(grant.limit_usd),
         )
         # The grant already nets out this Job's earlier attempts and every other reservation.
         budget = state.budget = Budget(grant.limit_usd, grant.price)
@@ -267,7 +267,7 @@ def _record(state: Attempt, result: RunResult) -> None:
     log.info(
         "run %s: cost %s USD, %s+%s tokens, %s steps",
         status,
-        result.cost,
+        usd_text(result.cost),
         result.input_tokens,
         result.output_tokens,
         result.steps,
