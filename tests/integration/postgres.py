@@ -248,3 +248,9 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def schema_url(url: str, schema: str) -> str:
+    """``url`` with ``schema`` first on the search_path (tables and alembic_version go there)."""
+    parsed = sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
+    return parsed.render_as_string(hide_password=False)

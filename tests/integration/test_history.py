@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -36,35 +34,6 @@ from nocturne_operator.storage import (
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
-
-
-def schema_url(url: str, schema: str) -> str:
-    """``url`` with the schema first on the search_path (tables and alembic_version go there)."""
-    parsed = sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return parsed.render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def url(postgres: PostgresServer) -> Iterator[str]:
-    """A fresh, migrated schema for one test, dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres.url, poolclass=sa.NullPool)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    try:
-        scoped = schema_url(postgres.url, schema)
-        upgrade(scoped)
-        yield scoped
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-@pytest.fixture
-def history(url: str) -> Iterator[History]:
-    with History.connect(url) as repo:
-        yield repo
 
 
 def key(

@@ -39,19 +39,6 @@ MONTH = month_start(T0, "UTC")
 D = Decimal
 
 
-@pytest.fixture
-def url(postgres: PostgresServer) -> str:
-    url = postgres.fresh_schema(f"grants_{uuid.uuid4().hex[:8]}")
-    upgrade(url)
-    return url
-
-
-@pytest.fixture
-def history(url: str) -> Iterator[History]:
-    with History.connect(url) as store:
-        yield store
-
-
 def key(job: str, pod: str = "0", *, uid: str = "uid-news", name: str = "news") -> ExecutionKey:
     return ExecutionKey("ns", name, uid, f"{name}-{job}", f"job-{uid}-{job}", f"pod-{pod}", 0)
 

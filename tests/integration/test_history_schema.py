@@ -18,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 
-from integration.postgres import PostgresServer
+from integration.postgres import PostgresServer, schema_url
 from nocturne_operator.outbox import NOTIFICATIONS
 from nocturne_operator.storage import (
     MIGRATIONS_DIR,
@@ -40,11 +40,6 @@ def all_models() -> sa.MetaData:
     for table in [*Base.metadata.tables.values(), NOTIFICATIONS]:
         table.to_metadata(models)
     return models
-
-
-def schema_url(url: str, schema: str) -> str:
-    parsed = sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return parsed.render_as_string(hide_password=False)
 
 
 @pytest.fixture

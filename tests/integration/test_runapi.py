@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import sqlalchemy as sa
 from aiohttp import web
 
 from agent_runner.contract import (
@@ -31,7 +30,7 @@ from agent_runner.contract import (
     Grant,
     parse_task_document,
 )
-from integration.postgres import PostgresServer, running_postgres
+from integration.postgres import running_postgres
 from nocturne_operator.metrics import REGISTRY
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.runapi.auth import AuthError, RunIdentity
@@ -46,34 +45,6 @@ NS = "research"
 
 
 # ---- fixtures --------------------------------------------------------------------------------
-
-
-def schema_url(url: str, schema: str) -> str:
-    parsed = sa.make_url(url).update_query_dict({"options": f"-csearch_path={schema}"})
-    return parsed.render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def url(postgres: PostgresServer) -> Iterator[str]:
-    """A fresh, migrated schema for one test, dropped afterwards."""
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres.url, poolclass=sa.NullPool)
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    try:
-        scoped = schema_url(postgres.url, schema)
-        upgrade(scoped)
-        yield scoped
-    finally:
-        with admin.begin() as conn:
-            conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
-
-
-@pytest.fixture
-def history(url: str) -> Iterator[History]:
-    with History.connect(url) as repo:
-        yield repo
 
 
 def task_json(schedule: str, uid: str, **budget: str) -> str:
