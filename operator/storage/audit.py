@@ -10,10 +10,16 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
 
 from agent_runner.contract import json_document
 from nocturne_operator.storage.engine import Repository
-from nocturne_operator.storage.schema import EVENTS, EventKind
+from nocturne_operator.storage.schema import (
+    EVENTS,
+    ONCE_PER_SCHEDULE,
+    ONCE_PER_SCHEDULE_SQL,
+    EventKind,
+)
 from nocturne_operator.storage.values import ERROR_LIMIT_BYTES, aware, check_page_limit, clean_text
 
 __all__ = ["AuditTrail", "EventRecord"]
@@ -51,7 +57,8 @@ class AuditTrail(Repository):
         details: Mapping[str, Any] | None = None,
         at: datetime | None = None,
     ) -> int:
-        """Append an audit event and return its id; ``kind`` is lower_snake_case."""
+        """Append an audit event and return its id; ``kind`` is lower_snake_case. A schedule's
+        ``created`` and ``deleted`` are recorded once per UID: a repeat returns the first id."""
         kind = str(kind)
         if not _EVENT_KIND_RE.match(kind):
             raise ValueError(f"kind: {kind!r} must be lower_snake_case (e.g. auto_paused)")
@@ -70,9 +77,31 @@ class AuditTrail(Repository):
         }
         if at is not None:
             values["at"] = at
+        what = f"record {kind} event of {namespace}/{schedule_name}"
+        if kind in ONCE_PER_SCHEDULE and schedule_uid is not None:
+            return self._record_once(values, what)
         insert = sa.insert(EVENTS).values(values).returning(EVENTS.c.id)
-        with self._begin(f"record {kind} event of {namespace}/{schedule_name}") as conn:
+        with self._begin(what) as conn:
             return int(conn.execute(insert).scalar_one())
+
+    def _record_once(self, values: dict[str, Any], what: str) -> int:
+        """Insert a once-per-schedule event, or return the id of the one recorded before."""
+        t = EVENTS
+        insert = (
+            pg.insert(t)
+            .values(values)
+            .on_conflict_do_nothing(
+                index_elements=[t.c.schedule_uid, t.c.kind],
+                index_where=sa.text(ONCE_PER_SCHEDULE_SQL),
+            )
+            .returning(t.c.id)
+        )
+        earlier = sa.select(t.c.id).where(
+            t.c.schedule_uid == values["schedule_uid"], t.c.kind == values["kind"]
+        )
+        with self._begin(what) as conn:
+            new = conn.execute(insert).scalar_one_or_none()
+            return int(new if new is not None else conn.execute(earlier).scalar_one())
 
     def events(
         self,

@@ -60,9 +60,11 @@ def create_engine(
     statement_timeout_ms: int | None,
     application_name: str,
     pool: bool,
+    pool_size: int = 2,
 ) -> sa.Engine:
-    """An engine on a ``postgresql(+psycopg)://`` URL with these timeouts; raises HistoryError
-    for any other URL (naming it without its password)."""
+    """An engine on a ``postgresql(+psycopg)://`` URL with these timeouts (and, pooled,
+    ``pool_size`` connections kept plus as many again on demand); raises HistoryError for any
+    other URL (naming it without its password)."""
     try:
         parsed = sa.make_url(url)
     except Exception:  # the parser's message would repeat the password
@@ -90,7 +92,7 @@ def create_engine(
         hide_parameters=True,
         json_serializer=compact_json,
         connect_args=connect_args,
-        **({"pool_size": 2, "max_overflow": 2} if pool else {}),
+        **({"pool_size": pool_size, "max_overflow": pool_size} if pool else {}),
     )
 
 
@@ -123,15 +125,20 @@ class Repository:
         connect_timeout: int = 5,
         statement_timeout_ms: int = 15_000,
         application_name: str = "nocturne",
+        pool_size: int = 2,
     ) -> Self:
         """A repository on ``url`` (``postgresql+psycopg://``); connects lazily, with pre-ping,
-        ``connect_timeout`` seconds to connect and a server-side ``statement_timeout``."""
+        ``connect_timeout`` seconds to connect, a server-side ``statement_timeout`` and
+        ``pool_size`` pooled connections (the operator sizes it to its workers)."""
+        if pool_size < 1:
+            raise ValueError(f"pool_size: {pool_size} must be at least 1")
         engine = create_engine(
             url,
             connect_timeout=connect_timeout,
             statement_timeout_ms=statement_timeout_ms,
             application_name=application_name,
             pool=True,
+            pool_size=pool_size,
         )
         log.debug("history database %s", redact_url(engine.url))
         return cls(engine)

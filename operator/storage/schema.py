@@ -58,6 +58,9 @@ class EventKind(StrEnum):
     DRIFT_REPAIRED = "drift_repaired"
 
 
+# Kinds a schedule has at most one row of (per UID); see migration 0004.
+ONCE_PER_SCHEDULE = frozenset({EventKind.CREATED, EventKind.DELETED})
+ONCE_PER_SCHEDULE_SQL = "kind IN ('created', 'deleted') AND schedule_uid IS NOT NULL"
 _STATUS_SQL = ", ".join(f"'{s.value}'" for s in ExecutionStatus)
 
 
@@ -201,6 +204,14 @@ class Event(Base):
         sa.PrimaryKeyConstraint("id", name="pk_schedule_events"),
         sa.CheckConstraint("kind ~ '^[a-z][a-z0-9_]*$'", name="ck_schedule_events_kind"),
         sa.Index("ix_schedule_events_schedule_at", "namespace", "schedule_name", "at"),
+        # A schedule is created and deleted once, however often kopf reports it (0004).
+        sa.Index(
+            "uq_schedule_events_once",
+            "schedule_uid",
+            "kind",
+            unique=True,
+            postgresql_where=sa.text(ONCE_PER_SCHEDULE_SQL),
+        ),
     )
 
 

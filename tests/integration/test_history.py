@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -668,6 +670,74 @@ def test_record_event_and_read_events(history: History) -> None:
     assert abs(now_event.at - datetime.now(UTC)) < timedelta(minutes=5)
     with pytest.raises(ValueError, match="kind: 'Auto-Paused' must be lower_snake_case"):
         history.record_event("research", "daily-news", "Auto-Paused")
+
+
+def test_a_schedule_is_created_and_deleted_once_in_the_audit_trail(
+    history: History, postgres: PostgresServer
+) -> None:
+    """kopf may report one creation twice under load: the trail keeps the first (issue 18)."""
+    created = [
+        history.record_event("research", "news", EventKind.CREATED, schedule_uid="uid-1")
+        for _ in range(3)
+    ]
+    assert len(set(created)) == 1
+    # Another incarnation of the name is another schedule; other kinds repeat as they happen.
+    history.record_event("research", "news", EventKind.CREATED, schedule_uid="uid-2")
+    history.record_event("research", "news", EventKind.UPDATED, schedule_uid="uid-1")
+    history.record_event("research", "news", EventKind.UPDATED, schedule_uid="uid-1")
+    deleted = {
+        history.record_event("research", "news", EventKind.DELETED, schedule_uid="uid-1")
+        for _ in range(2)
+    }
+    assert len(deleted) == 1
+    kinds = Counter((e.schedule_uid, e.kind) for e in history.events("research", "news"))
+    assert kinds == {
+        ("uid-1", "created"): 1,
+        ("uid-2", "created"): 1,
+        ("uid-1", "updated"): 2,
+        ("uid-1", "deleted"): 1,
+    }
+
+
+def test_migration_0004_keeps_the_first_of_repeated_creations(postgres: PostgresServer) -> None:
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    url = postgres.fresh_schema(schema)
+    upgrade(url, "0003")
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    insert = sa.text(
+        "INSERT INTO schedule_events (namespace, schedule_name, schedule_uid, kind)"
+        " VALUES ('research', 'news', :uid, :kind)"
+    )
+    with engine.begin() as conn:
+        for uid, kind in [
+            ("u1", "created"),
+            ("u1", "created"),
+            ("u1", "paused"),
+            ("u1", "paused"),
+            ("u2", "created"),
+            ("u1", "deleted"),
+            ("u1", "deleted"),
+        ]:
+            conn.execute(insert, {"uid": uid, "kind": kind})
+        first = conn.execute(
+            sa.text(
+                "SELECT min(id) FROM schedule_events WHERE kind = 'created' AND schedule_uid = 'u1'"
+            )
+        ).scalar_one()
+    upgrade(url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT schedule_uid, kind, id FROM schedule_events ORDER BY id")
+        ).all()
+    engine.dispose()
+    kinds = Counter((uid, kind) for uid, kind, _ in rows)
+    assert kinds == {
+        ("u1", "created"): 1,
+        ("u1", "paused"): 2,
+        ("u2", "created"): 1,
+        ("u1", "deleted"): 1,
+    }
+    assert first in {row_id for _, kind, row_id in rows if kind == "created"}
 
 
 def test_stuck_running_lists_old_unfinished_executions(history: History) -> None:
