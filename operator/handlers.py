@@ -25,7 +25,13 @@ from nocturne_operator import reconcile as rec
 from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
 from nocturne_operator.kube import FIELD_MANAGER, Kube
 from nocturne_operator.prices import PriceTable, load_price_table
-from nocturne_operator.render import LABEL_MANAGED_BY, LABEL_SCHEDULE, MANAGED_BY, RunApiEndpoint
+from nocturne_operator.render import (
+    LABEL_MANAGED_BY,
+    LABEL_SCHEDULE,
+    MANAGED_BY,
+    RUN_RECORD_FINALIZER,
+    RunApiEndpoint,
+)
 from nocturne_operator.runapi.auth import Authenticator
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
@@ -41,11 +47,16 @@ from nocturne_operator.storage import (
 from nocturne_operator.validation import Peer
 
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
+# kopf's threads for sync handlers; asyncio.to_thread (the sweep, the run API) shares them.
+WORKERS = 8
+# Every worker may hold one connection, plus the notifier's delivery loop and the reaper.
+DATABASE_POOL_SIZE = WORKERS + 2
 KOPF_PREFIX = f"kopf.{GROUP}"
 
 ScheduleBodies = kopf.Index[tuple[str, str], dict[str, Any]]
 SchedulePeers = kopf.Index[str, Peer]
 FinishedJobs = kopf.Index[tuple[str, str], dict[str, Any]]
+UnrecordedPods = kopf.Index[tuple[str, str], dict[str, Any]]
 
 
 class Indexes(NamedTuple):
@@ -56,12 +67,16 @@ class Indexes(NamedTuple):
     bodies: ScheduleBodies  # schedule_bodies
     peers: SchedulePeers  # schedules_by_namespace
     jobs: FinishedJobs  # finished_jobs
+    pods: UnrecordedPods  # unrecorded_pods
 
     @classmethod
     def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
         """The indexes among a handler's keyword arguments."""
         return cls(
-            kwargs["schedule_bodies"], kwargs["schedules_by_namespace"], kwargs["finished_jobs"]
+            kwargs["schedule_bodies"],
+            kwargs["schedules_by_namespace"],
+            kwargs["finished_jobs"],
+            kwargs["unrecorded_pods"],
         )
 
 
@@ -79,11 +94,23 @@ def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     # A watch that silently hangs would stop drift repair: reconnect periodically.
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = WORKERS
+    # Watch only the CronJobs and Jobs we render (server-side label selectors): foreign ones
+    # never reach the operator, its memory or its handlers' filters.
+    for resource in (("batch", "cronjobs"), ("batch", "jobs"), ("", "pods")):
+        settings.watching.label_selectors[resource] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    # kopf waits this long for its own annotation patch to come back before it handles the
+    # next event of an object; under load the default 5 s ran out and a creation was handled
+    # twice (issue 18). The audit trail records a creation once whatever kopf does.
+    settings.persistence.consistency_timeout = 30
     config = memo.settings
     memo.kube = Kube.connect()
     url = config.database_url
-    memo.history = History.connect(url.get_secret_value()) if url is not None else None
+    memo.history = (
+        History.connect(url.get_secret_value(), pool_size=DATABASE_POOL_SIZE)
+        if url is not None
+        else None
+    )
     memo.started_at = datetime.now(UTC)
     metrics.serve(config.metrics_port)
     # The price table lives only here: each run's grant carries its model's price.
@@ -161,6 +188,26 @@ class _JobLedger:
                     self._busy.discard(uid)
 
 
+@dataclass
+class _ScheduleLocks:
+    """One lock per schedule. Its reconciles come from kopf's handlers, Job and CronJob events
+    and the sweep, on different threads; one at a time, none writes status from statistics
+    older than those the previous one wrote (status went from 10 runs back to 8)."""
+
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def of(self, namespace: str, name: str) -> threading.Lock:
+        """The schedule's lock."""
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted schedule's lock."""
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+
+
 @dataclass(eq=False)
 class Memo:
     """What every handler and loop of one operator process shares. kopf hands each object's
@@ -177,6 +224,7 @@ class Memo:
     notifier: notify.Notifier | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     jobs: _JobLedger = field(default_factory=_JobLedger)
+    reconciling: _ScheduleLocks = field(default_factory=_ScheduleLocks)
     # kopf's live indexes, handed over by the first handler call (the sweep walks them).
     indexes: Indexes | None = None
     run_api_server: web.AppRunner | None = None
@@ -214,6 +262,18 @@ def finished_jobs(
     return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): dict(body)}
 
 
+@kopf.index("", "v1", "pods", labels=_MANAGED)
+def unrecorded_pods(
+    *, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]] | None:
+    """(namespace, schedule) -> finished runner pods still held by our finalizer: the sweep
+    records those whose Job is gone (pruned or deleted while no operator ran)."""
+    finalizers = (body.get("metadata") or {}).get("finalizers") or []
+    if RUN_RECORD_FINALIZER not in finalizers or not results.pod_finished(body):
+        return None
+    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): dict(body)}
+
+
 # A failed reconcile (apiserver hiccup, conflict) is retried after 15 s, not kopf's default 60 s.
 @kopf.on.resume(GROUP, VERSION, PLURAL, backoff=15)
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=15)
@@ -241,7 +301,9 @@ def schedule_deleted(*, type: str, body: kopf.Body, memo: Memo, **_: Any) -> Non
     the deletion is not audited, and nothing else is lost)."""
     if type == "DELETED":
         _audit(memo, body, EventKind.DELETED, "the AgentSchedule was deleted")
-        metrics.forget_schedule(str(body["metadata"]["namespace"]), str(body["metadata"]["name"]))
+        namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
+        metrics.forget_schedule(namespace, name)
+        memo.reconciling.forget(namespace, name)
 
 
 # Event reasons the reconciler posts that also belong in the audit trail.
@@ -345,7 +407,11 @@ async def _sweep(memo: Memo) -> None:
         await asyncio.sleep(memo.settings.reconcile_interval_seconds)
         if memo.indexes is None:  # no schedule seen yet
             continue
-        bodies, peers, jobs = memo.indexes
+        bodies, peers, jobs, pods = memo.indexes
+        try:
+            await asyncio.to_thread(_record_orphaned_pods, memo, bodies, pods)
+        except Exception:
+            log.exception("recording runner pods whose Job is gone failed")
         if memo.history is not None:
             try:
                 await asyncio.to_thread(_reap, memo, bodies)
@@ -357,6 +423,36 @@ async def _sweep(memo: Memo) -> None:
                     await asyncio.to_thread(_periodic, schedule, memo, peers, jobs)
                 except Exception:
                     log.exception("periodic reconcile of %s/%s failed", *key)
+
+
+def _record_orphaned_pods(memo: Memo, bodies: ScheduleBodies, pods: UnrecordedPods) -> None:
+    """Finished runner pods being deleted (their Job is gone) still carry their summary and our
+    finalizer: record each attempt once, then let the pod go."""
+    history = memo.history
+    for (namespace, name), held in list(pods.items()):
+        schedule = _owner(bodies, namespace, name)
+        for pod in list(held):
+            if not pod["metadata"].get("deletionTimestamp"):
+                continue  # its Job is there: the Job's own path records it
+            if history is None or schedule is None:  # nothing to record into, or for
+                _release_pods(memo.kube, [pod])
+                continue
+            try:
+                results.record_orphaned_pod(pod, schedule, history)
+            except HistoryError as exc:
+                logging.getLogger(__name__).warning(
+                    "recording pod %s/%s deferred: %s", namespace, pod["metadata"]["name"], exc
+                )
+                continue
+            _release_pods(memo.kube, [pod])
+
+
+def _release_pods(kube: Kube, pods: Sequence[Mapping[str, Any]]) -> None:
+    """Take our finalizer off recorded runner pods (they may go now)."""
+    for pod in pods:
+        meta = pod["metadata"]
+        if RUN_RECORD_FINALIZER in (meta.get("finalizers") or []):
+            kube.remove_finalizer("Pod", meta["namespace"], meta["name"], RUN_RECORD_FINALIZER)
 
 
 # A RUNNING row younger than this may belong to a pod the API has not shown us yet.
@@ -418,8 +514,15 @@ def _periodic(
         meta = schedule["metadata"]
         for job in list(jobs.get((meta["namespace"], meta["name"]), [])):
             _record_job(job, schedule, memo)
-    fresh = memo.kube.get(KIND, schedule["metadata"]["namespace"], schedule["metadata"]["name"])
-    if fresh is not None:  # the index may lag behind our own status writes
+    _reconcile_fresh(schedule, memo, peers)
+
+
+def _reconcile_fresh(schedule: Mapping[str, Any], memo: Memo, peers: SchedulePeers) -> None:
+    """Reconcile the schedule as the apiserver has it now: kopf's index may lag behind our own
+    status writes, and a stale status would be written again for nothing."""
+    meta = schedule["metadata"]
+    fresh = memo.kube.get(KIND, meta["namespace"], meta["name"])
+    if fresh is not None and fresh["metadata"].get("uid") == meta.get("uid"):
         _reconcile(fresh, memo, peers)
 
 
@@ -449,7 +552,20 @@ def cronjob_event(
                 f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
             )
         return
-    _reconcile(owner, memo, indexes.peers)
+    if type == "ADDED" and _ours(body, owner):
+        return  # our own apply coming back: the reconcile that made it is still in flight
+    _reconcile_fresh(owner, memo, indexes.peers)
+
+
+def _ours(cronjob: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
+    """The CronJob is controlled by this very schedule and was last written by us."""
+    meta = cronjob.get("metadata") or {}
+    owned = any(
+        ref.get("uid") == owner["metadata"].get("uid") and ref.get("controller")
+        for ref in meta.get("ownerReferences") or []
+    )
+    writers = [e.get("manager") for e in meta.get("managedFields") or [] if e.get("manager")]
+    return owned and set(writers) <= {FIELD_MANAGER, "kube-controller-manager"}
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
@@ -470,7 +586,7 @@ def job_event(
     if owner is None:
         return
     _record_job(body, owner, memo)
-    _reconcile(owner, memo, indexes.peers)
+    _reconcile_fresh(owner, memo, indexes.peers)
 
 
 def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Memo) -> None:
@@ -478,10 +594,16 @@ def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Memo)
     sweeps skip it without any API or database call."""
     history = memo.history
     outcome = results.job_outcome(job)
-    if history is None or outcome is None:
+    if outcome is None:
         return
     meta = job["metadata"]
     ledger = memo.jobs
+    if history is None:  # nothing to record into: the pods need not wait for it
+        if meta["uid"] not in ledger.notified:
+            selector = f"batch.kubernetes.io/job-name={meta['name']}"
+            _release_pods(memo.kube, memo.kube.list_objects("Pod", meta["namespace"], selector))
+            ledger.notified.add(meta["uid"])
+        return
     with ledger.claim(meta["uid"]) as mine:
         if not mine:
             return
@@ -512,6 +634,7 @@ def _record_and_notify(
             "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
         )
         results.record_finished_job(job, pods, schedule, history)
+        _release_pods(kube, pods)
         attempts = history.for_job(uid, include_output=True)
         # Jobs that finished before this process started were counted by its predecessor.
         if fresh:
@@ -584,6 +707,12 @@ def _count_runs(attempts: Sequence[ExecutionRecord]) -> None:
 
 
 def _reconcile(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> None:
+    meta = body["metadata"]
+    with memo.reconciling.of(meta["namespace"], meta["name"]):
+        _reconcile_held(body, memo, index)
+
+
+def _reconcile_held(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> None:
     meta = body["metadata"]
     peers = list(index.get(meta["namespace"], []))
     history = memo.history

@@ -214,6 +214,25 @@ class Kube:
         data: dict[str, Any] = json.loads(response.data or b"{}")
         return data
 
+    def remove_finalizer(self, kind: str, namespace: str, name: str, finalizer: str) -> bool:
+        """Take ``finalizer`` off the object (a strategic merge patch, so finalizers others
+        hold stay); False when the object is already gone."""
+        patch = {"metadata": {"$deleteFromPrimitiveList/finalizers": [finalizer]}}
+        try:
+            self._call(
+                "PATCH",
+                kind,
+                namespace,
+                name,
+                body=patch,
+                content_type="application/strategic-merge-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     # ---- the run API (issue 10) ------------------------------------------------------------
 
     def replace(self, obj: dict[str, Any]) -> dict[str, Any] | None:

@@ -68,6 +68,11 @@ RECONCILE_DURATION = Histogram(
 RECONCILE_ERRORS = Counter(
     "nocturne_reconcile_errors", "Reconciles that raised an error.", registry=REGISTRY
 )
+STATUS_WRITES = Counter(
+    "nocturne_status_writes",
+    "Patches of an AgentSchedule's status (a reconcile writes only what changed).",
+    registry=REGISTRY,
+)
 NOTIFICATIONS = Counter(
     "nocturne_notifications",
     "Webhook notifications by kind and result (sent, failed, suppressed by cooldown, retried).",

@@ -15,7 +15,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from nocturne_operator import conditions as cond
-from nocturne_operator import cron
+from nocturne_operator import cron, metrics
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.kube import Kube
 from nocturne_operator.money import usd
@@ -238,6 +238,7 @@ class _Reconciler:
             self.kube.merge_patch(
                 "AgentSchedule", self.ref.namespace, self.ref.name, {"status": patch}, status=True
             )
+            metrics.STATUS_WRITES.inc()
         return str(self.new["phase"])
 
     def _invalid(self, result: Validated, actual: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -500,7 +501,10 @@ class _Reconciler:
                 cond.SILENT_STOP,
                 False,
                 cond.RUNS_SUCCEEDING,
-                f"watching for a successful run since {cron.describe_run(since, zone).local}",
+                # No moment in this message: the one computed on the creating pass and on later
+                # passes differ by seconds (the conditions' own transition times join in), and
+                # a message that changes rewrites status for nothing.
+                "no scheduled run is overdue for a success",
                 self.generation,
             )
         due = " and ".join(cron.describe_run(t, zone).local for t in fires)

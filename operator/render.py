@@ -33,6 +33,8 @@ TOKEN_FILE = "token"  # noqa: S105 - a file name
 
 
 RUNNER_UID = 65532
+RUN_RECORD_FINALIZER = "nocturne.dev/run-record"
+"""On every runner pod until the operator has recorded its attempt in history."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,12 @@ def render_job_template(
                 ]
             },
             "template": {
-                "metadata": {"labels": labels(ref)},
+                "metadata": {
+                    "labels": labels(ref),
+                    # The pod (and its summary) stays until the operator recorded it, even
+                    # when the CronJob prunes the finished Job while the operator is down.
+                    "finalizers": [RUN_RECORD_FINALIZER],
+                },
                 "spec": _pod_spec(ref, spec, settings, run_api),
             },
         },

@@ -25,7 +25,7 @@ from nocturne_operator.storage import (
     ExecutionStatus,
     History,
 )
-from nocturne_operator.timestamps import parse_rfc3339
+from nocturne_operator.timestamps import parse_rfc3339, rfc3339
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,41 @@ def record_finished_job(
             pod["metadata"]["name"],
         )
     return written
+
+
+def pod_finished(pod: Mapping[str, Any]) -> bool:
+    """The runner container has ended (the pod Succeeded or Failed)."""
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def record_orphaned_pod(
+    pod: Mapping[str, Any], schedule: Mapping[str, Any], history: History
+) -> int:
+    """Record the attempt of a finished runner pod whose Job is gone (the CronJob pruned it
+    while no operator ran, or it was deleted): the pod's summary is the record. The Job's
+    identity comes from the labels the Job controller puts on its pods."""
+    labels = pod["metadata"].get("labels") or {}
+    job_uid = labels.get("batch.kubernetes.io/controller-uid") or labels.get("controller-uid")
+    job_name = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    if not job_uid or not job_name or not pod_finished(pod):
+        return 0
+    succeeded = (pod.get("status") or {}).get("phase") == "Succeeded"
+    finished = _finished(pod, {})
+    job = {
+        "metadata": {"name": job_name, "uid": job_uid, "namespace": pod["metadata"]["namespace"]},
+        "status": {
+            "completionTime": rfc3339(finished),
+            "conditions": [
+                {
+                    "type": "Complete" if succeeded else "Failed",
+                    "status": "True",
+                    "reason": "" if succeeded else "PodFailed",
+                    "message": "the Job was gone before the operator recorded the run",
+                }
+            ],
+        },
+    }
+    return record_finished_job(job, [pod], schedule, history)
 
 
 def _summary(pod: Mapping[str, Any]) -> Summary | None:

@@ -163,7 +163,7 @@ NAMESPACED_RULES = {
     # Only to remove earlier versions' task ConfigMaps once: Jobs carry their task snapshot.
     ("", "configmaps"): {"delete"},
     ("", "events"): {"create", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
+    ("", "pods"): {"get", "list", "watch", "patch"},
     # Webhook URLs of spec.notifications, by name only.
     ("", "secrets"): {"get"},
 }
