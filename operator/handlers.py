@@ -80,9 +80,9 @@ class Indexes(NamedTuple):
         )
 
 
-@kopf.on.startup()
-def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
-    """kopf's own bookkeeping lives under kopf.nocturne.dev; only warnings become Events."""
+def tune(settings: kopf.OperatorSettings) -> None:
+    """kopf's own bookkeeping lives under kopf.nocturne.dev; only warnings become Events; only
+    our CronJobs, Jobs and pods are watched."""
     # Not plain nocturne.dev: kopf ignores every annotation under its storage prefix when it
     # diffs objects, and users' run-now / suspend-reason annotations live under nocturne.dev.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
@@ -95,14 +95,20 @@ def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.execution.max_workers = WORKERS
-    # Watch only the CronJobs and Jobs we render (server-side label selectors): foreign ones
-    # never reach the operator, its memory or its handlers' filters.
+    # Watch only the CronJobs, Jobs and pods we render (server-side label selectors): foreign
+    # ones never reach the operator, its memory or its handlers' filters.
     for resource in (("batch", "cronjobs"), ("batch", "jobs"), ("", "pods")):
         settings.watching.label_selectors[resource] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
     # kopf waits this long for its own annotation patch to come back before it handles the
     # next event of an object; under load the default 5 s ran out and a creation was handled
     # twice (issue 18). The audit trail records a creation once whatever kopf does.
     settings.persistence.consistency_timeout = 30
+
+
+@kopf.on.startup()
+def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
+    """kopf's settings (``tune``), then the clients, the price table and the notifier."""
+    tune(settings)
     config = memo.settings
     memo.kube = Kube.connect()
     url = config.database_url

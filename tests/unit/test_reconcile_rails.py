@@ -393,3 +393,21 @@ def test_last_run_says_why_a_run_did_not_succeed_and_nothing_when_it_did() -> No
     writes = len(cluster.objects.patches)
     cluster.reconcile(RunStats(Decimal(0), 1, 1, 0, ok, month_cost=Decimal(0)))
     assert len(cluster.objects.patches) == writes
+
+
+def test_a_sweep_after_a_late_first_pass_writes_no_status() -> None:
+    """The creating pass may run a minute after creationTimestamp (a busy operator); its
+    conditions' transition times then differ from creationTimestamp, and a SilentStop message
+    that named the moment watched from changed on the next sweep: every schedule's status was
+    written again for nothing (issue 18)."""
+    body = schedule()
+    body["metadata"]["creationTimestamp"] = "2026-11-26T00:58:30Z"
+    objects = Objects()
+    objects.items[("AgentSchedule", "digest")] = body
+    cluster = Cluster.__new__(Cluster)
+    cluster.objects, cluster.seen = objects, Recorder()
+    cluster.reconcile(stats(last_success=None), now=NOW - timedelta(seconds=5))  # 00:59:55
+    writes = len(objects.patches)
+    for later in (timedelta(minutes=1), timedelta(minutes=7)):
+        cluster.reconcile(stats(last_success=None), now=NOW + later)
+    assert len(objects.patches) == writes, objects.patches[writes:]
