@@ -113,7 +113,9 @@ def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     memo.kube = Kube.connect()
     url = config.database_url
     memo.history = (
-        History.connect(url.get_secret_value(), pool_size=DATABASE_POOL_SIZE)
+        History.connect(
+            url.get_secret_value(), pool_size=config.database_pool_size or DATABASE_POOL_SIZE
+        )
         if url is not None
         else None
     )

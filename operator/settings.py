@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     # The operator's own connection (from a Secret via env); it is PostgreSQL's only client.
     # None: no history, and runs get no budget grant (fail closed).
     database_url: SecretStr | None = None
+    # Pooled connections kept (as many again on demand). None: one per kopf worker plus two
+    # (the delivery loop, the reaper), so no worker waits for one and none is opened per call.
+    database_pool_size: int | None = Field(None, ge=1, le=100)
     # The cluster's price table (the chart mounts its ConfigMap here). It lives only with the
     # operator: each run's grant carries its model's price. None: the built-in table.
     price_table_file: Path | None = None

@@ -29,6 +29,17 @@ def metric(operator: OperatorProcess, name: str) -> float:
     raise AssertionError(f"{name} not on {operator.metrics_url}")
 
 
+def database_sessions(url: str) -> int:
+    """Sessions opened on the database so far (pg_stat_database, PostgreSQL 14+)."""
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    with engine.connect() as conn:
+        count = conn.execute(
+            sa.text("SELECT sessions FROM pg_stat_database WHERE datname = current_database()")
+        ).scalar_one()
+    engine.dispose()
+    return int(count)
+
+
 def schedule(name: str) -> dict[str, object]:
     return {
         "apiVersion": "nocturne.dev/v1alpha1",
@@ -83,6 +94,7 @@ def test_two_hundred_schedules_at_once_are_each_handled_once(
         },
     }
     kubectl.apply(namespace, foreign)
+    sessions_before = database_sessions(url)
     with operator_process(
         cluster,
         database_url=url,
@@ -139,6 +151,8 @@ def test_two_hundred_schedules_at_once_are_each_handled_once(
         )
         assert metric(operator, "nocturne_status_writes_total") == settled
         log = operator.log_text()
+        sessions = database_sessions(url) - sessions_before
+        print(f"{sessions} PostgreSQL sessions opened for {SCHEDULES} creates")
     # Server-side label selectors: kopf never received the foreign CronJob.
     assert FOREIGN not in log
     assert kubectl.json("cronjob", FOREIGN, "-n", namespace)["spec"]["suspend"] is True

@@ -43,6 +43,23 @@ def test_file_with_dashes_or_underscores(tmp_path: Path) -> None:
         ),
         ("max_per_run_usd: -1\n", "max_per_run_usd -1: Input should be greater than or equal to 0"),
         (
+            "database_pool_size: 0\n",
+            "database_pool_size 0: Input should be greater than or equal to 1",
+        ),
+        (
+            "database_pool_size: 101\n",
+            "database_pool_size 101: Input should be less than or equal to 100",
+        ),
+        (
+            "run_api_url: http://op:8443\n",
+            "run_api_url 'http://op:8443': String should match pattern",
+        ),
+        ("run_api_port: 0\n", "run_api_port 0: Input should be greater than or equal to 1"),
+        (
+            "runner_token_expiration_seconds: 60\n",
+            "runner_token_expiration_seconds 60: Input should be greater than or equal to 600",
+        ),
+        (
             "max_schedules_per_namespace: many\n",
             "max_schedules_per_namespace 'many': Input should be a valid integer",
         ),
