@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +237,7 @@ class Memo:
     # kopf's live indexes, handed over by the first handler call (the sweep walks them).
     indexes: Indexes | None = None
     run_api_server: web.AppRunner | None = None
+    run_api_renewal: asyncio.Task[None] | None = None
     sweeper: asyncio.Task[None] | None = None
     deliveries: asyncio.Task[None] | None = None
 
@@ -369,18 +371,53 @@ async def start_run_api(*, memo: Memo, **_: Any) -> None:
     kube, config = memo.kube, memo.settings
     tls = await asyncio.to_thread(RunApiTls.load_or_create, kube, config)
     memo.run_api = RunApiEndpoint(config.run_api_url, tls.ca_pem)
+    context = tls.server_context()
     app = make_app(
         authenticator=Authenticator(kube),
         history=memo.history,
         prices=memo.prices,
         settings=config,
     )
-    memo.run_api_server = await serve(app, config, tls)
+    memo.run_api_server = await serve(app, config, tls, context=context)
+    memo.run_api_renewal = asyncio.create_task(_renew_run_api_certificate(memo, tls, context))
+
+
+# How often the serving certificate's expiry (and a CA another replica replaced) is checked.
+RENEWAL_CHECK = timedelta(hours=6)
+
+
+async def _renew_run_api_certificate(memo: Memo, tls: RunApiTls, context: ssl.SSLContext) -> None:
+    """Re-read (and, near expiry, re-issue) the serving certificate now and then and serve the
+    new one from the listening context: an operator that runs for a year keeps a valid one."""
+    log = logging.getLogger(__name__)
+    while True:
+        await asyncio.sleep(RENEWAL_CHECK.total_seconds())
+        try:
+            fresh = await asyncio.to_thread(RunApiTls.load_or_create, memo.kube, memo.settings)
+        except Exception:
+            log.exception("run API: checking the serving certificate failed; retrying later")
+            continue
+        if fresh.cert == tls.cert:
+            continue
+        fresh.load_into(context)
+        if fresh.ca_cert != tls.ca_cert:
+            # Runners of Jobs created before trust the old CA: their reports fall back to
+            # their summaries. New Jobs get the new bundle from the next reconcile.
+            log.warning("run API: the CA changed; new Jobs get the new bundle")
+            memo.run_api = RunApiEndpoint(memo.settings.run_api_url, fresh.ca_pem)
+        log.info(
+            "run API: now serving the certificate valid until %s", fresh.cert.not_valid_after_utc
+        )
+        tls = fresh
 
 
 @kopf.on.cleanup()
 async def stop_run_api(*, memo: Memo, **_: Any) -> None:
     """Stop listening; reports in flight finish first (aiohttp's graceful shutdown)."""
+    if memo.run_api_renewal is not None:
+        memo.run_api_renewal.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await memo.run_api_renewal
     if memo.run_api_server is not None:
         await memo.run_api_server.cleanup()
 

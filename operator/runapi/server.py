@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -368,15 +369,22 @@ class _RunApi:
         return Ack()
 
 
-async def serve(app: web.Application, settings: Settings, tls: RunApiTls) -> web.AppRunner:
-    """Serve ``app`` over TLS on run_api_bind:run_api_port; stop it with ``runner.cleanup()``."""
+async def serve(
+    app: web.Application,
+    settings: Settings,
+    tls: RunApiTls,
+    *,
+    context: ssl.SSLContext | None = None,
+) -> web.AppRunner:
+    """Serve ``app`` over TLS on run_api_bind:run_api_port; stop it with ``runner.cleanup()``.
+    Pass ``context`` (``tls.server_context()``) to renew the certificate later in place."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(
         runner,
         settings.run_api_bind,
         settings.run_api_port,
-        ssl_context=tls.server_context(),
+        ssl_context=context or tls.server_context(),
         reuse_address=True,
     )
     try:

@@ -236,6 +236,12 @@ class RunApiTls:
         """A TLS server context (TLS 1.2 or newer) serving the certificate."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.load_into(context)
+        return context
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Serve this certificate from ``context`` (a listening server's too: connections made
+        from now on get it, open ones keep theirs)."""
         # ssl loads a key only from a file: a private directory that lives for this call only.
         with tempfile.TemporaryDirectory(prefix="nocturne-tls-") as tmp:
             path = Path(tmp) / "server.pem"
@@ -243,7 +249,6 @@ class RunApiTls:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(_key_pem(self.key) + _cert_pem(self.cert))
             context.load_cert_chain(path)
-        return context
 
     # ---- issuing --------------------------------------------------------------------------
 

@@ -103,15 +103,13 @@ def test_lifetimes_and_constraints() -> None:
     assert "PRIVATE" not in repr(tls)
 
 
-def test_server_context_loads_and_a_client_trusting_the_ca_verifies_the_chain() -> None:
-    tls = RunApiTls.create(["run-api.example"])
-    server = tls.server_context()
-    assert server.minimum_version >= ssl.TLSVersion.TLSv1_2
-    # The strict default client context (the runner's) accepts what we issue.
-    client = ssl.create_default_context(cadata=tls.ca_pem)
+def handshake(server: ssl.SSLContext, ca_pem: str, host: str) -> dict[str, Any]:
+    """A TLS handshake in memory with the strict default client context (the runner's) that
+    trusts ``ca_pem``; the server certificate the client accepted."""
+    client = ssl.create_default_context(cadata=ca_pem)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = client.wrap_bio(incoming, outgoing, server_hostname="run-api.example")
+    c = client.wrap_bio(incoming, outgoing, server_hostname=host)
     s = server.wrap_bio(s_in, s_out, server_side=True)
     for _ in range(10):
         for side in (c, s):
@@ -120,7 +118,29 @@ def test_server_context_loads_and_a_client_trusting_the_ca_verifies_the_chain() 
         s_in.write(outgoing.read())
         incoming.write(s_out.read())
     c.do_handshake()
-    assert c.getpeercert() is not None
+    peer = c.getpeercert()
+    assert peer is not None
+    return dict(peer)
+
+
+def test_server_context_loads_and_a_client_trusting_the_ca_verifies_the_chain() -> None:
+    tls = RunApiTls.create(["run-api.example"])
+    server = tls.server_context()
+    assert server.minimum_version >= ssl.TLSVersion.TLSv1_2
+    handshake(server, tls.ca_pem, "run-api.example")
+
+
+def test_a_renewed_certificate_is_served_from_the_same_listening_context() -> None:
+    """The operator renews the serving certificate in place: later handshakes get the new one
+    (an operator running past the first certificate's year keeps serving a valid one)."""
+    tls = RunApiTls.create(["run-api.example"])
+    server = tls.server_context()
+    before = handshake(server, tls.ca_pem, "run-api.example")
+    renewed = tls.with_new_server_cert(["run-api.example"])
+    renewed.load_into(server)
+    after = handshake(server, tls.ca_pem, "run-api.example")
+    assert int(before["serialNumber"], 16) == tls.cert.serial_number
+    assert int(after["serialNumber"], 16) == renewed.cert.serial_number
 
 
 def test_reissue_reasons() -> None:
