@@ -281,6 +281,7 @@ class _RunApi:
             identity.namespace,
             identity.schedule,
             task.task.state_key or "",
+            schedule_uid=identity.schedule_uid,
         )
         previous = None if saved is None else PreviousRun(state=saved.state, output=saved.output)
         log.info(
@@ -361,6 +362,7 @@ class _RunApi:
                     state=report.state,
                     output=report.output,
                     execution_id=report.execution_id,
+                    schedule_uid=identity.schedule_uid,
                 )
             except StateTooLargeError as exc:
                 raise _RefusalError(

@@ -227,6 +227,8 @@ class AgentState(Base):
     output: Mapped[str | None]
     execution_id: Mapped[int | None] = mapped_column(sa.BigInteger)
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+    # The incarnation that saved it (0005); NULL for rows saved before, handed to any.
+    schedule_uid: Mapped[str | None]
 
     __table_args__ = (
         sa.PrimaryKeyConstraint("namespace", "schedule_name", "state_key", name="pk_agent_state"),

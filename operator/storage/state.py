@@ -40,8 +40,10 @@ class AgentStates(Repository):
         state: Any,
         output: str | None,
         execution_id: int | None,
+        schedule_uid: str | None = None,
     ) -> None:
-        """Replace the agent state of a schedule (and state key) for its next run.
+        """Replace the agent state of a schedule (and state key) for its next run; with
+        ``schedule_uid``, it is handed only to that incarnation of the name.
 
         Raises StateTooLargeError over STATE_LIMIT_BYTES / STATE_OUTPUT_LIMIT_BYTES.
         """
@@ -52,6 +54,7 @@ class AgentStates(Repository):
             namespace=namespace,
             schedule_name=schedule_name,
             state_key=state_key,
+            schedule_uid=schedule_uid,
             state=state,
             output=output,
             execution_id=execution_id,
@@ -62,6 +65,7 @@ class AgentStates(Repository):
                 "state": insert.excluded.state,
                 "output": insert.excluded.output,
                 "execution_id": insert.excluded.execution_id,
+                "schedule_uid": insert.excluded.schedule_uid,
                 "updated_at": sa.func.now(),
             },
         )
@@ -69,15 +73,25 @@ class AgentStates(Repository):
             conn.execute(upsert)
 
     def load_state(
-        self, namespace: str, schedule_name: str, state_key: str = ""
+        self,
+        namespace: str,
+        schedule_name: str,
+        state_key: str = "",
+        *,
+        schedule_uid: str | None = None,
     ) -> SavedState | None:
-        """The state saved for a schedule (and state key), or None if none was saved."""
+        """The state saved for a schedule (and state key), or None if none was saved. With
+        ``schedule_uid``, state another incarnation of the name saved is not handed over."""
         t = AGENT_STATE
         query = sa.select(t.c.state, t.c.output, t.c.execution_id, t.c.updated_at).where(
             t.c.namespace == namespace,
             t.c.schedule_name == schedule_name,
             t.c.state_key == state_key,
         )
+        if schedule_uid is not None:
+            query = query.where(
+                sa.or_(t.c.schedule_uid.is_(None), t.c.schedule_uid == schedule_uid)
+            )
         what = f"load agent state of {namespace}/{schedule_name} (stateKey {state_key!r})"
         with self._begin(what) as conn:
             row = conn.execute(query).first()

@@ -391,6 +391,30 @@ def test_state_round_trip(history: History) -> None:
     assert history.load_state("other-ns", "daily-news") is None
 
 
+def test_state_belongs_to_the_incarnation_that_saved_it(history: History) -> None:
+    """A schedule deleted and re-created under its name does not receive its predecessor's
+    state; state saved before UIDs were kept (0005) still reaches the name's schedule."""
+    history.save_state("research", "news", state={"old": 1}, output="o", execution_id=None)
+    legacy = history.load_state("research", "news", schedule_uid="uid-old")
+    assert legacy is not None
+    assert legacy.state == {"old": 1}
+    history.save_state(
+        "research", "news", state={"v": 1}, output=None, execution_id=None, schedule_uid="uid-old"
+    )
+    assert history.load_state("research", "news", schedule_uid="uid-new") is None
+    mine = history.load_state("research", "news", schedule_uid="uid-old")
+    assert mine is not None
+    assert mine.state == {"v": 1}
+    # The new incarnation's first success replaces it; the old one would no longer see it.
+    history.save_state(
+        "research", "news", state={"v": 2}, output=None, execution_id=None, schedule_uid="uid-new"
+    )
+    assert history.load_state("research", "news", schedule_uid="uid-old") is None
+    new = history.load_state("research", "news", schedule_uid="uid-new")
+    assert new is not None
+    assert new.state == {"v": 2}
+
+
 def test_state_size_limits_are_enforced_with_clear_errors(history: History) -> None:
     # {"k":"..."} is 8 bytes of framing: exactly at the limit is fine.
     history.save_state(
