@@ -13,6 +13,7 @@ import asyncio
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -63,6 +64,7 @@ HEALTH_PATH = "/healthz"
 # so no attempt can date itself into an earlier month (outside the monthly cap's sum).
 _START_SKEW = timedelta(minutes=15)
 _TOKEN_LIMIT = 16 * 1024
+_OWNERS_KEPT = 20_000  # executions whose owner is remembered (a few hundred runs at a time)
 # Fields whose values are agent output or state: never echoed in an error message.
 _SECRET_FIELDS = frozenset({"output", "error", "state", "metadata", "alertReason", "activity"})
 
@@ -188,6 +190,9 @@ class _RunApi:
         self.history = history
         self.prices = prices
         self.settings = settings
+        # execution id -> (Job UID, pod UID): a row's owner never changes, so a run's reports
+        # after its first are checked without a database read.
+        self._owners: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self.clock = clock
         self.on_progress = on_progress
 
@@ -303,14 +308,19 @@ class _RunApi:
     # ---- progress and finish -------------------------------------------------------------
 
     async def _own_execution(self, identity: RunIdentity, execution_id: int) -> None:
-        record = await self._history_call(
-            f"read execution {execution_id}", History.get, execution_id, include_output=False
-        )
-        if (
-            record is None
-            or record.job_uid != identity.job_uid
-            or record.pod_uid != identity.pod_uid
-        ):
+        owner = self._owners.get(execution_id)
+        if owner is None:
+            record = await self._history_call(
+                f"read execution {execution_id}", History.get, execution_id, include_output=False
+            )
+            if record is not None:
+                owner = (record.job_uid, record.pod_uid)
+                self._owners[execution_id] = owner
+                while len(self._owners) > _OWNERS_KEPT:
+                    self._owners.popitem(last=False)
+        else:
+            self._owners.move_to_end(execution_id)
+        if owner != (identity.job_uid, identity.pod_uid):
             raise _RefusalError(403, "Forbidden", "the execution does not belong to this run")
 
     async def progress(self, token: str, body: bytes) -> BaseModel:
