@@ -24,17 +24,18 @@ from e2e.schedules import (
     finished,
     nocturne_cli,
     patch_spec,
-    ready,
     run_now,
     status_of,
 )
 from e2e.test_resilience import (
-    API_KEY_SECRET,
     NAME,
+    QUERY,
     RECONCILES,
+    apply,
     finished_job,
     history_schema,
     job_for,
+    manifest,
     metric,
     prepare_namespace,
     solo_operator,
@@ -53,7 +54,6 @@ from nocturne_operator.storage import ExecutionRecord, ExecutionStatus, History
 
 pytestmark = pytest.mark.e2e
 
-QUERY = "Summarise the night's news"
 GATE_TIMEOUT = 90.0  # a held answer is given anyway after this long (a failing test's cleanup)
 
 
@@ -91,42 +91,6 @@ def model() -> Iterator[tuple[Model, ScriptedServer]]:
             yield answers, site
         finally:
             answers.gate.set()
-
-
-def manifest(site: ScriptedServer, **spec: Any) -> dict[str, Any]:
-    """A suspended schedule (only run-now starts runs) on the local model; ``spec`` adds to or
-    replaces fields of its spec (``agent`` and ``budget`` are merged)."""
-    agent = {
-        "model": "gpt-4o-mini",
-        "provider": "openai",
-        "baseURL": f"{site.url}/v1",
-        "apiKeySecretRef": {"name": API_KEY_SECRET, "key": "key"},
-        **spec.pop("agent", {}),
-    }
-    budget = {"maxPerRunUSD": "0.50", **spec.pop("budget", {})}
-    return {
-        "apiVersion": "nocturne.dev/v1alpha1",
-        "kind": "AgentSchedule",
-        "metadata": {"name": NAME},
-        "spec": {
-            "schedule": "0 9 * * *",
-            "timeZone": "UTC",
-            "suspend": True,
-            "task": {"query": QUERY},
-            "agent": agent,
-            "budget": budget,
-            "timeoutSeconds": 120,
-            "retries": 0,
-            **spec,
-        },
-    }
-
-
-def apply(kubectl: Kubectl, namespace: str, body: dict[str, Any]) -> str:
-    """Apply the schedule, wait until it is Ready; its UID."""
-    kubectl.apply(namespace, body)
-    obj = wait_for(lambda: ready(kubectl, namespace, NAME), 30, f"{namespace}/{NAME} to be Ready")
-    return str(obj["metadata"]["uid"])
 
 
 def start_run(kubectl: Kubectl, namespace: str, request: str) -> dict[str, Any]:

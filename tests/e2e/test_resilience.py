@@ -109,9 +109,21 @@ def prepare_namespace(kubectl: Kubectl, namespace: str, database_url: str) -> No
     kubectl.create_secret(namespace, API_KEY_SECRET, key="sk-e2e-resilience")
 
 
-def apply_schedule(kubectl: Kubectl, namespace: str, site: ScriptedServer) -> None:
-    """A suspended schedule (only run-now starts runs) using the local model."""
-    body = {
+QUERY = "Summarise the night's news"
+
+
+def manifest(site: ScriptedServer, **spec: Any) -> dict[str, Any]:
+    """A suspended schedule (only run-now starts runs) on the local model; ``spec`` adds to or
+    replaces fields of its spec (``agent`` and ``budget`` are merged)."""
+    agent = {
+        "model": "gpt-4o-mini",
+        "provider": "openai",
+        "baseURL": f"{site.url}/v1",
+        "apiKeySecretRef": {"name": API_KEY_SECRET, "key": "key"},
+        **spec.pop("agent", {}),
+    }
+    budget = {"maxPerRunUSD": "0.50", **spec.pop("budget", {})}
+    return {
         "apiVersion": "nocturne.dev/v1alpha1",
         "kind": "AgentSchedule",
         "metadata": {"name": NAME},
@@ -119,20 +131,26 @@ def apply_schedule(kubectl: Kubectl, namespace: str, site: ScriptedServer) -> No
             "schedule": "0 9 * * *",
             "timeZone": "UTC",
             "suspend": True,
-            "task": {"query": "Summarise the night's news"},
-            "agent": {
-                "model": "gpt-4o-mini",
-                "provider": "openai",
-                "baseURL": f"{site.url}/v1",
-                "apiKeySecretRef": {"name": API_KEY_SECRET, "key": "key"},
-            },
-            "budget": {"maxPerRunUSD": "0.50"},
+            "task": {"query": QUERY},
+            "agent": agent,
+            "budget": budget,
             "timeoutSeconds": 120,
             "retries": 0,
+            **spec,
         },
     }
+
+
+def apply(kubectl: Kubectl, namespace: str, body: dict[str, Any]) -> str:
+    """Apply the schedule, wait until it is Ready; its UID."""
     kubectl.apply(namespace, body)
-    wait_for(lambda: ready(kubectl, namespace, NAME), 30, f"{namespace}/{NAME} to be Ready")
+    obj = wait_for(lambda: ready(kubectl, namespace, NAME), 30, f"{namespace}/{NAME} to be Ready")
+    return str(obj["metadata"]["uid"])
+
+
+def apply_schedule(kubectl: Kubectl, namespace: str, site: ScriptedServer) -> None:
+    """A suspended schedule (only run-now starts runs) using the local model."""
+    apply(kubectl, namespace, manifest(site))
 
 
 def results(status: dict[str, Any]) -> dict[str, Any]:
