@@ -60,8 +60,10 @@ def _no_repeats(value: list[str], what: str) -> list[str]:
 
 
 class _Model(BaseModel):
+    # Strict, like the apiserver's structural schema: "600" is no integer, true no count, "yes"
+    # no boolean (kubectl apply would be refused, so the offline check refuses them too).
     model_config = ConfigDict(
-        extra="forbid", frozen=True, populate_by_name=True, str_strip_whitespace=False
+        extra="forbid", frozen=True, populate_by_name=True, str_strip_whitespace=False, strict=True
     )
 
 
@@ -93,7 +95,8 @@ class Agent(_Model):
     """Which model the agent uses, how to reach it, and what it may do."""
 
     model: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")
-    provider: Provider = Provider.OPENAI
+    # Not strict: the CR holds the enum's string value, never a Python enum member.
+    provider: Provider = Field(Provider.OPENAI, strict=False)
     base_url: str = Field("", alias="baseURL", max_length=2048)
     api_key_secret_ref: SecretKeyRef | None = Field(None, alias="apiKeySecretRef")
     tools: list[
@@ -159,6 +162,9 @@ class Budget(_Model):
             )
         if not re.fullmatch(pattern, value):
             raise ValueError('must be a non-negative decimal string such as "2.00"')
+        if info.field_name == "max_per_run_usd" and not Decimal(value):
+            # The CRD's rule too: every run would fail for want of a budget grant.
+            raise ValueError("must be greater than 0 (a run with no budget always fails)")
         return Decimal(value)
 
     @model_validator(mode="after")

@@ -10,3 +10,12 @@ def usd(amount: Decimal) -> str:
     text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
     whole, _, cents = text.partition(".")
     return f"{whole}.{cents.ljust(2, '0')}"
+
+
+def plain(amount: Decimal) -> str:
+    """Every digit of ``amount`` as a plain decimal, never in exponent form (``1E+2`` is
+    ``100``, ``4.000E-7`` is ``0.0000004``); for caps and settings, which must not be rounded."""
+    text = f"{amount:f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text

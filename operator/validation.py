@@ -9,6 +9,7 @@ passes the clock and, for the quota, the namespace's schedules.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -19,9 +20,37 @@ from pydantic import ValidationError
 
 from nocturne_operator import cron
 from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.money import plain
+from nocturne_operator.prices import PriceTable, PriceTableError
 from nocturne_operator.settings import Endpoint, Settings
 
 MAX_NAME_LENGTH = 63
+# The apiserver's rule for the names of custom resources (NameIsDNSSubdomain).
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_SUBDOMAIN_RULE = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
+    "'.', and must start and end with an alphanumeric character"
+)
+# The task snapshot travels in every Job's environment (NOCTURNE_TASK): bounded well below the
+# apiserver's 1.5 MiB object limit, so the rendered CronJob always fits (escaping included).
+MAX_TASK_BYTES = 256 * 1024
+# Zone names that load on the node but that the CronJob controller refuses ("Local" and the
+# node's own zone) or that Go's embedded tzdata lacks (the tzdata build's extra links and trees).
+_NOT_IANA_NAMES = frozenset({"Local", "localtime", "posixrules"})
+_NOT_IANA_TREES = ("posix/", "right/")
+# pydantic's type errors, in the words of the apiserver's structural schema.
+_SCHEMA_TYPES = {
+    "int_type": "integer",
+    "int_from_float": "integer",
+    "int_parsing": "integer",
+    "bool_type": "boolean",
+    "bool_parsing": "boolean",
+    "string_type": "string",
+    "dict_type": "object",
+    "model_type": "object",
+    "model_attributes_type": "object",
+    "list_type": "array",
+}
 
 
 @dataclass(frozen=True)
@@ -68,18 +97,17 @@ def validate(
     *,
     now: datetime,
     peers: Sequence[Peer] | None = None,
+    prices: PriceTable | None = None,
 ) -> Validated:
     """Validate an AgentSchedule object (``metadata`` + ``spec``) against ``settings``.
 
     ``peers`` are the namespace's AgentSchedules (including this one) for the quota; None skips
-    the quota check (offline CLI without a cluster)."""
+    the quota check (offline CLI without a cluster). ``prices`` is the cluster's price table
+    (``load_price_table(settings.price_table_file)``); None skips the model's price check."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     errors: list[FieldError] = []
-    metadata = body.get("metadata") or {}
-    name = str(metadata.get("name", ""))
-    if len(name) > MAX_NAME_LENGTH:
-        errors.append(FieldError("metadata.name", name, f"at most {MAX_NAME_LENGTH} characters"))
+    name = _name(body.get("metadata"), errors)
     raw_spec = body.get("spec")
     if not isinstance(raw_spec, Mapping):
         errors.append(FieldError("spec", raw_spec, "required, must be a mapping"))
@@ -94,6 +122,16 @@ def validate(
     gap: timedelta | None = None
     tz = _zone(spec.time_zone, errors)
     schedule = _schedule(spec.schedule, errors)
+    if schedule is not None and _non_positive_every(spec.schedule):
+        errors.append(
+            FieldError(
+                "spec.schedule",
+                spec.schedule,
+                "the @every duration must be positive (the CronJob controller would fire a zero "
+                "or negative duration every second)",
+            )
+        )
+        schedule = None
     if tz is not None and schedule is not None:
         try:
             gap = _interval(spec, schedule, tz, settings, now=now, errors=errors)
@@ -117,9 +155,12 @@ def validate(
             FieldError(
                 "spec.budget.maxPerRunUSD",
                 str(spec.budget.max_per_run_usd),
-                f"exceeds the cluster-wide cap of {settings.max_per_run_usd} USD per run",
+                f"exceeds the cluster-wide cap of {plain(settings.max_per_run_usd)} USD per run",
             )
         )
+    errors.extend(_task_size(spec))
+    if prices is not None:
+        errors.extend(_priced(spec, prices))
     errors.extend(_credentials(spec, settings))
     if peers is not None:
         errors.extend(_quota(name, peers, settings.max_schedules_per_namespace))
@@ -154,6 +195,69 @@ def _interval(
         )
     )
     return None
+
+
+def _name(metadata: object, errors: list[FieldError]) -> str:
+    """The schedule's name, with the apiserver's rules for it appended to ``errors``."""
+    if not isinstance(metadata, Mapping):
+        errors.append(FieldError("metadata", metadata, "must be a mapping"))
+        return ""
+    if "name" not in metadata or metadata["name"] in (None, ""):
+        errors.append(FieldError("metadata.name", None, "required", has_value=False))
+        return ""
+    name = metadata["name"]
+    if not isinstance(name, str):
+        errors.append(FieldError("metadata.name", name, "must be of type string"))
+        return ""
+    if len(name) > MAX_NAME_LENGTH:
+        errors.append(FieldError("metadata.name", name, f"at most {MAX_NAME_LENGTH} characters"))
+    elif not _DNS_SUBDOMAIN.fullmatch(name):
+        errors.append(FieldError("metadata.name", name, _DNS_SUBDOMAIN_RULE))
+    return name
+
+
+def _non_positive_every(expr: str) -> bool:
+    """True for ``@every`` with a zero or negative duration, which robfig/cron (and so the
+    CronJob controller) turns into one second: no one means that."""
+    text = expr.strip()
+    if not text.startswith("@every"):
+        return False
+    duration = text.removeprefix("@every").strip()
+    numbers = re.findall(r"[0-9.]+", duration)
+    return duration.startswith("-") or all(set(n) <= {"0", "."} for n in numbers)
+
+
+def _task_size(spec: AgentScheduleSpec) -> list[FieldError]:
+    task = spec.task.model_dump(mode="json", by_alias=True, exclude_none=True)
+    size = len(json.dumps(task, ensure_ascii=False, separators=(",", ":")).encode())
+    if size <= MAX_TASK_BYTES:
+        return []
+    # The query is bounded by the schema; what outgrows the bound is the free-form context.
+    return [
+        FieldError(
+            "spec.task.context",
+            None,
+            f"the task is {size} bytes as JSON, at most {MAX_TASK_BYTES} bytes (it is copied "
+            "into every run's Job)",
+            has_value=False,
+        )
+    ]
+
+
+def _priced(spec: AgentScheduleSpec, prices: PriceTable) -> list[FieldError]:
+    """A model the price table lacks fails every run with a configuration error: refuse it."""
+    provider = spec.agent.provider.value
+    try:
+        prices.lookup(provider, spec.agent.model)
+    except PriceTableError:
+        return [
+            FieldError(
+                "spec.agent.model",
+                spec.agent.model,
+                f'no price for provider "{provider}" in the cluster\'s price table',
+            )
+        ]
+    return []
 
 
 def _credentials(spec: AgentScheduleSpec, settings: Settings) -> list[FieldError]:
@@ -205,18 +309,24 @@ def _listed(names: Sequence[str]) -> str:
     return ", ".join(names) if names else "none"
 
 
-def _zone(name: str, errors: list[FieldError]) -> ZoneInfo | None:
-    # The CronJob controller rejects "Local" (the node's zone); so do we.
-    if name == "Local":
-        errors.append(FieldError("spec.timeZone", name, "not an IANA time zone name"))
+def iana_zone(name: str) -> ZoneInfo | None:
+    """The zone named ``name`` when the CronJob controller accepts it, else None: never raises
+    (a tzdata directory such as "America" raises IsADirectoryError in ZoneInfo)."""
+    if name in _NOT_IANA_NAMES or name.startswith(_NOT_IANA_TREES):
         return None
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError, UnicodeError):
+        return None
+
+
+def _zone(name: str, errors: list[FieldError]) -> ZoneInfo | None:
+    zone = iana_zone(name)
+    if zone is None:
         errors.append(
             FieldError("spec.timeZone", name, "not an IANA time zone name (e.g. Asia/Tokyo)")
         )
-        return None
+    return zone
 
 
 def _schedule(expr: str, errors: list[FieldError]) -> cron.CronSchedule | None:
@@ -251,7 +361,11 @@ def _from_pydantic(exc: ValidationError, raw_spec: Mapping[str, Any]) -> list[Fi
             f"[{part}]" if isinstance(part, int) else f".{part}" for part in err["loc"]
         )
         message = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "missing":
+        if err["type"] in _SCHEMA_TYPES:
+            # The apiserver converts nothing: "600" is no integer, true no count.
+            kind = _SCHEMA_TYPES[err["type"]]
+            errors.append(FieldError(path, err.get("input"), f"must be of type {kind}"))
+        elif err["type"] == "missing":
             errors.append(FieldError(path, None, "required", has_value=False))
         elif err["type"] == "extra_forbidden":
             errors.append(FieldError(path, None, "unknown field", has_value=False))
