@@ -4,6 +4,7 @@ people (tables) and scripts (JSON), read from PostgreSQL with the indexed querie
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -14,6 +15,20 @@ from nocturne_operator.storage import CostPeriod, ExecutionRecord, ExecutionStat
 
 _STATUSES = [s.value for s in ExecutionStatus]
 _UID_CHARS = 8  # enough to tell a name's incarnations apart in a table; JSON has the whole UID
+# C0 and C1 controls, DEL and the bidirectional overrides: stored texts (provider errors, outputs,
+# condition messages) come from strangers, and a terminal obeys an escape sequence it is shown.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: every control character shown as an escape (``\\x1b``),
+    so a stored text can neither move the cursor nor set a title or colours."""
+    return _CONTROLS.sub(_escape, str(text))
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def parse_time(text: str | None, what: str) -> datetime | None:
@@ -141,7 +156,8 @@ def describe(schedule: Mapping[str, Any], runs: Sequence[ExecutionRecord]) -> st
         f"{usd(r.cost_usd):>10} USD  {r.job_name}"
         for r in runs
     ] or ["  (none)"]
-    return "\n".join(lines)
+    # Each line is one line: a value's own newline is shown as an escape, like any control.
+    return "\n".join(printable(line) for line in lines)
 
 
 def _notifications(notifications: Mapping[str, Any]) -> str:
@@ -177,6 +193,7 @@ def _run_json(r: ExecutionRecord) -> dict[str, Any]:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
