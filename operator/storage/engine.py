@@ -40,17 +40,36 @@ class ExecutionNotFoundError(HistoryError, LookupError):
     """No execution row has the given id."""
 
 
-_URL_PASSWORD_RE = re.compile(r"(?P<head>://[^/@:\s]*:)[^@\s]*@")
+# A password can hide in three places: the URL's userinfo (user:password@, where an unescaped
+# "@" in the password moves the host's start to the last "@"), a query parameter (?password=),
+# and a libpq keyword DSN (host=db password=...). Each is replaced by ***.
+_SECRET_KEYS = r"(?:ssl)?password"  # noqa: S105 (the keys' names, not a password)
+_QUERY_SECRET_RE = re.compile(rf"(?i)([?&]{_SECRET_KEYS}=)[^&#]*")
+_KEYWORD_SECRET_RE = re.compile(rf"(?i)(\b{_SECRET_KEYS}\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)")
 
 
 def redact_url(url: str | sa.URL) -> str:
-    """The URL with its password replaced by ``***``, safe to log (also for unparsable URLs)."""
-    if isinstance(url, sa.URL):
-        return url.render_as_string(hide_password=True)
-    try:
-        return sa.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a malformed URL still must not leak its password
-        return _URL_PASSWORD_RE.sub(r"\g<head>***@", url)
+    """The URL (or libpq keyword DSN) with every password replaced by ``***``, safe to log,
+    also for URLs the parser misreads or refuses."""
+    text = url.render_as_string(hide_password=True) if isinstance(url, sa.URL) else str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:  # a keyword DSN: host=db user=u password=secret dbname=x
+        return _KEYWORD_SECRET_RE.sub(r"\g<1>***", text)
+    return scheme + sep + _QUERY_SECRET_RE.sub(r"\g<1>***", _redact_userinfo(rest))
+
+
+def _redact_userinfo(rest: str) -> str:
+    """``rest`` (the URL after ``://``) with the password of its userinfo replaced. The userinfo
+    ends at the last "@" before the path that follows the first "@": a password may hold an
+    unescaped "@" or "/", so anything up to there may be password."""
+    first = rest.find("@")
+    if first < 0:
+        return rest
+    path = rest.find("/", first)
+    end = rest.rfind("@", 0, path if path >= 0 else len(rest))
+    userinfo, host = rest[:end], rest[end + 1 :]
+    user, colon, _password = userinfo.partition(":")
+    return f"{user}:***@{host}" if colon else rest
 
 
 def create_engine(

@@ -61,3 +61,18 @@ def test_missing_url_is_a_usage_error(
     monkeypatch.delenv("NOCTURNE_DATABASE_URL", raising=False)
     assert main(["db", "upgrade"]) == 2
     assert "no database URL" in capsys.readouterr().out
+
+
+def test_success_line_hides_a_password_given_as_a_query_parameter(
+    postgres: PostgresServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The migration Job prints this line: a ?password= URL used to show the password in it."""
+    url = postgres.fresh_schema("cli_db_query").replace(
+        f"{postgres.user}:{postgres.password}@", f"{postgres.user}@"
+    )
+    url += f"&password={postgres.password}"
+    assert main(["db", "upgrade", "--database-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "is at the latest schema" in out
+    assert postgres.password not in out
+    assert "password=***" in out
