@@ -4,6 +4,7 @@ day-to-day control of a schedule in the cluster (``pause``, ``resume``, ``run``)
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from nocturne_operator import cron, reports
 from nocturne_operator.api import API_VERSION, KIND
 from nocturne_operator.errors import SettingsError
 from nocturne_operator.kube import Kube
+from nocturne_operator.prices import PriceTableError, load_price_table
 from nocturne_operator.reconcile import (
     ANNOTATION_RESUME,
     ANNOTATION_RUN_NOW,
@@ -29,18 +31,78 @@ from nocturne_operator.reconcile import (
 )
 from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.storage import ExecutionRecord, History, HistoryError, redact_url, upgrade
-from nocturne_operator.validation import validate
+from nocturne_operator.validation import iana_zone, validate
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+# Manifests come from strangers' pull requests: a bound on what is read, and no YAML aliases (a
+# "billion laughs" file of a few hundred bytes expands to gigabytes).
+MAX_FILE_BYTES = 8 * 1024 * 1024
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """The safe loader, refusing aliases before anything is expanded."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+            line = event.start_mark.line + 1
+            raise _ManifestError(
+                f"anchors and aliases (&, *) are not accepted in manifests, line {line}"
+            )
+        return super().compose_node(parent, index)
+
+
+class _ManifestError(ValueError):
+    """A file refused before or while its YAML is read; the message is for people."""
+
+
+def _read(path: Path) -> list[Any]:
+    """The YAML documents of ``path`` ('-': stdin); _ManifestError says why not."""
+    try:
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        else:
+            with path.open("rb") as stream:
+                data = stream.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise _ManifestError(exc.strerror or str(exc)) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _ManifestError(f"larger than {MAX_FILE_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _ManifestError(
+            f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        return list(yaml.load_all(text, Loader=_NoAliasLoader))
+    except yaml.YAMLError as exc:
+        raise _ManifestError(str(exc).replace("\n", " ")) from None
+    except RecursionError:
+        raise _ManifestError("nested too deeply") from None
+    except ValueError as exc:  # e.g. a timestamp such as 2026-02-30
+        raise _ManifestError(str(exc)) from None
+
+
+def _kind_error(doc: dict[str, Any]) -> str | None:
+    """Why a document that is not an AgentSchedule was probably meant to be one, else None
+    (other kinds in the same file are skipped)."""
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not kind:
+        return "kind: required (kubectl refuses a document without one)"
+    group = str(doc.get("apiVersion", "")).rpartition("/")[0]
+    near = difflib.SequenceMatcher(None, kind.lower(), KIND.lower()).ratio() >= 0.8
+    if group == API_VERSION.partition("/")[0] or near:
+        return f"kind {kind!r}: unknown kind; did you mean {KIND}?"
+    return None
 
 
 def _documents(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
     """(label, AgentSchedule document or None, error) for each YAML document in ``path``."""
     try:
-        text = sys.stdin.read() if str(path) == "-" else path.read_text()
-        docs = list(yaml.safe_load_all(text))
-    except (OSError, yaml.YAMLError) as exc:
-        yield str(path), None, f"cannot read YAML: {exc}".replace("\n", " ")
+        docs = _read(path)
+    except _ManifestError as exc:
+        yield str(path), None, f"cannot read YAML: {exc}"
         return
     for position, doc in enumerate(docs, start=1):
         if doc is None:
@@ -49,9 +111,13 @@ def _documents(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | N
             yield f"{path}#{position}", None, "document is not a mapping"
             continue
         if doc.get("kind") != KIND:
+            error = _kind_error(doc)
+            if error is not None:
+                yield f"{path}#{position}", None, error
             continue
-        name = (doc.get("metadata") or {}).get("name", f"#{position}")
-        label = f"{path}: {KIND}/{name}"
+        metadata = doc.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        label = f"{path}: {KIND}/{name if name else f'#{position}'}"
         if doc.get("apiVersion") != API_VERSION:
             yield label, None, f"apiVersion {doc.get('apiVersion')!r}: expected {API_VERSION!r}"
             continue
@@ -61,25 +127,30 @@ def _documents(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | N
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     """One line per error; exit 1 when any schedule is invalid."""
     now = datetime.now(UTC)
+    try:
+        prices = load_price_table(settings.price_table_file)
+    except PriceTableError as exc:
+        _say(exc)
+        return EXIT_USAGE
     failed = checked = 0
     for path in args.files:
         for label, doc, error in _documents(Path(path)):
             if doc is None:
-                print(f"{label}: {error}")
+                _say(f"{label}: {error}")
                 failed += 1
                 continue
             checked += 1
-            result = validate(doc, settings, now=now)
+            result = validate(doc, settings, now=now, prices=prices)
             for problem in result.errors:
-                print(f"{label}: {problem}")
+                _say(f"{label}: {problem}")
             for warning in result.warnings:
-                print(f"{label}: warning: {warning}", file=sys.stderr)
+                _say(f"{label}: warning: {warning}", file=sys.stderr)
             if not result.ok:
                 failed += 1
             elif not args.quiet:
-                print(f"{label}: valid")
+                _say(f"{label}: valid")
     if checked == 0 and failed == 0:
-        print(f"no {KIND} documents found in {', '.join(args.files)}")
+        _say(f"no {KIND} documents found in {', '.join(args.files)}")
         return EXIT_INVALID
     return EXIT_INVALID if failed else EXIT_OK
 
@@ -95,13 +166,13 @@ def cmd_next_runs(args: argparse.Namespace, settings: Settings) -> int:
     for path in args.files:
         for label, doc, error in _documents(Path(path)):
             if doc is None:
-                print(f"{label}: {error}")
+                _say(f"{label}: {error}")
                 status = EXIT_INVALID
                 continue
             result = validate(doc, settings, now=after)
             if result.spec is None:
                 for problem in result.errors:
-                    print(f"{label}: {problem}")
+                    _say(f"{label}: {problem}")
                 status = EXIT_INVALID
                 continue
             zone = ZoneInfo(result.spec.time_zone)
@@ -122,7 +193,7 @@ def cmd_next_runs(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(output, indent=2))
     else:
         for item in output:
-            print(f"{item['name']}  {item['schedule']!r}  {item['timeZone']}")
+            _say(f"{item['name']}  {item['schedule']!r}  {item['timeZone']}")
             for run in item["runs"]:
                 print(f"  {run['utc']}  {run['local']}")
     return status
@@ -133,7 +204,7 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
     kube = Kube.connect()
     namespace = args.namespace or _current_namespace()
     if kube.get(KIND, namespace, args.name) is None:
-        print(f"{KIND} {namespace}/{args.name} not found")
+        _say(f"{KIND} {namespace}/{args.name} not found")
         return EXIT_INVALID
     patch: dict[str, Any]
     if args.command == "pause":
@@ -157,7 +228,7 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
         request = args.request_id or uuid.uuid4().hex[:12]
         patch = {"metadata": {"annotations": {ANNOTATION_RUN_NOW: request}}}
     kube.merge_patch(KIND, namespace, args.name, patch)
-    print(f"{args.command}: {namespace}/{args.name} patched")
+    _say(f"{args.command}: {namespace}/{args.name} patched")
     return EXIT_OK
 
 
@@ -171,9 +242,9 @@ def cmd_db_upgrade(args: argparse.Namespace, _settings: Settings) -> int:
     try:
         upgrade(url)
     except HistoryError as exc:
-        print(f"db upgrade failed: {exc}")
+        _say(f"db upgrade failed: {exc}")
         return EXIT_INVALID
-    print(f"db upgrade: {redact_url(url)} is at the latest schema")
+    _say(f"db upgrade: {redact_url(url)} is at the latest schema")
     return EXIT_OK
 
 
@@ -192,7 +263,7 @@ def cmd_history(args: argparse.Namespace, _settings: Settings) -> int:
         statuses = reports.parse_statuses(args.status)
         url = _database_url(args)
     except ValueError as exc:
-        print(exc)
+        _say(exc)
         return EXIT_USAGE
     namespace = args.namespace or _current_namespace()
     try:
@@ -211,7 +282,7 @@ def cmd_history(args: argparse.Namespace, _settings: Settings) -> int:
                 )
             )
     except HistoryError as exc:
-        print(f"history: {exc}")
+        _say(f"history: {exc}")
         return EXIT_INVALID
     return EXIT_OK
 
@@ -222,9 +293,11 @@ def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
         since = reports.parse_time(args.since, "--since")
         until = reports.parse_time(args.until, "--until")
         url = _database_url(args)
-        ZoneInfo(args.tz)
-    except (ValueError, KeyError) as exc:
-        print(exc if isinstance(exc, ValueError) else f"--tz {args.tz!r}: not an IANA zone")
+    except ValueError as exc:
+        _say(exc)
+        return EXIT_USAGE
+    if iana_zone(args.tz) is None:
+        _say(f"--tz {args.tz!r}: not an IANA zone")
         return EXIT_USAGE
     namespace = args.namespace or _current_namespace()
     try:
@@ -233,7 +306,7 @@ def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
                 namespace, args.name, since=since, until=until, by=args.by, tz=args.tz
             )
     except HistoryError as exc:
-        print(f"cost: {exc}")
+        _say(f"cost: {exc}")
         return EXIT_INVALID
     print(reports.cost_report(periods, args.by, args.output))
     return EXIT_OK
@@ -244,7 +317,7 @@ def cmd_describe(args: argparse.Namespace, _settings: Settings) -> int:
     namespace = args.namespace or _current_namespace()
     obj = Kube.connect().get(KIND, namespace, args.name)
     if obj is None:
-        print(f"{KIND} {namespace}/{args.name} not found")
+        _say(f"{KIND} {namespace}/{args.name} not found")
         return EXIT_INVALID
     runs: list[ExecutionRecord] = []
     url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
@@ -253,9 +326,15 @@ def cmd_describe(args: argparse.Namespace, _settings: Settings) -> int:
             with History.connect(url) as store:
                 runs = store.runs(namespace, args.name, limit=5)
         except HistoryError as exc:
-            print(f"(history unavailable: {exc})")
+            _say(f"(history unavailable: {exc})")
     print(reports.describe(obj, runs))
     return EXIT_OK
+
+
+def _say(text: object, *, file: Any = None) -> None:
+    """Print one line for people: control characters from stored or hostile texts are shown as
+    escapes, never sent to the terminal."""
+    print(reports.printable(text), file=file)
 
 
 def _current_namespace() -> str:
@@ -357,7 +436,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "nocturne") -> int:
     try:
         settings = load_settings(args.config, **overrides)
     except SettingsError as exc:
-        print(exc)
+        _say(exc)
         return EXIT_USAGE
     status: int = args.func(args, settings)
     return status

@@ -28,7 +28,7 @@ def schedule(name: str, expr: str, zone: str = "UTC") -> dict[str, object]:
             "schedule": expr,
             "timeZone": zone,
             "task": {"query": "q"},
-            "agent": {"model": "m", "provider": "offline"},
+            "agent": {"model": "offline-demo", "provider": "offline"},
             "budget": {"maxPerRunUSD": "1.00"},
         },
     }

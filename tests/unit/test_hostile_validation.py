@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.settings import Settings
@@ -133,7 +135,10 @@ def test_a_model_missing_from_the_price_table_is_refused() -> None:
         'spec.agent.model "offline-x": no price for provider "offline" in the cluster\'s '
         "price table"
     ]
-    assert errors_of(schedule(agent={"model": "offline-demo", "provider": "offline"}), prices=PRICES) == []
+    assert (
+        errors_of(schedule(agent={"model": "offline-demo", "provider": "offline"}), prices=PRICES)
+        == []
+    )
 
 
 def test_a_task_too_large_for_the_job_template_is_refused() -> None:
@@ -156,7 +161,7 @@ def test_a_non_positive_every_says_so(expr: str) -> None:
 
 
 def test_money_in_messages_is_a_plain_decimal() -> None:
-    settings = Settings(max_per_run_usd="1E+2")  # type: ignore[arg-type]
+    settings = Settings(max_per_run_usd=Decimal("1E+2"))
     [error] = errors_of(schedule(budget={"maxPerRunUSD": "101"}), settings)
     assert error == (
         'spec.budget.maxPerRunUSD "101": exceeds the cluster-wide cap of 100 USD per run'
@@ -169,8 +174,6 @@ def test_an_unknown_zone_never_raises_in_any_form() -> None:
 
 
 def test_the_docs_examples_name_priced_models() -> None:
-    import yaml
-
     for path in sorted((Path(__file__).parents[2] / "docs" / "examples").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "AgentSchedule":
