@@ -810,6 +810,8 @@ def _reconcile_held(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> N
                 peers=peers,
                 stats=stats,
                 run_api=memo.run_api,
+                # A model without a price would fail every run: refused up front instead.
+                prices=memo.prices,
                 notices=notice,
                 now=now,
             )

@@ -19,6 +19,7 @@ from nocturne_operator import cron, metrics
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.kube import Kube
 from nocturne_operator.money import usd
+from nocturne_operator.prices import PriceTable
 from nocturne_operator.render import (
     ANNOTATION_MANUAL_REQUEST,
     LABEL_SCHEDULE,
@@ -155,6 +156,7 @@ def reconcile(
     peers: Sequence[Peer] | None,
     stats: RunStats | None = None,
     run_api: RunApiEndpoint,
+    prices: PriceTable | None = None,
     notices: NoticeSink | None = None,
     now: datetime | None = None,
 ) -> str:
@@ -171,6 +173,7 @@ def reconcile(
         now or datetime.now(UTC),
         stats=stats,
         run_api=run_api,
+        prices=prices,
         notices=notices or (lambda _kind, _key, _message: None),
     ).run(peers)
 
@@ -194,12 +197,14 @@ class _Reconciler:
         *,
         stats: RunStats | None,
         run_api: RunApiEndpoint,
+        prices: PriceTable | None,
         notices: NoticeSink,
     ) -> None:
         meta = body["metadata"]
         self.notices = notices
         self.stats = stats
         self.run_api = run_api
+        self.prices = prices
         self.body = body
         self.settings = settings
         self.kube = kube
@@ -215,7 +220,7 @@ class _Reconciler:
         self._budget: tuple[str, str, str] | None = None  # (reason, message, notice key)
 
     def run(self, peers: Sequence[Peer] | None) -> str:
-        result = validate(self.body, self.settings, now=self.now, peers=peers)
+        result = validate(self.body, self.settings, now=self.now, peers=peers, prices=self.prices)
         name = cronjob_name(self.ref.name)
         actual = self.kube.get("CronJob", self.ref.namespace, name)
         self.new.update(

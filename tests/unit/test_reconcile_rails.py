@@ -14,6 +14,7 @@ import pytest
 
 from nocturne_operator import conditions as cond
 from nocturne_operator.kube import Kube
+from nocturne_operator.prices import load_price_table
 from nocturne_operator.reconcile import reconcile
 from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.settings import Settings
@@ -411,3 +412,28 @@ def test_a_sweep_after_a_late_first_pass_writes_no_status() -> None:
     for later in (timedelta(minutes=1), timedelta(minutes=7)):
         cluster.reconcile(stats(last_success=None), now=NOW + later)
     assert len(objects.patches) == writes, objects.patches[writes:]
+
+
+def test_a_model_without_a_price_is_refused_before_any_run() -> None:
+    """Every run of such a schedule would fail with a configuration error: the operator says
+    so on Ready with the field and the rule, and suspends nothing it did not create."""
+    body = schedule(agent={"model": "gpt-9-imaginary", "provider": "openai"})
+    body["spec"]["agent"]["apiKeySecretRef"] = {"name": "llm-credentials", "key": "key"}
+    objects = Objects()
+    objects.items[("AgentSchedule", "digest")] = body
+    reconcile(
+        body,
+        SETTINGS,
+        cast(Kube, objects),
+        events=Recorder().event,
+        peers=None,
+        stats=None,
+        now=NOW,
+        run_api=RUN_API,
+        prices=load_price_table(),
+    )
+    status = objects.items[("AgentSchedule", "digest")]["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
+    assert 'spec.agent.model "gpt-9-imaginary": no price for provider "openai"' in ready["message"]
+    assert ("CronJob", "digest") not in objects.items
