@@ -506,10 +506,16 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
     namespace: str,
     runner_database: str,
 ) -> None:
-    """An unknown model fails every run before it can reach the database; the operator records
-    the runs from their termination summaries, pauses after three and notifies once; a resume
-    runs a check, whose success sends one recovery notice."""
-    broken = {"model": "no-such-model", "provider": "offline"}
+    """An agent that cannot finish within agent.maxSteps fails every run (the offline model
+    spends its one step fetching the page the task names); the operator records the runs,
+    pauses after three and notifies once; a resume runs a check, whose success sends one
+    recovery notice. (An unknown model no longer gets that far: validation refuses it.)"""
+    broken = {
+        "model": "offline-demo",
+        "provider": "offline",
+        "tools": ["web_fetch"],
+        "maxSteps": 1,
+    }
     with ScriptedServer() as hooks:
         hooks.route("/hook", Reply(200, json={"ok": True}), method="POST")
         notifications = {
@@ -519,6 +525,9 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
         }
         failing = manifest(
             schedule="0 0 1 1 *",
+            # A closed loopback port: the fetch fails at once and nothing leaves the machine.
+            task={"query": "Summarise http://127.0.0.1:9/news"},
+            retries=0,
             agent=broken,
             failurePolicy={"pauseAfterConsecutiveFailures": 3},
             notifications=notifications,
@@ -551,7 +560,7 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
         with History.connect(runner_database) as history:
             rows = history.runs(namespace, "daily-ai-news")
         assert {r.status for r in rows} == {ExecutionStatus.FAILED}
-        assert all("no-such-model" in (r.error or "") for r in rows)
+        assert all("agent.maxSteps=1" in (r.error or "") for r in rows), rows
 
         # Fix the cause and resume: one verification run at once, then back to Active.
         fixed = {**failing, "spec": {**failing["spec"], "agent": manifest()["spec"]["agent"]}}
