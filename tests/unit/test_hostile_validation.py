@@ -3,8 +3,6 @@ says what the apiserver or the operator would say (issue 12)."""
 
 from __future__ import annotations
 
-import copy
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,35 +13,9 @@ import yaml
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.settings import Settings
 from nocturne_operator.validation import validate
+from unit.test_validation import NOW, SETTINGS, errors_of, schedule, with_path
 
-NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
-SETTINGS = Settings()
 PRICES = load_price_table()
-
-
-def schedule(**spec: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {
-        "apiVersion": "nocturne.dev/v1alpha1",
-        "kind": "AgentSchedule",
-        "metadata": {"name": "digest", "namespace": "research"},
-        "spec": {
-            "schedule": "0 9 * * *",
-            "timeZone": "Asia/Tokyo",
-            "task": {"query": "digest"},
-            "agent": {
-                "model": "gpt-4o-mini",
-                "provider": "openai",
-                "apiKeySecretRef": {"name": "llm-credentials", "key": "OPENAI_API_KEY"},
-            },
-            "budget": {"maxPerRunUSD": "2.00"},
-        },
-    }
-    base["spec"].update(copy.deepcopy(spec))
-    return base
-
-
-def errors_of(body: Any, settings: Settings = SETTINGS, **kwargs: Any) -> list[str]:
-    return [str(e) for e in validate(body, settings, now=NOW, **kwargs).errors]
 
 
 def test_the_base_schedule_is_valid() -> None:
@@ -76,13 +48,7 @@ def test_zones_the_cronjob_controller_refuses_are_field_errors(zone: str) -> Non
     ],
 )
 def test_no_lax_coercion_the_apiserver_would_refuse(path: str, value: Any, kind: str) -> None:
-    body = schedule()
-    node = body["spec"]
-    *parents, leaf = path.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
-    [error] = errors_of(body)
+    [error] = errors_of(with_path(path, value))
     assert error.startswith(f"spec.{path} ")
     assert error.endswith(f": must be of type {kind}")
 

@@ -56,8 +56,9 @@ def with_path(path: str, value: Any) -> dict[str, Any]:
 DELETE = object()
 
 
-def errors_of(obj: dict[str, Any], settings: Settings = SETTINGS) -> list[str]:
-    return [str(e) for e in validate(obj, settings, now=NOW).errors]
+def errors_of(obj: Any, settings: Settings = SETTINGS, **kwargs: Any) -> list[str]:
+    """The messages of validate()'s errors; ``kwargs`` go to validate() (e.g. ``prices``)."""
+    return [str(e) for e in validate(obj, settings, now=NOW, **kwargs).errors]
 
 
 def test_the_design_example_is_valid() -> None:
