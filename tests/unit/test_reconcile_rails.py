@@ -306,55 +306,16 @@ def test_the_end_of_a_budget_hold_restarts_the_silent_stop_clock() -> None:
     assert cluster.condition(cond.SILENT_STOP)["status"] == "True"
 
 
-def test_an_auto_pause_is_keyed_by_the_run_that_tripped_it() -> None:
-    """Two passes on either side of a second boundary write different pausedAt stamps; the
-    notice key is the failed Job, so one notice is queued, not two."""
-    cluster = Cluster(schedule(failurePolicy={"pauseAfterConsecutiveFailures": 2}))
-    last = ExecutionRecord(
-        id=2,
-        namespace="research",
-        schedule_name="digest",
-        schedule_uid="uid-digest",
-        job_name="digest-29400000",
-        job_uid="uid-job-2",
-        pod_uid="uid-pod-2",
-        attempt=0,
-        manual_request=None,
-        status=ExecutionStatus.FAILED,
-        started_at=NOW - timedelta(minutes=5),
-        completed_at=NOW - timedelta(minutes=4),
-        cost_usd=Decimal("0.01"),
-        input_tokens=1,
-        output_tokens=1,
-        model="offline-demo",
-        provider="offline",
-        error="boom",
-        output=None,
-        alert=False,
-        alert_reason=None,
-        metadata={},
-        updated_at=NOW,
-    )
-    failed = RunStats(Decimal("0.02"), 0, 2, 2, last, month_cost=Decimal("0.02"))
-    body = copy.deepcopy(cluster.objects.items[("AgentSchedule", "digest")])
-    for second in (0, 1):
-        # Two passes that both start from the status before the pause was written.
-        cluster.objects.items[("AgentSchedule", "digest")] = copy.deepcopy(body)
-        cluster.reconcile(failed, now=NOW + timedelta(seconds=second))
-    assert cluster.status["autoPause"]["job"] == "digest-29400000"
-    assert [n[:2] for n in cluster.seen.notices] == [
-        ("AutoPaused", "digest-29400000"),
-        ("AutoPaused", "digest-29400000"),
-    ]
-
-
-def _last(status: ExecutionStatus, error: str | None) -> ExecutionRecord:
+def _last(
+    status: ExecutionStatus, error: str | None, job_name: str = "digest-29400001"
+) -> ExecutionRecord:
+    """The schedule's last run, ended a few minutes before NOW with ``status``."""
     return ExecutionRecord(
         id=3,
         namespace="research",
         schedule_name="digest",
         schedule_uid="uid-digest",
-        job_name="digest-29400001",
+        job_name=job_name,
         job_uid="uid-job-3",
         pod_uid="uid-pod-3",
         attempt=0,
@@ -374,6 +335,24 @@ def _last(status: ExecutionStatus, error: str | None) -> ExecutionRecord:
         metadata={},
         updated_at=NOW,
     )
+
+
+def test_an_auto_pause_is_keyed_by_the_run_that_tripped_it() -> None:
+    """Two passes on either side of a second boundary write different pausedAt stamps; the
+    notice key is the failed Job, so one notice is queued, not two."""
+    cluster = Cluster(schedule(failurePolicy={"pauseAfterConsecutiveFailures": 2}))
+    last = _last(ExecutionStatus.FAILED, "boom", job_name="digest-29400000")
+    failed = RunStats(Decimal("0.02"), 0, 2, 2, last, month_cost=Decimal("0.02"))
+    body = copy.deepcopy(cluster.objects.items[("AgentSchedule", "digest")])
+    for second in (0, 1):
+        # Two passes that both start from the status before the pause was written.
+        cluster.objects.items[("AgentSchedule", "digest")] = copy.deepcopy(body)
+        cluster.reconcile(failed, now=NOW + timedelta(seconds=second))
+    assert cluster.status["autoPause"]["job"] == "digest-29400000"
+    assert [n[:2] for n in cluster.seen.notices] == [
+        ("AutoPaused", "digest-29400000"),
+        ("AutoPaused", "digest-29400000"),
+    ]
 
 
 def test_last_run_says_why_a_run_did_not_succeed_and_nothing_when_it_did() -> None:
