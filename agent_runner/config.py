@@ -82,8 +82,6 @@ class RunnerEnv(_Model):
     token_file: Path = Field(TOKEN_FILE, alias="NOCTURNE_RUN_API_TOKEN_FILE")
     llm_api_key: SecretStr | None = Field(None, alias="NOCTURNE_LLM_API_KEY")
     termination_log: Path = Field(Path("/dev/termination-log"), alias="NOCTURNE_TERMINATION_LOG")
-    # Set by the operator on run-now Jobs: the request id that started this run.
-    manual_request: str | None = Field(None, alias="NOCTURNE_MANUAL_REQUEST", max_length=253)
     # Cluster config: lets web_fetch reach private and loopback (never link-local) addresses.
     web_fetch_allow_private: bool = Field(False, alias="NOCTURNE_WEB_FETCH_ALLOW_PRIVATE")
 

@@ -204,7 +204,6 @@ def test_env_is_read_with_defaults() -> None:
     assert runner_env.llm_api_key is not None
     assert runner_env.llm_api_key.get_secret_value() == API_KEY
     assert runner_env.termination_log == Path("/dev/termination-log")
-    assert runner_env.manual_request is None
     assert runner_env.web_fetch_allow_private is False
     assert API_KEY not in repr(runner_env)
 
@@ -216,6 +215,7 @@ def test_env_optional_values() -> None:
             NOCTURNE_RUN_API_TOKEN_FILE="/var/run/token",  # noqa: S106 - a path
             NOCTURNE_LLM_API_KEY="",
             NOCTURNE_TERMINATION_LOG="/tmp/summary.json",  # noqa: S108 - a path, not a file
+            # Run-now Jobs carry it for the operator (which reads it from the Job); ignored here.
             NOCTURNE_MANUAL_REQUEST="run-now-7",
             NOCTURNE_WEB_FETCH_ALLOW_PRIVATE="true",
             NOCTURNE_SOMETHING_ELSE="ignored",
@@ -225,7 +225,6 @@ def test_env_optional_values() -> None:
     assert runner_env.token_file == Path("/var/run/token")
     assert runner_env.llm_api_key is None
     assert runner_env.termination_log == Path("/tmp/summary.json")  # noqa: S108
-    assert runner_env.manual_request == "run-now-7"
     assert runner_env.web_fetch_allow_private is True
 
 
@@ -265,7 +264,6 @@ def test_no_database_or_price_table_variables_any_more() -> None:
             "perhaps",
             'NOCTURNE_WEB_FETCH_ALLOW_PRIVATE "perhaps": Input should be a valid boolean',
         ),
-        ("NOCTURNE_MANUAL_REQUEST", "r" * 254, "NOCTURNE_MANUAL_REQUEST"),
     ],
 )
 def test_bad_env_values_name_the_variable_and_the_rule(
