@@ -33,7 +33,6 @@ import json
 import multiprocessing
 import os
 import random
-import signal
 import statistics
 import sys
 import tempfile
@@ -67,19 +66,17 @@ from agent_runner.contract import (
     parse_task_document,
 )
 from agent_runner.runapi import RunApiClient
-from integration.postgres import running_postgres
-from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.metrics import REGISTRY
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import ScheduleRef, task_document
 from nocturne_operator.runapi.auth import RunIdentity
-from nocturne_operator.storage import History, upgrade
+from nocturne_operator.storage import History
 
 if TYPE_CHECKING:
-    from bench.runner_start import RunApi, _stop
+    from bench.runner_start import RunApi, bench_history, bench_spec
 else:  # a file next to this one, not a package: the repository's root would shadow `operator`
     sys.path.append(str(Path(__file__).parent))
-    from runner_start import RunApi, _stop
+    from runner_start import RunApi, bench_history, bench_spec
 
 ENDPOINTS = ("start", "progress", "finish")
 SLOW = 0.1  # seconds: a call slower than this is counted in the timeline
@@ -228,19 +225,10 @@ def make_runs(
     api: RunApi, directory: Path, runs: int, schedules: int, ramp: float
 ) -> list[RunPlan]:
     """``runs`` Jobs spread over ``schedules`` schedules, a token registered for each."""
-    spec = AgentScheduleSpec.model_validate(
-        {
-            "schedule": "0 9 * * *",
-            "task": {"query": "What changed on the watched pages since the previous run?"},
-            "agent": {
-                "model": "gpt-4o-mini",
-                "provider": "openai",
-                "apiKeySecretRef": {"name": "llm", "key": "api-key"},
-            },
-            # The total and monthly caps make every reservation sum the schedule's spend.
-            "budget": {"maxPerRunUSD": "0.50", "maxTotalUSD": "500.00", "maxMonthlyUSD": "200.00"},
-            "timeoutSeconds": 600,
-        }
+    spec = bench_spec(
+        # The total and monthly caps make every reservation sum the schedule's spend.
+        budget={"maxPerRunUSD": "0.50", "maxTotalUSD": "500.00", "maxMonthlyUSD": "200.00"},
+        timeoutSeconds=600,
     )
     refs = [
         ScheduleRef(f"agent-{i:02d}", f"team-{i % 4}", str(uuid.uuid4())) for i in range(schedules)
@@ -401,12 +389,8 @@ def report(label: str, samples: Samples, baseline: dict[str, list[float]] | None
 
 
 def main(args: argparse.Namespace) -> None:
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGHUP, _stop)
     with ExitStack() as stack:
-        postgres = stack.enter_context(running_postgres())
-        upgrade(postgres.url)
-        history = stack.enter_context(History.connect(postgres.url))
+        history = bench_history(stack)
         pool = history_pool(history, args.pool_size)
         use = PoolUse(pool)
         api = stack.enter_context(RunApi(history))

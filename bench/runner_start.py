@@ -152,24 +152,32 @@ class RunApi:
         self.loop.close()
 
 
-def make_task(base_url: str) -> tuple[str, ScheduleRef]:
-    """The task document for an OpenAI-compatible agent whose baseURL is the local server."""
-    spec = AgentScheduleSpec.model_validate(
+def bench_spec(base_url: str | None = None, **fields: Any) -> AgentScheduleSpec:
+    """The benches' schedule spec: an OpenAI-compatible agent (served at ``base_url`` when
+    given); ``fields`` replace top-level fields of the spec."""
+    agent = {
+        "model": "gpt-4o-mini",
+        "provider": "openai",
+        "apiKeySecretRef": {"name": "llm", "key": "api-key"},
+    }
+    if base_url is not None:
+        agent["baseURL"] = f"{base_url}/v1"
+    return AgentScheduleSpec.model_validate(
         {
             "schedule": "0 9 * * *",
             "task": {"query": "What changed on the watched pages since the previous run?"},
-            "agent": {
-                "model": "gpt-4o-mini",
-                "provider": "openai",
-                "baseURL": f"{base_url}/v1",
-                "apiKeySecretRef": {"name": "llm", "key": "api-key"},
-            },
+            "agent": agent,
             "budget": {"maxPerRunUSD": "0.50"},
             "timeoutSeconds": 120,
+            **fields,
         }
     )
+
+
+def make_task(base_url: str) -> tuple[str, ScheduleRef]:
+    """The task document for an OpenAI-compatible agent whose baseURL is the local server."""
     ref = ScheduleRef("news", "bench", str(uuid.uuid4()))
-    return json.dumps(task_document(ref, spec)), ref
+    return json.dumps(task_document(ref, bench_spec(base_url))), ref
 
 
 def job_env(directory: Path, task: str, api: RunApi, ref: ScheduleRef) -> dict[str, str]:
@@ -289,13 +297,19 @@ def _stop(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(runs: int) -> None:
+def bench_history(stack: ExitStack) -> History:
+    """History on a migrated PostgreSQL of the bench's own, closed and stopped with ``stack``;
+    SIGTERM and SIGHUP unwind ``stack`` too."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGHUP, _stop)
+    postgres = stack.enter_context(running_postgres())
+    upgrade(postgres.url)
+    return stack.enter_context(History.connect(postgres.url))
+
+
+def main(runs: int) -> None:
     with ExitStack() as stack:
-        postgres = stack.enter_context(running_postgres())
-        upgrade(postgres.url)
-        history = stack.enter_context(History.connect(postgres.url))
+        history = bench_history(stack)
         api = stack.enter_context(RunApi(history))
         server = stack.enter_context(ScriptedServer())
         model = FirstRequests()
