@@ -157,6 +157,36 @@ def _amount(value: Decimal) -> str:
     return f"{whole}.{fraction.ljust(2, '0')}"
 
 
+def _new_attempt(
+    key: ExecutionKey, attempt: int, started_at: datetime, model: str, provider: str
+) -> dict[str, Any]:
+    """The columns of a new RUNNING attempt of ``key`` (``reserve()`` adds its grant)."""
+    return {
+        "namespace": key.namespace,
+        "schedule_name": key.schedule_name,
+        "schedule_uid": key.schedule_uid,
+        "job_name": key.job_name,
+        "job_uid": key.job_uid,
+        "pod_uid": key.pod_uid,
+        "attempt": attempt,
+        "manual_request": key.manual_request,
+        "status": ExecutionStatus.RUNNING.value,
+        "started_at": started_at,
+        "model": model,
+        "provider": provider,
+    }
+
+
+def _insert_attempt(values: dict[str, Any]) -> sa.Insert:
+    """Insert an attempt, returning its id; nothing (no row) when its (job_uid, pod_uid) exists."""
+    return (
+        pg.insert(EXECUTIONS)
+        .values(values)
+        .on_conflict_do_nothing(constraint="uq_schedule_executions_job_uid_pod_uid")
+        .returning(EXECUTIONS.c.id)
+    )
+
+
 class _Held(NamedTuple):
     """Sums over some rows: what they committed (spent, or granted while running) and spent."""
 
@@ -229,21 +259,8 @@ class RunWrites(Repository):
                     f"than {key.schedule_uid}"
                 )
             refusal, limit = self._decide(conn, key, caps, _Held(job_committed, job_spent))
-            values: dict[str, Any] = {
-                "namespace": key.namespace,
-                "schedule_name": key.schedule_name,
-                "schedule_uid": key.schedule_uid,
-                "job_name": key.job_name,
-                "job_uid": key.job_uid,
-                "pod_uid": key.pod_uid,
-                "attempt": int(attempts),
-                "manual_request": key.manual_request,
-                "status": ExecutionStatus.RUNNING.value,
-                "started_at": started_at,
-                "model": model,
-                "provider": provider,
-                "granted_usd": limit,
-            }
+            values = _new_attempt(key, int(attempts), started_at, model, provider)
+            values["granted_usd"] = limit
             if refusal is not None:
                 reason, message = refusal
                 values |= {
@@ -252,18 +269,9 @@ class RunWrites(Repository):
                     "error": clean_text(message, ERROR_LIMIT_BYTES),
                     "metadata": {"refused": reason},
                 }
-            insert = (
-                pg.insert(t)
-                .values(values)
-                .on_conflict_do_nothing(constraint="uq_schedule_executions_job_uid_pod_uid")
-                .returning(t.c.id)
-            )
-            new_id = conn.execute(insert).scalar_one_or_none()
+            new_id = conn.execute(_insert_attempt(values)).scalar_one_or_none()
             if new_id is None:  # a racing reservation under another schedule UID's lock
-                row = self._attempt_row(conn, key)
-                if row is None:  # rows are never deleted; this would be a bug
-                    raise HistoryError(f"{what}: the conflicting attempt vanished")
-                return self._replayed(conn, key, row, what)
+                return self._replayed(conn, key, self._conflicting_row(conn, key, what), what)
         if refusal is not None:
             log.info("%s: refused, %s", what, refusal[1])
         return GrantRecord(
@@ -340,6 +348,14 @@ class RunWrites(Repository):
             )
         ).first()
 
+    @classmethod
+    def _conflicting_row(cls, conn: sa.Connection, key: ExecutionKey, what: str) -> sa.Row[Any]:
+        """The row whose (job_uid, pod_uid) an insert of ``key`` just conflicted with."""
+        row = cls._attempt_row(conn, key)
+        if row is None:  # rows are never deleted; this would be a bug
+            raise HistoryError(f"{what}: the conflicting attempt vanished")
+        return row
+
     @staticmethod
     def _replayed(
         conn: sa.Connection, key: ExecutionKey, row: sa.Row[Any], what: str
@@ -377,36 +393,13 @@ class RunWrites(Repository):
         that never reserved (the operator records what a finished Job left); runs get their
         budget from ``reserve()``."""
         aware("started_at", started_at)
-        t = EXECUTIONS
-        insert = (
-            pg.insert(t)
-            .values(
-                namespace=key.namespace,
-                schedule_name=key.schedule_name,
-                schedule_uid=key.schedule_uid,
-                job_name=key.job_name,
-                job_uid=key.job_uid,
-                pod_uid=key.pod_uid,
-                attempt=key.attempt,
-                manual_request=key.manual_request,
-                status=ExecutionStatus.RUNNING.value,
-                started_at=started_at,
-                model=model,
-                provider=provider,
-            )
-            .on_conflict_do_nothing(constraint="uq_schedule_executions_job_uid_pod_uid")
-            .returning(t.c.id)
-        )
+        insert = _insert_attempt(_new_attempt(key, key.attempt, started_at, model, provider))
         what = f"start execution of {key.namespace}/{key.schedule_name} job {key.job_name}"
         with self._begin(what) as conn:
             new_id = conn.execute(insert).scalar_one_or_none()
             if new_id is not None:
                 return int(new_id)
-            row = conn.execute(
-                sa.select(t.c.id, t.c.namespace, t.c.schedule_name).where(
-                    t.c.job_uid == key.job_uid, t.c.pod_uid == key.pod_uid
-                )
-            ).one()
+            row = self._conflicting_row(conn, key, what)
         if (row.namespace, row.schedule_name) != (key.namespace, key.schedule_name):
             raise HistoryError(
                 f"{what}: job UID {key.job_uid} pod UID {key.pod_uid} already belongs to "
