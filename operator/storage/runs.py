@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, cast, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
@@ -204,9 +204,7 @@ class _Held(NamedTuple):
         )
 
 
-_NO_GRANT_REASONS: frozenset[str] = frozenset(
-    ("BudgetExhausted", "TotalBudgetReached", "MonthlyBudgetReached")
-)
+_NO_GRANT_REASONS: frozenset[str] = frozenset(get_args(NoGrantReason))
 _OVERRUN: sa.ColumnElement[Any] = sa.literal_column("""'{"overrun": true}'::jsonb""")
 
 
