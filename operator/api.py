@@ -38,7 +38,11 @@ NOTIFICATION_EVENTS = (
     "SilentStop",
     "Alert",
 )
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# The apiserver's rule for object names (NameIsDNSSubdomain): labels of [-a-z0-9] that start
+# and end alphanumeric, joined by dots. Settings, the CRD model and validation all use it.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A Secret name as the CRD's schema writes it (the apiserver's message quotes this pattern).
+_SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # noqa: S105 - a regex
 _KEY_NAME = r"^[-._a-zA-Z0-9]+$"
 _USD_PER_RUN = r"^[0-9]{1,6}(\.[0-9]{1,6})?$"
 _USD_TOTAL = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
@@ -70,7 +74,7 @@ class _Model(BaseModel):
 class SecretKeyRef(_Model):
     """A key of a Secret in the schedule's namespace."""
 
-    name: str = Field(min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)
+    name: str = Field(min_length=1, max_length=253, pattern=_SECRET_NAME_PATTERN)
     key: str = Field(min_length=1, max_length=253, pattern=_KEY_NAME)
 
 

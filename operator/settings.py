@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from nocturne_operator.api import DNS_SUBDOMAIN
 from nocturne_operator.errors import SettingsError
 
 
@@ -40,7 +41,7 @@ class Resources(BaseModel):
     memory_limit: str = "512Mi"
 
 
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN)
 _PATH_SEGMENT_TRAPS = frozenset({".", ".."})
 
 

@@ -19,14 +19,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import ValidationError
 
 from nocturne_operator import cron
-from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.api import DNS_SUBDOMAIN, AgentScheduleSpec
 from nocturne_operator.money import plain
 from nocturne_operator.prices import PriceTable, PriceTableError
 from nocturne_operator.settings import Endpoint, Settings
 
 MAX_NAME_LENGTH = 63
 # The apiserver's rule for the names of custom resources (NameIsDNSSubdomain).
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_DNS_SUBDOMAIN = re.compile(DNS_SUBDOMAIN)
 _DNS_SUBDOMAIN_RULE = (
     "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or "
     "'.', and must start and end with an alphanumeric character"
