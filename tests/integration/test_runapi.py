@@ -185,6 +185,18 @@ def granted(api: RunningApi, identity: RunIdentity) -> tuple[str, Grant]:
     return token, Grant.model_validate_json(response.content)
 
 
+def progress_body(identity: RunIdentity, execution_id: int, **fields: Any) -> dict[str, Any]:
+    """A progress report of nothing spent yet; ``fields`` add to or replace its fields."""
+    return {
+        "run": ref(identity),
+        "executionId": execution_id,
+        "costUSD": "0",
+        "inputTokens": 0,
+        "outputTokens": 0,
+        **fields,
+    }
+
+
 def finish_body(identity: RunIdentity, execution_id: int, **fields: Any) -> dict[str, Any]:
     return {
         "run": ref(identity),
@@ -339,13 +351,7 @@ def test_another_jobs_execution_is_403_on_progress_and_finish(
     _, grant = granted(api, victim)
     intruder = run_identity("other-1", schedule="other")
     intruder_token, _ = granted(api, intruder)
-    progress = {
-        "run": ref(intruder),
-        "executionId": grant.execution_id,
-        "costUSD": "0",
-        "inputTokens": 0,
-        "outputTokens": 0,
-    }
+    progress = progress_body(intruder, grant.execution_id)
     assert api.post(PROGRESS_PATH, intruder_token, progress).status_code == 403
     finish = finish_body(intruder, grant.execution_id, status="FAILED", costUSD="0")
     response = api.post(FINISH_PATH, intruder_token, finish)
@@ -364,13 +370,9 @@ def test_another_jobs_execution_is_403_on_progress_and_finish(
 def test_malformed_bodies_are_400_naming_the_field_and_rule(api: RunningApi) -> None:
     identity = run_identity("daily-1")
     token, grant = granted(api, identity)
-    progress = {
-        "run": ref(identity),
-        "executionId": grant.execution_id,
-        "costUSD": "0.01",
-        "inputTokens": 1,
-        "outputTokens": 1,
-    }
+    progress = progress_body(
+        identity, grant.execution_id, costUSD="0.01", inputTokens=1, outputTokens=1
+    )
     cases = {
         "not json": (b"{not json", "Invalid JSON"),
         "float money": ({**progress, "costUSD": 0.01}, "costUSD 0.01: Value error"),
@@ -404,15 +406,15 @@ def test_oversized_bodies_are_413(api: RunningApi) -> None:
 def test_progress_raises_the_recorded_cost(api: RunningApi, history: History) -> None:
     identity = run_identity("daily-1")
     token, grant = granted(api, identity)
-    body = {
-        "run": ref(identity),
-        "executionId": grant.execution_id,
-        "costUSD": "0.05",
-        "inputTokens": 10,
-        "outputTokens": 5,
-        "steps": 2,
-        "activity": "fetching",
-    }
+    body = progress_body(
+        identity,
+        grant.execution_id,
+        costUSD="0.05",
+        inputTokens=10,
+        outputTokens=5,
+        steps=2,
+        activity="fetching",
+    )
     assert api.post(PROGRESS_PATH, token, body).json() == {"recorded": True}
     row = history.get(grant.execution_id)
     assert row is not None
