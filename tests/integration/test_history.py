@@ -398,21 +398,16 @@ def test_state_belongs_to_the_incarnation_that_saved_it(history: History) -> Non
     legacy = history.load_state("research", "news", schedule_uid="uid-old")
     assert legacy is not None
     assert legacy.state == {"old": 1}
-    history.save_state(
-        "research", "news", state={"v": 1}, output=None, execution_id=None, schedule_uid="uid-old"
-    )
-    assert history.load_state("research", "news", schedule_uid="uid-new") is None
-    mine = history.load_state("research", "news", schedule_uid="uid-old")
-    assert mine is not None
-    assert mine.state == {"v": 1}
-    # The new incarnation's first success replaces it; the old one would no longer see it.
-    history.save_state(
-        "research", "news", state={"v": 2}, output=None, execution_id=None, schedule_uid="uid-new"
-    )
-    assert history.load_state("research", "news", schedule_uid="uid-old") is None
-    new = history.load_state("research", "news", schedule_uid="uid-new")
-    assert new is not None
-    assert new.state == {"v": 2}
+    # The old incarnation saves; then the new one's first success replaces it, and the old one
+    # would no longer see it. Each time only the saver's UID receives the state.
+    for saver, other, state in (("uid-old", "uid-new", {"v": 1}), ("uid-new", "uid-old", {"v": 2})):
+        history.save_state(
+            "research", "news", state=state, output=None, execution_id=None, schedule_uid=saver
+        )
+        assert history.load_state("research", "news", schedule_uid=other) is None
+        mine = history.load_state("research", "news", schedule_uid=saver)
+        assert mine is not None
+        assert mine.state == state
 
 
 def test_state_size_limits_are_enforced_with_clear_errors(history: History) -> None:
