@@ -29,6 +29,9 @@ from agent_runner.agent import RunResult, run_agent
 from agent_runner.budget import Budget, usd_text
 from agent_runner.config import ConfigError, RunnerEnv, TaskDocument, load_env, parse_task
 from agent_runner.contract import (
+    FINISH_ALERT_REASON_MAX_CHARS,
+    FINISH_ERROR_MAX_CHARS,
+    FINISH_OUTPUT_MAX_CHARS,
     FinalStatus,
     FinishReport,
     Grant,
@@ -58,8 +61,6 @@ _FINISH_DEADLINE = 8.0
 _TERMINATED_FINISH_DEADLINE = 2.0
 # Progress is best effort and must not eat the run's time.
 _PROGRESS_DEADLINE = 3.0
-_OUTPUT_MAX_CHARS = 4 * 1024 * 1024  # FinishReport.output
-_ERROR_MAX_CHARS = 256 * 1024  # FinishReport.error
 _STATUS: dict[str, FinalStatus] = {
     "succeeded": "SUCCEEDED",
     "failed": "FAILED",
@@ -256,10 +257,10 @@ def _record(state: Attempt, result: RunResult) -> None:
         cost_usd=quantize_usd(result.cost),
         input_tokens=result.input_tokens,
         output_tokens=result.output_tokens,
-        output=_clip(result.output, _OUTPUT_MAX_CHARS),
-        error=_clip(result.error, _ERROR_MAX_CHARS),
+        output=_clip(result.output, FINISH_OUTPUT_MAX_CHARS),
+        error=_clip(result.error, FINISH_ERROR_MAX_CHARS),
         alert=result.alert,
-        alert_reason=_clip(result.alert_reason, 4096),
+        alert_reason=_clip(result.alert_reason, FINISH_ALERT_REASON_MAX_CHARS),
         metadata={"steps": result.steps, "refusals": [r.as_dict() for r in result.refusals]},
         state=result.state if status == "SUCCEEDED" else None,
     )
@@ -305,7 +306,7 @@ def _finish_failed(
         cost_usd=cost,
         input_tokens=tokens[0],
         output_tokens=tokens[1],
-        error=_clip(error, _ERROR_MAX_CHARS),
+        error=_clip(error, FINISH_ERROR_MAX_CHARS),
     )
     _write_summary(
         state,

@@ -35,6 +35,9 @@ from pydantic import (
 )
 
 __all__ = [
+    "FINISH_ALERT_REASON_MAX_CHARS",
+    "FINISH_ERROR_MAX_CHARS",
+    "FINISH_OUTPUT_MAX_CHARS",
     "FINISH_PATH",
     "MAX_USD",
     "PROGRESS_PATH",
@@ -407,6 +410,13 @@ class ProgressReport(_Wire):
     activity: str | None = Field(None, max_length=200)
 
 
+# FinishReport text limits; the runner clips to them, since one field over its limit would
+# refuse the whole report.
+FINISH_OUTPUT_MAX_CHARS = 4 * 1024 * 1024
+FINISH_ERROR_MAX_CHARS = 256 * 1024
+FINISH_ALERT_REASON_MAX_CHARS = 4096
+
+
 class FinishReport(_Wire):
     """An attempt's final record; replaying it changes nothing (the first final status wins)."""
 
@@ -417,10 +427,12 @@ class FinishReport(_Wire):
     cost_usd: USD = Field(alias="costUSD")
     input_tokens: Tokens = Field(alias="inputTokens")
     output_tokens: Tokens = Field(alias="outputTokens")
-    output: str | None = Field(None, max_length=4 * 1024 * 1024)
-    error: str | None = Field(None, max_length=256 * 1024)
+    output: str | None = Field(None, max_length=FINISH_OUTPUT_MAX_CHARS)
+    error: str | None = Field(None, max_length=FINISH_ERROR_MAX_CHARS)
     alert: bool = False
-    alert_reason: str | None = Field(None, alias="alertReason", max_length=4096)
+    alert_reason: str | None = Field(
+        None, alias="alertReason", max_length=FINISH_ALERT_REASON_MAX_CHARS
+    )
     metadata: dict[str, Any] = Field(default_factory=dict)
     # Saved for the next run when the status is SUCCEEDED (with ``output``).
     state: Any = None
