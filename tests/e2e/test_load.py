@@ -10,8 +10,9 @@ from collections import Counter
 import pytest
 import sqlalchemy as sa
 
-from e2e.conftest import OperatorProcess, operator_process
+from e2e.conftest import operator_process
 from e2e.kube import Cluster, Kubectl, wait_for
+from e2e.test_resilience import metric
 from integration.postgres import PostgresServer
 from nocturne_operator.storage import upgrade
 
@@ -20,13 +21,6 @@ pytestmark = pytest.mark.e2e
 SCHEDULES = 200
 SWEEP_SECONDS = 3
 FOREIGN = "not-nocturnes"
-
-
-def metric(operator: OperatorProcess, name: str) -> float:
-    for line in operator.metrics().splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not on {operator.metrics_url}")
 
 
 def database_sessions(url: str) -> int:
