@@ -60,7 +60,8 @@ class EventKind(StrEnum):
 
 # Kinds a schedule has at most one row of (per UID); see migration 0004.
 ONCE_PER_SCHEDULE = frozenset({EventKind.CREATED, EventKind.DELETED})
-ONCE_PER_SCHEDULE_SQL = "kind IN ('created', 'deleted') AND schedule_uid IS NOT NULL"
+_ONCE_KINDS_SQL = ", ".join(sorted(f"'{k.value}'" for k in ONCE_PER_SCHEDULE))
+ONCE_PER_SCHEDULE_SQL = f"kind IN ({_ONCE_KINDS_SQL}) AND schedule_uid IS NOT NULL"
 _STATUS_SQL = ", ".join(f"'{s.value}'" for s in ExecutionStatus)
 
 
