@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,10 +49,11 @@ from nocturne_operator.storage import (
 from nocturne_operator.validation import Peer
 
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
-# kopf's threads for sync handlers; asyncio.to_thread (the sweep, the run API) shares them.
+# kopf's own executor for sync handlers.
 WORKERS = 8
-# Every worker may hold one connection, plus the notifier's delivery loop and the reaper.
-DATABASE_POOL_SIZE = WORKERS + 2
+# Database calls run on kopf's workers and on asyncio's default executor (asyncio.to_thread:
+# the sweep, the reaper, the run API), which has min(32, CPUs + 4) threads: one connection each.
+DATABASE_POOL_SIZE = WORKERS + min(32, (os.cpu_count() or 1) + 4)
 KOPF_PREFIX = f"kopf.{GROUP}"
 
 ScheduleBodies = kopf.Index[tuple[str, str], dict[str, Any]]
@@ -597,20 +599,7 @@ def cronjob_event(
                 f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
             )
         return
-    if type == "ADDED" and _ours(body, owner):
-        return  # our own apply coming back: the reconcile that made it is still in flight
     _reconcile_fresh(owner, memo, indexes.peers)
-
-
-def _ours(cronjob: Mapping[str, Any], owner: Mapping[str, Any]) -> bool:
-    """The CronJob is controlled by this very schedule and was last written by us."""
-    meta = cronjob.get("metadata") or {}
-    owned = any(
-        ref.get("uid") == owner["metadata"].get("uid") and ref.get("controller")
-        for ref in meta.get("ownerReferences") or []
-    )
-    writers = [e.get("manager") for e in meta.get("managedFields") or [] if e.get("manager")]
-    return owned and set(writers) <= {FIELD_MANAGER, "kube-controller-manager"}
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
@@ -653,7 +642,7 @@ def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Memo)
         if not mine:
             return
         try:
-            _record_and_notify(job, outcome, schedule, memo)
+            _record_and_notify(job, outcome, schedule, memo, history)
         except HistoryError as exc:
             # The sweep comes back to it: nothing is lost while the database is down.
             logging.getLogger(__name__).warning(
@@ -662,13 +651,15 @@ def _record_job(job: Mapping[str, Any], schedule: Mapping[str, Any], memo: Memo)
 
 
 def _record_and_notify(
-    job: Mapping[str, Any], outcome: results.JobOutcome, schedule: Mapping[str, Any], memo: Memo
+    job: Mapping[str, Any],
+    outcome: results.JobOutcome,
+    schedule: Mapping[str, Any],
+    memo: Memo,
+    history: History,
 ) -> None:
     """The work of ``_record_job`` for a claimed Job: one history read serves the metrics and
     the notices."""
-    history, ledger = memo.history, memo.jobs
-    if history is None:  # _record_job checked it; the type checker cannot know
-        return
+    ledger = memo.jobs
     meta = job["metadata"]
     uid = meta["uid"]
     fresh = outcome.finished_at >= memo.started_at
