@@ -120,6 +120,12 @@ async def _body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _no_database() -> _RefusalError:
+    return _RefusalError(
+        503, "HistoryUnavailable", "the operator has no history database: no grant"
+    )
+
+
 def _parse(model: type[_Doc], body: bytes) -> _Doc:
     try:
         return model.model_validate_json(body)
@@ -210,9 +216,7 @@ class _RunApi:
     ) -> Any:
         history = self.history
         if history is None:
-            raise _RefusalError(
-                503, "HistoryUnavailable", "the operator has no history database: no grant"
-            )
+            raise _no_database()
         try:
             return await asyncio.to_thread(call, history, *args, **kwargs)
         except HistoryUnavailableError as exc:
@@ -236,10 +240,8 @@ class _RunApi:
 
     async def start(self, token: str, body: bytes) -> BaseModel:
         identity, request = await self._identity(token, body, StartRequest)
-        if self.history is None:
-            raise _RefusalError(
-                503, "HistoryUnavailable", "the operator has no history database: no grant"
-            )
+        if self.history is None:  # before the price: no database, no grant, whatever the model
+            raise _no_database()
         task = identity.task
         try:
             price = self.prices.lookup(task.agent.provider, task.agent.model)
