@@ -108,9 +108,10 @@ _MESSAGE_CHARS = 256
 
 def _first_line(text: str | None) -> str | None:
     """The first line of a run's error, short enough for status."""
-    if not text:
+    lines = (text or "").strip().splitlines()
+    if not lines:
         return None
-    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = lines[0]
     return line if len(line) <= _MESSAGE_CHARS else line[: _MESSAGE_CHARS - 1] + "…"
 
 

@@ -1,6 +1,8 @@
-"""Finished Jobs -> final execution rows. The runner writes its own row; this closes the gaps:
-a run whose database write failed is written from its termination summary, and an attempt that
-left no result (killed at the deadline, never started) is finalised from the Job's conditions.
+"""Finished Jobs -> final execution rows. Runners report through the run API; this closes the
+gaps: a run whose final report did not reach it (the operator was down) is written from its
+termination summary, and an attempt that left no result (killed at the deadline, never started)
+is finalised from the Job's conditions. A pod whose Job is gone is recorded from its summary
+(``record_orphaned_pod``): runner pods carry a finalizer until then.
 
 Idempotent per Job and pod UID: replays and operator restarts change nothing (the history keeps
 the first final status and never lowers cost).
