@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from agent_runner import exitcodes
 from agent_runner.agent import RunResult, run_agent
-from agent_runner.budget import Budget, usd_text
+from agent_runner.budget import Budget
 from agent_runner.config import ConfigError, RunnerEnv, TaskDocument, load_env, parse_task
 from agent_runner.contract import (
     FINISH_ALERT_REASON_MAX_CHARS,
@@ -40,6 +40,7 @@ from agent_runner.contract import (
     StartRequest,
     describe_validation_error,
     quantize_usd,
+    usd_text,
 )
 from agent_runner.providers import make_provider
 from agent_runner.runapi import (

@@ -31,9 +31,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 
-from agent_runner.budget import Budget, BudgetExhaustedError, Reservation, usd_text
+from agent_runner.budget import Budget, BudgetExhaustedError, Reservation
 from agent_runner.config import ConfigError, TaskDocument
-from agent_runner.contract import STATE_LIMIT_BYTES, StateTooLargeError, validate_state
+from agent_runner.contract import STATE_LIMIT_BYTES, StateTooLargeError, usd_text, validate_state
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, SUCCEEDED, TRANSIENT
 from agent_runner.providers.base import (
     FINISH_TOOL,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from agent_runner.config import BudgetSpec
-from agent_runner.contract import ModelPrice
+from agent_runner.contract import ModelPrice, usd_text
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, RunnerError
 
 QUANTUM = Decimal("0.0000000001")
@@ -40,12 +40,6 @@ class BudgetExhaustedError(RunnerError):
     """No further model call fits in the run's budget (or a provider over-reported usage)."""
 
     exit_code = BUDGET_EXHAUSTED
-
-
-def usd_text(amount: Decimal) -> str:
-    """``amount`` as a plain decimal for logs and messages, exact and without trailing zeros:
-    ``str()`` prints the ledger's ``Decimal("0E-10")`` as ``0E-10``."""
-    return format(amount.normalize(), "f")
 
 
 def ceil_usd(amount: Decimal) -> Decimal:

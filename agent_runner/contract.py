@@ -62,6 +62,7 @@ __all__ = [
     "StateTooLargeError",
     "describe_validation_error",
     "quantize_usd",
+    "usd_text",
     "validate_state",
 ]
 
@@ -105,16 +106,18 @@ def _usd_from_wire(value: object) -> Decimal:
         raise ValueError("must be a decimal string") from None
 
 
-def _usd_to_wire(value: Decimal) -> str:
-    text = format(value.normalize(), "f")
-    return "0" if text in ("-0", "0E-12") else text
+def usd_text(amount: Decimal) -> str:
+    """``amount`` as a plain decimal, exact and without trailing zeros, for the wire, logs and
+    messages: ``str()`` prints the ledger's ``Decimal("0E-10")`` as ``0E-10``."""
+    text = format(amount.normalize(), "f")
+    return "0" if text == "-0" else text
 
 
 USD = Annotated[
     Decimal,
     BeforeValidator(_usd_from_wire),
     Field(ge=0, le=MAX_USD),
-    PlainSerializer(_usd_to_wire, return_type=str),
+    PlainSerializer(usd_text, return_type=str),
 ]
 """A USD amount: a decimal string on the wire, ``Decimal`` in Python."""
 Tokens = Annotated[int, Field(ge=0, le=MAX_TOKENS, strict=True)]

@@ -21,9 +21,9 @@ from agent_runner.agent import (
     system_prompt,
     user_prompt,
 )
-from agent_runner.budget import Budget, cost_of, input_token_bound, usd_text
+from agent_runner.budget import Budget, cost_of, input_token_bound
 from agent_runner.config import ConfigError, TaskDocument, parse_task
-from agent_runner.contract import STATE_LIMIT_BYTES, ModelPrice
+from agent_runner.contract import STATE_LIMIT_BYTES, ModelPrice, usd_text
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED, TRANSIENT
 from agent_runner.providers import (
     Completion,
