@@ -32,6 +32,7 @@ from e2e.test_resilience import (
     QUERY,
     RECONCILES,
     apply,
+    attempts,
     finished_job,
     history_schema,
     job_for,
@@ -39,6 +40,7 @@ from e2e.test_resilience import (
     metric,
     prepare_namespace,
     solo_operator,
+    status_with,
 )
 from integration.llm_server import (
     OPENAI_PATH,
@@ -50,7 +52,7 @@ from integration.llm_server import (
 )
 from integration.postgres import PostgresServer
 from nocturne_operator.render import RUN_RECORD_FINALIZER
-from nocturne_operator.storage import ExecutionRecord, ExecutionStatus, History
+from nocturne_operator.storage import ExecutionStatus, History
 
 pytestmark = pytest.mark.e2e
 
@@ -103,18 +105,6 @@ def start_run(kubectl: Kubectl, namespace: str, request: str) -> dict[str, Any]:
 def run_ended(kubectl: Kubectl, namespace: str, request: str) -> dict[str, Any]:
     """The Job of run-now ``request`` once it has ended."""
     return wait_for(lambda: finished_job(kubectl, namespace, request), 60, f"run {request} to end")
-
-
-def status_with(kubectl: Kubectl, namespace: str, key: str) -> dict[str, Any] | None:
-    """The schedule's status once ``key`` is set on it."""
-    status = status_of(kubectl, namespace, NAME)
-    return status if status.get(key) else None
-
-
-def attempts(database_url: str, job: dict[str, Any]) -> list[ExecutionRecord]:
-    """The Job's history rows, oldest first."""
-    with History.connect(database_url) as history:
-        return history.for_job(job["metadata"]["uid"])
 
 
 def user_query(request: Recorded) -> str:

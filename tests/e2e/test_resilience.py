@@ -190,6 +190,18 @@ def finished_job(kubectl: Kubectl, namespace: str, request: str) -> dict[str, An
     return job if finished(job) else None
 
 
+def status_with(kubectl: Kubectl, namespace: str, key: str) -> dict[str, Any] | None:
+    """The schedule's status once ``key`` is set on it."""
+    status = status_of(kubectl, namespace, NAME)
+    return status if status.get(key) else None
+
+
+def attempts(database_url: str, job: dict[str, Any]) -> list[ExecutionRecord]:
+    """The Job's history rows, oldest first."""
+    with History.connect(database_url) as history:
+        return history.for_job(job["metadata"]["uid"])
+
+
 def event_kinds(database_url: str, namespace: str) -> Counter[str]:
     with History.connect(database_url) as history:
         return Counter(e.kind for e in history.events(namespace, NAME, limit=1000))
@@ -358,7 +370,7 @@ def test_no_database_no_grant_no_spend_and_status_says_why(
 
         private_postgres.start()
         status = wait_for(
-            lambda: (s := status_of(kubectl, namespace, NAME)).get("lastRun") and s,
+            lambda: status_with(kubectl, namespace, "lastRun"),
             10 * SWEEP_SECONDS,
             "the run on status once PostgreSQL is back",
         )
@@ -367,8 +379,7 @@ def test_no_database_no_grant_no_spend_and_status_says_why(
         assert Decimal(last["costUSD"]) == 0
         assert last["message"].startswith("no budget grant: run API unavailable"), last
         assert Decimal(status["totalCostUSD"]) == 0
-        with History.connect(url) as history:
-            [row] = history.for_job(job["metadata"]["uid"])
+        [row] = attempts(url, job)
         assert (row.status, row.cost_usd) == (ExecutionStatus.FAILED, Decimal(0))
 
         run_now(kubectl, namespace, "db-back", NAME)
