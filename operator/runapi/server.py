@@ -43,11 +43,11 @@ from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
     ExecutionNotFoundError,
-    ExecutionStatus,
     History,
     HistoryError,
     HistoryUnavailableError,
     StateTooLargeError,
+    StateToSave,
     month_start,
 )
 
@@ -346,7 +346,24 @@ class _RunApi:
     async def finish(self, token: str, body: bytes) -> BaseModel:
         identity, report = await self._identity(token, body, FinishReport)
         await self._own_execution(identity, report.execution_id)
-        stored = await self._history_call(
+        saving = None
+        refused_state: StateTooLargeError | None = None
+        if report.state is not None:
+            saving = StateToSave(
+                identity.namespace,
+                identity.schedule,
+                identity.task.task.state_key or "",
+                identity.schedule_uid,
+                report.state,
+                report.output,
+            )
+            try:
+                saving.validate()
+            except StateTooLargeError as exc:
+                saving, refused_state = None, exc  # the run is recorded all the same
+        # The state is saved with a recorded success only (not with a run the reaper already
+        # finished otherwise), in the same transaction.
+        await self._history_call(
             f"finish execution {report.execution_id}",
             History.finish,
             report.execution_id,
@@ -360,26 +377,12 @@ class _RunApi:
             alert=report.alert,
             alert_reason=report.alert_reason,
             metadata=report.metadata,
+            saving=saving,
         )
-        # Only the run whose success was recorded hands its state on (not one the reaper
-        # already finished otherwise).
-        if stored is ExecutionStatus.SUCCEEDED and report.state is not None:
-            try:
-                await self._history_call(
-                    f"save the agent state of execution {report.execution_id}",
-                    History.save_state,
-                    identity.namespace,
-                    identity.schedule,
-                    identity.task.task.state_key or "",
-                    state=report.state,
-                    output=report.output,
-                    execution_id=report.execution_id,
-                    schedule_uid=identity.schedule_uid,
-                )
-            except StateTooLargeError as exc:
-                raise _RefusalError(
-                    422, "StateTooLarge", f"the run was recorded, its state was not: {exc}"
-                ) from None
+        if refused_state is not None:
+            raise _RefusalError(
+                422, "StateTooLarge", f"the run was recorded, its state was not: {refused_state}"
+            )
         return Ack()
 
 

@@ -48,7 +48,7 @@ from nocturne_operator.storage.schema import (
     Execution,
     ExecutionStatus,
 )
-from nocturne_operator.storage.state import SavedState
+from nocturne_operator.storage.state import SavedState, StateToSave
 from nocturne_operator.storage.values import ERROR_LIMIT_BYTES, OUTPUT_LIMIT_BYTES, clean_text
 
 __all__ = [
@@ -77,6 +77,7 @@ __all__ = [
     "HistoryUnavailableError",
     "RunStats",
     "SavedState",
+    "StateToSave",
     "StateTooLargeError",
     "clean_text",
     "month_start",

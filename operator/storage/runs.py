@@ -25,6 +25,7 @@ from agent_runner.contract import MAX_USD, USD_QUANTUM, NoGrantReason, json_docu
 from nocturne_operator.storage.engine import ExecutionNotFoundError, HistoryError, Repository
 from nocturne_operator.storage.queries import cost_sum, execution_columns
 from nocturne_operator.storage.schema import EXECUTIONS, ExecutionStatus
+from nocturne_operator.storage.state import StateToSave, save_state_in
 from nocturne_operator.storage.values import (
     ERROR_LIMIT_BYTES,
     OUTPUT_LIMIT_BYTES,
@@ -456,8 +457,11 @@ class RunWrites(Repository):
         alert: bool = False,
         alert_reason: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        saving: StateToSave | None = None,
     ) -> ExecutionStatus:
-        """Record the final status and return the status now stored.
+        """Record the final status and return the status now stored; when that is SUCCEEDED,
+        ``saving`` (validated first: StateTooLargeError) is saved in the same transaction, so
+        a recorded success never lacks the state it handed on.
 
         The first final status wins: a replay, or a later finish by someone else (the reaper),
         keeps status, output and error, but cost and tokens still only ever rise. Output and
@@ -473,6 +477,8 @@ class RunWrites(Repository):
         tokens_out = tokens("output_tokens", output_tokens)
         meta = dict(metadata or {})
         json_document("finish(): metadata", meta)
+        if saving is not None:
+            saving.validate()
         t = EXECUTIONS
         what = f"finish execution {execution_id} as {final.value}"
         with self._begin(what) as conn:
@@ -504,22 +510,28 @@ class RunWrites(Repository):
                     "metadata": meta | {"overrun": True} if overrun else meta,
                 }
                 conn.execute(sa.update(t).where(t.c.id == execution_id).values(values))
-                return final
-            conn.execute(
-                sa.update(t)
-                .where(
-                    t.c.id == execution_id,
-                    sa.or_(
-                        t.c.cost_usd < cost,
-                        t.c.input_tokens < tokens_in,
-                        t.c.output_tokens < tokens_out,
-                    ),
+                stored: ExecutionStatus = final
+            else:
+                stored = ExecutionStatus(current)
+                conn.execute(
+                    sa.update(t)
+                    .where(
+                        t.c.id == execution_id,
+                        sa.or_(
+                            t.c.cost_usd < cost,
+                            t.c.input_tokens < tokens_in,
+                            t.c.output_tokens < tokens_out,
+                        ),
+                    )
+                    .values(
+                        values | {"metadata": t.c["metadata"].op("||")(_OVERRUN)}
+                        if overrun
+                        else values
+                    )
                 )
-                .values(
-                    values | {"metadata": t.c["metadata"].op("||")(_OVERRUN)} if overrun else values
-                )
-            )
-            return ExecutionStatus(current)
+            if saving is not None and stored is ExecutionStatus.SUCCEEDED:
+                save_state_in(conn, saving, execution_id)
+            return stored
 
     @staticmethod
     def _exists(conn: sa.Connection, execution_id: int) -> bool:

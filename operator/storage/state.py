@@ -15,7 +15,7 @@ from agent_runner.contract import validate_state
 from nocturne_operator.storage.engine import Repository
 from nocturne_operator.storage.schema import AGENT_STATE
 
-__all__ = ["AgentStates", "SavedState"]
+__all__ = ["AgentStates", "SavedState", "StateToSave"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,53 @@ class SavedState:
     output: str | None
     execution_id: int | None
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class StateToSave:
+    """What a successful run hands to the next one: its state (and output), per schedule and
+    optional ``task.stateKey``, for the incarnation ``schedule_uid``."""
+
+    namespace: str
+    schedule_name: str
+    state_key: str
+    schedule_uid: str | None
+    state: Any
+    output: str | None
+
+    @property
+    def what(self) -> str:
+        return f"agent state of {self.namespace}/{self.schedule_name} (stateKey {self.state_key!r})"
+
+    def validate(self) -> None:
+        """StateTooLargeError over STATE_LIMIT_BYTES / STATE_OUTPUT_LIMIT_BYTES."""
+        validate_state(self.state, self.output, what=self.what)
+
+
+def save_state_in(conn: sa.Connection, saving: StateToSave, execution_id: int | None) -> None:
+    """Replace the saved state within the caller's transaction (``finish`` records a success
+    and its state together)."""
+    insert = pg.insert(AGENT_STATE).values(
+        namespace=saving.namespace,
+        schedule_name=saving.schedule_name,
+        state_key=saving.state_key,
+        schedule_uid=saving.schedule_uid,
+        state=saving.state,
+        output=saving.output,
+        execution_id=execution_id,
+    )
+    conn.execute(
+        insert.on_conflict_do_update(
+            constraint="pk_agent_state",
+            set_={
+                "state": insert.excluded.state,
+                "output": insert.excluded.output,
+                "execution_id": insert.excluded.execution_id,
+                "schedule_uid": insert.excluded.schedule_uid,
+                "updated_at": sa.func.now(),
+            },
+        )
+    )
 
 
 class AgentStates(Repository):
@@ -47,30 +94,10 @@ class AgentStates(Repository):
 
         Raises StateTooLargeError over STATE_LIMIT_BYTES / STATE_OUTPUT_LIMIT_BYTES.
         """
-        what = f"agent state of {namespace}/{schedule_name} (stateKey {state_key!r})"
-        validate_state(state, output, what=what)
-        t = AGENT_STATE
-        insert = pg.insert(t).values(
-            namespace=namespace,
-            schedule_name=schedule_name,
-            state_key=state_key,
-            schedule_uid=schedule_uid,
-            state=state,
-            output=output,
-            execution_id=execution_id,
-        )
-        upsert = insert.on_conflict_do_update(
-            constraint="pk_agent_state",
-            set_={
-                "state": insert.excluded.state,
-                "output": insert.excluded.output,
-                "execution_id": insert.excluded.execution_id,
-                "schedule_uid": insert.excluded.schedule_uid,
-                "updated_at": sa.func.now(),
-            },
-        )
-        with self._begin(f"save {what}") as conn:
-            conn.execute(upsert)
+        saving = StateToSave(namespace, schedule_name, state_key, schedule_uid, state, output)
+        saving.validate()
+        with self._begin(f"save {saving.what}") as conn:
+            save_state_in(conn, saving, execution_id)
 
     def load_state(
         self,
