@@ -24,8 +24,10 @@ from pydantic import (
 )
 
 from agent_runner.contract import (
+    ENV_TASK,
     RESTRICTED_OPERATIONS,
     TASK_DOCUMENT_VERSION,
+    TOKEN_DIR,
     TOOLS,
     AgentSpec,
     BudgetSpec,
@@ -35,6 +37,7 @@ from agent_runner.contract import (
     describe_validation_error,
     parse_task_document,
 )
+from agent_runner.contract import TOKEN_FILE as TOKEN_FILE_NAME
 from agent_runner.exitcodes import CONFIG_ERROR, RunnerError
 
 __all__ = [
@@ -54,7 +57,7 @@ __all__ = [
     "parse_task",
 ]
 
-TOKEN_FILE = Path("/var/run/secrets/nocturne.dev/run-api/token")
+TOKEN_FILE = Path(TOKEN_DIR) / TOKEN_FILE_NAME
 """Where the pod's projected run-API token is mounted (audience ``TOKEN_AUDIENCE``)."""
 
 
@@ -72,7 +75,7 @@ class RunnerEnv(_Model):
     """The pod's ``NOCTURNE_*`` environment. No database URL, no Kubernetes token: the run API
     is the runner's only way to report."""
 
-    task: str = Field(alias="NOCTURNE_TASK", min_length=2)
+    task: str = Field(alias=ENV_TASK, min_length=2)
     pod_name: str = Field(alias="NOCTURNE_POD_NAME", min_length=1)
     pod_uid: str = Field(alias="NOCTURNE_POD_UID", min_length=1)
     job_name: str = Field(alias="NOCTURNE_JOB_NAME", min_length=1)

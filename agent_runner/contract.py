@@ -68,6 +68,13 @@ __all__ = [
 
 RUN_API_VERSION = "v1"
 TOKEN_AUDIENCE = "nocturne.dev/run-api"  # noqa: S105 - an audience name, not a secret
+TOKEN_DIR = "/var/run/secrets/nocturne.dev/run-api"  # noqa: S105 - where the token is mounted
+TOKEN_FILE = "token"  # noqa: S105 - its file name there
+ENV_TASK = "NOCTURNE_TASK"
+"""The Job template's variable holding the task snapshot (the runner runs it, the run API reads
+the caps from it)."""
+ENV_MANUAL_REQUEST = "NOCTURNE_MANUAL_REQUEST"
+"""Set on run-now Jobs: the request id (the run API records it with the run)."""
 """The audience of the runner's projected token: only the run API accepts it."""
 START_PATH = "/v1/runs/start"
 PROGRESS_PATH = "/v1/runs/progress"

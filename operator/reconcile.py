@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from agent_runner.contract import ENV_MANUAL_REQUEST
 from nocturne_operator import conditions as cond
 from nocturne_operator import cron, metrics
 from nocturne_operator.api import AgentScheduleSpec
@@ -580,7 +581,7 @@ class _Reconciler:
         name = manual_job_name(ref.name, request)
         template = render_job_template(ref, spec, self.settings, self.run_api)
         [runner] = template["spec"]["template"]["spec"]["containers"]
-        runner["env"].append({"name": "NOCTURNE_MANUAL_REQUEST", "value": request})
+        runner["env"].append({"name": ENV_MANUAL_REQUEST, "value": request})
         job = {
             "apiVersion": "batch/v1",
             "kind": "Job",

@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any
 
 from agent_runner import exitcodes
-from agent_runner.contract import TOKEN_AUDIENCE
+from agent_runner.contract import ENV_TASK, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_FILE
 from nocturne_operator.api import API_VERSION, KIND, AgentScheduleSpec, Provider
 from nocturne_operator.settings import Settings
 
@@ -28,8 +28,6 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "nocturne-operator"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_MANUAL_REQUEST = "nocturne.dev/manual-request"
-TOKEN_DIR = "/var/run/secrets/nocturne.dev/run-api"  # noqa: S105 - a mount path
-TOKEN_FILE = "token"  # noqa: S105 - a file name
 
 
 RUNNER_UID = 65532
@@ -272,7 +270,7 @@ def _env(
 
     task = json.dumps(task_document(ref, spec), sort_keys=True, separators=(",", ":"))
     env: list[dict[str, Any]] = [
-        {"name": "NOCTURNE_TASK", "value": task},
+        {"name": ENV_TASK, "value": task},
         {"name": "NOCTURNE_POD_NAME", "valueFrom": field_ref("metadata.name")},
         {"name": "NOCTURNE_POD_UID", "valueFrom": field_ref("metadata.uid")},
         {

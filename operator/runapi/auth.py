@@ -26,7 +26,14 @@ from typing import Any, Protocol
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
-from agent_runner.contract import TOKEN_AUDIENCE, RunRef, TaskDocument, parse_task_document
+from agent_runner.contract import (
+    ENV_MANUAL_REQUEST,
+    ENV_TASK,
+    TOKEN_AUDIENCE,
+    RunRef,
+    TaskDocument,
+    parse_task_document,
+)
 from nocturne_operator.api import API_VERSION, KIND
 
 __all__ = [
@@ -51,8 +58,6 @@ _SA_PREFIX = "system:serviceaccount:"
 _EXTRA_POD_NAME = "authentication.kubernetes.io/pod-name"
 _EXTRA_POD_UID = "authentication.kubernetes.io/pod-uid"
 RUNNER_CONTAINER = "runner"
-ENV_TASK = "NOCTURNE_TASK"
-ENV_MANUAL_REQUEST = "NOCTURNE_MANUAL_REQUEST"
 # One message for every "not your run": it must not tell a caller what exists in other tenants.
 _NOT_YOURS = "the token does not belong to the run the request names"
 
