@@ -38,9 +38,9 @@ from nocturne_operator.api import API_VERSION, KIND
 
 __all__ = [
     "CACHE_SECONDS",
-    "AuthError",
     "Authenticator",
     "IdentityCache",
+    "RefusalError",
     "RunAuthenticator",
     "RunIdentity",
     "TokenSubject",
@@ -62,9 +62,10 @@ RUNNER_CONTAINER = "runner"
 _NOT_YOURS = "the token does not belong to the run the request names"
 
 
-class AuthError(Exception):
-    """A request is refused: ``status`` 401 (no valid token), 403 (not this run) or 503 (the
-    apiserver could not be asked). ``message`` is safe to return to the caller."""
+class RefusalError(Exception):
+    """A run API request is refused: an HTTP ``status`` (here 401: no valid token, 403: not
+    this run, 503: the apiserver could not be asked; the server adds its own), a CamelCase
+    ``reason`` and a ``message`` safe to return to the caller."""
 
     def __init__(self, status: int, reason: str, message: str) -> None:
         super().__init__(message)
@@ -73,8 +74,8 @@ class AuthError(Exception):
         self.message = message
 
 
-def _forbidden(message: str = _NOT_YOURS) -> AuthError:
-    return AuthError(403, "Forbidden", message)
+def _forbidden(message: str = _NOT_YOURS) -> RefusalError:
+    return RefusalError(403, "Forbidden", message)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class TokenSubject:
 
 
 class RunAuthenticator(Protocol):
-    """What the server needs: the identity behind a bearer token (AuthError otherwise)."""
+    """What the server needs: the identity behind a bearer token (RefusalError otherwise)."""
 
     async def identify(self, token: str) -> RunIdentity: ...
 
@@ -113,12 +114,12 @@ class RunAuthenticator(Protocol):
 
 
 def token_subject(status: Mapping[str, Any]) -> TokenSubject:
-    """The subject of a TokenReview ``status``; AuthError 401 when not authenticated for our
+    """The subject of a TokenReview ``status``; RefusalError 401 when not authenticated for our
     audience, 403 when the token is not a pod-bound ServiceAccount token."""
     if status.get("authenticated") is not True:
-        raise AuthError(401, "Unauthenticated", "the token is not valid for the run API")
+        raise RefusalError(401, "Unauthenticated", "the token is not valid for the run API")
     if TOKEN_AUDIENCE not in (status.get("audiences") or []):
-        raise AuthError(401, "Unauthenticated", f"the token's audience is not {TOKEN_AUDIENCE}")
+        raise RefusalError(401, "Unauthenticated", f"the token's audience is not {TOKEN_AUDIENCE}")
     user = status.get("user") or {}
     username = str(user.get("username") or "")
     parts = username.removeprefix(_SA_PREFIX).split(":")
@@ -134,7 +135,7 @@ def token_subject(status: Mapping[str, Any]) -> TokenSubject:
 
 def controller_ref(obj: Mapping[str, Any], kind: str, api_version: str) -> dict[str, Any]:
     """The controller ownerReference of ``obj``, which must be a ``kind`` of ``api_version``
-    (the group's version, e.g. ``batch/v1``); AuthError 403 otherwise."""
+    (the group's version, e.g. ``batch/v1``); RefusalError 403 otherwise."""
     refs = [
         ref
         for ref in (obj.get("metadata", {}).get("ownerReferences") or [])
@@ -177,7 +178,7 @@ def identity_from_objects(
     cronjob: Mapping[str, Any] | None,
 ) -> RunIdentity:
     """Check the owner chain pod -> Job -> CronJob -> AgentSchedule (by UID, controller
-    references only) and read the task snapshot from the Job; AuthError 403 on any break."""
+    references only) and read the task snapshot from the Job; RefusalError 403 on any break."""
     if pod is None or pod.get("metadata", {}).get("uid") != subject.pod_uid:
         raise _forbidden("the token's pod no longer exists")
     if pod["metadata"].get("namespace", subject.namespace) != subject.namespace:
@@ -219,7 +220,7 @@ def identity_from_objects(
 
 
 def check_run(identity: RunIdentity, run: RunRef) -> None:
-    """The request's RunRef must name exactly the identity's run; AuthError 403 otherwise (the
+    """The request's RunRef must name exactly the identity's run; RefusalError 403 otherwise (the
     message does not say which part differs: that would confirm other tenants' names)."""
     if (run.namespace, run.schedule, run.schedule_uid, run.job_uid, run.pod_uid) != (
         identity.namespace,
@@ -321,7 +322,7 @@ class Authenticator:
         self._cache = cache or IdentityCache()
 
     async def identify(self, token: str) -> RunIdentity:
-        """The run ``token`` belongs to; AuthError 401/403/503."""
+        """The run ``token`` belongs to; RefusalError 401/403/503."""
         cached = self._cache.get(token)
         if cached is not None:
             return cached
@@ -350,7 +351,7 @@ class Authenticator:
         return identity_from_objects(subject, pod, job, cronjob)
 
 
-def _unavailable(what: str, exc: BaseException) -> AuthError:
+def _unavailable(what: str, exc: BaseException) -> RefusalError:
     status = getattr(exc, "status", None)
     log.warning(
         "run API: %s failed (%s%s)",
@@ -358,4 +359,4 @@ def _unavailable(what: str, exc: BaseException) -> AuthError:
         type(exc).__name__,
         f" {status}" if status is not None else "",
     )
-    return AuthError(503, "KubernetesUnavailable", "the operator cannot verify tokens right now")
+    return RefusalError(503, "KubernetesUnavailable", "the operator cannot verify tokens right now")

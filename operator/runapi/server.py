@@ -36,7 +36,7 @@ from agent_runner.contract import (
 )
 from nocturne_operator.prices import PriceTable, PriceTableError
 from nocturne_operator.runapi import metrics
-from nocturne_operator.runapi.auth import AuthError, RunAuthenticator, RunIdentity, check_run
+from nocturne_operator.runapi.auth import RefusalError, RunAuthenticator, RunIdentity, check_run
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import (
@@ -73,16 +73,6 @@ OnProgress = Callable[[RunIdentity, ProgressReport], None]
 _Doc = TypeVar("_Doc", StartRequest, ProgressReport, FinishReport)
 
 
-class _RefusalError(Exception):
-    """An answer other than 200: status, reason and a message safe for the caller."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
 def _error(status: int, reason: str, message: str) -> web.Response:
     body = ApiError(reason=reason, message=message[:4096]).model_dump_json(by_alias=True)
     return web.Response(status=status, text=body, content_type="application/json")
@@ -99,7 +89,7 @@ def _bearer(request: web.Request) -> str:
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or len(token) > _TOKEN_LIMIT:
-        raise _RefusalError(
+        raise RefusalError(
             401, "Unauthenticated", "a bearer token (the runner's projected token) is required"
         )
     return token
@@ -107,7 +97,7 @@ def _bearer(request: web.Request) -> str:
 
 async def _body(request: web.Request, limit: int) -> bytes:
     """The request body, refusing more than ``limit`` bytes without reading them all."""
-    too_large = _RefusalError(413, "RequestTooLarge", f"the request body is over {limit} bytes")
+    too_large = RefusalError(413, "RequestTooLarge", f"the request body is over {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     chunks: list[bytes] = []
@@ -120,10 +110,8 @@ async def _body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _no_database() -> _RefusalError:
-    return _RefusalError(
-        503, "HistoryUnavailable", "the operator has no history database: no grant"
-    )
+def _no_database() -> RefusalError:
+    return RefusalError(503, "HistoryUnavailable", "the operator has no history database: no grant")
 
 
 def _parse(model: type[_Doc], body: bytes) -> _Doc:
@@ -131,7 +119,7 @@ def _parse(model: type[_Doc], body: bytes) -> _Doc:
         return model.model_validate_json(body)
     except ValidationError as exc:
         message = describe_validation_error(exc, secret_fields=_SECRET_FIELDS)
-        raise _RefusalError(400, "BadRequest", f"{model.__name__}: {message}") from None
+        raise RefusalError(400, "BadRequest", f"{model.__name__}: {message}") from None
 
 
 def make_app(
@@ -169,9 +157,7 @@ def _endpoint(
             token = _bearer(request)
             body = await _body(request, limit)
             response = _ok(await handle(token, body))
-        except _RefusalError as exc:
-            response = _error(exc.status, exc.reason, exc.message)
-        except AuthError as exc:
+        except RefusalError as exc:
             response = _error(exc.status, exc.reason, exc.message)
         except Exception:
             log.exception("run API %s: unexpected error", name)
@@ -221,18 +207,18 @@ class _RunApi:
             return await asyncio.to_thread(call, history, *args, **kwargs)
         except HistoryUnavailableError as exc:
             log.warning("run API %s: %s", what, exc)
-            raise _RefusalError(
+            raise RefusalError(
                 503, "HistoryUnavailable", "the history database is unreachable: try again later"
             ) from None
         except StateTooLargeError:
             raise
         except ExecutionNotFoundError:
-            raise _RefusalError(
+            raise RefusalError(
                 403, "Forbidden", "the execution does not belong to this run"
             ) from None
         except HistoryError as exc:
             log.error("run API %s: %s", what, exc)  # noqa: TRY400 - the message says it all
-            raise _RefusalError(
+            raise RefusalError(
                 500, "HistoryError", f"{what} failed in the history database"
             ) from None
 
@@ -246,7 +232,7 @@ class _RunApi:
         try:
             price = self.prices.lookup(task.agent.provider, task.agent.model)
         except PriceTableError as exc:
-            raise _RefusalError(422, "UnknownModel", str(exc)) from None
+            raise RefusalError(422, "UnknownModel", str(exc)) from None
         now = self.clock()
         started_at = min(max(request.started_at, now - _START_SKEW), now)
         budget = task.budget
@@ -279,7 +265,7 @@ class _RunApi:
         )
         if grant.refused is not None:
             log.info("run API: no grant for %s: %s", where, grant.refused)
-            raise _RefusalError(
+            raise RefusalError(
                 409, grant.refused, grant.message or f"no budget left ({grant.refused})"
             )
         saved = await self._history_call(
@@ -323,7 +309,7 @@ class _RunApi:
         else:
             self._owners.move_to_end(execution_id)
         if owner != (identity.job_uid, identity.pod_uid):
-            raise _RefusalError(403, "Forbidden", "the execution does not belong to this run")
+            raise RefusalError(403, "Forbidden", "the execution does not belong to this run")
 
     async def progress(self, token: str, body: bytes) -> BaseModel:
         identity, report = await self._identity(token, body, ProgressReport)
@@ -380,7 +366,7 @@ class _RunApi:
             saving=saving,
         )
         if refused_state is not None:
-            raise _RefusalError(
+            raise RefusalError(
                 422, "StateTooLarge", f"the run was recorded, its state was not: {refused_state}"
             )
         return Ack()

@@ -20,7 +20,7 @@ from agent_runner.contract import TOKEN_AUDIENCE, RunRef
 from e2e.conftest import fresh_namespace
 from e2e.kube import Kubectl, wait_for
 from nocturne_operator.kube import Kube
-from nocturne_operator.runapi.auth import Authenticator, AuthError, RunIdentity, check_run
+from nocturne_operator.runapi.auth import Authenticator, RefusalError, RunIdentity, check_run
 
 pytestmark = pytest.mark.e2e
 
@@ -191,12 +191,12 @@ def test_a_pod_bound_token_is_accepted_for_its_own_run_only(
     assert identity.task.agent.provider == "offline"
 
     # The right pod, the wrong schedule UID (an earlier incarnation, say).
-    with pytest.raises(AuthError) as err:
+    with pytest.raises(RefusalError) as err:
         check_run(identity, ref.model_copy(update={"schedule_uid": "0000-old"}))
     assert err.value.status == 403
 
     # A token the apiserver itself would accept is useless here.
-    with pytest.raises(AuthError) as err:
+    with pytest.raises(RefusalError) as err:
         identify(authenticator, token(kubectl, pod, audience=None))
     assert err.value.status == 401
 
@@ -205,7 +205,7 @@ def test_a_pod_bound_token_is_accepted_for_its_own_run_only(
     other_pod, other_ref = run_chain(kubectl, other_namespace)
     other = identify(authenticator, token(kubectl, other_pod))
     check_run(other, other_ref)
-    with pytest.raises(AuthError) as err:
+    with pytest.raises(RefusalError) as err:
         check_run(other, ref)
     assert err.value.status == 403
     bare = _create(
@@ -217,7 +217,7 @@ def test_a_pod_bound_token_is_accepted_for_its_own_run_only(
             "spec": _pod_spec([]),
         },
     )
-    with pytest.raises(AuthError) as err:
+    with pytest.raises(RefusalError) as err:
         identify(authenticator, token(kubectl, bare))
     assert err.value.status == 403
 
@@ -230,6 +230,6 @@ def test_a_token_of_a_deleted_pod_is_refused(
     pod, _ = run_chain(kubectl, namespace)
     value = token(kubectl, pod)
     kubectl("delete", "pod", pod["metadata"]["name"], "-n", namespace, "--wait=true")
-    with pytest.raises(AuthError) as err:
+    with pytest.raises(RefusalError) as err:
         identify(Authenticator(Kube(kube)), value)
     assert err.value.status in {401, 403}

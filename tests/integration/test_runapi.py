@@ -33,7 +33,7 @@ from agent_runner.contract import (
 from integration.postgres import running_postgres
 from nocturne_operator.metrics import REGISTRY
 from nocturne_operator.prices import load_price_table
-from nocturne_operator.runapi.auth import AuthError, RunIdentity
+from nocturne_operator.runapi.auth import RefusalError, RunIdentity
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
@@ -84,7 +84,7 @@ class FixedIdentities:
     async def identify(self, token: str) -> RunIdentity:
         identity = self.by_token.get(token)
         if identity is None:
-            raise AuthError(401, "Unauthenticated", "the token is not valid for the run API")
+            raise RefusalError(401, "Unauthenticated", "the token is not valid for the run API")
         return identity
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from agent_runner.contract import TOKEN_AUDIENCE, RunRef, parse_task_document
 from nocturne_operator.runapi.auth import (
-    AuthError,
     IdentityCache,
+    RefusalError,
     RunIdentity,
     TokenSubject,
     check_run,
@@ -123,7 +123,7 @@ def test_a_pod_bound_service_account_token_names_its_pod() -> None:
     ids=["unauthenticated", "other-audience", "user", "malformed-sa", "not-pod-bound"],
 )
 def test_anything_else_is_refused(status: dict[str, Any], code: int) -> None:
-    with pytest.raises(AuthError) as err:
+    with pytest.raises(RefusalError) as err:
         token_subject(status)
     assert err.value.status == code
 
@@ -197,7 +197,7 @@ def _break(part: str) -> tuple[Any, Any, Any]:
     ],
 )
 def test_any_break_in_the_chain_is_403(part: str) -> None:
-    with pytest.raises(AuthError) as err:
+    with pytest.raises(RefusalError) as err:
         identity_from_objects(SUBJECT, *_break(part))
     assert err.value.status == 403
 
@@ -226,7 +226,7 @@ def test_the_runref_must_name_exactly_the_tokens_run() -> None:
         ("jobUID", "other-job"),
         ("podUID", "other-pod"),
     ]:
-        with pytest.raises(AuthError) as err:
+        with pytest.raises(RefusalError) as err:
             check_run(identity(), run_ref(**{field: value}))
         assert err.value.status == 403
         # The answer does not confirm what exists elsewhere.
