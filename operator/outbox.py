@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
 from nocturne_operator.notices import Delivery, Kind, Notice, NoticeSubject, Status
-from nocturne_operator.storage import translate_errors
+from nocturne_operator.storage.engine import Repository
 
 # pg_advisory_xact_lock class of the per-schedule lock ("noti").
 _LOCK_CLASS = 0x6E6F7469
@@ -209,17 +209,10 @@ class _PostgresView:
         return None if row is None else _delivery(row)
 
 
-class PostgresStore:
-    """The outbox in PostgreSQL (table ``notifications``, migration 0002): survives restarts."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-
-    @contextmanager
-    def _begin(self, operation: str) -> Iterator[sa.Connection]:
-        # Database errors surface as the history's errors (callers handle one family).
-        with translate_errors(operation, self.engine.url), self.engine.begin() as conn:
-            yield conn
+class PostgresStore(Repository):
+    """The outbox in PostgreSQL (table ``notifications``, migration 0002): survives restarts.
+    Its transactions are the history's (``Repository``): database errors surface as the
+    history's errors, so callers handle one family."""
 
     @contextmanager
     def schedule(self, subject: NoticeSubject) -> Iterator[ScheduleView]:
