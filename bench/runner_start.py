@@ -53,7 +53,7 @@ from integration.postgres import running_postgres
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import ScheduleRef, task_document
-from nocturne_operator.runapi.auth import AuthError, RunIdentity
+from nocturne_operator.runapi.auth import RefusalError, RunIdentity
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
@@ -104,7 +104,7 @@ class BenchTokens:
         with self._lock:
             identity = self._runs.get(token)
         if identity is None:
-            raise AuthError(401, "Unauthenticated", "not a bench token")
+            raise RefusalError(401, "Unauthenticated", "not a bench token")
         return identity
 
 
