@@ -391,7 +391,10 @@ def _from_pydantic(exc: ValidationError, raw_spec: Mapping[str, Any]) -> list[Fi
 
 
 def _show(value: Any) -> str:
-    text = json.dumps(value, default=str, ensure_ascii=False)
+    try:
+        text = json.dumps(value, default=str, ensure_ascii=False)
+    except (TypeError, ValueError):  # keys JSON cannot hold, which YAML makes: dates, bytes
+        text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
