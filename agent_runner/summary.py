@@ -101,7 +101,10 @@ class Summary(BaseModel):
     @field_validator("started_at", "completed_at")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
-        return None if value is None else value.astimezone(UTC)
+        try:
+            return None if value is None else value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is a valid time before year 1 in UTC
+            raise ValueError("out of range in UTC") from None
 
     @field_validator("model", "provider", "alert_reason", "error", "output_preview", mode="before")
     @classmethod
