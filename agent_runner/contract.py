@@ -91,6 +91,7 @@ NoGrantReason = Literal["BudgetExhausted", "MonthlyBudgetReached", "TotalBudgetR
 USD_QUANTUM = Decimal("0.000001")
 MAX_USD = Decimal("99999999.999999")  # NUMERIC(14, 6)
 MAX_TOKENS = 2**63 - 1  # BIGINT
+MAX_EXECUTION_ID = 2**63 - 1  # BIGINT: a larger id is no row, not a database error
 _USD_TEXT = re.compile(r"^[0-9]{1,8}(\.[0-9]{1,12})?$")
 
 
@@ -412,7 +413,7 @@ class ProgressReport(_Wire):
     """Cost so far (cumulative for this attempt, never lower than an earlier report)."""
 
     run: RunRef
-    execution_id: int = Field(alias="executionId", ge=1)
+    execution_id: int = Field(alias="executionId", ge=1, le=MAX_EXECUTION_ID)
     cost_usd: USD = Field(alias="costUSD")
     input_tokens: Tokens = Field(alias="inputTokens")
     output_tokens: Tokens = Field(alias="outputTokens")
@@ -431,7 +432,7 @@ class FinishReport(_Wire):
     """An attempt's final record; replaying it changes nothing (the first final status wins)."""
 
     run: RunRef
-    execution_id: int = Field(alias="executionId", ge=1)
+    execution_id: int = Field(alias="executionId", ge=1, le=MAX_EXECUTION_ID)
     status: FinalStatus
     completed_at: AwareDatetime = Field(alias="completedAt")
     cost_usd: USD = Field(alias="costUSD")
@@ -446,6 +447,13 @@ class FinishReport(_Wire):
     metadata: dict[str, Any] = Field(default_factory=dict)
     # Saved for the next run when the status is SUCCEEDED (with ``output``).
     state: Any = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _storable(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # JSONB holds no NUL and no NaN: refused here, not as a database error after the read.
+        json_document("metadata", value)
+        return value
 
 
 class Ack(_Wire):
