@@ -9,7 +9,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := .nocturne/cluster
 # The repository root must never be on sys.path: `operator/` would shadow the stdlib module.
-# The test harness lives in tests/ as the packages `e2e`, `integration`, ... (see tests/e2e/cluster/README.md).
+# tests/ holds the packages `harness` (control plane, executor, PostgreSQL; see tests/harness/README.md),
+# `unit`, `integration` and `e2e` (the product's tests).
 export PYTHONSAFEPATH := 1
 export PYTHONPATH := $(CURDIR)/tests
 export PYTHONDONTWRITEBYTECODE := 1
@@ -49,7 +50,7 @@ typecheck: setup
 	$(VENV)/bin/mypy tests bench
 
 cluster-build: setup
-	@if command -v go >/dev/null; then $(PY) -m e2e.cluster.build; \
+	@if command -v go >/dev/null; then $(PY) -m harness.build; \
 	else echo "[kube-local] Go not installed: e2e tests will skip (and fail under CI=true)"; fi
 
 test: lint typecheck cluster-build
@@ -59,10 +60,10 @@ test-fast: setup
 	$(VENV)/bin/pytest -m "not e2e"
 
 demo: setup
-	@$(PY) -m e2e.cluster.demo up --dir $(DEMO_DIR)
+	@$(PY) -m e2e.demo up --dir $(DEMO_DIR)
 
 demo-down:
-	@test -x $(PY) && $(PY) -m e2e.cluster.demo down --dir $(DEMO_DIR) || true
+	@test -x $(PY) && $(PY) -m e2e.demo down --dir $(DEMO_DIR) || true
 
 clean: demo-down
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache .nocturne
@@ -86,7 +87,7 @@ kind-load:
 	kind load docker-image nocturne-operator:e2e nocturne-runner:e2e --name $(KIND_CLUSTER)
 
 kind-install: setup
-	@export PATH="$$($(PY) -m e2e.cluster.tools):$$PATH" KUBECONFIG=$(KIND_KUBECONFIG); \
+	@export PATH="$$($(PY) -m harness.tools):$$PATH" KUBECONFIG=$(KIND_KUBECONFIG); \
 	kubectl create namespace $(KIND_DEMO_NS) --dry-run=client -o yaml | kubectl apply -f - && \
 	helm upgrade --install nocturne helm/nocturne -n $(KIND_NS) --create-namespace --wait --timeout 6m \
 	  --set operator.image.repository=nocturne-operator --set operator.image.tag=e2e \

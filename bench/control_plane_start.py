@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from e2e.cluster import build, controlplane
+from harness import build, controlplane
 
 
 def rss_mib(pid: int) -> float:

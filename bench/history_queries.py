@@ -20,7 +20,7 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from integration.postgres import running_postgres
+from harness.postgres import running_postgres
 from nocturne_operator.storage import Caps, ExecutionKey, History, upgrade
 
 SCHEDULES = 40

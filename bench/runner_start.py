@@ -41,6 +41,7 @@ from typing import Any
 from aiohttp import web
 
 from agent_runner.contract import parse_task_document
+from harness.postgres import running_postgres
 from integration.llm_server import (
     OPENAI_PATH,
     Recorded,
@@ -49,7 +50,6 @@ from integration.llm_server import (
     free_port,
     openai_reply,
 )
-from integration.postgres import running_postgres
 from nocturne_operator.api import AgentScheduleSpec
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import ScheduleRef, task_document

@@ -1,16 +1,10 @@
-"""End-to-end fixtures: a real control plane (or a kind cluster), the pod executor, kubectl, helm.
-
-Local mode (default): build/reuse ``kube-local``, start etcd -> kube-apiserver ->
-kube-controller-manager on free loopback ports and run the pod executor as the kubelet.
-kind mode: ``NOCTURNE_E2E_KUBECONFIG=/path/to/kind.kubeconfig`` runs the same tests against it
-(no local control plane, no executor: kind's kubelet runs the pods).
-"""
+"""End-to-end fixtures of the product: the CRDs, the history database, the operator as a real
+process. The cluster, the pod executor, kubectl and namespaces come from the harness
+(``harness.fixtures``, loaded by ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 import os
-import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -21,103 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config
 
-from e2e.cluster import build, controlplane, tools
-from e2e.cluster.executor import ExecutorProcess, run_executor
-from e2e.kube import Cluster, Kubectl, healthy, wait_for
-from integration.postgres import PostgresServer
+from harness import controlplane
+from harness.executor import ExecutorProcess
+from harness.fixtures import fresh_namespace, namespace_name
+from harness.kube import Cluster, Kubectl, healthy, wait_for
+from harness.postgres import PostgresServer
 from nocturne_operator.storage import upgrade
-from prerequisites import skip_or_fail
-
-_cluster_for_reports: list[Cluster] = []
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A running cluster for the whole session."""
-    external = os.environ.get("NOCTURNE_E2E_KUBECONFIG")
-    state_dir = tmp_path_factory.mktemp("cluster")
-    if external:
-        cfg = Path(external)
-        api = config.new_client_from_config(config_file=str(cfg))
-        yield Cluster(cfg, api.configuration.host, state_dir, None)
-        return
-    if build.go_binary() is None:
-        skip_or_fail("e2e tests need the Go toolchain ('go' on PATH) to build kube-local")
-    try:
-        binary = build.ensure()
-    except build.BuildError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    cp = controlplane.start(state_dir, binary)
-    found = Cluster(cp.kubeconfig, cp.server, state_dir, cp)
-    _cluster_for_reports.append(found)
-    try:
-        yield found
-    finally:
-        _cluster_for_reports.clear()
-        cp.stop()
-
-
-@pytest.fixture(scope="session")
-def executor(cluster: Cluster) -> Iterator[ExecutorProcess | None]:
-    """The pod executor acting as the kubelet (None against kind, whose kubelet runs pods)."""
-    if cluster.local is None:
-        yield None
-        return
-    with run_executor(cluster.kubeconfig, cluster.state_dir / "executor") as proc:
-        yield proc
-
-
-@pytest.fixture(scope="session")
-def kube(cluster: Cluster) -> Iterator[client.ApiClient]:
-    """An admin API client."""
-    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
-    try:
-        yield api
-    finally:
-        api.close()
-
-
-@pytest.fixture(scope="session")
-def cli_tools() -> tools.Tools:
-    """Verified kubectl and helm binaries."""
-    return tools.ensure()
-
-
-@pytest.fixture(scope="session")
-def kubectl(cluster: Cluster, cli_tools: tools.Tools) -> Kubectl:
-    """kubectl against the cluster under test."""
-    return Kubectl(cli_tools.kubectl, cluster.kubeconfig)
-
-
-@contextmanager
-def fresh_namespace(kubectl: Kubectl, name: str) -> Iterator[str]:
-    """Create namespace ``name``, wait for its default ServiceAccount; delete it afterwards."""
-    kubectl("create", "namespace", name)
-    # Pods need the namespace's default ServiceAccount (ServiceAccount admission).
-    wait_for(
-        lambda: kubectl("get", "serviceaccount", "default", "-n", name, check=False),
-        30,
-        f"the default ServiceAccount in {name}",
-    )
-    try:
-        yield name
-    finally:
-        kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def _namespace_name(request: pytest.FixtureRequest, prefix: str = "") -> str:
-    base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[: 40 - len(prefix)].strip("-")
-    return f"{prefix}{base}-{secrets.token_hex(3)}"
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace per test, deleted afterwards (the namespace controller finalises it)."""
-    with fresh_namespace(kubectl, _namespace_name(request)) as name:
-        yield name
-
 
 # Namespaces the session operator leaves alone: chart-* for operators installed by the Helm chart
 # (test_helm.py), solo-* for tests that run their own operator (test_resilience.py).
@@ -128,7 +32,7 @@ SESSION_OPERATOR_EXCLUDES = "!chart-*,!solo-*"
 @pytest.fixture
 def solo_namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace that only an operator started by the test itself serves."""
-    with fresh_namespace(kubectl, _namespace_name(request, SOLO_NAMESPACE_PREFIX)) as name:
+    with fresh_namespace(kubectl, namespace_name(request, SOLO_NAMESPACE_PREFIX)) as name:
         yield name
 
 
@@ -136,10 +40,8 @@ def solo_namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Attach the control plane's log tails to a failed e2e test, so failures are readable."""
+    """Attach the operators' log tails to a failed e2e test (the harness adds the cluster's)."""
     report = yield
-    if report.failed and _cluster_for_reports:
-        report.sections.append(("control-plane logs", _cluster_for_reports[0].log_tails()))
     if report.failed:
         for running in [*_operators_for_reports, *_test_operators]:
             tail = "\n".join(running.log_text().splitlines()[-80:])

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from agent_runner.summary import Summary, parse_summary
-from e2e.kube import Cluster, Kubectl
+from harness.kube import Cluster, Kubectl
 
 NAME = "daily-ai-news"  # the schedule of docs/examples/daily-news.yaml and most tests
 

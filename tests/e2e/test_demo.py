@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e.cluster import build, controlplane
-from e2e.kube import cluster_cli
-from prerequisites import skip_or_fail
+from harness import build, controlplane
+from harness.kube import cluster_cli
+from harness.prerequisites import skip_or_fail
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -23,7 +23,7 @@ def test_demo_up_shows_a_successful_run_and_down_stops_everything(tmp_path: Path
         skip_or_fail("the demo needs the Go toolchain to build kube-local")
     state = tmp_path / "demo"
     try:
-        up = cluster_cli("demo", "up", "--dir", str(state), timeout=300)
+        up = cluster_cli("e2e.demo", "up", "--dir", str(state), timeout=300)
         assert up.returncode == 0, up.stdout + up.stderr
         [row] = [line for line in up.stdout.splitlines() if line.startswith("daily-ai-news ")]
         assert "Succeeded" in row
@@ -31,7 +31,7 @@ def test_demo_up_shows_a_successful_run_and_down_stops_everything(tmp_path: Path
         pids = json.loads((state / "demo.json").read_text())
         assert set(pids) == {"executor", "operator"}
     finally:
-        down = cluster_cli("demo", "down", "--dir", str(state), timeout=120)
+        down = cluster_cli("e2e.demo", "down", "--dir", str(state), timeout=120)
     assert down.returncode == 0, down.stderr
     assert not any(controlplane.alive(pid) for pid in pids.values())
     assert not controlplane.is_up(state)

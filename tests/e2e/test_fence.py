@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 
-from e2e.cluster.controlplane import free_ports
-from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import (
     finished,
     nocturne_cli,
@@ -42,6 +40,9 @@ from e2e.test_resilience import (
     solo_operator,
     status_with,
 )
+from harness.controlplane import free_ports
+from harness.kube import Cluster, Kubectl, wait_for
+from harness.postgres import PostgresServer
 from integration.llm_server import (
     OPENAI_PATH,
     Call,
@@ -50,7 +51,6 @@ from integration.llm_server import (
     ScriptedServer,
     openai_reply,
 )
-from integration.postgres import PostgresServer
 from nocturne_operator.render import RUN_RECORD_FINALIZER
 from nocturne_operator.storage import ExecutionStatus, History
 

@@ -24,14 +24,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from e2e.cluster.controlplane import free_ports
-from e2e.cluster.executor import ExecutorProcess
-from e2e.cluster.tools import Tools
-from e2e.conftest import fresh_namespace
-from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import finished_job, patch_spec, ready, run_now, runner_summary, schedule
+from harness.controlplane import free_ports
+from harness.executor import ExecutorProcess
+from harness.fixtures import fresh_namespace
+from harness.kube import Cluster, Kubectl, wait_for
+from harness.prerequisites import skip_or_fail
+from harness.tools import Tools
 from nocturne_operator.storage import ExecutionStatus, History
-from prerequisites import skip_or_fail
 
 pytestmark = pytest.mark.e2e
 

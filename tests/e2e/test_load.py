@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from e2e.conftest import operator_process
-from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.test_resilience import metric
-from integration.postgres import PostgresServer
+from harness.kube import Cluster, Kubectl, wait_for
+from harness.postgres import PostgresServer
 from nocturne_operator.storage import upgrade
 
 pytestmark = pytest.mark.e2e

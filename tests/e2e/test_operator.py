@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from e2e.conftest import OperatorProcess
-from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import (
     condition,
     finished_job,
@@ -30,6 +29,7 @@ from e2e.schedules import (
     schedule,
     status_of,
 )
+from harness.kube import Cluster, Kubectl, wait_for
 from integration.llm_server import Reply, ScriptedServer, html_page
 from nocturne_operator.storage import ExecutionKey, ExecutionStatus, History
 

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from agent_runner.summary import parse_summary
-from e2e.cluster.controlplane import free_ports
 from e2e.conftest import OperatorProcess, operator_process
-from e2e.kube import Cluster, Kubectl, wait_for
 from e2e.schedules import finished, ready, run_now, runner_summary, status_of
+from harness.controlplane import free_ports
+from harness.kube import Cluster, Kubectl, wait_for
+from harness.postgres import PostgresServer, start_postgres, stop_postgres
 from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
-from integration.postgres import PostgresServer, start_postgres, stop_postgres
 from nocturne_operator.storage import (
     ExecutionKey,
     ExecutionRecord,

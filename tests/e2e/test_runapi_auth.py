@@ -17,8 +17,8 @@ import pytest
 from kubernetes import client
 
 from agent_runner.contract import TOKEN_AUDIENCE, RunRef
-from e2e.conftest import fresh_namespace
-from e2e.kube import Kubectl, wait_for
+from harness.fixtures import fresh_namespace
+from harness.kube import Kubectl, wait_for
 from nocturne_operator.kube import Kube
 from nocturne_operator.runapi.auth import Authenticator, RefusalError, RunIdentity, check_run
 

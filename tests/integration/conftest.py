@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from integration.postgres import PostgresServer, schema_url
+from harness.postgres import PostgresServer, schema_url
 from nocturne_operator.storage import History, upgrade
 
 

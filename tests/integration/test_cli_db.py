@@ -7,7 +7,7 @@ import socket
 import pytest
 import sqlalchemy as sa
 
-from integration.postgres import PostgresServer
+from harness.postgres import PostgresServer
 from nocturne_operator.cli import main
 
 pytestmark = pytest.mark.integration

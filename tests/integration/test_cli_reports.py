@@ -8,7 +8,7 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from integration.postgres import PostgresServer
+from harness.postgres import PostgresServer
 from nocturne_operator.cli import main
 from nocturne_operator.storage import upgrade
 

@@ -14,7 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
-from integration.postgres import PostgresServer
+from harness.postgres import PostgresServer
 from nocturne_operator.storage import (
     ERROR_LIMIT_BYTES,
     OUTPUT_LIMIT_BYTES,

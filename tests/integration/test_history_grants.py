@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from integration.postgres import PostgresServer
+from harness.postgres import PostgresServer
 from nocturne_operator.results import reap
 from nocturne_operator.storage import (
     Caps,

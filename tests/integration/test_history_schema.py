@@ -18,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 
-from integration.postgres import PostgresServer, schema_url
+from harness.postgres import PostgresServer, schema_url
 from nocturne_operator.outbox import NOTIFICATIONS
 from nocturne_operator.storage import (
     MIGRATIONS_DIR,

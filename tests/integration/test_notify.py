@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from harness.postgres import PostgresServer
 from integration.llm_server import Reply, ScriptedServer
-from integration.postgres import PostgresServer
 from nocturne_operator import notices, outbox, webhook_bodies
 from nocturne_operator.notices import Delivery, Kind, NoticeSubject, RunInfo, Status
 from nocturne_operator.notify import Notifier

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from integration.postgres import PostgresServer
+from harness.postgres import PostgresServer
 from nocturne_operator.results import reap
 from nocturne_operator.storage import (
     Caps,

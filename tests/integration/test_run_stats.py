@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from integration.postgres import PostgresServer
+from harness.postgres import PostgresServer
 from nocturne_operator.storage import ExecutionKey, ExecutionStatus, History, upgrade
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,7 @@ from agent_runner.contract import (
     Grant,
     parse_task_document,
 )
-from integration.postgres import running_postgres
+from harness.postgres import running_postgres
 from nocturne_operator.metrics import REGISTRY
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.runapi.auth import RefusalError, RunIdentity

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.cluster import tools
-from prerequisites import skip_or_fail
+from harness import tools
+from harness.prerequisites import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 HEALTH_LUA = REPO / "helm" / "argocd" / "health.lua"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from prerequisites import skip_or_fail
+from harness.prerequisites import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILES = {

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from e2e.cluster import tools
+from harness import tools
+from harness.prerequisites import skip_or_fail
 from nocturne_operator.settings import load_settings
-from prerequisites import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "nocturne"
