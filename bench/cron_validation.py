@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from nocturne_operator.cron import check_min_interval, min_interval, parse_schedule
+from nocturne_operator.schedule.cron import check_min_interval, min_interval, parse_schedule
 
 ZONE = "America/New_York"
 YEAR = 2026

@@ -66,7 +66,7 @@ from agent_runner.contract import (
     parse_task_document,
 )
 from agent_runner.runapi import RunApiClient
-from nocturne_operator.metrics import REGISTRY
+from nocturne_operator.adapters.metrics import REGISTRY
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import ScheduleRef, task_document
 from nocturne_operator.runapi.auth import RunIdentity

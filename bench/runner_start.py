@@ -50,7 +50,7 @@ from integration.llm_server import (
     free_port,
     openai_reply,
 )
-from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.api.model import AgentScheduleSpec
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import ScheduleRef, task_document
 from nocturne_operator.runapi.auth import RefusalError, RunIdentity

@@ -11,7 +11,7 @@ import sys
 import kopf
 from kopf._core.engines.peering import Identity  # kopf exports no public name for the type
 
-from nocturne_operator.handlers import Memo  # importing it registers the handlers
+from nocturne_operator.controller.handlers import Memo  # importing it registers the handlers
 from nocturne_operator.settings import load_settings
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from agent_runner import exitcodes
 from agent_runner.contract import ENV_TASK, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_FILE
-from nocturne_operator.api import API_VERSION, KIND, AgentScheduleSpec, Provider
+from nocturne_operator.api.model import API_VERSION, KIND, AgentScheduleSpec, Provider
 from nocturne_operator.settings import Settings
 
 MAX_CRONJOB_NAME = 52  # the CronJob controller appends an 11-character suffix to Job names

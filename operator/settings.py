@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from nocturne_operator.api import DNS_SUBDOMAIN
+from nocturne_operator.api.model import DNS_SUBDOMAIN
 from nocturne_operator.errors import SettingsError
 
 

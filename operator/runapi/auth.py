@@ -34,7 +34,7 @@ from agent_runner.contract import (
     TaskDocument,
     parse_task_document,
 )
-from nocturne_operator.api import API_VERSION, KIND
+from nocturne_operator.api.model import API_VERSION, KIND
 
 __all__ = [
     "CACHE_SECONDS",
@@ -304,7 +304,7 @@ class IdentityCache:
 
 
 class TokenKube(Protocol):
-    """The part of ``nocturne_operator.kube.Kube`` the authenticator needs."""
+    """The part of ``nocturne_operator.adapters.kube.Kube`` the authenticator needs."""
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 

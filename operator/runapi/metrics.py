@@ -1,5 +1,5 @@
 """Prometheus metrics of the run API (same registry and naming rules as
-``nocturne_operator.metrics``): requests by endpoint and HTTP code, and their latency.
+``nocturne_operator.adapters.metrics``): requests by endpoint and HTTP code, and their latency.
 
 Both label sets are closed: the three endpoints and the codes the server answers with."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from nocturne_operator.metrics import REGISTRY
+from nocturne_operator.adapters.metrics import REGISTRY
 
 ENDPOINTS = ("start", "progress", "finish")
 CODES = ("200", "400", "401", "403", "409", "413", "422", "500", "503")

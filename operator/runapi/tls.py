@@ -61,7 +61,7 @@ class RunApiTlsError(NocturneError):
 
 
 class SecretStore(Protocol):
-    """The part of ``nocturne_operator.kube.Kube`` the certificates need."""
+    """The part of ``nocturne_operator.adapters.kube.Kube`` the certificates need."""
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 

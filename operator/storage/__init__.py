@@ -10,7 +10,7 @@ audit trail and agent state, split by concern. Import from this package, not its
 - ``audit``: the lifecycle audit trail. ``state``: agent state between runs.
 - ``repository``: ``History``, the one repository object, composed of the concerns' mixins.
 
-The notifications outbox (migration 0002) lives in ``nocturne_operator.outbox``.
+The notifications outbox (migration 0002) lives in ``nocturne_operator.notifications.outbox``.
 """
 
 from agent_runner.contract import (

@@ -88,7 +88,7 @@ def nocturne_cli(
     if database_url is not None:
         env["NOCTURNE_DATABASE_URL"] = database_url
     return subprocess.run(
-        [sys.executable, "-m", "nocturne_operator.cli", *args],
+        [sys.executable, "-m", "nocturne_operator.cli.main", *args],
         env=env,
         cwd="/",
         capture_output=True,

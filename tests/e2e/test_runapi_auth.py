@@ -19,7 +19,7 @@ from kubernetes import client
 from agent_runner.contract import TOKEN_AUDIENCE, RunRef
 from harness.fixtures import fresh_namespace
 from harness.kube import Kubectl, wait_for
-from nocturne_operator.kube import Kube
+from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.runapi.auth import Authenticator, RefusalError, RunIdentity, check_run
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from harness.postgres import PostgresServer
-from nocturne_operator.cli import main
+from nocturne_operator.cli.main import main
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from harness.postgres import PostgresServer
-from nocturne_operator.cli import main
+from nocturne_operator.cli.main import main
 from nocturne_operator.storage import upgrade
 
 pytestmark = pytest.mark.integration

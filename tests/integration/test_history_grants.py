@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.postgres import PostgresServer
-from nocturne_operator.results import reap
+from nocturne_operator.runs.verdicts import reap
 from nocturne_operator.storage import (
     Caps,
     ExecutionKey,

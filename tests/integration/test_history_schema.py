@@ -19,7 +19,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 
 from harness.postgres import PostgresServer, schema_url
-from nocturne_operator.outbox import NOTIFICATIONS
+from nocturne_operator.notifications.outbox import NOTIFICATIONS
 from nocturne_operator.storage import (
     MIGRATIONS_DIR,
     Base,

@@ -24,10 +24,11 @@ from alembic.config import Config
 
 from harness.postgres import PostgresServer
 from integration.llm_server import Reply, ScriptedServer
-from nocturne_operator import notices, outbox, webhook_bodies
-from nocturne_operator.notices import Delivery, Kind, NoticeSubject, RunInfo, Status
-from nocturne_operator.notify import Notifier
-from nocturne_operator.outbox import PostgresStore, Store
+from nocturne_operator.notifications import bodies as webhook_bodies
+from nocturne_operator.notifications import notices, outbox
+from nocturne_operator.notifications.notices import Delivery, Kind, NoticeSubject, RunInfo, Status
+from nocturne_operator.notifications.notify import Notifier
+from nocturne_operator.notifications.outbox import PostgresStore, Store
 from nocturne_operator.storage import (
     MIGRATIONS_DIR,
     History,
@@ -548,7 +549,7 @@ def test_the_loop_delivers_after_a_wake_and_survives_errors(
         with pytest.raises(asyncio.CancelledError):
             await loop
 
-    with caplog.at_level(logging.WARNING, logger="nocturne_operator.notify"):
+    with caplog.at_level(logging.WARNING, logger="nocturne_operator.notifications.notify"):
         asyncio.run(go())
     assert harness.results() == ["sent"]
     assert len(harness.receiver.requests_to(HOOK)) == 1

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from agent_runner.summary import Summary
-from nocturne_operator.results import pod_finished, record_orphaned_pod
+from nocturne_operator.runs.verdicts import pod_finished, record_orphaned_pod
 from nocturne_operator.storage import Caps, ExecutionKey, ExecutionStatus, History
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from harness.postgres import PostgresServer
-from nocturne_operator.results import reap
+from nocturne_operator.runs.verdicts import reap
 from nocturne_operator.storage import (
     Caps,
     ExecutionKey,

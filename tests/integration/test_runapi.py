@@ -31,7 +31,7 @@ from agent_runner.contract import (
     parse_task_document,
 )
 from harness.postgres import running_postgres
-from nocturne_operator.metrics import REGISTRY
+from nocturne_operator.adapters.metrics import REGISTRY
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.runapi.auth import RefusalError, RunIdentity
 from nocturne_operator.runapi.server import make_app, serve

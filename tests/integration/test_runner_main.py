@@ -36,7 +36,7 @@ from integration.runapi_server import (
     api_error,
     grant_json,
 )
-from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.api.model import AgentScheduleSpec
 from nocturne_operator.render import ScheduleRef, task_document
 from nocturne_operator.runapi.tls import RunApiTls
 

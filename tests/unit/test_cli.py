@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nocturne_operator.cli import main
+from nocturne_operator.cli.main import main
 
 EXAMPLES = Path(__file__).parents[2] / "docs" / "examples"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from nocturne_operator import conditions as c
+from nocturne_operator.api import conditions as c
 
 T0 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 T1 = datetime(2026, 11, 26, 13, 0, tzinfo=UTC)

@@ -10,8 +10,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from nocturne_operator.api import AgentScheduleSpec
-from nocturne_operator.reconcile import OWNED_STATUS
+from nocturne_operator.api.model import AgentScheduleSpec
+from nocturne_operator.controller.reconcile import OWNED_STATUS
 
 CRD_FILE = Path(__file__).parents[2] / "crds" / "agentschedules.nocturne.dev.yaml"
 

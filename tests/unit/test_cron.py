@@ -1,4 +1,4 @@
-"""CronJob schedule semantics (nocturne_operator.cron) pinned against robfig/cron v3.
+"""CronJob schedule semantics (nocturne_operator.schedule.cron) pinned against robfig/cron v3.
 
 Every expected fire time below was produced by robfig/cron v3.0.1 itself, called the way the
 CronJob controller calls it: ``ParseStandard("TZ=<zone> <schedule>")`` and chained ``Next``.
@@ -12,8 +12,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from croniter import croniter
 
-from nocturne_operator import cron
-from nocturne_operator.cron import (
+from nocturne_operator.schedule import cron
+from nocturne_operator.schedule.cron import (
     CronError,
     DstAnomaly,
     RunTime,

@@ -21,9 +21,9 @@ import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nocturne_operator.cli import EXIT_INVALID, EXIT_OK, main
+from nocturne_operator.cli.main import EXIT_INVALID, EXIT_OK, main
 from nocturne_operator.prices import load_price_table
-from nocturne_operator.validation import FieldError, validate
+from nocturne_operator.schedule.validation import FieldError, validate
 from unit.test_validation import NOW, SETTINGS, schedule
 
 # The deadline is per example and generous for a slow CI machine: a year of cron ticks in the

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nocturne_operator.cli import main
+from nocturne_operator.cli.main import main
 
 GOOD = {
     "apiVersion": "nocturne.dev/v1alpha1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nocturne_operator import conditions as cond
+from nocturne_operator.api import conditions as cond
 from unit.test_reconcile_rails import Cluster, schedule
 
 

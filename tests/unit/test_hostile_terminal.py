@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from nocturne_operator import reports
+from nocturne_operator.cli import reports
 from nocturne_operator.storage import ExecutionRecord, ExecutionStatus
 
 EVIL = "\x1b]0;pwned\x07\x1b[31mred\x1b[0m\r\x08\x9b2J"

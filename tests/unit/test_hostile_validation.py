@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from nocturne_operator.prices import load_price_table
+from nocturne_operator.schedule.validation import validate
 from nocturne_operator.settings import Settings
-from nocturne_operator.validation import validate
 from unit.test_validation import NOW, SETTINGS, errors_of, schedule, with_path
 
 PRICES = load_price_table()

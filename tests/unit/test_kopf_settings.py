@@ -5,7 +5,7 @@ from __future__ import annotations
 import kopf
 import pytest
 
-from nocturne_operator.handlers import tune
+from nocturne_operator.controller.handlers import tune
 
 OURS = "app.kubernetes.io/managed-by=nocturne-operator"
 

@@ -22,12 +22,21 @@ import httpx
 import pytest
 
 from agent_runner.addresses import BlockedAddressError
-from nocturne_operator import metrics, notices, webhook_bodies
-from nocturne_operator import notify as n
-from nocturne_operator.api import Notifications
-from nocturne_operator.notices import Delivery, Kind, NoticeSubject, RunInfo, Status, Target
-from nocturne_operator.notify import Notifier
-from nocturne_operator.outbox import MemoryStore, Store
+from nocturne_operator.adapters import metrics
+from nocturne_operator.api.model import Notifications
+from nocturne_operator.notifications import bodies as webhook_bodies
+from nocturne_operator.notifications import notices
+from nocturne_operator.notifications import notify as n
+from nocturne_operator.notifications.notices import (
+    Delivery,
+    Kind,
+    NoticeSubject,
+    RunInfo,
+    Status,
+    Target,
+)
+from nocturne_operator.notifications.notify import Notifier
+from nocturne_operator.notifications.outbox import MemoryStore, Store
 
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
 SUBJECT = NoticeSubject("news-team", "daily-news", "uid-1")
@@ -437,7 +446,7 @@ def test_target_from_spec() -> None:
 
 
 def test_kinds_match_the_api_and_the_metric_labels() -> None:
-    from nocturne_operator.api import NOTIFICATION_EVENTS  # noqa: PLC0415
+    from nocturne_operator.api.model import NOTIFICATION_EVENTS  # noqa: PLC0415
 
     assert [k.value for k in Kind] == list(NOTIFICATION_EVENTS)
     assert {Kind.FAILED, Kind.AUTO_PAUSED, Kind.SILENT_STOP} == notices.FAILURE_KINDS

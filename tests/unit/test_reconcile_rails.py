@@ -12,10 +12,10 @@ from typing import Any, cast
 
 import pytest
 
-from nocturne_operator import conditions as cond
-from nocturne_operator.kube import Kube
+from nocturne_operator.adapters.kube import Kube
+from nocturne_operator.api import conditions as cond
+from nocturne_operator.controller.reconcile import reconcile
 from nocturne_operator.prices import load_price_table
-from nocturne_operator.reconcile import reconcile
 from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import ExecutionRecord, ExecutionStatus, RunStats

@@ -11,7 +11,7 @@ import pytest
 
 from agent_runner import exitcodes
 from agent_runner.contract import TOKEN_AUDIENCE, parse_task_document
-from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator.api.model import AgentScheduleSpec
 from nocturne_operator.render import (
     RunApiEndpoint,
     ScheduleRef,

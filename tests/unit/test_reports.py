@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nocturne_operator.reports import describe
+from nocturne_operator.cli.reports import describe
 
 
 def schedule(**spec: Any) -> dict[str, Any]:

@@ -11,8 +11,9 @@ import pytest
 
 from agent_runner import config, exitcodes
 from agent_runner.config import TOKEN_FILE, ConfigError, load_env, parse_task
-from nocturne_operator import api, render
-from nocturne_operator.api import AgentScheduleSpec
+from nocturne_operator import render
+from nocturne_operator.api import model as api
+from nocturne_operator.api.model import AgentScheduleSpec
 from nocturne_operator.render import ScheduleRef, task_document
 from nocturne_operator.settings import Settings
 

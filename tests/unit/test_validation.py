@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from nocturne_operator.schedule.validation import Peer, validate
 from nocturne_operator.settings import Settings
-from nocturne_operator.validation import Peer, validate
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 SETTINGS = Settings()

@@ -4,7 +4,7 @@ Revision ID: 0002
 Revises: 0001
 Create Date: 2026-12-01
 
-Frozen DDL: it must not import the table definition in nocturne_operator.notify, which
+Frozen DDL: it must not import the table definition in nocturne_operator.notifications.notify, which
 describes the newest schema. tests/integration/test_notify.py checks that the two agree.
 """
 

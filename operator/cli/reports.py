@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from nocturne_operator.money import usd
+from nocturne_operator.api.money import usd
 from nocturne_operator.storage import CostPeriod, ExecutionRecord, ExecutionStatus, History
 
 _STATUSES = [s.value for s in ExecutionStatus]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from nocturne_operator.notices import Delivery, Kind, Notice, NoticeSubject, Status
+from nocturne_operator.notifications.notices import Delivery, Kind, Notice, NoticeSubject, Status
 from nocturne_operator.storage.engine import Repository
 
 # pg_advisory_xact_lock class of the per-schedule lock ("noti").

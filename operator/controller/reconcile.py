@@ -15,11 +15,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from agent_runner.contract import ENV_MANUAL_REQUEST
-from nocturne_operator import conditions as cond
-from nocturne_operator import cron, metrics
-from nocturne_operator.api import AgentScheduleSpec
-from nocturne_operator.kube import Kube
-from nocturne_operator.money import usd
+from nocturne_operator.adapters import metrics
+from nocturne_operator.adapters.kube import Kube
+from nocturne_operator.api import conditions as cond
+from nocturne_operator.api.model import AgentScheduleSpec
+from nocturne_operator.api.money import usd
+from nocturne_operator.api.timestamps import parse_rfc3339, rfc3339
 from nocturne_operator.prices import PriceTable
 from nocturne_operator.render import (
     ANNOTATION_MANUAL_REQUEST,
@@ -33,6 +34,8 @@ from nocturne_operator.render import (
     render_cronjob,
     render_job_template,
 )
+from nocturne_operator.schedule import cron
+from nocturne_operator.schedule.validation import Peer, Validated, validate
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import (
     ExecutionRecord,
@@ -41,8 +44,6 @@ from nocturne_operator.storage import (
     month_start,
     next_month_start,
 )
-from nocturne_operator.timestamps import parse_rfc3339, rfc3339
-from nocturne_operator.validation import Peer, Validated, validate
 
 log = logging.getLogger(__name__)
 

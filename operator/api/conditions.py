@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from nocturne_operator.timestamps import rfc3339
+from nocturne_operator.api.timestamps import rfc3339
 
 # Condition types
 READY = "Ready"

@@ -22,10 +22,11 @@ from typing import Any, NamedTuple
 import kopf
 from aiohttp import web
 
-from nocturne_operator import metrics, notices, notify, outbox, results
-from nocturne_operator import reconcile as rec
-from nocturne_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
-from nocturne_operator.kube import FIELD_MANAGER, Kube
+from nocturne_operator.adapters import metrics
+from nocturne_operator.adapters.kube import FIELD_MANAGER, Kube
+from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION, AgentScheduleSpec
+from nocturne_operator.controller import reconcile as rec
+from nocturne_operator.notifications import notices, notify, outbox
 from nocturne_operator.prices import PriceTable, load_price_table
 from nocturne_operator.render import (
     LABEL_MANAGED_BY,
@@ -37,6 +38,8 @@ from nocturne_operator.render import (
 from nocturne_operator.runapi.auth import Authenticator
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
+from nocturne_operator.runs import verdicts as results
+from nocturne_operator.schedule.validation import Peer
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import (
     EventKind,
@@ -46,7 +49,6 @@ from nocturne_operator.storage import (
     HistoryError,
     month_start,
 )
-from nocturne_operator.validation import Peer
 
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
 # kopf's own executor for sync handlers.

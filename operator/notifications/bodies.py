@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nocturne_operator.notices import Delivery, Kind, first_line
-from nocturne_operator.timestamps import rfc3339
+from nocturne_operator.api.timestamps import rfc3339
+from nocturne_operator.notifications.notices import Delivery, Kind, first_line
 
 BODY_VERSION = "nocturne.dev/v1"
 # Slack's limits: a header's plain text, a section's mrkdwn text.

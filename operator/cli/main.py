@@ -19,19 +19,20 @@ from zoneinfo import ZoneInfo
 import yaml
 from kubernetes import config
 
-from nocturne_operator import cron, reports
-from nocturne_operator.api import API_VERSION, KIND
-from nocturne_operator.errors import SettingsError
-from nocturne_operator.kube import Kube
-from nocturne_operator.prices import PriceTableError, load_price_table
-from nocturne_operator.reconcile import (
+from nocturne_operator.adapters.kube import Kube
+from nocturne_operator.api.model import API_VERSION, KIND
+from nocturne_operator.cli import reports
+from nocturne_operator.controller.reconcile import (
     ANNOTATION_RESUME,
     ANNOTATION_RUN_NOW,
     ANNOTATION_SUSPEND_REASON,
 )
+from nocturne_operator.errors import SettingsError
+from nocturne_operator.prices import PriceTableError, load_price_table
+from nocturne_operator.schedule import cron
+from nocturne_operator.schedule.validation import iana_zone, validate
 from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.storage import ExecutionRecord, History, HistoryError, redact_url, upgrade
-from nocturne_operator.validation import iana_zone, validate
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 # Manifests come from strangers' pull requests: a bound on what is read, and no YAML aliases (a

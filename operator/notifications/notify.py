@@ -48,8 +48,9 @@ from agent_runner.addresses import (
     resolve,
     system_resolver,
 )
-from nocturne_operator import metrics
-from nocturne_operator.notices import (
+from nocturne_operator.adapters import metrics
+from nocturne_operator.notifications.bodies import render_body
+from nocturne_operator.notifications.notices import (
     FAILURE_KINDS,
     Delivery,
     Kind,
@@ -65,10 +66,9 @@ from nocturne_operator.notices import (
     run_payload,
     utcnow,
 )
-from nocturne_operator.outbox import ScheduleView, Store
+from nocturne_operator.notifications.outbox import ScheduleView, Store
 from nocturne_operator.settings import load_settings
 from nocturne_operator.storage import HistoryError
-from nocturne_operator.webhook_bodies import render_body
 
 __all__ = ["Notifier", "retry_delay"]
 

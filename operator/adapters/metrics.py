@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from nocturne_operator.api import NOTIFICATION_EVENTS
+from nocturne_operator.api.model import NOTIFICATION_EVENTS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 RESULTS = ("succeeded", "failed", "budget_exceeded", "timed_out", "cancelled")

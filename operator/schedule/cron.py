@@ -34,7 +34,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Literal, NamedTuple
 from zoneinfo import ZoneInfo
 
-from nocturne_operator.timestamps import rfc3339
+from nocturne_operator.api.timestamps import rfc3339
 
 __all__ = [
     "CronError",

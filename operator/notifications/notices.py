@@ -12,10 +12,10 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal, cast
 
-from nocturne_operator.api import Notifications
-from nocturne_operator.money import usd
+from nocturne_operator.api.model import Notifications
+from nocturne_operator.api.money import usd
+from nocturne_operator.api.timestamps import rfc3339
 from nocturne_operator.storage import clean_text
-from nocturne_operator.timestamps import rfc3339
 
 Format = Literal["slack", "json"]
 RunResult = Literal["Succeeded", "Failed", "BudgetExceeded", "TimedOut", "Cancelled"]

@@ -18,10 +18,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import ValidationError
 
-from nocturne_operator import cron
-from nocturne_operator.api import DNS_SUBDOMAIN, AgentScheduleSpec
-from nocturne_operator.money import plain
+from nocturne_operator.api.model import DNS_SUBDOMAIN, AgentScheduleSpec
+from nocturne_operator.api.money import plain
 from nocturne_operator.prices import PriceTable, PriceTableError
+from nocturne_operator.schedule import cron
 from nocturne_operator.settings import Endpoint, Settings
 
 MAX_NAME_LENGTH = 63

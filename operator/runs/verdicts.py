@@ -21,13 +21,13 @@ from decimal import Decimal
 from typing import Any
 
 from agent_runner.summary import Summary, parse_summary
+from nocturne_operator.api.timestamps import parse_rfc3339, rfc3339
 from nocturne_operator.storage import (
     ExecutionKey,
     ExecutionRecord,
     ExecutionStatus,
     History,
 )
-from nocturne_operator.timestamps import parse_rfc3339, rfc3339
 
 log = logging.getLogger(__name__)
 

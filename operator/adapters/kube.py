@@ -17,8 +17,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from nocturne_operator.api import GROUP, PLURAL, VERSION
-from nocturne_operator.timestamps import rfc3339
+from nocturne_operator.api.model import GROUP, PLURAL, VERSION
+from nocturne_operator.api.timestamps import rfc3339
 
 FIELD_MANAGER = "nocturne-operator"
 _PATHS = {

@@ -1,0 +1,1 @@
+"""Adapters to the outside: the Kubernetes API client and Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""The nocturne command (and kubectl-nocturne)."""

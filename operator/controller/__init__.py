@@ -1,0 +1,1 @@
+"""The controller: kopf wiring, the memo handlers share, and reconcile as decide-then-apply."""

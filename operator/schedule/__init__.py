@@ -1,0 +1,2 @@
+"""When a schedule runs and whether it may: CronJob cron semantics (robfig/cron, DST) and
+the validation of a schedule."""
