@@ -85,13 +85,16 @@ class ControlPlane:
         _write_kubeconfig(path, self.server, self.pki.ca_cert, {"token": token}, namespace)
         return path
 
-    def restart_apiserver(self, *, down_seconds: float = 0.0, timeout: float = 90.0) -> None:
-        """Stop the kube-apiserver (SIGTERM, SIGKILL after 20 s), keep it down ``down_seconds``,
-        start it again with the same flags and port and wait until it serves: an apiserver
-        outage that clients (watches, controllers) must ride out."""
+    def restart_apiserver(
+        self, *, grace_seconds: float = 5.0, down_seconds: float = 0.0, timeout: float = 90.0
+    ) -> None:
+        """Stop the kube-apiserver (SIGTERM, SIGKILL after ``grace_seconds``: it stops listening
+        at once but may linger in shutdown), keep it down ``down_seconds``, start it again with
+        the same flags and port and wait until it serves: an apiserver outage that clients
+        (watches, controllers) must ride out."""
         proc = self.processes.pop("kube-apiserver", None)
         if proc is not None:
-            _terminate(proc, 20.0)
+            _terminate(proc, grace_seconds)
         time.sleep(down_seconds)
         self.processes["kube-apiserver"] = _spawn(self, "kube-apiserver", _apiserver_args(self))
         _wait(self, "kube-apiserver", lambda: _api_ready(self), timeout)
