@@ -32,10 +32,10 @@ from agent_runner.contract import (
     FINISH_ALERT_REASON_MAX_CHARS,
     FINISH_ERROR_MAX_CHARS,
     FINISH_OUTPUT_MAX_CHARS,
-    FinalStatus,
     FinishReport,
     Grant,
     ProgressReport,
+    RunOutcome,
     RunRef,
     StartRequest,
     describe_validation_error,
@@ -62,12 +62,6 @@ _FINISH_DEADLINE = 8.0
 _TERMINATED_FINISH_DEADLINE = 2.0
 # Progress is best effort and must not eat the run's time.
 _PROGRESS_DEADLINE = 3.0
-_STATUS: dict[str, FinalStatus] = {
-    "succeeded": "SUCCEEDED",
-    "failed": "FAILED",
-    "budget_exceeded": "BUDGET_EXCEEDED",
-    "timed_out": "TIMED_OUT",
-}
 
 
 class Terminated(BaseException):
@@ -102,12 +96,12 @@ def main() -> int:
         return _terminated(state)
     except ConfigError as exc:
         log.error("configuration error: %s", exc)  # noqa: TRY400 - no traceback for bad config
-        _finish_failed(state, "FAILED", f"configuration error: {exc}")
+        _finish_failed(state, RunOutcome.FAILED, f"configuration error: {exc}")
         return exitcodes.CONFIG_ERROR
     except Exception as exc:
         # A bug: still release the grant and leave a record, then let the Job retry.
         log.exception("the runner failed")
-        _finish_failed(state, "FAILED", f"runner error: {type(exc).__name__}: {exc}")
+        _finish_failed(state, RunOutcome.FAILED, f"runner error: {type(exc).__name__}: {exc}")
         return exitcodes.TRANSIENT
     finally:
         if state.client is not None:
@@ -141,7 +135,7 @@ def _run(state: Attempt) -> int:
         # The grant already nets out this Job's earlier attempts and every other reservation.
         budget = state.budget = Budget(grant.limit_usd, grant.price)
         # Written at once: if the pod dies before the end, the operator still learns our row.
-        _write_summary(state, "RUNNING")
+        _write_summary(state, RunOutcome.RUNNING)
         previous = grant.previous
         previous_state = previous.state if previous is not None else None
         if budget.remaining <= 0:
@@ -181,13 +175,13 @@ def _run_ref(env: RunnerEnv, task: TaskDocument) -> RunRef:
 def _no_grant(state: Attempt, exc: RunApiError) -> int:
     """No grant, no spend: say why in the summary and exit without calling the provider."""
     if isinstance(exc, NoGrantError):
-        status, code = "BUDGET_EXCEEDED", exitcodes.BUDGET_EXHAUSTED
+        status, code = RunOutcome.BUDGET_EXCEEDED, exitcodes.BUDGET_EXHAUSTED
         error = f"no budget grant: {exc.reason}: {exc.message}"
     elif isinstance(exc, RunApiRefusedError):
-        status, code = "FAILED", exitcodes.CONFIG_ERROR
+        status, code = RunOutcome.FAILED, exitcodes.CONFIG_ERROR
         error = f"no budget grant: run API refused: {exc}"
     else:  # RunApiUnavailableError: the Job retries within backoffLimit, spending nothing
-        status, code = "FAILED", exitcodes.TRANSIENT
+        status, code = RunOutcome.FAILED, exitcodes.TRANSIENT
         error = f"no budget grant: run API unavailable: {exc}"
     log.error("%s; nothing was spent", error)
     _write_summary(state, status, error=error)
@@ -196,7 +190,7 @@ def _no_grant(state: Attempt, exc: RunApiError) -> int:
 
 def _no_budget_left() -> RunResult:
     return RunResult(
-        status="budget_exceeded",
+        status=RunOutcome.BUDGET_EXCEEDED,
         output=None,
         alert=False,
         alert_reason=None,
@@ -250,7 +244,7 @@ def _finish(state: Attempt, deadline: float, /, **fields: Any) -> bool:
 
 
 def _record(state: Attempt, result: RunResult) -> None:
-    status = _STATUS[result.status]
+    status = result.status
     written = _finish(
         state,
         _FINISH_DEADLINE,
@@ -263,7 +257,7 @@ def _record(state: Attempt, result: RunResult) -> None:
         alert=result.alert,
         alert_reason=_clip(result.alert_reason, FINISH_ALERT_REASON_MAX_CHARS),
         metadata={"steps": result.steps, "refusals": [r.as_dict() for r in result.refusals]},
-        state=result.state if status == "SUCCEEDED" else None,
+        state=result.state if status is RunOutcome.SUCCEEDED else None,
     )
     _write_summary(state, status, result=result, history_written=written)
     log.info(
@@ -282,7 +276,7 @@ def _terminated(state: Attempt) -> int:
     task = state.task
     elapsed = time.monotonic() - state.started_monotonic
     timed_out = task is not None and elapsed >= task.timeout_seconds - 2 * _DEADLINE_MARGIN.seconds
-    status: FinalStatus = "TIMED_OUT" if timed_out else "CANCELLED"
+    status = RunOutcome.TIMED_OUT if timed_out else RunOutcome.CANCELLED
     _finish_failed(
         state,
         status,
@@ -293,7 +287,7 @@ def _terminated(state: Attempt) -> int:
 
 
 def _finish_failed(
-    state: Attempt, status: FinalStatus, error: str, *, deadline: float = _FINISH_DEADLINE
+    state: Attempt, status: RunOutcome, error: str, *, deadline: float = _FINISH_DEADLINE
 ) -> None:
     """Report an attempt that ended without a result, at its worst-case cost so far (the
     provider may bill a call that was in flight)."""
@@ -327,7 +321,7 @@ def _clip(text: str | None, limit: int) -> str | None:
 
 def _write_summary(
     state: Attempt,
-    status: str,
+    status: RunOutcome,
     *,
     result: RunResult | None = None,
     cost: Decimal | None = None,
@@ -348,7 +342,7 @@ def _write_summary(
     }
     if state.task is not None:
         fields.update(model=state.task.agent.model, provider=state.task.agent.provider)
-    if status != "RUNNING":
+    if status.final:
         fields["completedAt"] = datetime.now(UTC)
     if result is not None:
         fields.update(

@@ -26,14 +26,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr, ValidationError
 
 from agent_runner.budget import Budget, BudgetExhaustedError, Reservation
 from agent_runner.config import ConfigError, TaskDocument
-from agent_runner.contract import STATE_LIMIT_BYTES, StateTooLargeError, usd_text, validate_state
+from agent_runner.contract import (
+    STATE_LIMIT_BYTES,
+    RunOutcome,
+    StateTooLargeError,
+    usd_text,
+    validate_state,
+)
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, SUCCEEDED, TRANSIENT
 from agent_runner.providers.base import (
     FINISH_TOOL,
@@ -59,7 +65,6 @@ MAX_UNKNOWN_OUTCOMES = 2  # calls whose outcome was unknown, charged and retried
 # Backoff before retrying a call whose outcome was unknown (a gateway's 502/504 among them).
 UNKNOWN_OUTCOME_RETRY = RetryPolicy(base_delay=1.0, max_delay=10.0)
 
-Status = Literal["succeeded", "failed", "budget_exceeded", "timed_out"]
 UsageCallback = Callable[[Decimal, int, int], None]
 
 FINISH_SPEC = ToolSpec(
@@ -105,7 +110,7 @@ class RunResult:
     """The outcome of one run attempt. ``cost`` and tokens are this attempt's (usage the provider
     could not report is counted at its reservation); ``state`` is what the next run receives."""
 
-    status: Status
+    status: RunOutcome
     output: str | None
     alert: bool
     alert_reason: str | None
@@ -268,11 +273,11 @@ class _Run:
         while True:
             if self.steps >= self.max_steps:
                 return self.end(
-                    "failed",
+                    RunOutcome.FAILED,
                     error=f"no final answer within agent.maxSteps={self.max_steps} model calls",
                 )
             if self.clock() >= self.deadline:
-                return self.end("timed_out", error="the run's deadline passed")
+                return self.end(RunOutcome.TIMED_OUT, error="the run's deadline passed")
             completion = self.call_model()
             if isinstance(completion, RunResult):
                 return completion
@@ -291,7 +296,7 @@ class _Run:
         try:
             reservation = budget.reserve(self.provider.input_token_bound(request, self.specs))
         except BudgetExhaustedError as exc:
-            return self.end("budget_exceeded", error=str(exc))
+            return self.end(RunOutcome.BUDGET_EXCEEDED, error=str(exc))
         self.steps += 1
         log.info(
             "model call %d/%d: reserved %s USD (input bound %d tokens, max_tokens %d)",
@@ -318,7 +323,7 @@ class _Run:
             log.warning("provider usage missing or malformed: charged the reservation")
         if settlement.overrun:
             return self.end(
-                "budget_exceeded",
+                RunOutcome.BUDGET_EXCEEDED,
                 error=(
                     f"the provider reported {settlement.input_tokens} input and "
                     f"{settlement.output_tokens} output tokens ({usd_text(settlement.cost)} USD), "
@@ -344,14 +349,14 @@ class _Run:
                 self.unknown_outcomes, UNKNOWN_OUTCOME_RETRY, self.rng, exc.retry_after
             )
             if delay is not None and self.clock() + delay >= self.deadline:
-                return self.end("timed_out", error=f"{exc}; no time left to try again")
+                return self.end(RunOutcome.TIMED_OUT, error=f"{exc}; no time left to try again")
             if delay is not None:
                 log.warning("%s; charged its reservation, trying again in %.1fs", exc, delay)
                 self.sleep(delay)
                 return None
         if isinstance(exc, DeadlineReachedError):
-            return self.end("timed_out", error=str(exc))
-        return self.end("failed", error=str(exc), exit_code=exc.exit_code)
+            return self.end(RunOutcome.TIMED_OUT, error=str(exc))
+        return self.end(RunOutcome.FAILED, error=str(exc), exit_code=exc.exit_code)
 
     def take(self, completion: Completion) -> RunResult | None:
         """Act on a completion: the run's end, or None after feeding tool results back."""
@@ -359,9 +364,9 @@ class _Run:
         if not completion.tool_calls:
             text = completion.text.strip()
             if text:
-                return self.end("succeeded", output=text)
+                return self.end(RunOutcome.SUCCEEDED, output=text)
             if self.nudged:
-                return self.end("failed", error="the model returned an empty answer twice")
+                return self.end(RunOutcome.FAILED, error="the model returned an empty answer twice")
             self.nudged = True
             self.messages.append(Message("user", _EMPTY_ANSWER))
             return None
@@ -388,7 +393,7 @@ class _Run:
         if finish is None:
             return None
         return self.end(
-            "succeeded",
+            RunOutcome.SUCCEEDED,
             output=finish.output,
             alert=finish.alert,
             alert_reason=finish.alert_reason,
@@ -406,7 +411,7 @@ class _Run:
 
     def end(
         self,
-        status: Status,
+        status: RunOutcome,
         *,
         output: str | None = None,
         alert: bool = False,
@@ -416,7 +421,7 @@ class _Run:
         error: str | None = None,
         exit_code: int | None = None,
     ) -> RunResult:
-        codes = {"succeeded": SUCCEEDED, "budget_exceeded": BUDGET_EXHAUSTED}
+        codes = {RunOutcome.SUCCEEDED: SUCCEEDED, RunOutcome.BUDGET_EXCEEDED: BUDGET_EXHAUSTED}
         result = RunResult(
             status=status,
             output=output,

@@ -6,8 +6,10 @@ refuses the call when fewer than ``min_output_tokens`` would fit. After the call
 provider's reported usage (never more than the reservation from a well-behaved provider). So
 ``spent_before + spent + reserved <= limit`` holds after every step.
 
-Money is ``Decimal`` quantized to ``QUANTUM`` (1e-10 USD), rounded up (``ROUND_CEILING``) whenever
-a cost is recorded or reserved: rounding can only overstate spend, never understate it.
+Money is ``Decimal`` quantized to the contract's one quantum (``USD_QUANTUM``, a micro-dollar:
+the CRD's, the wire's and the database's), rounded up (``ROUND_CEILING``) whenever a cost is
+recorded or reserved: rounding can only overstate spend, never understate it. (Grants round the
+other way, down: ``grant_usd``.)
 
 The input bound (``input_token_bound``): byte-level BPE tokenizers (OpenAI, Anthropic, Llama 3 and
 most open models) never emit more tokens for a text than it has UTF-8 bytes, and the JSON request
@@ -25,10 +27,10 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from agent_runner.config import BudgetSpec
-from agent_runner.contract import ModelPrice, usd_text
+from agent_runner.contract import USD_QUANTUM, ModelPrice, usd_text
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, RunnerError
 
-QUANTUM = Decimal("0.0000000001")
+QUANTUM = USD_QUANTUM  # the one money quantum: the wire's, the database's, status's
 ZERO = Decimal(0)
 MIN_OUTPUT_TOKENS = 64  # below this a response cannot carry a useful answer or tool call
 MAX_OUTPUT_TOKENS_PER_CALL = 8192  # one response never needs more; keeps requests short

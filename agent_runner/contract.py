@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 import re
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -35,6 +36,7 @@ from pydantic import (
 )
 
 __all__ = [
+    "FINAL_OUTCOMES",
     "FINISH_ALERT_REASON_MAX_CHARS",
     "FINISH_ERROR_MAX_CHARS",
     "FINISH_OUTPUT_MAX_CHARS",
@@ -56,11 +58,12 @@ __all__ = [
     "PreviousRun",
     "ProgressReport",
     "ProviderName",
+    "RunOutcome",
     "RunRef",
-    "RunStatus",
     "StartRequest",
     "StateTooLargeError",
     "describe_validation_error",
+    "grant_usd",
     "quantize_usd",
     "usd_text",
     "validate_state",
@@ -81,8 +84,39 @@ PROGRESS_PATH = "/v1/runs/progress"
 FINISH_PATH = "/v1/runs/finish"
 
 ProviderName = Literal["openai", "anthropic", "offline"]
-RunStatus = Literal["RUNNING", "SUCCEEDED", "FAILED", "BUDGET_EXCEEDED", "TIMED_OUT", "CANCELLED"]
-FinalStatus = Literal["SUCCEEDED", "FAILED", "BUDGET_EXCEEDED", "TIMED_OUT", "CANCELLED"]
+
+
+class RunOutcome(StrEnum):
+    """How a run attempt ended, RUNNING until it has: the one spelling of a run's outcome. Its
+    value is what the wire, the summary and the database carry (``SUCCEEDED``); ``display`` is
+    what status, notices and people read (``Succeeded``, ``BudgetExceeded``); ``metric`` is the
+    Prometheus label (``budget_exceeded``)."""
+
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def display(self) -> str:
+        """``BudgetExceeded``: how status and notices spell it."""
+        return "".join(word.capitalize() for word in self.value.split("_"))
+
+    @property
+    def metric(self) -> str:
+        """``budget_exceeded``: the Prometheus label value."""
+        return self.value.lower()
+
+    @property
+    def final(self) -> bool:
+        """Every outcome but RUNNING is final."""
+        return self is not RunOutcome.RUNNING
+
+
+FINAL_OUTCOMES = tuple(outcome for outcome in RunOutcome if outcome.final)
+
 NoGrantReason = Literal["BudgetExhausted", "MonthlyBudgetReached", "TotalBudgetReached"]
 
 # --------------------------------------------------------------------------------------------
@@ -92,13 +126,20 @@ USD_QUANTUM = Decimal("0.000001")
 MAX_USD = Decimal("99999999.999999")  # NUMERIC(14, 6)
 MAX_TOKENS = 2**63 - 1  # BIGINT
 MAX_EXECUTION_ID = 2**63 - 1  # BIGINT: a larger id is no row, not a database error
-_USD_TEXT = re.compile(r"^[0-9]{1,8}(\.[0-9]{1,12})?$")
+_USD_TEXT = re.compile(r"^[0-9]{1,8}(\.[0-9]{1,6})?$")
 
 
 def quantize_usd(value: Decimal) -> Decimal:
-    """Round a USD amount up to the stored 6 decimals: a recorded cost never under-reports the
-    spend, and a cost within a budget of at most 6 decimals stays within it."""
+    """Round a USD amount spent up to the one quantum (6 decimals: the CRD's, the ledger's, the
+    wire's, the database's): a recorded cost never under-reports the spend, and a cost within a
+    budget of at most 6 decimals stays within it."""
     return value.quantize(USD_QUANTUM, rounding=ROUND_CEILING)
+
+
+def grant_usd(value: Decimal) -> Decimal:
+    """Round a USD amount that may be spent down to the quantum: a grant never exceeds what a
+    cap leaves. The one rule: what was spent rounds up, what may be spent rounds down."""
+    return value.quantize(USD_QUANTUM, rounding=ROUND_FLOOR)
 
 
 def _usd_from_wire(value: object) -> Decimal:
@@ -433,7 +474,7 @@ class FinishReport(_Wire):
 
     run: RunRef
     execution_id: int = Field(alias="executionId", ge=1, le=MAX_EXECUTION_ID)
-    status: FinalStatus
+    status: RunOutcome
     completed_at: AwareDatetime = Field(alias="completedAt")
     cost_usd: USD = Field(alias="costUSD")
     input_tokens: Tokens = Field(alias="inputTokens")
@@ -447,6 +488,15 @@ class FinishReport(_Wire):
     metadata: dict[str, Any] = Field(default_factory=dict)
     # Saved for the next run when the status is SUCCEEDED (with ``output``).
     state: Any = None
+
+    @field_validator("status")
+    @classmethod
+    def _final(cls, value: RunOutcome) -> RunOutcome:
+        if not value.final:
+            raise ValueError(
+                f"a final report's status must be one of {[o.value for o in FINAL_OUTCOMES]}"
+            )
+        return value
 
     @field_validator("metadata")
     @classmethod

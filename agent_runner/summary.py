@@ -28,7 +28,7 @@ from pydantic import (
     field_validator,
 )
 
-from agent_runner.contract import MAX_USD, quantize_usd
+from agent_runner.contract import MAX_USD, RunOutcome, quantize_usd
 
 __all__ = [
     "MESSAGE_LIMIT_BYTES",
@@ -55,7 +55,6 @@ _PARSE_MAX_BYTES = 64 * 1024  # far beyond any summary: anything larger is not o
 _ELLIPSIS = "…"
 _MAX_INT = 2**63 - 1
 
-Status = Literal["RUNNING", "SUCCEEDED", "FAILED", "BUDGET_EXCEEDED", "TIMED_OUT", "CANCELLED"]
 """RUNNING only in a summary written at start, which the final one overwrites: seeing it means
 the runner was killed before it could finish."""
 
@@ -76,7 +75,7 @@ class Summary(BaseModel):
 
     version: Literal[1] = 1
     execution_id: int | None = Field(None, alias="executionId", ge=1, le=_MAX_INT)
-    status: Status
+    status: RunOutcome
     # strict: the runner passes a Decimal (never a float); JSON carries a decimal string.
     cost_usd: Decimal = Field(Decimal(0), alias="costUSD", ge=0, le=MAX_USD, strict=True)
     input_tokens: int = Field(0, alias="inputTokens", ge=0, le=_MAX_INT)

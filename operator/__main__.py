@@ -11,7 +11,8 @@ import sys
 import kopf
 from kopf._core.engines.peering import Identity  # kopf exports no public name for the type
 
-from nocturne_operator.controller.handlers import Memo  # importing it registers the handlers
+import nocturne_operator.controller.handlers  # noqa: F401 - importing it registers the handlers
+from nocturne_operator.controller.memo import Memo
 from nocturne_operator.settings import load_settings
 
 

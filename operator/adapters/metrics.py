@@ -16,10 +16,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agent_runner.contract import FINAL_OUTCOMES, RunOutcome
 from nocturne_operator.api.model import NOTIFICATION_EVENTS
 
 REGISTRY = CollectorRegistry(auto_describe=True)
-RESULTS = ("succeeded", "failed", "budget_exceeded", "timed_out", "cancelled")
+RESULTS = tuple(outcome.metric for outcome in FINAL_OUTCOMES)
 PHASES = ("Pending", "Active", "Suspended", "Invalid", "BudgetExhausted")
 
 RUNS = Counter(
@@ -143,7 +144,7 @@ def observe_run(
     namespace: str,
     name: str,
     *,
-    result: str,
+    result: RunOutcome,
     cost: Decimal,
     input_tokens: int,
     output_tokens: int,
@@ -151,7 +152,7 @@ def observe_run(
     completed: datetime | None,
 ) -> None:
     """A finished attempt the operator saw finish."""
-    RUNS.labels(namespace, name, result).inc()
+    RUNS.labels(namespace, name, result.metric).inc()
     # prometheus-client stores floats; the exact money lives in PostgreSQL.
     COST.labels(namespace, name).inc(float(cost))
     TOKENS.labels(namespace, name, "input").inc(input_tokens)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from agent_runner.contract import USD_QUANTUM
+
 
 def usd(amount: Decimal) -> str:
-    """At least two decimals, at most six (the precision of the history's NUMERIC columns)."""
-    text = f"{amount.quantize(Decimal('0.000001')):f}".rstrip("0")
+    """At least two decimals, at most six (the one quantum, ``USD_QUANTUM``)."""
+    text = f"{amount.quantize(USD_QUANTUM):f}".rstrip("0")
     whole, _, cents = text.partition(".")
     return f"{whole}.{cents.ljust(2, '0')}"
 

@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from agent_runner.contract import RunOutcome
 from nocturne_operator.api.money import usd
-from nocturne_operator.storage import CostPeriod, ExecutionRecord, ExecutionStatus, History
+from nocturne_operator.storage import CostPeriod, ExecutionRecord, History
 
-_STATUSES = [s.value for s in ExecutionStatus]
+_STATUSES = [s.value for s in RunOutcome]
 _UID_CHARS = 8  # enough to tell a name's incarnations apart in a table; JSON has the whole UID
 # C0 and C1 controls, DEL and the bidirectional overrides: stored texts (provider errors, outputs,
 # condition messages) come from strangers, and a terminal obeys an escape sequence it is shown.

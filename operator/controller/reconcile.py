@@ -1,20 +1,24 @@
 """The one reconcile: AgentSchedule -> CronJob (carrying each Job's task snapshot) + status.
 
-Called for create, update, resume, the periodic drift timer and events of the owned CronJob.
-Idempotent: a second call with nothing changed writes nothing (objects are compared with their
-rendering before any write, and status is patched only where it differs).
+Called for create, update, resume, the periodic sweep and events of the owned CronJob. Decide,
+then apply, the shape of the CronJob controller's ``syncCronJob``: ``decide`` is pure (the
+schedule, the CronJob as the cluster has it, run statistics, the clock -> a ``Plan`` of object
+writes, a status patch, Events and notices); ``apply`` carries a plan out. Idempotent: a second
+pass with nothing changed plans nothing (objects are compared with their rendering, status is
+patched only where it differs, Events and notices follow condition changes).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from agent_runner.contract import ENV_MANUAL_REQUEST
+from agent_runner.contract import ENV_MANUAL_REQUEST, RunOutcome
 from nocturne_operator.adapters import metrics
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api import conditions as cond
@@ -39,7 +43,6 @@ from nocturne_operator.schedule.validation import Peer, Validated, validate
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import (
     ExecutionRecord,
-    ExecutionStatus,
     RunStats,
     month_start,
     next_month_start,
@@ -71,14 +74,6 @@ OWNED_STATUS = (
     "pendingVerification",
     "lastResumeRequest",
 )
-RESULT_NAMES = {
-    ExecutionStatus.SUCCEEDED: "Succeeded",
-    ExecutionStatus.FAILED: "Failed",
-    ExecutionStatus.BUDGET_EXCEEDED: "BudgetExceeded",
-    ExecutionStatus.TIMED_OUT: "TimedOut",
-    ExecutionStatus.CANCELLED: "Cancelled",
-    ExecutionStatus.RUNNING: "Running",
-}
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """(object, type Normal|Warning, reason, message) -> None"""
@@ -131,12 +126,12 @@ def _last_run(last: ExecutionRecord) -> dict[str, Any]:
         "job": last.job_name,
         "startedAt": rfc3339(last.started_at),
         "completedAt": rfc3339(last.completed_at) if last.completed_at else None,
-        "result": RESULT_NAMES[last.status],
+        "result": last.status.display,
         "costUSD": usd(last.cost_usd),
         "inputTokens": last.input_tokens,
         "outputTokens": last.output_tokens,
     }
-    message = None if last.status is ExecutionStatus.SUCCEEDED else _first_line(last.error)
+    message = None if last.status is RunOutcome.SUCCEEDED else _first_line(last.error)
     if message:
         run["message"] = message
     return run
@@ -148,6 +143,24 @@ def _mounts_legacy_task(cronjob: Mapping[str, Any] | None) -> bool:
         return False
     pod = cronjob.get("spec", {}).get("jobTemplate", {}).get("spec", {}).get("template", {})
     return any("configMap" in v for v in (pod.get("spec") or {}).get("volumes") or [])
+
+
+@dataclass
+class Plan:
+    """What one reconcile pass decided, in the order ``apply`` carries it out."""
+
+    phase: str
+    # An existing CronJob to suspend (the spec became invalid; it is never deleted).
+    suspend_cronjob: str | None = None
+    # The CronJob to server-side apply (it differs from its rendering, or is missing).
+    cronjob: dict[str, Any] | None = None
+    # The task ConfigMap of a CronJob rendered before Jobs carried their own snapshot.
+    delete_configmap: str | None = None
+    # Run-now and verification Jobs; ``apply`` sets their owner's UID from the CronJob.
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    notices: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, message)
+    status: dict[str, Any] = field(default_factory=dict)  # the merge patch; {}: unchanged
 
 
 def reconcile(
@@ -163,22 +176,87 @@ def reconcile(
     notices: NoticeSink | None = None,
     now: datetime | None = None,
 ) -> str:
-    """Bring the CronJob and the status in line with the AgentSchedule;
-    returns the phase it wrote.
-    ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets; None
-    when no database is configured. ``notices`` receives the schedule-level notifications
+    """Bring the CronJob and the status in line with the AgentSchedule; returns the phase.
+    ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets;
+    None when no database is configured. ``notices`` receives the schedule-level notifications
     (auto-pause, budget reached, silent stop); run-level ones come from finished Jobs."""
-    return _Reconciler(
+    meta = body["metadata"]
+    actual = kube.get("CronJob", meta["namespace"], cronjob_name(meta["name"]))
+    plan = decide(
         body,
         settings,
-        kube,
-        events,
-        now or datetime.now(UTC),
+        actual,
+        now=now or datetime.now(UTC),
+        peers=peers,
         stats=stats,
         run_api=run_api,
         prices=prices,
+    )
+    apply(
+        plan,
+        body,
+        actual,
+        kube,
+        events=events,
         notices=notices or (lambda _kind, _key, _message: None),
-    ).run(peers)
+    )
+    return plan.phase
+
+
+def decide(
+    body: Mapping[str, Any],
+    settings: Settings,
+    actual: dict[str, Any] | None,
+    *,
+    now: datetime,
+    peers: Sequence[Peer] | None,
+    stats: RunStats | None,
+    run_api: RunApiEndpoint,
+    prices: PriceTable | None,
+) -> Plan:
+    """The pass's decisions, without any I/O: ``actual`` is the CronJob as the cluster has it
+    (None: missing)."""
+    return _Planner(body, settings, now, stats=stats, run_api=run_api, prices=prices).decide(
+        peers, actual
+    )
+
+
+def apply(
+    plan: Plan,
+    body: Mapping[str, Any],
+    actual: dict[str, Any] | None,
+    kube: Kube,
+    *,
+    events: EventSink,
+    notices: NoticeSink,
+) -> None:
+    """Carry out a plan: objects first, then Events and notices, then status (a pass that fails
+    on the way is repeated whole, and status is what tells the next pass what was done)."""
+    meta = body["metadata"]
+    namespace = meta["namespace"]
+    if plan.suspend_cronjob is not None:
+        kube.merge_patch("CronJob", namespace, plan.suspend_cronjob, {"spec": {"suspend": True}})
+    cronjob = actual
+    if plan.cronjob is not None:
+        cronjob = kube.apply(plan.cronjob)
+    if plan.delete_configmap is not None:
+        kube.delete("ConfigMap", namespace, plan.delete_configmap)
+    for job in plan.jobs:
+        if cronjob is None:  # cannot happen: a Job is planned only with a CronJob to own it
+            raise RuntimeError(f"run-now Job {job['metadata']['name']} has no CronJob to own it")
+        [owner] = job["metadata"]["ownerReferences"]
+        owner["uid"] = cronjob["metadata"]["uid"]
+        if kube.create(job) is None:
+            log.info("Job %s/%s already exists", namespace, job["metadata"]["name"])
+    for type_, reason, message in plan.events:
+        events(body, type_, reason, message)
+    for kind, key, message in plan.notices:
+        notices(kind, key, message)
+    if plan.status:
+        kube.merge_patch(
+            "AgentSchedule", namespace, meta["name"], {"status": plan.status}, status=True
+        )
+        metrics.STATUS_WRITES.inc()
 
 
 def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
@@ -187,32 +265,27 @@ def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
     return parse_rfc3339(stamp) if stamp else None
 
 
-class _Reconciler:
-    """State of one reconcile pass (kept on an object so the steps stay small)."""
+class _Planner:
+    """State of one pass's decisions (kept on an object so the steps stay small)."""
 
     def __init__(
         self,
         body: Mapping[str, Any],
         settings: Settings,
-        kube: Kube,
-        events: EventSink,
         now: datetime,
         *,
         stats: RunStats | None,
         run_api: RunApiEndpoint,
         prices: PriceTable | None,
-        notices: NoticeSink,
     ) -> None:
         meta = body["metadata"]
-        self.notices = notices
         self.stats = stats
         self.run_api = run_api
         self.prices = prices
         self.body = body
         self.settings = settings
-        self.kube = kube
-        self.events = events
         self.now = now
+        self.plan = Plan(phase="")
         self.ref = ScheduleRef(meta["name"], meta["namespace"], meta["uid"])
         self.generation: int | None = meta.get("generation")
         self.annotations: Mapping[str, str] = meta.get("annotations") or {}
@@ -222,10 +295,9 @@ class _Reconciler:
         self._verification_run: str | None = None
         self._budget: tuple[str, str, str] | None = None  # (reason, message, notice key)
 
-    def run(self, peers: Sequence[Peer] | None) -> str:
+    def decide(self, peers: Sequence[Peer] | None, actual: dict[str, Any] | None) -> Plan:
         result = validate(self.body, self.settings, now=self.now, peers=peers, prices=self.prices)
         name = cronjob_name(self.ref.name)
-        actual = self.kube.get("CronJob", self.ref.namespace, name)
         self.new.update(
             observedGeneration=self.generation,
             cronJobName=name if (actual is not None or result.ok) else None,
@@ -237,17 +309,19 @@ class _Reconciler:
             desired = self._invalid(result, actual)
         conditions = cond.merge(self.old.get("conditions"), desired, self.now)
         self.new.update(conditions=conditions, phase=cond.phase(conditions))
-        patch = {
+        self.plan.status = {
             k: _dropping_removed_keys(v, self.old.get(k))
             for k in OWNED_STATUS
             if (v := self.new.get(k)) != self.old.get(k)
         }
-        if patch:
-            self.kube.merge_patch(
-                "AgentSchedule", self.ref.namespace, self.ref.name, {"status": patch}, status=True
-            )
-            metrics.STATUS_WRITES.inc()
-        return str(self.new["phase"])
+        self.plan.phase = str(self.new["phase"])
+        return self.plan
+
+    def _event(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append((type_, reason, message))
+
+    def _notice(self, kind: str, key: str, message: str) -> None:
+        self.plan.notices.append((kind, key, message))
 
     def _invalid(self, result: Validated, actual: dict[str, Any] | None) -> list[dict[str, Any]]:
         message = "; ".join(str(e) for e in result.errors)
@@ -255,22 +329,17 @@ class _Reconciler:
         reason = cond.QUOTA_EXCEEDED if quota else cond.INVALID_SPEC
         # An existing CronJob is suspended, never deleted: history stays, nothing fires.
         if actual is not None and not actual.get("spec", {}).get("suspend"):
-            self.kube.merge_patch(
-                "CronJob",
-                self.ref.namespace,
-                actual["metadata"]["name"],
-                {"spec": {"suspend": True}},
-            )
+            self.plan.suspend_cronjob = actual["metadata"]["name"]
         self.new.update(nextRunAt=None, nextRunLocal=None, nextRuns=None)
         ready = cond.condition(cond.READY, False, reason, message, self.generation)
         if not self._same_condition(ready):
-            self.events(self.body, "Warning", reason, message)
+            self._event("Warning", reason, message)
         return [ready]
 
     def _valid(
         self, result: Validated, spec: AgentScheduleSpec, actual: dict[str, Any] | None
     ) -> list[dict[str, Any]]:
-        ref, kube = self.ref, self.kube
+        ref = self.ref
         self._results(spec)
         self._budget = self._budget_state(spec)
         # Held: the CronJob stays suspended although the user did not pause the schedule.
@@ -292,41 +361,41 @@ class _Reconciler:
                 and self.old.get("cronJobName")
             ):
                 what = "deleted" if actual is None else "changed outside Nocturne"
-                self.events(
-                    self.body,
+                self._event(
                     "Warning",
                     "DriftRepaired",
                     f"CronJob {cronjob['metadata']['name']} was {what}; restored",
                 )
-            actual = kube.apply(cronjob)
+            self.plan.cronjob = cronjob
             if legacy:
                 # Upgraded from a version whose Jobs read one shared task ConfigMap.
-                kube.delete("ConfigMap", ref.namespace, legacy_task_configmap_name(ref.name))
+                self.plan.delete_configmap = legacy_task_configmap_name(ref.name)
+        # The CronJob as the cluster has it once the plan is applied (apply leaves its status).
+        current = actual if actual is not None else cronjob
         self._next_runs(spec, suspended=suspend)
-        silent_stop = self._silent_stop(spec, actual, suspended=suspend)
+        silent_stop = self._silent_stop(spec, current, suspended=suspend)
         verification = self._verification_run
         if verification:
-            job = self._run_now(spec, actual, verification)
-            self.events(
-                self.body,
+            job = self._run_now(spec, current, verification)
+            self._event(
                 "Normal",
                 "VerificationRun",
                 f"resumed after auto-pause; verification run Job {job} started",
             )
         request = self.annotations.get(ANNOTATION_RUN_NOW)
         if request and (self.old.get("lastManualRun") or {}).get("requestId") != request:
-            job = self._run_now(spec, actual, request)
+            job = self._run_now(spec, current, request)
             self.new["lastManualRun"] = {
                 "requestId": request,
                 "job": job,
                 "createdAt": rfc3339(self.now),
             }
-            self.events(self.body, "Normal", "RunNow", f"run-now {request!r} started Job {job}")
+            self._event("Normal", "RunNow", f"run-now {request!r} started Job {job}")
         ready = cond.condition(
             cond.READY,
             True,
             cond.RECONCILED,
-            f"CronJob {actual['metadata']['name']} runs {spec.schedule!r} in {spec.time_zone}",
+            f"CronJob {current['metadata']['name']} runs {spec.schedule!r} in {spec.time_zone}",
             self.generation,
         )
         return [
@@ -366,14 +435,14 @@ class _Reconciler:
         old = self._find(cond.SUSPENDED)
         if old is None or old.get("status") != new["status"]:
             if auto and not spec.suspend:
-                self.events(self.body, "Warning", "AutoPaused", new["message"])
+                self._event("Warning", "AutoPaused", new["message"])
                 # Keyed by the failed run that tripped it: a repeated pass cannot send it twice.
                 key = auto.get("job") or str(auto.get("pausedAt", ""))
-                self.notices("AutoPaused", str(key), new["message"])
+                self._notice("AutoPaused", str(key), new["message"])
             elif spec.suspend:
-                self.events(self.body, "Normal", "Paused", f"schedule paused: {new['message']}")
+                self._event("Normal", "Paused", f"schedule paused: {new['message']}")
             elif old is not None:
-                self.events(self.body, "Normal", "Resumed", "schedule resumed")
+                self._event("Normal", "Resumed", "schedule resumed")
         return new
 
     def _results(self, spec: AgentScheduleSpec) -> None:
@@ -407,7 +476,7 @@ class _Reconciler:
         if (
             self.new.get("pendingVerification")
             and last is not None
-            and last.status is ExecutionStatus.SUCCEEDED
+            and last.status is RunOutcome.SUCCEEDED
             and (since is None or last.started_at >= since)
         ):
             self.new["pendingVerification"] = None
@@ -470,14 +539,13 @@ class _Reconciler:
             reason, message, key = self._budget
             new = cond.condition(cond.BUDGET_EXHAUSTED, True, reason, message, self.generation)
             if not self._same_condition(new, keys=("status", "reason")):
-                self.events(self.body, "Warning", "BudgetExhausted", message)
-                self.notices("BudgetExceeded", key, message)
+                self._event("Warning", "BudgetExhausted", message)
+                self._notice("BudgetExceeded", key, message)
             return new
         new = cond.condition(cond.BUDGET_EXHAUSTED, False, cond.WITHIN_BUDGET, "", self.generation)
         old = self._find(cond.BUDGET_EXHAUSTED)
         if old is not None and old.get("status") == "True":
-            self.events(
-                self.body,
+            self._event(
                 "Normal",
                 "BudgetAvailable",
                 "within budget again (a new month began or the cap was raised); runs resume",
@@ -525,8 +593,8 @@ class _Reconciler:
             cond.SILENT_STOP, True, cond.NO_SUCCESSFUL_RUN, message, self.generation
         )
         if not self._same_condition(new, keys=("status",)):
-            self.events(self.body, "Warning", "SilentStop", message)
-            self.notices("SilentStop", rfc3339(since), message)
+            self._event("Warning", "SilentStop", message)
+            self._notice("SilentStop", rfc3339(since), message)
         return new
 
     def _watching_since(self, cronjob: Mapping[str, Any]) -> datetime:
@@ -573,11 +641,12 @@ class _Reconciler:
             self.generation,
         )
         if not self._same_condition(warning):
-            self.events(self.body, "Warning", cond.DST_TRANSITIONS, warning["message"])
+            self._event("Warning", cond.DST_TRANSITIONS, warning["message"])
         return warning
 
     def _run_now(self, spec: AgentScheduleSpec, cronjob: Mapping[str, Any], request: str) -> str:
-        """One Job from the CronJob's template per request id (a repeated id creates nothing)."""
+        """One Job from the CronJob's template per request id (a repeated id creates nothing);
+        its owner's UID is the applied CronJob's (``apply``)."""
         ref = self.ref
         name = manual_job_name(ref.name, request)
         template = render_job_template(ref, spec, self.settings, self.run_api)
@@ -600,7 +669,7 @@ class _Reconciler:
                         "apiVersion": "batch/v1",
                         "kind": "CronJob",
                         "name": cronjob["metadata"]["name"],
-                        "uid": cronjob["metadata"]["uid"],
+                        "uid": cronjob["metadata"].get("uid", ""),
                         "controller": True,
                         "blockOwnerDeletion": True,
                     }
@@ -608,8 +677,7 @@ class _Reconciler:
             },
             "spec": template["spec"],
         }
-        if self.kube.create(job) is None:
-            log.info("run-now %s: Job %s/%s already exists", request, ref.namespace, name)
+        self.plan.jobs.append(job)
         return name
 
     def _find(self, type_: str) -> Mapping[str, Any] | None:

@@ -12,13 +12,13 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal, cast
 
-from nocturne_operator.api.model import Notifications
+from agent_runner.contract import RunOutcome
+from nocturne_operator.api.model import AgentScheduleSpec, Notifications
 from nocturne_operator.api.money import usd
 from nocturne_operator.api.timestamps import rfc3339
 from nocturne_operator.storage import clean_text
 
 Format = Literal["slack", "json"]
-RunResult = Literal["Succeeded", "Failed", "BudgetExceeded", "TimedOut", "Cancelled"]
 # Run outputs, errors and messages in a stored notice are cut to this size.
 PAYLOAD_TEXT_LIMIT_BYTES = 16 * 1024
 
@@ -38,7 +38,6 @@ class Kind(StrEnum):
 FAILURE_KINDS = frozenset({Kind.FAILED, Kind.AUTO_PAUSED, Kind.SILENT_STOP})
 """The kinds a Recovered notice resolves."""
 _EVENT_KINDS = frozenset({Kind.AUTO_PAUSED, Kind.BUDGET_EXCEEDED, Kind.SILENT_STOP})
-_RUN_RESULTS = ("Succeeded", "Failed", "BudgetExceeded", "TimedOut", "Cancelled")
 
 
 class Status(StrEnum):
@@ -62,6 +61,12 @@ class NoticeSubject:
     namespace: str
     name: str
     uid: str
+
+    @classmethod
+    def of(cls, schedule: Mapping[str, Any]) -> NoticeSubject:
+        """The subject an AgentSchedule object names."""
+        meta = schedule["metadata"]
+        return cls(meta["namespace"], meta["name"], meta["uid"])
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,16 @@ class Target:
             kinds=frozenset(Kind(kind) for kind in notifications.events),
         )
 
+    @classmethod
+    def of(cls, schedule: Mapping[str, Any]) -> Target | None:
+        """The AgentSchedule object's target, or None (no notifications asked for, or a spec
+        that does not validate: it gets no notices until it does)."""
+        try:
+            spec = AgentScheduleSpec.model_validate(schedule.get("spec") or {})
+        except ValueError:
+            return None
+        return cls.from_spec(spec.notifications)
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -95,7 +110,7 @@ class RunInfo:
 
     job: str
     job_uid: str
-    result: str  # RunResult
+    result: RunOutcome  # final
     cost_usd: Decimal
     started_at: datetime
     completed_at: datetime | None
@@ -105,8 +120,8 @@ class RunInfo:
     alert_reason: str | None
 
     def __post_init__(self) -> None:
-        if self.result not in _RUN_RESULTS:
-            raise ValueError(f"RunInfo.result: {self.result!r} must be one of {_RUN_RESULTS}")
+        if not isinstance(self.result, RunOutcome) or not self.result.final:
+            raise ValueError(f"RunInfo.result: {self.result!r} must be a final RunOutcome")
         if not isinstance(self.cost_usd, Decimal):
             raise TypeError(f"RunInfo.cost_usd: {self.cost_usd!r} must be a Decimal")
         aware("RunInfo.started_at", self.started_at)
@@ -203,7 +218,7 @@ def _duration(seconds: float) -> str:
 def run_payload(run: RunInfo) -> dict[str, Any]:
     return {
         "job": run.job,
-        "result": run.result,
+        "result": run.result.display,
         "costUSD": usd(run.cost_usd),
         "startedAt": rfc3339(run.started_at),
         "completedAt": rfc3339(run.completed_at) if run.completed_at else None,

@@ -48,6 +48,7 @@ from agent_runner.addresses import (
     resolve,
     system_resolver,
 )
+from agent_runner.contract import RunOutcome
 from nocturne_operator.adapters import metrics
 from nocturne_operator.notifications.bodies import render_body
 from nocturne_operator.notifications.notices import (
@@ -82,7 +83,11 @@ _EVENT_KINDS = frozenset({Kind.AUTO_PAUSED, Kind.BUDGET_EXCEEDED, Kind.SILENT_ST
 # Never held back: a Succeeded notice carries content (the digest) and is opted into per run;
 # an auto-pause or a reached budget cannot flap (each needs a human or a new month to end).
 _NO_COOLDOWN = frozenset({Kind.SUCCEEDED, Kind.AUTO_PAUSED, Kind.BUDGET_EXCEEDED})
-_FAILED_RESULTS = {"Failed": "failed", "BudgetExceeded": "hit its budget", "TimedOut": "timed out"}
+_FAILED_RESULTS = {
+    RunOutcome.FAILED: "failed",
+    RunOutcome.BUDGET_EXCEEDED: "hit its budget",
+    RunOutcome.TIMED_OUT: "timed out",
+}
 
 
 def retry_delay(
@@ -239,7 +244,7 @@ class Notifier:
         Cancelled -> nothing. Idempotent per Job UID.
         """
         aware("now", now)
-        if run.result == "Cancelled":
+        if run.result is RunOutcome.CANCELLED:
             return []
         details = run_payload(run)
 
@@ -250,7 +255,7 @@ class Notifier:
 
         def plan(view: ScheduleView) -> list[Delivery]:
             stored: list[Delivery | None] = []
-            if run.result == "Succeeded":
+            if run.result is RunOutcome.SUCCEEDED:
                 message = f"Run {run.job} succeeded{run_line(run)}."
                 stored.append(self._put(view, target, notice(Kind.SUCCEEDED, run.job_uid, message)))
                 # Only notices from before this run ended count: a run replayed after an
@@ -275,7 +280,7 @@ class Notifier:
                     stored.append(self._put(view, target, cleared))
             else:
                 phrase = _FAILED_RESULTS[run.result]
-                message = f"Run {run.job} {phrase} ({run.result}){run_line(run)}."
+                message = f"Run {run.job} {phrase} ({run.result.display}){run_line(run)}."
                 if run.error:
                     message += f" Error: {first_line(run.error)}"
                 stored.append(self._put(view, target, notice(Kind.FAILED, run.job_uid, message)))

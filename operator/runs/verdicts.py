@@ -20,14 +20,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from agent_runner.contract import RunOutcome
 from agent_runner.summary import Summary, parse_summary
 from nocturne_operator.api.timestamps import parse_rfc3339, rfc3339
-from nocturne_operator.storage import (
-    ExecutionKey,
-    ExecutionRecord,
-    ExecutionStatus,
-    History,
-)
+from nocturne_operator.storage import ExecutionKey, ExecutionRecord, History
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +73,7 @@ def record_finished_job(
     for attempt, pod in enumerate(ordered):
         pod_uid = pod["metadata"]["uid"]
         row = rows.get(pod_uid)
-        if row is not None and row.status is not ExecutionStatus.RUNNING:
+        if row is not None and row.status is not RunOutcome.RUNNING:
             continue
         summary = _summary(pod)
         status, error = _final_status(summary, outcome, pod)
@@ -178,14 +174,14 @@ def _summary(pod: Mapping[str, Any]) -> Summary | None:
 
 def _final_status(
     summary: Summary | None, outcome: JobOutcome, pod: Mapping[str, Any]
-) -> tuple[ExecutionStatus, str | None]:
+) -> tuple[RunOutcome, str | None]:
     if summary is not None and summary.status != "RUNNING":
-        return ExecutionStatus(summary.status), summary.error
+        return RunOutcome(summary.status), summary.error
     if outcome.reason == "DeadlineExceeded":
-        return ExecutionStatus.TIMED_OUT, f"Job deadline exceeded: {outcome.message}"
+        return RunOutcome.TIMED_OUT, f"Job deadline exceeded: {outcome.message}"
     pod_status = pod.get("status") or {}
     why = pod_status.get("message") or pod_status.get("reason") or outcome.message
-    return ExecutionStatus.FAILED, f"the pod ended without a result ({outcome.reason}): {why}"
+    return RunOutcome.FAILED, f"the pod ended without a result ({outcome.reason}): {why}"
 
 
 def _started(pod: Mapping[str, Any], job: Mapping[str, Any]) -> datetime:
@@ -213,7 +209,7 @@ def reap(
     history: History,
     *,
     now: datetime,
-) -> list[tuple[ExecutionRecord, ExecutionStatus]]:
+) -> list[tuple[ExecutionRecord, RunOutcome]]:
     """Finalise RUNNING rows (of one namespace) whose Job or pod is gone; returns the rows
     finalised and the status they got. ``jobs`` and ``pods`` are everything that exists now.
 
@@ -227,35 +223,35 @@ def reap(
     """
     jobs_by_uid = {j["metadata"]["uid"]: j for j in jobs}
     pod_uids = {p["metadata"]["uid"] for p in pods}
-    done: list[tuple[ExecutionRecord, ExecutionStatus]] = []
+    done: list[tuple[ExecutionRecord, RunOutcome]] = []
     for row in stuck:
-        if row.status is not ExecutionStatus.RUNNING or row.pod_uid in pod_uids:
+        if row.status is not RunOutcome.RUNNING or row.pod_uid in pod_uids:
             continue
         job = jobs_by_uid.get(row.job_uid)
         outcome = job_outcome(job) if job is not None else None
         gone = f"the pod of attempt {row.attempt} is gone"
         completed = now
         if job is None:
-            status = ExecutionStatus.CANCELLED
+            status = RunOutcome.CANCELLED
             error = f"Job {row.job_name} was deleted before the run finished"
         elif outcome is None:
-            status = ExecutionStatus.CANCELLED
+            status = RunOutcome.CANCELLED
             error = f"{gone} (evicted or deleted); the Job goes on with another pod"
         else:
             completed = outcome.finished_at
             retried = any(r.attempt > row.attempt for r in history.for_job(row.job_uid))
             if retried:
-                status, error = ExecutionStatus.FAILED, f"{gone}; the Job retried it"
+                status, error = RunOutcome.FAILED, f"{gone}; the Job retried it"
             elif outcome.succeeded:
                 # The runner exited 0 but its result was lost with the pod: the cost recorded
                 # while it ran is all we know.
-                status = ExecutionStatus.SUCCEEDED
+                status = RunOutcome.SUCCEEDED
                 error = f"{gone}; the Job completed, its final result was not recorded"
             elif outcome.reason == "DeadlineExceeded":
-                status = ExecutionStatus.TIMED_OUT
+                status = RunOutcome.TIMED_OUT
                 error = f"{gone}; Job deadline exceeded: {outcome.message}"
             else:
-                status = ExecutionStatus.FAILED
+                status = RunOutcome.FAILED
                 error = f"{gone}; the Job failed ({outcome.reason}): {outcome.message}"
         stored = history.finish(
             row.id,

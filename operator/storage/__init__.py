@@ -1,7 +1,8 @@
 """PostgreSQL storage of the operator, its only client: execution history, budget grants, the
 audit trail and agent state, split by concern. Import from this package, not its modules.
 
-- ``schema``: the tables (SQLAlchemy models), ExecutionStatus and EventKind. The leaf.
+- ``schema``: the tables (SQLAlchemy models) and EventKind; a run's outcome is the contract's
+  RunOutcome. The leaf.
 - ``values``: what the store accepts (money, tokens, aware times, page sizes, storable text).
 - ``engine``: the engine, the HistoryError family and the transaction base of the repository.
 - ``migrate``: ``upgrade()``, running the Alembic scripts in ``migrations/``.
@@ -46,7 +47,6 @@ from nocturne_operator.storage.schema import (
     Event,
     EventKind,
     Execution,
-    ExecutionStatus,
 )
 from nocturne_operator.storage.state import SavedState, StateToSave
 from nocturne_operator.storage.values import ERROR_LIMIT_BYTES, OUTPUT_LIMIT_BYTES, clean_text
@@ -70,7 +70,6 @@ __all__ = [
     "ExecutionKey",
     "ExecutionNotFoundError",
     "ExecutionRecord",
-    "ExecutionStatus",
     "GrantRecord",
     "History",
     "HistoryError",

@@ -15,8 +15,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import sqlalchemy as sa
 
+from agent_runner.contract import RunOutcome
 from nocturne_operator.storage.engine import Repository
-from nocturne_operator.storage.schema import EXECUTIONS, ExecutionStatus
+from nocturne_operator.storage.schema import EXECUTIONS
 from nocturne_operator.storage.values import aware, check_page_limit
 
 __all__ = [
@@ -44,7 +45,7 @@ class ExecutionRecord:
     pod_uid: str
     attempt: int
     manual_request: str | None
-    status: ExecutionStatus
+    status: RunOutcome
     started_at: datetime
     completed_at: datetime | None
     cost_usd: Decimal
@@ -79,9 +80,7 @@ class RunStats:
 
 
 # Outcomes that count as a failed run; CANCELLED (deletion, eviction) does not.
-FAILED_OUTCOMES = frozenset(
-    {ExecutionStatus.FAILED, ExecutionStatus.BUDGET_EXCEEDED, ExecutionStatus.TIMED_OUT}
-)
+FAILED_OUTCOMES = frozenset({RunOutcome.FAILED, RunOutcome.BUDGET_EXCEEDED, RunOutcome.TIMED_OUT})
 
 
 class CostPeriod(NamedTuple):
@@ -155,7 +154,7 @@ def execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
 
 def _record(row: sa.Row[Any]) -> ExecutionRecord:
     values = dict(row._mapping)
-    values["status"] = ExecutionStatus(values["status"])
+    values["status"] = RunOutcome(values["status"])
     return ExecutionRecord(**values)
 
 
@@ -197,7 +196,7 @@ class RunReads(Repository):
         *,
         since: datetime | None = None,
         until: datetime | None = None,
-        status: ExecutionStatus | str | Collection[ExecutionStatus | str] | None = None,
+        status: RunOutcome | str | Collection[RunOutcome | str] | None = None,
         limit: int = 50,
         before_id: int | None = None,
         include_output: bool = False,
@@ -217,7 +216,7 @@ class RunReads(Repository):
         )
         if status is not None:
             wanted = [status] if isinstance(status, str) else list(status)
-            query = query.where(t.c.status.in_([ExecutionStatus(s).value for s in wanted]))
+            query = query.where(t.c.status.in_([RunOutcome(s).value for s in wanted]))
         with self._begin(what) as conn:
             if before_id is not None:
                 cursor = conn.execute(
@@ -305,7 +304,7 @@ class RunReads(Repository):
         )
         outcome = last_attempts.c.status
         counts = sa.select(
-            sa.func.count().filter(outcome == ExecutionStatus.SUCCEEDED.value).label("succeeded"),
+            sa.func.count().filter(outcome == RunOutcome.SUCCEEDED.value).label("succeeded"),
             sa.func.count().filter(outcome.in_([s.value for s in FAILED_OUTCOMES])).label("failed"),
         ).subquery()
         month_cost = (
@@ -318,7 +317,7 @@ class RunReads(Repository):
             sa.select(
                 cost_sum().label("total_cost"),
                 sa.func.max(t.c.started_at)
-                .filter(t.c.status == ExecutionStatus.SUCCEEDED.value)
+                .filter(t.c.status == RunOutcome.SUCCEEDED.value)
                 .label("last_success_at"),
                 month_cost.label("month_cost"),
             )
@@ -327,7 +326,7 @@ class RunReads(Repository):
         )
         recent = (
             sa.select(last_attempts)
-            .where(outcome != ExecutionStatus.RUNNING.value)
+            .where(outcome != RunOutcome.RUNNING.value)
             .order_by(last_attempts.c.started_at.desc(), last_attempts.c.id.desc())
             .limit(streak_limit)
         )
@@ -340,7 +339,7 @@ class RunReads(Repository):
         for row in rows:
             if failures_since is not None and row.started_at < failures_since:
                 break
-            if row.status is ExecutionStatus.SUCCEEDED:
+            if row.status is RunOutcome.SUCCEEDED:
                 break
             if row.status in FAILED_OUTCOMES:
                 streak += 1

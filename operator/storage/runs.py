@@ -15,16 +15,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_FLOOR, Decimal
+from decimal import Decimal
 from typing import Any, NamedTuple, cast, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
-from agent_runner.contract import MAX_USD, USD_QUANTUM, NoGrantReason, json_document
+from agent_runner.contract import MAX_USD, NoGrantReason, RunOutcome, grant_usd, json_document
 from nocturne_operator.storage.engine import ExecutionNotFoundError, HistoryError, Repository
 from nocturne_operator.storage.queries import cost_sum, execution_columns
-from nocturne_operator.storage.schema import EXECUTIONS, ExecutionStatus
+from nocturne_operator.storage.schema import EXECUTIONS
 from nocturne_operator.storage.state import StateToSave, save_state_in
 from nocturne_operator.storage.values import (
     ERROR_LIMIT_BYTES,
@@ -128,7 +128,7 @@ def _committed_sum(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
     t = EXECUTIONS
     held = sa.case(
         (
-            t.c.status == ExecutionStatus.RUNNING.value,
+            t.c.status == RunOutcome.RUNNING.value,
             sa.func.greatest(sa.func.coalesce(t.c.granted_usd, t.c.cost_usd), t.c.cost_usd),
         ),
         else_=t.c.cost_usd,
@@ -144,11 +144,6 @@ def _warn_overrun(what: str, cost: Decimal, granted: Decimal | None) -> None:
             _amount(cost),
             _amount(granted),
         )
-
-
-def _floor_usd(value: Decimal) -> Decimal:
-    """Round down to the stored 6 decimals: a grant never exceeds what a cap leaves."""
-    return value.quantize(USD_QUANTUM, rounding=ROUND_FLOOR)
 
 
 def _amount(value: Decimal) -> str:
@@ -171,7 +166,7 @@ def _new_attempt(
         "pod_uid": key.pod_uid,
         "attempt": attempt,
         "manual_request": key.manual_request,
-        "status": ExecutionStatus.RUNNING.value,
+        "status": RunOutcome.RUNNING.value,
         "started_at": started_at,
         "model": model,
         "provider": provider,
@@ -263,7 +258,7 @@ class RunWrites(Repository):
             if refusal is not None:
                 reason, message = refusal
                 values |= {
-                    "status": ExecutionStatus.BUDGET_EXCEEDED.value,
+                    "status": RunOutcome.BUDGET_EXCEEDED.value,
                     "completed_at": started_at,
                     "error": clean_text(message, ERROR_LIMIT_BYTES),
                     "metadata": {"refused": reason},
@@ -332,10 +327,10 @@ class RunWrites(Repository):
                     ),
                 )
             )
-        limit = _floor_usd(min(MAX_USD, max(Decimal(0), min(amount for _, amount, _ in left))))
+        limit = grant_usd(min(MAX_USD, max(Decimal(0), min(amount for _, amount, _ in left))))
         if limit > 0:
             return None, limit
-        reason, _, message = next(item for item in left if _floor_usd(item[1]) <= 0)
+        reason, _, message = next(item for item in left if grant_usd(item[1]) <= 0)
         return (reason, message), Decimal(0)
 
     @staticmethod
@@ -372,7 +367,7 @@ class RunWrites(Repository):
         reason = (row.metadata or {}).get("refused")
         refused = (
             cast(NoGrantReason, reason)
-            if row.status == ExecutionStatus.BUDGET_EXCEEDED.value and reason in _NO_GRANT_REASONS
+            if row.status == RunOutcome.BUDGET_EXCEEDED.value and reason in _NO_GRANT_REASONS
             else None
         )
         return GrantRecord(
@@ -422,7 +417,7 @@ class RunWrites(Repository):
         raised = sa.func.greatest(t.c.cost_usd, cost)
         update = (
             sa.update(t)
-            .where(t.c.id == execution_id, t.c.status == ExecutionStatus.RUNNING.value)
+            .where(t.c.id == execution_id, t.c.status == RunOutcome.RUNNING.value)
             .values(
                 cost_usd=raised,
                 input_tokens=sa.func.greatest(t.c.input_tokens, tokens_in),
@@ -447,7 +442,7 @@ class RunWrites(Repository):
         self,
         execution_id: int,
         *,
-        status: ExecutionStatus | str,
+        status: RunOutcome | str,
         completed_at: datetime,
         cost_usd: Decimal,
         input_tokens: int,
@@ -458,7 +453,7 @@ class RunWrites(Repository):
         alert_reason: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         saving: StateToSave | None = None,
-    ) -> ExecutionStatus:
+    ) -> RunOutcome:
         """Record the final status and return the status now stored; when that is SUCCEEDED,
         ``saving`` (validated first: StateTooLargeError) is saved in the same transaction, so
         a recorded success never lacks the state it handed on.
@@ -468,8 +463,8 @@ class RunWrites(Repository):
         error are truncated to OUTPUT_LIMIT_BYTES / ERROR_LIMIT_BYTES. A cost above the grant
         is recorded as reported, flagged ``metadata.overrun`` and logged (see record_progress).
         """
-        final = ExecutionStatus(status)
-        if final is ExecutionStatus.RUNNING:
+        final = RunOutcome(status)
+        if final is RunOutcome.RUNNING:
             raise ValueError("finish(): status RUNNING is not a final status")
         aware("completed_at", completed_at)
         cost = usd("cost_usd", cost_usd)
@@ -491,7 +486,7 @@ class RunWrites(Repository):
                 raise ExecutionNotFoundError(f"{what}: no such execution")
             current = row.status
             overrun = row.granted_usd is not None and max(row.cost_usd, cost) > row.granted_usd
-            if overrun and (current == ExecutionStatus.RUNNING or cost > row.cost_usd):
+            if overrun and (current == RunOutcome.RUNNING or cost > row.cost_usd):
                 _warn_overrun(what, max(row.cost_usd, cost), row.granted_usd)
             values: dict[str, Any] = {
                 "cost_usd": sa.func.greatest(t.c.cost_usd, cost),
@@ -499,7 +494,7 @@ class RunWrites(Repository):
                 "output_tokens": sa.func.greatest(t.c.output_tokens, tokens_out),
                 "updated_at": sa.func.now(),
             }
-            if current == ExecutionStatus.RUNNING:
+            if current == RunOutcome.RUNNING:
                 values |= {
                     "status": final.value,
                     "completed_at": completed_at,
@@ -510,9 +505,9 @@ class RunWrites(Repository):
                     "metadata": meta | {"overrun": True} if overrun else meta,
                 }
                 conn.execute(sa.update(t).where(t.c.id == execution_id).values(values))
-                stored: ExecutionStatus = final
+                stored: RunOutcome = final
             else:
-                stored = ExecutionStatus(current)
+                stored = RunOutcome(current)
                 conn.execute(
                     sa.update(t)
                     .where(
@@ -529,7 +524,7 @@ class RunWrites(Repository):
                         else values
                     )
                 )
-            if saving is not None and stored is ExecutionStatus.SUCCEEDED:
+            if saving is not None and stored is RunOutcome.SUCCEEDED:
                 save_state_in(conn, saving, execution_id)
             return stored
 

@@ -18,6 +18,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from agent_runner.contract import RunOutcome
+
 __all__ = [
     "AGENT_STATE",
     "EVENTS",
@@ -27,19 +29,7 @@ __all__ = [
     "Event",
     "EventKind",
     "Execution",
-    "ExecutionStatus",
 ]
-
-
-class ExecutionStatus(StrEnum):
-    """Status of one run attempt; every value but RUNNING is final."""
-
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
-    TIMED_OUT = "TIMED_OUT"
-    CANCELLED = "CANCELLED"
 
 
 class EventKind(StrEnum):
@@ -62,7 +52,7 @@ class EventKind(StrEnum):
 ONCE_PER_SCHEDULE = frozenset({EventKind.CREATED, EventKind.DELETED})
 _ONCE_KINDS_SQL = ", ".join(sorted(f"'{k.value}'" for k in ONCE_PER_SCHEDULE))
 ONCE_PER_SCHEDULE_SQL = f"kind IN ({_ONCE_KINDS_SQL}) AND schedule_uid IS NOT NULL"
-_STATUS_SQL = ", ".join(f"'{s.value}'" for s in ExecutionStatus)
+_STATUS_SQL = ", ".join(f"'{s.value}'" for s in RunOutcome)
 
 
 class Base(DeclarativeBase):

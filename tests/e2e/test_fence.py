@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agent_runner.contract import RunOutcome
 from e2e.schedules import (
     finished,
     nocturne_cli,
@@ -52,7 +53,7 @@ from integration.llm_server import (
     openai_reply,
 )
 from nocturne_operator.render import RUN_RECORD_FINALIZER
-from nocturne_operator.storage import ExecutionStatus, History
+from nocturne_operator.storage import History
 
 pytestmark = pytest.mark.e2e
 
@@ -174,7 +175,7 @@ def test_two_jobs_at_once_never_exceed_max_total(
     [two] = attempts(url, second)
     assert (one.granted_usd, two.granted_usd) == (PER_RUN, TOTAL - PER_RUN), (one, two)
     for row in (one, two):
-        assert row.status is ExecutionStatus.SUCCEEDED, row
+        assert row.status is RunOutcome.SUCCEEDED, row
         assert row.schedule_uid == uid
         assert row.granted_usd is not None
         assert 0 < row.cost_usd <= row.granted_usd, row
@@ -320,8 +321,8 @@ def test_a_retry_runs_the_task_its_job_was_created_with(
     assert len(requests) == 4, requests
     assert [user_query(r) for r in requests] == [QUERY] * 4
     first, retry = attempts(url, job)
-    assert (first.attempt, first.status) == (0, ExecutionStatus.FAILED), first
-    assert (retry.attempt, retry.status) == (1, ExecutionStatus.SUCCEEDED), retry
+    assert (first.attempt, first.status) == (0, RunOutcome.FAILED), first
+    assert (retry.attempt, retry.status) == (1, RunOutcome.SUCCEEDED), retry
     assert first.cost_usd > 0, "the dropped calls may have been billed: their reservations count"
     assert retry.granted_usd == Decimal("0.50") - first.cost_usd, (first, retry)
 
@@ -401,7 +402,7 @@ def test_runs_finishing_while_the_operator_is_down_are_recorded_once(  # noqa: P
         with History.connect(url) as history:
             rows = history.runs(namespace, NAME)
         assert Counter(r.job_uid for r in rows) == dict.fromkeys(created, 1), rows
-        assert all(r.status is ExecutionStatus.SUCCEEDED for r in rows), rows
+        assert all(r.status is RunOutcome.SUCCEEDED for r in rows), rows
         assert all(r.metadata.get("recordedBy") == "operator" for r in rows), rows
         spent = sum((r.cost_usd for r in rows), Decimal(0))
         assert Decimal(recorded["totalCostUSD"]) == spent > 0, recorded

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent_runner.contract import RunOutcome
 from e2e.schedules import finished_job, patch_spec, ready, run_now, runner_summary, schedule
 from harness.controlplane import free_ports
 from harness.executor import ExecutorProcess
@@ -31,7 +32,7 @@ from harness.fixtures import fresh_namespace
 from harness.kube import Cluster, Kubectl, wait_for
 from harness.prerequisites import skip_or_fail
 from harness.tools import Tools
-from nocturne_operator.storage import ExecutionStatus, History
+from nocturne_operator.storage import History
 
 pytestmark = pytest.mark.e2e
 
@@ -229,7 +230,7 @@ def test_install_runs_a_schedule_with_the_charts_rbac(release: Release, kubectl:
         with History.connect(release.database_url) as history:
             row = history.get(summary.execution_id or 0)
         assert row is not None
-        assert row.status == ExecutionStatus.SUCCEEDED
+        assert row.status == RunOutcome.SUCCEEDED
         assert row.manual_request == "chart-1"
 
     # The operator read the result with the chart's RBAC (Jobs, pods) and filled the status.

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from agent_runner.contract import RunOutcome
 from e2e.conftest import OperatorProcess
 from e2e.schedules import (
     condition,
@@ -31,7 +32,7 @@ from e2e.schedules import (
 )
 from harness.kube import Cluster, Kubectl, wait_for
 from integration.llm_server import Reply, ScriptedServer, html_page
-from nocturne_operator.storage import ExecutionKey, ExecutionStatus, History
+from nocturne_operator.storage import ExecutionKey, History
 
 pytestmark = pytest.mark.e2e
 
@@ -425,7 +426,7 @@ def test_run_now_executes_the_runner_and_records_the_run(
     with History.connect(runner_database) as history:
         row = history.get(summary.execution_id or 0)
         assert row is not None
-        assert row.status == ExecutionStatus.SUCCEEDED
+        assert row.status == RunOutcome.SUCCEEDED
         assert row.job_uid == job["metadata"]["uid"]
         assert row.manual_request == "full-1"
         assert row.output is not None
@@ -462,11 +463,11 @@ def test_run_past_its_deadline_ends_timed_out(
 
         def final_row() -> Any:
             with History.connect(runner_database) as history:
-                rows = [r for r in history.for_job(uid) if r.status != ExecutionStatus.RUNNING]
+                rows = [r for r in history.for_job(uid) if r.status != RunOutcome.RUNNING]
             return rows[0] if rows else None
 
         row = wait_for(final_row, 90, "the run's final row")
-    assert row.status == ExecutionStatus.TIMED_OUT
+    assert row.status == RunOutcome.TIMED_OUT
     assert row.completed_at is not None
 
 
@@ -559,7 +560,7 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
         assert delivery.headers["x-nocturne-event"] == "AutoPaused"
         with History.connect(runner_database) as history:
             rows = history.runs(namespace, "daily-ai-news")
-        assert {r.status for r in rows} == {ExecutionStatus.FAILED}
+        assert {r.status for r in rows} == {RunOutcome.FAILED}
         assert all("agent.maxSteps=1" in (r.error or "") for r in rows), rows
 
         # Fix the cause and resume: one verification run at once, then back to Active.
@@ -627,7 +628,7 @@ def seed_runs(database_url: str, namespace: str, schedule_uid: str, *costs: str)
             )
             history.finish(
                 run_id,
-                status=ExecutionStatus.SUCCEEDED,
+                status=RunOutcome.SUCCEEDED,
                 completed_at=datetime.now(UTC),
                 cost_usd=Decimal(cost),
                 input_tokens=10,

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from agent_runner.contract import RunOutcome
 from agent_runner.summary import parse_summary
 from e2e.conftest import OperatorProcess, operator_process
 from e2e.schedules import finished, ready, run_now, runner_summary, status_of
@@ -26,7 +27,6 @@ from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer,
 from nocturne_operator.storage import (
     ExecutionKey,
     ExecutionRecord,
-    ExecutionStatus,
     History,
     quantize_usd,
     upgrade,
@@ -226,7 +226,7 @@ RECONCILES = "nocturne_reconcile_duration_seconds_count"
 
 def assert_results_match(status: dict[str, Any], rows: list[ExecutionRecord]) -> None:
     """The status's run results are what the execution rows say (one attempt per Job)."""
-    succeeded = sum(r.status is ExecutionStatus.SUCCEEDED for r in rows)
+    succeeded = sum(r.status is RunOutcome.SUCCEEDED for r in rows)
     newest = max(rows, key=lambda r: (r.started_at, r.id))
     assert status["runs"] == {"succeeded": succeeded, "failed": len(rows) - succeeded}, status
     assert status["consecutiveFailures"] == 0, status
@@ -295,7 +295,7 @@ def test_operator_restart_changes_no_totals(
             rows = history.runs(namespace, NAME)
             [row] = history.for_job(job["metadata"]["uid"])
         assert len(rows) == 3, rows
-        assert row.status is ExecutionStatus.SUCCEEDED
+        assert row.status is RunOutcome.SUCCEEDED
         assert row.cost_usd == quantize_usd(summary.cost_usd)
         assert row.metadata.get("recordedBy") == "operator", row.metadata
         assert_results_match(settled, rows)
@@ -380,7 +380,7 @@ def test_no_database_no_grant_no_spend_and_status_says_why(
         assert last["message"].startswith("no budget grant: run API unavailable"), last
         assert Decimal(status["totalCostUSD"]) == 0
         [row] = attempts(url, job)
-        assert (row.status, row.cost_usd) == (ExecutionStatus.FAILED, Decimal(0))
+        assert (row.status, row.cost_usd) == (RunOutcome.FAILED, Decimal(0))
 
         run_now(kubectl, namespace, "db-back", NAME)
         wait_for_succeeded(kubectl, namespace, 1, 90, "the next run, with PostgreSQL back")
@@ -418,10 +418,10 @@ def test_the_reaper_finalises_a_run_whose_job_is_gone(
         def reaped() -> ExecutionRecord | None:
             with History.connect(url) as history:
                 [row] = history.for_job("uid-lost-job")
-            return row if row.status is not ExecutionStatus.RUNNING else None
+            return row if row.status is not RunOutcome.RUNNING else None
 
         row = wait_for(reaped, 30, "the reaper to finalise the orphaned row")
-    assert row.status is ExecutionStatus.CANCELLED
+    assert row.status is RunOutcome.CANCELLED
     assert row.error == f"Job {NAME}-lost was deleted before the run finished"
     assert (row.cost_usd, row.input_tokens, row.output_tokens) == (Decimal("0.03"), 9, 4)
     assert row.metadata.get("recordedBy") == "reaper"

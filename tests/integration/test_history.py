@@ -14,6 +14,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import sqlalchemy as sa
 
+from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
 from nocturne_operator.storage import (
     ERROR_LIMIT_BYTES,
@@ -24,7 +25,6 @@ from nocturne_operator.storage import (
     EventKind,
     ExecutionKey,
     ExecutionNotFoundError,
-    ExecutionStatus,
     History,
     HistoryError,
     HistoryUnavailableError,
@@ -60,9 +60,9 @@ def start(history: History, k: ExecutionKey | None = None, at: datetime = T0) ->
     return history.start(k or key(), model="gpt-4o-mini", provider="openai", started_at=at)
 
 
-def finish(history: History, execution_id: int, **overrides: Any) -> ExecutionStatus:
+def finish(history: History, execution_id: int, **overrides: Any) -> RunOutcome:
     values: dict[str, Any] = {
-        "status": ExecutionStatus.SUCCEEDED,
+        "status": RunOutcome.SUCCEEDED,
         "completed_at": T0 + timedelta(minutes=5),
         "cost_usd": Decimal("0.5"),
         "input_tokens": 1000,
@@ -91,7 +91,7 @@ def test_start_inserts_running_row_with_key(history: History) -> None:
     )
     assert (record.job_name, record.job_uid, record.pod_uid) == ("daily-news-1", "juid", "puid")
     assert (record.attempt, record.manual_request) == (2, "req-7")
-    assert record.status is ExecutionStatus.RUNNING
+    assert record.status is RunOutcome.RUNNING
     assert record.started_at == T0
     assert record.completed_at is None
     assert record.cost_usd == Decimal(0)
@@ -119,7 +119,7 @@ def test_start_after_finish_never_brings_back_running(history: History) -> None:
     assert start(history) == execution_id
     record = history.get(execution_id)
     assert record is not None
-    assert record.status is ExecutionStatus.FAILED
+    assert record.status is RunOutcome.FAILED
     assert record.error == "boom"
 
 
@@ -189,7 +189,7 @@ def test_record_progress_never_lowers_cost_or_tokens(history: History) -> None:
         90,
     )
     assert record.updated_at > first.updated_at
-    assert record.status is ExecutionStatus.RUNNING
+    assert record.status is RunOutcome.RUNNING
 
 
 def test_record_progress_after_finish_changes_nothing(history: History) -> None:
@@ -198,7 +198,7 @@ def test_record_progress_after_finish_changes_nothing(history: History) -> None:
     history.record_progress(execution_id, cost_usd=Decimal("9"), input_tokens=9, output_tokens=9)
     record = history.get(execution_id)
     assert record is not None
-    assert (record.status, record.cost_usd) == (ExecutionStatus.SUCCEEDED, Decimal("0.5"))
+    assert (record.status, record.cost_usd) == (RunOutcome.SUCCEEDED, Decimal("0.5"))
 
 
 def test_record_progress_and_finish_of_unknown_execution(history: History) -> None:
@@ -233,7 +233,7 @@ def test_finish_records_everything_about_a_failed_run(history: History) -> None:
     done = T0 + timedelta(seconds=42)
     status = history.finish(
         execution_id,
-        status=ExecutionStatus.BUDGET_EXCEEDED,
+        status=RunOutcome.BUDGET_EXCEEDED,
         completed_at=done,
         cost_usd=Decimal("1.999999"),
         input_tokens=12_345,
@@ -244,10 +244,10 @@ def test_finish_records_everything_about_a_failed_run(history: History) -> None:
         alert_reason="price of X dropped 40%",
         metadata={"steps": 3, "tools": ["web_fetch"], "note": "日本語"},
     )
-    assert status is ExecutionStatus.BUDGET_EXCEEDED
+    assert status is RunOutcome.BUDGET_EXCEEDED
     record = history.get(execution_id)
     assert record is not None
-    assert record.status is ExecutionStatus.BUDGET_EXCEEDED
+    assert record.status is RunOutcome.BUDGET_EXCEEDED
     assert record.completed_at == done
     assert record.cost_usd == Decimal("1.999999")
     assert (record.input_tokens, record.output_tokens) == (12_345, 678)
@@ -259,8 +259,8 @@ def test_finish_records_everything_about_a_failed_run(history: History) -> None:
 
 def test_finish_is_idempotent_and_the_first_final_status_wins(history: History) -> None:
     execution_id = start(history)
-    assert finish(history, execution_id, output="digest") is ExecutionStatus.SUCCEEDED
-    assert finish(history, execution_id, output="digest") is ExecutionStatus.SUCCEEDED
+    assert finish(history, execution_id, output="digest") is RunOutcome.SUCCEEDED
+    assert finish(history, execution_id, output="digest") is RunOutcome.SUCCEEDED
     # A late finish by someone else (the reaper, a SIGTERM handler) keeps the outcome ...
     late = finish(
         history,
@@ -271,11 +271,11 @@ def test_finish_is_idempotent_and_the_first_final_status_wins(history: History) 
         cost_usd=Decimal("0.75"),
         input_tokens=1500,
     )
-    assert late is ExecutionStatus.SUCCEEDED
+    assert late is RunOutcome.SUCCEEDED
     record = history.get(execution_id)
     assert record is not None
     assert (record.status, record.output, record.error) == (
-        ExecutionStatus.SUCCEEDED,
+        RunOutcome.SUCCEEDED,
         "digest",
         None,
     )
@@ -285,7 +285,7 @@ def test_finish_is_idempotent_and_the_first_final_status_wins(history: History) 
         1500,
         200,
     )
-    assert finish(history, execution_id, cost_usd=Decimal("0.1")) is ExecutionStatus.SUCCEEDED
+    assert finish(history, execution_id, cost_usd=Decimal("0.1")) is RunOutcome.SUCCEEDED
     record = history.get(execution_id)
     assert record is not None
     assert record.cost_usd == Decimal("0.75")
@@ -299,14 +299,14 @@ def test_finish_refuses_metadata_postgresql_cannot_store(history: History) -> No
         finish(history, execution_id, metadata={"x": "\x00"})
     record = history.get(execution_id)
     assert record is not None
-    assert record.status is ExecutionStatus.RUNNING
+    assert record.status is RunOutcome.RUNNING
 
 
 def test_finish_refuses_running(history: History) -> None:
     execution_id = start(history)
     with pytest.raises(ValueError, match="status RUNNING is not a final status"):
         finish(history, execution_id, status="RUNNING")
-    with pytest.raises(ValueError, match="'DONE' is not a valid ExecutionStatus"):
+    with pytest.raises(ValueError, match="'DONE' is not a valid RunOutcome"):
         finish(history, execution_id, status="DONE")
 
 
@@ -486,9 +486,7 @@ def test_runs_newest_first_and_filtered(history: History) -> None:
 
     failed = history.runs("research", "daily-news", status="FAILED", limit=100)
     assert [r.id for r in failed] == [ids[i] for i in range(24, -1, -1) if i % 3 == 0]
-    both = history.runs(
-        "research", "daily-news", status=[ExecutionStatus.FAILED, "RUNNING"], limit=100
-    )
+    both = history.runs("research", "daily-news", status=[RunOutcome.FAILED, "RUNNING"], limit=100)
     assert len(both) == 9
     assert history.runs("research", "daily-news", status="CANCELLED") == []
     assert [r.schedule_name for r in history.runs("research", "other")] == ["other"]
@@ -532,7 +530,7 @@ def test_runs_rejects_bad_arguments(history: History) -> None:
         history.runs("research", "other", before_id=ids[0])
     with pytest.raises(ValueError, match="limit: 0 must be between 1 and 1000"):
         history.runs("research", "daily-news", limit=0)
-    with pytest.raises(ValueError, match="'BOGUS' is not a valid ExecutionStatus"):
+    with pytest.raises(ValueError, match="'BOGUS' is not a valid RunOutcome"):
         history.runs("research", "daily-news", status="BOGUS")
     with pytest.raises(ValueError, match=r"since: .* must be a timezone-aware datetime"):
         history.runs("research", "daily-news", since=datetime(2026, 1, 1))  # noqa: DTZ001
@@ -768,7 +766,7 @@ def test_stuck_running_lists_old_unfinished_executions(history: History) -> None
     older = start(history, key(job="older", pod="x"), at=now - timedelta(hours=5))
     stuck = history.stuck_running(timedelta(hours=1))
     assert [r.id for r in stuck] == [older, old]
-    assert all(r.status is ExecutionStatus.RUNNING for r in stuck)
+    assert all(r.status is RunOutcome.RUNNING for r in stuck)
     assert [r.id for r in history.stuck_running(timedelta(hours=1), limit=1)] == [older]
 
 

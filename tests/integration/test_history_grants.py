@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
 from nocturne_operator.runs.verdicts import reap
 from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
-    ExecutionStatus,
     GrantRecord,
     History,
     HistoryError,
@@ -66,9 +66,9 @@ def spend(
     history: History,
     grant: GrantRecord,
     cost: str | Decimal,
-    status: ExecutionStatus = ExecutionStatus.SUCCEEDED,
+    status: RunOutcome = RunOutcome.SUCCEEDED,
     **extra: Any,
-) -> ExecutionStatus:
+) -> RunOutcome:
     return history.finish(
         grant.execution_id,
         status=status,
@@ -111,7 +111,7 @@ def test_a_grant_is_what_the_caps_leave_and_the_attempt_is_recorded_running(
     row = history.get(grant.execution_id)
     assert row is not None
     assert (row.status, row.granted_usd, row.cost_usd, row.attempt) == (
-        ExecutionStatus.RUNNING,
+        RunOutcome.RUNNING,
         D("2.00"),
         D(0),
         0,
@@ -147,7 +147,7 @@ def test_a_replay_returns_the_same_grant_and_changes_nothing(history: History) -
     assert len(history.for_job(key("a").job_uid)) == 1
     row = history.get(first.execution_id)
     assert row is not None
-    assert (row.status, row.cost_usd, row.granted_usd) == (ExecutionStatus.RUNNING, D("0.3"), D(1))
+    assert (row.status, row.cost_usd, row.granted_usd) == (RunOutcome.RUNNING, D("0.3"), D(1))
 
     refused = reserve(history, "b", caps=Caps(D(0)))
     replayed = reserve(history, "b", caps=Caps(D(9)))
@@ -210,7 +210,7 @@ def test_the_total_cap_counts_what_running_jobs_hold(history: History) -> None:
         refused.execution_id, 0, D(0), D(0), "TotalBudgetReached", message, replay=False
     )
     assert refusal_row(history, refused) == (
-        ExecutionStatus.BUDGET_EXCEEDED,
+        RunOutcome.BUDGET_EXCEEDED,
         T0,
         D(0),
         D(0),
@@ -261,10 +261,10 @@ def test_the_per_run_cap_is_shared_by_the_attempts_of_one_job(history: History) 
         "maxPerRunUSD 1.00 reached: 0.00 spent and 1.00 reserved by the earlier attempts of "
         "Job news-a"
     )
-    spend(history, first, "0.60", ExecutionStatus.FAILED)
+    spend(history, first, "0.60", RunOutcome.FAILED)
     second = reserve(history, "a", "p2", caps=caps)
     assert (second.attempt, second.limit, second.spent_before) == (2, D("0.40"), D("0.60"))
-    spend(history, second, "0.40", ExecutionStatus.FAILED)
+    spend(history, second, "0.40", RunOutcome.FAILED)
     third = reserve(history, "a", "p3", caps=caps)
     assert (third.attempt, third.limit, third.refused) == (3, D(0), "BudgetExhausted")
     # Another Job has its own per-run cap.
@@ -287,7 +287,7 @@ def test_a_recreated_schedule_starts_clean_but_history_lists_every_incarnation(
     history: History,
 ) -> None:
     caps = Caps(D(1), total=D(1))
-    spend(history, reserve(history, "a", caps=caps, uid="uid-old"), "1.00", ExecutionStatus.FAILED)
+    spend(history, reserve(history, "a", caps=caps, uid="uid-old"), "1.00", RunOutcome.FAILED)
     assert reserve(history, "b", caps=caps, uid="uid-old").refused == "TotalBudgetReached"
     fresh = reserve(history, "c", caps=caps, uid="uid-new", at=T0 + timedelta(hours=1))
     assert (fresh.limit, fresh.refused) == (D(1), None)
@@ -295,9 +295,9 @@ def test_a_recreated_schedule_starts_clean_but_history_lists_every_incarnation(
 
     listed = history.runs("ns", "news")
     assert [(r.schedule_uid, r.status) for r in listed] == [
-        ("uid-new", ExecutionStatus.SUCCEEDED),
-        ("uid-old", ExecutionStatus.BUDGET_EXCEEDED),
-        ("uid-old", ExecutionStatus.FAILED),
+        ("uid-new", RunOutcome.SUCCEEDED),
+        ("uid-old", RunOutcome.BUDGET_EXCEEDED),
+        ("uid-old", RunOutcome.FAILED),
     ]
     new = history.run_stats("ns", "news", schedule_uid="uid-new", month_start=MONTH)
     assert (new.total_cost, new.succeeded, new.failed, new.consecutive_failures) == (
@@ -338,11 +338,11 @@ def test_a_cost_above_the_grant_is_recorded_flagged_and_counted(
     )
     # finish keeps the flag next to the caller's metadata; a lower replayed cost lowers nothing.
     spend(history, grant, "0.36", metadata={"recordedBy": "runner"})
-    spend(history, grant, "0.10", ExecutionStatus.FAILED)
+    spend(history, grant, "0.10", RunOutcome.FAILED)
     row = history.get(grant.execution_id)
     assert row is not None
     assert (row.status, row.cost_usd, row.metadata) == (
-        ExecutionStatus.SUCCEEDED,
+        RunOutcome.SUCCEEDED,
         D("0.36"),
         {"recordedBy": "runner", "overrun": True},
     )
@@ -350,9 +350,7 @@ def test_a_cost_above_the_grant_is_recorded_flagged_and_counted(
 
 def test_a_cost_reported_on_a_refused_attempt_is_recorded_and_flagged(history: History) -> None:
     refused = reserve(history, "a", caps=Caps(D(0)))
-    assert spend(history, refused, "0.02", ExecutionStatus.FAILED) is (
-        ExecutionStatus.BUDGET_EXCEEDED
-    )
+    assert spend(history, refused, "0.02", RunOutcome.FAILED) is (RunOutcome.BUDGET_EXCEEDED)
     row = history.get(refused.execution_id)
     assert row is not None
     assert (row.cost_usd, row.metadata) == (
@@ -421,7 +419,7 @@ def test_the_reaper_turns_a_stale_grant_into_the_cost_it_recorded(history: Histo
     assert reserve(history, "b", caps=caps).refused == "TotalBudgetReached"
     (row,) = history.running("uid-news")
     done = reap([row], jobs=[], pods=[], history=history, now=T0 + timedelta(hours=2))
-    assert [status for _, status in done] == [ExecutionStatus.CANCELLED]
+    assert [status for _, status in done] == [RunOutcome.CANCELLED]
     assert committed(history) == D("0.2")
     assert reserve(history, "c", caps=caps).limit == D("0.8")
 
@@ -470,7 +468,7 @@ def test_concurrent_jobs_never_overspend_the_total_and_monthly_caps(url: str) ->
 # ---- property: any interleaving stays within the caps -------------------------------------------
 
 PROFILE = settings(max_examples=60, derandomize=True, database=None, deadline=None)
-FINAL = [s for s in ExecutionStatus if s is not ExecutionStatus.RUNNING]
+FINAL = [s for s in RunOutcome if s is not RunOutcome.RUNNING]
 BEFORE, DURING = MONTH - timedelta(hours=1), MONTH + timedelta(hours=1)
 ZERO = D(0)
 

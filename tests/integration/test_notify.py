@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
 from integration.llm_server import Reply, ScriptedServer
 from nocturne_operator.notifications import bodies as webhook_bodies
@@ -593,7 +594,7 @@ def test_the_delivered_body_is_plain_json(harness: Harness) -> None:
         RunInfo(
             job="daily-news-a",
             job_uid="uid-a",
-            result="Succeeded",
+            result=RunOutcome.SUCCEEDED,
             cost_usd=Decimal("1.5"),
             started_at=T0,
             completed_at=None,

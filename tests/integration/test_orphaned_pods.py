@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from agent_runner.contract import RunOutcome
 from agent_runner.summary import Summary
 from nocturne_operator.runs.verdicts import pod_finished, record_orphaned_pod
-from nocturne_operator.storage import Caps, ExecutionKey, ExecutionStatus, History
+from nocturne_operator.storage import Caps, ExecutionKey, History
 
 pytestmark = pytest.mark.integration
 NOW = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
@@ -75,7 +76,7 @@ def test_a_granted_run_is_recorded_from_its_summary_at_its_real_cost(history: Hi
     row = history.get(run_id)
     assert row is not None
     assert (row.status, row.cost_usd, row.input_tokens) == (
-        ExecutionStatus.SUCCEEDED,
+        RunOutcome.SUCCEEDED,
         Decimal("0.000087"),
         120,
     )
@@ -95,7 +96,7 @@ def test_a_pod_without_a_summary_fails_its_attempt_and_a_running_pod_waits(
     assert record_orphaned_pod(pod("Failed", None), SCHEDULE, history) == 1
     row = history.get(run_id)
     assert row is not None
-    assert row.status is ExecutionStatus.FAILED
+    assert row.status is RunOutcome.FAILED
     assert row.error is not None
     assert "without a result" in row.error
 

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
 from nocturne_operator.runs.verdicts import reap
 from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
-    ExecutionStatus,
     GrantRecord,
     History,
     upgrade,
@@ -130,7 +130,7 @@ def test_the_first_final_status_wins_over_a_late_reap(history: History) -> None:
     stuck = history.stuck_running(timedelta(minutes=2))
     history.finish(
         run_id,
-        status=ExecutionStatus.SUCCEEDED,
+        status=RunOutcome.SUCCEEDED,
         completed_at=NOW,
         cost_usd=Decimal("0.30"),
         input_tokens=9,
@@ -138,7 +138,7 @@ def test_the_first_final_status_wins_over_a_late_reap(history: History) -> None:
         output="done",
     )
     [(_, stored)] = reap(stuck, [], [], history, now=NOW)
-    assert stored is ExecutionStatus.SUCCEEDED
+    assert stored is RunOutcome.SUCCEEDED
     assert status_of(history, "raced") == [(0, "SUCCEEDED", None)]
 
 
@@ -159,7 +159,7 @@ def test_a_reaped_attempt_holds_its_cost_not_its_grant(history: History) -> None
     assert reserve("next").limit == Decimal("0.10")
 
     [(row, stored)] = reap(history.running("uid-news")[:1], [], [], history, now=NOW)
-    assert (row.granted_usd, stored) == (Decimal("0.50"), ExecutionStatus.CANCELLED)
+    assert (row.granted_usd, stored) == (Decimal("0.50"), RunOutcome.CANCELLED)
     [reaped] = history.for_job("uid-gone")
     assert (reaped.cost_usd, reaped.granted_usd) == (Decimal("0.20"), Decimal("0.50"))
     # 0.60 - 0.20 spent by the reaped attempt - 0.10 granted to the running one.

@@ -9,8 +9,9 @@ from decimal import Decimal
 
 import pytest
 
+from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
-from nocturne_operator.storage import ExecutionKey, ExecutionStatus, History, upgrade
+from nocturne_operator.storage import ExecutionKey, History, upgrade
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -28,7 +29,7 @@ def attempt(
     history: History,
     job: str,
     n: int,
-    status: ExecutionStatus,
+    status: RunOutcome,
     hour: int,
     *,
     cost: str = "0.10",
@@ -38,7 +39,7 @@ def attempt(
     run_id = history.start(
         key, model="m", provider="offline", started_at=T0 + timedelta(hours=hour, minutes=n)
     )
-    if status is not ExecutionStatus.RUNNING:
+    if status is not RunOutcome.RUNNING:
         history.finish(
             run_id,
             status=status,
@@ -50,12 +51,12 @@ def attempt(
 
 
 def test_runs_are_counted_per_job_by_their_last_attempt(history: History) -> None:
-    attempt(history, "a", 0, ExecutionStatus.FAILED, 0)
-    attempt(history, "a", 1, ExecutionStatus.SUCCEEDED, 0)  # a retry that healed: a success
-    attempt(history, "b", 0, ExecutionStatus.FAILED, 1)
-    attempt(history, "c", 0, ExecutionStatus.CANCELLED, 2)  # deletion: not a failure
-    attempt(history, "d", 0, ExecutionStatus.TIMED_OUT, 3)
-    attempt(history, "e", 0, ExecutionStatus.RUNNING, 4, cost="0")
+    attempt(history, "a", 0, RunOutcome.FAILED, 0)
+    attempt(history, "a", 1, RunOutcome.SUCCEEDED, 0)  # a retry that healed: a success
+    attempt(history, "b", 0, RunOutcome.FAILED, 1)
+    attempt(history, "c", 0, RunOutcome.CANCELLED, 2)  # deletion: not a failure
+    attempt(history, "d", 0, RunOutcome.TIMED_OUT, 3)
+    attempt(history, "e", 0, RunOutcome.RUNNING, 4, cost="0")
     stats = history.run_stats("ns", "news")
     assert (stats.succeeded, stats.failed) == (1, 2)
     assert stats.consecutive_failures == 2
@@ -66,7 +67,7 @@ def test_runs_are_counted_per_job_by_their_last_attempt(history: History) -> Non
 
 def test_a_resume_restarts_the_streak(history: History) -> None:
     for i, job in enumerate("abc"):
-        attempt(history, job, 0, ExecutionStatus.FAILED, i)
+        attempt(history, job, 0, RunOutcome.FAILED, i)
     assert history.run_stats("ns", "news").consecutive_failures == 3
     resumed = T0 + timedelta(hours=1, minutes=30)
     assert history.run_stats("ns", "news", failures_since=resumed).consecutive_failures == 1
@@ -78,10 +79,10 @@ def test_no_runs(history: History) -> None:
 
 
 def test_last_success_and_the_cost_since_the_month_started(history: History) -> None:
-    attempt(history, "a", 0, ExecutionStatus.SUCCEEDED, 0, cost="1.00")
-    attempt(history, "b", 0, ExecutionStatus.FAILED, 2, cost="0.25")
-    attempt(history, "c", 0, ExecutionStatus.SUCCEEDED, 5, cost="0.50")
-    attempt(history, "d", 0, ExecutionStatus.FAILED, 7, cost="0.05")
+    attempt(history, "a", 0, RunOutcome.SUCCEEDED, 0, cost="1.00")
+    attempt(history, "b", 0, RunOutcome.FAILED, 2, cost="0.25")
+    attempt(history, "c", 0, RunOutcome.SUCCEEDED, 5, cost="0.50")
+    attempt(history, "d", 0, RunOutcome.FAILED, 7, cost="0.05")
     stats = history.run_stats("ns", "news", month_start=T0 + timedelta(hours=3))
     assert stats.last_success_at == T0 + timedelta(hours=5)
     assert stats.month_cost == Decimal("0.55")
@@ -91,10 +92,10 @@ def test_last_success_and_the_cost_since_the_month_started(history: History) -> 
 def test_a_schedule_uid_counts_only_that_incarnation(history: History) -> None:
     """A schedule deleted and re-created under the same name is a new schedule: its totals,
     streak, last run and month cost start clean; by name, every incarnation counts."""
-    attempt(history, "a", 0, ExecutionStatus.FAILED, 0, cost="1.00", uid="uid-old")
-    attempt(history, "b", 0, ExecutionStatus.FAILED, 1, cost="2.00", uid="uid-old")
-    attempt(history, "c", 0, ExecutionStatus.SUCCEEDED, 2, cost="0.25", uid="uid-new")
-    attempt(history, "d", 0, ExecutionStatus.FAILED, 3, cost="0.05", uid="uid-new")
+    attempt(history, "a", 0, RunOutcome.FAILED, 0, cost="1.00", uid="uid-old")
+    attempt(history, "b", 0, RunOutcome.FAILED, 1, cost="2.00", uid="uid-old")
+    attempt(history, "c", 0, RunOutcome.SUCCEEDED, 2, cost="0.25", uid="uid-new")
+    attempt(history, "d", 0, RunOutcome.FAILED, 3, cost="0.05", uid="uid-new")
     month = T0 + timedelta(hours=1)
     new = history.run_stats("ns", "news", schedule_uid="uid-new", month_start=month)
     assert (new.total_cost, new.succeeded, new.failed, new.consecutive_failures) == (

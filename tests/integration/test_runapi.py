@@ -28,6 +28,7 @@ from agent_runner.contract import (
     START_PATH,
     ApiError,
     Grant,
+    RunOutcome,
     parse_task_document,
 )
 from harness.postgres import running_postgres
@@ -37,7 +38,7 @@ from nocturne_operator.runapi.auth import RefusalError, RunIdentity
 from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage import ExecutionStatus, History, upgrade
+from nocturne_operator.storage import History, upgrade
 
 pytestmark = pytest.mark.integration
 
@@ -238,7 +239,7 @@ def test_start_grants_the_per_run_cap_with_the_models_price(
     assert grant.previous is None
     row = history.get(grant.execution_id)
     assert row is not None
-    assert row.status is ExecutionStatus.RUNNING
+    assert row.status is RunOutcome.RUNNING
     assert (row.job_uid, row.pod_uid, row.schedule_uid) == (
         identity.job_uid,
         identity.pod_uid,
@@ -275,7 +276,7 @@ def test_no_budget_left_is_409_and_the_attempt_is_recorded_budget_exceeded(
     assert error.reason == "TotalBudgetReached"
     assert "0.5" in error.message
     (row,) = history.for_job(second.job_uid)
-    assert row.status is ExecutionStatus.BUDGET_EXCEEDED
+    assert row.status is RunOutcome.BUDGET_EXCEEDED
     assert row.cost_usd == 0
 
 
@@ -318,7 +319,7 @@ def test_database_stopped_is_503_and_the_next_start_after_it_is_back_works() -> 
             finally:
                 running.close()
             assert later.execution_id > grant.execution_id
-            assert repo.for_job("daily-2-uid")[0].status is ExecutionStatus.RUNNING
+            assert repo.for_job("daily-2-uid")[0].status is RunOutcome.RUNNING
 
 
 # ---- identity --------------------------------------------------------------------------------
@@ -361,7 +362,7 @@ def test_another_jobs_execution_is_403_on_progress_and_finish(
     assert (missing.status_code, missing.json()) == (403, response.json())
     row = history.get(grant.execution_id)
     assert row is not None
-    assert row.status is ExecutionStatus.RUNNING
+    assert row.status is RunOutcome.RUNNING
 
 
 # ---- bodies ----------------------------------------------------------------------------------
@@ -434,7 +435,7 @@ def test_finish_replay_is_idempotent_and_the_first_final_status_wins(
     assert api.post(FINISH_PATH, token, late).status_code == 200
     row = history.get(grant.execution_id)
     assert row is not None
-    assert row.status is ExecutionStatus.SUCCEEDED
+    assert row.status is RunOutcome.SUCCEEDED
     assert (row.cost_usd, row.output, row.error) == (Decimal("0.10"), "digest", None)
 
 
@@ -470,7 +471,7 @@ def test_state_too_large_is_422_after_the_run_is_recorded(
     assert error_of(response).reason == "StateTooLarge"
     row = history.get(grant.execution_id)
     assert row is not None
-    assert row.status is ExecutionStatus.SUCCEEDED
+    assert row.status is RunOutcome.SUCCEEDED
     assert history.load_state(NS, "daily") is None
 
 

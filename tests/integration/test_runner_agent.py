@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from agent_runner.agent import RunResult, run_agent
 from agent_runner.budget import Budget
 from agent_runner.config import TaskDocument, parse_task
+from agent_runner.contract import RunOutcome
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED
 from agent_runner.providers import Provider, RetryPolicy, make_provider
 from agent_runner.providers.offline import LABEL
@@ -108,7 +109,7 @@ def execute(
     finally:
         provider.close()
     assert spent_before + result.cost <= doc.budget.max_per_run_usd or result.status == (
-        "budget_exceeded"
+        RunOutcome.BUDGET_EXCEEDED
     )
     return result, budget
 
@@ -117,7 +118,7 @@ def test_offline_run_fetches_remembers_and_alerts_on_change(server: ScriptedServ
     server.route("/pricing", html_page("<p>Pro plan: 20 USD</p>"))
     doc = task(server, provider="offline")
     first, _ = execute(doc)
-    assert first.status == "succeeded"
+    assert first.status is RunOutcome.SUCCEEDED
     assert first.exit_code == SUCCEEDED
     assert first.output is not None
     assert first.output.startswith(LABEL)
@@ -165,7 +166,7 @@ def test_openai_tool_call_round_trip_under_budget(server: ScriptedServer) -> Non
     usage_log: list[Decimal] = []
     doc = task(server)
     result, budget = execute(doc, previous_state={"pro": "20"}, usage_log=usage_log)
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     assert (result.output, result.alert, result.state) == (
         "Pro went from 20 to 25 USD.",
         True,
@@ -197,7 +198,11 @@ def test_anthropic_round_trip(server: ScriptedServer) -> None:
     )
     doc = task(server, provider="anthropic", limit="0.50")
     result, _ = execute(doc)
-    assert (result.status, result.output, result.steps) == ("succeeded", "Pro costs 25 USD now.", 2)
+    assert (result.status, result.output, result.steps) == (
+        RunOutcome.SUCCEEDED,
+        "Pro costs 25 USD now.",
+        2,
+    )
     second = server.requests_to(ANTHROPIC_PATH)[1].json()
     assert second["messages"][-1]["content"][0]["type"] == "tool_result"
     assert "Pro plan: 25 USD" in second["messages"][-1]["content"][0]["content"]
@@ -219,7 +224,7 @@ def test_run_that_hits_its_budget(server: ScriptedServer) -> None:
     server.script(OPENAI_PATH, *[spend_everything for _ in range(6)])
     doc = task(server, limit="0.01")
     result, budget = execute(doc)
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert result.exit_code == BUDGET_EXHAUSTED
     assert result.cost <= Decimal("0.01")
     assert budget.remaining < Decimal("0.01") / 10
@@ -230,7 +235,7 @@ def test_retry_attempt_continues_the_same_budget(server: ScriptedServer) -> None
     server.script(OPENAI_PATH, openai_reply("never sent"))
     doc = task(server, limit="0.05")
     result, _ = execute(doc, spent_before=Decimal("0.0499"))
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert result.steps == 0
     assert server.requests_to(OPENAI_PATH) == []
 
@@ -244,7 +249,7 @@ def test_refused_restricted_operation_is_reported(server: ScriptedServer) -> Non
         openai_reply(calls=[Call("finish", {"output": "Would have e-mailed.", "alert": False})]),
     )
     result, _ = execute(task(server))
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     (refusal,) = result.refusals
     assert (refusal.tool, refusal.reason) == ("send_email", REASON_NOT_ALLOWED)
     tool_reply = server.requests_to(OPENAI_PATH)[1].json()["messages"][-1]
@@ -260,7 +265,7 @@ def test_ssrf_attempt_by_the_model_is_refused_and_recorded(server: ScriptedServe
         openai_reply("Could not read the metadata service."),
     )
     result, _ = execute(task(server))
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     assert [r.tool for r in result.refusals] == ["web_fetch"]
     # The address guard names the metadata endpoint (older wording: "link-local").
     assert re.search(r"metadata endpoint|link-local", result.refusals[0].detail)
@@ -269,7 +274,7 @@ def test_ssrf_attempt_by_the_model_is_refused_and_recorded(server: ScriptedServe
 def test_malformed_usage_is_charged_at_the_reservation(server: ScriptedServer) -> None:
     server.script(OPENAI_PATH, openai_reply("answer", usage={"prompt_tokens": -3}))
     result, budget = execute(task(server))
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     first = server.requests_to(OPENAI_PATH)[0].json()
     assert result.output_tokens == first["max_tokens"]
     assert result.cost == budget.spent > 0
@@ -281,22 +286,27 @@ def test_provider_over_reporting_stops_the_run(server: ScriptedServer) -> None:
         openai_reply("x", usage={"prompt_tokens": 10, "completion_tokens": 10_000_000}),
     )
     result, _ = execute(task(server, limit="1.00"))
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert "beyond the call's reservation" in str(result.error)
-    assert result.cost == Decimal("6.0000015")  # recorded as reported, not hidden
+    # Recorded as reported (rounded up to the micro-dollar), not hidden.
+    assert result.cost == Decimal("6.000002")
 
 
 def test_bad_key_mid_run_is_a_config_error(server: ScriptedServer) -> None:
     server.script(OPENAI_PATH, error_reply(401, "invalid api key"))
     result, _ = execute(task(server))
-    assert (result.status, result.exit_code, result.cost) == ("failed", CONFIG_ERROR, Decimal(0))
+    assert (result.status, result.exit_code, result.cost) == (
+        RunOutcome.FAILED,
+        CONFIG_ERROR,
+        Decimal(0),
+    )
     assert KEY.get_secret_value() not in str(result.error)
 
 
 def test_lost_response_then_deadline(server: ScriptedServer) -> None:
     server.script(OPENAI_PATH, Reply(delay=1.0, json={}), Reply(delay=1.0, json={}))
     result, budget = execute(task(server), timeout=0.5)
-    assert result.status == "timed_out"
+    assert result.status is RunOutcome.TIMED_OUT
     assert result.cost > 0  # the lost call may have been billed: charged at its reservation
     assert result.cost == budget.spent
 
@@ -311,7 +321,7 @@ def test_gateway_error_is_charged_at_its_reservation_before_the_retry(
     )
     usage_log: list[Decimal] = []
     result, budget = execute(task(server), usage_log=usage_log, sleep=lambda seconds: None)
-    assert (result.status, result.steps) == ("succeeded", 2)
+    assert (result.status, result.steps) == (RunOutcome.SUCCEEDED, 2)
     first, _ = server.requests_to(OPENAI_PATH)
     charged, total = usage_log
     # The 504 is recorded at its reservation (usage unknown): its whole output limit included.

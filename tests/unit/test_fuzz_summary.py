@@ -11,14 +11,14 @@ import contextlib
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, get_args
+from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from agent_runner.contract import MAX_USD
-from agent_runner.summary import MESSAGE_LIMIT_BYTES, Status, Summary, parse_summary
+from agent_runner.contract import MAX_USD, RunOutcome
+from agent_runner.summary import MESSAGE_LIMIT_BYTES, Summary, parse_summary
 
 PROFILE = settings(max_examples=300, derandomize=True, database=None, deadline=timedelta(seconds=1))
 MAX_INT = 2**63 - 1
@@ -34,7 +34,7 @@ JSON_VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(ANY_TEXT, inner, max_size=4),
     max_leaves=10,
 )
-STATUSES = st.sampled_from(get_args(Status))
+STATUSES = st.sampled_from([o.value for o in RunOutcome])
 TIMES = st.one_of(
     st.datetimes(timezones=st.timezones()).map(lambda t: t.isoformat()),
     # Any local time with any offset, the first and last hours included.

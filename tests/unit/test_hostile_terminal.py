@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from agent_runner.contract import RunOutcome
 from nocturne_operator.cli import reports
-from nocturne_operator.storage import ExecutionRecord, ExecutionStatus
+from nocturne_operator.storage import ExecutionRecord
 
 EVIL = "\x1b]0;pwned\x07\x1b[31mred\x1b[0m\r\x08\x9b2J"
 
@@ -24,7 +25,7 @@ def record(**fields: Any) -> ExecutionRecord:
         "pod_uid": "p",
         "attempt": 0,
         "manual_request": None,
-        "status": ExecutionStatus.FAILED,
+        "status": RunOutcome.FAILED,
         "started_at": datetime(2026, 1, 1, tzinfo=UTC),
         "completed_at": None,
         "cost_usd": Decimal("0.01"),

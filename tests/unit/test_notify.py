@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from agent_runner.addresses import BlockedAddressError
+from agent_runner.contract import RunOutcome
 from nocturne_operator.adapters import metrics
 from nocturne_operator.api.model import Notifications
 from nocturne_operator.notifications import bodies as webhook_bodies
@@ -66,7 +67,8 @@ def run(
     return RunInfo(
         job=f"daily-news-{job}",
         job_uid=f"uid-{job}",
-        result=result,
+        # Tests name results as status shows them ("BudgetExceeded").
+        result=next(o for o in RunOutcome if o.display == result),
         cost_usd=Decimal(cost),
         started_at=T0,
         completed_at=ended,
@@ -382,8 +384,12 @@ def test_schedule_event_takes_schedule_kinds_only() -> None:
 
 
 def test_run_info_is_checked() -> None:
-    with pytest.raises(ValueError, match=r"RunInfo\.result: 'SUCCEEDED' must be one of"):
-        run("a", "SUCCEEDED")
+    with pytest.raises(ValueError, match=r"RunInfo\.result: .* must be a final RunOutcome"):
+        replace(run("a"), result=RunOutcome.RUNNING)
+    with pytest.raises(
+        ValueError, match=r"RunInfo\.result: 'Succeeded' must be a final RunOutcome"
+    ):
+        replace(run("a"), result="Succeeded")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be a Decimal"):
         replace(run("a"), cost_usd=0.1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"RunInfo\.started_at"):

@@ -12,13 +12,14 @@ from typing import Any, cast
 
 import pytest
 
+from agent_runner.contract import RunOutcome
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api import conditions as cond
-from nocturne_operator.controller.reconcile import reconcile
+from nocturne_operator.controller.reconcile import Plan, apply, decide, reconcile
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage import ExecutionRecord, ExecutionStatus, RunStats
+from nocturne_operator.storage import ExecutionRecord, RunStats
 
 SETTINGS = Settings()
 # 2026-11-26 10:00 in Tokyo.
@@ -307,7 +308,7 @@ def test_the_end_of_a_budget_hold_restarts_the_silent_stop_clock() -> None:
 
 
 def _last(
-    status: ExecutionStatus, error: str | None, job_name: str = "digest-29400001"
+    status: RunOutcome, error: str | None, job_name: str = "digest-29400001"
 ) -> ExecutionRecord:
     """The schedule's last run, ended a few minutes before NOW with ``status``."""
     return ExecutionRecord(
@@ -341,7 +342,7 @@ def test_an_auto_pause_is_keyed_by_the_run_that_tripped_it() -> None:
     """Two passes on either side of a second boundary write different pausedAt stamps; the
     notice key is the failed Job, so one notice is queued, not two."""
     cluster = Cluster(schedule(failurePolicy={"pauseAfterConsecutiveFailures": 2}))
-    last = _last(ExecutionStatus.FAILED, "boom", job_name="digest-29400000")
+    last = _last(RunOutcome.FAILED, "boom", job_name="digest-29400000")
     failed = RunStats(Decimal("0.02"), 0, 2, 2, last, month_cost=Decimal("0.02"))
     body = copy.deepcopy(cluster.objects.items[("AgentSchedule", "digest")])
     for second in (0, 1):
@@ -360,14 +361,14 @@ def test_last_run_says_why_a_run_did_not_succeed_and_nothing_when_it_did() -> No
     bounded). A success carries no message key, so a second pass writes nothing."""
     cluster = Cluster(schedule())
     error = "no budget grant: run API unavailable: HTTP 503 HistoryUnavailable\n" + "x" * 900
-    refused = _last(ExecutionStatus.FAILED, error)
+    refused = _last(RunOutcome.FAILED, error)
     cluster.reconcile(RunStats(Decimal(0), 0, 1, 1, refused, month_cost=Decimal(0)))
     message = cluster.status["lastRun"]["message"]
     assert message == "no budget grant: run API unavailable: HTTP 503 HistoryUnavailable"
-    long = _last(ExecutionStatus.BUDGET_EXCEEDED, "y" * 1000)
+    long = _last(RunOutcome.BUDGET_EXCEEDED, "y" * 1000)
     cluster.reconcile(RunStats(Decimal(0), 0, 1, 1, long, month_cost=Decimal(0)))
     assert len(cluster.status["lastRun"]["message"]) == 256
-    ok = _last(ExecutionStatus.SUCCEEDED, None)
+    ok = _last(RunOutcome.SUCCEEDED, None)
     cluster.reconcile(RunStats(Decimal(0), 1, 1, 0, ok, month_cost=Decimal(0)))
     assert "message" not in cluster.status["lastRun"]
     writes = len(cluster.objects.patches)
@@ -416,3 +417,53 @@ def test_a_model_without_a_price_is_refused_before_any_run() -> None:
     assert (ready["status"], ready["reason"]) == ("False", "InvalidSpec")
     assert 'spec.agent.model "gpt-9-imaginary": no price for provider "openai"' in ready["message"]
     assert ("CronJob", "digest") not in objects.items
+
+
+# ---- decide, then apply -------------------------------------------------------------------------
+
+
+def test_decide_plans_and_apply_carries_out_then_nothing_is_left_to_do() -> None:
+    """``decide`` is pure (no client at all); what it plans for a new schedule with a run-now
+    request is applied in order, and deciding again over the result plans nothing."""
+    body = schedule()
+    body["metadata"]["annotations"] = {"nocturne.dev/run-now": "r1"}
+
+    def plan_now(current: dict[str, Any], cronjob: dict[str, Any] | None) -> Plan:
+        return decide(
+            current,
+            SETTINGS,
+            cronjob,
+            now=NOW,
+            peers=None,
+            stats=stats(),
+            run_api=RUN_API,
+            prices=load_price_table(None),
+        )
+
+    first = plan_now(body, None)
+    assert first.cronjob is not None
+    assert first.cronjob["metadata"]["name"] == "digest"
+    [job] = first.jobs
+    assert job["metadata"]["ownerReferences"][0]["name"] == "digest"
+    assert ("Normal", "RunNow", f"run-now 'r1' started Job {job['metadata']['name']}") in (
+        first.events
+    )
+    assert first.status["phase"] == first.phase == "Active"
+    assert first.status["lastManualRun"]["requestId"] == "r1"
+
+    objects = Objects()
+    objects.items[("AgentSchedule", "digest")] = copy.deepcopy(body)
+    seen = Recorder()
+    apply(first, body, None, cast(Kube, objects), events=seen.event, notices=seen.notice)
+    cronjob = objects.get("CronJob", "research", "digest")
+    created = objects.get("Job", "research", job["metadata"]["name"])
+    assert cronjob is not None
+    assert created is not None
+    # The Job is owned by the CronJob the same apply created, by its UID.
+    assert created["metadata"]["ownerReferences"][0]["uid"] == cronjob["metadata"]["uid"]
+    assert seen.events == first.events
+
+    current = objects.get("AgentSchedule", "research", "digest")
+    assert current is not None
+    again = plan_now(current, cronjob)
+    assert again == Plan(phase="Active")

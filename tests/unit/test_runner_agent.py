@@ -23,7 +23,7 @@ from agent_runner.agent import (
 )
 from agent_runner.budget import Budget, cost_of, input_token_bound
 from agent_runner.config import ConfigError, TaskDocument, parse_task
-from agent_runner.contract import STATE_LIMIT_BYTES, ModelPrice, usd_text
+from agent_runner.contract import STATE_LIMIT_BYTES, ModelPrice, RunOutcome, usd_text
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED, TRANSIENT
 from agent_runner.providers import (
     Completion,
@@ -143,7 +143,7 @@ def test_finish_ends_the_run_with_output_alert_and_state() -> None:
         [answer("", finish("Prices rose.", alert=True, alert_reason=" +10% ", state={"p": 11}))]
     )
     result = run(provider, previous_state={"p": 10}, on_usage=lambda *usage: seen.append(usage))
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     assert result.exit_code == SUCCEEDED
     assert (result.output, result.alert, result.alert_reason) == ("Prices rose.", True, "+10%")
     assert result.state == {"p": 11}
@@ -167,7 +167,11 @@ def test_state_is_kept_unless_finish_sets_it() -> None:
 
 def test_plain_text_answer_is_accepted() -> None:
     result = run(ScriptedProvider([answer("  The digest.  ")]), previous_state={"a": 1})
-    assert (result.status, result.output, result.alert) == ("succeeded", "The digest.", False)
+    assert (result.status, result.output, result.alert) == (
+        RunOutcome.SUCCEEDED,
+        "The digest.",
+        False,
+    )
     assert result.state == {"a": 1}
 
 
@@ -177,7 +181,7 @@ def test_oversized_state_goes_back_to_the_model() -> None:
         [answer("", finish(state=big)), answer("", finish(state={"small": True}))]
     )
     result = run(provider)
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     assert result.state == {"small": True}
     assert result.steps == 2
     feedback = provider.requests[1][0][-1]
@@ -191,7 +195,7 @@ def test_state_the_history_cannot_store_goes_back_to_the_model() -> None:
         [answer("", finish(state={"k": "nul \x00"})), answer("", finish(state={"k": "ok"}))]
     )
     result = run(provider)
-    assert (result.status, result.state, result.steps) == ("succeeded", {"k": "ok"}, 2)
+    assert (result.status, result.state, result.steps) == (RunOutcome.SUCCEEDED, {"k": "ok"}, 2)
     feedback = provider.requests[1][0][-1]
     assert feedback.is_error
     assert "NUL character" in feedback.text
@@ -220,7 +224,7 @@ def test_refused_restricted_operation_is_recorded_and_the_run_goes_on() -> None:
         ]
     )
     result = run(provider)
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     (refusal,) = result.refusals
     assert (refusal.tool, refusal.reason, refusal.step) == ("send_email", REASON_NOT_ALLOWED, 1)
     tool_reply = provider.requests[1][0][-1]
@@ -232,7 +236,7 @@ def test_refused_restricted_operation_is_recorded_and_the_run_goes_on() -> None:
 def test_restricted_call_next_to_finish_is_still_recorded() -> None:
     purchase = ToolCall(id="p", name="purchase", arguments={"item": "gpu"})
     result = run(ScriptedProvider([answer("", purchase, finish())]))
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     assert [r.tool for r in result.refusals] == ["purchase"]
 
 
@@ -240,7 +244,7 @@ def test_max_steps_without_an_answer_fails_and_warns_the_last_call() -> None:
     looping = ToolCall(id="x", name="delete_data", arguments={"target": "db"})
     provider = ScriptedProvider([answer("", looping) for _ in range(3)])
     result = run(provider, task(max_steps=3))
-    assert result.status == "failed"
+    assert result.status is RunOutcome.FAILED
     assert result.exit_code == TRANSIENT
     assert result.error == "no final answer within agent.maxSteps=3 model calls"
     assert result.steps == 3
@@ -254,7 +258,7 @@ def test_empty_answer_is_nudged_once() -> None:
     assert run(provider).output == "Now an answer."
     assert "empty" in provider.requests[1][0][-1].text
     twice = run(ScriptedProvider([answer(""), answer(" ")]))
-    assert twice.status == "failed"
+    assert twice.status is RunOutcome.FAILED
     assert twice.error == "the model returned an empty answer twice"
 
 
@@ -263,7 +267,7 @@ def test_budget_exhausted_before_the_first_call() -> None:
     budget = Budget(Decimal("0.0001"), PRICE)
     provider = ScriptedProvider([answer("never")])
     result = run(provider, doc, budget=budget)
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert result.exit_code == BUDGET_EXHAUSTED
     assert result.steps == 0
     assert result.cost == 0
@@ -274,7 +278,7 @@ def test_budget_exhausted_before_the_first_call() -> None:
 def test_retry_attempt_continues_the_same_budget() -> None:
     budget = Budget(Decimal("1.00"), PRICE, spent_before=Decimal("0.9999"))
     result = run(ScriptedProvider([answer("never")]), budget=budget)
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert "earlier attempts 0.9999" in str(result.error)
 
 
@@ -286,7 +290,7 @@ def test_budget_runs_out_mid_run() -> None:
         [answer("", ToolCall(id="x", name="send_email"), usage=None), answer("never")]
     )
     result = run(provider, budget=budget)
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert result.steps == 1
     assert 0 < result.cost <= Decimal("0.004")
 
@@ -295,12 +299,12 @@ def test_unknown_outcome_is_charged_and_retried_a_bounded_number_of_times() -> N
     provider = ScriptedProvider([OutcomeUnknownError("read timeout"), answer("ok")])
     budget = Budget(Decimal("1.00"), PRICE)
     result = run(provider, budget=budget)
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     assert result.steps == 2
     assert result.cost > cost_of(PRICE, 100, 20)  # the lost call was charged at its reservation
     failing = ScriptedProvider([OutcomeUnknownError("lost") for _ in range(5)])
     failed = run(failing)
-    assert failed.status == "failed"
+    assert failed.status is RunOutcome.FAILED
     assert failed.steps == MAX_UNKNOWN_OUTCOMES + 1
     assert failed.exit_code == TRANSIENT
 
@@ -308,25 +312,25 @@ def test_unknown_outcome_is_charged_and_retried_a_bounded_number_of_times() -> N
 def test_unknown_outcome_retries_wait_for_the_server_and_the_deadline() -> None:
     sleeps: list[float] = []
     asked = ScriptedProvider([OutcomeUnknownError("HTTP 504", retry_after=7), answer("ok")])
-    assert run(asked, sleep=sleeps.append).status == "succeeded"
+    assert run(asked, sleep=sleeps.append).status is RunOutcome.SUCCEEDED
     assert len(sleeps) == 1
     assert sleeps[0] >= 7
     too_long = ScriptedProvider([OutcomeUnknownError("HTTP 502", retry_after=3600)])
-    assert run(too_long, sleep=sleeps.append).status == "failed"
+    assert run(too_long, sleep=sleeps.append).status is RunOutcome.FAILED
     late = ScriptedProvider([OutcomeUnknownError("HTTP 502", retry_after=99.5)])
-    assert run(late, clock=lambda: 1.0).status == "timed_out"
+    assert run(late, clock=lambda: 1.0).status is RunOutcome.TIMED_OUT
     assert len(sleeps) == 1
 
 
 def test_provider_failures_release_their_reservation() -> None:
     unavailable = run(ScriptedProvider([ProviderUnavailableError("503 x5")]))
-    assert (unavailable.status, unavailable.exit_code) == ("failed", TRANSIENT)
+    assert (unavailable.status, unavailable.exit_code) == (RunOutcome.FAILED, TRANSIENT)
     assert unavailable.cost == 0
     bad_key = run(ScriptedProvider([ConfigError("NOCTURNE_LLM_API_KEY: 401")]))
-    assert (bad_key.status, bad_key.exit_code) == ("failed", CONFIG_ERROR)
+    assert (bad_key.status, bad_key.exit_code) == (RunOutcome.FAILED, CONFIG_ERROR)
     assert bad_key.error == "NOCTURNE_LLM_API_KEY: 401"
     late = run(ScriptedProvider([DeadlineReachedError("deadline")]))
-    assert (late.status, late.exit_code) == ("timed_out", TRANSIENT)
+    assert (late.status, late.exit_code) == (RunOutcome.TIMED_OUT, TRANSIENT)
     assert late.cost == 0
 
 
@@ -334,7 +338,7 @@ def test_deadline_stops_the_loop() -> None:
     times = iter([0.0, 150.0])
     provider = ScriptedProvider([answer("", ToolCall(id="x", name="send_email"))])
     result = run(provider, clock=lambda: next(times))
-    assert result.status == "timed_out"
+    assert result.status is RunOutcome.TIMED_OUT
     assert result.steps == 1
 
 
@@ -344,7 +348,7 @@ def test_usage_beyond_the_reservation_stops_the_run_and_is_recorded() -> None:
 
     budget = Budget(Decimal("0.01"), PRICE)
     result = run(ScriptedProvider([greedy]), budget=budget)
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert "beyond the call's reservation" in str(result.error)
     assert result.cost > Decimal("0.01")  # the truth, not a convenient number
     assert result.output is None
@@ -355,7 +359,7 @@ def test_missing_usage_is_charged_at_the_reservation() -> None:
     budget = Budget(Decimal("1.00"), PRICE)
     result = run(provider, budget=budget)
     bound = provider.input_token_bound(provider.requests[0][0], [FINISH_SPEC])
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     assert result.cost == cost_of(PRICE, bound, 0) + cost_of(PRICE, 0, 8192)
     assert (result.input_tokens, result.output_tokens) == (bound, 8192)
 
@@ -365,7 +369,7 @@ def test_failing_usage_callback_does_not_stop_the_run() -> None:
         raise RuntimeError("database down")
 
     result = run(ScriptedProvider([answer("ok")]), on_usage=broken)
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
 
 
 def test_prompts_carry_memory_time_and_task() -> None:
@@ -473,7 +477,7 @@ def test_property_agent_runs_never_record_more_than_the_limit() -> None:
         assert all(before + cost <= limit for cost in recorded)
         assert recorded == sorted(recorded)
         outcomes[result.status] = outcomes.get(result.status, 0) + 1
-    assert set(outcomes) == {"succeeded", "failed", "budget_exceeded"}
+    assert set(outcomes) == {RunOutcome.SUCCEEDED, RunOutcome.FAILED, RunOutcome.BUDGET_EXCEEDED}
 
 
 def test_money_in_runner_logs_and_errors_is_a_plain_decimal(
@@ -484,9 +488,9 @@ def test_money_in_runner_logs_and_errors_is_a_plain_decimal(
     free = PRICE.model_copy(update={"input_usd_per_mtok": zero, "output_usd_per_mtok": zero})
     caplog.set_level("INFO", logger="agent_runner")
     result = run(ScriptedProvider([answer("ok")]), budget=Budget(Decimal("0.5"), free))
-    assert result.status == "succeeded"
+    assert result.status is RunOutcome.SUCCEEDED
     tight = Budget(Decimal("0.0000004"), PRICE)
-    assert run(ScriptedProvider([answer("ok")]), budget=tight).status == "budget_exceeded"
+    assert run(ScriptedProvider([answer("ok")]), budget=tight).status is RunOutcome.BUDGET_EXCEEDED
     messages = [record.getMessage() for record in caplog.records] + [str(result.error)]
     assert any("reserved 0 USD" in message for message in messages)
     assert any(", 0 USD (" in message for message in messages)
@@ -503,4 +507,4 @@ def test_money_in_runner_logs_and_errors_is_a_plain_decimal(
 def test_results_are_immutable() -> None:
     result = run(ScriptedProvider([answer("x")]))
     with pytest.raises(AttributeError):
-        result.status = "failed"  # type: ignore[misc]
+        result.status = RunOutcome.FAILED  # type: ignore[misc]

@@ -18,7 +18,7 @@ from agent_runner.budget import (
     per_run_limit,
 )
 from agent_runner.config import BudgetSpec
-from agent_runner.contract import ModelPrice
+from agent_runner.contract import USD_QUANTUM, ModelPrice
 from agent_runner.exitcodes import BUDGET_EXHAUSTED
 
 
@@ -39,17 +39,18 @@ FREE = price("offline-demo", Decimal(0), Decimal(0), 4096)
 
 
 def test_ceil_usd_rounds_up_to_the_quantum() -> None:
-    assert Decimal("1e-10") == QUANTUM
-    assert ceil_usd(Decimal("0.00000000001")) == Decimal("0.0000000001")
-    assert ceil_usd(Decimal("0.12345678901")) == Decimal("0.1234567891")
-    assert ceil_usd(Decimal("2")) == Decimal("2.0000000000")
+    # One quantum from the CRD to the ledger, the wire, the database and status.
+    assert QUANTUM == USD_QUANTUM == Decimal("0.000001")
+    assert ceil_usd(Decimal("0.00000000001")) == Decimal("0.000001")
+    assert ceil_usd(Decimal("0.1234561")) == Decimal("0.123457")
+    assert ceil_usd(Decimal("2")) == Decimal("2.000000")
 
 
 def test_cost_of_is_exact_then_rounded_up() -> None:
     # 1000 * 0.15e-6 + 500 * 0.60e-6 = 0.00015 + 0.0003
     assert cost_of(MINI, 1000, 500) == Decimal("0.00045")
     odd = price("odd", Decimal("0.000001"), Decimal("0.000003"), 10)
-    assert cost_of(odd, 1, 1) == Decimal("1E-10")  # 4e-12 rounds up, never down to 0
+    assert cost_of(odd, 1, 1) == Decimal("0.000001")  # 4e-12 rounds up, never down to 0
 
 
 def test_input_token_bound_counts_bytes_and_overheads() -> None:
@@ -59,10 +60,11 @@ def test_input_token_bound_counts_bytes_and_overheads() -> None:
 
 def test_max_tokens_are_sized_from_the_remaining_budget() -> None:
     budget = Budget(Decimal("0.001"), MINI)
-    # input bound 2000 tokens = 0.0003 USD; 0.0007 / 0.0000006 = 1166.66 -> 1166
+    # input bound 2000 tokens = 0.0003 USD; 0.0007 / 0.0000006 = 1166.66 -> 1166 tokens,
+    # 0.0006996 USD; the reservation rounds up to the micro-dollar: 0.000999.6 -> 0.001
     reservation = budget.reserve(2000)
     assert reservation.max_tokens == 1166
-    assert reservation.amount == Decimal("0.0003") + Decimal("0.0006996")
+    assert reservation.amount == Decimal("0.001000")
     assert budget.remaining == Decimal("0.001") - reservation.amount
     assert budget.remaining >= 0
 
@@ -76,18 +78,18 @@ def test_max_tokens_are_capped_by_model_and_per_call_limits() -> None:
 
 
 def test_call_is_refused_when_no_useful_answer_fits() -> None:
-    # Input bound 1000 costs 0.00015; the rest pays for 63 output tokens at most: refused.
-    limit = Decimal("0.00015") + Decimal("0.0000006") * 63
+    # Input bound 1000 costs 0.00015; the rest (0.000038) pays for 63 output tokens: refused.
+    limit = Decimal("0.000188")
     budget = Budget(limit, MINI)
     with pytest.raises(BudgetExhaustedError) as excinfo:
         budget.reserve(1000)
     assert excinfo.value.exit_code == BUDGET_EXHAUSTED
     assert "at least 64 output tokens" in str(excinfo.value)
     assert budget.reserved == 0
-    # One more token's worth fits exactly.
-    exact = Budget(limit + Decimal("0.0000006"), MINI)
+    # One micro-dollar more pays for 65 (0.000039 USD): the reservation takes it to the last one.
+    exact = Budget(limit + USD_QUANTUM, MINI)
     reservation = exact.reserve(1000)
-    assert reservation.max_tokens == MIN_OUTPUT_TOKENS
+    assert reservation.max_tokens == MIN_OUTPUT_TOKENS + 1
     assert exact.remaining == 0
 
 

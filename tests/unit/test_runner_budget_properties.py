@@ -27,7 +27,7 @@ from agent_runner.budget import (
     per_run_limit,
 )
 from agent_runner.config import TaskDocument, parse_task
-from agent_runner.contract import ModelPrice
+from agent_runner.contract import ModelPrice, RunOutcome
 from agent_runner.exitcodes import BUDGET_EXHAUSTED
 from agent_runner.providers import (
     Completion,
@@ -508,7 +508,7 @@ def check_within_budget(case: RunCase) -> RunResult:
     assert reported == sorted(reported)
     assert all(case.spent_before + cost <= max_per_run for cost in reported)
     assert reported[-1:] in ([], [result.cost])
-    if result.status == "budget_exceeded":
+    if result.status is RunOutcome.BUDGET_EXCEEDED:
         assert result.exit_code == BUDGET_EXHAUSTED
     event(f"{result.status} after {'no' if result.steps == 0 else 'some'} model calls")
     return result
@@ -590,7 +590,7 @@ def test_a_provider_over_its_reservation_stops_the_run_and_is_recorded_as_report
     if model.calls < at + 1:  # the budget or max_steps ended the run first
         assert budget.total_spent <= case.doc.budget.max_per_run_usd
         return
-    assert result.status == "budget_exceeded"
+    assert result.status is RunOutcome.BUDGET_EXCEEDED
     assert result.exit_code == BUDGET_EXHAUSTED
     assert result.error is not None
     assert "recorded as reported" in result.error

@@ -8,20 +8,18 @@ import random
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from agent_runner.contract import RunStatus
+from agent_runner.contract import RunOutcome
 from agent_runner.summary import (
     MESSAGE_LIMIT_BYTES,
-    Status,
     Summary,
     parse_summary,
     write_termination_message,
 )
-from nocturne_operator.storage import ExecutionStatus
 
 STARTED = datetime(2026, 11, 27, 0, 0, tzinfo=UTC)
 
@@ -118,9 +116,19 @@ def test_times_are_written_in_utc() -> None:
     assert json.loads(summary.to_message())["startedAt"] == "2026-11-27T00:00:00Z"
 
 
-def test_statuses_are_the_history_and_run_api_statuses() -> None:
-    assert set(get_args(Status)) == {s.value for s in ExecutionStatus}
-    assert set(get_args(Status)) == set(get_args(RunStatus))
+def test_one_outcome_spelled_three_ways() -> None:
+    """The wire and the database carry the value, status and notices the display name, metrics
+    the label; every outcome but RUNNING is final."""
+    spellings = [(o.value, o.display, o.metric, o.final) for o in RunOutcome]
+    assert spellings == [
+        ("RUNNING", "Running", "running", False),
+        ("SUCCEEDED", "Succeeded", "succeeded", True),
+        ("FAILED", "Failed", "failed", True),
+        ("BUDGET_EXCEEDED", "BudgetExceeded", "budget_exceeded", True),
+        ("TIMED_OUT", "TimedOut", "timed_out", True),
+        ("CANCELLED", "Cancelled", "cancelled", True),
+    ]
+    assert Summary(status="TIMED_OUT").status is RunOutcome.TIMED_OUT
 
 
 # ---- bounded size ------------------------------------------------------------------------------

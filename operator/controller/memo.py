@@ -1,0 +1,101 @@
+"""What every handler and loop of one operator process shares: the typed memo and kopf's
+indexes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import kopf
+from aiohttp import web
+
+from nocturne_operator.adapters.kube import Kube
+from nocturne_operator.notifications.notify import Notifier
+from nocturne_operator.prices import PriceTable
+from nocturne_operator.render import RunApiEndpoint
+from nocturne_operator.runs.recorder import Recorder
+from nocturne_operator.schedule.validation import Peer
+from nocturne_operator.settings import Settings
+from nocturne_operator.storage import History
+
+ScheduleBodies = kopf.Index[tuple[str, str], dict[str, Any]]
+SchedulePeers = kopf.Index[str, Peer]
+FinishedJobs = kopf.Index[tuple[str, str], dict[str, Any]]
+UnrecordedPods = kopf.Index[tuple[str, str], dict[str, Any]]
+
+
+class Indexes(NamedTuple):
+    """kopf's live indexes, typed. kopf passes each to every handler as the keyword argument
+    named after its index function; handlers take them through ``**kwargs`` (kopf's handler
+    protocols admit no extra required parameters) and read them here, once."""
+
+    bodies: ScheduleBodies  # schedule_bodies
+    peers: SchedulePeers  # schedules_by_namespace
+    jobs: FinishedJobs  # finished_jobs
+    pods: UnrecordedPods  # unrecorded_pods
+
+    @classmethod
+    def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
+        """The indexes among a handler's keyword arguments."""
+        return cls(
+            kwargs["schedule_bodies"],
+            kwargs["schedules_by_namespace"],
+            kwargs["finished_jobs"],
+            kwargs["unrecorded_pods"],
+        )
+
+    def owner(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
+        return next(iter(self.bodies.get((namespace, name), [])), None)
+
+
+@dataclass
+class ScheduleLocks:
+    """One lock per schedule. Its reconciles come from kopf's handlers, Job and CronJob events
+    and the sweep, on different threads; one at a time, none writes status from statistics
+    older than those the previous one wrote (status went from 10 runs back to 8)."""
+
+    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def of(self, namespace: str, name: str) -> threading.Lock:
+        """The schedule's lock."""
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted schedule's lock."""
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+
+
+@dataclass(eq=False)
+class Memo:
+    """What every handler and loop of one operator process shares. kopf hands each object's
+    handlers a shallow copy of the memo; this one's copy is itself, so what one handler sets
+    (the indexes, the recorder's ledger) every loop sees. ``settings`` are loaded before kopf
+    starts (``__main__``: bad settings end the process at once); fields without a default are
+    set by the startup handlers before any other handler runs."""
+
+    settings: Settings
+    kube: Kube = field(init=False)
+    prices: PriceTable = field(init=False)
+    run_api: RunApiEndpoint = field(init=False)
+    recorder: Recorder = field(init=False)
+    history: History | None = None
+    notifier: Notifier | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    reconciling: ScheduleLocks = field(default_factory=ScheduleLocks)
+    # kopf's live indexes, handed over by the first handler call (the sweep walks them).
+    indexes: Indexes | None = None
+    run_api_server: web.AppRunner | None = None
+    run_api_renewal: asyncio.Task[None] | None = None
+    sweeper: asyncio.Task[None] | None = None
+    deliveries: asyncio.Task[None] | None = None
+
+    def __copy__(self) -> Memo:
+        return self

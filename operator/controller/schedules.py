@@ -1,0 +1,172 @@
+"""Reconcile one schedule from the operator's memo: under its lock, with its run statistics
+from PostgreSQL, its notices queued and its Events posted (and audited). The decisions are
+``reconcile``'s; this is where the operator's clients meet them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from nocturne_operator.adapters import metrics
+from nocturne_operator.adapters.kube import FIELD_MANAGER, Kube
+from nocturne_operator.api.model import KIND
+from nocturne_operator.controller import reconcile as rec
+from nocturne_operator.controller.memo import Memo, SchedulePeers
+from nocturne_operator.notifications import notices
+from nocturne_operator.storage import EventKind, HistoryError, month_start
+
+log = logging.getLogger(__name__)
+
+
+# Event reasons the reconciler posts that also belong in the audit trail.
+_AUDITED = {
+    "Paused": EventKind.PAUSED,
+    "Resumed": EventKind.RESUMED,
+    "AutoPaused": EventKind.AUTO_PAUSED,
+    "BudgetExhausted": EventKind.BUDGET_EXHAUSTED,
+    "DriftRepaired": EventKind.DRIFT_REPAIRED,
+    "SilentStop": EventKind.SILENT_STOP,
+    "BudgetAvailable": EventKind.BUDGET_RESET,
+    "RunNow": EventKind.RUN_REQUESTED,
+    "VerificationRun": EventKind.RUN_REQUESTED,
+}
+
+
+def audit(memo: Memo, obj: Mapping[str, Any], kind: EventKind, reason: str) -> None:
+    """Append to the audit trail; never fails the handler (the database may be down)."""
+    history = memo.history
+    if history is None:
+        return
+    meta = obj.get("metadata") or {}
+    try:
+        history.record_event(
+            meta.get("namespace", ""),
+            meta.get("name", ""),
+            kind,
+            reason=reason,
+            actor=_last_writer(meta),
+            schedule_uid=meta.get("uid"),
+        )
+    except HistoryError as exc:
+        log.warning("audit event %s not recorded: %s", kind, exc)
+
+
+def _last_writer(meta: Mapping[str, Any]) -> str | None:
+    """The field manager that wrote the object last (kubectl, argocd-controller, ...), not
+    counting the operator's own bookkeeping writes."""
+    ours = {"kopf", FIELD_MANAGER}
+    entries = [
+        e
+        for e in meta.get("managedFields") or []
+        if e.get("manager") and e.get("manager") not in ours and e.get("subresource") != "status"
+    ]
+    if not entries:
+        return None
+    latest = max(entries, key=lambda e: e.get("time") or "")
+    return str(latest["manager"])
+
+
+def reconcile_fresh(schedule: Mapping[str, Any], memo: Memo, peers: SchedulePeers) -> None:
+    """Reconcile the schedule as the apiserver has it now: kopf's index may lag behind our own
+    status writes, and a stale status would be written again for nothing."""
+    meta = schedule["metadata"]
+    fresh = memo.kube.get(KIND, meta["namespace"], meta["name"])
+    if fresh is not None and fresh["metadata"].get("uid") == meta.get("uid"):
+        reconcile_schedule(fresh, memo, peers)
+
+
+def reconcile_schedule(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> None:
+    meta = body["metadata"]
+    with memo.reconciling.of(meta["namespace"], meta["name"]):
+        _reconcile_held(body, memo, index)
+
+
+def _reconcile_held(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> None:
+    meta = body["metadata"]
+    peers = list(index.get(meta["namespace"], []))
+    history = memo.history
+    now = datetime.now(UTC)  # one clock for the month's cost and the month it is labelled with
+    stats = None
+    if history is not None:
+        since = rec.failures_counted_since(body.get("status") or {})
+        try:
+            stats = history.run_stats(
+                meta["namespace"],
+                meta["name"],
+                # A re-created schedule is a new one: its streak and totals start clean.
+                schedule_uid=meta["uid"],
+                failures_since=since,
+                month_start=_month_start(body, now),
+            )
+        except HistoryError as exc:
+            # Keep reconciling (drift repair must not depend on the database); results and
+            # holds stay as last recorded on status.
+            log.warning("run results unavailable: %s", exc)
+
+    def notice(kind: str, key: str, message: str) -> None:
+        notifier = memo.notifier
+        target = notices.Target.of(body)
+        if notifier is None or target is None:
+            return
+        try:  # the notifier wakes its delivery loop itself
+            notifier.schedule_event(
+                notices.NoticeSubject.of(body),
+                target,
+                notices.Kind(kind),
+                key=key,
+                message=message,
+                now=now,
+            )
+        except HistoryError as exc:  # never fail a reconcile over a notice
+            log.warning("%s notice not queued: %s", kind, exc)
+
+    def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        post_event(memo.kube, obj, type_, reason, message)
+        if reason == "AutoPaused":
+            metrics.AUTO_PAUSES.labels(meta["namespace"], meta["name"]).inc()
+        elif reason == "BudgetExhausted":
+            metrics.BUDGET_EXHAUSTED.labels(meta["namespace"], meta["name"]).inc()
+        if reason in _AUDITED:
+            audit(memo, obj, _AUDITED[reason], message)
+
+    with metrics.RECONCILE_DURATION.time():
+        try:
+            phase = rec.reconcile(
+                body,
+                memo.settings,
+                memo.kube,
+                events=post,
+                peers=peers,
+                stats=stats,
+                run_api=memo.run_api,
+                # A model without a price would fail every run: refused up front instead.
+                prices=memo.prices,
+                notices=notice,
+                now=now,
+            )
+        except Exception:
+            metrics.RECONCILE_ERRORS.inc()
+            raise
+    metrics.observe_schedule(meta["namespace"], meta["name"], phase)
+
+
+def _month_start(body: Mapping[str, Any], now: datetime) -> datetime | None:
+    """This month's start in the schedule's zone (None for a zone validation will reject)."""
+    try:
+        return month_start(now, str((body.get("spec") or {}).get("timeZone", "UTC")))
+    except ValueError:
+        return None
+
+
+def post_event(kube: Kube, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """Post an Event through the API (from handlers, the sweep and the delivery loop alike);
+    a failure is logged, never raised: an Event is worth less than the reconcile around it."""
+    try:
+        kube.post_event(obj, type_, reason, message)
+    except Exception as exc:  # any API or transport error
+        meta = obj.get("metadata") or {}
+        log.warning(
+            "Event %s on %s/%s not posted: %s", reason, meta.get("namespace"), meta.get("name"), exc
+        )

@@ -1,0 +1,55 @@
+"""The periodic sweep: runner pods whose Job is gone, rows left RUNNING, finished Jobs not yet
+recorded, and every schedule reconciled afresh (drift repair, next runs, holds, silent stop).
+
+Not a ``@kopf.timer``: kopf puts a finalizer on every object a timer serves, so deleting a
+schedule would hang whenever the operator is down or uninstalled. One operator-level loop over
+kopf's indexes does the same work and leaves deletion to garbage collection alone."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nocturne_operator.controller.memo import FinishedJobs, Memo, SchedulePeers
+from nocturne_operator.controller.schedules import reconcile_fresh
+
+log = logging.getLogger(__name__)
+
+
+async def sweep(memo: Memo) -> None:
+    """Every ``reconcile_interval_seconds`` until cancelled; a failing step is logged and the
+    next one runs."""
+    while True:
+        await asyncio.sleep(memo.settings.reconcile_interval_seconds)
+        indexes = memo.indexes
+        if indexes is None:  # no schedule seen yet
+            continue
+        recorder = memo.recorder
+        try:
+            await asyncio.to_thread(
+                recorder.record_orphaned_pods, indexes.owner, list(indexes.pods.items())
+            )
+        except Exception:
+            log.exception("recording runner pods whose Job is gone failed")
+        if memo.history is not None:
+            try:
+                await asyncio.to_thread(recorder.reap, indexes.owner)
+            except Exception:
+                log.exception("reaping stuck executions failed")
+        for key in list(indexes.bodies):
+            for schedule in list(indexes.bodies.get(key, [])):
+                try:
+                    await asyncio.to_thread(_periodic, schedule, memo, indexes.peers, indexes.jobs)
+                except Exception:
+                    log.exception("periodic reconcile of %s/%s failed", *key)
+
+
+def _periodic(
+    schedule: dict[str, Any], memo: Memo, peers: SchedulePeers, jobs: FinishedJobs
+) -> None:
+    if memo.history is not None:
+        meta = schedule["metadata"]
+        for job in list(jobs.get((meta["namespace"], meta["name"]), [])):
+            memo.recorder.record_job(job, schedule)
+    reconcile_fresh(schedule, memo, peers)
