@@ -65,6 +65,7 @@ __all__ = [
     "describe_validation_error",
     "grant_usd",
     "quantize_usd",
+    "storable_text",
     "usd_text",
     "validate_state",
 ]
@@ -203,6 +204,12 @@ def json_document(name: str, value: Any, error: type[ValueError] = ValueError) -
             f"{name} contains a NUL character (\\u0000), which PostgreSQL JSONB cannot store"
         )
     return text
+
+
+def storable_text(text: str) -> str:
+    """``text`` as JSONB and UTF-8 can hold it: NUL becomes U+FFFD, a lone surrogate "?" (for
+    texts the runner writes into a report from what a model or a page sent)."""
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
 def validate_state(state: Any, output: str | None = None, *, what: str = "agent state") -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from agent_runner.config import RESTRICTED_OPERATIONS, AgentSpec
+from agent_runner.contract import storable_text
 from agent_runner.providers.base import ToolCall, ToolSpec, valid_text
 from agent_runner.tools.web_fetch import WebFetcher, WebFetchError, WebFetchRefusedError, WebPage
 
@@ -88,8 +89,14 @@ class Refusal:
     step: int
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the run's record."""
-        return {"tool": self.tool, "reason": self.reason, "detail": self.detail, "step": self.step}
+        """JSON-ready form for the run's record; the tool name and the detail come from the model
+        or a page and may hold what JSONB cannot (a NUL would get the whole report refused)."""
+        return {
+            "tool": storable_text(self.tool),
+            "reason": self.reason,
+            "detail": storable_text(self.detail),
+            "step": self.step,
+        }
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_runner.config import RESTRICTED_OPERATIONS
+from agent_runner.contract import json_document
 from agent_runner.providers import ToolCall
 from agent_runner.tools import ToolRegistry, WebFetcher, WebFetchError, WebPage
+from agent_runner.tools.registry import Refusal
 
 PROFILE = settings(max_examples=300, derandomize=True, database=None, deadline=None)
 PUBLIC_IP = "93.184.215.14"
@@ -150,6 +152,8 @@ def assert_answered(registry: ToolRegistry, call: ToolCall) -> None:
     result.text.encode()  # it goes back to the model as UTF-8
     if result.refusal is not None:
         result.refusal.detail.encode()
+        # The refusal goes into the final report's metadata: JSONB must be able to hold it.
+        json_document("metadata", {"refusals": [result.refusal.as_dict()]})
 
 
 @pytest.mark.parametrize(
@@ -179,6 +183,15 @@ def test_a_redirect_to_a_malformed_location_is_a_tool_error(location: bytes) -> 
     registry = offline_registry([httpx.Response(302, headers=[(b"location", location)])])
     with pytest.raises(WebFetchError):
         registry.fetcher.fetch("http://example.com/")
+
+
+def test_a_refusal_is_storable_whatever_its_texts_hold() -> None:
+    """Refusals go into the final report's metadata, which JSONB must hold: a NUL or a lone
+    surrogate in a refusal's texts would get the whole report refused. Today's refusals carry
+    validated URLs and fixed names; the record does not rely on that."""
+    record = Refusal("send_email\x00", "not allowed", "http://a/\udcff\x00", 1).as_dict()
+    assert (record["tool"], record["detail"]) == ("send_email\ufffd", "http://a/?\ufffd")
+    json_document("metadata", {"refusals": [record]})
 
 
 def test_an_unforeseen_failure_is_a_tool_error_not_a_crash(
