@@ -11,7 +11,10 @@ import asyncio
 import logging
 from typing import Any
 
-from nocturne_operator.controller.memo import FinishedJobs, Memo, SchedulePeers
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
+
+from nocturne_operator.controller.memo import FinishedJobs, Indexes, Memo, SchedulePeers
 from nocturne_operator.controller.schedules import reconcile_fresh
 
 log = logging.getLogger(__name__)
@@ -37,12 +40,28 @@ async def sweep(memo: Memo) -> None:
                 await asyncio.to_thread(recorder.reap, indexes.owner)
             except Exception:
                 log.exception("reaping stuck executions failed")
-        for key in list(indexes.bodies):
-            for schedule in list(indexes.bodies.get(key, [])):
-                try:
-                    await asyncio.to_thread(_periodic, schedule, memo, indexes.peers, indexes.jobs)
-                except Exception:
-                    log.exception("periodic reconcile of %s/%s failed", *key)
+        await _reconcile_all(memo, indexes)
+
+
+async def _reconcile_all(memo: Memo, indexes: Indexes) -> None:
+    for key in list(indexes.bodies):
+        for schedule in list(indexes.bodies.get(key, [])):
+            try:
+                await asyncio.to_thread(_periodic, schedule, memo, indexes.peers, indexes.jobs)
+            except Exception as exc:
+                if apiserver_away(exc):
+                    # Every other schedule would fail the same way: one line, not a traceback
+                    # per schedule; the next pass tries again.
+                    log.warning("apiserver unavailable (%s); the sweep resumes next pass", exc)
+                    return
+                log.exception("periodic reconcile of %s/%s failed", *key)
+
+
+def apiserver_away(exc: BaseException) -> bool:
+    """The apiserver cannot be reached or is not serving (a restart, an outage): transient."""
+    if isinstance(exc, ApiException):
+        return exc.status in (0, 502, 503, 504) or exc.status is None
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
 
 
 def _periodic(
