@@ -52,11 +52,10 @@ from e2e.conftest import OperatorProcess, operator_process
 from e2e.schedules import condition, finished, run_now
 from harness.controlplane import free_ports
 from harness.kube import Cluster, Kubectl, wait_for
-from harness.postgres import PostgresServer, start_postgres, stop_postgres
+from harness.postgres import PostgresServer
 from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.runs.recorder import REAP_AFTER
-from nocturne_operator.storage import upgrade
 
 pytestmark = [pytest.mark.drill, pytest.mark.e2e]
 
@@ -156,17 +155,6 @@ def billing_model() -> Iterator[tuple[BillingModel, ScriptedServer]]:
     with ScriptedServer() as site:
         site.route(OPENAI_PATH, model, method="POST")
         yield model, site
-
-
-@pytest.fixture
-def drill_postgres() -> Iterator[PostgresServer]:
-    """The drill's own PostgreSQL server (it is stopped and started), migrated."""
-    server = start_postgres()
-    try:
-        upgrade(server.url)
-        yield server
-    finally:
-        stop_postgres(server.data_dir)
 
 
 class Load:
@@ -313,13 +301,13 @@ def test_fault_drill(  # noqa: PLR0917 - the fixtures it needs
     cluster: Cluster,
     kubectl: Kubectl,
     solo_namespace: str,
-    drill_postgres: PostgresServer,
+    private_postgres: PostgresServer,
     billing_model: tuple[BillingModel, ScriptedServer],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     if cluster.local is None:
         pytest.skip("the drill restarts the local control plane's kube-apiserver")
-    namespace, url = solo_namespace, drill_postgres.url
+    namespace, url = solo_namespace, private_postgres.url
     model, site = billing_model
     rng = random.Random(SEED)  # noqa: S311 - reproducible choices, not secrets
     began = time.monotonic()
@@ -359,7 +347,7 @@ def test_fault_drill(  # noqa: PLR0917 - the fixtures it needs
                 faults,
                 operators=operators,
                 cluster=cluster,
-                postgres=drill_postgres,
+                postgres=private_postgres,
                 kubectl=kubectl,
                 namespace=namespace,
                 rng=rng,

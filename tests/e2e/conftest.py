@@ -20,7 +20,7 @@ from harness import controlplane
 from harness.executor import ExecutorProcess
 from harness.fixtures import fresh_namespace, namespace_name
 from harness.kube import Cluster, Kubectl, healthy, wait_for
-from harness.postgres import PostgresServer
+from harness.postgres import PostgresServer, start_postgres, stop_postgres
 from nocturne_operator.storage import upgrade
 
 # Namespaces the session operator leaves alone: chart-* for operators installed by the Helm chart
@@ -162,6 +162,17 @@ def crds(kubectl: Kubectl) -> None:
     kubectl(
         "wait", "--for=condition=Established", "--timeout=60s", "crd/agentschedules.nocturne.dev"
     )
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test alone (it is stopped and started), migrated."""
+    server = start_postgres()
+    try:
+        upgrade(server.url)
+        yield server
+    finally:
+        stop_postgres(server.data_dir)
 
 
 @pytest.fixture(scope="session")

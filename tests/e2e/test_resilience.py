@@ -22,7 +22,7 @@ from e2e.conftest import OperatorProcess, operator_process
 from e2e.schedules import finished, ready, run_now, runner_summary, status_of
 from harness.controlplane import free_ports
 from harness.kube import Cluster, Kubectl, wait_for
-from harness.postgres import PostgresServer, start_postgres, stop_postgres
+from harness.postgres import PostgresServer
 from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
 from nocturne_operator.storage import (
     ExecutionKey,
@@ -59,17 +59,6 @@ def model() -> Iterator[tuple[Model, ScriptedServer]]:
     with ScriptedServer() as site:
         site.route(OPENAI_PATH, answers, method="POST")
         yield answers, site
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of this test alone (it is stopped and started), migrated."""
-    server = start_postgres()
-    try:
-        upgrade(server.url)
-        yield server
-    finally:
-        stop_postgres(server.data_dir)
 
 
 def history_schema(postgres: PostgresServer, namespace: str) -> str:
