@@ -152,6 +152,9 @@ def _run(state: Attempt) -> int:
                 previous_state=previous_state if isinstance(previous_state, dict) else None,
                 previous_output=previous.output if previous is not None else None,
                 on_usage=lambda cost, i, o: _progress(state, cost, i, o),
+                on_reserve=lambda reserved: _report(
+                    state, budget.spent, budget.input_tokens, budget.output_tokens, reserved
+                ),
             )
     finally:
         provider.close()
@@ -205,8 +208,16 @@ def _no_budget_left() -> RunResult:
 
 
 def _progress(state: Attempt, cost: Decimal, input_tokens: int, output_tokens: int) -> None:
-    """Best effort: the grant is reserved already, so a lost report costs only freshness."""
+    """After a model call: its settled cost, nothing in flight."""
     state.model_calls += 1
+    _report(state, cost, input_tokens, output_tokens, Decimal(0))
+
+
+def _report(
+    state: Attempt, cost: Decimal, input_tokens: int, output_tokens: int, reserved: Decimal
+) -> None:
+    """Best effort: the grant is reserved already, so a lost report costs only freshness (and,
+    before a call, the charge of that call should the pod be killed during it)."""
     if state.client is None or state.run is None or state.grant is None:
         return
     try:
@@ -215,6 +226,7 @@ def _progress(state: Attempt, cost: Decimal, input_tokens: int, output_tokens: i
                 run=state.run,
                 execution_id=state.grant.execution_id,
                 cost_usd=quantize_usd(cost),
+                reserved_usd=quantize_usd(reserved),
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 steps=min(state.model_calls, 10_000),

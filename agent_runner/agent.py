@@ -66,6 +66,9 @@ MAX_UNKNOWN_OUTCOMES = 2  # calls whose outcome was unknown, charged and retried
 UNKNOWN_OUTCOME_RETRY = RetryPolicy(base_delay=1.0, max_delay=10.0)
 
 UsageCallback = Callable[[Decimal, int, int], None]
+"""(cost so far, input tokens, output tokens) after each settled model call."""
+ReserveCallback = Callable[[Decimal], None]
+"""(the amount reserved for the call about to be made) before it is made."""
 
 FINISH_SPEC = ToolSpec(
     name=FINISH_TOOL,
@@ -235,6 +238,7 @@ class _Run:
         previous_state: dict[str, Any] | None,
         previous_output: str | None,
         on_usage: UsageCallback | None,
+        on_reserve: ReserveCallback | None = None,
         clock: Callable[[], float],
         sleep: Callable[[float], None],
         now: dt.datetime,
@@ -246,6 +250,7 @@ class _Run:
         self.deadline = deadline
         self.previous_state = previous_state
         self.on_usage = on_usage
+        self.on_reserve = on_reserve
         self.clock = clock
         self.sleep = sleep
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -306,6 +311,7 @@ class _Run:
             reservation.input_tokens,
             reservation.max_tokens,
         )
+        self.announce(reservation.amount)
         try:
             completion = self.provider.complete(
                 request, self.specs, max_tokens=reservation.max_tokens, deadline=self.deadline
@@ -401,6 +407,16 @@ class _Run:
             keep_state=finish.state is None,
         )
 
+    def announce(self, reserved: Decimal) -> None:
+        """Say what the call about to be made may cost (an attempt killed during it is charged
+        that); a failing callback never stops the run."""
+        if self.on_reserve is None:
+            return
+        try:
+            self.on_reserve(reserved)
+        except Exception:
+            log.exception("on_reserve callback failed; the run goes on")
+
     def report(self) -> None:
         if self.on_usage is None:
             return
@@ -458,6 +474,7 @@ def run_agent(
     previous_state: dict[str, Any] | None = None,
     previous_output: str | None = None,
     on_usage: UsageCallback | None = None,
+    on_reserve: ReserveCallback | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     now: dt.datetime | None = None,
@@ -476,6 +493,7 @@ def run_agent(
         previous_state=previous_state,
         previous_output=previous_output,
         on_usage=on_usage,
+        on_reserve=on_reserve,
         clock=clock,
         sleep=sleep,
         now=now or dt.datetime.now(dt.UTC),

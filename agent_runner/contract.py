@@ -458,11 +458,14 @@ class Grant(_Wire):
 
 
 class ProgressReport(_Wire):
-    """Cost so far (cumulative for this attempt, never lower than an earlier report)."""
+    """Cost so far (cumulative for this attempt, never lower than an earlier report), and what
+    the call about to be made may cost at most (``reservedUSD``; 0 between calls): an attempt
+    killed during that call is charged it."""
 
     run: RunRef
     execution_id: int = Field(alias="executionId", ge=1, le=MAX_EXECUTION_ID)
     cost_usd: USD = Field(alias="costUSD")
+    reserved_usd: USD = Field(Decimal(0), alias="reservedUSD")
     input_tokens: Tokens = Field(alias="inputTokens")
     output_tokens: Tokens = Field(alias="outputTokens")
     steps: int = Field(0, ge=0, le=10_000)

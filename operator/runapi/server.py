@@ -321,6 +321,7 @@ class _RunApi:
             cost_usd=report.cost_usd,
             input_tokens=report.input_tokens,
             output_tokens=report.output_tokens,
+            reserved_usd=report.reserved_usd,
         )
         if self.on_progress is not None:
             try:

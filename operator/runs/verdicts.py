@@ -117,6 +117,8 @@ def record_finished_job(
             alert=bool(summary and summary.alert),
             alert_reason=summary.alert_reason if summary else None,
             metadata={"recordedBy": "operator"},
+            # Without the runner's final summary, the call it may have had in flight counts.
+            in_flight=summary is None or not summary.status.final,
         )
         written += 1
         log.info(
@@ -175,8 +177,8 @@ def _summary(pod: Mapping[str, Any]) -> Summary | None:
 def _final_status(
     summary: Summary | None, outcome: JobOutcome, pod: Mapping[str, Any]
 ) -> tuple[RunOutcome, str | None]:
-    if summary is not None and summary.status != "RUNNING":
-        return RunOutcome(summary.status), summary.error
+    if summary is not None and summary.status.final:
+        return summary.status, summary.error
     if outcome.reason == "DeadlineExceeded":
         return RunOutcome.TIMED_OUT, f"Job deadline exceeded: {outcome.message}"
     pod_status = pod.get("status") or {}
@@ -262,6 +264,7 @@ def reap(
             output_tokens=row.output_tokens,
             error=error,
             metadata={**row.metadata, "recordedBy": "reaper"},
+            in_flight=True,
         )
         log.info(
             "reaped execution %s of %s/%s (Job %s): %s",

@@ -402,15 +402,23 @@ class RunWrites(Repository):
         return int(row.id)
 
     def record_progress(
-        self, execution_id: int, *, cost_usd: Decimal, input_tokens: int, output_tokens: int
+        self,
+        execution_id: int,
+        *,
+        cost_usd: Decimal,
+        input_tokens: int,
+        output_tokens: int,
+        reserved_usd: Decimal = Decimal(0),
     ) -> None:
         """Raise a RUNNING execution's cost and token counts to the given totals (never lower
-        them); a no-op once the execution is final.
+        them) and set what it has reserved for the call in flight (``reserved_usd``: charged
+        when it ends without a final report); a no-op once the execution is final.
 
         A cost above the attempt's grant is still recorded (it was spent), flagged
         ``metadata.overrun`` and logged as a warning: the schedule's later grants shrink by it.
         """
         cost = usd("cost_usd", cost_usd)
+        reserved = usd("reserved_usd", reserved_usd)
         tokens_in = tokens("input_tokens", input_tokens)
         tokens_out = tokens("output_tokens", output_tokens)
         t = EXECUTIONS
@@ -422,6 +430,7 @@ class RunWrites(Repository):
                 cost_usd=raised,
                 input_tokens=sa.func.greatest(t.c.input_tokens, tokens_in),
                 output_tokens=sa.func.greatest(t.c.output_tokens, tokens_out),
+                reserved_usd=reserved,
                 updated_at=sa.func.now(),
                 metadata=sa.case(
                     (raised > t.c.granted_usd, t.c["metadata"].op("||")(_OVERRUN)),
@@ -453,6 +462,7 @@ class RunWrites(Repository):
         alert_reason: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         saving: StateToSave | None = None,
+        in_flight: bool = False,
     ) -> RunOutcome:
         """Record the final status and return the status now stored; when that is SUCCEEDED,
         ``saving`` (validated first: StateTooLargeError) is saved in the same transaction, so
@@ -462,6 +472,10 @@ class RunWrites(Repository):
         keeps status, output and error, but cost and tokens still only ever rise. Output and
         error are truncated to OUTPUT_LIMIT_BYTES / ERROR_LIMIT_BYTES. A cost above the grant
         is recorded as reported, flagged ``metadata.overrun`` and logged (see record_progress).
+
+        ``in_flight``: the attempt ended without its runner's final word (the operator records
+        it from the Job, or reaps it), so the call it may have had in flight is charged too:
+        the cost so far plus the last reported reservation, at most the grant.
         """
         final = RunOutcome(status)
         if final is RunOutcome.RUNNING:
@@ -478,13 +492,18 @@ class RunWrites(Repository):
         what = f"finish execution {execution_id} as {final.value}"
         with self._begin(what) as conn:
             row = conn.execute(
-                sa.select(t.c.status, t.c.cost_usd, t.c.granted_usd)
+                sa.select(t.c.status, t.c.cost_usd, t.c.granted_usd, t.c.reserved_usd)
                 .where(t.c.id == execution_id)
                 .with_for_update()
             ).first()
             if row is None:
                 raise ExecutionNotFoundError(f"{what}: no such execution")
             current = row.status
+            if in_flight and current == RunOutcome.RUNNING and row.reserved_usd > 0:
+                worst = row.cost_usd + row.reserved_usd
+                if row.granted_usd is not None:
+                    worst = min(worst, max(row.granted_usd, row.cost_usd))
+                cost = max(cost, worst)
             overrun = row.granted_usd is not None and max(row.cost_usd, cost) > row.granted_usd
             if overrun and (current == RunOutcome.RUNNING or cost > row.cost_usd):
                 _warn_overrun(what, max(row.cost_usd, cost), row.granted_usd)
@@ -492,6 +511,7 @@ class RunWrites(Repository):
                 "cost_usd": sa.func.greatest(t.c.cost_usd, cost),
                 "input_tokens": sa.func.greatest(t.c.input_tokens, tokens_in),
                 "output_tokens": sa.func.greatest(t.c.output_tokens, tokens_out),
+                "reserved_usd": 0,
                 "updated_at": sa.func.now(),
             }
             if current == RunOutcome.RUNNING:

@@ -98,6 +98,9 @@ class Execution(Base):
     # What reserve() granted this attempt; NULL for rows without a grant (written by start(),
     # or before grants existed), which count at their cost. Last: migration 0003 added it.
     granted_usd: Mapped[Decimal | None]
+    # The worst case of the model call in flight, from the last progress report (0 between
+    # calls and once final): an attempt that ends without its report is charged it (0006).
+    reserved_usd: Mapped[Decimal] = mapped_column(server_default=sa.text("0"))
 
     __table_args__ = (
         sa.PrimaryKeyConstraint("id", name="pk_schedule_executions"),
@@ -114,6 +117,7 @@ class Execution(Base):
         ),
         sa.CheckConstraint("attempt >= 0", name="ck_schedule_executions_attempt"),
         sa.CheckConstraint("granted_usd >= 0", name="ck_schedule_executions_granted_usd"),
+        sa.CheckConstraint("reserved_usd >= 0", name="ck_schedule_executions_reserved_usd"),
         # "Runs of schedule X between A and B, newest first" and "cost of schedule X": the
         # keyset (started_at, id) matches runs()' order; cost_usd and status are carried so sums
         # and per-status counts are index-only scans.

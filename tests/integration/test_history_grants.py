@@ -424,6 +424,54 @@ def test_the_reaper_turns_a_stale_grant_into_the_cost_it_recorded(history: Histo
     assert reserve(history, "c", caps=caps).limit == D("0.8")
 
 
+def test_an_attempt_killed_during_a_call_is_charged_the_call_in_flight(history: History) -> None:
+    """The fence: the runner reports what a call may cost before making it; an attempt that
+    ends without its final report (SIGKILL during the call) is charged that too, at most its
+    grant, so later grants are not computed from a cost that leaves the call out."""
+    caps = Caps(D(1), total=D(1))
+    grant = reserve(history, "a", caps=caps)
+    history.record_progress(
+        grant.execution_id,
+        cost_usd=D("0.2"),
+        input_tokens=1,
+        output_tokens=1,
+        reserved_usd=D("0.3"),
+    )
+    (row,) = history.running("uid-news")
+    reap([row], jobs=[], pods=[], history=history, now=T0 + timedelta(hours=2))
+    assert committed(history) == D("0.5")
+    assert reserve(history, "b", caps=caps).limit == D("0.5")
+
+
+def test_the_charge_in_flight_never_passes_the_grant_and_a_final_report_settles_it(
+    history: History,
+) -> None:
+    caps = Caps(D("0.4"), total=D(10))
+    killed = reserve(history, "a", caps=caps)
+    history.record_progress(
+        killed.execution_id, cost_usd=D("0.3"), input_tokens=1, output_tokens=1, reserved_usd=D(1)
+    )
+    spend(history, killed, "0.3", RunOutcome.FAILED, in_flight=True)
+    reported = reserve(history, "b", caps=caps)
+    history.record_progress(
+        reported.execution_id,
+        cost_usd=D("0.1"),
+        input_tokens=1,
+        output_tokens=1,
+        reserved_usd=D("0.2"),
+    )
+    # The runner's own final report is the truth: what it settled, nothing in flight.
+    spend(history, reported, "0.15")
+    with history.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT job_uid, cost_usd, reserved_usd FROM schedule_executions ORDER BY id")
+        ).all()
+    assert [(r.job_uid, D(r.cost_usd), D(r.reserved_usd)) for r in rows] == [
+        ("job-uid-news-a", D("0.4"), D(0)),
+        ("job-uid-news-b", D("0.15"), D(0)),
+    ]
+
+
 # ---- concurrency -------------------------------------------------------------------------------
 
 

@@ -221,7 +221,7 @@ def test_concurrent_upgrades_are_serialised(
     engine = sa.create_engine(url, poolclass=sa.NullPool)
     with engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
-        assert list(versions) == ["0005"]
+        assert list(versions) == ["0006"]
         # The lock is released: nobody holds an advisory lock afterwards.
         held = conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
         assert held.scalar_one() == 0

@@ -261,7 +261,7 @@ def tables(url: str) -> tuple[list[str], list[str]]:
 
 def test_downgrade_to_0001_and_upgrade_again(schema: Schema) -> None:
     history = ["agent_state", "alembic_version", "schedule_events", "schedule_executions"]
-    assert tables(schema.url) == ([*history[:2], "notifications", *history[2:]], ["0005"])
+    assert tables(schema.url) == ([*history[:2], "notifications", *history[2:]], ["0006"])
     engine = sa.create_engine(schema.url, poolclass=sa.NullPool)
     with engine.connect() as conn:
         config = Config()
@@ -272,7 +272,7 @@ def test_downgrade_to_0001_and_upgrade_again(schema: Schema) -> None:
     engine.dispose()
     assert tables(schema.url) == (history, ["0001"])
     upgrade(schema.url)
-    assert tables(schema.url) == ([*history[:2], "notifications", *history[2:]], ["0005"])
+    assert tables(schema.url) == ([*history[:2], "notifications", *history[2:]], ["0006"])
 
 
 # ---- delivery -------------------------------------------------------------------------------

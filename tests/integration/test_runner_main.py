@@ -194,12 +194,17 @@ def test_openai_run_spends_within_the_grant_and_reports_progress(
     assert "seen" in first.body.decode(), "the previous state from the grant"
     assert "Two stories yesterday." in first.body.decode()
     assert len(llm.requests_to("/news")) == 1
-    progress = [r.json() for r in api.requests_to(PROGRESS_PATH)]
-    assert len(progress) == 2, "one report after each model call"
-    assert [p["executionId"] for p in progress] == [41, 41]
+    reports = [r.json() for r in api.requests_to(PROGRESS_PATH)]
+    assert len(reports) == 4, "one report before each model call, one after"
+    assert [p["executionId"] for p in reports] == [41] * 4
+    before, progress = reports[0::2], reports[1::2]
+    # Before a call: what it may cost (charged if the pod is killed during it).
+    assert all(Decimal(0) < Decimal(p["reservedUSD"]) <= Decimal("0.20") for p in before)
+    assert [Decimal(p["reservedUSD"]) for p in progress] == [0, 0]
     assert [p["steps"] for p in progress] == [1, 2]
     costs = [Decimal(p["costUSD"]) for p in progress]
     assert Decimal(0) < costs[0] <= costs[1] <= Decimal("0.20")
+    assert Decimal(before[1]["costUSD"]) == costs[0]
     [finish] = api.requests_to(FINISH_PATH)
     report = finish.json()
     assert report["status"] == "SUCCEEDED"
