@@ -210,8 +210,11 @@ def test_run_now_creates_exactly_one_job_per_request(
     [job] = wait_for(jobs, 30, "the run-now Job")
     assert job["metadata"]["annotations"]["nocturne.dev/manual-request"] == "req-1"
     assert job["metadata"]["ownerReferences"][0]["kind"] == "CronJob"
-    obj = schedule(kubectl, namespace)
-    assert obj["status"]["lastManualRun"]["requestId"] == "req-1"
+    # Status follows the Job within the same pass.
+    manual = wait_for(
+        lambda: schedule(kubectl, namespace)["status"].get("lastManualRun"), 30, "lastManualRun"
+    )
+    assert manual["requestId"] == "req-1"
     # The same request again (GitOps re-sync, a retry) starts nothing new.
     run_now(kubectl, namespace, "req-1")
     time.sleep(5)
