@@ -48,6 +48,8 @@ __all__ = [
     "STATE_LIMIT_BYTES",
     "STATE_OUTPUT_LIMIT_BYTES",
     "TOKEN_AUDIENCE",
+    "USD_CAP_PATTERN",
+    "USD_PER_RUN_PATTERN",
     "USD_QUANTUM",
     "Ack",
     "ApiError",
@@ -275,7 +277,10 @@ TOOLS = ("web_fetch", *RESTRICTED_OPERATIONS)
 ToolName = Literal["web_fetch", "send_email", "purchase", "delete_data", "change_permissions"]
 RestrictedOperation = Literal["send_email", "purchase", "delete_data", "change_permissions"]
 
-_DECIMAL = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,12})?$")
+USD_PER_RUN_PATTERN = r"^[0-9]{1,6}(\.[0-9]{1,6})?$"
+"""``spec.budget.maxPerRunUSD`` as the CRD, the operator's model and the task snapshot take it."""
+USD_CAP_PATTERN = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
+"""``maxTotalUSD`` and ``maxMonthlyUSD``: the same, with more whole dollars."""
 
 
 class _Model(BaseModel):
@@ -334,7 +339,8 @@ class BudgetSpec(_Model):
     def _decimal_string(cls, value: object, info: ValidationInfo) -> object:
         if value is None and info.field_name != "max_per_run_usd":
             return None
-        if not isinstance(value, str) or not _DECIMAL.fullmatch(value):
+        pattern = USD_PER_RUN_PATTERN if info.field_name == "max_per_run_usd" else USD_CAP_PATTERN
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
             # pydantic reports ValueError (not TypeError) as a field error.
             raise ValueError('must be a non-negative decimal string such as "2.00"')
         return Decimal(value)

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from agent_runner.contract import USD_CAP_PATTERN, USD_PER_RUN_PATTERN
+
 GROUP = "nocturne.dev"
 VERSION = "v1alpha1"
 PLURAL = "agentschedules"
@@ -44,8 +46,6 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 # A Secret name as the CRD's schema writes it (the apiserver's message quotes this pattern).
 _SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # noqa: S105 - a regex
 _KEY_NAME = r"^[-._a-zA-Z0-9]+$"
-_USD_PER_RUN = r"^[0-9]{1,6}(\.[0-9]{1,6})?$"
-_USD_TOTAL = r"^[0-9]{1,9}(\.[0-9]{1,6})?$"
 
 
 class Provider(StrEnum):
@@ -156,7 +156,7 @@ class Budget(_Model):
     @field_validator("max_per_run_usd", "max_total_usd", "max_monthly_usd", mode="before")
     @classmethod
     def _decimal_string(cls, value: object, info: ValidationInfo) -> object:
-        pattern = _USD_PER_RUN if info.field_name == "max_per_run_usd" else _USD_TOTAL
+        pattern = USD_PER_RUN_PATTERN if info.field_name == "max_per_run_usd" else USD_CAP_PATTERN
         if value is None and info.field_name != "max_per_run_usd":
             return value
         if not isinstance(value, str):

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from agent_runner.contract import USD_CAP_PATTERN, USD_PER_RUN_PATTERN
 from nocturne_operator.api.model import AgentScheduleSpec
 from nocturne_operator.controller.reconcile import OWNED_STATUS
 
@@ -115,3 +116,12 @@ def test_money_is_never_a_number_in_the_api() -> None:
                 walk(value, f"{path}.{key}" if key != "properties" else path)
 
     walk(schema, "")
+
+
+def test_budget_patterns_are_the_contracts() -> None:
+    """The CRD, the operator's model and the task snapshot take a cap by one pattern each."""
+    budget = version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["budget"]
+    fields = budget["properties"]
+    assert fields["maxPerRunUSD"]["pattern"] == USD_PER_RUN_PATTERN
+    assert fields["maxTotalUSD"]["pattern"] == USD_CAP_PATTERN
+    assert fields["maxMonthlyUSD"]["pattern"] == USD_CAP_PATTERN

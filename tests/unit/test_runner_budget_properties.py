@@ -76,12 +76,12 @@ real_prices = st.builds(
     maxOutputTokens=st.sampled_from([4096, 8192, 16384]),
 )
 
-# maxPerRunUSD as a task document allows it: up to 12 integer and 12 decimal digits.
+# maxPerRunUSD as the contract (and the CRD) allows it: up to 6 integer and 6 decimal digits.
 limits = st.one_of(
     st.just(ZERO),
-    st.decimals(min_value=0, max_value=Decimal("0.000001"), places=12),  # down to below a quantum
-    st.decimals(min_value=0, max_value=Decimal(10), places=12),
-    st.decimals(min_value=0, max_value=Decimal("999999999999"), places=2),
+    st.just(Decimal("0.000001")),  # one quantum
+    st.decimals(min_value=0, max_value=Decimal(10), places=6),
+    st.decimals(min_value=0, max_value=Decimal("999999.99"), places=2),
 )
 # What schedules really set: cents to a few dollars.
 usual_limits = st.integers(1, 1_000).map(lambda cents: Decimal(cents) / 100)
