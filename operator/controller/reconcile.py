@@ -158,9 +158,9 @@ class Plan:
     delete_configmap: str | None = None
     # Run-now and verification Jobs; ``apply`` sets their owner's UID from the CronJob.
     jobs: list[dict[str, Any]] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)  # the merge patch; {}: unchanged
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     notices: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, message)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    status: dict[str, Any] = field(default_factory=dict)  # the merge patch; {}: unchanged
 
 
 def reconcile(
@@ -230,8 +230,8 @@ def apply(
     events: EventSink,
     notices: NoticeSink,
 ) -> None:
-    """Carry out a plan: objects first, then status (a pass that fails on the way is repeated
-    whole, and status is what tells the next pass what was done), then Events and notices."""
+    """Carry out a plan: objects, then notices and Events, then status (a pass that fails on
+    the way is repeated whole: status is what tells the next pass what was done)."""
     meta = body["metadata"]
     namespace = meta["namespace"]
     if plan.suspend_cronjob is not None:
@@ -248,17 +248,18 @@ def apply(
         owner["uid"] = cronjob["metadata"]["uid"]
         if kube.create(job) is None:
             log.info("Job %s/%s already exists", namespace, job["metadata"]["name"])
+    # Notices (kept in the outbox, deduplicated by key) and Events (with their audit rows)
+    # before status: status is what tells the next pass they are done, so a crash in between
+    # repeats them instead of losing them.
+    for kind, key, message in plan.notices:
+        notices(kind, key, message)
+    for type_, reason, message in plan.events:
+        events(body, type_, reason, message)
     if plan.status:
         kube.merge_patch(
             "AgentSchedule", namespace, meta["name"], {"status": plan.status}, status=True
         )
         metrics.STATUS_WRITES.inc()
-    # Last: Events and notices never raise (a failure is logged), and status already says
-    # what this pass did when someone sees them.
-    for type_, reason, message in plan.events:
-        events(body, type_, reason, message)
-    for kind, key, message in plan.notices:
-        notices(kind, key, message)
 
 
 def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:

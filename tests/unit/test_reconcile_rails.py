@@ -467,3 +467,30 @@ def test_decide_plans_and_apply_carries_out_then_nothing_is_left_to_do() -> None
     assert current is not None
     again = plan_now(current, cronjob)
     assert again == Plan(phase="Active")
+
+
+def test_apply_queues_notices_and_events_before_status() -> None:
+    """Status is what tells the next pass that a notice went out: a pass that dies after the
+    objects but before status is repeated whole (the outbox dedupes the notice by its key),
+    instead of flipping the condition and losing the AutoPaused notice for good."""
+    body = schedule()
+    objects = Objects()
+    objects.items[("AgentSchedule", "digest")] = copy.deepcopy(body)
+    seen = Recorder()
+    plan = Plan(
+        phase="Suspended",
+        notices=[("AutoPaused", "job-1", "3 failed runs in a row")],
+        events=[("Warning", "AutoPaused", "3 failed runs in a row")],
+        status={"phase": "Suspended"},
+    )
+
+    def dying(_obj: Any, type_: str, reason: str, message: str) -> None:
+        raise SystemExit("the operator is killed here")
+
+    with pytest.raises(SystemExit):
+        apply(plan, body, None, cast(Kube, objects), events=dying, notices=seen.notice)
+    assert seen.notices == [("AutoPaused", "job-1", "3 failed runs in a row")]
+    assert objects.patches == []  # status untouched: the next pass decides the same again
+    apply(plan, body, None, cast(Kube, objects), events=seen.event, notices=seen.notice)
+    assert objects.patches == [{"status": {"phase": "Suspended"}}]
+    assert seen.events == [("Warning", "AutoPaused", "3 failed runs in a row")]
