@@ -43,18 +43,29 @@ async def sweep(memo: Memo) -> None:
         await _reconcile_all(memo, indexes)
 
 
+# Consecutive schedules that found the apiserver away before the pass gives up: one slow
+# schedule does not end it (the ones after it still get their pass), an outage does.
+AWAY_LIMIT = 3
+
+
 async def _reconcile_all(memo: Memo, indexes: Indexes) -> None:
+    away = 0
     for key in list(indexes.bodies):
         for schedule in list(indexes.bodies.get(key, [])):
             try:
                 await asyncio.to_thread(_periodic, schedule, memo, indexes.peers, indexes.jobs)
             except Exception as exc:
-                if apiserver_away(exc):
-                    # Every other schedule would fail the same way: one line, not a traceback
-                    # per schedule; the next pass tries again.
-                    log.warning("apiserver unavailable (%s); the sweep resumes next pass", exc)
+                if not apiserver_away(exc):
+                    log.exception("periodic reconcile of %s/%s failed", *key)
+                    continue
+                away += 1
+                if away == 1:  # one line per pass, not a traceback per schedule
+                    log.warning("apiserver unavailable (%s) at %s/%s", exc, *key)
+                if away >= AWAY_LIMIT:
+                    log.warning("apiserver still unavailable; the sweep resumes next pass")
                     return
-                log.exception("periodic reconcile of %s/%s failed", *key)
+            else:
+                away = 0
 
 
 def apiserver_away(exc: BaseException) -> bool:
