@@ -185,11 +185,13 @@ class Recorder:
             for row, status in reaped:
                 if row.job_uid in running_jobs:
                     continue  # counted with its Job's other attempts when the Job finishes
+                # The cost as stored now: reaping charges the call that was in flight.
+                stored = history.get(row.id, include_output=False)
                 metrics.observe_run(
                     namespace,
                     name,
                     result=status,
-                    cost=row.cost_usd,
+                    cost=stored.cost_usd if stored is not None else row.cost_usd,
                     input_tokens=row.input_tokens,
                     output_tokens=row.output_tokens,
                     started=row.started_at,

@@ -430,7 +430,9 @@ class RunWrites(Repository):
                 cost_usd=raised,
                 input_tokens=sa.func.greatest(t.c.input_tokens, tokens_in),
                 output_tokens=sa.func.greatest(t.c.output_tokens, tokens_out),
-                reserved_usd=reserved,
+                # A report delivered late (the one before a call, after the one after it: the
+                # client retries) carries a lower cost: it does not bring its reservation back.
+                reserved_usd=sa.case((cost >= t.c.cost_usd, reserved), else_=t.c.reserved_usd),
                 updated_at=sa.func.now(),
                 metadata=sa.case(
                     (raised > t.c.granted_usd, t.c["metadata"].op("||")(_OVERRUN)),

@@ -443,6 +443,29 @@ def test_an_attempt_killed_during_a_call_is_charged_the_call_in_flight(history: 
     assert reserve(history, "b", caps=caps).limit == D("0.5")
 
 
+def test_a_late_report_from_before_a_call_does_not_bring_its_reservation_back(
+    history: History,
+) -> None:
+    caps = Caps(D(1), total=D(1))
+    grant = reserve(history, "a", caps=caps)
+
+    def before_the_call() -> None:
+        history.record_progress(
+            grant.execution_id,
+            cost_usd=D("0.2"),
+            input_tokens=1,
+            output_tokens=1,
+            reserved_usd=D("0.3"),
+        )
+
+    before_the_call()
+    history.record_progress(grant.execution_id, cost_usd=D("0.25"), input_tokens=2, output_tokens=2)
+    before_the_call()  # delivered late, by a retry
+    (row,) = history.running("uid-news")
+    reap([row], jobs=[], pods=[], history=history, now=T0 + timedelta(hours=2))
+    assert committed(history) == D("0.25")
+
+
 def test_the_charge_in_flight_never_passes_the_grant_and_a_final_report_settles_it(
     history: History,
 ) -> None:
