@@ -62,6 +62,9 @@ _FINISH_DEADLINE = 8.0
 _TERMINATED_FINISH_DEADLINE = 2.0
 # Progress is best effort and must not eat the run's time.
 _PROGRESS_DEADLINE = 3.0
+# The report before a call (what it may cost) is shorter still, and skipped while reports fail:
+# an unreachable run API costs a call at most this, not two progress deadlines.
+_RESERVE_DEADLINE = 1.0
 
 
 class Terminated(BaseException):
@@ -79,6 +82,7 @@ class Attempt:
     grant: Grant | None = None
     budget: Budget | None = None
     model_calls: int = 0
+    reports_failing: bool = False  # the last progress report was not delivered
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started_monotonic: float = field(default_factory=time.monotonic)
 
@@ -152,9 +156,7 @@ def _run(state: Attempt) -> int:
                 previous_state=previous_state if isinstance(previous_state, dict) else None,
                 previous_output=previous.output if previous is not None else None,
                 on_usage=lambda cost, i, o: _progress(state, cost, i, o),
-                on_reserve=lambda reserved: _report(
-                    state, budget.spent, budget.input_tokens, budget.output_tokens, reserved
-                ),
+                on_reserve=lambda reserved: _announce(state, budget, reserved),
             )
     finally:
         provider.close()
@@ -210,11 +212,34 @@ def _no_budget_left() -> RunResult:
 def _progress(state: Attempt, cost: Decimal, input_tokens: int, output_tokens: int) -> None:
     """After a model call: its settled cost, nothing in flight."""
     state.model_calls += 1
-    _report(state, cost, input_tokens, output_tokens, Decimal(0))
+    _report(
+        state, cost, input_tokens, output_tokens, reserved=Decimal(0), deadline=_PROGRESS_DEADLINE
+    )
+
+
+def _announce(state: Attempt, budget: Budget, reserved: Decimal) -> None:
+    """Before a model call: what it may cost (charged if the pod is killed during it). Skipped
+    while reports fail; the report after the call tries again."""
+    if state.reports_failing:
+        return
+    _report(
+        state,
+        budget.spent,
+        budget.input_tokens,
+        budget.output_tokens,
+        reserved=reserved,
+        deadline=_RESERVE_DEADLINE,
+    )
 
 
 def _report(
-    state: Attempt, cost: Decimal, input_tokens: int, output_tokens: int, reserved: Decimal
+    state: Attempt,
+    cost: Decimal,
+    input_tokens: int,
+    output_tokens: int,
+    *,
+    reserved: Decimal,
+    deadline: float,
 ) -> None:
     """Best effort: the grant is reserved already, so a lost report costs only freshness (and,
     before a call, the charge of that call should the pod be killed during it)."""
@@ -231,10 +256,13 @@ def _report(
                 output_tokens=output_tokens,
                 steps=min(state.model_calls, 10_000),
             ),
-            deadline=_PROGRESS_DEADLINE,
+            deadline=deadline,
         )
     except RunApiError as exc:
+        state.reports_failing = True
         log.warning("progress report not delivered; the run goes on: %s", exc)
+    else:
+        state.reports_failing = False
 
 
 def _finish(state: Attempt, deadline: float, /, **fields: Any) -> bool:
