@@ -22,7 +22,7 @@ PY_SOURCES := $(shell find operator agent_runner -name '*.py' 2>/dev/null)
 help:
 	@echo "make demo       local control plane + pod executor + operator, example schedules, one run"
 	@echo "make demo-down  stop it"
-	@echo "make test       set up and run all tests (lint, types, unit, integration, e2e)"
+	@echo "make test       set up and run all tests (lint, types, unit, integration, e2e, fault drills)"
 	@echo "make test-fast  unit + integration tests only"
 
 system-deps:

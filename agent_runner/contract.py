@@ -160,7 +160,7 @@ def _usd_from_wire(value: object) -> Decimal:
 
 def usd_text(amount: Decimal) -> str:
     """``amount`` as a plain decimal, exact and without trailing zeros, for the wire, logs and
-    messages: ``str()`` prints the ledger's ``Decimal("0E-10")`` as ``0E-10``."""
+    messages: ``str()`` prints ``Decimal("0E-6")`` as ``0E-6`` and ``4.000E-7`` as such."""
     text = format(amount.normalize(), "f")
     return "0" if text == "-0" else text
 

@@ -55,9 +55,6 @@ _PARSE_MAX_BYTES = 64 * 1024  # far beyond any summary: anything larger is not o
 _ELLIPSIS = "…"
 _MAX_INT = 2**63 - 1
 
-"""RUNNING only in a summary written at start, which the final one overwrites: seeing it means
-the runner was killed before it could finish."""
-
 # Shrunk in this order until the message fits; the last ones are tiny and rarely touched.
 _SHRINKABLE = ("output_preview", "error", "alert_reason", "model", "provider")
 
@@ -75,6 +72,8 @@ class Summary(BaseModel):
 
     version: Literal[1] = 1
     execution_id: int | None = Field(None, alias="executionId", ge=1, le=_MAX_INT)
+    # RUNNING only in a summary written at start, which the final one overwrites: seeing it
+    # means the runner was killed before it could finish.
     status: RunOutcome
     # strict: the runner passes a Decimal (never a float); JSON carries a decimal string.
     cost_usd: Decimal = Field(Decimal(0), alias="costUSD", ge=0, le=MAX_USD, strict=True)

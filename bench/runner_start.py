@@ -8,7 +8,8 @@ then runs `python -m agent_runner` `runs` times (default 5, after one unmeasured
 with the environment a Job's pod gets: the task snapshot, the run API's URL and CA, a token file.
 The first model request is timed by the server when it arrives, on the same clock as the process
 start. So a start includes the real client path: TLS handshake, start -> grant (a reservation in
-PostgreSQL under the schedule's lock), then the first model call.
+PostgreSQL under the schedule's lock), the progress report that announces the call's
+reservation, then the first model call.
 Baselines, interleaved with the runs (same interpreter and environment): a bare `python -c pass`,
 `python -c "import agent_runner.__main__"` (the runner's imports), and the same plus what the
 runner imported before issue 10 (SQLAlchemy with its ORM and PostgreSQL dialect, psycopg, PyYAML

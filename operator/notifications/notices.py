@@ -1,6 +1,6 @@
 """What a notification is: its kinds, the schedule it is about, where it goes (a webhook Secret,
 never the URL), the run it reports, and a stored notice as the outbox holds it. Plain values and
-pure helpers; the outbox (outbox.py), the bodies (webhook_bodies.py) and the notifier (notify.py)
+pure helpers; the outbox (outbox.py), the bodies (bodies.py) and the notifier (notify.py)
 build on them."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Webhook notifications of AgentSchedules: which notices a finished run or a schedule event
 produces (subscription, dedupe, cooldown, recovery) and the async loop that POSTs them. The
 values live in notices.py, the outbox they wait in (PostgreSQL, or process memory for an
-operator without a database) in outbox.py, the bodies in webhook_bodies.py.
+operator without a database) in outbox.py, the bodies in bodies.py.
 
 Enqueueing is synchronous and fast (called from kopf handler threads; never HTTP). Delivery is
 at least once: a row is claimed with a lease, so a crash mid-POST sends it again once the lease

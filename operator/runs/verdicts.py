@@ -246,7 +246,7 @@ def reap(
                 status, error = RunOutcome.FAILED, f"{gone}; the Job retried it"
             elif outcome.succeeded:
                 # The runner exited 0 but its result was lost with the pod: the cost recorded
-                # while it ran is all we know.
+                # while it ran (plus a call it reported in flight) is all we know.
                 status = RunOutcome.SUCCEEDED
                 error = f"{gone}; the Job completed, its final result was not recorded"
             elif outcome.reason == "DeadlineExceeded":

@@ -96,7 +96,7 @@ class Execution(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=sa.text("'{}'::jsonb"))
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
     # What reserve() granted this attempt; NULL for rows without a grant (written by start(),
-    # or before grants existed), which count at their cost. Last: migration 0003 added it.
+    # or before grants existed), which count at their cost (added by migration 0003).
     granted_usd: Mapped[Decimal | None]
     # The worst case of the model call in flight, from the last progress report (0 between
     # calls and once final): an attempt that ends without its report is charged it (0006).

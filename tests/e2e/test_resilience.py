@@ -298,7 +298,7 @@ def test_operator_restart_changes_no_totals(
         wait_for(
             lambda: metric(second, RECONCILES) >= reconciles + 3,
             10 * SWEEP_SECONDS,
-            "three more sweeps (handlers._sweep reconciles every schedule each interval)",
+            "three more sweeps (controller/sweep.py reconciles every schedule each interval)",
         )
         assert status_of(kubectl, namespace, NAME) == settled
         with History.connect(url) as history:
