@@ -8,11 +8,12 @@ passes the clock and, for the quota, the namespace's schedules.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -118,38 +119,9 @@ def validate(
         errors.extend(_from_pydantic(exc, raw_spec))
         return Validated(None, errors)
 
-    warnings: list[str] = []
-    gap: timedelta | None = None
-    tz = _zone(spec.time_zone, errors)
-    schedule = _schedule(spec.schedule, errors)
-    if schedule is not None and _non_positive_every(spec.schedule):
-        errors.append(
-            FieldError(
-                "spec.schedule",
-                spec.schedule,
-                "the @every duration must be positive (the CronJob controller would fire a zero "
-                "or negative duration every second)",
-            )
-        )
-        schedule = None
-    if tz is not None and schedule is not None:
-        try:
-            gap = _interval(spec, schedule, tz, settings, now=now, errors=errors)
-            for anomaly in cron.dst_anomalies(schedule, tz, now):
-                if anomaly.kind != "stalled":
-                    warnings.append(str(anomaly))
-                    continue
-                # The CronJob controller stops firing for good: that is an error, not a note.
-                errors.append(
-                    FieldError(
-                        "spec.schedule",
-                        spec.schedule,
-                        f"in {spec.time_zone} the CronJob controller would stop firing on "
-                        f"{anomaly.local_date} at {anomaly.local_time:%H:%M} ({anomaly.reason})",
-                    )
-                )
-        except cron.CronError as exc:
-            errors.append(FieldError("spec.schedule", spec.schedule, str(exc)))
+    timing = _timing(spec.schedule, spec.time_zone, settings.min_interval_minutes, _hour_of(now))
+    errors.extend(timing.errors)
+    warnings = list(timing.warnings)
     if spec.budget.max_per_run_usd > settings.max_per_run_usd:
         errors.append(
             FieldError(
@@ -166,21 +138,76 @@ def validate(
         errors.extend(_quota(name, peers, settings.max_schedules_per_namespace))
     if errors:
         return Validated(None, errors, warnings)
-    return Validated(spec, [], warnings, gap)
+    return Validated(spec, [], warnings, timing.gap)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """When a schedule runs, judged: its shortest gap (None when refused), errors, DST notes."""
+
+    gap: timedelta | None
+    errors: tuple[FieldError, ...]
+    warnings: tuple[str, ...]
+
+
+def _hour_of(now: datetime) -> datetime:
+    return now.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+# The operator validates every schedule on every pass of its sweep (each minute). A year's scan
+# of fire times and DST changes depends only on the schedule, the zone, the minimum and the
+# clock, so it is computed once per hour: a DST note may be up to an hour late.
+@functools.lru_cache(maxsize=4096)
+def _timing(expr: str, zone_name: str, minimum_minutes: int, hour: datetime) -> _Timing:
+    errors: list[FieldError] = []
+    warnings: list[str] = []
+    gap: timedelta | None = None
+    tz = _zone(zone_name, errors)
+    schedule = _schedule(expr, errors)
+    if schedule is not None and _non_positive_every(expr):
+        errors.append(
+            FieldError(
+                "spec.schedule",
+                expr,
+                "the @every duration must be positive (the CronJob controller would fire a zero "
+                "or negative duration every second)",
+            )
+        )
+        schedule = None
+    if tz is not None and schedule is not None:
+        try:
+            gap = _interval(expr, zone_name, schedule, tz, minimum_minutes, now=hour, errors=errors)
+            for anomaly in cron.dst_anomalies(schedule, tz, hour):
+                if anomaly.kind != "stalled":
+                    warnings.append(str(anomaly))
+                    continue
+                # The CronJob controller stops firing for good: that is an error, not a note.
+                errors.append(
+                    FieldError(
+                        "spec.schedule",
+                        expr,
+                        f"in {zone_name} the CronJob controller would stop firing on "
+                        f"{anomaly.local_date} at {anomaly.local_time:%H:%M} ({anomaly.reason})",
+                    )
+                )
+        except cron.CronError as exc:
+            errors.append(FieldError("spec.schedule", expr, str(exc)))
+    return _Timing(gap, tuple(errors), tuple(warnings))
 
 
 def _interval(
-    spec: AgentScheduleSpec,
+    expr: str,
+    zone_name: str,
     schedule: cron.CronSchedule,
     tz: ZoneInfo,
-    settings: Settings,
+    minimum_minutes: int,
     *,
     now: datetime,
     errors: list[FieldError],
 ) -> timedelta | None:
     """The shortest gap over this year in ``tz``; an error when below the cluster minimum."""
     year_start = datetime(now.astimezone(tz).year, 1, 1, tzinfo=tz)
-    minimum = timedelta(minutes=settings.min_interval_minutes)
+    minimum = timedelta(minutes=minimum_minutes)
     gap = cron.min_interval(schedule, tz, year_start)
     if gap >= minimum:  # the common case: one pass over the year
         return gap
@@ -189,8 +216,8 @@ def _interval(
     errors.append(
         FieldError(
             "spec.schedule",
-            spec.schedule,
-            f"runs as often as every {_duration(too_short)} (in {spec.time_zone}), "
+            expr,
+            f"runs as often as every {_duration(too_short)} (in {zone_name}), "
             f"minimum interval is {_duration(minimum)}",
         )
     )

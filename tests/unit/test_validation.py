@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nocturne_operator.schedule.validation import Peer, validate
+from nocturne_operator.schedule.validation import Peer, _timing, validate
 from nocturne_operator.settings import Settings
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -585,3 +585,18 @@ def test_every_credential_error_is_reported_at_once() -> None:
         "spec.agent.baseURL",
         "spec.notifications.webhookSecretRef.name",
     ]
+
+
+def test_the_years_scan_is_computed_once_an_hour() -> None:
+    """The sweep validates every schedule every minute: the fire-time and DST scan of a spec is
+    reused within the hour, and its result is what a fresh scan gives."""
+    body = schedule(schedule="30 2 * * *", timeZone="America/New_York")  # meets both DST changes
+    _timing.cache_clear()
+    first = validate(body, SETTINGS, now=NOW.replace(minute=1))
+    again = validate(body, SETTINGS, now=NOW.replace(minute=59))
+    assert _timing.cache_info().hits == 1
+    assert (again.warnings, again.min_interval) == (first.warnings, first.min_interval)
+    assert first.warnings  # the spring-forward gap and the fall-back fold are noted
+    later = validate(body, SETTINGS, now=NOW.replace(hour=NOW.hour + 1))
+    assert _timing.cache_info().misses == 2  # a new hour: scanned again
+    assert later.warnings == first.warnings
