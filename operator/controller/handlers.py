@@ -207,6 +207,9 @@ def schedule_changed(
     indexes = Indexes.of(kwargs)
     if memo.indexes is None:  # the sweep walks kopf's live indexes; any handler hands them over
         memo.indexes = indexes
+    # A change by someone is a moment to read the run statistics afresh (rows written by
+    # another process, or by hand, reach status now rather than after the cache's TTL).
+    memo.recorder.stats.invalidate(str(body["metadata"]["uid"]))
     reconcile_schedule(dict(body), memo, indexes.peers)
 
 
@@ -219,6 +222,7 @@ def schedule_deleted(*, type: str, body: kopf.Body, memo: Memo, **_: Any) -> Non
         namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
         metrics.forget_schedule(namespace, name)
         memo.reconciling.forget(namespace, name)
+        memo.recorder.stats.forget(str(body["metadata"]["uid"]))
 
 
 @kopf.on.startup()
@@ -234,6 +238,8 @@ async def start_run_api(*, memo: Memo, **_: Any) -> None:
         history=memo.history,
         prices=memo.prices,
         settings=config,
+        # Status reads a schedule's run statistics from a cache this keeps true.
+        on_write=memo.recorder.stats.invalidate,
     )
     memo.run_api_server = await serve(app, config, tls, context=context)
     memo.run_api_renewal = asyncio.create_task(_renew_run_api_certificate(memo, tls, context))

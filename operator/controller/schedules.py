@@ -91,14 +91,19 @@ def _reconcile_held(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> N
     stats = None
     if history is not None:
         since = rec.failures_counted_since(body.get("status") or {})
+        month = _month_start(body, now)
         try:
-            stats = history.run_stats(
-                meta["namespace"],
-                meta["name"],
-                # A re-created schedule is a new one: its streak and totals start clean.
-                schedule_uid=meta["uid"],
-                failures_since=since,
-                month_start=_month_start(body, now),
+            stats = memo.recorder.stats.get(
+                meta["uid"],
+                (since, month),
+                lambda: history.run_stats(
+                    meta["namespace"],
+                    meta["name"],
+                    # A re-created schedule is a new one: its streak and totals start clean.
+                    schedule_uid=meta["uid"],
+                    failures_since=since,
+                    month_start=month,
+                ),
             )
         except HistoryError as exc:
             # Keep reconciling (drift repair must not depend on the database); results and

@@ -70,6 +70,8 @@ _SECRET_FIELDS = frozenset({"output", "error", "state", "metadata", "alertReason
 
 Clock = Callable[[], datetime]
 OnProgress = Callable[[RunIdentity, ProgressReport], None]
+OnWrite = Callable[[str], None]
+"""(schedule UID) after a run of the schedule was written: its statistics changed."""
 _Doc = TypeVar("_Doc", StartRequest, ProgressReport, FinishReport)
 
 
@@ -130,12 +132,14 @@ def make_app(
     settings: Settings,
     clock: Clock = lambda: datetime.now(UTC),
     on_progress: OnProgress | None = None,
+    on_write: OnWrite | None = None,
 ) -> web.Application:
     """The run API as an aiohttp application. ``history`` None: every start is refused with
     503 (no grant without the database). ``on_progress`` (optional, sync, must not block)
-    sees every accepted progress report, e.g. for ``status.activeRun``."""
+    sees every accepted progress report, e.g. for ``status.activeRun``; ``on_write`` (the same)
+    hears of every write of a schedule's runs (start, progress, finish)."""
     app = web.Application(client_max_size=FINISH_LIMIT_BYTES + 1024)
-    api = _RunApi(authenticator, history, prices, settings, clock, on_progress)
+    api = _RunApi(authenticator, history, prices, settings, clock, on_progress, on_write)
     app.router.add_post(START_PATH, _endpoint("start", REPORT_LIMIT_BYTES, api.start))
     app.router.add_post(PROGRESS_PATH, _endpoint("progress", REPORT_LIMIT_BYTES, api.progress))
     app.router.add_post(FINISH_PATH, _endpoint("finish", FINISH_LIMIT_BYTES, api.finish))
@@ -177,6 +181,7 @@ class _RunApi:
         settings: Settings,
         clock: Clock,
         on_progress: OnProgress | None,
+        on_write: OnWrite | None,
     ) -> None:
         self.authenticator = authenticator
         self.history = history
@@ -187,6 +192,7 @@ class _RunApi:
         self._owners: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self.clock = clock
         self.on_progress = on_progress
+        self.on_write = on_write
 
     async def _identity(
         self, token: str, body: bytes, model: type[_Doc]
@@ -254,15 +260,18 @@ class _RunApi:
             manual_request=identity.manual_request,
         )
         where = f"{identity.namespace}/{identity.schedule} job {identity.job_name}"
-        grant = await self._history_call(
-            f"reserve a budget for {where}",
-            History.reserve,
-            key,
-            model=task.agent.model,
-            provider=task.agent.provider,
-            started_at=started_at,
-            caps=caps,
-        )
+        try:
+            grant = await self._history_call(
+                f"reserve a budget for {where}",
+                History.reserve,
+                key,
+                model=task.agent.model,
+                provider=task.agent.provider,
+                started_at=started_at,
+                caps=caps,
+            )
+        finally:
+            self._wrote(identity)
         if grant.refused is not None:
             log.info("run API: no grant for %s: %s", where, grant.refused)
             raise RefusalError(
@@ -293,6 +302,14 @@ class _RunApi:
             previous=previous,
         )
 
+    def _wrote(self, identity: RunIdentity) -> None:
+        if self.on_write is None:
+            return
+        try:
+            self.on_write(identity.schedule_uid)
+        except Exception:
+            log.exception("run API: the write observer failed")
+
     # ---- progress and finish -------------------------------------------------------------
 
     async def _own_execution(self, identity: RunIdentity, execution_id: int) -> None:
@@ -314,15 +331,18 @@ class _RunApi:
     async def progress(self, token: str, body: bytes) -> BaseModel:
         identity, report = await self._identity(token, body, ProgressReport)
         await self._own_execution(identity, report.execution_id)
-        await self._history_call(
-            f"record progress of execution {report.execution_id}",
-            History.record_progress,
-            report.execution_id,
-            cost_usd=report.cost_usd,
-            input_tokens=report.input_tokens,
-            output_tokens=report.output_tokens,
-            reserved_usd=report.reserved_usd,
-        )
+        try:
+            await self._history_call(
+                f"record progress of execution {report.execution_id}",
+                History.record_progress,
+                report.execution_id,
+                cost_usd=report.cost_usd,
+                input_tokens=report.input_tokens,
+                output_tokens=report.output_tokens,
+                reserved_usd=report.reserved_usd,
+            )
+        finally:
+            self._wrote(identity)
         if self.on_progress is not None:
             try:
                 self.on_progress(identity, report)
@@ -350,22 +370,25 @@ class _RunApi:
                 saving, refused_state = None, exc  # the run is recorded all the same
         # The state is saved with a recorded success only (not with a run the reaper already
         # finished otherwise), in the same transaction.
-        await self._history_call(
-            f"finish execution {report.execution_id}",
-            History.finish,
-            report.execution_id,
-            status=report.status,
-            completed_at=report.completed_at,
-            cost_usd=report.cost_usd,
-            input_tokens=report.input_tokens,
-            output_tokens=report.output_tokens,
-            output=report.output,
-            error=report.error,
-            alert=report.alert,
-            alert_reason=report.alert_reason,
-            metadata=report.metadata,
-            saving=saving,
-        )
+        try:
+            await self._history_call(
+                f"finish execution {report.execution_id}",
+                History.finish,
+                report.execution_id,
+                status=report.status,
+                completed_at=report.completed_at,
+                cost_usd=report.cost_usd,
+                input_tokens=report.input_tokens,
+                output_tokens=report.output_tokens,
+                output=report.output,
+                error=report.error,
+                alert=report.alert,
+                alert_reason=report.alert_reason,
+                metadata=report.metadata,
+                saving=saving,
+            )
+        finally:
+            self._wrote(identity)
         if refused_state is not None:
             raise RefusalError(
                 422, "StateTooLarge", f"the run was recorded, its state was not: {refused_state}"

@@ -20,6 +20,7 @@ from nocturne_operator.notifications.notify import Notifier
 from nocturne_operator.render import LABEL_SCHEDULE, RUN_RECORD_FINALIZER
 from nocturne_operator.runs import verdicts
 from nocturne_operator.runs.ledger import JobLedger
+from nocturne_operator.runs.stats import RunStatsCache
 from nocturne_operator.storage import ExecutionRecord, History, HistoryError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class Recorder:
     started_at: datetime
     notification_max_age: timedelta
     ledger: JobLedger = field(default_factory=JobLedger)
+    # Every write of a run below invalidates its schedule's statistics here.
+    stats: RunStatsCache = field(default_factory=RunStatsCache)
 
     def record_job(self, job: Mapping[str, Any], schedule: Mapping[str, Any]) -> None:
         """Record a finished Job's attempts once and queue its notices once; later events and
@@ -89,7 +92,10 @@ class Recorder:
             pods = kube.list_objects(
                 "Pod", meta["namespace"], f"batch.kubernetes.io/job-name={meta['name']}"
             )
-            verdicts.record_finished_job(job, pods, schedule, history)
+            try:
+                verdicts.record_finished_job(job, pods, schedule, history)
+            finally:
+                self.stats.invalidate(schedule["metadata"]["uid"])
             release_pods(kube, pods)
             attempts = history.for_job(uid, include_output=True)
             # Jobs that finished before this process started were counted by its predecessor.
@@ -147,6 +153,7 @@ class Recorder:
                     continue
                 try:
                     verdicts.record_orphaned_pod(pod, schedule, history)
+                    self.stats.invalidate(schedule["metadata"]["uid"])
                 except HistoryError as exc:
                     log.warning(
                         "recording pod %s/%s deferred: %s", namespace, pod["metadata"]["name"], exc
@@ -173,7 +180,11 @@ class Recorder:
             jobs = kube.list_objects("Job", namespace, selector)
             pods = kube.list_objects("Pod", namespace, selector)
             running_jobs = {j["metadata"]["uid"] for j in jobs if verdicts.job_outcome(j) is None}
-            reaped = verdicts.reap(rows, jobs, pods, history, now=datetime.now(UTC))
+            try:
+                reaped = verdicts.reap(rows, jobs, pods, history, now=datetime.now(UTC))
+            finally:
+                for uid in {row.schedule_uid for row in rows}:
+                    self.stats.invalidate(uid)
             reaped_jobs = {row.job_uid for row, _ in reaped}
             schedule = owner_of(namespace, name)
             for job in jobs:

@@ -101,6 +101,7 @@ class RunningApi:
 
     def __init__(self, history: History | None, **settings: Any) -> None:
         self.identities = FixedIdentities()
+        self.writes: list[str] = []  # schedule UIDs whose runs were written
         port = free_port()
         self.settings = Settings(
             run_api_port=port,
@@ -115,6 +116,7 @@ class RunningApi:
             history=history,
             prices=load_price_table(),
             settings=self.settings,
+            on_write=self.writes.append,
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -420,6 +422,19 @@ def test_progress_raises_the_recorded_cost(api: RunningApi, history: History) ->
     row = history.get(grant.execution_id)
     assert row is not None
     assert (row.cost_usd, row.input_tokens) == (Decimal("0.05"), 10)
+
+
+def test_every_write_of_a_run_is_heard_by_the_statistics_cache(api: RunningApi) -> None:
+    """The operator keeps each schedule's run statistics until a run of it is written: start,
+    progress and finish each tell it which schedule changed (refused ones too)."""
+    identity = run_identity("daily-1")
+    token, grant = granted(api, identity)
+    api.post(PROGRESS_PATH, token, progress_body(identity, grant.execution_id, costUSD="0.05"))
+    api.post(FINISH_PATH, token, finish_body(identity, grant.execution_id))
+    assert api.writes == [identity.schedule_uid] * 3
+    other = run_identity("daily-2")
+    assert api.post(PROGRESS_PATH, api.token_for(other), progress_body(other, 999_999)).is_error
+    assert api.writes == [identity.schedule_uid] * 3  # refused before any write: nothing heard
 
 
 def test_finish_replay_is_idempotent_and_the_first_final_status_wins(
