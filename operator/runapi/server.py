@@ -260,18 +260,16 @@ class _RunApi:
             manual_request=identity.manual_request,
         )
         where = f"{identity.namespace}/{identity.schedule} job {identity.job_name}"
-        try:
-            grant = await self._history_call(
-                f"reserve a budget for {where}",
-                History.reserve,
-                key,
-                model=task.agent.model,
-                provider=task.agent.provider,
-                started_at=started_at,
-                caps=caps,
-            )
-        finally:
-            self._wrote(identity)
+        grant = await self._history_write(
+            identity,
+            f"reserve a budget for {where}",
+            History.reserve,
+            key,
+            model=task.agent.model,
+            provider=task.agent.provider,
+            started_at=started_at,
+            caps=caps,
+        )
         if grant.refused is not None:
             log.info("run API: no grant for %s: %s", where, grant.refused)
             raise RefusalError(
@@ -302,13 +300,24 @@ class _RunApi:
             previous=previous,
         )
 
-    def _wrote(self, identity: RunIdentity) -> None:
-        if self.on_write is None:
-            return
+    async def _history_write(
+        self,
+        identity: RunIdentity,
+        what: str,
+        call: Callable[..., Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """``_history_call`` for a write of the identity's runs; ``on_write`` hears of it
+        whatever its outcome (a failed write may have landed)."""
         try:
-            self.on_write(identity.schedule_uid)
-        except Exception:
-            log.exception("run API: the write observer failed")
+            return await self._history_call(what, call, *args, **kwargs)
+        finally:
+            if self.on_write is not None:
+                try:
+                    self.on_write(identity.schedule_uid)
+                except Exception:
+                    log.exception("run API: the write observer failed")
 
     # ---- progress and finish -------------------------------------------------------------
 
@@ -331,18 +340,16 @@ class _RunApi:
     async def progress(self, token: str, body: bytes) -> BaseModel:
         identity, report = await self._identity(token, body, ProgressReport)
         await self._own_execution(identity, report.execution_id)
-        try:
-            await self._history_call(
-                f"record progress of execution {report.execution_id}",
-                History.record_progress,
-                report.execution_id,
-                cost_usd=report.cost_usd,
-                input_tokens=report.input_tokens,
-                output_tokens=report.output_tokens,
-                reserved_usd=report.reserved_usd,
-            )
-        finally:
-            self._wrote(identity)
+        await self._history_write(
+            identity,
+            f"record progress of execution {report.execution_id}",
+            History.record_progress,
+            report.execution_id,
+            cost_usd=report.cost_usd,
+            input_tokens=report.input_tokens,
+            output_tokens=report.output_tokens,
+            reserved_usd=report.reserved_usd,
+        )
         if self.on_progress is not None:
             try:
                 self.on_progress(identity, report)
@@ -370,25 +377,23 @@ class _RunApi:
                 saving, refused_state = None, exc  # the run is recorded all the same
         # The state is saved with a recorded success only (not with a run the reaper already
         # finished otherwise), in the same transaction.
-        try:
-            await self._history_call(
-                f"finish execution {report.execution_id}",
-                History.finish,
-                report.execution_id,
-                status=report.status,
-                completed_at=report.completed_at,
-                cost_usd=report.cost_usd,
-                input_tokens=report.input_tokens,
-                output_tokens=report.output_tokens,
-                output=report.output,
-                error=report.error,
-                alert=report.alert,
-                alert_reason=report.alert_reason,
-                metadata=report.metadata,
-                saving=saving,
-            )
-        finally:
-            self._wrote(identity)
+        await self._history_write(
+            identity,
+            f"finish execution {report.execution_id}",
+            History.finish,
+            report.execution_id,
+            status=report.status,
+            completed_at=report.completed_at,
+            cost_usd=report.cost_usd,
+            input_tokens=report.input_tokens,
+            output_tokens=report.output_tokens,
+            output=report.output,
+            error=report.error,
+            alert=report.alert,
+            alert_reason=report.alert_reason,
+            metadata=report.metadata,
+            saving=saving,
+        )
         if refused_state is not None:
             raise RefusalError(
                 422, "StateTooLarge", f"the run was recorded, its state was not: {refused_state}"
