@@ -193,21 +193,13 @@ class Recorder:
                     # Its last attempt only now has a final status: its notices are due now.
                     ledger.notified.discard(uid)
                     self.record_job(job, schedule)
-            for row, status in reaped:
+            for row, _ in reaped:
                 if row.job_uid in running_jobs:
                     continue  # counted with its Job's other attempts when the Job finishes
-                # The cost as stored now: reaping charges the call that was in flight.
+                # As stored now: reaping charged the call in flight and set the end.
                 stored = history.get(row.id, include_output=False)
-                metrics.observe_run(
-                    namespace,
-                    name,
-                    result=status,
-                    cost=stored.cost_usd if stored is not None else row.cost_usd,
-                    input_tokens=row.input_tokens,
-                    output_tokens=row.output_tokens,
-                    started=row.started_at,
-                    completed=datetime.now(UTC),
-                )
+                if stored is not None:
+                    count_runs([stored])
 
 
 def release_pods(kube: Kube, pods: Sequence[Mapping[str, Any]]) -> None:
