@@ -176,7 +176,8 @@ def _timing(expr: str, zone_name: str, minimum_minutes: int, hour: datetime) -> 
         schedule = None
     if tz is not None and schedule is not None:
         try:
-            gap = _interval(expr, zone_name, schedule, tz, minimum_minutes, now=hour, errors=errors)
+            minimum = timedelta(minutes=minimum_minutes)
+            gap = _interval(schedule, tz, minimum, now=hour, errors=errors)
             for anomaly in cron.dst_anomalies(schedule, tz, hour):
                 if anomaly.kind != "stalled":
                     warnings.append(str(anomaly))
@@ -196,18 +197,15 @@ def _timing(expr: str, zone_name: str, minimum_minutes: int, hour: datetime) -> 
 
 
 def _interval(
-    expr: str,
-    zone_name: str,
     schedule: cron.CronSchedule,
     tz: ZoneInfo,
-    minimum_minutes: int,
+    minimum: timedelta,
     *,
     now: datetime,
     errors: list[FieldError],
 ) -> timedelta | None:
     """The shortest gap over this year in ``tz``; an error when below the cluster minimum."""
     year_start = datetime(now.astimezone(tz).year, 1, 1, tzinfo=tz)
-    minimum = timedelta(minutes=minimum_minutes)
     gap = cron.min_interval(schedule, tz, year_start)
     if gap >= minimum:  # the common case: one pass over the year
         return gap
@@ -216,8 +214,8 @@ def _interval(
     errors.append(
         FieldError(
             "spec.schedule",
-            expr,
-            f"runs as often as every {_duration(too_short)} (in {zone_name}), "
+            schedule.expression,
+            f"runs as often as every {_duration(too_short)} (in {tz.key}), "
             f"minimum interval is {_duration(minimum)}",
         )
     )
