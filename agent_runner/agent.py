@@ -409,21 +409,14 @@ class _Run:
 
     def announce(self, reserved: Decimal) -> None:
         """Say what the call about to be made may cost (an attempt killed during it is charged
-        that); a failing callback never stops the run."""
-        if self.on_reserve is None:
-            return
-        try:
-            self.on_reserve(reserved)
-        except Exception:
-            log.exception("on_reserve callback failed; the run goes on")
+        that)."""
+        _call_back("on_reserve", self.on_reserve, reserved)
 
     def report(self) -> None:
-        if self.on_usage is None:
-            return
-        try:
-            self.on_usage(self.budget.spent, self.budget.input_tokens, self.budget.output_tokens)
-        except Exception:
-            log.exception("on_usage callback failed; the run goes on")
+        budget = self.budget
+        _call_back(
+            "on_usage", self.on_usage, budget.spent, budget.input_tokens, budget.output_tokens
+        )
 
     def end(
         self,
@@ -498,3 +491,13 @@ def run_agent(
         sleep=sleep,
         now=now or dt.datetime.now(dt.UTC),
     ).loop()
+
+
+def _call_back(name: str, callback: Callable[..., None] | None, *args: Any) -> None:
+    """Tell the caller's callback; one that fails never stops the run."""
+    if callback is None:
+        return
+    try:
+        callback(*args)
+    except Exception:
+        log.exception("%s callback failed; the run goes on", name)
