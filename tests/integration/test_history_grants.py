@@ -62,6 +62,17 @@ def reserve(
     )
 
 
+def progress(history: History, grant: GrantRecord, cost: str, reserved: str = "0") -> None:
+    """A progress report of ``grant``'s attempt: ``cost`` so far, ``reserved`` for a call."""
+    history.record_progress(
+        grant.execution_id,
+        cost_usd=D(cost),
+        input_tokens=1,
+        output_tokens=1,
+        reserved_usd=D(reserved),
+    )
+
+
 def spend(
     history: History,
     grant: GrantRecord,
@@ -430,13 +441,7 @@ def test_an_attempt_killed_during_a_call_is_charged_the_call_in_flight(history: 
     grant, so later grants are not computed from a cost that leaves the call out."""
     caps = Caps(D(1), total=D(1))
     grant = reserve(history, "a", caps=caps)
-    history.record_progress(
-        grant.execution_id,
-        cost_usd=D("0.2"),
-        input_tokens=1,
-        output_tokens=1,
-        reserved_usd=D("0.3"),
-    )
+    progress(history, grant, "0.2", reserved="0.3")
     (row,) = history.running("uid-news")
     reap([row], jobs=[], pods=[], history=history, now=T0 + timedelta(hours=2))
     assert committed(history) == D("0.5")
@@ -448,19 +453,9 @@ def test_a_late_report_from_before_a_call_does_not_bring_its_reservation_back(
 ) -> None:
     caps = Caps(D(1), total=D(1))
     grant = reserve(history, "a", caps=caps)
-
-    def before_the_call() -> None:
-        history.record_progress(
-            grant.execution_id,
-            cost_usd=D("0.2"),
-            input_tokens=1,
-            output_tokens=1,
-            reserved_usd=D("0.3"),
-        )
-
-    before_the_call()
-    history.record_progress(grant.execution_id, cost_usd=D("0.25"), input_tokens=2, output_tokens=2)
-    before_the_call()  # delivered late, by a retry
+    progress(history, grant, "0.2", reserved="0.3")  # before a call
+    progress(history, grant, "0.25")  # after it
+    progress(history, grant, "0.2", reserved="0.3")  # the first, delivered late by a retry
     (row,) = history.running("uid-news")
     reap([row], jobs=[], pods=[], history=history, now=T0 + timedelta(hours=2))
     assert committed(history) == D("0.25")
@@ -471,18 +466,10 @@ def test_the_charge_in_flight_never_passes_the_grant_and_a_final_report_settles_
 ) -> None:
     caps = Caps(D("0.4"), total=D(10))
     killed = reserve(history, "a", caps=caps)
-    history.record_progress(
-        killed.execution_id, cost_usd=D("0.3"), input_tokens=1, output_tokens=1, reserved_usd=D(1)
-    )
+    progress(history, killed, "0.3", reserved="1")
     spend(history, killed, "0.3", RunOutcome.FAILED, in_flight=True)
     reported = reserve(history, "b", caps=caps)
-    history.record_progress(
-        reported.execution_id,
-        cost_usd=D("0.1"),
-        input_tokens=1,
-        output_tokens=1,
-        reserved_usd=D("0.2"),
-    )
+    progress(history, reported, "0.1", reserved="0.2")
     # The runner's own final report is the truth: what it settled, nothing in flight.
     spend(history, reported, "0.15")
     with history.engine.connect() as conn:
