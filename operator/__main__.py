@@ -17,13 +17,13 @@ from nocturne_operator.settings import load_settings
 
 
 class _QuietRoutine(logging.Filter):
-    """Drop kopf's per-object "succeeded" lines for the drift timer and CronJob events: at one
-    line per schedule per minute they would drown everything that matters."""
+    """Drop kopf's per-object "succeeded" lines of the event handlers: at one line per event of
+    every schedule, CronJob and Job they would drown everything that matters."""
 
     _ROUTINE = (
         "Handler 'cronjob_event' succeeded",
         "Handler 'job_event' succeeded",
-        "Handler 'schedule_deleted' succeeded",
+        "Handler 'schedule_event' succeeded",
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

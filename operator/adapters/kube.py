@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,6 +37,8 @@ class Kube:
 
     def __init__(self, api: client.ApiClient) -> None:
         self._api = api
+        # Told of every object a write of ours returned (the operator's caches: ``Unseen``).
+        self.on_write: Callable[[dict[str, Any]], None] | None = None
 
     @classmethod
     def connect(cls) -> Kube:
@@ -185,7 +187,10 @@ class Kube:
             path += f"/{name}"
         if subresource:
             path += f"/{subresource}"
-        return self._request(method, path, body=body, content_type=content_type, query=query)
+        data = self._request(method, path, body=body, content_type=content_type, query=query)
+        if method in ("PATCH", "POST", "PUT") and self.on_write is not None:
+            self.on_write(data)
+        return data
 
     def _request(
         self,

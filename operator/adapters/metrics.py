@@ -8,11 +8,12 @@ the reset). Totals that must survive restarts live on the AgentSchedule status, 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -86,16 +87,25 @@ for _kind in NOTIFICATION_EVENTS:
         NOTIFICATIONS.labels(_kind, _result)
 
 
+QUEUE_DEPTH = Gauge(
+    "nocturne_reconcile_queue_depth",
+    "AgentSchedules waiting for a reconcile (not counting those being reconciled).",
+    registry=REGISTRY,
+)
+
+
 class _Schedules(Collector):
-    """``nocturne_schedules{phase}``: how many AgentSchedules are in each phase right now."""
+    """``nocturne_schedules{phase}``: how many AgentSchedules are in each phase right now;
+    ``nocturne_schedule_reconciled_timestamp_seconds{namespace,schedule}``: when each was last
+    reconciled (every schedule is, each sweep interval: an old one means a stuck operator)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._phases: dict[tuple[str, str], str] = {}
+        self._phases: dict[tuple[str, str], tuple[str, float]] = {}
 
     def set(self, namespace: str, name: str, phase: str) -> None:
         with self._lock:
-            self._phases[(namespace, name)] = phase
+            self._phases[(namespace, name)] = (phase, time.time())
 
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
@@ -106,10 +116,19 @@ class _Schedules(Collector):
             "nocturne_schedules", "AgentSchedules by phase.", labels=["phase"]
         )
         with self._lock:
-            phases = list(self._phases.values())
+            entries = list(self._phases.items())
+        phases = [phase for _, (phase, _) in entries]
         for phase in PHASES:
             family.add_metric([phase], phases.count(phase))
         yield family
+        reconciled = GaugeMetricFamily(
+            "nocturne_schedule_reconciled_timestamp_seconds",
+            "When the AgentSchedule was last reconciled (Unix time).",
+            labels=["namespace", "schedule"],
+        )
+        for (namespace, name), (_, at) in entries:
+            reconciled.add_metric([namespace, name], at)
+        yield reconciled
 
 
 SCHEDULES = _Schedules()

@@ -20,14 +20,11 @@ import kopf
 from nocturne_operator.adapters import metrics
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from nocturne_operator.controller.cache import Change
 from nocturne_operator.controller.memo import Indexes, Memo
-from nocturne_operator.controller.schedules import (
-    audit,
-    post_event,
-    reconcile_fresh,
-    reconcile_schedule,
-)
+from nocturne_operator.controller.schedules import audit, post_event, reconcile_key, trimmed
 from nocturne_operator.controller.sweep import sweep
+from nocturne_operator.controller.workers import Workers
 from nocturne_operator.notifications import notices, notify, outbox
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import (
@@ -46,19 +43,22 @@ from nocturne_operator.schedule.validation import Peer
 from nocturne_operator.storage import EventKind, History
 
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
-# kopf's own executor for sync handlers.
+# kopf's own executor for sync handlers (audit rows, recording finished Jobs).
 WORKERS = 8
-# Database calls run on kopf's workers and on asyncio's default executor (asyncio.to_thread:
-# the sweep, the reaper, the run API), which has min(32, CPUs + 4) threads: one connection each.
-DATABASE_POOL_SIZE = WORKERS + min(32, (os.cpu_count() or 1) + 4)
+# The threads that reconcile schedules off the queue.
+RECONCILE_WORKERS = 8
+# Database calls run on kopf's workers, the reconcile workers and asyncio's default executor
+# (asyncio.to_thread: the sweep, the reaper, the run API), which has min(32, CPUs + 4)
+# threads: one connection each.
+DATABASE_POOL_SIZE = WORKERS + RECONCILE_WORKERS + min(32, (os.cpu_count() or 1) + 4)
 KOPF_PREFIX = f"kopf.{GROUP}"
 
 
 def tune(settings: kopf.OperatorSettings) -> None:
-    """kopf's own bookkeeping lives under kopf.nocturne.dev; only warnings become Events; only
-    our CronJobs, Jobs and pods are watched."""
-    # Not plain nocturne.dev: kopf ignores every annotation under its storage prefix when it
-    # diffs objects, and users' run-now / suspend-reason annotations live under nocturne.dev.
+    """Only warnings become Events; only our CronJobs, Jobs and pods are watched. Every
+    handler is a watching one (``kopf.on.event``), so kopf writes no bookkeeping of its own
+    on any object; its storage is still named under kopf.nocturne.dev, never plain
+    nocturne.dev, where users' run-now / suspend-reason annotations live."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=KOPF_PREFIX, key="last-handled-configuration"
@@ -73,10 +73,6 @@ def tune(settings: kopf.OperatorSettings) -> None:
     # ones never reach the operator, its memory or its handlers' filters.
     for resource in (("batch", "cronjobs"), ("batch", "jobs"), ("", "pods")):
         settings.watching.label_selectors[resource] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-    # kopf waits this long for its own annotation patch to come back before it handles the
-    # next event of an object; under load the default 5 s ran out and a creation was handled
-    # twice (issue 18). The audit trail records a creation once whatever kopf does.
-    settings.persistence.consistency_timeout = 30
 
 
 @kopf.on.startup()
@@ -85,6 +81,7 @@ def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     tune(settings)
     config = memo.settings
     memo.kube = Kube.connect()
+    memo.kube.on_write = memo.unseen.wrote
     url = config.database_url
     memo.history = (
         History.connect(
@@ -105,6 +102,9 @@ def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
         memo.started_at,
         timedelta(seconds=config.notification_max_age_seconds),
     )
+    memo.workers = Workers(memo.queue, lambda key: reconcile_key(key, memo), RECONCILE_WORKERS)
+    memo.workers.start()
+    metrics.QUEUE_DEPTH.set_function(lambda: len(memo.queue))
 
 
 def _notifier(memo: Memo) -> notify.Notifier:
@@ -162,8 +162,16 @@ def schedules_by_namespace(
 def schedule_bodies(
     *, namespace: str | None, name: str, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """(namespace, name) -> the AgentSchedule, to reconcile an owner from its CronJob's events."""
-    return {(str(namespace), name): dict(body)}
+    """(namespace, name) -> the AgentSchedule: what the workers reconcile."""
+    return {(str(namespace), name): trimmed(body)}
+
+
+@kopf.index("batch", "v1", "cronjobs", labels=_MANAGED)
+def schedule_cronjobs(
+    *, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """(namespace, schedule) -> its CronJob: what the workers compare with its rendering."""
+    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): trimmed(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=_MANAGED)
@@ -189,40 +197,49 @@ def unrecorded_pods(
     return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): dict(body)}
 
 
-# A failed reconcile (apiserver hiccup, conflict) is retried after 15 s, not kopf's default 60 s.
-@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=15)
-@kopf.on.create(GROUP, VERSION, PLURAL, backoff=15)
-@kopf.on.update(GROUP, VERSION, PLURAL, backoff=15)
-def schedule_changed(
-    *,
-    body: kopf.Body,
-    memo: Memo,
-    reason: str,
-    **kwargs: Any,
-) -> None:
-    """Create, update (spec or annotations) and operator restart."""
-    if reason in ("create", "update"):
-        kind = EventKind.CREATED if reason == "create" else EventKind.UPDATED
-        audit(memo, body, kind, f"generation {body.get('metadata', {}).get('generation')}")
+def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
+    """The indexes among a handler's arguments. The first handler call hands them over to the
+    workers and the sweep, and queues every schedule for the first pass: kopf calls no handler
+    before each index has its initial listing."""
     indexes = Indexes.of(kwargs)
-    if memo.indexes is None:  # the sweep walks kopf's live indexes; any handler hands them over
+    if memo.indexes is None:
         memo.indexes = indexes
-    # A change by someone is a moment to read the run statistics afresh (rows written by
-    # another process, or by hand, reach status now rather than after the cache's TTL).
-    memo.recorder.stats.invalidate(str(body["metadata"]["uid"]))
-    reconcile_schedule(dict(body), memo, indexes.peers)
+        keys = set(indexes.bodies)
+        if memo.workers is not None:
+            memo.workers.first_pass.begin(keys)
+        for key in keys:
+            memo.queue.add(key)
+    return indexes
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def schedule_deleted(*, type: str, body: kopf.Body, memo: Memo, **_: Any) -> None:
-    """Audit only, without a finalizer: deletion never waits for the operator (if it is down,
-    the deletion is not audited, and nothing else is lost)."""
-    if type == "DELETED":
+def schedule_event(*, type: str, body: kopf.Body, memo: Memo, **kwargs: Any) -> None:
+    """Any event of an AgentSchedule (the initial listing too): audit a creation, a new
+    generation or a deletion, and queue the schedule for a pass unless only its status changed
+    (our own writes). No finalizer: deletion never waits for the operator (if it is down, the
+    deletion is not audited, and nothing else is lost)."""
+    _indexes(memo, kwargs)
+    meta = body["metadata"]
+    namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
+    deleted = type == "DELETED"
+    memo.unseen.seen(KIND, namespace, name, None if deleted else meta.get("resourceVersion"))
+    if deleted:
         audit(memo, body, EventKind.DELETED, "the AgentSchedule was deleted")
-        namespace, name = str(body["metadata"]["namespace"]), str(body["metadata"]["name"])
         metrics.forget_schedule(namespace, name)
-        memo.reconciling.forget(namespace, name)
-        memo.recorder.stats.forget(str(body["metadata"]["uid"]))
+        memo.changes.forget(uid)
+        memo.queue.forget((namespace, name))
+        memo.recorder.stats.forget(uid)
+        return
+    change = memo.changes.of(body)
+    if change in (Change.CREATED, Change.UPDATED):
+        kind = EventKind.CREATED if change is Change.CREATED else EventKind.UPDATED
+        audit(memo, body, kind, f"generation {meta.get('generation')}")
+    if change is Change.NONE or meta.get("deletionTimestamp"):
+        return
+    # A change by someone is a moment to read the run statistics afresh (rows written by
+    # another process, or by hand, reach status now rather than after the cache's TTL).
+    memo.recorder.stats.invalidate(uid)
+    memo.queue.add((namespace, name))
 
 
 @kopf.on.startup()
@@ -298,12 +315,14 @@ async def start_sweeper(*, memo: Memo, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def stop_sweeper(*, memo: Memo, **_: Any) -> None:
-    """Stop the sweep and the deliveries with the operator."""
+    """Stop the sweep, the deliveries and the workers (passes in progress finish first)."""
     for task in (memo.sweeper, memo.deliveries):
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+    if memo.workers is not None:
+        await asyncio.to_thread(memo.workers.stop)
 
 
 @kopf.on.event("batch", "v1", "cronjobs", labels=_MANAGED)
@@ -317,22 +336,26 @@ def cronjob_event(
     memo: Memo,
     **kwargs: Any,
 ) -> None:
-    """A managed CronJob changed or vanished: repair it at once, or remove it if orphaned."""
-    indexes = Indexes.of(kwargs)
-    owner_name = labels.get(LABEL_SCHEDULE, "")
-    owner = indexes.owner(str(namespace), owner_name)
-    kube = memo.kube
-    if owner is None:
-        if type != "DELETED" and kube.delete("CronJob", str(namespace), name):
-            post_event(
-                kube,
-                body,
-                "Warning",
-                "OrphanRemoved",
-                f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
-            )
+    """A managed CronJob changed or vanished: queue its schedule (drift is repaired at once),
+    or remove the CronJob if no schedule owns it. The echo of our own write wakes nobody."""
+    indexes = _indexes(memo, kwargs)
+    deleted = type == "DELETED"
+    version = None if deleted else body["metadata"].get("resourceVersion")
+    if memo.unseen.seen("CronJob", str(namespace), name, version):
         return
-    reconcile_fresh(owner, memo, indexes.peers)
+    owner_name = labels.get(LABEL_SCHEDULE, "")
+    if indexes.owner(str(namespace), owner_name) is not None:
+        memo.queue.add((str(namespace), owner_name))
+        return
+    kube = memo.kube
+    if not deleted and kube.delete("CronJob", str(namespace), name):
+        post_event(
+            kube,
+            body,
+            "Warning",
+            "OrphanRemoved",
+            f"no AgentSchedule {owner_name!r} owns this CronJob; deleted",
+        )
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
@@ -345,12 +368,14 @@ def job_event(
     memo: Memo,
     **kwargs: Any,
 ) -> None:
-    """A run finished: make sure its attempts are recorded, then refresh the owner's status."""
+    """A run finished: make sure its attempts are recorded, then queue the owner (its status
+    shows the result)."""
     if verdicts.job_outcome(body) is None:
         return
-    indexes = Indexes.of(kwargs)
-    owner = indexes.owner(str(namespace), labels.get(LABEL_SCHEDULE, ""))
+    indexes = _indexes(memo, kwargs)
+    owner_name = labels.get(LABEL_SCHEDULE, "")
+    owner = indexes.owner(str(namespace), owner_name)
     if owner is None:
         return
     memo.recorder.record_job(body, owner)
-    reconcile_fresh(owner, memo, indexes.peers)
+    memo.queue.add((str(namespace), owner_name))

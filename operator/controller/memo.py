@@ -4,7 +4,6 @@ indexes."""
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,6 +13,9 @@ import kopf
 from aiohttp import web
 
 from nocturne_operator.adapters.kube import Kube
+from nocturne_operator.controller.cache import Changes, Unseen
+from nocturne_operator.controller.queue import WorkQueue
+from nocturne_operator.controller.workers import Workers
 from nocturne_operator.notifications.notify import Notifier
 from nocturne_operator.prices import PriceTable
 from nocturne_operator.render import RunApiEndpoint
@@ -24,6 +26,7 @@ from nocturne_operator.storage import History
 
 ScheduleBodies = kopf.Index[tuple[str, str], dict[str, Any]]
 SchedulePeers = kopf.Index[str, Peer]
+ScheduleCronJobs = kopf.Index[tuple[str, str], dict[str, Any]]
 FinishedJobs = kopf.Index[tuple[str, str], dict[str, Any]]
 UnrecordedPods = kopf.Index[tuple[str, str], dict[str, Any]]
 
@@ -35,6 +38,7 @@ class Indexes(NamedTuple):
 
     bodies: ScheduleBodies  # schedule_bodies
     peers: SchedulePeers  # schedules_by_namespace
+    cronjobs: ScheduleCronJobs  # schedule_cronjobs
     jobs: FinishedJobs  # finished_jobs
     pods: UnrecordedPods  # unrecorded_pods
 
@@ -44,6 +48,7 @@ class Indexes(NamedTuple):
         return cls(
             kwargs["schedule_bodies"],
             kwargs["schedules_by_namespace"],
+            kwargs["schedule_cronjobs"],
             kwargs["finished_jobs"],
             kwargs["unrecorded_pods"],
         )
@@ -52,25 +57,9 @@ class Indexes(NamedTuple):
         """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
         return next(iter(self.bodies.get((namespace, name), [])), None)
 
-
-@dataclass
-class ScheduleLocks:
-    """One lock per schedule. Its reconciles come from kopf's handlers, Job and CronJob events
-    and the sweep, on different threads; one at a time, none writes status from statistics
-    older than those the previous one wrote (status went from 10 runs back to 8)."""
-
-    _locks: dict[tuple[str, str], threading.Lock] = field(default_factory=dict)
-    _guard: threading.Lock = field(default_factory=threading.Lock)
-
-    def of(self, namespace: str, name: str) -> threading.Lock:
-        """The schedule's lock."""
-        with self._guard:
-            return self._locks.setdefault((namespace, name), threading.Lock())
-
-    def forget(self, namespace: str, name: str) -> None:
-        """Drop a deleted schedule's lock."""
-        with self._guard:
-            self._locks.pop((namespace, name), None)
+    def cronjob(self, namespace: str, schedule: str) -> dict[str, Any] | None:
+        """The schedule's CronJob as last watched (None when there is none)."""
+        return next(iter(self.cronjobs.get((namespace, schedule), [])), None)
 
 
 @dataclass(eq=False)
@@ -89,8 +78,14 @@ class Memo:
     history: History | None = None
     notifier: Notifier | None = None
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    reconciling: ScheduleLocks = field(default_factory=ScheduleLocks)
-    # kopf's live indexes, handed over by the first handler call (the sweep walks them).
+    # Schedules waiting for a pass, the workers that make them, and what they read instead
+    # of the apiserver (see ``controller.cache``).
+    queue: WorkQueue = field(default_factory=WorkQueue)
+    workers: Workers | None = None
+    unseen: Unseen = field(default_factory=Unseen)
+    changes: Changes = field(default_factory=Changes)
+    # kopf's live indexes, handed over by the first handler call (the workers and the sweep
+    # read them).
     indexes: Indexes | None = None
     run_api_server: web.AppRunner | None = None
     run_api_renewal: asyncio.Task[None] | None = None

@@ -1,6 +1,7 @@
-"""Reconcile one schedule from the operator's memo: under its lock, with its run statistics
-from PostgreSQL, its notices queued and its Events posted (and audited). The decisions are
-``reconcile``'s; this is where the operator's clients meet them."""
+"""Reconcile one schedule from the operator's memo (a worker's pass: ``reconcile_key``): from
+kopf's indexes, with its run statistics from PostgreSQL, its notices queued and its Events
+posted (and audited). The decisions are ``reconcile``'s; this is where the operator's clients
+meet them."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from nocturne_operator.adapters.kube import FIELD_MANAGER, Kube
 from nocturne_operator.api.model import KIND
 from nocturne_operator.controller import reconcile as rec
 from nocturne_operator.controller.memo import Memo, SchedulePeers
+from nocturne_operator.controller.queue import Key
 from nocturne_operator.notifications import notices
+from nocturne_operator.render import cronjob_name
 from nocturne_operator.storage import EventKind, HistoryError, month_start
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,13 @@ def audit(memo: Memo, obj: Mapping[str, Any], kind: EventKind, reason: str) -> N
 
 def _last_writer(meta: Mapping[str, Any]) -> str | None:
     """The field manager that wrote the object last (kubectl, argocd-controller, ...), not
-    counting the operator's own bookkeeping writes."""
+    counting the operator's own writes."""
+    entry = _last_writer_entry(meta)
+    return None if entry is None else str(entry["manager"])
+
+
+def _last_writer_entry(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """That writer's ``managedFields`` entry, without its field set."""
     ours = {"kopf", FIELD_MANAGER}
     entries = [
         e
@@ -65,25 +74,66 @@ def _last_writer(meta: Mapping[str, Any]) -> str | None:
     if not entries:
         return None
     latest = max(entries, key=lambda e: e.get("time") or "")
-    return str(latest["manager"])
+    return {k: latest[k] for k in ("manager", "operation", "time") if k in latest}
 
 
-def reconcile_fresh(schedule: Mapping[str, Any], memo: Memo, peers: SchedulePeers) -> None:
-    """Reconcile the schedule as the apiserver has it now: kopf's index may lag behind our own
-    status writes, and a stale status would be written again for nothing."""
-    meta = schedule["metadata"]
-    fresh = memo.kube.get(KIND, meta["namespace"], meta["name"])
-    if fresh is not None and fresh["metadata"].get("uid") == meta.get("uid"):
-        reconcile_schedule(fresh, memo, peers)
+# kubectl's copy of what it applied: as big as the object, and nothing a pass reads.
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
-def reconcile_schedule(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> None:
-    meta = body["metadata"]
-    with memo.reconciling.of(meta["namespace"], meta["name"]):
-        _reconcile_held(body, memo, index)
+def trimmed(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What an index keeps of an object: all of it but ``managedFields`` (which ``audit`` reads
+    only to name the last writer: kept as that one entry, without its field set) and kubectl's
+    last-applied copy. Nested parts are shared with ``body``, not copied."""
+    obj = dict(body)
+    meta = dict(obj.get("metadata") or {})
+    writer = _last_writer_entry(meta)
+    meta.pop("managedFields", None)
+    if writer is not None:
+        meta["managedFields"] = [writer]
+    annotations = meta.get("annotations")
+    if annotations and _LAST_APPLIED in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != _LAST_APPLIED}
+    obj["metadata"] = meta
+    return obj
 
 
-def _reconcile_held(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> None:
+def reconcile_key(key: Key, memo: Memo) -> None:
+    """One worker's pass over a schedule: record its finished Jobs, then reconcile it, both
+    from kopf's indexes (an object we wrote and the watch has not shown yet is read from the
+    apiserver instead)."""
+    indexes = memo.indexes
+    if indexes is None:
+        return
+    namespace, name = key
+    body = _current(memo, KIND, namespace, name, indexes.owner(namespace, name))
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return  # gone, or going: garbage collection takes its CronJob and Jobs
+    if memo.history is not None:
+        for job in list(indexes.jobs.get(key, [])):
+            memo.recorder.record_job(job, body)
+    cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
+    reconcile_schedule(body, memo, indexes.peers, cronjob)
+
+
+def _current(
+    memo: Memo, kind: str, namespace: str, name: str, cached: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """``cached``, unless a write of ours is newer: then the object as the apiserver has it."""
+    if not memo.unseen.stale(kind, namespace, name, cached):
+        return cached
+    fresh = memo.kube.get(kind, namespace, name)
+    memo.unseen.settle(kind, namespace, name, fresh)
+    return fresh
+
+
+def reconcile_schedule(
+    body: dict[str, Any],
+    memo: Memo,
+    index: SchedulePeers,
+    cronjob: dict[str, Any] | None,
+) -> None:
+    """Reconcile ``body`` against ``cronjob`` (its CronJob as the cluster has it, or None)."""
     meta = body["metadata"]
     peers = list(index.get(meta["namespace"], []))
     history = memo.history
@@ -150,6 +200,7 @@ def _reconcile_held(body: dict[str, Any], memo: Memo, index: SchedulePeers) -> N
                 prices=memo.prices,
                 notices=notice,
                 now=now,
+                read_cronjob=lambda: cronjob,
             )
         except Exception:
             metrics.RECONCILE_ERRORS.inc()

@@ -200,8 +200,8 @@ _RECORD = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\] (\S+)\s*\[(\w+)
 _EXCEPTION_LINE = re.compile(
     r"^((?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Exit|Timeout|Interrupt)\w*)(?::\s?(.*))?$"
 )
-# The apiserver being away (restart) or refusing for a moment: kopf retries the handler by
-# design (its backoff), and its watch and API client retry themselves.
+# The apiserver being away (restart) or refusing for a moment: the operator's workers retry the
+# pass with backoff, and kopf's watch and API client retry themselves.
 _APISERVER_UNAVAILABLE = frozenset(
     {
         "ConnectionRefusedError",
@@ -276,8 +276,8 @@ class LogFindings:
 
 def scan_logs(paths: Iterable[Path]) -> LogFindings:
     """Tracebacks and ERROR/CRITICAL records of the operators' logs. Not findings: kopf's own
-    request retries, and handlers that failed because the apiserver was away (kopf retries them,
-    ``backoff=15``). Everything else is: a database error escaping a handler (the product catches
+    request retries, and passes or handlers that failed because the apiserver was away (retried
+    with backoff). Everything else is: a database error escaping a handler (the product catches
     HistoryError), an unexpected exception anywhere, kopf giving up on a handler."""
     unhandled: list[str] = []
     transient: Counter[str] = Counter()

@@ -143,16 +143,24 @@ def test_reconcile_is_idempotent(
     # A CronJob event: the operator reconciles the owner again.
     kubectl("label", "-n", namespace, "cronjob/daily-ai-news", "example.com/touched=1")
     after_label = snapshot()
-    # An AgentSchedule update without a spec change: kopf runs the update handler again.
-    updates = operator.log_text().count("Updating is processed")
+    # An AgentSchedule update without a spec change: the operator reconciles it again.
+    touched = time.time()
     kubectl("label", "-n", namespace, "asched/daily-ai-news", "example.com/touched=1")
     wait_for(
-        lambda: operator.log_text().count("Updating is processed") > updates,
+        lambda: reconciled_at(operator, namespace, "daily-ai-news") > touched,
         15,
-        "the update handler to run",
+        "a reconcile after the label",
     )
     time.sleep(2)
     assert snapshot() == after_label
+
+
+def reconciled_at(operator: OperatorProcess, namespace: str, name: str) -> float:
+    """When the operator last reconciled the schedule (its metric; 0: never)."""
+    labels = f'namespace="{namespace}",schedule="{name}"'
+    pattern = rf"^nocturne_schedule_reconciled_timestamp_seconds\{{{labels}\}} (\S+)$"
+    found = re.search(pattern, operator.metrics(), re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 def test_pause_and_resume_round_trip_with_a_reason(
@@ -826,11 +834,14 @@ def test_metrics_are_served_with_their_names_types_and_values(
         ("nocturne_reconcile_duration_seconds", "histogram"),
         ("nocturne_reconcile_errors_total", "counter"),
         ("nocturne_notifications_total", "counter"),
+        ("nocturne_reconcile_queue_depth", "gauge"),
+        ("nocturne_schedule_reconciled_timestamp_seconds", "gauge"),
     ]:
         assert f"# TYPE {name} {kind}" in text, name
     assert f"{runs('failed')} 0.0" in text  # label sets are initialised at zero
     assert f"nocturne_run_duration_seconds_count{{{labels}}} 1.0" in text
     assert f"nocturne_auto_pauses_total{{{labels}}} 0.0" in text
+    assert reconciled_at(operator, namespace, "daily-ai-news") > time.time() - 600
     assert 'nocturne_notifications_total{kind="SilentStop",result="failed"} 0.0' in text
     sent = re.search(
         r'^nocturne_notifications_total\{kind="Succeeded",result="sent"\} (\d+)\.0$', text, re.M
