@@ -7,6 +7,7 @@ the reset). Totals that must survive restarts live on the AgentSchedule status, 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -14,7 +15,12 @@ from datetime import datetime
 from decimal import Decimal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from agent_runner.contract import FINAL_OUTCOMES, RunOutcome
@@ -24,43 +30,7 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 RESULTS = tuple(outcome.metric for outcome in FINAL_OUTCOMES)
 PHASES = ("Pending", "Active", "Suspended", "Invalid", "BudgetExhausted")
 
-RUNS = Counter(
-    "nocturne_runs",
-    "Finished run attempts by result.",
-    ["namespace", "schedule", "result"],
-    registry=REGISTRY,
-)
-COST = Counter(
-    "nocturne_run_cost_usd",
-    "Cost of finished run attempts in USD.",
-    ["namespace", "schedule"],
-    registry=REGISTRY,
-)
-TOKENS = Counter(
-    "nocturne_tokens",
-    "Model tokens of finished run attempts.",
-    ["namespace", "schedule", "direction"],
-    registry=REGISTRY,
-)
-DURATION = Histogram(
-    "nocturne_run_duration_seconds",
-    "Wall time of finished run attempts.",
-    ["namespace", "schedule"],
-    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400),
-    registry=REGISTRY,
-)
-BUDGET_EXHAUSTED = Counter(
-    "nocturne_budget_exhausted",
-    "Schedules suspended because maxTotalUSD was reached.",
-    ["namespace", "schedule"],
-    registry=REGISTRY,
-)
-AUTO_PAUSES = Counter(
-    "nocturne_auto_pauses",
-    "Schedules paused after consecutive failures.",
-    ["namespace", "schedule"],
-    registry=REGISTRY,
-)
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 RECONCILE_DURATION = Histogram(
     "nocturne_reconcile_duration_seconds",
     "Time of one reconcile of an AgentSchedule.",
@@ -133,30 +103,122 @@ class _Schedules(Collector):
 
 SCHEDULES = _Schedules()
 REGISTRY.register(SCHEDULES)
-_known: set[tuple[str, str]] = set()
-_known_lock = threading.Lock()
+
+
+class _Tally:
+    """One schedule's run series, as plain numbers (a prometheus-client child per series
+    cost about 10 KB per schedule: a third of the operator's memory per schedule)."""
+
+    __slots__ = (
+        "auto_pauses",
+        "budget_exhausted",
+        "cost",
+        "duration_buckets",
+        "duration_count",
+        "duration_sum",
+        "input_tokens",
+        "output_tokens",
+        "runs",
+    )
+
+    def __init__(self) -> None:
+        self.runs = [0] * len(RESULTS)
+        self.cost = 0.0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.duration_buckets = [0] * len(DURATION_BUCKETS)  # per bucket, not cumulative
+        self.duration_sum = 0.0
+        self.duration_count = 0
+        self.budget_exhausted = 0
+        self.auto_pauses = 0
+
+
+class _PerSchedule(Collector):
+    """The per-schedule series: runs by result, cost, tokens, run durations, budget holds and
+    auto-pauses, by namespace and schedule, every one from zero."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self._tallies: dict[tuple[str, str], _Tally] = {}
+
+    def tally(self, namespace: str, name: str) -> _Tally:
+        with self.lock:
+            found = self._tallies.get((namespace, name))
+            if found is None:
+                found = self._tallies[(namespace, name)] = _Tally()
+            return found
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self.lock:
+            self._tallies.pop((namespace, name), None)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["namespace", "schedule"]
+        runs = CounterMetricFamily(
+            "nocturne_runs", "Finished run attempts by result.", labels=[*labels, "result"]
+        )
+        cost = CounterMetricFamily(
+            "nocturne_run_cost_usd", "Cost of finished run attempts in USD.", labels=labels
+        )
+        tokens = CounterMetricFamily(
+            "nocturne_tokens",
+            "Model tokens of finished run attempts.",
+            labels=[*labels, "direction"],
+        )
+        duration = HistogramMetricFamily(
+            "nocturne_run_duration_seconds", "Wall time of finished run attempts.", labels=labels
+        )
+        exhausted = CounterMetricFamily(
+            "nocturne_budget_exhausted",
+            "Schedules suspended because maxTotalUSD was reached.",
+            labels=labels,
+        )
+        pauses = CounterMetricFamily(
+            "nocturne_auto_pauses", "Schedules paused after consecutive failures.", labels=labels
+        )
+        with self.lock:
+            for (namespace, name), t in self._tallies.items():
+                key = [namespace, name]
+                for result, count in zip(RESULTS, t.runs, strict=True):
+                    runs.add_metric([*key, result], count)
+                cost.add_metric(key, t.cost)
+                tokens.add_metric([*key, "input"], t.input_tokens)
+                tokens.add_metric([*key, "output"], t.output_tokens)
+                cumulative = list(itertools.accumulate(t.duration_buckets))
+                buckets = [
+                    (str(float(b)), n) for b, n in zip(DURATION_BUCKETS, cumulative, strict=True)
+                ]
+                duration.add_metric(key, [*buckets, ("+Inf", t.duration_count)], t.duration_sum)
+                exhausted.add_metric(key, t.budget_exhausted)
+                pauses.add_metric(key, t.auto_pauses)
+        yield from (runs, cost, tokens, duration, exhausted, pauses)
+
+
+PER_SCHEDULE = _PerSchedule()
+REGISTRY.register(PER_SCHEDULE)
 
 
 def observe_schedule(namespace: str, name: str, phase: str) -> None:
-    """Track the schedule's phase; the first time, create its label sets at zero."""
+    """Track the schedule's phase and when it was reconciled; the first time, its run series
+    start at zero."""
     SCHEDULES.set(namespace, name, phase)
-    with _known_lock:
-        if (namespace, name) in _known:
-            return
-        _known.add((namespace, name))
-    for result in RESULTS:
-        RUNS.labels(namespace, name, result)
-    COST.labels(namespace, name)
-    for direction in ("input", "output"):
-        TOKENS.labels(namespace, name, direction)
-    DURATION.labels(namespace, name)
-    BUDGET_EXHAUSTED.labels(namespace, name)
-    AUTO_PAUSES.labels(namespace, name)
+    PER_SCHEDULE.tally(namespace, name)
 
 
 def forget_schedule(namespace: str, name: str) -> None:
-    """A deleted schedule leaves the phase gauge; its counters stay until restart."""
+    """A deleted schedule's series end (as kube-state-metrics ends a deleted object's)."""
     SCHEDULES.forget(namespace, name)
+    PER_SCHEDULE.forget(namespace, name)
+
+
+def count_budget_exhausted(namespace: str, name: str) -> None:
+    with PER_SCHEDULE.lock:
+        PER_SCHEDULE.tally(namespace, name).budget_exhausted += 1
+
+
+def count_auto_pause(namespace: str, name: str) -> None:
+    with PER_SCHEDULE.lock:
+        PER_SCHEDULE.tally(namespace, name).auto_pauses += 1
 
 
 def observe_run(
@@ -171,13 +233,21 @@ def observe_run(
     completed: datetime | None,
 ) -> None:
     """A finished attempt the operator saw finish."""
-    RUNS.labels(namespace, name, result.metric).inc()
-    # prometheus-client stores floats; the exact money lives in PostgreSQL.
-    COST.labels(namespace, name).inc(float(cost))
-    TOKENS.labels(namespace, name, "input").inc(input_tokens)
-    TOKENS.labels(namespace, name, "output").inc(output_tokens)
-    if completed is not None:
-        DURATION.labels(namespace, name).observe(max(0.0, (completed - started).total_seconds()))
+    with PER_SCHEDULE.lock:
+        tally = PER_SCHEDULE.tally(namespace, name)
+        tally.runs[RESULTS.index(result.metric)] += 1
+        # Prometheus stores floats; the exact money lives in PostgreSQL.
+        tally.cost += float(cost)
+        tally.input_tokens += input_tokens
+        tally.output_tokens += output_tokens
+        if completed is not None:
+            seconds = max(0.0, (completed - started).total_seconds())
+            tally.duration_sum += seconds
+            tally.duration_count += 1
+            for i, bound in enumerate(DURATION_BUCKETS):
+                if seconds <= bound:
+                    tally.duration_buckets[i] += 1
+                    break
 
 
 def serve(port: int) -> None:

@@ -20,7 +20,7 @@ import kopf
 from nocturne_operator.adapters import metrics
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from nocturne_operator.controller.cache import Change
+from nocturne_operator.controller.cache import Change, Packed
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.controller.schedules import audit, post_event, reconcile_key, trimmed
 from nocturne_operator.controller.sweep import sweep
@@ -161,40 +161,40 @@ def schedules_by_namespace(
 @kopf.index(GROUP, VERSION, PLURAL)
 def schedule_bodies(
     *, namespace: str | None, name: str, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+) -> dict[tuple[str, str], Packed]:
     """(namespace, name) -> the AgentSchedule: what the workers reconcile."""
-    return {(str(namespace), name): trimmed(body)}
+    return {(str(namespace), name): Packed(trimmed(body))}
 
 
 @kopf.index("batch", "v1", "cronjobs", labels=_MANAGED)
 def schedule_cronjobs(
     *, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]]:
+) -> dict[tuple[str, str], Packed]:
     """(namespace, schedule) -> its CronJob: what the workers compare with its rendering."""
-    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): trimmed(body)}
+    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): Packed(trimmed(body))}
 
 
 @kopf.index("batch", "v1", "jobs", labels=_MANAGED)
 def finished_jobs(
     *, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]] | None:
+) -> dict[tuple[str, str], Packed] | None:
     """(namespace, schedule) -> its finished Jobs: the sweep finds what is left to record
     without listing Jobs for every schedule on every pass."""
     if verdicts.job_outcome(body) is None:
         return None
-    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): dict(body)}
+    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): Packed(trimmed(body))}
 
 
 @kopf.index("", "v1", "pods", labels=_MANAGED)
 def unrecorded_pods(
     *, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], dict[str, Any]] | None:
+) -> dict[tuple[str, str], Packed] | None:
     """(namespace, schedule) -> finished runner pods still held by our finalizer: the sweep
     records those whose Job is gone (pruned or deleted while no operator ran)."""
     finalizers = (body.get("metadata") or {}).get("finalizers") or []
     if RUN_RECORD_FINALIZER not in finalizers or not verdicts.pod_finished(body):
         return None
-    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): dict(body)}
+    return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): Packed(trimmed(body))}
 
 
 def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
@@ -344,7 +344,7 @@ def cronjob_event(
     if memo.unseen.seen("CronJob", str(namespace), name, version):
         return
     owner_name = labels.get(LABEL_SCHEDULE, "")
-    if indexes.owner(str(namespace), owner_name) is not None:
+    if (str(namespace), owner_name) in indexes.bodies:
         memo.queue.add((str(namespace), owner_name))
         return
     kube = memo.kube

@@ -13,7 +13,7 @@ import kopf
 from aiohttp import web
 
 from nocturne_operator.adapters.kube import Kube
-from nocturne_operator.controller.cache import Changes, Unseen
+from nocturne_operator.controller.cache import Changes, Packed, Unseen
 from nocturne_operator.controller.queue import WorkQueue
 from nocturne_operator.controller.workers import Workers
 from nocturne_operator.notifications.notify import Notifier
@@ -24,11 +24,12 @@ from nocturne_operator.schedule.validation import Peer
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import History
 
-ScheduleBodies = kopf.Index[tuple[str, str], dict[str, Any]]
+# Objects are kept packed (``cache.Packed``); the methods of ``Indexes`` unpack them.
+ScheduleBodies = kopf.Index[tuple[str, str], Packed]
 SchedulePeers = kopf.Index[str, Peer]
-ScheduleCronJobs = kopf.Index[tuple[str, str], dict[str, Any]]
-FinishedJobs = kopf.Index[tuple[str, str], dict[str, Any]]
-UnrecordedPods = kopf.Index[tuple[str, str], dict[str, Any]]
+ScheduleCronJobs = kopf.Index[tuple[str, str], Packed]
+FinishedJobs = kopf.Index[tuple[str, str], Packed]
+UnrecordedPods = kopf.Index[tuple[str, str], Packed]
 
 
 class Indexes(NamedTuple):
@@ -55,11 +56,26 @@ class Indexes(NamedTuple):
 
     def owner(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
-        return next(iter(self.bodies.get((namespace, name), [])), None)
+        return _first(self.bodies, (namespace, name))
 
     def cronjob(self, namespace: str, schedule: str) -> dict[str, Any] | None:
         """The schedule's CronJob as last watched (None when there is none)."""
-        return next(iter(self.cronjobs.get((namespace, schedule), [])), None)
+        return _first(self.cronjobs, (namespace, schedule))
+
+    def finished_jobs(self, namespace: str, schedule: str) -> list[dict[str, Any]]:
+        """The schedule's finished Jobs as last watched."""
+        return [packed.unpack() for packed in self.jobs.get((namespace, schedule), [])]
+
+    def unrecorded_pods(self) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
+        """(namespace, schedule) -> its finished runner pods still held by our finalizer."""
+        return [(key, [p.unpack() for p in packed]) for key, packed in list(self.pods.items())]
+
+
+def _first(
+    index: kopf.Index[tuple[str, str], Packed], key: tuple[str, str]
+) -> dict[str, Any] | None:
+    packed = next(iter(index.get(key, [])), None)
+    return None if packed is None else packed.unpack()
 
 
 @dataclass(eq=False)

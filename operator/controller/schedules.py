@@ -110,7 +110,7 @@ def reconcile_key(key: Key, memo: Memo) -> None:
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # gone, or going: garbage collection takes its CronJob and Jobs
     if memo.history is not None:
-        for job in list(indexes.jobs.get(key, [])):
+        for job in indexes.finished_jobs(*key):
             memo.recorder.record_job(job, body)
     cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
     reconcile_schedule(body, memo, indexes.peers, cronjob)
@@ -180,9 +180,9 @@ def reconcile_schedule(
     def post(obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         post_event(memo.kube, obj, type_, reason, message)
         if reason == "AutoPaused":
-            metrics.AUTO_PAUSES.labels(meta["namespace"], meta["name"]).inc()
+            metrics.count_auto_pause(meta["namespace"], meta["name"])
         elif reason == "BudgetExhausted":
-            metrics.BUDGET_EXHAUSTED.labels(meta["namespace"], meta["name"]).inc()
+            metrics.count_budget_exhausted(meta["namespace"], meta["name"])
         if reason in _AUDITED:
             audit(memo, obj, _AUDITED[reason], message)
 

@@ -28,7 +28,7 @@ async def sweep(memo: Memo) -> None:
         recorder = memo.recorder
         try:
             await asyncio.to_thread(
-                recorder.record_orphaned_pods, indexes.owner, list(indexes.pods.items())
+                recorder.record_orphaned_pods, indexes.owner, indexes.unrecorded_pods()
             )
         except Exception:
             log.exception("recording runner pods whose Job is gone failed")
