@@ -87,6 +87,10 @@ def next_fire_times(
     Fewer are returned when robfig's five-year search finds nothing more, or when Next stops
     advancing (a robfig bug after some historical DST changes, e.g. America/St_Johns at 00:01 in
     2008): the controller then runs neither that time nor any later one.
+
+    Next from any moment before the first of them yields that first one again (nothing fires in
+    between), so the chain is kept per schedule, zone and count and reused until its first time
+    has passed: the sweep asks for every schedule's next runs every minute.
     """
     z, start = _zone_of(tz), _unix(after, "after")
     if count < 0:
@@ -97,14 +101,30 @@ def next_fire_times(
     times: list[datetime] = []
     if count == 0:
         return times
+    key = (schedule, tz, count)
+    kept = _NEXT_FIRES.get(key)
+    if kept is not None and kept[0] <= start < kept[1] and kept[2]:
+        return list(kept[2])
     for block in blocks(schedule, z, start, FAR_FUTURE):
         if block.stalls:
             break
         for t in block.fires():
             times.append(datetime.fromtimestamp(t, tz))
             if len(times) == count:
-                return times
+                break
+        if len(times) == count:
+            break
+    if len(_NEXT_FIRES) >= _NEXT_FIRES_MAX:
+        _NEXT_FIRES.clear()
+    if times:
+        _NEXT_FIRES[key] = (start, _unix(times[0], "fire"), tuple(times))
     return times
+
+
+# (schedule, zone, count) -> (computed from, its first fire, the chain), both in Unix seconds.
+_Chain = tuple[int, int, tuple[datetime, ...]]
+_NEXT_FIRES: dict[tuple[CronSchedule, ZoneInfo, int], _Chain] = {}
+_NEXT_FIRES_MAX = 8192
 
 
 def _year_window(z: Zone, year_start: datetime) -> tuple[int, int]:
