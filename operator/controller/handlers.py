@@ -22,7 +22,13 @@ from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from nocturne_operator.controller.cache import Change, Packed
 from nocturne_operator.controller.memo import Indexes, Memo
-from nocturne_operator.controller.schedules import audit, post_event, reconcile_key, trimmed
+from nocturne_operator.controller.schedules import (
+    audit,
+    post_event,
+    read_stats_ahead,
+    reconcile_key,
+    trimmed,
+)
 from nocturne_operator.controller.sweep import sweep
 from nocturne_operator.controller.workers import Workers
 from nocturne_operator.notifications import notices, notify, outbox
@@ -205,6 +211,7 @@ def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
     if memo.indexes is None:
         memo.indexes = indexes
         keys = set(indexes.bodies)
+        read_stats_ahead(memo, [b for k in keys if (b := indexes.owner(*k)) is not None])
         if memo.workers is not None:
             memo.workers.first_pass.begin(keys)
         for key in keys:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -52,6 +52,20 @@ class RunStatsCache:
             if self._generations.get(uid, 0) == generation:
                 self._entries[uid] = (key, stats, now)
         return stats
+
+    def fill(
+        self, keys: Mapping[str, Hashable], load: Callable[[], Mapping[str, RunStats]]
+    ) -> None:
+        """Keep many schedules' statistics read at once (``keys``: UID -> what ``get`` will
+        ask for); as in ``get``, not those of a schedule a run of which changed meanwhile."""
+        now = self.clock()
+        with self._lock:
+            generations = {uid: self._generations.get(uid, 0) for uid in keys}
+        loaded = load()
+        with self._lock:
+            for uid, stats in loaded.items():
+                if uid in keys and self._generations.get(uid, 0) == generations[uid]:
+                    self._entries[uid] = (keys[uid], stats, now)
 
     def invalidate(self, uid: str) -> None:
         """A run of the schedule was written: read its statistics afresh next time."""

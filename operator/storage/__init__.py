@@ -36,6 +36,7 @@ from nocturne_operator.storage.queries import (
     CostPeriod,
     ExecutionRecord,
     RunStats,
+    StatsQuery,
     month_start,
     next_month_start,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "SavedState",
     "StateToSave",
     "StateTooLargeError",
+    "StatsQuery",
     "clean_text",
     "month_start",
     "next_month_start",

@@ -11,7 +11,7 @@ import pytest
 
 from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
-from nocturne_operator.storage import ExecutionKey, History, upgrade
+from nocturne_operator.storage import ExecutionKey, History, StatsQuery, upgrade
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 1, 9, 0, tzinfo=UTC)
@@ -123,3 +123,47 @@ def test_a_schedule_uid_counts_only_that_incarnation(history: History) -> None:
     assert history.run_stats("ns", "news", schedule_uid="uid-gone") == type(new)(
         Decimal(0), 0, 0, 0, None
     )
+
+
+def test_many_schedules_at_once_read_what_each_reads_alone(history: History) -> None:
+    """The first pass after a start reads every schedule's statistics in one go
+    (``run_stats_many``); each must be exactly what ``run_stats`` reads for it."""
+    outcomes = [
+        RunOutcome.SUCCEEDED,
+        RunOutcome.FAILED,
+        RunOutcome.TIMED_OUT,
+        RunOutcome.CANCELLED,
+        RunOutcome.BUDGET_EXCEEDED,
+    ]
+    for s in range(6):
+        uid = f"uid-{s}"
+        for j in range(s * 2):  # uid-0 has no runs at all
+            job = f"{s}-{j}"
+            status = outcomes[(s + j) % len(outcomes)]
+            if j % 3 == 1:  # a failed attempt, then its retry
+                attempt(history, job, 0, RunOutcome.FAILED, j, cost="0.03", uid=uid)
+                attempt(history, job, 1, status, j, cost="0.07", uid=uid)
+            else:
+                attempt(history, job, 0, status, j, cost=f"0.{s}{j}", uid=uid)
+        if s % 2:
+            attempt(history, f"{s}-live", 0, RunOutcome.RUNNING, 20, cost="0", uid=uid)
+    month = T0 + timedelta(hours=4)
+    queries = [
+        StatsQuery(f"uid-{s}", failures_since=T0 + timedelta(hours=s), month_start=month)
+        for s in range(6)
+    ] + [StatsQuery("uid-none"), StatsQuery("uid-5-again", month_start=month)]
+    many = history.run_stats_many(queries)
+    assert set(many) == {q.schedule_uid for q in queries}
+    for q in queries:
+        alone = history.run_stats(
+            "ns",
+            "news",
+            schedule_uid=q.schedule_uid,
+            failures_since=q.failures_since,
+            month_start=q.month_start,
+        )
+        assert many[q.schedule_uid] == alone, q
+    assert many["uid-3"].failed > 0
+    assert many["uid-3"].last_run is not None
+    assert many["uid-none"] == type(many["uid-none"])(Decimal(0), 0, 0, 0, None)
+    assert history.run_stats_many([]) == {}

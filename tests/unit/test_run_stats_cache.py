@@ -85,3 +85,21 @@ def test_a_failed_read_keeps_nothing_and_forget_drops_a_schedule() -> None:
     assert cache.get("uid", None, lambda: stats("1")).total_cost == 1
     cache.forget("uid")
     assert cache.get("uid", None, lambda: stats("2")).total_cost == 2
+
+
+def test_many_read_at_once_serve_the_passes_that_ask_the_same() -> None:
+    cache = RunStatsCache()
+
+    def never() -> RunStats:
+        raise AssertionError("read again")
+
+    def load_all() -> dict[str, RunStats]:
+        cache.invalidate("uid-c")  # a run of c was written while they were read
+        return {"uid-a": stats("1"), "uid-b": stats("2"), "uid-c": stats("3"), "uid-x": stats("9")}
+
+    cache.fill({"uid-a": ("may",), "uid-b": ("may",), "uid-c": ("may",)}, load_all)
+    assert cache.get("uid-a", ("may",), never).total_cost == 1
+    assert cache.get("uid-b", ("may",), never).total_cost == 2
+    assert cache.get("uid-c", ("may",), lambda: stats("4")).total_cost == 4  # not kept
+    assert cache.get("uid-b", ("june",), lambda: stats("5")).total_cost == 5  # asked otherwise
+    assert cache.get("uid-x", ("may",), lambda: stats("6")).total_cost == 6  # not asked for
