@@ -104,6 +104,24 @@ def _streak(rows: list[ExecutionRecord], failures_since: datetime | None) -> int
     return streak
 
 
+def _last_attempts(*where: sa.ColumnElement[bool]) -> sa.Subquery:
+    """Each Job's last attempt among the rows matching ``where`` (a run counts as its last
+    attempt's outcome)."""
+    t = EXECUTIONS
+    newest_first = sa.func.row_number().over(
+        partition_by=t.c.job_uid,
+        order_by=(t.c.attempt.desc(), t.c.started_at.desc(), t.c.id.desc()),
+    )
+    ranked = (
+        sa.select(*execution_columns(include_output=False), newest_first.label("rank"))
+        .where(*where)
+        .subquery()
+    )
+    return (
+        sa.select(*(c for c in ranked.c if c.name != "rank")).where(ranked.c.rank == 1).subquery()
+    )
+
+
 class CostPeriod(NamedTuple):
     """Cost of the runs started in one calendar period (start is local midnight in ``tz``)."""
 
@@ -309,20 +327,7 @@ class RunReads(Repository):
         rows count (a re-created schedule starts clean); else every row of the name."""
         t = EXECUTIONS
         where = self._schedule_range(namespace, schedule_name, None, None, schedule_uid)
-        newest_first = sa.func.row_number().over(
-            partition_by=t.c.job_uid,
-            order_by=(t.c.attempt.desc(), t.c.started_at.desc(), t.c.id.desc()),
-        )
-        ranked = (
-            sa.select(*execution_columns(include_output=False), newest_first.label("rank"))
-            .where(*where)
-            .subquery()
-        )
-        last_attempts = (
-            sa.select(*(c for c in ranked.c if c.name != "rank"))
-            .where(ranked.c.rank == 1)
-            .subquery()
-        )
+        last_attempts = _last_attempts(*where)
         outcome = last_attempts.c.status
         counts = sa.select(
             sa.func.count().filter(outcome == RunOutcome.SUCCEEDED.value).label("succeeded"),
@@ -387,20 +392,7 @@ class RunReads(Repository):
             ]
         )
         mine = t.c.schedule_uid.in_(list(asked))
-        newest_first = sa.func.row_number().over(
-            partition_by=t.c.job_uid,
-            order_by=(t.c.attempt.desc(), t.c.started_at.desc(), t.c.id.desc()),
-        )
-        ranked = (
-            sa.select(*execution_columns(include_output=False), newest_first.label("rank"))
-            .where(mine)
-            .subquery()
-        )
-        last = (
-            sa.select(*(c for c in ranked.c if c.name != "rank"))
-            .where(ranked.c.rank == 1)
-            .subquery()
-        )
+        last = _last_attempts(mine)
         outcome = last.c.status
         counts = sa.select(
             last.c.schedule_uid,
