@@ -243,9 +243,11 @@ def schedule_event(*, type: str, body: kopf.Body, memo: Memo, **kwargs: Any) -> 
         audit(memo, body, kind, f"generation {meta.get('generation')}")
     if change is Change.NONE or meta.get("deletionTimestamp"):
         return
-    # A change by someone is a moment to read the run statistics afresh (rows written by
-    # another process, or by hand, reach status now rather than after the cache's TTL).
-    memo.recorder.stats.invalidate(uid)
+    if change is not Change.RESUMED:
+        # A change by someone is a moment to read the run statistics afresh (rows written by
+        # another process, or by hand, reach status now rather than after the cache's TTL).
+        # Not a resume: this process read them all at its start (``read_stats_ahead``).
+        memo.recorder.stats.invalidate(uid)
     memo.queue.add((namespace, name))
 
 
