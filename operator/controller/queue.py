@@ -31,7 +31,8 @@ class WorkQueue:
     base_delay: float = 15.0
     max_delay: float = 300.0
     clock: Callable[[], float] = time.monotonic
-    _order: deque[Key] = field(default_factory=deque)
+    _order: deque[Key] = field(default_factory=deque)  # what events named: served first
+    _periodic: deque[Key] = field(default_factory=deque)  # the sweep's, behind every event
     _waiting: set[Key] = field(default_factory=set)
     _held: set[Key] = field(default_factory=set)
     _again: set[Key] = field(default_factory=set)  # added while held
@@ -42,9 +43,21 @@ class WorkQueue:
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def add(self, key: Key) -> None:
-        """Reconcile ``key`` as soon as a worker is free (once, however often it is added)."""
+        """Reconcile ``key`` as soon as a worker is free (once, however often it is added),
+        ahead of the sweep's keys."""
         with self._cond:
             self._add(key)
+
+    def add_periodic(self, key: Key) -> None:
+        """Reconcile ``key`` after everything events named (the sweep: a schedule created
+        while it queues 1,000 others does not wait behind them)."""
+        with self._cond:
+            if key in self._held:
+                self._again.add(key)
+            elif key not in self._waiting:
+                self._waiting.add(key)
+                self._periodic.append(key)
+                self._cond.notify()
 
     def add_after(self, key: Key, delay: float) -> None:
         """Add ``key`` once ``delay`` seconds have passed."""
@@ -61,8 +74,8 @@ class WorkQueue:
                 self._promote_due()
                 if self._closed:
                     return None
-                if self._order:
-                    key = self._order.popleft()
+                if self._order or self._periodic:
+                    key = (self._order or self._periodic).popleft()
                     self._waiting.discard(key)
                     self._held.add(key)
                     return key
@@ -107,12 +120,12 @@ class WorkQueue:
     def __len__(self) -> int:
         """Keys waiting now (not counting held or delayed ones)."""
         with self._cond:
-            return len(self._order)
+            return len(self._order) + len(self._periodic)
 
     def idle(self) -> bool:
         """Nothing waits and no worker holds a key (delayed retries may still be pending)."""
         with self._cond:
-            return not self._order and not self._held
+            return not self._order and not self._periodic and not self._held
 
     def _add(self, key: Key) -> None:
         if key in self._held:
@@ -121,6 +134,9 @@ class WorkQueue:
             self._waiting.add(key)
             self._order.append(key)
             self._cond.notify()
+        elif key in self._periodic:  # waiting behind the sweep: an event moves it ahead
+            self._periodic.remove(key)
+            self._order.append(key)
 
     def _promote_due(self) -> None:
         now = self.clock()

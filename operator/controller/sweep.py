@@ -38,4 +38,4 @@ async def sweep(memo: Memo) -> None:
             except Exception:
                 log.exception("reaping stuck executions failed")
         for key in list(indexes.bodies):
-            memo.queue.add(key)
+            memo.queue.add_periodic(key)

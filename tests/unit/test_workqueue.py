@@ -336,3 +336,16 @@ def test_a_pass_reads_the_apiserver_only_while_our_own_write_is_unseen() -> None
     assert schedules._current(memo, "AgentSchedule", "team-a", "digest", cached) is fresh
     assert schedules._current(memo, "AgentSchedule", "team-a", "digest", fresh) is fresh
     assert kube.gets == [("AgentSchedule", "team-a", "digest")]
+
+
+def test_what_an_event_names_goes_ahead_of_the_sweep() -> None:
+    queue = WorkQueue()
+    sweep = [("ns", f"s{i}") for i in range(5)]
+    for key in sweep:
+        queue.add_periodic(key)
+    queue.add(("ns", "new"))  # created during the sweep's pass
+    queue.add(sweep[3])  # an event for one the sweep queued: moved ahead, not twice
+    queue.add_periodic(("ns", "new"))  # already waiting: stays ahead
+    got = [queue.get(0) for _ in range(7)]
+    assert got == [("ns", "new"), sweep[3], sweep[0], sweep[1], sweep[2], sweep[4], None]
+    assert len(queue) == 0
