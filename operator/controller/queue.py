@@ -52,12 +52,7 @@ class WorkQueue:
         """Reconcile ``key`` after everything events named (the sweep: a schedule created
         while it queues 1,000 others does not wait behind them)."""
         with self._cond:
-            if key in self._held:
-                self._again.add(key)
-            elif key not in self._waiting:
-                self._waiting.add(key)
-                self._periodic.append(key)
-                self._cond.notify()
+            self._add(key, periodic=True)
 
     def add_after(self, key: Key, delay: float) -> None:
         """Add ``key`` once ``delay`` seconds have passed."""
@@ -127,14 +122,14 @@ class WorkQueue:
         with self._cond:
             return not self._order and not self._periodic and not self._held
 
-    def _add(self, key: Key) -> None:
+    def _add(self, key: Key, *, periodic: bool = False) -> None:
         if key in self._held:
             self._again.add(key)
         elif key not in self._waiting:
             self._waiting.add(key)
-            self._order.append(key)
+            (self._periodic if periodic else self._order).append(key)
             self._cond.notify()
-        elif key in self._periodic:  # waiting behind the sweep: an event moves it ahead
+        elif not periodic and key in self._periodic:  # an event moves it ahead of the sweep
             self._periodic.remove(key)
             self._order.append(key)
 
