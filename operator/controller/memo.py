@@ -4,7 +4,7 @@ indexes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -62,9 +62,13 @@ class Indexes(NamedTuple):
         """The schedule's CronJob as last watched (None when there is none)."""
         return _first(self.cronjobs, (namespace, schedule))
 
-    def finished_jobs(self, namespace: str, schedule: str) -> list[dict[str, Any]]:
-        """The schedule's finished Jobs as last watched."""
-        return [packed.unpack() for packed in self.jobs.get((namespace, schedule), [])]
+    def finished_jobs(
+        self, namespace: str, schedule: str, *, done: Collection[str] = ()
+    ) -> list[dict[str, Any]]:
+        """The schedule's finished Jobs as last watched, but those whose UID is in ``done``
+        (left packed: every pass asks, and recorded Jobs stay until their TTL)."""
+        jobs: Collection[Packed] = self.jobs.get((namespace, schedule), ())
+        return [packed.unpack() for packed in jobs if packed.uid not in done]
 
     def unrecorded_pods(self) -> list[tuple[tuple[str, str], list[dict[str, Any]]]]:
         """(namespace, schedule) -> its finished runner pods still held by our finalizer."""

@@ -110,7 +110,7 @@ def reconcile_key(key: Key, memo: Memo) -> None:
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # gone, or going: garbage collection takes its CronJob and Jobs
     if memo.history is not None:
-        for job in indexes.finished_jobs(*key):
+        for job in indexes.finished_jobs(*key, done=memo.recorder.ledger.notified):
             memo.recorder.record_job(job, body)
     cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
     reconcile_schedule(body, memo, indexes.peers, cronjob)

@@ -15,8 +15,8 @@ import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
 from nocturne_operator.controller import schedules
-from nocturne_operator.controller.cache import Change, Changes, Unseen
-from nocturne_operator.controller.memo import Memo
+from nocturne_operator.controller.cache import Change, Changes, Packed, Unseen
+from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.controller.queue import Key, WorkQueue
 from nocturne_operator.controller.workers import FirstPass, Workers, apiserver_away
 
@@ -349,3 +349,20 @@ def test_what_an_event_names_goes_ahead_of_the_sweep() -> None:
     got = [queue.get(0) for _ in range(7)]
     assert got == [("ns", "new"), sweep[3], sweep[0], sweep[1], sweep[2], sweep[4], None]
     assert len(queue) == 0
+
+
+def test_finished_jobs_already_dealt_with_are_not_unpacked() -> None:
+    jobs = {
+        ("team-a", "digest"): [
+            Packed(obj("Job", "1", name="j1", uid="job-1")),
+            Packed(obj("Job", "2", name="j2", uid="job-2")),
+        ]
+    }
+    indexes = Indexes({}, {}, {}, jobs, {})  # type: ignore[arg-type]
+    assert [j["metadata"]["uid"] for j in indexes.finished_jobs("team-a", "digest")] == [
+        "job-1",
+        "job-2",
+    ]
+    left = indexes.finished_jobs("team-a", "digest", done={"job-1"})
+    assert [j["metadata"]["uid"] for j in left] == ["job-2"]
+    assert indexes.finished_jobs("team-a", "other") == []
