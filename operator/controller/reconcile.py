@@ -175,19 +175,13 @@ def reconcile(
     prices: PriceTable | None = None,
     notices: NoticeSink | None = None,
     now: datetime | None = None,
-    read_cronjob: Callable[[], dict[str, Any] | None] | None = None,
+    actual: dict[str, Any] | None,
 ) -> str:
     """Bring the CronJob and the status in line with the AgentSchedule; returns the phase.
     ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets;
     None when no database is configured. ``notices`` receives the schedule-level notifications
     (auto-pause, budget reached, silent stop); run-level ones come from finished Jobs.
-    ``read_cronjob`` gives the CronJob as the cluster has it (the operator's: from its watch);
-    without it, it is read from the apiserver."""
-    meta = body["metadata"]
-    if read_cronjob is None:
-        actual = kube.get("CronJob", meta["namespace"], cronjob_name(meta["name"]))
-    else:
-        actual = read_cronjob()
+    ``actual`` is the CronJob as the cluster has it (None: there is none)."""
     plan = decide(
         body,
         settings,

@@ -199,7 +199,7 @@ def reconcile_schedule(
                 prices=memo.prices,
                 notices=notice,
                 now=now,
-                read_cronjob=lambda: cronjob,
+                actual=cronjob,
             )
         except Exception:
             metrics.RECONCILE_ERRORS.inc()

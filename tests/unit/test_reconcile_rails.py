@@ -17,7 +17,7 @@ from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api import conditions as cond
 from nocturne_operator.controller.reconcile import Plan, apply, decide, reconcile
 from nocturne_operator.prices import load_price_table
-from nocturne_operator.render import RunApiEndpoint
+from nocturne_operator.render import RunApiEndpoint, cronjob_name
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import ExecutionRecord, RunStats
 
@@ -146,6 +146,7 @@ class Cluster:
             notices=self.seen.notice,
             now=now,
             run_api=RUN_API,
+            actual=self.objects.get("CronJob", "research", cronjob_name("digest")),
         )
 
     @property
@@ -411,6 +412,7 @@ def test_a_model_without_a_price_is_refused_before_any_run() -> None:
         now=NOW,
         run_api=RUN_API,
         prices=load_price_table(),
+        actual=None,  # no CronJob yet
     )
     status = objects.items[("AgentSchedule", "digest")]["status"]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
