@@ -7,8 +7,9 @@ of the operator's idle work. A schedule's rows change only through this process 
 each of those calls ``invalidate`` for the schedule's UID. A read that raced with a write is not
 kept (a generation per schedule), and an entry lives at most ``ttl`` as a safety net: writes by
 another operator process (one replica today, replaced with ``Recreate``) or by hand reach status
-within it, or at once with any change to the schedule (the update handler invalidates too); a
-finished Job's event invalidates in the process that records it. Two replicas serving the
+within it, or at once with any change to the schedule (its event invalidates too, but a
+resume: the first pass after a start reads every schedule's at once, ``fill``); a finished
+Job's event invalidates in the process that records it. Two replicas serving the
 run API (issue 15) will have to share invalidations (e.g. PostgreSQL LISTEN/NOTIFY).
 """
 

@@ -98,26 +98,29 @@ def next_fire_times(
     every = _every_seconds(schedule)
     if every is not None:  # ConstantDelaySchedule.Next: drop sub-seconds, add the delay
         return [datetime.fromtimestamp(start + every * i, tz) for i in range(1, count + 1)]
-    times: list[datetime] = []
     if count == 0:
-        return times
+        return []
     key = (schedule, tz, count)
     kept = _NEXT_FIRES.get(key)
-    if kept is not None and kept[0] <= start < kept[1] and kept[2]:
+    if kept is not None and kept[0] <= start < kept[1]:
         return list(kept[2])
+    times = _chain(schedule, z, tz, start, count)
+    if len(_NEXT_FIRES) >= _NEXT_FIRES_MAX:
+        _NEXT_FIRES.clear()
+    if times:
+        _NEXT_FIRES[key] = (start, _unix(times[0], "fire"), tuple(times))
+    return times
+
+
+def _chain(schedule: CronSchedule, z: Zone, tz: ZoneInfo, start: int, count: int) -> list[datetime]:
+    times: list[datetime] = []
     for block in blocks(schedule, z, start, FAR_FUTURE):
         if block.stalls:
             break
         for t in block.fires():
             times.append(datetime.fromtimestamp(t, tz))
             if len(times) == count:
-                break
-        if len(times) == count:
-            break
-    if len(_NEXT_FIRES) >= _NEXT_FIRES_MAX:
-        _NEXT_FIRES.clear()
-    if times:
-        _NEXT_FIRES[key] = (start, _unix(times[0], "fire"), tuple(times))
+                return times
     return times
 
 
