@@ -93,9 +93,6 @@ class Packed:
         obj: dict[str, Any] = json.loads(self._data)
         return obj
 
-    def __len__(self) -> int:
-        return len(self._data)
-
 
 class Change(Enum):
     """What an event of a schedule brought, as far as the reconcile cares."""

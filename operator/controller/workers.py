@@ -43,7 +43,9 @@ class FirstPass:
             if self._left is not None:
                 return False
             self._left = set(keys)
-        self._check()
+            done = not self._left
+        if done:
+            self._done()
         return True
 
     def handled(self, key: Key) -> None:
@@ -51,13 +53,11 @@ class FirstPass:
             if not self._left or key not in self._left:
                 return
             self._left.discard(key)
-        self._check()
+            done = not self._left
+        if done:
+            self._done()
 
-    def _check(self) -> None:
-        with self._lock:
-            if self._left is None or self._left:
-                return
-            self._left = set()
+    def _done(self) -> None:
         log.info(
             "first pass done: every schedule listed at start reconciled, %.1f s after start",
             time.monotonic() - self.started,
