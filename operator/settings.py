@@ -160,8 +160,13 @@ class Settings(BaseSettings):
     successful_jobs_history_limit: int = Field(3, ge=0, le=100)
     failed_jobs_history_limit: int = Field(3, ge=0, le=100)
     job_ttl_seconds_after_finished: int = Field(3 * 86_400, ge=60)
-    # How often each schedule is re-checked for drift and its next runs refreshed.
+    # How often runner pods whose Job is gone and runs left RUNNING are looked for, and how
+    # soon a schedule is looked at again when its pass found the database away.
     reconcile_interval_seconds: float = Field(60.0, ge=1, le=3600)
+    # The longest a schedule goes without a pass when nothing happens to it (events, its next
+    # slot, a silent-stop deadline and a new month each bring one on time): a safety net, the
+    # way client-go's informers resync. Each schedule's is shortened by up to a tenth, spread.
+    resync_interval_seconds: float = Field(3600.0, ge=1, le=86_400)
     next_runs_count: int = Field(5, ge=1, le=10)
     # /metrics for Prometheus; 0 turns it off.
     metrics_port: int = Field(9090, ge=0, le=65535)

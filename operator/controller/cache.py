@@ -2,8 +2,8 @@
 watches, kept honest about the operator's own writes; and what changed in a schedule since
 its last event.
 
-The workers reconcile from the indexes (at idle the operator reads nothing from the apiserver:
-the sweep compares in memory). An index lags behind a write of our own until its watch event
+The workers reconcile from the indexes (the operator reads nothing from the apiserver for a
+pass: it compares in memory). An index lags behind a write of our own until its watch event
 arrives, and a pass that read the older copy would write the same status or CronJob again.
 ``Unseen`` remembers the resourceVersion of each object we wrote until a watch event shows it;
 while it is pending, the pass reads that one object from the apiserver instead."""

@@ -184,8 +184,8 @@ def schedule_cronjobs(
 def finished_jobs(
     *, namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], Packed] | None:
-    """(namespace, schedule) -> its finished Jobs: the sweep finds what is left to record
-    without listing Jobs for every schedule on every pass."""
+    """(namespace, schedule) -> its finished Jobs: a pass finds what is left to record
+    without listing Jobs."""
     if verdicts.job_outcome(body) is None:
         return None
     return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): Packed(trimmed(body))}
@@ -313,7 +313,8 @@ async def stop_run_api(*, memo: Memo, **_: Any) -> None:
 
 @kopf.on.startup()
 async def start_sweeper(*, memo: Memo, **_: Any) -> None:
-    """Start the periodic sweep: drift repair, fresh next runs, results left unrecorded."""
+    """Start the periodic sweep (runner pods whose Job is gone, rows left RUNNING) and the
+    notification deliveries."""
     memo.sweeper = asyncio.create_task(sweep(memo))
     notifier = memo.notifier
     if notifier is not None:

@@ -2,12 +2,14 @@
 waits at most once however many events name it, one worker at a time handles it, and one that
 failed comes back after a delay that doubles with each failure in a row.
 
-Every trigger (a change of the schedule, an event of its CronJob or of a finished Job, the
-periodic sweep, a restart's initial listing) only adds the schedule's key; the workers do the
-reconciling. A burst of events for one schedule -- its creation, the CronJob it got, the status
-written back -- costs one or two passes instead of one per event, and a schedule's passes
-never overlap (the key is not handed out again while a worker holds it; added meanwhile, it
-waits until the worker is done)."""
+Every trigger (a change of the schedule, an event of its CronJob or of a finished Job, a
+restart's initial listing, the moment a pass said the schedule is due again) only adds the
+schedule's key; the workers do the reconciling. Each key has at most one timer: the last
+``add_after`` for it (a pass's "come back at", or a failure's backoff) replaces the one before.
+A burst of events for one schedule -- its creation, the CronJob it got, the status written back
+-- costs one or two passes instead of one per event, and a schedule's passes never overlap (the
+key is not handed out again while a worker holds it; added meanwhile, it waits until the worker
+is done)."""
 
 from __future__ import annotations
 
@@ -32,11 +34,14 @@ class WorkQueue:
     max_delay: float = 300.0
     clock: Callable[[], float] = time.monotonic
     _order: deque[Key] = field(default_factory=deque)  # what events named: served first
-    _periodic: deque[Key] = field(default_factory=deque)  # the sweep's, behind every event
+    _periodic: deque[Key] = field(default_factory=deque)  # timers that came due: behind events
     _waiting: set[Key] = field(default_factory=set)
     _held: set[Key] = field(default_factory=set)
     _again: set[Key] = field(default_factory=set)  # added while held
-    _later: list[tuple[float, int, Key]] = field(default_factory=list)  # a heap by due time
+    # Each key's timer (its due time on the monotonic clock), and a heap of (due, seq, key)
+    # in which an entry counts only while it is still its key's timer.
+    _timers: dict[Key, float] = field(default_factory=dict)
+    _later: list[tuple[float, int, Key]] = field(default_factory=list)
     _failures: dict[Key, int] = field(default_factory=dict)
     _closed: bool = False
     _seq: itertools.count[int] = field(default_factory=itertools.count)
@@ -44,20 +49,21 @@ class WorkQueue:
 
     def add(self, key: Key) -> None:
         """Reconcile ``key`` as soon as a worker is free (once, however often it is added),
-        ahead of the sweep's keys."""
+        ahead of keys whose timer came due."""
         with self._cond:
             self._add(key)
 
-    def add_periodic(self, key: Key) -> None:
-        """Reconcile ``key`` after everything events named (the sweep: a schedule created
-        while it queues 1,000 others does not wait behind them)."""
-        with self._cond:
-            self._add(key, periodic=True)
-
     def add_after(self, key: Key, delay: float) -> None:
-        """Add ``key`` once ``delay`` seconds have passed."""
+        """Add ``key`` once ``delay`` seconds have passed, behind what events named (1,000
+        schedules due at the same minute do not hold up one just created). This becomes the
+        key's only timer: an earlier ``add_after`` for it no longer counts."""
         with self._cond:
-            heapq.heappush(self._later, (self.clock() + delay, next(self._seq), key))
+            due = self.clock() + max(0.0, delay)
+            self._timers[key] = due
+            heapq.heappush(self._later, (due, next(self._seq), key))
+            if len(self._later) > 2 * len(self._timers) + 64:  # mostly replaced timers
+                self._later = [(d, next(self._seq), k) for k, d in self._timers.items()]
+                heapq.heapify(self._later)
             self._cond.notify()
 
     def get(self, timeout: float | None = None) -> Key | None:
@@ -102,9 +108,10 @@ class WorkQueue:
         return delay
 
     def forget(self, key: Key) -> None:
-        """``key`` is gone (its schedule was deleted): drop its failure count."""
+        """``key`` is gone (its schedule was deleted): drop its failure count and its timer."""
         with self._cond:
             self._failures.pop(key, None)
+            self._timers.pop(key, None)
 
     def shut_down(self) -> None:
         """Wake every worker; ``get`` returns None from now on."""
@@ -129,15 +136,17 @@ class WorkQueue:
             self._waiting.add(key)
             (self._periodic if periodic else self._order).append(key)
             self._cond.notify()
-        elif not periodic and key in self._periodic:  # an event moves it ahead of the sweep
+        elif not periodic and key in self._periodic:  # an event moves it ahead of the timers
             self._periodic.remove(key)
             self._order.append(key)
 
     def _promote_due(self) -> None:
         now = self.clock()
         while self._later and self._later[0][0] <= now:
-            _, _, key = heapq.heappop(self._later)
-            self._add(key)
+            due, _, key = heapq.heappop(self._later)
+            if self._timers.get(key) == due:  # not replaced since
+                del self._timers[key]
+                self._add(key, periodic=True)
 
     def _wait(self, deadline: float | None) -> float | None:
         """How long ``get`` may sleep: until the next delayed key or the deadline."""

@@ -1,6 +1,7 @@
 """The one reconcile: AgentSchedule -> CronJob (carrying each Job's task snapshot) + status.
 
-Called for create, update, resume, the periodic sweep and events of the owned CronJob. Decide,
+Called for every pass of a schedule's key off the work queue (its changes, its CronJob's and
+Jobs' events, a restart, the moment the last pass said it is due again). Decide,
 then apply, the shape of the CronJob controller's ``syncCronJob``: ``decide`` is pure (the
 schedule, the CronJob as the cluster has it, run statistics, the clock -> a ``Plan`` of object
 writes, a status patch, Events and notices); ``apply`` carries a plan out. Idempotent: a second
@@ -79,8 +80,7 @@ EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 """(object, type Normal|Warning, reason, message) -> None"""
 NoticeSink = Callable[[str, str, str], None]
 """(notification kind AutoPaused|BudgetExceeded|SilentStop, dedupe key, message) -> None"""
-# Slack added to a silent-stop deadline: the Job's start may lag its slot, and the sweep
-# looks only every reconcile interval.
+# Slack added to a silent-stop deadline: the Job's start may lag its slot.
 SILENT_STOP_GRACE = timedelta(minutes=5)
 
 
@@ -161,6 +161,13 @@ class Plan:
     notices: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, message)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     status: dict[str, Any] = field(default_factory=dict)  # the merge patch; {}: unchanged
+    # The first moment the clock alone changes what a pass decides (a slot passes and the next
+    # runs move on, a silent-stop deadline, a new month); None: nothing waits on the clock.
+    due: datetime | None = None
+
+    def due_by(self, moment: datetime) -> None:
+        """``moment`` changes what a pass decides: the next pass is due by then."""
+        self.due = moment if self.due is None else min(self.due, moment)
 
 
 def reconcile(
@@ -176,8 +183,9 @@ def reconcile(
     notices: NoticeSink | None = None,
     now: datetime | None = None,
     actual: dict[str, Any] | None,
-) -> str:
-    """Bring the CronJob and the status in line with the AgentSchedule; returns the phase.
+) -> Plan:
+    """Bring the CronJob and the status in line with the AgentSchedule; returns what was
+    decided (the phase, and when the clock calls for the next pass).
     ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets;
     None when no database is configured. ``notices`` receives the schedule-level notifications
     (auto-pause, budget reached, silent stop); run-level ones come from finished Jobs.
@@ -200,7 +208,7 @@ def reconcile(
         events=events,
         notices=notices or (lambda _kind, _key, _message: None),
     )
-    return plan.phase
+    return plan
 
 
 def decide(
@@ -375,6 +383,8 @@ class _Planner:
                 self.plan.delete_configmap = legacy_task_configmap_name(ref.name)
         # The CronJob as the cluster has it once the plan is applied (apply leaves its status).
         current = actual if actual is not None else cronjob
+        # A new month: its cost starts at zero on status, and a monthly hold ends.
+        self.plan.due_by(next_month_start(self.now, spec.time_zone))
         self._next_runs(spec, suspended=suspend)
         silent_stop = self._silent_stop(spec, current, suspended=suspend)
         verification = self._verification_run
@@ -418,6 +428,8 @@ class _Planner:
             cron.parse_schedule(spec.schedule), zone, self.now, self.settings.next_runs_count
         )
         runs = [cron.describe_run(t, zone) for t in times]
+        if times:
+            self.plan.due_by(times[0])
         self.new.update(
             nextRunAt=runs[0].utc if runs else None,
             nextRunLocal=runs[0].local if runs else None,
@@ -576,6 +588,8 @@ class _Planner:
             + SILENT_STOP_GRACE
         )
         if len(fires) < 2 or self.now < fires[1] + grace:
+            if len(fires) == 2:
+                self.plan.due_by(fires[1] + grace)
             return cond.condition(
                 cond.SILENT_STOP,
                 False,

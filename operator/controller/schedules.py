@@ -6,8 +6,9 @@ meet them."""
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nocturne_operator.adapters import metrics
@@ -18,6 +19,7 @@ from nocturne_operator.controller.memo import Memo, SchedulePeers
 from nocturne_operator.controller.queue import Key
 from nocturne_operator.notifications import notices
 from nocturne_operator.render import cronjob_name
+from nocturne_operator.settings import Settings
 from nocturne_operator.storage import EventKind, HistoryError, StatsQuery, month_start
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def trimmed(body: Mapping[str, Any]) -> dict[str, Any]:
 def reconcile_key(key: Key, memo: Memo) -> None:
     """One worker's pass over a schedule: record its finished Jobs, then reconcile it, both
     from kopf's indexes (an object we wrote and the watch has not shown yet is read from the
-    apiserver instead)."""
+    apiserver instead); then set the timer of its next pass."""
     indexes = memo.indexes
     if indexes is None:
         return
@@ -109,11 +111,32 @@ def reconcile_key(key: Key, memo: Memo) -> None:
     body = _current(memo, KIND, namespace, name, indexes.owner(namespace, name))
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # gone, or going: garbage collection takes its CronJob and Jobs
+    behind = False  # a finished Job left unrecorded (the database is away)
     if memo.history is not None:
         for job in indexes.finished_jobs(*key, done=memo.recorder.ledger.notified):
-            memo.recorder.record_job(job, body)
+            behind = not memo.recorder.record_job(job, body) or behind
     cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
-    reconcile_schedule(body, memo, indexes.peers, cronjob)
+    plan = reconcile_schedule(body, memo, indexes.peers, cronjob)
+    now = datetime.now(UTC)
+    if behind:
+        plan.due_by(now + timedelta(seconds=memo.settings.reconcile_interval_seconds))
+    memo.queue.add_after(key, next_pass_in(memo.settings, key, plan.due, now))
+
+
+# A pass due at a moment runs this long after it: the slot or deadline has surely passed.
+DUE_SLACK = timedelta(seconds=1)
+
+
+def next_pass_in(settings: Settings, key: Key, due: datetime | None, now: datetime) -> float:
+    """Seconds until ``key``'s next pass: just after ``due`` (the moment the clock changes what
+    a pass decides, or work was left for when the database is back), at the latest after the
+    resync interval, shortened by up to a tenth so that schedules listed together do not all
+    come back in the same second."""
+    spread = zlib.crc32(f"{key[0]}/{key[1]}".encode()) / 2**32
+    seconds = settings.resync_interval_seconds * (1.0 - spread / 10)
+    if due is not None:
+        seconds = min(seconds, (due + DUE_SLACK - now).total_seconds())
+    return max(0.0, seconds)
 
 
 def _current(
@@ -132,8 +155,10 @@ def reconcile_schedule(
     memo: Memo,
     index: SchedulePeers,
     cronjob: dict[str, Any] | None,
-) -> None:
-    """Reconcile ``body`` against ``cronjob`` (its CronJob as the cluster has it, or None)."""
+) -> rec.Plan:
+    """Reconcile ``body`` against ``cronjob`` (its CronJob as the cluster has it, or None); the
+    plan carried out. Without its run statistics (the database is away) the plan is due again
+    within the reconcile interval, to catch up once the database is back."""
     meta = body["metadata"]
     peers = list(index.get(meta["namespace"], []))
     history = memo.history
@@ -187,7 +212,7 @@ def reconcile_schedule(
 
     with metrics.RECONCILE_DURATION.time():
         try:
-            phase = rec.reconcile(
+            plan = rec.reconcile(
                 body,
                 memo.settings,
                 memo.kube,
@@ -204,7 +229,10 @@ def reconcile_schedule(
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             raise
-    metrics.observe_schedule(meta["namespace"], meta["name"], phase)
+    metrics.observe_schedule(meta["namespace"], meta["name"], plan.phase)
+    if history is not None and stats is None:
+        plan.due_by(now + timedelta(seconds=memo.settings.reconcile_interval_seconds))
+    return plan
 
 
 def _stats_key(body: Mapping[str, Any], now: datetime) -> tuple[datetime | None, datetime | None]:

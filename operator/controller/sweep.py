@@ -1,7 +1,7 @@
-"""The periodic sweep: runner pods whose Job is gone, rows left RUNNING, then every schedule
-queued for a pass (drift repair, next runs, holds, silent stop, finished Jobs not yet
-recorded). The passes compare with kopf's indexes: at idle the sweep reads nothing from the
-apiserver.
+"""The periodic sweep: runner pods whose Job is gone, and rows left RUNNING whose Job or pod
+is gone. Schedules are not swept: each pass sets its schedule's next one on the work queue
+(its next slot, a silent-stop deadline, a new month, at the latest the resync interval), so at
+idle the operator passes over a schedule only when the clock changes something about it.
 
 Not a ``@kopf.timer``: kopf puts a finalizer on every object a timer serves, so deleting a
 schedule would hang whenever the operator is down or uninstalled. One operator-level loop over
@@ -37,5 +37,3 @@ async def sweep(memo: Memo) -> None:
                 await asyncio.to_thread(recorder.reap, indexes.owner)
             except Exception:
                 log.exception("reaping stuck executions failed")
-        for key in list(indexes.bodies):
-            memo.queue.add_periodic(key)

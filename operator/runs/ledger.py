@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 @dataclass
 class JobLedger:
     """Finished Jobs this process has dealt with (Jobs are TTL-deleted after some days, so the
-    sets stay small: one UID per run). The Job event handler and the sweep may meet on one
+    sets stay small: one UID per run). The Job event handler and a pass may meet on one
     Job: whoever claims it first does the work, the other skips it."""
 
     recorded: set[str] = field(default_factory=set)  # attempts recorded and counted

@@ -1,4 +1,4 @@
-"""Finished runs into history, once: from Job events and the sweep (``record_job``), from runner
+"""Finished runs into history, once: from Job events and passes (``record_job``), from runner
 pods whose Job is gone (``record_orphaned_pods``), and rows left RUNNING (``reap``). Recording
 feeds the run metrics and queues the run's notices; runner pods keep our finalizer until their
 run is recorded."""
@@ -47,13 +47,14 @@ class Recorder:
     # Every write of a run below invalidates its schedule's statistics here.
     stats: RunStatsCache = field(default_factory=RunStatsCache)
 
-    def record_job(self, job: Mapping[str, Any], schedule: Mapping[str, Any]) -> None:
-        """Record a finished Job's attempts once and queue its notices once; later events and
-        sweeps skip it without any API or database call."""
+    def record_job(self, job: Mapping[str, Any], schedule: Mapping[str, Any]) -> bool:
+        """Record a finished Job's attempts once and queue its notices once; later passes skip
+        it without any API or database call. False: deferred, the database is away (a pass
+        comes back to it soon: nothing is lost meanwhile)."""
         history = self.history
         outcome = verdicts.job_outcome(job)
         if outcome is None:
-            return
+            return True
         meta = job["metadata"]
         ledger = self.ledger
         if history is None:  # nothing to record into: the pods need not wait for it
@@ -61,17 +62,18 @@ class Recorder:
                 selector = f"batch.kubernetes.io/job-name={meta['name']}"
                 release_pods(self.kube, self.kube.list_objects("Pod", meta["namespace"], selector))
                 ledger.notified.add(meta["uid"])
-            return
+            return True
         with ledger.claim(meta["uid"]) as mine:
-            if not mine:
-                return
+            if not mine:  # another pass is recording it
+                return True
             try:
                 self._record_and_notify(job, outcome, schedule, history)
             except HistoryError as exc:
-                # The sweep comes back to it: nothing is lost while the database is down.
                 log.warning(
                     "recording Job %s/%s deferred: %s", meta["namespace"], meta["name"], exc
                 )
+                return False
+        return True
 
     def _record_and_notify(
         self,

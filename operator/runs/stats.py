@@ -1,16 +1,17 @@
 """Each schedule's run statistics as last read from PostgreSQL, kept until a run of it changes.
 
-Every reconcile needs them (status totals, the failure streak, the budget holds), and the sweep
-reconciles every schedule every minute: at 1,000 schedules the ``run_stats`` query was a third
-of the operator's idle work. A schedule's rows change only through this process -- the run API
-(start, progress, finish) and the recorder (finished Jobs, orphaned pods, the reaper) -- and
-each of those calls ``invalidate`` for the schedule's UID. A read that raced with a write is not
-kept (a generation per schedule), and an entry lives at most ``ttl`` as a safety net: writes by
-another operator process (one replica today, replaced with ``Recreate``) or by hand reach status
-within it, or at once with any change to the schedule (its event invalidates too, but a
-resume: the first pass after a start reads every schedule's at once, ``fill``); a finished
-Job's event invalidates in the process that records it. Two replicas serving the
-run API (issue 15) will have to share invalidations (e.g. PostgreSQL LISTEN/NOTIFY).
+Every reconcile needs them (status totals, the failure streak, the budget holds), and passes
+come with every slot and event: at 1,000 schedules the ``run_stats`` query was a third of the
+operator's idle work when a sweep passed over every schedule every minute. A schedule's rows
+change only through this process -- the run API (start, progress, finish) and the recorder
+(finished Jobs, orphaned pods, the reaper) -- and each of those calls ``invalidate`` for the
+schedule's UID. A read that raced with a write is not kept (a generation per schedule), and an
+entry lives at most ``ttl`` as a safety net: writes by another operator process (one replica
+today, replaced with ``Recreate``) or by hand reach status within it, or at once with any change
+to the schedule (its event invalidates too, but a resume: the first pass after a start reads
+every schedule's at once, ``fill``); a finished Job's event invalidates in the process that
+records it. Two replicas serving the run API (issue 15) will have to share invalidations (e.g.
+PostgreSQL LISTEN/NOTIFY).
 """
 
 from __future__ import annotations

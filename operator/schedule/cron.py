@@ -90,7 +90,7 @@ def next_fire_times(
 
     Next from any moment before the first of them yields that first one again (nothing fires in
     between), so the chain is kept per schedule, zone and count and reused until its first time
-    has passed: the sweep asks for every schedule's next runs every minute.
+    has passed: every pass of a schedule asks for its next runs.
     """
     z, start = _zone_of(tz), _unix(after, "after")
     if count < 0:

@@ -321,6 +321,7 @@ def test_fault_drill(  # noqa: PLR0917 - the fixtures it needs
             watch_namespaces=namespace,
             extra_env={
                 "NOCTURNE_RECONCILE_INTERVAL_SECONDS": str(SWEEP_SECONDS),
+                "NOCTURNE_RESYNC_INTERVAL_SECONDS": str(SWEEP_SECONDS),
                 "NOCTURNE_LLM_SECRETS": json.dumps([API_KEY_SECRET]),
                 "NOCTURNE_LLM_BASE_URLS": json.dumps([f"{site.url}/v1"]),
                 # Keep every finished Job: the drill compares them all with history.

@@ -95,6 +95,7 @@ def test_two_hundred_schedules_at_once_are_each_handled_once(
         watch_namespaces=namespace,
         extra_env={
             "NOCTURNE_RECONCILE_INTERVAL_SECONDS": str(SWEEP_SECONDS),
+            "NOCTURNE_RESYNC_INTERVAL_SECONDS": str(SWEEP_SECONDS),
             "NOCTURNE_MAX_SCHEDULES_PER_NAMESPACE": str(SCHEDULES + 10),
             "NOCTURNE_LOG_LEVEL": "DEBUG",  # kopf then logs every event it receives
         },

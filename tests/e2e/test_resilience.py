@@ -36,7 +36,11 @@ pytestmark = pytest.mark.e2e
 
 NAME = "nightly-digest"
 SWEEP_SECONDS = 2
-FAST_SWEEP = {"NOCTURNE_RECONCILE_INTERVAL_SECONDS": str(SWEEP_SECONDS)}
+# Housekeeping every SWEEP_SECONDS, and every schedule passed at least that often too.
+FAST_SWEEP = {
+    "NOCTURNE_RECONCILE_INTERVAL_SECONDS": str(SWEEP_SECONDS),
+    "NOCTURNE_RESYNC_INTERVAL_SECONDS": str(SWEEP_SECONDS),
+}
 API_KEY_SECRET = "llm-api-key"  # noqa: S105 - a Secret's name, not a secret
 # The fields of status.<...> derived from PostgreSQL.
 RESULT_FIELDS = ("runs", "totalCostUSD", "consecutiveFailures", "lastRun")
@@ -298,7 +302,7 @@ def test_operator_restart_changes_no_totals(
         wait_for(
             lambda: metric(second, RECONCILES) >= reconciles + 3,
             10 * SWEEP_SECONDS,
-            "three more sweeps (controller/sweep.py reconciles every schedule each interval)",
+            "three more passes (each schedule is resynced every SWEEP_SECONDS here)",
         )
         assert status_of(kubectl, namespace, NAME) == settled
         with History.connect(url) as history:

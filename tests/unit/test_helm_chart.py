@@ -352,6 +352,7 @@ def test_settings_file_is_mounted_and_accepted_by_the_operator(tmp_path: Path) -
         "--set=runner.image.repository=registry.example/nocturne-runner",
         "--set=runner.image.tag=1.2.3",
         "--set=operator.reconcileIntervalSeconds=15",
+        "--set=operator.resyncIntervalSeconds=900",
     )
     container = operator_container(docs)
     config_file = Path(env_of(container)["NOCTURNE_CONFIG_FILE"])
@@ -367,6 +368,7 @@ def test_settings_file_is_mounted_and_accepted_by_the_operator(tmp_path: Path) -
     assert str(settings.max_per_run_usd) == "2.50"
     assert settings.runner_image == "registry.example/nocturne-runner:1.2.3"
     assert settings.reconcile_interval_seconds == 15
+    assert settings.resync_interval_seconds == 900
     assert settings.llm_secrets == ["llm-credentials"]
     assert settings.llm_base_urls == ["https://api.openai.com/v1", "https://api.anthropic.com"]
     assert settings.webhook_secrets == ["slack"]

@@ -134,6 +134,9 @@ class Cluster:
         self.reconcile(stats(last_success=None), now=created)
 
     def reconcile(self, run_stats: RunStats | None, now: datetime = NOW) -> str:
+        return self.plan(run_stats, now).phase
+
+    def plan(self, run_stats: RunStats | None, now: datetime = NOW) -> Plan:
         body = self.objects.get("AgentSchedule", "research", "digest")
         assert body is not None
         return reconcile(
@@ -308,6 +311,49 @@ def test_the_end_of_a_budget_hold_restarts_the_silent_stop_clock() -> None:
     assert cluster.condition(cond.SILENT_STOP)["status"] == "True"
 
 
+# ---- when the clock calls for the next pass -------------------------------------------------
+
+
+def test_a_pass_is_due_again_when_its_next_slot_passes() -> None:
+    cluster = Cluster(schedule())
+    # 10:00 in Tokyo on the 26th: the next run is 09:00 JST on the 27th.
+    assert cluster.plan(stats(), now=NOW).due == datetime(2026, 11, 27, 0, 0, tzinfo=UTC)
+    assert cluster.status["nextRunAt"] == "2026-11-27T00:00:00Z"
+
+
+def test_a_pass_is_due_at_the_silent_stop_deadline_before_the_next_slot() -> None:
+    """Runs were due on the 24th and 25th at 09:00 JST: the alarm rings at 09:15 on the 25th,
+    before the next slot, and the pass that rings it is due at that slot again."""
+    cluster = Cluster(schedule())
+    last_success = datetime(2026, 11, 23, 0, 0, 5, tzinfo=UTC)
+    before = datetime(2026, 11, 25, 0, 10, tzinfo=UTC)
+    deadline = datetime(2026, 11, 25, 0, 15, tzinfo=UTC)
+    assert cluster.plan(stats(last_success=last_success), now=before).due == deadline
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "False"
+    after = cluster.plan(stats(last_success=last_success), now=deadline + timedelta(seconds=1))
+    assert cluster.condition(cond.SILENT_STOP)["status"] == "True"
+    assert after.due == datetime(2026, 11, 26, 0, 0, tzinfo=UTC)
+
+
+def test_a_held_schedule_is_due_when_the_month_turns_in_its_zone() -> None:
+    """Held by the monthly cap there is no next slot: the month's turn at midnight in Tokyo
+    (15:00 UTC on the 30th) is the moment the hold ends."""
+    cluster = Cluster(schedule())
+    plan = cluster.plan(stats("5.00"), now=NOW)
+    assert plan.phase == cond.PHASE_BUDGET_EXHAUSTED
+    assert plan.due == datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+
+def test_a_paused_schedule_waits_only_for_the_month_turn() -> None:
+    cluster = Cluster(schedule(suspend=True))
+    assert cluster.plan(stats(), now=NOW).due == datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
+
+
+def test_an_invalid_schedule_waits_on_no_clock() -> None:
+    cluster = Cluster(schedule(schedule="*/5 * * * *"))
+    assert cluster.plan(stats(), now=NOW).due is None
+
+
 def _last(
     status: RunOutcome, error: str | None, job_name: str = "digest-29400001"
 ) -> ExecutionRecord:
@@ -468,7 +514,8 @@ def test_decide_plans_and_apply_carries_out_then_nothing_is_left_to_do() -> None
     current = objects.get("AgentSchedule", "research", "digest")
     assert current is not None
     again = plan_now(current, cronjob)
-    assert again == Plan(phase="Active")
+    # Nothing to write: only the moment of the next pass (the next slot, 09:00 JST on the 27th).
+    assert again == Plan(phase="Active", due=datetime(2026, 11, 27, 0, 0, tzinfo=UTC))
 
 
 def test_apply_queues_notices_and_events_before_status() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
@@ -18,7 +19,9 @@ from nocturne_operator.controller import schedules
 from nocturne_operator.controller.cache import Change, Changes, Packed, Unseen
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.controller.queue import Key, WorkQueue
+from nocturne_operator.controller.schedules import next_pass_in
 from nocturne_operator.controller.workers import FirstPass, Workers, apiserver_away
+from nocturne_operator.settings import Settings
 
 A: Key = ("team-a", "digest")
 B: Key = ("team-a", "monitor")
@@ -338,17 +341,77 @@ def test_a_pass_reads_the_apiserver_only_while_our_own_write_is_unseen() -> None
     assert kube.gets == [("AgentSchedule", "team-a", "digest")]
 
 
-def test_what_an_event_names_goes_ahead_of_the_sweep() -> None:
-    queue = WorkQueue()
-    sweep = [("ns", f"s{i}") for i in range(5)]
-    for key in sweep:
-        queue.add_periodic(key)
-    queue.add(("ns", "new"))  # created during the sweep's pass
-    queue.add(sweep[3])  # an event for one the sweep queued: moved ahead, not twice
-    queue.add_periodic(("ns", "new"))  # already waiting: stays ahead
-    got = [queue.get(0) for _ in range(7)]
-    assert got == [("ns", "new"), sweep[3], sweep[0], sweep[1], sweep[2], sweep[4], None]
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_what_an_event_names_goes_ahead_of_keys_whose_timer_came_due() -> None:
+    clock = Clock()
+    queue = WorkQueue(clock=clock)
+    due = [("ns", f"s{i}") for i in range(5)]
+    for key in due:
+        queue.add_after(key, 60)
+    clock.now += 60
+    queue.add(("ns", "new"))  # created as 1,000 schedules come due at one slot
+    assert queue.get(0) == ("ns", "new")
+    queue.add(due[3])  # an event for one that came due: moved ahead, not twice
+    got = [queue.get(0) for _ in range(6)]
+    assert got == [due[3], due[0], due[1], due[2], due[4], None]
     assert len(queue) == 0
+
+
+def test_a_key_has_one_timer_the_last_one_set() -> None:
+    clock = Clock()
+    queue = WorkQueue(clock=clock)
+    queue.add_after(A, 3600)  # the resync
+    queue.add_after(A, 30)  # a later pass: its next slot is in 30 s
+    queue.add_after(B, 30)
+    queue.add_after(B, 3600)  # ... and B's later pass found nothing due before the resync
+    clock.now += 31
+    assert [queue.get(0), queue.get(0)] == [A, None]
+    queue.done(A)
+    clock.now += 3600
+    assert [queue.get(0), queue.get(0)] == [B, None]  # A's replaced timer does not fire
+
+
+def test_a_forgotten_key_loses_its_timer_and_replaced_timers_do_not_pile_up() -> None:
+    clock = Clock()
+    queue = WorkQueue(clock=clock)
+    queue.add_after(A, 10)
+    queue.forget(A)  # the schedule was deleted
+    for second in range(1000):  # a pass per event, each setting B's timer again
+        queue.add_after(B, 3600 + second)
+    assert len(queue._later) <= 2 * 1 + 64 + 1
+    clock.now += 10_000
+    assert [queue.get(0), queue.get(0)] == [B, None]
+
+
+def test_a_failure_replaces_the_timer_with_its_backoff() -> None:
+    clock = Clock()
+    queue = WorkQueue(base_delay=15, clock=clock)
+    queue.add_after(A, 3600)
+    queue.retry(A)
+    clock.now += 15
+    assert queue.get(0) == A
+
+
+def test_the_next_pass_comes_just_after_the_moment_due_or_at_the_resync() -> None:
+    settings = Settings(resync_interval_seconds=3600)
+    now = datetime(2026, 11, 26, 1, 0, tzinfo=UTC)
+    assert next_pass_in(settings, A, now + timedelta(minutes=5), now) == 301
+    assert next_pass_in(settings, A, now - timedelta(minutes=5), now) == 0  # overdue: now
+    spread = [next_pass_in(settings, ("team-a", f"s{i}"), None, now) for i in range(1000)]
+    assert all(3240 <= s <= 3600 for s in spread)
+    assert max(spread) - min(spread) > 300  # spread over the last tenth, not one second
+    assert next_pass_in(settings, A, now + timedelta(days=20), now) == spread_of(settings, A)
+
+
+def spread_of(settings: Settings, key: Key) -> float:
+    return next_pass_in(settings, key, None, datetime(2026, 1, 1, tzinfo=UTC))
 
 
 def test_finished_jobs_already_dealt_with_are_not_unpacked() -> None:

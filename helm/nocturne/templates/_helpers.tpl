@@ -127,6 +127,7 @@ successful_jobs_history_limit: {{ .Values.runner.jobs.successfulJobsHistoryLimit
 failed_jobs_history_limit: {{ .Values.runner.jobs.failedJobsHistoryLimit }}
 job_ttl_seconds_after_finished: {{ .Values.runner.jobs.ttlSecondsAfterFinished }}
 reconcile_interval_seconds: {{ .Values.operator.reconcileIntervalSeconds }}
+resync_interval_seconds: {{ .Values.operator.resyncIntervalSeconds }}
 next_runs_count: {{ .Values.operator.nextRunsCount }}
 notifications_enabled: {{ .Values.notifications.enabled }}
 notification_max_attempts: {{ .Values.notifications.maxAttempts }}
