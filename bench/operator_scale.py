@@ -26,9 +26,19 @@ Figures (the issue's ids):
       and the apiserver's GET/LIST requests meanwhile (watches excluded);
   G5  SIGKILL the operator at N and start it again (see RESTART_DEFINITION);
   G3  --idle-n schedules created one second apart (create -> CronJob p50/p99), then a burst of
-      --burst at once (p99).
-G4, G5 and G11 are taken at exactly N schedules; G3's schedules come last. Prints the table,
-the raw numbers and the machine's load average after each phase. Asserts no timing.
+      --burst at once (p99);
+  R   the run API under load, last: --runs Jobs of --run-schedules schedules (their CronJob's
+      template, pods made by the Job controller, never run: the control plane has no node),
+      each with a token the apiserver issues bound to its pod (TokenRequest, the runner's
+      audience), report through the operator's run API as runners do: start (a grant),
+      progress every --run-interval s, finish after --run-seconds. The clients are
+      bench/run_api_load.py's (the real RunApiClient, a thread per run, in a child process),
+      first against its bare endpoint (a fixed answer, no auth, no database: the baseline),
+      then against the operator. Printed: p50/p99 per call, errors, the operator's and the
+      apiserver's CPU meanwhile.
+G4, G5 and G11 are taken at exactly N schedules; G3's schedules come after them, the runs last.
+Prints the table, the raw numbers and the machine's load average after each phase. Asserts no
+timing.
 """
 
 from __future__ import annotations
@@ -37,8 +47,10 @@ import argparse
 import base64
 import json
 import math
+import multiprocessing
 import os
 import platform
+import random
 import re
 import signal
 import socket
@@ -58,19 +70,28 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import httpx
 import yaml
 
+from agent_runner.contract import TOKEN_AUDIENCE, RunRef
 from harness import controlplane
 from harness.kube import healthy, wait_for
 from harness.postgres import running_postgres
 from nocturne_operator.api.model import AgentScheduleSpec
-from nocturne_operator.render import RunApiEndpoint, ScheduleRef, render_cronjob
+from nocturne_operator.render import RunApiEndpoint, ScheduleRef, cronjob_name, render_cronjob
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage import upgrade
+from nocturne_operator.storage import History, upgrade
+
+if TYPE_CHECKING:
+    from bench.run_api_load import RunPlan, Samples, bare_app, by_endpoint, drive, percentiles
+    from bench.runner_start import RunApi
+else:  # files next to this one, not a package: the repository's root would shadow `operator`
+    sys.path.append(str(Path(__file__).parent))
+    from run_api_load import RunPlan, Samples, bare_app, by_endpoint, drive, percentiles
+    from runner_start import RunApi
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP, VERSION, PLURAL = "nocturne.dev", "v1alpha1", "agentschedules"
@@ -98,6 +119,7 @@ RESTART_DEFINITION = (
     "liveness endpoint answers (startup handlers done), is Ready; writes are counted until then"
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 T = TypeVar("T")
 
 
@@ -674,6 +696,12 @@ class Bench:
         self.restart(probe, args.n)
         self.log(f"G3: {args.idle_n} one second apart, then a burst of {args.burst}")
         self.latency(idle_keys, burst_keys, args.n)
+        if args.runs:
+            self.log(
+                f"R: {args.runs} runs of {args.run_schedules} schedules report every "
+                f"{args.run_interval:g} s for {args.run_seconds:g} s, first to a bare endpoint"
+            )
+            self.run_api(keys[: args.run_schedules])
         self.log("done; stopping the operator, the control plane and PostgreSQL")
 
     @contextmanager
@@ -908,6 +936,162 @@ class Bench:
         }
         self.phase_end("burst")
 
+    # -- R --
+    def run_api(self, schedules: list[Key]) -> None:
+        args = self.args
+        ca_pem = self._run_api_ca()
+        with ExitStack() as stack:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="runs-")))
+            plans = self._plans(schedules, directory)
+            # The bare endpoint: run_api_load's baseline, the run API's serve() and TLS setup
+            # answering a fixed document (its History is never called).
+            history = History.connect(self.operator.database_url)
+            stack.callback(history.close)
+            bare = RunApi(history)
+            bare.app = bare_app()
+            stack.enter_context(bare)
+            children = stack.enter_context(multiprocessing.get_context("spawn").Pool(1))
+            phase = (args.run_seconds, args.run_interval)
+            base = children.apply(drive, (bare.url, bare.tls.ca_pem, plans, *phase))
+            self.phase_end("runs, bare endpoint")
+            pids = self._cpu_pids()
+            cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            real = children.apply(drive, (self.operator.run_api_url, ca_pem, plans, *phase))
+            used = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
+        self.raw["R"] = {
+            "runs": len(plans),
+            "schedules": len(schedules),
+            "interval": args.run_interval,
+            "seconds": args.run_seconds,
+            "baseline": call_figures(base),
+            "operator": call_figures(real),
+            "cpu_percent_of_a_core": {k: 100 * v / real.wall for k, v in used.items()},
+        }
+        self.phase_end("runs")
+
+    def _run_api_ca(self) -> str:
+        secret = self.api.get(f"/api/v1/namespaces/{TLS_NAMESPACE}/secrets/nocturne-run-api-tls")
+        return base64.b64decode(secret["data"]["ca.crt"]).decode()
+
+    def _cpu_pids(self) -> dict[str, int]:
+        return {
+            "operator": self.operator.pid,
+            "apiserver": self.cp.processes["kube-apiserver"].pid,
+            "etcd": self.cp.processes["etcd"].pid,
+        }
+
+    def _plans(self, schedules: list[Key], directory: Path) -> list[RunPlan]:
+        """``--runs`` Jobs made from the schedules' CronJobs in turn, their pods (the Job
+        controller's) and a token bound to each pod: one RunPlan per Job."""
+        cronjobs = {
+            key: self.api.get(cronjob_path(key[0], cronjob_name(key[1]))) for key in schedules
+        }
+        jobs: list[tuple[Key, dict[str, Any]]] = []
+
+        def create(index: int) -> None:
+            key = schedules[index % len(schedules)]
+            cronjob = cronjobs[key]
+            template = cronjob["spec"]["jobTemplate"]
+            meta = cronjob["metadata"]
+            job = {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "metadata": {
+                    "name": f"{meta['name']}-load-{index}",
+                    "namespace": key[0],
+                    "labels": (template.get("metadata") or {}).get("labels") or {},
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "CronJob",
+                            "name": meta["name"],
+                            "uid": meta["uid"],
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
+                "spec": template["spec"],
+            }
+            resp = self.api.request("POST", f"/apis/batch/v1/namespaces/{key[0]}/jobs", json=job)
+            if resp.status_code >= 300:
+                raise RuntimeError(f"creating Job: {resp.status_code} {resp.text[:500]}")
+            jobs.append((key, resp.json()))
+
+        run_parallel(self.pool, create, range(self.args.runs))
+        by_job = {job["metadata"]["uid"]: (key, job) for key, job in jobs}
+        pods: dict[str, dict[str, Any]] = {}
+
+        def all_pods() -> bool:
+            for namespace in {key[0] for key in schedules}:
+                listed = self.api.get(
+                    f"/api/v1/namespaces/{namespace}/pods", labelSelector=JOB_NAME_LABEL
+                )
+                for pod in listed["items"]:
+                    owners: list[dict[str, Any]] = pod["metadata"].get("ownerReferences") or []
+                    owner = owners[0] if owners else {}
+                    if owner.get("uid") in by_job:
+                        pods[owner["uid"]] = pod
+            return len(pods) == len(by_job)
+
+        wait_for(all_pods, 120, "the Job controller's pods of the bench's runs")
+        schedule_uids = {
+            key: self.api.get(schedule_path(*key))["metadata"]["uid"] for key in schedules
+        }
+        plans: list[RunPlan] = []
+
+        def plan(item: tuple[int, str]) -> None:
+            index, job_uid = item
+            key, _job = by_job[job_uid]
+            pod = pods[job_uid]
+            account = pod["spec"].get("serviceAccountName") or "default"
+            request = {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {
+                    "audiences": [TOKEN_AUDIENCE],
+                    "expirationSeconds": 3600,
+                    "boundObjectRef": {
+                        "apiVersion": "v1",
+                        "kind": "Pod",
+                        "name": pod["metadata"]["name"],
+                        "uid": pod["metadata"]["uid"],
+                    },
+                },
+            }
+            resp = self.api.request(
+                "POST", f"/api/v1/namespaces/{key[0]}/serviceaccounts/{account}/token", json=request
+            )
+            if resp.status_code >= 300:
+                raise RuntimeError(f"TokenRequest: {resp.status_code} {resp.text[:500]}")
+            token_file = directory / f"token-{index}"
+            token_file.write_text(resp.json()["status"]["token"])
+            run = RunRef(
+                namespace=key[0],
+                schedule=key[1],
+                schedule_uid=schedule_uids[key],
+                job_uid=job_uid,
+                pod_uid=pod["metadata"]["uid"],
+            )
+            offset = random.uniform(0, self.args.run_interval)  # noqa: S311 - spread, not secret
+            plans.append(RunPlan(str(token_file), run, offset))
+
+        run_parallel(self.pool, plan, enumerate(by_job))
+        return plans
+
+
+def call_figures(samples: Samples) -> dict[str, Any]:
+    """p50/p99/max per call and the errors the clients saw."""
+    figures: dict[str, Any] = {}
+    for endpoint, values in by_endpoint(samples).items():
+        if not values:  # every call failed: the errors say why
+            continue
+        p50, _p95, p99, worst = percentiles(values)
+        figures[endpoint] = {"n": len(values), "p50_ms": p50, "p99_ms": p99, "max_ms": worst}
+    figures["errors"] = dict(samples.errors)
+    figures["error_examples"] = dict(samples.examples)
+    return figures
+
 
 # ---- the profile --------------------------------------------------------------------------
 
@@ -1004,7 +1188,29 @@ def table(raw: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
             f"({g11['operator_reads']:,} on the operator's resources)",
         ),
     ]
+    if "R" in raw:
+        rows.append(run_api_row(raw["R"]))
     return ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def run_api_row(r: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    base, real = r["baseline"], r["operator"]
+
+    def ms(figures: Mapping[str, Any], call: str, q: str) -> str:
+        return f"{figures[call][q]:.0f}" if call in figures else "-"
+
+    errors = sum(real["errors"].values())
+    return (
+        "R",
+        f"run API: {r['runs']} runs of {r['schedules']} schedules, progress every "
+        f"{r['interval']:g} s for {r['seconds']:g} s",
+        f"bare endpoint, same clients: progress p50 {ms(base, 'progress', 'p50_ms')} ms, p99 "
+        f"{ms(base, 'progress', 'p99_ms')} ms",
+        f"**progress p50 {ms(real, 'progress', 'p50_ms')} ms, p99 "
+        f"{ms(real, 'progress', 'p99_ms')} ms**; start p99 {ms(real, 'start', 'p99_ms')} ms, "
+        f"finish p99 {ms(real, 'finish', 'p99_ms')} ms; operator CPU "
+        f"{r['cpu_percent_of_a_core']['operator']:.1f} % of a core; {errors} errors",
+    )
 
 
 def details(raw: Mapping[str, Any]) -> list[str]:
@@ -1036,6 +1242,24 @@ def details(raw: Mapping[str, Any]) -> list[str]:
             f"profile of the operator, {phase} (share of samples with the function on the "
             f"stack): " + "; ".join(spots)
             for phase, spots in (raw.get("profile") or {}).items()
+        ),
+        *(
+            [
+                "R: "
+                + "; ".join(
+                    f"{who} {call} n {f['n']} p50 {f['p50_ms']:.1f} p99 {f['p99_ms']:.1f} max "
+                    f"{f['max_ms']:.1f} ms"
+                    for who in ("baseline", "operator")
+                    for call, f in raw["R"][who].items()
+                    if call in ("start", "progress", "finish")
+                )
+                + "; errors: "
+                + (json.dumps(raw["R"]["operator"]["error_examples"]) or "none")
+                + "; CPU % of a core: "
+                + ", ".join(f"{k} {v:.2f}" for k, v in raw["R"]["cpu_percent_of_a_core"].items())
+            ]
+            if "R" in raw
+            else []
         ),
         "machine load (1-min average at each phase's end): "
         + ", ".join(f"{k} {v}" for k, v in raw["load_average"].items()),
@@ -1119,6 +1343,7 @@ def main(args: argparse.Namespace) -> None:
         "burst": args.burst,
         "idle_seconds": args.idle_seconds,
         "clients": args.clients,
+        "runs": args.runs,
         "schedule": f"M {hour} * * * in {ZONE} (M = index mod 60)",
         "runtime_seconds": round(time.monotonic() - began, 1),
     }
@@ -1160,6 +1385,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--idle-seconds", type=float, default=300.0, help="G11: idle window (300 s)"
     )
     parser.add_argument("--clients", type=int, default=8, help="client threads (8)")
+    parser.add_argument("--runs", type=int, default=200, help="R: concurrent runs (200; 0: none)")
+    parser.add_argument(
+        "--run-schedules", type=int, default=20, help="R: of that many schedules (20)"
+    )
+    parser.add_argument("--run-interval", type=float, default=5.0, help="R: progress every (5 s)")
+    parser.add_argument("--run-seconds", type=float, default=60.0, help="R: each run lasts (60 s)")
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures ('-': stdout)")
     parser.add_argument(
         "--profile",
@@ -1178,6 +1409,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--n, --namespaces, --idle-n, --burst and --clients must be at least 1")
     if args.idle_seconds <= 0:
         parser.error("--idle-seconds must be > 0")
+    if args.runs < 0 or not 1 <= args.run_schedules <= args.n:
+        parser.error("--runs must be >= 0 and --run-schedules between 1 and --n")
+    if args.run_interval <= 0 or args.run_seconds < args.run_interval:
+        parser.error("--run-interval must be > 0 and --run-seconds at least one interval")
     return args
 
 
