@@ -372,6 +372,20 @@ def operator_metric(url: str, name: str) -> float:
     return 0.0
 
 
+def operator_requests(url: str) -> Counter[str]:
+    """The operator's own Kubernetes API requests so far, by "VERB resource" (its
+    nocturne_kube_requests_total; kopf's watches are not counted there)."""
+    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+        text: str = resp.read().decode()
+    found: Counter[str] = Counter()
+    for match in re.finditer(
+        r'^nocturne_kube_requests_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$', text, re.M
+    ):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
+        found[f"{labels['verb']} {labels['resource']}"] += int(float(match["value"]))
+    return found
+
+
 # ---- processes ----------------------------------------------------------------------------
 
 
@@ -825,9 +839,13 @@ class Bench:
                 ("etcd", etcd),
             )
         }
+        passes = operator_metric(self.operator.metrics_url, RECONCILES)
+        requests = operator_requests(self.operator.metrics_url)
         began = time.monotonic()
         time.sleep(seconds)
         elapsed = time.monotonic() - began
+        passes = operator_metric(self.operator.metrics_url, RECONCILES) - passes
+        requests = operator_requests(self.operator.metrics_url) - requests
         used = {
             name: cpu_seconds(pid) - cpu[name]
             for name, pid in (
@@ -845,6 +863,9 @@ class Bench:
             "reads": sum(reads.values()),
             "reads_by_verb_and_resource": fmt_requests(reads),
             "operator_reads": sum(ours(reads).values()),
+            "passes": passes,
+            # From the operator's own counter: what of the apiserver's reads are its.
+            "operator_requests": dict(requests),
             "writes": fmt_requests(writes),
         }
         self.phase_end("idle")
@@ -1185,7 +1206,8 @@ def table(raw: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
             "goal ≤ 1 % of a core",
             f"**{cpu['operator']:.1f} %** of a core, and {cpu['apiserver']:.1f} % of the "
             f"apiserver's; {g11['reads']:,} reads in {g11['seconds']:.0f} s of idle "
-            f"({g11['operator_reads']:,} on the operator's resources)",
+            f"({g11['operator_reads']:,} on the operator's resources, "
+            f"{sum(g11['operator_requests'].values()):,} by the operator)",
         ),
     ]
     if "R" in raw:
@@ -1232,7 +1254,10 @@ def details(raw: Mapping[str, Any]) -> list[str]:
         f"{g5['probe_create_to_ready']:.1f} s; first pass done {g5['first_pass']:.1f} s "
         f"after the kill ({g5['reconciles_after_restart']:.0f} reconciles by then); writes: "
         + (", ".join(g5["writes_by_verb_and_resource"]) or "none"),
-        "G11: CPU % of a core: "
+        f"G11: {g11['passes']:.0f} passes; the operator's own requests (its "
+        "nocturne_kube_requests_total): "
+        + (", ".join(f"{k}: {v}" for k, v in g11["operator_requests"].items()) or "none")
+        + "; CPU % of a core: "
         + ", ".join(f"{k} {v:.2f}" for k, v in g11["cpu_percent_of_a_core"].items())
         + "; reads: "
         + (", ".join(g11["reads_by_verb_and_resource"]) or "none")

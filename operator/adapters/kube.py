@@ -17,6 +17,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from nocturne_operator.adapters.metrics import KUBE_REQUESTS
 from nocturne_operator.api.model import GROUP, PLURAL, VERSION
 from nocturne_operator.api.timestamps import rfc3339
 
@@ -210,10 +211,16 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self._api.call_api(
-            method_, url, header_params=headers, body=payload, post_params=post
-        )
-        response.read()
+        resource = _resource(path)
+        try:
+            response = self._api.call_api(
+                method_, url, header_params=headers, body=payload, post_params=post
+            )
+            response.read()
+        except Exception:
+            KUBE_REQUESTS.labels(method, resource, "error").inc()
+            raise
+        KUBE_REQUESTS.labels(method, resource, str(response.status)).inc()
         if not 200 <= response.status < 300:
             raise ApiException(http_resp=response)
         data: dict[str, Any] = json.loads(response.data or b"{}")
@@ -269,3 +276,16 @@ class Kube:
         review = self._request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body)
         status: dict[str, Any] = review.get("status") or {}
         return status
+
+
+def _resource(path: str) -> str:
+    """The resource (and subresource) an API path names: ``cronjobs``, ``agentschedules/status``,
+    ``tokenreviews``."""
+    parts = path.strip("/").split("?")[0].split("/")
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        rest = parts[parts.index("namespaces") + 2 :]
+    else:  # cluster-scoped: /api/v1/<resource> or /apis/<group>/<version>/<resource>
+        rest = parts[2:] if parts[0] == "api" else parts[3:]
+    if not rest:
+        return "unknown"
+    return f"{rest[0]}/{rest[2]}" if len(rest) > 2 else rest[0]

@@ -57,6 +57,14 @@ for _kind in NOTIFICATION_EVENTS:
         NOTIFICATIONS.labels(_kind, _result)
 
 
+KUBE_REQUESTS = Counter(
+    "nocturne_kube_requests",
+    "The operator's own requests to the Kubernetes API by verb, resource and status code "
+    "(kopf's watches not counted): at idle it makes none.",
+    ["verb", "resource", "code"],
+    registry=REGISTRY,
+)
+
 QUEUE_DEPTH = Gauge(
     "nocturne_reconcile_queue_depth",
     "AgentSchedules waiting for a reconcile (not counting those being reconciled).",
@@ -67,7 +75,8 @@ QUEUE_DEPTH = Gauge(
 class _Schedules(Collector):
     """``nocturne_schedules{phase}``: how many AgentSchedules are in each phase right now;
     ``nocturne_schedule_reconciled_timestamp_seconds{namespace,schedule}``: when each was last
-    reconciled (every schedule is, each sweep interval: an old one means a stuck operator)."""
+    reconciled (every schedule is, at least once per resync interval, 1 h by default: an older one
+    means a stuck operator)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

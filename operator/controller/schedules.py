@@ -165,20 +165,9 @@ def reconcile_schedule(
     now = datetime.now(UTC)  # one clock for the month's cost and the month it is labelled with
     stats = None
     if history is not None:
-        since, month = _stats_key(body, now)
         try:
-            stats = memo.recorder.stats.get(
-                meta["uid"],
-                (since, month),
-                lambda: history.run_stats(
-                    meta["namespace"],
-                    meta["name"],
-                    # A re-created schedule is a new one: its streak and totals start clean.
-                    schedule_uid=meta["uid"],
-                    failures_since=since,
-                    month_start=month,
-                ),
-            )
+            # By UID: a re-created schedule is a new one, its streak and totals start clean.
+            stats = memo.recorder.stats.get(_stats_query(body, now), history.run_stats)
         except HistoryError as exc:
             # Keep reconciling (drift repair must not depend on the database); results and
             # holds stay as last recorded on status.
@@ -235,10 +224,14 @@ def reconcile_schedule(
     return plan
 
 
-def _stats_key(body: Mapping[str, Any], now: datetime) -> tuple[datetime | None, datetime | None]:
+def _stats_query(body: Mapping[str, Any], now: datetime) -> StatsQuery:
     """What a pass asks of the schedule's run statistics: failures counted since, and the
     start of this month in its zone."""
-    return rec.failures_counted_since(body.get("status") or {}), _month_start(body, now)
+    return StatsQuery(
+        str(body["metadata"]["uid"]),
+        rec.failures_counted_since(body.get("status") or {}),
+        _month_start(body, now),
+    )
 
 
 def read_stats_ahead(memo: Memo, schedules: list[dict[str, Any]]) -> None:
@@ -248,10 +241,9 @@ def read_stats_ahead(memo: Memo, schedules: list[dict[str, Any]]) -> None:
     if history is None or not schedules:
         return
     now = datetime.now(UTC)
-    keys = {str(s["metadata"]["uid"]): _stats_key(s, now) for s in schedules}
-    queries = [StatsQuery(uid, since, month) for uid, (since, month) in keys.items()]
+    queries = [_stats_query(s, now) for s in schedules]
     try:
-        memo.recorder.stats.fill(keys, lambda: history.run_stats_many(queries))
+        memo.recorder.stats.fill(queries, history.run_stats)
     except HistoryError as exc:  # each pass reads its own then
         log.warning("run statistics not read ahead: %s", exc)
 

@@ -84,7 +84,7 @@ FAILED_OUTCOMES = frozenset({RunOutcome.FAILED, RunOutcome.BUDGET_EXCEEDED, RunO
 
 
 class StatsQuery(NamedTuple):
-    """What ``run_stats_many`` reads for one schedule incarnation (see ``run_stats``)."""
+    """What ``run_stats`` reads for one schedule incarnation."""
 
     schedule_uid: str
     failures_since: datetime | None = None
@@ -311,72 +311,16 @@ class RunReads(Repository):
         return [CostPeriod(start.astimezone(zone), Decimal(total)) for start, total in rows]
 
     def run_stats(
-        self,
-        namespace: str,
-        schedule_name: str,
-        *,
-        schedule_uid: str | None = None,
-        failures_since: datetime | None = None,
-        month_start: datetime | None = None,
-        streak_limit: int = 100,
-    ) -> RunStats:
-        """Totals and the current failure streak, derived from the rows (the source of truth, so
-        replays and operator restarts never double-count). Failures of Jobs started before
-        ``failures_since`` (a resume) do not count towards the streak. With ``month_start``,
-        also the cost of runs started since then. With ``schedule_uid``, only that incarnation's
-        rows count (a re-created schedule starts clean); else every row of the name."""
-        t = EXECUTIONS
-        where = self._schedule_range(namespace, schedule_name, None, None, schedule_uid)
-        last_attempts = _last_attempts(*where)
-        outcome = last_attempts.c.status
-        counts = sa.select(
-            sa.func.count().filter(outcome == RunOutcome.SUCCEEDED.value).label("succeeded"),
-            sa.func.count().filter(outcome.in_([s.value for s in FAILED_OUTCOMES])).label("failed"),
-        ).subquery()
-        month_cost = (
-            cost_sum(t.c.started_at >= aware("month_start", month_start))
-            if month_start is not None
-            else sa.null()
-        )
-        # Every attempt's cost and the latest success, in the same statement as the counts.
-        totals = (
-            sa.select(
-                cost_sum().label("total_cost"),
-                sa.func.max(t.c.started_at)
-                .filter(t.c.status == RunOutcome.SUCCEEDED.value)
-                .label("last_success_at"),
-                month_cost.label("month_cost"),
-            )
-            .where(*where)
-            .subquery()
-        )
-        recent = (
-            sa.select(last_attempts)
-            .where(outcome != RunOutcome.RUNNING.value)
-            .order_by(last_attempts.c.started_at.desc(), last_attempts.c.id.desc())
-            .limit(streak_limit)
-        )
-        # Two one-row subqueries: joined on TRUE, not on a forgotten condition.
-        both = sa.select(counts, totals).select_from(counts.join(totals, sa.true()))
-        with self._begin(f"read run statistics of {namespace}/{schedule_name}") as conn:
-            summary = conn.execute(both).one()
-            rows = [_record(row) for row in conn.execute(recent)]
-        return RunStats(
-            Decimal(summary.total_cost),
-            int(summary.succeeded),
-            int(summary.failed),
-            _streak(rows, failures_since),
-            rows[0] if rows else None,
-            last_success_at=summary.last_success_at,
-            month_cost=None if summary.month_cost is None else Decimal(summary.month_cost),
-        )
-
-    def run_stats_many(
         self, queries: Collection[StatsQuery], *, streak_limit: int = 100
     ) -> dict[str, RunStats]:
-        """``run_stats`` of many schedule incarnations (by UID) in one transaction of three
-        statements, not two statements each: what an operator's first pass after a start
-        needs for every schedule at once. Every UID asked for has an entry."""
+        """Totals and the current failure streak of schedule incarnations (by UID: a re-created
+        schedule starts clean), derived from the rows (the source of truth, so replays and
+        operator restarts never double-count); one transaction of three statements however
+        many are asked (a pass reads one, the first pass after a start every schedule's, a
+        burst of passes theirs together). Failures of Jobs started before a query's
+        ``failures_since`` (a resume) do not count towards its streak; with its
+        ``month_start``, also the cost of runs started since then. Every UID asked for has an
+        entry."""
         if not queries:
             return {}
         t = EXECUTIONS

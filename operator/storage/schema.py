@@ -147,7 +147,7 @@ class Execution(Base):
         ),
         # The same by schedule UID (a re-created schedule is a new schedule): reserve() sums a
         # schedule's committed spend (cost_usd, or granted_usd while RUNNING) index-only, and
-        # run_stats(schedule_uid=...) counts one incarnation. Added by migration 0003.
+        # run_stats counts one incarnation. Added by migration 0003.
         sa.Index(
             "ix_schedule_executions_uid_started",
             "schedule_uid",

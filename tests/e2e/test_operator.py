@@ -836,6 +836,7 @@ def test_metrics_are_served_with_their_names_types_and_values(
         ("nocturne_notifications_total", "counter"),
         ("nocturne_reconcile_queue_depth", "gauge"),
         ("nocturne_schedule_reconciled_timestamp_seconds", "gauge"),
+        ("nocturne_kube_requests_total", "counter"),
     ]:
         assert f"# TYPE {name} {kind}" in text, name
     assert f"{runs('failed')} 0.0" in text  # label sets are initialised at zero

@@ -28,6 +28,7 @@ from nocturne_operator.storage import (
     GrantRecord,
     History,
     HistoryError,
+    StatsQuery,
     month_start,
     upgrade,
 )
@@ -310,7 +311,7 @@ def test_a_recreated_schedule_starts_clean_but_history_lists_every_incarnation(
         ("uid-old", RunOutcome.BUDGET_EXCEEDED),
         ("uid-old", RunOutcome.FAILED),
     ]
-    new = history.run_stats("ns", "news", schedule_uid="uid-new", month_start=MONTH)
+    new = history.run_stats([StatsQuery("uid-new", month_start=MONTH)])["uid-new"]
     assert (new.total_cost, new.succeeded, new.failed, new.consecutive_failures) == (
         D("0.25"),
         1,
@@ -320,8 +321,8 @@ def test_a_recreated_schedule_starts_clean_but_history_lists_every_incarnation(
     assert new.month_cost == D("0.25")
     assert new.last_run is not None
     assert new.last_run.schedule_uid == "uid-new"
-    both = history.run_stats("ns", "news")
-    assert (both.total_cost, both.succeeded, both.failed) == (D("1.25"), 1, 2)
+    old = history.run_stats([StatsQuery("uid-old")])["uid-old"]
+    assert (old.total_cost, old.succeeded, old.failed) == (D(1), 0, 2)
     assert history.total_cost("ns", "news", schedule_uid="uid-old") == D(1)
     assert history.total_cost("ns", "news") == D("1.25")
 
@@ -518,7 +519,7 @@ def test_concurrent_jobs_never_overspend_the_total_and_monthly_caps(url: str) ->
     with History.connect(url) as history:
         assert history.total_cost("ns", "news", schedule_uid="uid-news") == D("0.95")
         assert committed(history, since=MONTH) == D("0.85")
-        stats = history.run_stats("ns", "news", schedule_uid="uid-news", month_start=MONTH)
+        stats = history.run_stats([StatsQuery("uid-news", month_start=MONTH)])["uid-news"]
         assert (stats.total_cost, stats.month_cost) == (D("0.95"), D("0.85"))
         assert stats.failed == threads - 3
 

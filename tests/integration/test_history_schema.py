@@ -26,6 +26,7 @@ from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
     History,
+    StatsQuery,
     upgrade,
 )
 
@@ -440,7 +441,7 @@ def test_uid_cost_and_the_reservation_sums_are_index_only(loaded: History) -> No
 
 def test_run_stats_of_one_incarnation_reads_the_uid_index(loaded: History) -> None:
     # Every attempt of the schedule is ranked per Job: a bitmap scan of the UID index is fine.
-    plan = explain(loaded, lambda h: h.run_stats("ns-1", "sched-3", schedule_uid="suid-3"))
+    plan = explain(loaded, lambda h: h.run_stats([StatsQuery("suid-3")]))
     used = {n["Index Name"] for n in nodes(plan) if "Index Name" in n}
     assert used == {"ix_schedule_executions_uid_started"}, plan
     assert "Seq Scan" not in {n["Node Type"] for n in nodes(plan)}, plan
