@@ -24,6 +24,7 @@ from nocturne_operator.controller.cache import Change, Packed
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.controller.schedules import (
     audit,
+    not_run_yet,
     post_event,
     read_stats_ahead,
     reconcile_key,
@@ -209,9 +210,11 @@ def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
     before each index has its initial listing."""
     indexes = Indexes.of(kwargs)
     if memo.indexes is None:
-        memo.indexes = indexes
         keys = set(indexes.bodies)
-        read_stats_ahead(memo, [b for k in keys if (b := indexes.owner(*k)) is not None])
+        listed = [b for k in keys if (b := indexes.owner(*k)) is not None]
+        memo.listed_at_start = frozenset(str(b["metadata"]["uid"]) for b in listed)
+        memo.indexes = indexes
+        read_stats_ahead(memo, listed)
         if memo.workers is not None:
             memo.workers.first_pass.begin(keys)
         for key in keys:
@@ -238,17 +241,19 @@ def schedule_event(*, type: str, body: kopf.Body, memo: Memo, **kwargs: Any) -> 
         memo.recorder.stats.forget(uid)
         return
     change = memo.changes.of(body)
+    if change is not Change.NONE and not meta.get("deletionTimestamp"):
+        if change is not Change.RESUMED:
+            # A change by someone is a moment to read the run statistics afresh (rows written
+            # by another process, or by hand, reach status now rather than after the cache's
+            # TTL). Not a resume: this process read them all at its start (read_stats_ahead).
+            memo.recorder.stats.invalidate(uid)
+        if change is Change.CREATED and uid not in memo.listed_at_start:
+            not_run_yet(memo, body)
+        memo.queue.add((namespace, name))
+    # Audited after the schedule was queued: its pass need not wait for the row.
     if change in (Change.CREATED, Change.UPDATED):
         kind = EventKind.CREATED if change is Change.CREATED else EventKind.UPDATED
         audit(memo, body, kind, f"generation {meta.get('generation')}")
-    if change is Change.NONE or meta.get("deletionTimestamp"):
-        return
-    if change is not Change.RESUMED:
-        # A change by someone is a moment to read the run statistics afresh (rows written by
-        # another process, or by hand, reach status now rather than after the cache's TTL).
-        # Not a resume: this process read them all at its start (``read_stats_ahead``).
-        memo.recorder.stats.invalidate(uid)
-    memo.queue.add((namespace, name))
 
 
 @kopf.on.startup()

@@ -105,8 +105,10 @@ class Memo:
     unseen: Unseen = field(default_factory=Unseen)
     changes: Changes = field(default_factory=Changes)
     # kopf's live indexes, handed over by the first handler call (the workers and the sweep
-    # read them).
+    # read them), and the UIDs of the schedules they listed then: any other was created while
+    # this process runs.
     indexes: Indexes | None = None
+    listed_at_start: frozenset[str] = frozenset()
     run_api_server: web.AppRunner | None = None
     run_api_renewal: asyncio.Task[None] | None = None
     sweeper: asyncio.Task[None] | None = None

@@ -20,7 +20,7 @@ from nocturne_operator.controller.queue import Key
 from nocturne_operator.notifications import notices
 from nocturne_operator.render import cronjob_name
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage import EventKind, HistoryError, StatsQuery, month_start
+from nocturne_operator.storage import EventKind, HistoryError, RunStats, StatsQuery, month_start
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,19 @@ def read_stats_ahead(memo: Memo, schedules: list[dict[str, Any]]) -> None:
         memo.recorder.stats.fill(queries, history.run_stats)
     except HistoryError as exc:  # each pass reads its own then
         log.warning("run statistics not read ahead: %s", exc)
+
+
+def not_run_yet(memo: Memo, body: Mapping[str, Any]) -> None:
+    """``body`` was created while this process runs: it has no runs yet (its CronJob is for
+    this process's first pass of it to make), so its statistics are known without a read (a
+    third of the operator's work when 1,000 are created at once)."""
+    history = memo.history
+    if history is None:
+        return
+    query = _stats_query(body, datetime.now(UTC))
+    memo.recorder.stats.fill(
+        [query], lambda asked: {q.schedule_uid: RunStats.before_any_run(q) for q in asked}
+    )
 
 
 def _month_start(body: Mapping[str, Any], now: datetime) -> datetime | None:

@@ -78,6 +78,12 @@ class RunStats:
     # Cost of runs started since ``month_start`` (the monthly budget); None when not asked.
     month_cost: Decimal | None = None
 
+    @classmethod
+    def before_any_run(cls, query: StatsQuery) -> RunStats:
+        """What ``run_stats`` answers ``query`` for a schedule that has not run yet."""
+        month_cost = None if query.month_start is None else Decimal(0)
+        return cls(Decimal(0), 0, 0, 0, None, month_cost=month_cost)
+
 
 # Outcomes that count as a failed run; CANCELLED (deletion, eviction) does not.
 FAILED_OUTCOMES = frozenset({RunOutcome.FAILED, RunOutcome.BUDGET_EXCEEDED, RunOutcome.TIMED_OUT})
@@ -350,7 +356,10 @@ class RunReads(Repository):
                 sa.func.max(t.c.started_at)
                 .filter(t.c.status == RunOutcome.SUCCEEDED.value)
                 .label("last_success_at"),
-                cost_sum(t.c.started_at >= months.c.month_start).label("month_cost"),
+                # Typed: a VALUES column of NULLs alone (no query asked for a month) is text.
+                cost_sum(
+                    t.c.started_at >= sa.cast(months.c.month_start, sa.DateTime(timezone=True))
+                ).label("month_cost"),
             )
             .select_from(t.join(months, months.c.uid == t.c.schedule_uid))
             .group_by(t.c.schedule_uid)
