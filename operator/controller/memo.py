@@ -14,7 +14,7 @@ from aiohttp import web
 
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.controller.cache import Changes, Packed, Unseen
-from nocturne_operator.controller.queue import WorkQueue
+from nocturne_operator.controller.queue import Key, WorkQueue
 from nocturne_operator.controller.workers import Workers
 from nocturne_operator.notifications.notify import Notifier
 from nocturne_operator.prices import PriceTable
@@ -105,14 +105,20 @@ class Memo:
     unseen: Unseen = field(default_factory=Unseen)
     changes: Changes = field(default_factory=Changes)
     # kopf's live indexes, handed over by the first handler call (the workers and the sweep
-    # read them), and the UIDs of the schedules they listed then: any other was created while
-    # this process runs.
+    # read them), and the schedules they listed then: any other was created while this
+    # process runs.
     indexes: Indexes | None = None
-    listed_at_start: frozenset[str] = frozenset()
+    listed_at_start: frozenset[Key] = frozenset()
     run_api_server: web.AppRunner | None = None
     run_api_renewal: asyncio.Task[None] | None = None
     sweeper: asyncio.Task[None] | None = None
     deliveries: asyncio.Task[None] | None = None
+
+    def in_first_pass(self, key: Key) -> bool:
+        """``key`` was listed at the start and the first pass, which queued it then, is still
+        running: an event of the initial listing need not queue it again."""
+        workers = self.workers
+        return key in self.listed_at_start and workers is not None and workers.first_pass.running()
 
     def __copy__(self) -> Memo:
         return self

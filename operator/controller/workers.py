@@ -48,6 +48,11 @@ class FirstPass:
             self._done()
         return True
 
+    def running(self) -> bool:
+        """Begun and not yet done."""
+        with self._lock:
+            return bool(self._left)
+
     def handled(self, key: Key) -> None:
         with self._lock:
             if not self._left or key not in self._left:

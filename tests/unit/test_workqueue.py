@@ -190,15 +190,31 @@ def test_the_first_pass_is_reported_once_every_listed_schedule_was_handled(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     first = FirstPass()
+    assert not first.running()
     with caplog.at_level(logging.INFO):
         assert first.begin({A, B})
         assert not first.begin({A})
         first.handled(A)
         first.handled(("other", "one"))  # created after the start: not waited for
         assert not [r for r in caplog.records if "first pass done" in r.message]
+        assert first.running()
         first.handled(B)
         first.handled(B)
     assert len([r for r in caplog.records if "first pass done" in r.message]) == 1
+    assert not first.running()
+
+
+def test_events_of_the_initial_listing_do_not_queue_what_the_first_pass_covers() -> None:
+    memo = Memo(settings=Settings())
+    memo.workers = Workers(memo.queue, lambda _key: None, count=1)
+    memo.listed_at_start = frozenset({A})
+    assert not memo.in_first_pass(A)  # not begun
+    memo.workers.first_pass.begin({A, B})
+    assert memo.in_first_pass(A)
+    assert not memo.in_first_pass(B)  # not listed at start (created meanwhile)
+    memo.workers.first_pass.handled(A)
+    memo.workers.first_pass.handled(B)
+    assert not memo.in_first_pass(A)  # done: a listing now is a re-list, which may bring news
 
 
 # ---- what the workers read ------------------------------------------------------------------
