@@ -21,7 +21,8 @@ Figures (the issue's ids):
   G2  apiserver writes per schedule (apiserver_request_total deltas from the apiserver's own
       /metrics, by verb and resource, the bench's own applies subtracted), and the operator's
       nocturne_status_writes_total;
-  G4  the operator's RSS (VmRSS of its process tree) at 0 and at N;
+  G4  the operator's RSS (VmRSS of its process tree) at 0, at N (right after creating), and after
+      the idle phase (with --trace-memory, what it holds live at each);
   G11 idle CPU of the operator and the apiserver over --idle-seconds (utime+stime from /proc),
       and the apiserver's GET/LIST requests meanwhile (watches excluded);
   G5  SIGKILL the operator at N and start it again (see RESTART_DEFINITION);
@@ -706,6 +707,7 @@ class Bench:
         self.log(f"G11: idle for {args.idle_seconds:.0f} s")
         with self.profiled("idle"):
             self.idle(args.idle_seconds)
+        self.memory("idle")  # what stays once the creation's transients are gone
         self.log("G5: SIGKILL and restart")
         self.restart(probe, args.n)
         self.log(f"G3: {args.idle_n} one second apart, then a burst of {args.burst}")
@@ -754,6 +756,8 @@ class Bench:
             for i, (ns, name) in enumerate(keys)
         ]
         before = apiserver_requests(self.api)
+        pids = self._cpu_pids()
+        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
         began = time.monotonic()
 
         def apply(obj: dict[str, Any]) -> None:
@@ -761,6 +765,7 @@ class Bench:
 
         run_parallel(self.pool, apply, objects)
         done = self.tracker.wait(keys, ready=False, timeout=600, what="baseline CronJobs")
+        used = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
         writes = delta(apiserver_requests(self.api), before, WRITE_VERBS)
         # The same client applying the schedules themselves where no operator watches: G1
         # cannot be faster than their own creation.
@@ -779,6 +784,7 @@ class Bench:
             "writes_per_object": sum(ours(writes).values()) / len(keys),
             "writes": fmt_requests(writes),
             "schedules_alone_seconds": time.monotonic() - began_alone,
+            "cpu_ms_per_object": {k: 1000 * v / len(keys) for k, v in used.items()},
         }
         self.phase_end("baseline")
 
@@ -795,11 +801,14 @@ class Bench:
                 schedule_path(*key), agent_schedule(*key, schedule_spec(index, self.hour))
             )
 
+        pids = self._cpu_pids()
+        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
         began = time.monotonic()
         run_parallel(self.pool, apply, enumerate(keys))
         applied = time.monotonic()
         timeout = max(300.0, 1.2 * len(keys))
         done = self.tracker.wait(keys, ready=True, timeout=timeout, what="schedules Ready")
+        used = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
         self.phase_end("create")
         self.log(f"G1: {len(keys)} schedules Ready after {done - began:.1f} s; settling")
         after = settle(self.api)
@@ -816,6 +825,8 @@ class Bench:
             "ready_p99": percentile(ready, 99),
             "cronjob_p50": percentile(cronjob, 50),
             "cronjob_p99": percentile(cronjob, 99),
+            # CPU until the last schedule was Ready, per schedule (the bound of G1 here).
+            "cpu_ms_per_schedule": {k: 1000 * v / len(keys) for k, v in used.items()},
         }
         self.raw["G2"] = {
             "writes_per_schedule": sum(operator_writes.values()) / len(keys),
@@ -1205,7 +1216,8 @@ def table(raw: Mapping[str, Any], args: argparse.Namespace) -> list[str]:
             "operator memory per 1,000 schedules",
             "goal ≤ 20 MiB",
             f"**{per_1000:.0f} MiB** ({g4['rss_mib_at_0']:.0f} MiB at 0 → "
-            f"{g4[f'rss_mib_at_{n}']:.0f} MiB at {n:,})",
+            f"{g4[f'rss_mib_at_{n}']:.0f} MiB at {n:,}; {g4['rss_mib_at_idle']:.0f} MiB after "
+            "the idle phase)",
         ),
         (
             "G5",
@@ -1253,10 +1265,14 @@ def run_api_row(r: Mapping[str, Any]) -> tuple[str, str, str, str]:
 def details(raw: Mapping[str, Any]) -> list[str]:
     g1, g2, g3, g5, g11 = raw["G1"], raw["G2"], raw["G3"], raw["G5"], raw["G11"]
     lines = [
-        f"baseline: {raw['baseline']['seconds']:.2f} s; writes: "
+        f"baseline: {raw['baseline']['seconds']:.2f} s; CPU per CronJob: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in raw["baseline"]["cpu_ms_per_object"].items())
+        + "; writes: "
         + ", ".join(raw["baseline"]["writes"]),
         f"G1: client done applying after {g1['client_seconds']:.2f} s; create→CronJob p50 "
-        f"{g1['cronjob_p50']:.2f} s, p99 {g1['cronjob_p99']:.2f} s",
+        f"{g1['cronjob_p50']:.2f} s, p99 {g1['cronjob_p99']:.2f} s; CPU per schedule until "
+        "the last was Ready: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in g1["cpu_ms_per_schedule"].items()),
         "G2 per schedule, by verb and resource: " + ", ".join(g2["by_verb_and_resource"]),
         "G2 background writes meanwhile (not the operator's resources): "
         + (", ".join(g2["background"]) or "none"),
