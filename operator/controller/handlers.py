@@ -233,8 +233,8 @@ def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
         read_stats_ahead(memo, [b for k in keys if (b := indexes.owner(*k)) is not None])
         if memo.workers is not None:
             memo.workers.first_pass.begin(keys)
-        for key in keys:
-            memo.queue.add(key)
+        for key in keys:  # behind what events name: a schedule created meanwhile goes first
+            memo.queue.add_after(key, 0)
     return indexes
 
 
@@ -242,8 +242,9 @@ def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
 def schedule_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: Any) -> None:
     """Any event of an AgentSchedule (the initial listing too): audit a creation, a new
     generation or a deletion, and queue the schedule for a pass unless only its status changed
-    (our own writes) or the first pass, running, covers it (an event of the initial listing). No finalizer: deletion never waits for the operator (if it is down, the
-    deletion is not audited, and nothing else is lost)."""
+    (our own writes) or the first pass, running, covers it (an event of the initial listing).
+    No finalizer: deletion never waits for the operator (if it is down, the deletion is not
+    audited, and nothing else is lost)."""
     _indexes(memo, kwargs)
     meta = body["metadata"]
     namespace, name, uid = str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
