@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -20,10 +20,12 @@ import yaml
 from kubernetes import config
 
 from nocturne_operator.adapters.kube import Kube
+from nocturne_operator.api import conditions as cond
 from nocturne_operator.api.model import API_VERSION, KIND
 from nocturne_operator.cli import reports
 from nocturne_operator.controller.reconcile import (
     ANNOTATION_RESUME,
+    ANNOTATION_RESUME_REASON,
     ANNOTATION_RUN_NOW,
     ANNOTATION_SUSPEND_REASON,
 )
@@ -204,13 +206,24 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
     """pause / resume / run: patch the AgentSchedule; the operator does the rest."""
     kube = Kube.connect()
     namespace = args.namespace or _current_namespace()
-    if kube.get(KIND, namespace, args.name) is None:
+    body = kube.get(KIND, namespace, args.name)
+    if body is None:
         _say(f"{KIND} {namespace}/{args.name} not found")
         return EXIT_INVALID
     patch: dict[str, Any]
+    if args.command in ("pause", "resume"):
+        unchanged = _already(args.command, body)
+        if unchanged is not None:  # pausing twice or resuming twice changes nothing
+            _say(f"{args.command}: {namespace}/{args.name} {unchanged}; nothing changed")
+            return EXIT_OK
     if args.command == "pause":
         patch = {
-            "metadata": {"annotations": {ANNOTATION_SUSPEND_REASON: args.reason}},
+            "metadata": {
+                "annotations": {
+                    ANNOTATION_SUSPEND_REASON: args.reason,
+                    ANNOTATION_RESUME_REASON: None,
+                }
+            },
             "spec": {"suspend": True},
         }
     elif args.command == "resume":
@@ -221,6 +234,7 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
                 "annotations": {
                     ANNOTATION_SUSPEND_REASON: None,
                     ANNOTATION_RESUME: uuid.uuid4().hex[:12],
+                    ANNOTATION_RESUME_REASON: args.reason,
                 }
             },
             "spec": {"suspend": False},
@@ -231,6 +245,33 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
     kube.merge_patch(KIND, namespace, args.name, patch)
     _say(f"{args.command}: {namespace}/{args.name} patched")
     return EXIT_OK
+
+
+def _already(command: str, body: Mapping[str, Any]) -> str | None:
+    """Why ``pause`` or ``resume`` has nothing to do on ``body`` (None: it has)."""
+    spec, status = body.get("spec") or {}, body.get("status") or {}
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    if command == "pause":
+        if not spec.get("suspend"):
+            return None
+        reason = annotations.get(ANNOTATION_SUSPEND_REASON) or "spec.suspend is true"
+        return f"is already paused ({reason})"
+    if spec.get("suspend") or status.get("autoPause"):
+        return None
+    held = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == cond.BUDGET_EXHAUSTED and c.get("status") == "True"
+        ),
+        None,
+    )
+    if held is not None:
+        return (
+            f"is not paused but held by its budget ({held.get('message')}); a resume does not "
+            "lift a budget hold"
+        )
+    return "is not paused"
 
 
 def cmd_db_upgrade(args: argparse.Namespace, _settings: Settings) -> int:
@@ -408,6 +449,8 @@ def _parser(prog: str = "nocturne") -> argparse.ArgumentParser:
         cmd.add_argument("-n", "--namespace")
         if name == "pause":
             cmd.add_argument("--reason", required=True, help="why (shown on the condition)")
+        if name == "resume":
+            cmd.add_argument("--reason", help="why (on the Resumed Event and in the audit trail)")
         if name == "run":
             cmd.add_argument("--request-id", help="idempotency key (default: random)")
         cmd.set_defaults(func=cmd_control)

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 ANNOTATION_RUN_NOW = "nocturne.dev/run-now"
 ANNOTATION_SUSPEND_REASON = "nocturne.dev/suspend-reason"
 ANNOTATION_RESUME = "nocturne.dev/resume"
+ANNOTATION_RESUME_REASON = "nocturne.dev/resume-reason"
 # Status keys this module owns; everything else under status is left alone.
 OWNED_STATUS = (
     "observedGeneration",
@@ -457,15 +458,21 @@ class _Planner:
             elif spec.suspend:
                 self._event("Normal", "Paused", f"schedule paused: {new['message']}")
             elif old is not None:
-                self._event("Normal", "Resumed", "schedule resumed")
+                reason = self.annotations.get(ANNOTATION_RESUME_REASON)
+                message = f"schedule resumed: {reason}" if reason else "schedule resumed"
+                self._event("Normal", "Resumed", message)
         return new
 
     def _results(self, spec: AgentScheduleSpec) -> None:
         """Run results on status, a resume request, and auto-pause."""
         resume = self.annotations.get(ANNOTATION_RESUME)
-        resumed = bool(resume) and resume != self.old.get("lastResumeRequest")
+        requested = bool(resume) and resume != self.old.get("lastResumeRequest")
+        if requested:
+            self.new["lastResumeRequest"] = resume  # answered, whatever it finds
+        # A resume restarts the failure count only where there was a pause to end (by the
+        # user, or an auto-pause): on a running schedule it changes nothing.
+        resumed = requested and self._was_paused()
         if resumed:
-            self.new["lastResumeRequest"] = resume
             self.new["failuresCountedSince"] = rfc3339(self.now)
             if self.old.get("autoPause"):
                 # Check the cause at once instead of waiting for the next slot.
@@ -508,6 +515,13 @@ class _Planner:
                 "pausedAt": rfc3339(self.now),
             }
             self.new["pendingVerification"] = None
+
+    def _was_paused(self) -> bool:
+        """Suspended by the user or auto-paused, as the last pass left it."""
+        suspended = self._find(cond.SUSPENDED)
+        return bool(self.old.get("autoPause")) or (
+            suspended is not None and suspended.get("status") == "True"
+        )
 
     def _month(self, spec: AgentScheduleSpec) -> datetime:
         return month_start(self.now, spec.time_zone)

@@ -374,6 +374,12 @@ def test_invalid_schedule_is_reported_on_status_and_suspends_the_cronjob(
     assert cronjob(kubectl, namespace, "never-valid") is None
 
 
+def user_side(obj: dict[str, Any]) -> tuple[Any, ...]:
+    """What a user's command writes: the spec, its generation and the annotations."""
+    meta = obj["metadata"]
+    return obj["spec"], meta.get("generation"), meta.get("annotations")
+
+
 def test_cli_pause_resume_and_run(
     cluster: Cluster, operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
@@ -392,15 +398,30 @@ def test_cli_pause_resume_and_run(
     suspended = condition(obj, "Suspended")
     assert suspended is not None
     assert suspended["message"] == "audit"
-    assert nocturne("resume", "daily-ai-news", "-n", namespace).returncode == 0
+    # Pausing twice changes nothing (not even the reason).
+    paused = user_side(schedule(kubectl, namespace))
+    again = nocturne("pause", "daily-ai-news", "-n", namespace, "--reason", "other")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "is already paused (audit); nothing changed" in again.stdout
+    assert user_side(schedule(kubectl, namespace)) == paused
+    resume = nocturne("resume", "daily-ai-news", "-n", namespace, "--reason", "audit done")
+    assert resume.returncode == 0, resume.stdout + resume.stderr
     wait_for(
         lambda: (o := ready(kubectl, namespace)) and o["status"]["phase"] == "Active",
         30,
         "the CLI resume",
     )
-    assert "nocturne.dev/suspend-reason" not in schedule(kubectl, namespace)["metadata"].get(
-        "annotations", {}
-    )
+    annotations = schedule(kubectl, namespace)["metadata"].get("annotations", {})
+    assert "nocturne.dev/suspend-reason" not in annotations
+    assert annotations["nocturne.dev/resume-reason"] == "audit done"
+    [resumed] = wait_for(lambda: events(kubectl, namespace, "Resumed"), 15, "the Resumed Event")
+    assert resumed["message"] == "schedule resumed: audit done"
+    # Resuming what is not paused changes nothing (no new resume request either).
+    running = user_side(schedule(kubectl, namespace))
+    twice = nocturne("resume", "daily-ai-news", "-n", namespace)
+    assert twice.returncode == 0, twice.stdout + twice.stderr
+    assert "is not paused; nothing changed" in twice.stdout
+    assert user_side(schedule(kubectl, namespace)) == running
     run = nocturne("run", "daily-ai-news", "-n", namespace, "--request-id", "cli-1")
     assert run.returncode == 0, run.stdout + run.stderr
     wait_for(lambda: kubectl.items("jobs", "-n", namespace), 30, "the CLI run's Job")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nocturne_operator.cli.main import main
+from nocturne_operator.cli.main import _already, main
 
 EXAMPLES = Path(__file__).parents[2] / "docs" / "examples"
 
@@ -130,3 +130,37 @@ def test_next_runs_table_and_bad_after(tmp_path: Path, capsys: pytest.CaptureFix
     ]
     assert main(["next-runs", str(path), "--after", "2026-11-26T12:00:00"]) == 2
     assert "needs a UTC offset" in capsys.readouterr().out
+
+
+def _schedule(suspend: bool = False, **status: object) -> dict[str, object]:
+    return {
+        "metadata": {"name": "digest", "annotations": {"nocturne.dev/suspend-reason": "audit"}},
+        "spec": {"suspend": suspend},
+        "status": status,
+    }
+
+
+@pytest.mark.parametrize(
+    ("command", "body", "unchanged"),
+    [
+        ("pause", _schedule(), None),
+        ("pause", _schedule(suspend=True), "is already paused (audit)"),
+        ("resume", _schedule(suspend=True), None),
+        ("resume", _schedule(autoPause={"job": "digest-1"}), None),
+        ("resume", _schedule(), "is not paused"),
+        (
+            "resume",
+            _schedule(
+                conditions=[
+                    {"type": "BudgetExhausted", "status": "True", "message": "cost in 2026-12"}
+                ]
+            ),
+            "is not paused but held by its budget (cost in 2026-12); a resume does not lift a "
+            "budget hold",
+        ),
+    ],
+)
+def test_pausing_twice_or_resuming_what_is_not_paused_changes_nothing(
+    command: str, body: dict[str, object], unchanged: str | None
+) -> None:
+    assert _already(command, body) == unchanged

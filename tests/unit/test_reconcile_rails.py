@@ -5,7 +5,7 @@ statistics given. The objects live in a dict; the real apiserver is exercised by
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
@@ -383,6 +383,93 @@ def _last(
         metadata={},
         updated_at=NOW,
     )
+
+
+# ---- pause and resume, exactly -------------------------------------------------------------
+
+
+def annotate(cluster: Cluster, **annotations: str) -> None:
+    body = cluster.objects.items[("AgentSchedule", "digest")]
+    body["metadata"].setdefault("annotations", {}).update(
+        {f"nocturne.dev/{k.replace('_', '-')}": v for k, v in annotations.items()}
+    )
+
+
+def test_a_resume_of_a_schedule_that_is_not_paused_changes_nothing() -> None:
+    """Today's request is answered (recorded, so it is not taken up again) and nothing else:
+    the failure count is not restarted, no Event, no run."""
+    cluster = Cluster(schedule(failurePolicy={"pauseAfterConsecutiveFailures": 3}))
+    last = _last(RunOutcome.FAILED, "boom")
+    failing = RunStats(Decimal("0.02"), 0, 2, 2, last, month_cost=Decimal("0.02"))
+    cluster.reconcile(failing)
+    before = copy.deepcopy(cluster.status)
+    events = len(cluster.seen.events)
+    annotate(cluster, resume="r1")
+    cluster.reconcile(failing, now=NOW + timedelta(minutes=1))
+    assert cluster.status == {**before, "lastResumeRequest": "r1"}
+    assert cluster.status["consecutiveFailures"] == 2
+    assert "failuresCountedSince" not in cluster.status
+    assert len(cluster.seen.events) == events
+    assert [k for k in cluster.objects.items if k[0] == "Job"] == []
+
+
+def test_a_resume_says_why_and_a_paused_schedule_resumes_once() -> None:
+    cluster = Cluster(schedule(suspend=True))
+    annotate(cluster, suspend_reason="audit")
+    cluster.reconcile(stats())
+    assert cluster.condition(cond.SUSPENDED)["message"] == "audit"
+    body = cluster.objects.items[("AgentSchedule", "digest")]
+    body["spec"]["suspend"] = False
+    del body["metadata"]["annotations"]["nocturne.dev/suspend-reason"]
+    annotate(cluster, resume="r2", resume_reason="audit done")
+    cluster.reconcile(stats(), now=NOW + timedelta(minutes=1))
+    resumed = [e for e in cluster.seen.events if e[1] == "Resumed"]
+    assert resumed == [("Normal", "Resumed", "schedule resumed: audit done")]
+    assert cluster.status["failuresCountedSince"] == "2026-11-26T01:01:00Z"
+    # The same request seen again (the next pass, or a restart) resumes nothing more.
+    after = copy.deepcopy(cluster.status)
+    cluster.reconcile(stats(), now=NOW + timedelta(minutes=2))
+    assert cluster.status == after
+    assert [e[1] for e in cluster.seen.events].count("Resumed") == 1
+
+
+def test_a_failed_verification_run_after_a_resume_pauses_again_at_once() -> None:
+    """Auto-paused after two failures; resumed: one verification run starts at once and the
+    threshold is one failure; it fails, so the schedule is auto-paused again (a new notice,
+    keyed by the verification run)."""
+    cluster = Cluster(schedule(failurePolicy={"pauseAfterConsecutiveFailures": 2}))
+    tripped = _last(RunOutcome.FAILED, "boom", job_name="digest-29400000")
+    cluster.reconcile(RunStats(Decimal("0.02"), 0, 2, 2, tripped, month_cost=Decimal("0.02")))
+    assert cluster.status["autoPause"]["job"] == "digest-29400000"
+    assert cluster.cronjob_suspended
+
+    resumed_at = NOW + timedelta(minutes=10)
+    annotate(cluster, resume="r1")
+    # The statistics as the operator reads them after the resume: failures before it do not
+    # count (failures_since), the last run is still the one that tripped the pause.
+    cluster.reconcile(RunStats(Decimal("0.02"), 0, 2, 0, tripped), now=resumed_at)
+    assert "autoPause" not in cluster.status
+    assert cluster.status["pendingVerification"] is True
+    [verification] = [k[1] for k in cluster.objects.items if k[0] == "Job"]
+    assert not cluster.cronjob_suspended
+
+    failed = replace(
+        _last(RunOutcome.FAILED, "still broken", job_name=verification),
+        started_at=resumed_at + timedelta(seconds=5),
+        completed_at=resumed_at + timedelta(seconds=30),
+    )
+    later = resumed_at + timedelta(minutes=1)
+    cluster.reconcile(RunStats(Decimal("0.03"), 0, 3, 1, failed), now=later)
+    assert cluster.status["autoPause"]["job"] == verification
+    assert "1 failed runs in a row" in cluster.status["autoPause"]["message"]
+    assert "pendingVerification" not in cluster.status
+    assert cluster.cronjob_suspended
+    assert cluster.condition(cond.SUSPENDED)["reason"] == cond.CONSECUTIVE_FAILURES
+    assert [n[:2] for n in cluster.seen.notices if n[0] == "AutoPaused"] == [
+        ("AutoPaused", "digest-29400000"),
+        ("AutoPaused", verification),
+    ]
+    assert [e[1] for e in cluster.seen.events].count("AutoPaused") == 2
 
 
 def test_an_auto_pause_is_keyed_by_the_run_that_tripped_it() -> None:
