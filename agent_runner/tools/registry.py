@@ -2,9 +2,11 @@
 
 Restricted operations (``send_email``, ``purchase``, ``delete_data``, ``change_permissions``) are
 refused in background runs unless the schedule lists them in ``allowRestrictedOperations``; a
-refusal goes back to the model as a tool error and into the run's ``refusals``. Allowed restricted
-operations have no implementation in this runner version: the model is told so plainly (and the
-attempt is recorded too) instead of being led to believe something was done.
+refusal goes back to the model as a tool error and into the run's ``refusals``. No tool implements
+them yet, so the operator refuses a schedule that lists one (a validation error); only the task
+snapshot of a Job made by an older operator can still allow one, and then the model is told
+plainly that nothing was done (and the attempt is recorded) instead of being led to believe
+otherwise.
 """
 
 from __future__ import annotations

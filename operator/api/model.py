@@ -122,21 +122,37 @@ class Agent(_Model):
             raise ValueError("must be an http(s) URL without spaces")
         return value
 
-    @field_validator("tools", "allow_restricted_operations")
+    @field_validator("tools")
     @classmethod
-    def _unique(cls, value: list[str]) -> list[str]:
-        return _no_repeats(value, "an entry")
+    def _implemented(cls, value: list[str]) -> list[str]:
+        value = _no_repeats(value, "an entry")
+        restricted = [t for t in value if t in RESTRICTED_OPERATIONS]
+        if restricted:
+            what = (
+                f"{restricted[0]} is a restricted operation"
+                if len(restricted) == 1
+                else f"{', '.join(restricted)} are restricted operations"
+            )
+            raise ValueError(
+                f"{what} no tool implements in this version of Nocturne; remove "
+                f"{'it' if len(restricted) == 1 else 'them'} (an agent that calls one anyway is "
+                "refused, and the refusal is recorded with its run)"
+            )
+        return value
+
+    @field_validator("allow_restricted_operations")
+    @classmethod
+    def _nothing_to_allow(cls, value: list[str]) -> list[str]:
+        value = _no_repeats(value, "an entry")
+        if value:
+            raise ValueError(
+                f"no tool implements {', '.join(value)} in this version of Nocturne, so there "
+                "is nothing to allow; remove it"
+            )
+        return value
 
     @model_validator(mode="after")
-    def _restricted_need_opt_in(self) -> Agent:
-        missing = [
-            t for t in self.tools if t != "web_fetch" and t not in self.allow_restricted_operations
-        ]
-        if missing:
-            raise ValueError(
-                f"tools {missing} are restricted operations; list them in "
-                "spec.agent.allowRestrictedOperations to allow them in unattended runs"
-            )
+    def _key_unless_offline(self) -> Agent:
         if self.provider is not Provider.OFFLINE and self.api_key_secret_ref is None:
             raise ValueError(
                 f"apiKeySecretRef is required for provider {self.provider.value!r} "

@@ -36,8 +36,7 @@ def spec(**overrides: Any) -> AgentScheduleSpec:
             "model": "gpt-4o-mini",
             "baseURL": "https://llm.internal/v1",
             "apiKeySecretRef": {"name": "llm", "key": "OPENAI_API_KEY"},
-            "tools": ["web_fetch", "send_email"],
-            "allowRestrictedOperations": ["send_email"],
+            "tools": ["web_fetch"],
             "maxSteps": 7,
         },
         "budget": {"maxPerRunUSD": "0.25", "maxTotalUSD": "30.000001"},
@@ -81,8 +80,8 @@ def test_rendered_task_document_round_trips() -> None:
     assert task.agent.model == "gpt-4o-mini"
     assert task.agent.provider == "openai"
     assert task.agent.base_url == "https://llm.internal/v1"
-    assert task.agent.tools == ("web_fetch", "send_email")
-    assert task.agent.allow_restricted_operations == ("send_email",)
+    assert task.agent.tools == ("web_fetch",)
+    assert task.agent.allow_restricted_operations == ()
     assert task.agent.max_steps == 7
     assert task.budget.max_per_run_usd == Decimal("0.25")
     assert task.budget.max_total_usd == Decimal("30.000001")

@@ -162,7 +162,22 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
     (
         "agent.tools",
         ["web_fetch", "send_email"],
-        "spec.agent: tools ['send_email'] are restricted operations; list them in spec.agent.allowRestrictedOperations to allow them in unattended runs",
+        'spec.agent.tools ["web_fetch", "send_email"]: send_email is a restricted operation no tool implements in this version of Nocturne; remove it (an agent that calls one anyway is refused, and the refusal is recorded with its run)',
+    ),
+    (
+        "agent.tools",
+        ["purchase", "delete_data"],
+        'spec.agent.tools ["purchase", "delete_data"]: purchase, delete_data are restricted operations no tool implements in this version of Nocturne; remove them (an agent that calls one anyway is refused, and the refusal is recorded with its run)',
+    ),
+    (
+        "agent.allowRestrictedOperations",
+        ["send_email"],
+        'spec.agent.allowRestrictedOperations ["send_email"]: no tool implements send_email in this version of Nocturne, so there is nothing to allow; remove it',
+    ),
+    (
+        "agent.allowRestrictedOperations",
+        ["mine_bitcoin"],
+        "spec.agent.allowRestrictedOperations[0] \"mine_bitcoin\": Input should be 'send_email', 'purchase', 'delete_data' or 'change_permissions'",
     ),
     ("agent.maxSteps", 0, "spec.agent.maxSteps 0: Input should be greater than or equal to 1"),
     ("agent.maxSteps", 101, "spec.agent.maxSteps 101: Input should be less than or equal to 100"),
@@ -376,10 +391,16 @@ def test_offline_provider_needs_no_key() -> None:
     assert errors_of(obj) == []
 
 
-def test_restricted_operation_allowed_with_explicit_opt_in() -> None:
+def test_opting_in_to_a_restricted_operation_no_tool_implements_is_refused() -> None:
+    """No stub answers "allowed but not available": the opt-in itself is the error, on both
+    fields, and the valid rest of the spec still validates."""
     obj = with_path("agent.tools", ["web_fetch", "send_email"])
     obj["spec"]["agent"]["allowRestrictedOperations"] = ["send_email"]
-    assert errors_of(obj) == []
+    assert [e.split(":")[0] for e in errors_of(obj)] == [
+        'spec.agent.tools ["web_fetch", "send_email"]',
+        'spec.agent.allowRestrictedOperations ["send_email"]',
+    ]
+    assert errors_of(with_path("agent.tools", ["web_fetch"])) == []
 
 
 def test_cluster_cap_comes_from_settings() -> None:
