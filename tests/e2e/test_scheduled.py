@@ -1,0 +1,94 @@
+"""The path users take (issue 14): nobody asks for a run; the CronJob controller fires the
+AgentSchedule's CronJob at its slot, the pod executor runs the runner, the run reports
+through the operator's run API and reaches history and status. Its own operator (minimum
+interval lowered to one minute for the test, the default resync of an hour: passes come from
+events and the schedule's own timer, issue 13) over its own namespace."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from agent_runner.contract import RunOutcome
+from e2e import test_resilience
+from e2e.conftest import operator_process
+from e2e.schedules import status_of
+from e2e.test_resilience import (
+    API_KEY_SECRET,
+    NAME,
+    Model,
+    apply,
+    history_schema,
+    manifest,
+    prepare_namespace,
+)
+from harness.kube import Cluster, Kubectl, wait_for
+from harness.postgres import PostgresServer
+from integration.llm_server import ScriptedServer
+from nocturne_operator.api.timestamps import parse_rfc3339
+from nocturne_operator.render import cronjob_name
+from nocturne_operator.storage import History
+
+pytestmark = pytest.mark.e2e
+model = test_resilience.model  # the local model's fixture
+
+
+@pytest.mark.usefixtures("crds", "executor")
+def test_the_cronjob_controller_fires_a_schedule_and_its_run_reaches_history_and_status(
+    cluster: Cluster,
+    kubectl: Kubectl,
+    solo_namespace: str,
+    postgres: PostgresServer,
+    model: tuple[Model, ScriptedServer],
+) -> None:
+    namespace = solo_namespace
+    _, site = model
+    url = history_schema(postgres, namespace)
+    prepare_namespace(kubectl, namespace, url)
+    with operator_process(
+        cluster,
+        database_url=url,
+        watch_namespaces=namespace,
+        extra_env={
+            "NOCTURNE_MIN_INTERVAL_MINUTES": "1",
+            "NOCTURNE_LLM_SECRETS": json.dumps([API_KEY_SECRET]),
+            "NOCTURNE_LLM_BASE_URLS": json.dumps([f"{site.url}/v1"]),
+        },
+        log_name=f"{namespace}-scheduled",
+    ):
+        uid = apply(kubectl, namespace, manifest(site, schedule="* * * * *", suspend=False))
+        first_slot = parse_rfc3339(status_of(kubectl, namespace, NAME)["nextRunAt"])
+
+        status = wait_for(
+            lambda: (
+                (s := status_of(kubectl, namespace, NAME)).get("lastRun", {}).get("result")
+                == "Succeeded"
+                and s
+            ),
+            180,
+            "a run the CronJob controller started to succeed and reach status",
+        )
+        job_name = status["lastRun"]["job"]
+        [job] = [
+            j for j in kubectl.items("jobs", "-n", namespace) if j["metadata"]["name"] == job_name
+        ]
+        # Made by the CronJob controller at a slot: owned by our CronJob, not a run-now.
+        [owner] = job["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"]) == ("CronJob", cronjob_name(NAME))
+        assert "cronjob.kubernetes.io/instantiate" not in job["metadata"].get("annotations", {})
+        assert "batch.kubernetes.io/cronjob-scheduled-timestamp" in job["metadata"]["annotations"]
+
+        with History.connect(url) as history:
+            [row] = [r for r in history.runs(namespace, NAME) if r.job_name == job_name]
+        assert (row.status, row.schedule_uid, row.manual_request) == (
+            RunOutcome.SUCCEEDED,
+            uid,
+            None,
+        )
+        assert row.cost_usd > 0
+        assert status["runs"]["succeeded"] >= 1
+        assert Decimal(status["totalCostUSD"]) >= row.cost_usd
+        # The slot that fired is behind: the next runs moved on.
+        assert parse_rfc3339(status["nextRunAt"]) > first_slot
