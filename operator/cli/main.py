@@ -354,6 +354,61 @@ def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_show(args: argparse.Namespace, _settings: Settings) -> int:
+    """One run of a schedule, its output included."""
+    try:
+        url = _database_url(args)
+    except ValueError as exc:
+        _say(exc)
+        return EXIT_USAGE
+    namespace = args.namespace or _current_namespace()
+    try:
+        with History.connect(url) as store:
+            run = _one_run(store, namespace, args.name, args.run)
+    except HistoryError as exc:
+        _say(f"show: {exc}")
+        return EXIT_INVALID
+    if run is None:
+        which = f"run {args.run!r}" if args.run else "a run"
+        _say(f"show: {namespace}/{args.name} has no {which} in history")
+        return EXIT_INVALID
+    if args.output == "json":
+        print(json.dumps(reports.run_json(run), indent=2))
+        return EXIT_OK
+    output = reports.printable_block(run.output) if run.output else None
+    if sys.stdout.isatty():
+        for line in reports.run_header(run):
+            print(line)
+        print()
+        if output is None:
+            print("(no output)")
+        else:
+            from rich.console import Console  # noqa: PLC0415 - only for a terminal
+            from rich.markdown import Markdown  # noqa: PLC0415
+
+            Console().print(Markdown(output))
+        return EXIT_OK
+    # Piped: the output alone on stdout, so that `> digest.md` holds the digest.
+    for line in reports.run_header(run):
+        print(line, file=sys.stderr)
+    if output is None:
+        print("(no output)", file=sys.stderr)
+    else:
+        print(output)
+    return EXIT_OK
+
+
+def _one_run(store: History, namespace: str, name: str, run: str | None) -> ExecutionRecord | None:
+    """The newest run, the run with that id, or the newest attempt of that Job."""
+    if run is not None and run.isdigit():
+        found = store.get(int(run))
+        if found is None or (found.namespace, found.schedule_name) != (namespace, name):
+            return None
+        return found
+    runs = store.runs(namespace, name, limit=1, include_output=True, job_name=run)
+    return runs[0] if runs else None
+
+
 def cmd_describe(args: argparse.Namespace, _settings: Settings) -> int:
     """The schedule from the cluster plus its last runs from PostgreSQL (when reachable)."""
     namespace = args.namespace or _current_namespace()
@@ -393,7 +448,9 @@ def _add_report_parsers(sub: Any) -> None:
     schedule.add_argument("name")
     schedule.add_argument("-n", "--namespace")
     schedule.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
-    hist = sub.add_parser("history", parents=[schedule], help="runs of a schedule, newest first")
+    hist = sub.add_parser(
+        "history", aliases=["runs"], parents=[schedule], help="runs of a schedule, newest first"
+    )
     hist.add_argument("--since", help="ISO 8601 date or time (UTC unless an offset is given)")
     hist.add_argument("--until")
     hist.add_argument("--status", action="append", help="repeatable, e.g. --status FAILED")
@@ -401,6 +458,17 @@ def _add_report_parsers(sub: Any) -> None:
     hist.add_argument("--before-id", type=int, help="next page: the last id of the previous")
     hist.add_argument("-o", "--output", choices=["table", "json"], default="table")
     hist.set_defaults(func=cmd_history)
+    show = sub.add_parser(
+        "show",
+        parents=[schedule],
+        help="one run: its output, alert, refused operations, cost and timings",
+        description="One run (the newest by default). In a terminal its output is rendered "
+        "(markdown); piped, only the output goes to stdout (nocturne show NAME > digest.md) "
+        "and the rest to stderr.",
+    )
+    show.add_argument("run", nargs="?", help="a Job name or a run id (default: the newest run)")
+    show.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    show.set_defaults(func=cmd_show)
     cost = sub.add_parser(
         "cost", parents=[schedule], help="cost of a schedule per day, week or month"
     )

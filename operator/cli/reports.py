@@ -27,6 +27,11 @@ def printable(text: object) -> str:
     return _CONTROLS.sub(_escape, str(text))
 
 
+def printable_block(text: str) -> str:
+    """Like ``printable``, but lines and tabs stay (an agent's output, a digest)."""
+    return _CONTROLS.sub(lambda m: m.group() if m.group() in "\n\t" else _escape(m), text)
+
+
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
@@ -200,3 +205,51 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
         "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
     )
+
+
+def run_header(r: ExecutionRecord) -> list[str]:
+    """One run for people, all but its output: what, how it ended, what it cost, what the
+    agent was refused."""
+    how = f"run-now {r.manual_request!r}" if r.manual_request else "scheduled"
+    lines = [f"{r.namespace}/{r.schedule_name}: Job {r.job_name}, attempt {r.attempt} ({how})"]
+    started = f"{r.started_at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    if r.completed_at is not None:
+        took = (r.completed_at - r.started_at).total_seconds()
+        lines.append(f"{r.status.display}: started {started}, took {took:.1f} s")
+    else:
+        lines.append(f"{r.status.display}: started {started}, not finished")
+    steps = r.metadata.get("steps")
+    lines.append(
+        f"cost {usd(r.cost_usd)} USD; tokens {r.input_tokens:,} in, {r.output_tokens:,} out; "
+        f"model {r.model} ({r.provider})"
+        + (f"; {steps} step{'' if steps == 1 else 's'}" if isinstance(steps, int) else "")
+    )
+    if r.alert:
+        lines.append(f"alert: {r.alert_reason or '(no reason given)'}")
+    if r.error:
+        lines.append(f"error: {r.error.strip().splitlines()[0] if r.error.strip() else ''}")
+    refusals = [x for x in r.metadata.get("refusals") or [] if isinstance(x, Mapping)]
+    if refusals:
+        lines.append("refused operations:")
+        lines += [
+            f"  step {x.get('step')}: {x.get('tool')}: {x.get('reason')}"
+            + (f" ({x['detail']})" if x.get("detail") else "")
+            for x in refusals
+        ]
+    return [printable(line) for line in lines]
+
+
+def run_json(r: ExecutionRecord) -> dict[str, Any]:
+    """One run for scripts, its output included."""
+    refusals = [x for x in r.metadata.get("refusals") or [] if isinstance(x, Mapping)]
+    steps = r.metadata.get("steps")
+    return {
+        "namespace": r.namespace,
+        "schedule": r.schedule_name,
+        **_run_json(r),
+        "provider": r.provider,
+        "alertReason": r.alert_reason,
+        "steps": steps if isinstance(steps, int) else None,
+        "refusals": refusals,
+        "output": r.output,
+    }

@@ -245,8 +245,10 @@ class RunReads(Repository):
         limit: int = 50,
         before_id: int | None = None,
         include_output: bool = False,
+        job_name: str | None = None,
     ) -> list[ExecutionRecord]:
-        """Runs of a schedule started in [since, until), newest first, at most ``limit``.
+        """Runs of a schedule started in [since, until), newest first, at most ``limit``
+        (with ``job_name``: only that Job's attempts).
 
         Keyset pagination: pass the last id of a page as ``before_id`` for the next page.
         """
@@ -262,6 +264,8 @@ class RunReads(Repository):
         if status is not None:
             wanted = [status] if isinstance(status, str) else list(status)
             query = query.where(t.c.status.in_([RunOutcome(s).value for s in wanted]))
+        if job_name is not None:
+            query = query.where(t.c.job_name == job_name)
         with self._begin(what) as conn:
             if before_id is not None:
                 cursor = conn.execute(
