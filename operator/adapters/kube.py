@@ -155,15 +155,18 @@ class Kube:
                 return None
             raise
 
-    def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete with background propagation; False when it was already gone."""
+    def delete(
+        self, kind: str, namespace: str, name: str, *, propagation: str = "Background"
+    ) -> bool:
+        """Delete (dependents with ``propagation``: Background, or Foreground to take them
+        first); False when it was already gone."""
         try:
             self._call(
                 "DELETE",
                 kind,
                 namespace,
                 name,
-                body={"propagationPolicy": "Background"},
+                body={"propagationPolicy": propagation},
             )
         except ApiException as exc:
             if exc.status == 404:

@@ -24,6 +24,7 @@ from nocturne_operator.api import conditions as cond
 from nocturne_operator.api.model import API_VERSION, KIND
 from nocturne_operator.cli import reports
 from nocturne_operator.controller.reconcile import (
+    ANNOTATION_CANCEL,
     ANNOTATION_RESUME,
     ANNOTATION_RESUME_REASON,
     ANNOTATION_RUN_NOW,
@@ -31,6 +32,8 @@ from nocturne_operator.controller.reconcile import (
 )
 from nocturne_operator.errors import SettingsError
 from nocturne_operator.prices import PriceTableError, load_price_table
+from nocturne_operator.render import LABEL_SCHEDULE
+from nocturne_operator.runs.verdicts import job_outcome
 from nocturne_operator.schedule import cron
 from nocturne_operator.schedule.validation import iana_zone, validate
 from nocturne_operator.settings import Settings, load_settings
@@ -203,7 +206,7 @@ def cmd_next_runs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
-    """pause / resume / run: patch the AgentSchedule; the operator does the rest."""
+    """pause / resume / run / cancel: patch the AgentSchedule; the operator does the rest."""
     kube = Kube.connect()
     namespace = args.namespace or _current_namespace()
     body = kube.get(KIND, namespace, args.name)
@@ -239,6 +242,20 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
             },
             "spec": {"suspend": False},
         }
+    elif args.command == "cancel":
+        selector = f"{LABEL_SCHEDULE}={args.name}"
+        running = [
+            j["metadata"]["name"]
+            for j in kube.list_objects("Job", namespace, selector)
+            if job_outcome(j) is None and not j["metadata"].get("deletionTimestamp")
+        ]
+        if not running:  # cancelling twice, or after the run ended, changes nothing
+            _say(f"cancel: {namespace}/{args.name} has no active run; nothing changed")
+            return EXIT_OK
+        # The operator deletes the Jobs (and says so in an Event and the audit trail).
+        request = uuid.uuid4().hex[:12]
+        patch = {"metadata": {"annotations": {ANNOTATION_CANCEL: request}}}
+        _say(f"cancel: {namespace}/{args.name}: Job {', '.join(sorted(running))} to be cancelled")
     else:
         request = args.request_id or uuid.uuid4().hex[:12]
         patch = {"metadata": {"annotations": {ANNOTATION_RUN_NOW: request}}}
@@ -511,6 +528,7 @@ def _parser(prog: str = "nocturne") -> argparse.ArgumentParser:
         ("pause", "suspend a schedule"),
         ("resume", "resume a schedule"),
         ("run", "start one run now"),
+        ("cancel", "stop the active run (it ends CANCELLED with the cost so far)"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("name")

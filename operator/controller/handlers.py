@@ -395,9 +395,30 @@ def cronjob_event(
         )
 
 
+@kopf.on.event("", "v1", "pods", labels=_MANAGED)
+def pod_event(
+    *, body: kopf.Body, namespace: str | None, labels: kopf.Labels, memo: Memo, **kwargs: Any
+) -> None:
+    """A finished runner pod being deleted with our finalizer still on (its Job was deleted:
+    a cancel, or pruned): record its attempt from its summary and let it go now, not at the
+    next sweep (a foreground deletion of its Job waits for it)."""
+    meta = body["metadata"]
+    finalizers = meta.get("finalizers") or []
+    if (
+        not meta.get("deletionTimestamp")
+        or RUN_RECORD_FINALIZER not in finalizers
+        or not verdicts.pod_finished(body)
+    ):
+        return
+    indexes = _indexes(memo, kwargs)
+    key = (str(namespace), labels.get(LABEL_SCHEDULE, ""))
+    memo.recorder.record_orphaned_pods(indexes.owner, [(key, [dict(body)])])
+
+
 @kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)
 def job_event(
     *,
+    type: str | None,
     body: kopf.Body,
     namespace: str | None,
     name: str,
@@ -406,11 +427,16 @@ def job_event(
     **kwargs: Any,
 ) -> None:
     """A run finished: make sure its attempts are recorded, then queue the owner (its status
-    shows the result)."""
-    if verdicts.job_outcome(body) is None:
-        return
+    shows the result). A Job deleted while it ran (a cancel) queues the owner too: its runner
+    reported CANCELLED before its pod, and then the Job, were gone."""
     indexes = _indexes(memo, kwargs)
     owner_name = labels.get(LABEL_SCHEDULE, "")
+    if type == "DELETED" and verdicts.job_outcome(body) is None:
+        if (str(namespace), owner_name) in indexes.bodies:
+            memo.queue.add((str(namespace), owner_name))
+        return
+    if verdicts.job_outcome(body) is None:
+        return
     owner = indexes.owner(str(namespace), owner_name)
     if owner is None:
         return

@@ -39,6 +39,7 @@ from nocturne_operator.render import (
     render_cronjob,
     render_job_template,
 )
+from nocturne_operator.runs.verdicts import job_outcome
 from nocturne_operator.schedule import cron
 from nocturne_operator.schedule.validation import Peer, Validated, validate
 from nocturne_operator.settings import Settings
@@ -55,6 +56,7 @@ ANNOTATION_RUN_NOW = "nocturne.dev/run-now"
 ANNOTATION_SUSPEND_REASON = "nocturne.dev/suspend-reason"
 ANNOTATION_RESUME = "nocturne.dev/resume"
 ANNOTATION_RESUME_REASON = "nocturne.dev/resume-reason"
+ANNOTATION_CANCEL = "nocturne.dev/cancel"
 # Status keys this module owns; everything else under status is left alone.
 OWNED_STATUS = (
     "observedGeneration",
@@ -75,6 +77,7 @@ OWNED_STATUS = (
     "failuresCountedSince",
     "pendingVerification",
     "lastResumeRequest",
+    "lastCancelRequest",
 )
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
@@ -159,6 +162,8 @@ class Plan:
     delete_configmap: str | None = None
     # Run-now and verification Jobs; ``apply`` sets their owner's UID from the CronJob.
     jobs: list[dict[str, Any]] = field(default_factory=list)
+    # A cancel request (its id): ``apply`` deletes the schedule's Jobs still running.
+    cancel: str | None = None
     notices: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, message)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     status: dict[str, Any] = field(default_factory=dict)  # the merge patch; {}: unchanged
@@ -250,6 +255,8 @@ def apply(
         cronjob = kube.apply(plan.cronjob)
     if plan.delete_configmap is not None:
         kube.delete("ConfigMap", namespace, plan.delete_configmap)
+    if plan.cancel is not None:
+        events(body, "Normal", "RunCancelled", _cancel(kube, namespace, meta["name"], plan.cancel))
     for job in plan.jobs:
         if cronjob is None:  # cannot happen: a Job is planned only with a CronJob to own it
             raise RuntimeError(f"run-now Job {job['metadata']['name']} has no CronJob to own it")
@@ -269,6 +276,25 @@ def apply(
             "AgentSchedule", namespace, meta["name"], {"status": plan.status}, status=True
         )
         metrics.STATUS_WRITES.inc()
+
+
+def _cancel(kube: Kube, namespace: str, name: str, request: str) -> str:
+    """Delete the schedule's Jobs still running, their pods first (foreground): each runner
+    gets SIGTERM and reports CANCELLED with its cost so far. What was done, for the Event."""
+    running = [
+        job["metadata"]["name"]
+        for job in kube.list_objects("Job", namespace, f"{LABEL_SCHEDULE}={name}")
+        if job_outcome(job) is None and not job["metadata"].get("deletionTimestamp")
+    ]
+    deleted = [
+        job for job in running if kube.delete("Job", namespace, job, propagation="Foreground")
+    ]
+    if not deleted:
+        return f"cancel {request!r}: no run was active"
+    return (
+        f"cancel {request!r}: Job {', '.join(sorted(deleted))} deleted; "
+        "its run ends CANCELLED with the cost so far"
+    )
 
 
 def failures_counted_since(status: Mapping[str, Any]) -> datetime | None:
@@ -308,6 +334,10 @@ class _Planner:
         self._budget: tuple[str, str, str] | None = None  # (reason, message, notice key)
 
     def decide(self, peers: Sequence[Peer] | None, actual: dict[str, Any] | None) -> Plan:
+        cancel = self.annotations.get(ANNOTATION_CANCEL)
+        if cancel and cancel != self.old.get("lastCancelRequest"):
+            self.plan.cancel = cancel  # answered once: the request id goes on status
+            self.new["lastCancelRequest"] = cancel
         result = validate(self.body, self.settings, now=self.now, peers=peers, prices=self.prices)
         name = cronjob_name(self.ref.name)
         self.new.update(

@@ -36,6 +36,7 @@ _AUDITED = {
     "BudgetAvailable": EventKind.BUDGET_RESET,
     "RunNow": EventKind.RUN_REQUESTED,
     "VerificationRun": EventKind.RUN_REQUESTED,
+    "RunCancelled": EventKind.RUN_CANCELLED,
 }
 
 

@@ -43,6 +43,7 @@ class EventKind(StrEnum):
     BUDGET_EXHAUSTED = "budget_exhausted"
     BUDGET_RESET = "budget_reset"
     RUN_REQUESTED = "run_requested"
+    RUN_CANCELLED = "run_cancelled"
     SILENT_STOP = "silent_stop"
     DELETED = "deleted"
     DRIFT_REPAIRED = "drift_repaired"

@@ -1,20 +1,22 @@
-"""The path users take (issue 14): nobody asks for a run; the CronJob controller fires the
-AgentSchedule's CronJob at its slot, the pod executor runs the runner, the run reports
-through the operator's run API and reaches history and status. Its own operator (minimum
-interval lowered to one minute for the test, the default resync of an hour: passes come from
-events and the schedule's own timer, issue 13) over its own namespace."""
+"""Runs as users meet them (issue 14): the scheduled path, and cancel. The path users take: nobody
+asks for a run; the CronJob controller fires the AgentSchedule's CronJob at its slot, the pod
+executor runs the runner, the run reports through the operator's run API and reaches history and
+status. Its own operator (minimum interval lowered to one minute for the test, the default
+resync of an hour: passes come from events and the schedule's own timer, issue 13) over its own
+namespace."""
 
 from __future__ import annotations
 
 import json
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
 from agent_runner.contract import RunOutcome
 from e2e import test_resilience
 from e2e.conftest import operator_process
-from e2e.schedules import status_of
+from e2e.schedules import nocturne_cli, run_now, status_of
 from e2e.test_resilience import (
     API_KEY_SECRET,
     NAME,
@@ -26,7 +28,7 @@ from e2e.test_resilience import (
 )
 from harness.kube import Cluster, Kubectl, wait_for
 from harness.postgres import PostgresServer
-from integration.llm_server import ScriptedServer
+from integration.llm_server import OPENAI_PATH, ScriptedServer
 from nocturne_operator.api.timestamps import parse_rfc3339
 from nocturne_operator.render import cronjob_name
 from nocturne_operator.storage import History
@@ -92,3 +94,74 @@ def test_the_cronjob_controller_fires_a_schedule_and_its_run_reaches_history_and
         assert Decimal(status["totalCostUSD"]) >= row.cost_usd
         # The slot that fired is behind: the next runs moved on.
         assert parse_rfc3339(status["nextRunAt"]) > first_slot
+
+
+@pytest.mark.usefixtures("crds", "executor")
+def test_cancel_stops_the_active_run_which_ends_cancelled_and_is_audited(
+    cluster: Cluster,
+    kubectl: Kubectl,
+    solo_namespace: str,
+    postgres: PostgresServer,
+    model: tuple[Model, ScriptedServer],
+) -> None:
+    """`nocturne cancel`: the operator deletes the running Job (foreground), the runner gets
+    SIGTERM and reports CANCELLED; an Event and an audit row say who; no failure is counted;
+    cancelling again changes nothing."""
+    namespace = solo_namespace
+    answers, site = model
+    answers.delay = 60  # the model's answer is still coming when the run is cancelled
+    url = history_schema(postgres, namespace)
+    prepare_namespace(kubectl, namespace, url)
+    with operator_process(
+        cluster,
+        database_url=url,
+        watch_namespaces=namespace,
+        extra_env={
+            "NOCTURNE_LLM_SECRETS": json.dumps([API_KEY_SECRET]),
+            "NOCTURNE_LLM_BASE_URLS": json.dumps([f"{site.url}/v1"]),
+        },
+        log_name=f"{namespace}-cancel",
+    ):
+        apply(kubectl, namespace, manifest(site))
+        run_now(kubectl, namespace, "slow", NAME)
+
+        def rows() -> list[Any]:
+            with History.connect(url) as history:
+                return history.runs(namespace, NAME)
+
+        [running] = wait_for(rows, 60, "the run to start")
+        assert running.status is RunOutcome.RUNNING
+        wait_for(lambda: site.requests_to(OPENAI_PATH), 30, "the model call in flight")
+        cancel = nocturne_cli(cluster, "cancel", NAME, "-n", namespace)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        assert f"Job {running.job_name} to be cancelled" in cancel.stdout
+
+        [ended] = wait_for(
+            lambda: [r for r in rows() if r.status is RunOutcome.CANCELLED],
+            60,
+            "the run to end CANCELLED",
+        )
+        assert ended.id == running.id
+        [event] = wait_for(
+            lambda: [
+                e
+                for e in kubectl.items("events", "-n", namespace)
+                if e.get("reason") == "RunCancelled"
+            ],
+            30,
+            "the RunCancelled Event",
+        )
+        assert f"Job {running.job_name} deleted" in event["message"]
+        with History.connect(url) as history:
+            [audited] = [e for e in history.events(namespace, NAME) if e.kind == "run_cancelled"]
+        assert audited.actor  # who asked: the CLI's field manager
+        status = wait_for(
+            lambda: (s := status_of(kubectl, namespace, NAME)).get("lastRun") and s,
+            30,
+            "the cancelled run on status",
+        )
+        assert status["lastRun"]["result"] == "Cancelled"
+        assert (status["runs"]["failed"], status["consecutiveFailures"]) == (0, 0)
+        again = nocturne_cli(cluster, "cancel", NAME, "-n", namespace)
+        assert again.returncode == 0
+        assert "has no active run; nothing changed" in again.stdout

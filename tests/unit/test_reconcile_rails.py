@@ -42,6 +42,7 @@ class Objects:
 
     items: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     patches: list[dict[str, Any]] = field(default_factory=list)
+    deleted: list[tuple[str, str, str]] = field(default_factory=list)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         found = self.items.get((kind, name))
@@ -68,6 +69,18 @@ class Objects:
         if key in self.items:
             return None
         return self.apply(obj)
+
+    def list_objects(self, kind: str, namespace: str, label_selector: str = "") -> list[Any]:
+        label, _, value = label_selector.partition("=")
+        return [
+            copy.deepcopy(o)
+            for (k, _), o in self.items.items()
+            if k == kind and (o["metadata"].get("labels") or {}).get(label) == value
+        ]
+
+    def delete(self, kind: str, namespace: str, name: str, *, propagation: str) -> bool:
+        self.deleted.append((kind, name, propagation))
+        return self.items.pop((kind, name), None) is not None
 
 
 @dataclass
@@ -470,6 +483,40 @@ def test_a_failed_verification_run_after_a_resume_pauses_again_at_once() -> None
         ("AutoPaused", verification),
     ]
     assert [e[1] for e in cluster.seen.events].count("AutoPaused") == 2
+
+
+def test_a_cancel_deletes_the_running_jobs_once_and_says_so() -> None:
+    """Foreground, so the pods go first and each runner gets SIGTERM; a finished Job stays
+    (its history is kept); the request is answered once; a later request with nothing running
+    says so."""
+    cluster = Cluster(schedule())
+    labels = {"nocturne.dev/schedule": "digest"}
+    done = {"conditions": [{"type": "Complete", "status": "True"}]}
+    for name, status in (("digest-run-1", {}), ("digest-29400000", done)):
+        cluster.objects.items[("Job", name)] = {
+            "kind": "Job",
+            "metadata": {"name": name, "labels": labels},
+            "status": status,
+        }
+    annotate(cluster, cancel="c1")
+    cluster.reconcile(stats(), now=NOW + timedelta(minutes=1))
+    assert cluster.objects.deleted == [("Job", "digest-run-1", "Foreground")]
+    assert ("Job", "digest-29400000") in cluster.objects.items
+    assert cluster.status["lastCancelRequest"] == "c1"
+    cancelled = [e for e in cluster.seen.events if e[1] == "RunCancelled"]
+    assert cancelled == [
+        (
+            "Normal",
+            "RunCancelled",
+            "cancel 'c1': Job digest-run-1 deleted; its run ends CANCELLED with the cost so far",
+        )
+    ]
+    cluster.reconcile(stats(), now=NOW + timedelta(minutes=2))  # the same request again
+    assert len(cluster.objects.deleted) == 1
+    annotate(cluster, cancel="c2")
+    cluster.reconcile(stats(), now=NOW + timedelta(minutes=3))
+    assert cluster.seen.events[-1] == ("Normal", "RunCancelled", "cancel 'c2': no run was active")
+    assert cluster.status["consecutiveFailures"] == 0  # a cancel is no failure
 
 
 def test_an_auto_pause_is_keyed_by_the_run_that_tripped_it() -> None:
