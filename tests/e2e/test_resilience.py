@@ -79,15 +79,18 @@ def solo_operator(  # noqa: PLR0917 - the fixtures a test has, in order
     role: str,
     site: ScriptedServer,
     run_api_port: int | None = None,
+    *,
+    settings: dict[str, str] | None = None,
 ) -> AbstractContextManager[OperatorProcess]:
-    """An operator serving only ``namespace``, sweeping fast; logs to ``<namespace>-<role>.log``.
-    The admin's allow-lists admit the local model's endpoint and the key's Secret."""
+    """An operator serving only ``namespace``; logs to ``<namespace>-<role>.log``. The admin's
+    allow-lists admit the local model's endpoint and the key's Secret. ``settings``: its
+    environment beyond that (default: ``FAST_SWEEP``)."""
     return operator_process(
         cluster,
         database_url=database_url,
         watch_namespaces=namespace,
         extra_env={
-            **FAST_SWEEP,
+            **(FAST_SWEEP if settings is None else settings),
             "NOCTURNE_LLM_SECRETS": json.dumps([API_KEY_SECRET]),
             "NOCTURNE_LLM_BASE_URLS": json.dumps([f"{site.url}/v1"]),
         },

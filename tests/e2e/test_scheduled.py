@@ -7,7 +7,6 @@ namespace."""
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -15,16 +14,15 @@ import pytest
 
 from agent_runner.contract import RunOutcome
 from e2e import test_resilience
-from e2e.conftest import operator_process
 from e2e.schedules import nocturne_cli, run_now, status_of
 from e2e.test_resilience import (
-    API_KEY_SECRET,
     NAME,
     Model,
     apply,
     history_schema,
     manifest,
     prepare_namespace,
+    solo_operator,
 )
 from harness.kube import Cluster, Kubectl, wait_for
 from harness.postgres import PostgresServer
@@ -49,16 +47,9 @@ def test_the_cronjob_controller_fires_a_schedule_and_its_run_reaches_history_and
     _, site = model
     url = history_schema(postgres, namespace)
     prepare_namespace(kubectl, namespace, url)
-    with operator_process(
-        cluster,
-        database_url=url,
-        watch_namespaces=namespace,
-        extra_env={
-            "NOCTURNE_MIN_INTERVAL_MINUTES": "1",
-            "NOCTURNE_LLM_SECRETS": json.dumps([API_KEY_SECRET]),
-            "NOCTURNE_LLM_BASE_URLS": json.dumps([f"{site.url}/v1"]),
-        },
-        log_name=f"{namespace}-scheduled",
+    # The default sweep and resync: the slot's pass comes from events and the timer.
+    with solo_operator(
+        cluster, namespace, url, "scheduled", site, settings={"NOCTURNE_MIN_INTERVAL_MINUTES": "1"}
     ):
         uid = apply(kubectl, namespace, manifest(site, schedule="* * * * *", suspend=False))
         first_slot = parse_rfc3339(status_of(kubectl, namespace, NAME)["nextRunAt"])
@@ -112,16 +103,8 @@ def test_cancel_stops_the_active_run_which_ends_cancelled_and_is_audited(
     answers.delay = 60  # the model's answer is still coming when the run is cancelled
     url = history_schema(postgres, namespace)
     prepare_namespace(kubectl, namespace, url)
-    with operator_process(
-        cluster,
-        database_url=url,
-        watch_namespaces=namespace,
-        extra_env={
-            "NOCTURNE_LLM_SECRETS": json.dumps([API_KEY_SECRET]),
-            "NOCTURNE_LLM_BASE_URLS": json.dumps([f"{site.url}/v1"]),
-        },
-        log_name=f"{namespace}-cancel",
-    ):
+    # The default sweep (a minute): the cancelled pod is recorded at its own event.
+    with solo_operator(cluster, namespace, url, "cancel", site, settings={}):
         apply(kubectl, namespace, manifest(site))
         run_now(kubectl, namespace, "slow", NAME)
 
