@@ -125,6 +125,18 @@ def up(state: Path) -> int:
     say(f"ready in {time.monotonic() - started:.0f} s; the schedules:")
     print(kubectl("get", "asched", "-n", NAMESPACE))
     print(kubectl("get", "cronjobs,jobs", "-n", NAMESPACE))
+    say(f"what it found (nocturne show daily-ai-news -n {NAMESPACE}):")
+    cli = [sys.executable, "-m", "nocturne_operator.cli.main"]
+    show = subprocess.run(
+        [*cli, "show", "daily-ai-news", "-n", NAMESPACE],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    print(show.stdout if show.returncode == 0 else show.stdout + show.stderr)
     bin_dir = tools.ensure().bin_dir
     print(
         "Explore:\n"
@@ -136,6 +148,7 @@ def up(state: Path) -> int:
         "  export NOCTURNE_DATABASE_URL=$(python3 -c 'import json,sys; "
         f'print(json.load(open(sys.argv[1]))["url"])\' {database})\n'
         f"  .venv/bin/nocturne history daily-ai-news -n {NAMESPACE}\n"
+        f"  .venv/bin/nocturne show daily-ai-news -n {NAMESPACE}            # the newest run\n"
         f"  .venv/bin/nocturne describe daily-ai-news -n {NAMESPACE}\n"
         f"  .venv/bin/nocturne pause daily-ai-news -n {NAMESPACE} --reason 'trying it out'\n"
         f"Logs: {state / 'logs'}\n"

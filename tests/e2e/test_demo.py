@@ -28,6 +28,11 @@ def test_demo_up_shows_a_successful_run_and_down_stops_everything(tmp_path: Path
         [row] = [line for line in up.stdout.splitlines() if line.startswith("daily-ai-news ")]
         assert "Succeeded" in row
         assert "Active" in row
+        # The digest itself, as `nocturne show` prints it piped (the output alone).
+        found = up.stdout.split("(nocturne show daily-ai-news -n demo):\n", 1)[1]
+        digest = found.split("\nExplore:", 1)[0].strip()
+        assert digest, up.stdout
+        assert "show:" not in digest, digest  # not an error of the CLI
         pids = json.loads((state / "demo.json").read_text())
         assert set(pids) == {"executor", "operator"}
     finally:
