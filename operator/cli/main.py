@@ -33,7 +33,7 @@ from nocturne_operator.controller.reconcile import (
 from nocturne_operator.errors import SettingsError
 from nocturne_operator.prices import PriceTableError, load_price_table
 from nocturne_operator.render import LABEL_SCHEDULE
-from nocturne_operator.runs.verdicts import job_outcome
+from nocturne_operator.runs.verdicts import cancellable
 from nocturne_operator.schedule import cron
 from nocturne_operator.schedule.validation import iana_zone, validate
 from nocturne_operator.settings import Settings, load_settings
@@ -243,19 +243,14 @@ def cmd_control(args: argparse.Namespace, settings: Settings) -> int:
             "spec": {"suspend": False},
         }
     elif args.command == "cancel":
-        selector = f"{LABEL_SCHEDULE}={args.name}"
-        running = [
-            j["metadata"]["name"]
-            for j in kube.list_objects("Job", namespace, selector)
-            if job_outcome(j) is None and not j["metadata"].get("deletionTimestamp")
-        ]
+        running = cancellable(kube.list_objects("Job", namespace, f"{LABEL_SCHEDULE}={args.name}"))
         if not running:  # cancelling twice, or after the run ended, changes nothing
             _say(f"cancel: {namespace}/{args.name} has no active run; nothing changed")
             return EXIT_OK
         # The operator deletes the Jobs (and says so in an Event and the audit trail).
         request = uuid.uuid4().hex[:12]
         patch = {"metadata": {"annotations": {ANNOTATION_CANCEL: request}}}
-        _say(f"cancel: {namespace}/{args.name}: Job {', '.join(sorted(running))} to be cancelled")
+        _say(f"cancel: {namespace}/{args.name}: Job {', '.join(running)} to be cancelled")
     else:
         request = args.request_id or uuid.uuid4().hex[:12]
         patch = {"metadata": {"annotations": {ANNOTATION_RUN_NOW: request}}}

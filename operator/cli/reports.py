@@ -228,7 +228,7 @@ def run_header(r: ExecutionRecord) -> list[str]:
         lines.append(f"alert: {r.alert_reason or '(no reason given)'}")
     if r.error:
         lines.append(f"error: {r.error.strip().splitlines()[0] if r.error.strip() else ''}")
-    refusals = [x for x in r.metadata.get("refusals") or [] if isinstance(x, Mapping)]
+    refusals = _refusals(r)
     if refusals:
         lines.append("refused operations:")
         lines += [
@@ -241,7 +241,6 @@ def run_header(r: ExecutionRecord) -> list[str]:
 
 def run_json(r: ExecutionRecord) -> dict[str, Any]:
     """One run for scripts, its output included."""
-    refusals = [x for x in r.metadata.get("refusals") or [] if isinstance(x, Mapping)]
     steps = r.metadata.get("steps")
     return {
         "namespace": r.namespace,
@@ -250,6 +249,12 @@ def run_json(r: ExecutionRecord) -> dict[str, Any]:
         "provider": r.provider,
         "alertReason": r.alert_reason,
         "steps": steps if isinstance(steps, int) else None,
-        "refusals": refusals,
+        "refusals": _refusals(r),
         "output": r.output,
     }
+
+
+def _refusals(r: ExecutionRecord) -> list[Mapping[str, Any]]:
+    """The operations the agent was refused, as the runner reported them (its metadata is
+    the runner's word: entries that are not objects are left out)."""
+    return [x for x in r.metadata.get("refusals") or [] if isinstance(x, Mapping)]

@@ -429,13 +429,14 @@ def job_event(
     """A run finished: make sure its attempts are recorded, then queue the owner (its status
     shows the result). A Job deleted while it ran (a cancel) queues the owner too: its runner
     reported CANCELLED before its pod, and then the Job, were gone."""
+    running = verdicts.job_outcome(body) is None
+    if running and type != "DELETED":
+        return
     indexes = _indexes(memo, kwargs)
     owner_name = labels.get(LABEL_SCHEDULE, "")
-    if type == "DELETED" and verdicts.job_outcome(body) is None:
+    if running:  # deleted before it finished
         if (str(namespace), owner_name) in indexes.bodies:
             memo.queue.add((str(namespace), owner_name))
-        return
-    if verdicts.job_outcome(body) is None:
         return
     owner = indexes.owner(str(namespace), owner_name)
     if owner is None:

@@ -39,7 +39,7 @@ from nocturne_operator.render import (
     render_cronjob,
     render_job_template,
 )
-from nocturne_operator.runs.verdicts import job_outcome
+from nocturne_operator.runs.verdicts import cancellable
 from nocturne_operator.schedule import cron
 from nocturne_operator.schedule.validation import Peer, Validated, validate
 from nocturne_operator.settings import Settings
@@ -281,18 +281,14 @@ def apply(
 def _cancel(kube: Kube, namespace: str, name: str, request: str) -> str:
     """Delete the schedule's Jobs still running, their pods first (foreground): each runner
     gets SIGTERM and reports CANCELLED with its cost so far. What was done, for the Event."""
-    running = [
-        job["metadata"]["name"]
-        for job in kube.list_objects("Job", namespace, f"{LABEL_SCHEDULE}={name}")
-        if job_outcome(job) is None and not job["metadata"].get("deletionTimestamp")
-    ]
+    running = cancellable(kube.list_objects("Job", namespace, f"{LABEL_SCHEDULE}={name}"))
     deleted = [
         job for job in running if kube.delete("Job", namespace, job, propagation="Foreground")
     ]
     if not deleted:
         return f"cancel {request!r}: no run was active"
     return (
-        f"cancel {request!r}: Job {', '.join(sorted(deleted))} deleted; "
+        f"cancel {request!r}: Job {', '.join(deleted)} deleted; "
         "its run ends CANCELLED with the cost so far"
     )
 

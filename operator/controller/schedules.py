@@ -117,11 +117,8 @@ def reconcile_key(key: Key, memo: Memo) -> None:
         for job in indexes.finished_jobs(*key, done=memo.recorder.ledger.notified):
             behind = not memo.recorder.record_job(job, body) or behind
     cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
-    plan = reconcile_schedule(body, memo, indexes.peers, cronjob)
-    now = datetime.now(UTC)
-    if behind:
-        plan.due_by(now + timedelta(seconds=memo.settings.reconcile_interval_seconds))
-    memo.queue.add_after(key, next_pass_in(memo.settings, key, plan.due, now))
+    plan = reconcile_schedule(body, memo, indexes.peers, cronjob, behind=behind)
+    memo.queue.add_after(key, next_pass_in(memo.settings, key, plan.due, datetime.now(UTC)))
 
 
 # A pass due at a moment runs this long after it: the slot or deadline has surely passed.
@@ -156,10 +153,13 @@ def reconcile_schedule(
     memo: Memo,
     index: SchedulePeers,
     cronjob: dict[str, Any] | None,
+    *,
+    behind: bool = False,
 ) -> rec.Plan:
     """Reconcile ``body`` against ``cronjob`` (its CronJob as the cluster has it, or None); the
-    plan carried out. Without its run statistics (the database is away) the plan is due again
-    within the reconcile interval, to catch up once the database is back."""
+    plan carried out. When the database was away -- its run statistics unread, or a finished
+    Job left unrecorded (``behind``) -- the plan is due again within the reconcile interval, to
+    catch up once the database is back."""
     meta = body["metadata"]
     peers = list(index.get(meta["namespace"], []))
     history = memo.history
@@ -220,7 +220,7 @@ def reconcile_schedule(
             metrics.RECONCILE_ERRORS.inc()
             raise
     metrics.observe_schedule(meta["namespace"], meta["name"], plan.phase)
-    if history is not None and stats is None:
+    if behind or (history is not None and stats is None):
         plan.due_by(now + timedelta(seconds=memo.settings.reconcile_interval_seconds))
     return plan
 

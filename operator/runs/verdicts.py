@@ -14,7 +14,7 @@ garbage-collected, evicted) is finalised, so no run stays "running" forever.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -36,6 +36,16 @@ class JobOutcome:
     reason: str
     message: str
     finished_at: datetime
+
+
+def cancellable(jobs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The names of ``jobs`` still running and not already being deleted (what a cancel
+    deletes), sorted."""
+    return sorted(
+        job["metadata"]["name"]
+        for job in jobs
+        if job_outcome(job) is None and not job["metadata"].get("deletionTimestamp")
+    )
 
 
 def job_outcome(job: Mapping[str, Any]) -> JobOutcome | None:
