@@ -747,25 +747,21 @@ class Bench:
 
     # -- baseline --
     def baseline(self, keys: list[Key]) -> None:
-        secret = self.api.get(f"/api/v1/namespaces/{TLS_NAMESPACE}/secrets/nocturne-run-api-tls")
-        ca_pem = base64.b64decode(secret["data"]["ca.crt"]).decode()
         settings = Settings(runner_image=RUNNER_IMAGE, run_api_url=self.operator.run_api_url)
-        run_api = RunApiEndpoint(self.operator.run_api_url, ca_pem)
+        run_api = RunApiEndpoint(self.operator.run_api_url, self._run_api_ca())
         objects = [
             baseline_cronjob(ns, name, schedule_spec(i, self.hour), settings, run_api)
             for i, (ns, name) in enumerate(keys)
         ]
         before = apiserver_requests(self.api)
-        pids = self._cpu_pids()
-        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
         began = time.monotonic()
 
         def apply(obj: dict[str, Any]) -> None:
             self.api.apply(cronjob_path(obj["metadata"]["namespace"], obj["metadata"]["name"]), obj)
 
-        run_parallel(self.pool, apply, objects)
-        done = self.tracker.wait(keys, ready=False, timeout=600, what="baseline CronJobs")
-        used = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
+        with self.cpu_used() as used:
+            run_parallel(self.pool, apply, objects)
+            done = self.tracker.wait(keys, ready=False, timeout=600, what="baseline CronJobs")
         writes = delta(apiserver_requests(self.api), before, WRITE_VERBS)
         # The same client applying the schedules themselves where no operator watches: G1
         # cannot be faster than their own creation.
@@ -801,14 +797,12 @@ class Bench:
                 schedule_path(*key), agent_schedule(*key, schedule_spec(index, self.hour))
             )
 
-        pids = self._cpu_pids()
-        cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        began = time.monotonic()
-        run_parallel(self.pool, apply, enumerate(keys))
-        applied = time.monotonic()
         timeout = max(300.0, 1.2 * len(keys))
-        done = self.tracker.wait(keys, ready=True, timeout=timeout, what="schedules Ready")
-        used = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
+        with self.cpu_used() as used:
+            began = time.monotonic()
+            run_parallel(self.pool, apply, enumerate(keys))
+            applied = time.monotonic()
+            done = self.tracker.wait(keys, ready=True, timeout=timeout, what="schedules Ready")
         self.phase_end("create")
         self.log(f"G1: {len(keys)} schedules Ready after {done - began:.1f} s; settling")
         after = settle(self.api)
@@ -852,32 +846,15 @@ class Bench:
 
     # -- G11 --
     def idle(self, seconds: float) -> None:
-        apiserver = self.cp.processes["kube-apiserver"].pid
-        etcd = self.cp.processes["etcd"].pid
         before = apiserver_requests(self.api)
-        cpu = {
-            name: cpu_seconds(pid)
-            for name, pid in (
-                ("operator", self.operator.pid),
-                ("apiserver", apiserver),
-                ("etcd", etcd),
-            )
-        }
         passes = operator_metric(self.operator.metrics_url, RECONCILES)
         requests = operator_requests(self.operator.metrics_url)
-        began = time.monotonic()
-        time.sleep(seconds)
-        elapsed = time.monotonic() - began
+        with self.cpu_used() as used:
+            began = time.monotonic()
+            time.sleep(seconds)
+            elapsed = time.monotonic() - began
         passes = operator_metric(self.operator.metrics_url, RECONCILES) - passes
         requests = operator_requests(self.operator.metrics_url) - requests
-        used = {
-            name: cpu_seconds(pid) - cpu[name]
-            for name, pid in (
-                ("operator", self.operator.pid),
-                ("apiserver", apiserver),
-                ("etcd", etcd),
-            )
-        }
         after = apiserver_requests(self.api)
         reads = delta(after, before, READ_VERBS)
         writes = delta(after, before, WRITE_VERBS)
@@ -999,10 +976,8 @@ class Bench:
             phase = (args.run_seconds, args.run_interval)
             base = children.apply(drive, (bare.url, bare.tls.ca_pem, plans, *phase))
             self.phase_end("runs, bare endpoint")
-            pids = self._cpu_pids()
-            cpu = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            real = children.apply(drive, (self.operator.run_api_url, ca_pem, plans, *phase))
-            used = {name: cpu_seconds(pid) - cpu[name] for name, pid in pids.items()}
+            with self.cpu_used() as used:
+                real = children.apply(drive, (self.operator.run_api_url, ca_pem, plans, *phase))
         self.raw["R"] = {
             "runs": len(plans),
             "schedules": len(schedules),
@@ -1018,12 +993,19 @@ class Bench:
         secret = self.api.get(f"/api/v1/namespaces/{TLS_NAMESPACE}/secrets/nocturne-run-api-tls")
         return base64.b64decode(secret["data"]["ca.crt"]).decode()
 
-    def _cpu_pids(self) -> dict[str, int]:
-        return {
+    @contextmanager
+    def cpu_used(self) -> Iterator[dict[str, float]]:
+        """CPU seconds the operator, the apiserver and etcd used during the block (the dict is
+        filled when the block ends)."""
+        pids = {
             "operator": self.operator.pid,
             "apiserver": self.cp.processes["kube-apiserver"].pid,
             "etcd": self.cp.processes["etcd"].pid,
         }
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        used: dict[str, float] = {}
+        yield used
+        used.update({name: cpu_seconds(pid) - before[name] for name, pid in pids.items()})
 
     def _plans(self, schedules: list[Key], directory: Path) -> list[RunPlan]:
         """``--runs`` Jobs made from the schedules' CronJobs in turn, their pods (the Job
