@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -21,12 +21,34 @@ from harness.executor import ExecutorProcess
 from harness.fixtures import fresh_namespace, namespace_name
 from harness.kube import Cluster, Kubectl, healthy, wait_for
 from harness.postgres import PostgresServer, start_postgres, stop_postgres
+from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
 from nocturne_operator.storage import upgrade
 
 # Namespaces the session operator leaves alone: chart-* for operators installed by the Helm chart
 # (test_helm.py), solo-* for tests that run their own operator (test_resilience.py).
 SOLO_NAMESPACE_PREFIX = "solo-"
 SESSION_OPERATOR_EXCLUDES = "!chart-*,!solo-*"
+
+
+@dataclass
+class Model:
+    """The local model of the solo-operator tests: every call is answered, ``delay`` seconds
+    late."""
+
+    delay: float = 0.0
+
+    def __call__(self, request: Recorded) -> Reply:
+        return replace(openai_reply("Three stories today.")(request), delay=self.delay)
+
+
+@pytest.fixture
+def model() -> Iterator[tuple[Model, ScriptedServer]]:
+    """The local OpenAI-compatible server runner pods call, and its knob (test_fence.py has a
+    model of its own)."""
+    answers = Model()
+    with ScriptedServer() as site:
+        site.route(OPENAI_PATH, answers, method="POST")
+        yield answers, site
 
 
 @pytest.fixture

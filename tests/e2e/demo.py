@@ -15,6 +15,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+from e2e.schedules import run_cli
 from harness import build, controlplane, tools
 from harness.executor import executor_command
 from harness.kube import Kubectl, healthy, wait_for
@@ -126,16 +127,7 @@ def up(state: Path) -> int:
     print(kubectl("get", "asched", "-n", NAMESPACE))
     print(kubectl("get", "cronjobs,jobs", "-n", NAMESPACE))
     say(f"what it found (nocturne show daily-ai-news -n {NAMESPACE}):")
-    cli = [sys.executable, "-m", "nocturne_operator.cli.main"]
-    show = subprocess.run(
-        [*cli, "show", "daily-ai-news", "-n", NAMESPACE],
-        env=env,
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    show = run_cli(kubeconfig, "show", "daily-ai-news", "-n", NAMESPACE, database_url=db_url)
     print(show.stdout if show.returncode == 0 else show.stdout + show.stderr)
     bin_dir = tools.ensure().bin_dir
     print(

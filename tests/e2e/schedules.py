@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from agent_runner.summary import Summary, parse_summary
@@ -84,7 +85,14 @@ def nocturne_cli(
     cluster: Cluster, *args: str, database_url: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The real `nocturne` CLI against the cluster under test (and a history database)."""
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(cluster.kubeconfig)}
+    return run_cli(cluster.kubeconfig, *args, database_url=database_url)
+
+
+def run_cli(
+    kubeconfig: Path, *args: str, database_url: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The real `nocturne` CLI with ``kubeconfig`` (and a history database), as a process."""
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "KUBECONFIG": str(kubeconfig)}
     if database_url is not None:
         env["NOCTURNE_DATABASE_URL"] = database_url
     return subprocess.run(

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -18,12 +16,12 @@ import pytest
 
 from agent_runner.contract import RunOutcome
 from agent_runner.summary import parse_summary
-from e2e.conftest import OperatorProcess, operator_process
+from e2e.conftest import Model, OperatorProcess, operator_process
 from e2e.schedules import finished, ready, run_now, runner_summary, status_of
 from harness.controlplane import free_ports
 from harness.kube import Cluster, Kubectl, wait_for
 from harness.postgres import PostgresServer
-from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
+from integration.llm_server import OPENAI_PATH, ScriptedServer
 from nocturne_operator.storage import (
     ExecutionKey,
     ExecutionRecord,
@@ -44,25 +42,6 @@ FAST_SWEEP = {
 API_KEY_SECRET = "llm-api-key"  # noqa: S105 - a Secret's name, not a secret
 # The fields of status.<...> derived from PostgreSQL.
 RESULT_FIELDS = ("runs", "totalCostUSD", "consecutiveFailures", "lastRun")
-
-
-@dataclass
-class Model:
-    """The local model: every call is answered, ``delay`` seconds late."""
-
-    delay: float = 0.0
-
-    def __call__(self, request: Recorded) -> Reply:
-        return replace(openai_reply("Three stories today.")(request), delay=self.delay)
-
-
-@pytest.fixture
-def model() -> Iterator[tuple[Model, ScriptedServer]]:
-    """The local OpenAI-compatible server runner pods call, and its knob."""
-    answers = Model()
-    with ScriptedServer() as site:
-        site.route(OPENAI_PATH, answers, method="POST")
-        yield answers, site
 
 
 def history_schema(postgres: PostgresServer, namespace: str) -> str:

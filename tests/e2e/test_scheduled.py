@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 
 from agent_runner.contract import RunOutcome
-from e2e import test_resilience
+from e2e.conftest import Model
 from e2e.schedules import nocturne_cli, run_now, status_of
 from e2e.test_resilience import (
     NAME,
-    Model,
     apply,
     history_schema,
     manifest,
@@ -32,7 +31,6 @@ from nocturne_operator.render import cronjob_name
 from nocturne_operator.storage import History
 
 pytestmark = pytest.mark.e2e
-model = test_resilience.model  # the local model's fixture
 
 
 @pytest.mark.usefixtures("crds", "executor")
