@@ -9,6 +9,7 @@ audit trail and agent state, split by concern. Import from this package, not its
 - ``runs``: writes of run records -- reserve (budget grants), start, record_progress, finish.
 - ``queries``: reads of run records -- runs, cost, run statistics, RUNNING attempts.
 - ``audit``: the lifecycle audit trail. ``state``: agent state between runs.
+- ``retention``: purges of old runs (their totals kept) and audit rows; the tables' sizes.
 - ``repository``: ``History``, the one repository object, composed of the concerns' mixins.
 
 The notifications outbox (migration 0002) lives in ``nocturne_operator.notifications.outbox``.
@@ -41,6 +42,7 @@ from nocturne_operator.storage.queries import (
     next_month_start,
 )
 from nocturne_operator.storage.repository import History
+from nocturne_operator.storage.retention import TableStats
 from nocturne_operator.storage.runs import Caps, ExecutionKey, GrantRecord
 from nocturne_operator.storage.schema import (
     AgentState,
@@ -48,6 +50,7 @@ from nocturne_operator.storage.schema import (
     Event,
     EventKind,
     Execution,
+    PurgedTotals,
 )
 from nocturne_operator.storage.state import SavedState, StateToSave
 from nocturne_operator.storage.values import ERROR_LIMIT_BYTES, OUTPUT_LIMIT_BYTES, clean_text
@@ -75,11 +78,13 @@ __all__ = [
     "History",
     "HistoryError",
     "HistoryUnavailableError",
+    "PurgedTotals",
     "RunStats",
     "SavedState",
     "StateToSave",
     "StateTooLargeError",
     "StatsQuery",
+    "TableStats",
     "clean_text",
     "month_start",
     "next_month_start",

@@ -2,6 +2,10 @@
 runs, a schedule's runs page by page, cost per calendar period, run statistics and the RUNNING
 attempts. Everything is derived from the rows, the source of truth, so replays and operator
 restarts never double-count. Also the monthly budget's period (``month_start``).
+
+Lifetime sums -- ``total_cost`` without a range, the totals and run counts of ``run_stats`` --
+add what the retention purge took from the rows (``schedule_purged_totals``, see ``retention``),
+read in the same snapshot as the rows, so a purge committing meanwhile is counted once.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sqlalchemy as sa
 
 from agent_runner.contract import RunOutcome
 from nocturne_operator.storage.engine import Repository
-from nocturne_operator.storage.schema import EXECUTIONS
+from nocturne_operator.storage.schema import EXECUTIONS, PURGED_TOTALS
 from nocturne_operator.storage.values import aware, check_page_limit
 
 __all__ = [
@@ -29,6 +33,7 @@ __all__ = [
     "RunStats",
     "month_start",
     "next_month_start",
+    "purged_cost",
 ]
 
 
@@ -66,7 +71,8 @@ class ExecutionRecord:
 @dataclass(frozen=True)
 class RunStats:
     """A schedule's runs as people count them: one run per Job, whose outcome is its last
-    attempt's. ``last_run`` is the latest finished Job's last attempt."""
+    attempt's. ``last_run`` is the latest finished Job's last attempt. ``total_cost``,
+    ``succeeded`` and ``failed`` include the purged runs."""
 
     total_cost: Decimal
     succeeded: int
@@ -161,6 +167,14 @@ def next_month_start(moment: datetime, tz: str) -> datetime:
 def cost_sum(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
     """SUM(cost_usd) of the rows matching ``where`` (FILTER), 0 when there are none."""
     return sa.func.coalesce(sa.func.sum(EXECUTIONS.c.cost_usd).filter(*where), 0)
+
+
+def purged_cost(*where: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+    """The purged runs' cost of the schedules matching ``where`` (on ``schedule_purged_totals``),
+    0 when none: a scalar subquery, to be read in the statement that sums the kept rows."""
+    p = PURGED_TOTALS
+    total = sa.select(sa.func.coalesce(sa.func.sum(p.c.cost_usd), 0)).where(*where)
+    return total.scalar_subquery()
 
 
 def execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
@@ -325,12 +339,12 @@ class RunReads(Repository):
     ) -> dict[str, RunStats]:
         """Totals and the current failure streak of schedule incarnations (by UID: a re-created
         schedule starts clean), derived from the rows (the source of truth, so replays and
-        operator restarts never double-count); one transaction of three statements however
-        many are asked (a pass reads one, the first pass after a start every schedule's, a
-        burst of passes theirs together). Failures of Jobs started before a query's
-        ``failures_since`` (a resume) do not count towards its streak; with its
-        ``month_start``, also the cost of runs started since then. Every UID asked for has an
-        entry."""
+        operator restarts never double-count) plus their purged totals; one read-only snapshot
+        of four statements however many are asked (a pass reads one, the first pass after a
+        start every schedule's, a burst of passes theirs together). Failures of Jobs started
+        before a query's ``failures_since`` (a resume) do not count towards its streak; with
+        its ``month_start``, also the cost of runs started since then. Every UID asked for has
+        an entry."""
         if not queries:
             return {}
         t = EXECUTIONS
@@ -381,9 +395,16 @@ class RunReads(Repository):
             .where(finished.c.recency <= streak_limit)
             .order_by(finished.c.schedule_uid, finished.c.started_at.desc(), finished.c.id.desc())
         )
+        p = PURGED_TOTALS
+        purged_query = sa.select(p.c.schedule_uid, p.c.cost_usd, p.c.succeeded, p.c.failed).where(
+            p.c.schedule_uid.in_(list(asked))
+        )
         with self._begin(f"read run statistics of {len(asked)} schedules") as conn:
+            # One snapshot: a purge moving rows into their totals meanwhile is counted once.
+            conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
             counted = {row.schedule_uid: row for row in conn.execute(counts)}
             summed = {row.schedule_uid: row for row in conn.execute(totals)}
+            purged = {row.schedule_uid: row for row in conn.execute(purged_query)}
             rows: dict[str, list[ExecutionRecord]] = {}
             for row in conn.execute(recent):
                 record = _record(row)
@@ -392,10 +413,14 @@ class RunReads(Repository):
         for uid, query in asked.items():
             count, total, recents = counted.get(uid), summed.get(uid), rows.get(uid, [])
             month_cost = total.month_cost if total is not None else 0
+            gone = purged.get(uid)
             stats[uid] = RunStats(
-                Decimal(total.total_cost if total is not None else 0),
-                int(count.succeeded) if count is not None else 0,
-                int(count.failed) if count is not None else 0,
+                Decimal(total.total_cost if total is not None else 0)
+                + (gone.cost_usd if gone is not None else 0),
+                (int(count.succeeded) if count is not None else 0)
+                + (int(gone.succeeded) if gone is not None else 0),
+                (int(count.failed) if count is not None else 0)
+                + (int(gone.failed) if gone is not None else 0),
                 _streak(recents, query.failures_since),
                 recents[0] if recents else None,
                 last_success_at=total.last_success_at if total is not None else None,
@@ -413,12 +438,25 @@ class RunReads(Repository):
         until: datetime | None = None,
     ) -> Decimal:
         """Total cost of a schedule's runs started in [since, until); with ``schedule_uid``,
-        of that incarnation's runs only."""
-        query = sa.select(cost_sum()).where(
+        of that incarnation's runs only. Without a range, the lifetime total: the purged runs'
+        cost too (a range reads only the runs kept)."""
+        columns = [cost_sum()]
+        if since is None and until is None:
+            p = PURGED_TOTALS
+            columns.append(
+                purged_cost(
+                    *(
+                        [p.c.namespace == namespace, p.c.schedule_name == schedule_name]
+                        if schedule_uid is None
+                        else [p.c.schedule_uid == schedule_uid]
+                    )
+                )
+            )
+        query = sa.select(*columns).where(
             *self._schedule_range(namespace, schedule_name, since, until, schedule_uid)
         )
         with self._begin(f"sum cost of {namespace}/{schedule_name}") as conn:
-            return Decimal(conn.execute(query).scalar_one())
+            return sum((Decimal(v) for v in conn.execute(query).one()), Decimal(0))
 
     def running(self, schedule_uid: str, *, limit: int = 100) -> list[ExecutionRecord]:
         """The RUNNING attempts of a schedule UID (in flight, holding their grants), oldest

@@ -23,8 +23,8 @@ from sqlalchemy.dialects import postgresql as pg
 
 from agent_runner.contract import MAX_USD, NoGrantReason, RunOutcome, grant_usd, json_document
 from nocturne_operator.storage.engine import ExecutionNotFoundError, HistoryError, Repository
-from nocturne_operator.storage.queries import cost_sum, execution_columns
-from nocturne_operator.storage.schema import EXECUTIONS
+from nocturne_operator.storage.queries import cost_sum, execution_columns, purged_cost
+from nocturne_operator.storage.schema import EXECUTIONS, PURGED_TOTALS
 from nocturne_operator.storage.state import StateToSave, save_state_in
 from nocturne_operator.storage.values import (
     ERROR_LIMIT_BYTES,
@@ -284,17 +284,20 @@ class RunWrites(Repository):
     ) -> tuple[tuple[NoGrantReason, str] | None, Decimal]:
         """What an attempt may spend under ``caps``, and why not when nothing is left."""
         t = EXECUTIONS
-        columns = [_committed_sum(), cost_sum()]
+        # The purged runs' cost (retention), in the statement that sums the kept rows: a purge
+        # moving rows into it meanwhile is counted once.
+        purged = purged_cost(PURGED_TOTALS.c.schedule_uid == key.schedule_uid)
+        columns = [_committed_sum(), cost_sum(), purged]
         # Caps makes month_start present whenever monthly is.
         month_start = caps.month_start if caps.monthly is not None else None
         if month_start is not None:
             since = t.c.started_at >= month_start
             columns += [_committed_sum(since), cost_sum(since)]
         # Only this UID's rows: a re-created schedule of the same name starts clean.
-        committed, spent, *month = conn.execute(
+        committed, spent, gone, *month = conn.execute(
             sa.select(*columns).where(t.c.schedule_uid == key.schedule_uid)
         ).one()
-        schedule = _Held(Decimal(committed), Decimal(spent))
+        schedule = _Held(Decimal(committed) + gone, Decimal(spent) + gone)
         # In precedence order: the first cap with nothing left names the refusal.
         left: list[tuple[NoGrantReason, Decimal, str]] = [
             (
@@ -346,7 +349,7 @@ class RunWrites(Repository):
     def _conflicting_row(cls, conn: sa.Connection, key: ExecutionKey, what: str) -> sa.Row[Any]:
         """The row whose (job_uid, pod_uid) an insert of ``key`` just conflicted with."""
         row = cls._attempt_row(conn, key)
-        if row is None:  # rows are never deleted; this would be a bug
+        if row is None:  # only runs months old are ever deleted (retention): a bug
             raise HistoryError(f"{what}: the conflicting attempt vanished")
         return row
 

@@ -1,5 +1,5 @@
 """The history schema: the tables as SQLAlchemy models and the status and event vocabularies
-their check constraints hold. Migrations 0001 and 0003 create exactly this;
+their check constraints hold. The migrations create exactly this;
 tests/integration/test_history_schema.py checks it.
 
 Money is ``NUMERIC(14, 6)`` in SQL and ``Decimal`` in Python; times are ``timestamptz``. Rows
@@ -24,11 +24,13 @@ __all__ = [
     "AGENT_STATE",
     "EVENTS",
     "EXECUTIONS",
+    "PURGED_TOTALS",
     "AgentState",
     "Base",
     "Event",
     "EventKind",
     "Execution",
+    "PurgedTotals",
 ]
 
 
@@ -53,6 +55,8 @@ class EventKind(StrEnum):
 ONCE_PER_SCHEDULE = frozenset({EventKind.CREATED, EventKind.DELETED})
 _ONCE_KINDS_SQL = ", ".join(sorted(f"'{k.value}'" for k in ONCE_PER_SCHEDULE))
 ONCE_PER_SCHEDULE_SQL = f"kind IN ({_ONCE_KINDS_SQL}) AND schedule_uid IS NOT NULL"
+# Audit rows the retention purge takes by age; a `created` row goes with its `deleted` (0007).
+PURGEABLE_EVENTS_SQL = "kind <> 'created' OR schedule_uid IS NULL"
 _STATUS_SQL = ", ".join(f"'{s.value}'" for s in RunOutcome)
 
 
@@ -165,6 +169,9 @@ class Execution(Base):
             postgresql_where=sa.text("status = 'RUNNING'"),
         ),
         # spent_for_job(job_uid) uses the unique index above (job_uid leads it): no extra index.
+        # The retention purge's "ended longest ago first" (0007): it reads only what is due. Not
+        # on started_at: the planner would take that for runs()' "newest first" of a schedule.
+        sa.Index("ix_schedule_executions_completed", "completed_at"),
     )
 
 
@@ -208,6 +215,13 @@ class Event(Base):
             unique=True,
             postgresql_where=sa.text(ONCE_PER_SCHEDULE_SQL),
         ),
+        # The retention purge's "oldest first" (0007), of the rows it may take: a schedule's
+        # `created` goes with its `deleted`. Partial, so events()' "newest first" never uses it.
+        sa.Index(
+            "ix_schedule_events_purgeable_at",
+            "at",
+            postgresql_where=sa.text(PURGEABLE_EVENTS_SQL),
+        ),
     )
 
 
@@ -234,6 +248,46 @@ class AgentState(Base):
             name="fk_agent_state_execution_id",
             ondelete="SET NULL",
         ),
+        # Deleting a run (the retention purge) looks up the state that names it (0007).
+        sa.Index("ix_agent_state_execution_id", "execution_id"),
+    )
+
+
+class PurgedTotals(Base):
+    """What the purged runs of one schedule incarnation added up to (migration 0007): the
+    retention purge adds a run's cost, tokens and outcome here in the transaction that deletes
+    it, so lifetime sums (maxTotalUSD, the totals on status) never drop. Never purged itself."""
+
+    __tablename__ = "schedule_purged_totals"
+
+    schedule_uid: Mapped[str]
+    namespace: Mapped[str]
+    schedule_name: Mapped[str]
+    cost_usd: Mapped[Decimal] = mapped_column(server_default=sa.text("0"))
+    input_tokens: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    output_tokens: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    # Rows (attempts) purged, and the runs among them as run_stats counts them: one per Job,
+    # by its last attempt's outcome.
+    attempts: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    succeeded: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    failed: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    # The span of the purged runs' starts.
+    first_started_at: Mapped[datetime]
+    last_started_at: Mapped[datetime]
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("schedule_uid", name="pk_schedule_purged_totals"),
+        sa.CheckConstraint("cost_usd >= 0", name="ck_schedule_purged_totals_cost_usd"),
+        sa.CheckConstraint(
+            "input_tokens >= 0 AND output_tokens >= 0", name="ck_schedule_purged_totals_tokens"
+        ),
+        sa.CheckConstraint(
+            "attempts >= 0 AND succeeded >= 0 AND failed >= 0",
+            name="ck_schedule_purged_totals_counts",
+        ),
+        # total_cost by name sums every incarnation of it.
+        sa.Index("ix_schedule_purged_totals_schedule", "namespace", "schedule_name"),
     )
 
 
@@ -241,3 +295,4 @@ class AgentState(Base):
 EXECUTIONS = cast(sa.Table, Execution.__table__)
 EVENTS = cast(sa.Table, Event.__table__)
 AGENT_STATE = cast(sa.Table, AgentState.__table__)
+PURGED_TOTALS = cast(sa.Table, PurgedTotals.__table__)

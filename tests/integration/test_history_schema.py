@@ -17,6 +17,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from harness.postgres import PostgresServer, schema_url
 from nocturne_operator.notifications.outbox import NOTIFICATIONS
@@ -32,8 +33,6 @@ from nocturne_operator.storage import (
 
 pytestmark = pytest.mark.integration
 
-TABLES = ["agent_state", "notifications", "schedule_events", "schedule_executions"]
-
 
 def all_models() -> sa.MetaData:
     """The history models plus the operator's notification outbox (migration 0002)."""
@@ -41,6 +40,9 @@ def all_models() -> sa.MetaData:
     for table in [*Base.metadata.tables.values(), NOTIFICATIONS]:
         table.to_metadata(models)
     return models
+
+
+TABLES = sorted(all_models().tables)
 
 
 @pytest.fixture
@@ -174,10 +176,17 @@ def test_migrated_catalog_equals_the_models_catalog(
             "ON namespace, schedule_name FROM schedule_executions",
         )
     ]
+    # The retention purge reads the oldest rows first; a deleted run's saved state by index.
+    assert indexes["ix_schedule_executions_completed"].endswith("USING btree (completed_at)")
+    assert indexes["ix_schedule_events_purgeable_at"].endswith(
+        "USING btree (at) WHERE ((kind <> 'created'::text) OR (schedule_uid IS NULL))"
+    )
+    assert indexes["ix_agent_state_execution_id"].endswith("USING btree (execution_id)")
     money = [row for row in from_migration["columns"] if row[1] in ("cost_usd", "granted_usd")]
     assert money == [
         ("schedule_executions", "cost_usd", "numeric(14,6)", True, "0", ""),
         ("schedule_executions", "granted_usd", "numeric(14,6)", False, None, ""),
+        ("schedule_purged_totals", "cost_usd", "numeric(14,6)", True, "0", ""),
     ]
     checks = {name: text for _, name, kind, text in from_migration["constraints"] if kind == "c"}
     assert checks["ck_schedule_executions_granted_usd"] == "CHECK ((granted_usd >= (0)::numeric))"
@@ -222,7 +231,8 @@ def test_concurrent_upgrades_are_serialised(
     engine = sa.create_engine(url, poolclass=sa.NullPool)
     with engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars()
-        assert list(versions) == ["0006"]
+        head = ScriptDirectory.from_config(alembic_config(conn)).get_current_head()
+        assert list(versions) == [head]
         # The lock is released: nobody holds an advisory lock afterwards.
         held = conn.execute(sa.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"))
         assert held.scalar_one() == 0
@@ -417,12 +427,25 @@ def test_cost_query_is_index_only(loaded: History) -> None:
     assert scans == ["Index Only Scan"], plan
 
 
+def scans_by_table(plan: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """(node type, index) of each scan in ``plan``, by table."""
+    scans: dict[str, list[tuple[str, str]]] = {}
+    for n in nodes(plan):
+        if "Relation Name" in n:
+            scan = (n["Node Type"], n.get("Index Name", ""))
+            scans.setdefault(n["Relation Name"], []).append(scan)
+    return scans
+
+
 def test_uid_cost_and_the_reservation_sums_are_index_only(loaded: History) -> None:
     """A reservation sums a schedule UID's committed spend (cost, or grant while RUNNING, this
-    month and ever) from the UID index alone, under its lock: it must stay cheap."""
+    month and ever) from the UID index alone, plus its purged runs' cost by primary key, under
+    its lock: it must stay cheap."""
     plan = explain(loaded, lambda h: h.total_cost("ns-1", "sched-3", schedule_uid="suid-3"))
-    scans = [(n["Node Type"], n["Index Name"]) for n in nodes(plan) if "Relation Name" in n]
-    assert scans == [("Index Only Scan", "ix_schedule_executions_uid_started")], plan
+    assert scans_by_table(plan) == {
+        "schedule_executions": [("Index Only Scan", "ix_schedule_executions_uid_started")],
+        "schedule_purged_totals": [("Index Scan", "pk_schedule_purged_totals")],
+    }, plan
 
     def reserve(h: History) -> object:
         key = ExecutionKey(
@@ -435,8 +458,10 @@ def test_uid_cost_and_the_reservation_sums_are_index_only(loaded: History) -> No
         return "sum(" in statement and "schedule_executions.schedule_uid =" in statement
 
     plan = explain(loaded, reserve, schedule_sum)
-    scans = [(n["Node Type"], n["Index Name"]) for n in nodes(plan) if "Relation Name" in n]
-    assert scans == [("Index Only Scan", "ix_schedule_executions_uid_started")], plan
+    assert scans_by_table(plan) == {
+        "schedule_executions": [("Index Only Scan", "ix_schedule_executions_uid_started")],
+        "schedule_purged_totals": [("Index Scan", "pk_schedule_purged_totals")],
+    }, plan
 
 
 def test_run_stats_of_one_incarnation_reads_the_uid_index(loaded: History) -> None:
