@@ -1,7 +1,9 @@
 """``nocturne-runner``: one agent run of one AgentSchedule, inside a Job's pod.
 
 Reads the task snapshot its Job carries, asks the operator's run API for a budget grant, runs the
-agent within it (reporting the cost after every model call), reports the final record, writes a
+agent within it (reporting the cost after every model call and what it is doing, checkpointing
+the conversation after every completed step; a retry of the Job resumes from the last
+checkpoint the grant hands back), reports the final record, writes a
 small JSON summary to the termination log (the operator's fallback record when the final report
 did not get through), and exits with a code ``podFailurePolicy`` reads.
 
@@ -32,6 +34,8 @@ from agent_runner.contract import (
     FINISH_ALERT_REASON_MAX_CHARS,
     FINISH_ERROR_MAX_CHARS,
     FINISH_OUTPUT_MAX_CHARS,
+    Checkpoint,
+    CheckpointReport,
     FinishReport,
     Grant,
     ProgressReport,
@@ -142,6 +146,8 @@ def _run(state: Attempt) -> int:
         _write_summary(state, RunOutcome.RUNNING)
         previous = grant.previous
         previous_state = previous.state if previous is not None else None
+        if grant.resume is not None:
+            state.model_calls = grant.resume.step
         if budget.remaining <= 0:
             result = _no_budget_left()
         else:
@@ -156,7 +162,10 @@ def _run(state: Attempt) -> int:
                 previous_state=previous_state if isinstance(previous_state, dict) else None,
                 previous_output=previous.output if previous is not None else None,
                 on_usage=lambda cost, i, o: _progress(state, cost, i, o),
-                on_reserve=lambda reserved: _announce(state, budget, reserved),
+                on_reserve=lambda reserved, doing: _announce(state, budget, reserved, doing),
+                on_activity=lambda doing: _announce(state, budget, Decimal(0), doing),
+                on_checkpoint=lambda checkpoint: _checkpoint(state, checkpoint),
+                resume=grant.resume,
             )
     finally:
         provider.close()
@@ -217,9 +226,10 @@ def _progress(state: Attempt, cost: Decimal, input_tokens: int, output_tokens: i
     )
 
 
-def _announce(state: Attempt, budget: Budget, reserved: Decimal) -> None:
-    """Before a model call: what it may cost (charged if the pod is killed during it). Skipped
-    while reports fail; the report after the call tries again."""
+def _announce(state: Attempt, budget: Budget, reserved: Decimal, activity: str) -> None:
+    """Before a model call (what it may cost: charged if the pod is killed during it) or a
+    tool call: what the run does now. Skipped while reports fail; the report after the next
+    call tries again."""
     if state.reports_failing:
         return
     _report(
@@ -229,7 +239,30 @@ def _announce(state: Attempt, budget: Budget, reserved: Decimal) -> None:
         budget.output_tokens,
         reserved=reserved,
         deadline=_RESERVE_DEADLINE,
+        activity=activity,
     )
+
+
+def _checkpoint(state: Attempt, checkpoint: Checkpoint) -> None:
+    """After a completed step: keep the conversation for a retry of the Job. Best effort: a
+    lost or oversized checkpoint costs a retry the steps since the one before."""
+    if state.client is None or state.run is None or state.grant is None:
+        return
+    try:
+        report = CheckpointReport(
+            run=state.run, execution_id=state.grant.execution_id, checkpoint=checkpoint
+        )
+    except ValidationError as exc:
+        log.warning(
+            "checkpoint after step %d not kept: %s",
+            checkpoint.step,
+            describe_validation_error(exc, secret_fields=frozenset({"checkpoint"})),
+        )
+        return
+    try:
+        state.client.checkpoint(report, deadline=_PROGRESS_DEADLINE)
+    except RunApiError as exc:
+        log.warning("checkpoint after step %d not delivered: %s", checkpoint.step, exc)
 
 
 def _report(
@@ -240,6 +273,7 @@ def _report(
     *,
     reserved: Decimal,
     deadline: float,
+    activity: str | None = None,
 ) -> None:
     """Best effort: the grant is reserved already, so a lost report costs only freshness (and,
     before a call, the charge of that call should the pod be killed during it)."""
@@ -255,6 +289,7 @@ def _report(
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 steps=min(state.model_calls, 10_000),
+                activity=activity[:200] if activity else None,
             ),
             deadline=deadline,
         )
@@ -296,7 +331,7 @@ def _record(state: Attempt, result: RunResult) -> None:
         error=_clip(result.error, FINISH_ERROR_MAX_CHARS),
         alert=result.alert,
         alert_reason=_clip(result.alert_reason, FINISH_ALERT_REASON_MAX_CHARS),
-        metadata={"steps": result.steps, "refusals": [r.as_dict() for r in result.refusals]},
+        metadata=_metadata(result),
         state=result.state if status is RunOutcome.SUCCEEDED else None,
     )
     _write_summary(state, status, result=result, history_written=written)
@@ -308,6 +343,18 @@ def _record(state: Attempt, result: RunResult) -> None:
         result.output_tokens,
         result.steps,
     )
+
+
+def _metadata(result: RunResult) -> dict[str, Any]:
+    """What a person reads about the run's steps (``nocturne show``)."""
+    metadata: dict[str, Any] = {
+        "steps": result.steps,
+        "refusals": [r.as_dict() for r in result.refusals],
+        "toolCalls": [c.model_dump(mode="json", exclude_none=True) for c in result.tool_calls],
+    }
+    if result.resumed_from is not None:
+        metadata["resumedFromStep"] = result.resumed_from
+    return metadata
 
 
 def _terminated(state: Attempt) -> int:

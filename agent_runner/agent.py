@@ -13,6 +13,11 @@ output (no alert, state kept) — models do not always use the tool.
 
 Every model call is reserved in the ``Budget`` first and settled after (see ``budget``): a call
 that does not fit ends the run as ``budget_exceeded`` with nothing spent past the limit.
+
+After every completed step (a model call answered and its tool calls done) the conversation is
+checkpointed (``on_checkpoint``); a retry of the Job starts from the last checkpoint
+(``resume``) with the steps, refusals and tool calls so far, and only its own calls on its
+budget.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from agent_runner.budget import Budget, BudgetExhaustedError, Reservation
 from agent_runner.config import ConfigError, TaskDocument
 from agent_runner.contract import (
     STATE_LIMIT_BYTES,
+    Checkpoint,
     RunOutcome,
     StateTooLargeError,
+    ToolCallBrief,
+    quantize_usd,
     usd_text,
     validate_state,
 )
@@ -56,6 +64,7 @@ from agent_runner.providers.base import (
 )
 from agent_runner.providers.retry import RetryPolicy, retry_delay
 from agent_runner.tools.registry import Refusal, ToolRegistry, clip
+from agent_runner.transcript import brief, from_transcript, to_transcript
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +76,12 @@ UNKNOWN_OUTCOME_RETRY = RetryPolicy(base_delay=1.0, max_delay=10.0)
 
 UsageCallback = Callable[[Decimal, int, int], None]
 """(cost so far, input tokens, output tokens) after each settled model call."""
-ReserveCallback = Callable[[Decimal], None]
-"""(the amount reserved for the call about to be made) before it is made."""
+ReserveCallback = Callable[[Decimal, str], None]
+"""(the amount reserved for the call about to be made, "model call 3/8") before it is made."""
+ActivityCallback = Callable[[str], None]
+"""(what the run does now, e.g. "web_fetch example.com") before a tool call."""
+CheckpointCallback = Callable[[Checkpoint], None]
+"""(the run after a completed step) for a retry of the Job to resume from."""
 
 FINISH_SPEC = ToolSpec(
     name=FINISH_TOOL,
@@ -125,6 +138,9 @@ class RunResult:
     refusals: tuple[Refusal, ...] = ()
     error: str | None = None
     exit_code: int = SUCCEEDED
+    tool_calls: tuple[ToolCallBrief, ...] = ()
+    # The checkpoint's step this attempt resumed from (None: it started from the beginning).
+    resumed_from: int | None = None
 
 
 class _Finish(BaseModel):
@@ -239,6 +255,9 @@ class _Run:
         previous_output: str | None,
         on_usage: UsageCallback | None,
         on_reserve: ReserveCallback | None = None,
+        on_activity: ActivityCallback | None = None,
+        on_checkpoint: CheckpointCallback | None = None,
+        resume: Checkpoint | None = None,
         clock: Callable[[], float],
         sleep: Callable[[float], None],
         now: dt.datetime,
@@ -251,6 +270,8 @@ class _Run:
         self.previous_state = previous_state
         self.on_usage = on_usage
         self.on_reserve = on_reserve
+        self.on_activity = on_activity
+        self.on_checkpoint = on_checkpoint
         self.clock = clock
         self.sleep = sleep
         self.rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -260,6 +281,10 @@ class _Run:
         self.unknown_outcomes = 0
         self.nudged = False
         self.refusals: list[Refusal] = []
+        self.tool_calls: list[ToolCallBrief] = []
+        self.resumed_from: int | None = None
+        # What the checkpoint's attempts spent (a checkpoint reports the run's cost so far).
+        self.carried = (Decimal(0), 0, 0)
         self.messages = [
             Message(
                 "system",
@@ -273,6 +298,26 @@ class _Run:
             ),
             Message("user", user_prompt(task)),
         ]
+        if resume is not None:
+            self.resume(resume)
+
+    def resume(self, checkpoint: Checkpoint) -> None:
+        """Go on from a checkpoint of an earlier attempt of this Job: its conversation (system
+        prompt included, so the run reads as one), steps, refusals and tool calls."""
+        self.messages = from_transcript(checkpoint.messages)
+        self.steps = self.resumed_from = checkpoint.step
+        self.tool_calls = list(checkpoint.tool_calls)
+        self.refusals = [
+            Refusal(
+                str(r.get("tool", "")),
+                str(r.get("reason", "")),
+                str(r.get("detail", "")),
+                int(r.get("step", 0)),
+            )
+            for r in checkpoint.refusals
+        ]
+        self.carried = (checkpoint.cost_usd, checkpoint.input_tokens, checkpoint.output_tokens)
+        log.info("resuming from the checkpoint after step %d", checkpoint.step)
 
     def loop(self) -> RunResult:
         while True:
@@ -311,7 +356,7 @@ class _Run:
             reservation.input_tokens,
             reservation.max_tokens,
         )
-        self.announce(reservation.amount)
+        self.announce(reservation.amount, f"model call {self.steps}/{self.max_steps}")
         try:
             completion = self.provider.complete(
                 request, self.specs, max_tokens=reservation.max_tokens, deadline=self.deadline
@@ -375,11 +420,19 @@ class _Run:
                 return self.end(RunOutcome.FAILED, error="the model returned an empty answer twice")
             self.nudged = True
             self.messages.append(Message("user", _EMPTY_ANSWER))
+            self.checkpoint()
             return None
         finish: _Finish | None = None
         for call in completion.tool_calls:
             if call.name != FINISH_TOOL:
+                summary = brief(call, step=self.steps, ok=True)
+                _call_back(
+                    "on_activity",
+                    self.on_activity,
+                    " ".join(filter(None, (summary.tool, summary.target))),
+                )
                 result = self.tools.execute(call, step=self.steps, deadline=self.deadline)
+                self.tool_calls.append(summary.model_copy(update={"ok": not result.is_error}))
                 if result.refusal is not None:
                     self.refusals.append(result.refusal)
                     log.warning("refused %s: %s", call.name, result.refusal.detail)
@@ -397,6 +450,7 @@ class _Run:
                     reply = Message("tool", "Run finished.", tool_call_id=call.id)
             self.messages.append(reply)
         if finish is None:
+            self.checkpoint()
             return None
         return self.end(
             RunOutcome.SUCCEEDED,
@@ -407,10 +461,27 @@ class _Run:
             keep_state=finish.state is None,
         )
 
-    def announce(self, reserved: Decimal) -> None:
+    def announce(self, reserved: Decimal, activity: str) -> None:
         """Say what the call about to be made may cost (an attempt killed during it is charged
         that)."""
-        _call_back("on_reserve", self.on_reserve, reserved)
+        _call_back("on_reserve", self.on_reserve, reserved, activity)
+
+    def checkpoint(self) -> None:
+        """The run after a completed step, for a retry to resume from."""
+        if self.on_checkpoint is None:
+            return
+        cost, input_tokens, output_tokens = self.carried
+        budget = self.budget
+        checkpoint = Checkpoint(
+            step=min(self.steps, 10_000),
+            messages=to_transcript(self.messages),
+            cost_usd=quantize_usd(cost + budget.spent),
+            input_tokens=input_tokens + budget.input_tokens,
+            output_tokens=output_tokens + budget.output_tokens,
+            tool_calls=tuple(self.tool_calls[-1_000:]),
+            refusals=tuple(r.as_dict() for r in self.refusals[-1_000:]),
+        )
+        _call_back("on_checkpoint", self.on_checkpoint, checkpoint)
 
     def report(self) -> None:
         budget = self.budget
@@ -444,6 +515,8 @@ class _Run:
             refusals=tuple(self.refusals),
             error=error,
             exit_code=exit_code if exit_code is not None else codes.get(status, TRANSIENT),
+            tool_calls=tuple(self.tool_calls),
+            resumed_from=self.resumed_from,
         )
         log.info(
             "run ended: %s after %d model calls, %s USD (%d in, %d out tokens)%s",
@@ -468,6 +541,9 @@ def run_agent(
     previous_output: str | None = None,
     on_usage: UsageCallback | None = None,
     on_reserve: ReserveCallback | None = None,
+    on_activity: ActivityCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume: Checkpoint | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     now: dt.datetime | None = None,
@@ -476,7 +552,9 @@ def run_agent(
     provider's failures (they become the result's status, error and exit code). ``deadline`` is
     in ``clock()`` seconds; ``on_usage(cost, input_tokens, output_tokens)`` gets this attempt's
     running totals after every settled model call; ``sleep`` waits before retrying a call whose
-    outcome was unknown."""
+    outcome was unknown. ``resume``: an earlier attempt's checkpoint to go on from;
+    ``on_checkpoint`` gets one after every completed step, ``on_activity`` a few words before
+    every tool call."""
     return _Run(
         task,
         provider=provider,
@@ -487,6 +565,9 @@ def run_agent(
         previous_output=previous_output,
         on_usage=on_usage,
         on_reserve=on_reserve,
+        on_activity=on_activity,
+        on_checkpoint=on_checkpoint,
+        resume=resume,
         clock=clock,
         sleep=sleep,
         now=now or dt.datetime.now(dt.UTC),

@@ -9,6 +9,10 @@ answers 403 to anything else.
     POST START_PATH     StartRequest    -> 200 Grant | 409 ApiError (no budget: spend nothing)
     POST PROGRESS_PATH  ProgressReport  -> 200 Ack
     POST FINISH_PATH    FinishReport    -> 200 Ack   (idempotent per Job UID + pod UID)
+    POST CHECKPOINT_PATH CheckpointReport -> 200 Ack (the Job's transcript after a step)
+
+A retry of a Job (a new pod, the same Job UID) gets the Job's last checkpoint with its grant
+(``Grant.resume``) and goes on from the step after it: the paid steps are not paid again.
 
 Money is a decimal string on the wire and ``Decimal`` in Python, never a float. This module
 depends on pydantic and the standard library only: the operator imports it (the import contract
@@ -36,6 +40,8 @@ from pydantic import (
 )
 
 __all__ = [
+    "CHECKPOINT_LIMIT_BYTES",
+    "CHECKPOINT_PATH",
     "FINAL_OUTCOMES",
     "FINISH_ALERT_REASON_MAX_CHARS",
     "FINISH_ERROR_MAX_CHARS",
@@ -53,6 +59,8 @@ __all__ = [
     "USD_QUANTUM",
     "Ack",
     "ApiError",
+    "Checkpoint",
+    "CheckpointReport",
     "FinishReport",
     "Grant",
     "ModelPrice",
@@ -64,6 +72,9 @@ __all__ = [
     "RunRef",
     "StartRequest",
     "StateTooLargeError",
+    "ToolCallBrief",
+    "TranscriptMessage",
+    "TranscriptToolCall",
     "describe_validation_error",
     "grant_usd",
     "quantize_usd",
@@ -85,6 +96,10 @@ ENV_MANUAL_REQUEST = "NOCTURNE_MANUAL_REQUEST"
 START_PATH = "/v1/runs/start"
 PROGRESS_PATH = "/v1/runs/progress"
 FINISH_PATH = "/v1/runs/finish"
+CHECKPOINT_PATH = "/v1/runs/checkpoint"
+CHECKPOINT_LIMIT_BYTES = 2 * 1024 * 1024
+"""Largest checkpoint (its JSON); the runner skips a larger one (a retry resumes from the one
+before) rather than have it refused."""
 
 ProviderName = Literal["openai", "anthropic", "offline"]
 
@@ -448,12 +463,74 @@ class PreviousRun(_Wire):
     output: str | None = None
 
 
+class TranscriptToolCall(_Wire):
+    """A tool call in a checkpointed transcript, as the model made it."""
+
+    id: str = Field(max_length=512)
+    name: str = Field(max_length=256)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    arguments_error: str | None = Field(None, alias="argumentsError", max_length=4096)
+    raw_arguments: str | None = Field(None, alias="rawArguments", max_length=1024 * 1024)
+
+
+class TranscriptMessage(_Wire):
+    """One turn of a checkpointed transcript."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    text: str = Field("", max_length=1024 * 1024)
+    tool_calls: tuple[TranscriptToolCall, ...] = Field((), alias="toolCalls", max_length=64)
+    tool_call_id: str | None = Field(None, alias="toolCallId", max_length=512)
+    is_error: bool = Field(False, alias="isError")
+
+
+class ToolCallBrief(_Wire):
+    """One tool call in brief, for people reading a run (``nocturne show``): the tool, what it
+    was aimed at (a host, never a query string or a body) and whether it worked."""
+
+    step: int = Field(ge=0, le=10_000)
+    tool: str = Field(max_length=128)
+    target: str | None = Field(None, max_length=256)
+    ok: bool
+
+
+class Checkpoint(_Wire):
+    """A Job's run after its ``step``-th completed model call: the conversation so far, the
+    cost of every attempt until then, and what a person reads about the steps. A retry of the
+    Job resumes from it."""
+
+    step: int = Field(ge=1, le=10_000)
+    messages: tuple[TranscriptMessage, ...] = Field(min_length=1, max_length=1_000)
+    cost_usd: USD = Field(alias="costUSD")
+    input_tokens: Tokens = Field(alias="inputTokens")
+    output_tokens: Tokens = Field(alias="outputTokens")
+    tool_calls: tuple[ToolCallBrief, ...] = Field((), alias="toolCalls", max_length=1_000)
+    refusals: tuple[dict[str, Any], ...] = Field((), max_length=1_000)
+
+
+class CheckpointReport(_Wire):
+    """After a completed step: keep the Job's transcript (a later step's replaces it; an
+    earlier or equal one is ignored)."""
+
+    run: RunRef
+    execution_id: int = Field(alias="executionId", ge=1, le=MAX_EXECUTION_ID)
+    checkpoint: Checkpoint
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _storable(cls, value: Checkpoint) -> Checkpoint:
+        text = json_document("checkpoint", value.model_dump(mode="json"))
+        if len(text.encode("utf-8")) > CHECKPOINT_LIMIT_BYTES:
+            raise ValueError(f"the checkpoint is over {CHECKPOINT_LIMIT_BYTES} bytes as JSON")
+        return value
+
+
 class Grant(_Wire):
     """The operator's answer to a start: this attempt may spend at most ``limit_usd``.
 
     The limit is already lowered to what the per-run cap leaves after the Job's earlier
     attempts, and to what the total and monthly caps leave after every other Job's spend and
-    in-flight reservation. Prices come with it: runners carry no price table."""
+    in-flight reservation. Prices come with it: runners carry no price table. ``resume`` is
+    the Job's last checkpoint, when an earlier attempt of the Job left one."""
 
     execution_id: int = Field(alias="executionId", ge=1)
     attempt: int = Field(ge=0)
@@ -461,6 +538,7 @@ class Grant(_Wire):
     spent_before_usd: USD = Field(Decimal(0), alias="spentBeforeUSD")
     price: ModelPrice
     previous: PreviousRun | None = None
+    resume: Checkpoint | None = None
 
 
 class ProgressReport(_Wire):
@@ -475,6 +553,7 @@ class ProgressReport(_Wire):
     input_tokens: Tokens = Field(alias="inputTokens")
     output_tokens: Tokens = Field(alias="outputTokens")
     steps: int = Field(0, ge=0, le=10_000)
+    # What the runner does now ("model call 3/8", "web_fetch example.com"): status shows it.
     activity: str | None = Field(None, max_length=200)
 
 

@@ -1,5 +1,5 @@
 """The runner's client of the operator's run API (``agent_runner.contract``): start -> budget
-grant, progress, finish.
+grant, progress, checkpoint, finish.
 
 TLS is verified against the operator's own CA only (``NOCTURNE_RUN_API_CA``; the system trust
 store is not consulted) with the hostname checked; proxies and ``SSL_CERT_*`` variables in the
@@ -27,11 +27,13 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from agent_runner.contract import (
+    CHECKPOINT_PATH,
     FINISH_PATH,
     PROGRESS_PATH,
     START_PATH,
     Ack,
     ApiError,
+    CheckpointReport,
     FinishReport,
     Grant,
     ProgressReport,
@@ -51,8 +53,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_RESPONSE_BYTES = 1024 * 1024
-"""The largest answer read (a grant carries at most 64 KiB of state and 256 KiB of output)."""
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+"""The largest answer read (a grant carries at most 64 KiB of state, 256 KiB of output and a
+2 MiB checkpoint)."""
 _MAX_TOKEN_BYTES = 64 * 1024
 _PREVIEW_CHARS = 200
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -152,6 +155,10 @@ class RunApiClient:
     def progress(self, report: ProgressReport, *, deadline: float | None = None) -> None:
         """Report the cost so far."""
         self._post(PROGRESS_PATH, report, Ack, deadline=deadline)
+
+    def checkpoint(self, report: CheckpointReport, *, deadline: float | None = None) -> None:
+        """Keep the Job's transcript after a completed step (a retry resumes from it)."""
+        self._post(CHECKPOINT_PATH, report, Ack, deadline=deadline)
 
     def finish(self, report: FinishReport, *, deadline: float | None = None) -> None:
         """Report the attempt's final record (idempotent on the server)."""

@@ -290,6 +290,11 @@ async def start_run_api(*, memo: Memo, **_: Any) -> None:
         settings=config,
         # Status reads a schedule's run statistics from a cache this keeps true.
         on_write=memo.recorder.stats.invalidate,
+        observer=memo.active,
+        # A retry finds its Job's ended attempts recorded, their grants released.
+        before_grant=lambda identity: memo.recorder.settle_ended_attempts(
+            identity.namespace, identity.job_name, identity.job_uid, identity.pod_uid
+        ),
     )
     memo.run_api_server = await serve(app, config, tls, context=context)
     memo.run_api_renewal = asyncio.create_task(_renew_run_api_certificate(memo, tls, context))
@@ -435,8 +440,10 @@ def job_event(
     indexes = _indexes(memo, kwargs)
     owner_name = labels.get(LABEL_SCHEDULE, "")
     if running:  # deleted before it finished
-        if (str(namespace), owner_name) in indexes.bodies:
-            memo.queue.add((str(namespace), owner_name))
+        key = (str(namespace), owner_name)
+        memo.active.forget(key, [str(body["metadata"]["uid"])])
+        if key in indexes.bodies:
+            memo.queue.add(key)
         return
     owner = indexes.owner(str(namespace), owner_name)
     if owner is None:

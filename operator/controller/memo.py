@@ -13,6 +13,7 @@ import kopf
 from aiohttp import web
 
 from nocturne_operator.adapters.kube import Kube
+from nocturne_operator.controller.active import ActiveRuns
 from nocturne_operator.controller.cache import Changes, Packed, Unseen
 from nocturne_operator.controller.queue import Key, WorkQueue
 from nocturne_operator.controller.workers import Workers
@@ -62,6 +63,10 @@ class Indexes(NamedTuple):
         """The schedule's CronJob as last watched (None when there is none)."""
         return _first(self.cronjobs, (namespace, schedule))
 
+    def finished_job_uids(self, namespace: str, schedule: str) -> set[str]:
+        """The UIDs of the schedule's finished Jobs as last watched."""
+        return {packed.uid for packed in self.jobs.get((namespace, schedule), ())}
+
     def finished_jobs(
         self, namespace: str, schedule: str, *, done: Collection[str] = ()
     ) -> list[dict[str, Any]]:
@@ -104,6 +109,8 @@ class Memo:
     workers: Workers | None = None
     unseen: Unseen = field(default_factory=Unseen)
     changes: Changes = field(default_factory=Changes)
+    # The runs in flight as the run API hears of them (status.activeRun).
+    active: ActiveRuns = field(init=False)
     # kopf's live indexes, handed over by the first handler call (the workers and the sweep
     # read them), and the schedules they listed then: any other was created while this
     # process runs.
@@ -113,6 +120,17 @@ class Memo:
     run_api_renewal: asyncio.Task[None] | None = None
     sweeper: asyncio.Task[None] | None = None
     deliveries: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        queue = self.queue
+
+        def soon(key: Key, within: float) -> None:
+            if within <= 0:
+                queue.add(key)
+            else:
+                queue.add_within(key, within)
+
+        self.active = ActiveRuns(queue=soon)
 
     def in_first_pass(self, key: Key) -> bool:
         """``key`` was listed at the start and the first pass, which queued it then, is still

@@ -66,6 +66,16 @@ class WorkQueue:
                 heapq.heapify(self._later)
             self._cond.notify()
 
+    def add_within(self, key: Key, delay: float) -> None:
+        """Add ``key`` within ``delay`` seconds: like ``add_after``, unless its timer is due
+        sooner already (then nothing changes). Reports that come faster than ``delay`` cost one
+        pass per ``delay``, not one each, and never postpone the pass they asked for."""
+        with self._cond:
+            due = self._timers.get(key)
+            if due is not None and due <= self.clock() + max(0.0, delay):
+                return
+        self.add_after(key, delay)
+
     def get(self, timeout: float | None = None) -> Key | None:
         """The next key to reconcile, now held by the caller until ``done``; None when the
         queue is shut down (or nothing came within ``timeout``)."""

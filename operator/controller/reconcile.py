@@ -26,6 +26,7 @@ from nocturne_operator.api import conditions as cond
 from nocturne_operator.api.model import AgentScheduleSpec
 from nocturne_operator.api.money import usd
 from nocturne_operator.api.timestamps import parse_rfc3339, rfc3339
+from nocturne_operator.controller.active import ActiveRun
 from nocturne_operator.prices import PriceTable
 from nocturne_operator.render import (
     ANNOTATION_MANUAL_REQUEST,
@@ -78,6 +79,7 @@ OWNED_STATUS = (
     "pendingVerification",
     "lastResumeRequest",
     "lastCancelRequest",
+    "activeRun",
 )
 
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
@@ -189,9 +191,11 @@ def reconcile(
     notices: NoticeSink | None = None,
     now: datetime | None = None,
     actual: dict[str, Any] | None,
+    active: Sequence[ActiveRun] = (),
 ) -> Plan:
     """Bring the CronJob and the status in line with the AgentSchedule; returns what was
-    decided (the phase, and when the clock calls for the next pass).
+    decided (the phase, and when the clock calls for the next pass). ``active``: the runs in
+    flight, the latest started first (``status.activeRun``).
     ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets;
     None when no database is configured. ``notices`` receives the schedule-level notifications
     (auto-pause, budget reached, silent stop); run-level ones come from finished Jobs.
@@ -205,6 +209,7 @@ def reconcile(
         stats=stats,
         run_api=run_api,
         prices=prices,
+        active=active,
     )
     apply(
         plan,
@@ -227,12 +232,12 @@ def decide(
     stats: RunStats | None,
     run_api: RunApiEndpoint,
     prices: PriceTable | None,
+    active: Sequence[ActiveRun] = (),
 ) -> Plan:
     """The pass's decisions, without any I/O: ``actual`` is the CronJob as the cluster has it
     (None: missing)."""
-    return _Planner(body, settings, now, stats=stats, run_api=run_api, prices=prices).decide(
-        peers, actual
-    )
+    planner = _Planner(body, settings, now, stats=stats, run_api=run_api, prices=prices)
+    return planner.decide(peers, actual, active)
 
 
 def apply(
@@ -329,7 +334,13 @@ class _Planner:
         self._verification_run: str | None = None
         self._budget: tuple[str, str, str] | None = None  # (reason, message, notice key)
 
-    def decide(self, peers: Sequence[Peer] | None, actual: dict[str, Any] | None) -> Plan:
+    def decide(
+        self,
+        peers: Sequence[Peer] | None,
+        actual: dict[str, Any] | None,
+        active: Sequence[ActiveRun] = (),
+    ) -> Plan:
+        self._active(active)
         cancel = self.annotations.get(ANNOTATION_CANCEL)
         if cancel and cancel != self.old.get("lastCancelRequest"):
             self.plan.cancel = cancel  # answered once: the request id goes on status
@@ -354,6 +365,16 @@ class _Planner:
         }
         self.plan.phase = str(self.new["phase"])
         return self.plan
+
+    def _active(self, active: Sequence[ActiveRun]) -> None:
+        """status.activeRun: the latest run in flight; a pass is due when its entry would
+        expire (a runner killed without its final report)."""
+        if not active:
+            self.new["activeRun"] = None
+            return
+        latest = active[0]
+        self.new["activeRun"] = latest.status(others=len(active) - 1)
+        self.plan.due_by(min(run.expires_at for run in active))
 
     def _event(self, type_: str, reason: str, message: str) -> None:
         self.plan.events.append((type_, reason, message))

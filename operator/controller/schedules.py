@@ -117,6 +117,7 @@ def reconcile_key(key: Key, memo: Memo) -> None:
         for job in indexes.finished_jobs(*key, done=memo.recorder.ledger.notified):
             behind = not memo.recorder.record_job(job, body) or behind
     cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
+    memo.active.forget(key, indexes.finished_job_uids(*key))  # their runs are over
     plan = reconcile_schedule(body, memo, indexes.peers, cronjob, behind=behind)
     memo.queue.add_after(key, next_pass_in(memo.settings, key, plan.due, datetime.now(UTC)))
 
@@ -215,6 +216,7 @@ def reconcile_schedule(
                 notices=notice,
                 now=now,
                 actual=cronjob,
+                active=memo.active.of((meta["namespace"], meta["name"])),
             )
         except Exception:
             metrics.RECONCILE_ERRORS.inc()

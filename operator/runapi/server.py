@@ -1,4 +1,5 @@
-"""The run API's HTTP server (aiohttp, TLS): start = budget grant, progress, finish.
+"""The run API's HTTP server (aiohttp, TLS): start = budget grant, progress, checkpoint,
+finish.
 
 Every request is authenticated first (``auth``), then its body is parsed with the wire contract
 (``agent_runner.contract``), then its RunRef is checked against the token's run. Budgets are
@@ -16,17 +17,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from agent_runner.contract import (
+    CHECKPOINT_LIMIT_BYTES,
+    CHECKPOINT_PATH,
     FINISH_PATH,
     PROGRESS_PATH,
     START_PATH,
     Ack,
     ApiError,
+    Checkpoint,
+    CheckpointReport,
     FinishReport,
     Grant,
     PreviousRun,
@@ -51,7 +56,14 @@ from nocturne_operator.storage import (
     month_start,
 )
 
-__all__ = ["FINISH_LIMIT_BYTES", "HEALTH_PATH", "REPORT_LIMIT_BYTES", "make_app", "serve"]
+__all__ = [
+    "FINISH_LIMIT_BYTES",
+    "HEALTH_PATH",
+    "REPORT_LIMIT_BYTES",
+    "RunObserver",
+    "make_app",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +78,31 @@ _START_SKEW = timedelta(minutes=15)
 _TOKEN_LIMIT = 16 * 1024
 _OWNERS_KEPT = 20_000  # executions whose owner is remembered (a few hundred runs at a time)
 # Fields whose values are agent output or state: never echoed in an error message.
-_SECRET_FIELDS = frozenset({"output", "error", "state", "metadata", "alertReason", "activity"})
+_SECRET_FIELDS = frozenset(
+    {"output", "error", "state", "metadata", "alertReason", "activity", "checkpoint"}
+)
 
 Clock = Callable[[], datetime]
-OnProgress = Callable[[RunIdentity, ProgressReport], None]
 OnWrite = Callable[[str], None]
 """(schedule UID) after a run of the schedule was written: its statistics changed."""
-_Doc = TypeVar("_Doc", StartRequest, ProgressReport, FinishReport)
+BeforeGrant = Callable[[RunIdentity], object]
+"""(the attempt asking) before its grant: settle the Job's attempts whose pods ended (blocking:
+it is called in a worker thread)."""
+_Doc = TypeVar("_Doc", StartRequest, ProgressReport, CheckpointReport, FinishReport)
+
+
+class RunObserver(Protocol):
+    """Hears of the runs the API serves, once each report is recorded (e.g. for
+    ``status.activeRun``). Called on the event loop: must not block."""
+
+    def started(self, identity: RunIdentity, grant: Grant) -> None:
+        """An attempt got its grant."""
+
+    def progressed(self, identity: RunIdentity, report: ProgressReport) -> None:
+        """An attempt reported its cost so far and what it does now."""
+
+    def finished(self, identity: RunIdentity, report: FinishReport) -> None:
+        """An attempt reported its end."""
 
 
 def _error(status: int, reason: str, message: str) -> web.Response:
@@ -131,17 +161,23 @@ def make_app(
     prices: PriceTable,
     settings: Settings,
     clock: Clock = lambda: datetime.now(UTC),
-    on_progress: OnProgress | None = None,
+    observer: RunObserver | None = None,
     on_write: OnWrite | None = None,
+    before_grant: BeforeGrant | None = None,
 ) -> web.Application:
     """The run API as an aiohttp application. ``history`` None: every start is refused with
-    503 (no grant without the database). ``on_progress`` (optional, sync, must not block)
-    sees every accepted progress report, e.g. for ``status.activeRun``; ``on_write`` (the same)
-    hears of every write of a schedule's runs (start, progress, finish)."""
+    503 (no grant without the database). ``observer`` (optional) hears of every recorded
+    start, progress report and finish; ``on_write`` (sync, must not block) of every write of a
+    schedule's runs (start, progress, finish); ``before_grant`` is called before every grant
+    (in a thread; a failure is logged and the grant goes on)."""
     app = web.Application(client_max_size=FINISH_LIMIT_BYTES + 1024)
-    api = _RunApi(authenticator, history, prices, settings, clock, on_progress, on_write)
+    api = _RunApi(authenticator, history, prices, settings, clock, observer, on_write)
+    api.before_grant = before_grant
     app.router.add_post(START_PATH, _endpoint("start", REPORT_LIMIT_BYTES, api.start))
     app.router.add_post(PROGRESS_PATH, _endpoint("progress", REPORT_LIMIT_BYTES, api.progress))
+    app.router.add_post(
+        CHECKPOINT_PATH, _endpoint("checkpoint", CHECKPOINT_LIMIT_BYTES + 4096, api.checkpoint)
+    )
     app.router.add_post(FINISH_PATH, _endpoint("finish", FINISH_LIMIT_BYTES, api.finish))
     app.router.add_get(HEALTH_PATH, _health)
     return app
@@ -180,7 +216,7 @@ class _RunApi:
         prices: PriceTable,
         settings: Settings,
         clock: Clock,
-        on_progress: OnProgress | None,
+        observer: RunObserver | None,
         on_write: OnWrite | None,
     ) -> None:
         self.authenticator = authenticator
@@ -191,8 +227,9 @@ class _RunApi:
         # after its first are checked without a database read.
         self._owners: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self.clock = clock
-        self.on_progress = on_progress
+        self.observer = observer
         self.on_write = on_write
+        self.before_grant: BeforeGrant | None = None
 
     async def _identity(
         self, token: str, body: bytes, model: type[_Doc]
@@ -260,6 +297,12 @@ class _RunApi:
             manual_request=identity.manual_request,
         )
         where = f"{identity.namespace}/{identity.schedule} job {identity.job_name}"
+        if self.before_grant is not None:
+            try:
+                await asyncio.to_thread(self.before_grant, identity)
+            except Exception as exc:
+                # The grant goes on: an earlier attempt still held counts at its whole grant.
+                log.warning("run API: settling the earlier attempts of %s failed: %s", where, exc)
         grant = await self._history_write(
             identity,
             f"reserve a budget for {where}",
@@ -284,6 +327,7 @@ class _RunApi:
             schedule_uid=identity.schedule_uid,
         )
         previous = None if saved is None else PreviousRun(state=saved.state, output=saved.output)
+        resume = await self._resume(identity, grant.attempt)
         log.info(
             "run API: granted %s USD to %s attempt %d (execution %d)",
             grant.limit,
@@ -291,14 +335,45 @@ class _RunApi:
             grant.attempt,
             grant.execution_id,
         )
-        return Grant(
+        answer = Grant(
             execution_id=grant.execution_id,
             attempt=grant.attempt,
             limit_usd=grant.limit,
             spent_before_usd=grant.spent_before,
             price=price,
             previous=previous,
+            resume=resume,
         )
+        self._observe(lambda observer: observer.started(identity, answer))
+        return answer
+
+    async def _resume(self, identity: RunIdentity, attempt: int) -> Checkpoint | None:
+        """The Job's last checkpoint for a retry (none for a first attempt). One that no longer
+        reads as a checkpoint (an older runner's) is not handed over: the retry starts over."""
+        if attempt == 0:
+            return None
+        saved = await self._history_call(
+            f"load the checkpoint of Job {identity.job_name}",
+            History.load_checkpoint,
+            identity.job_uid,
+        )
+        if saved is None:
+            return None
+        try:
+            return Checkpoint.model_validate(saved)
+        except ValidationError:
+            log.warning(
+                "run API: the checkpoint of Job %s is unreadable: ignored", identity.job_name
+            )
+            return None
+
+    def _observe(self, tell: Callable[[RunObserver], None]) -> None:
+        if self.observer is None:
+            return
+        try:
+            tell(self.observer)
+        except Exception:
+            log.exception("run API: the run observer failed")
 
     async def _history_write(
         self,
@@ -350,12 +425,21 @@ class _RunApi:
             output_tokens=report.output_tokens,
             reserved_usd=report.reserved_usd,
         )
-        if self.on_progress is not None:
-            try:
-                self.on_progress(identity, report)
-            except Exception:
-                log.exception("run API: the progress observer failed")
+        self._observe(lambda observer: observer.progressed(identity, report))
         return Ack()
+
+    async def checkpoint(self, token: str, body: bytes) -> BaseModel:
+        identity, report = await self._identity(token, body, CheckpointReport)
+        await self._own_execution(identity, report.execution_id)
+        checkpoint = report.checkpoint
+        kept = await self._history_call(
+            f"save the checkpoint of execution {report.execution_id}",
+            History.save_checkpoint,
+            report.execution_id,
+            checkpoint.step,
+            checkpoint.model_dump(mode="json"),
+        )
+        return Ack(recorded=bool(kept))
 
     async def finish(self, token: str, body: bytes) -> BaseModel:
         identity, report = await self._identity(token, body, FinishReport)
@@ -394,6 +478,7 @@ class _RunApi:
             metadata=report.metadata,
             saving=saving,
         )
+        self._observe(lambda observer: observer.finished(identity, report))
         if refused_state is not None:
             raise RefusalError(
                 422, "StateTooLarge", f"the run was recorded, its state was not: {refused_state}"

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # A RUNNING row younger than this may belong to a pod the API has not shown us yet.
 REAP_AFTER = timedelta(minutes=2)
+# A checkpoint not updated for this long belongs to a Job that is surely over.
+CHECKPOINTS_KEPT = timedelta(days=7)
 
 # (namespace, schedule name) -> the AgentSchedule object, or None when it is gone or not seen.
 OwnerLookup = Callable[[str, str], dict[str, Any] | None]
@@ -98,6 +100,8 @@ class Recorder:
                 verdicts.record_finished_job(job, pods, schedule, history)
             finally:
                 self.stats.invalidate(schedule["metadata"]["uid"])
+            # A finished Job is retried no more: its checkpoint has served.
+            history.drop_checkpoints([uid])
             release_pods(kube, pods)
             attempts = history.for_job(uid, include_output=True)
             # Jobs that finished before this process started were counted by its predecessor.
@@ -137,6 +141,41 @@ class Recorder:
             notices.NoticeSubject.of(schedule), target, run, now=datetime.now(UTC)
         )
 
+    def settle_ended_attempts(
+        self, namespace: str, job_name: str, job_uid: str, pod_uid: str
+    ) -> int:
+        """A new pod of a Job asks for its grant: finalise the Job's earlier attempts whose pods
+        have ended or are gone, so that their grants no longer count against the Job's per-run
+        cap beyond what they spent (``verdicts.record_ended_attempts``). A pod still running
+        keeps its grant. One history read, and a pod listing only when an earlier attempt is
+        still RUNNING. Returns how many were finalised."""
+        history = self.history
+        if history is None:
+            return 0
+        rows = [
+            row
+            for row in history.for_job(job_uid)
+            if row.status is RunOutcome.RUNNING and row.pod_uid != pod_uid
+        ]
+        if not rows:
+            return 0
+        pods = self.kube.list_objects("Pod", namespace, f"batch.kubernetes.io/job-name={job_name}")
+        job = {"metadata": {"name": job_name, "uid": job_uid, "namespace": namespace}}
+        try:
+            written = verdicts.record_ended_attempts(
+                job, rows, pods, history, now=datetime.now(UTC)
+            )
+        finally:
+            self.stats.invalidate(rows[0].schedule_uid)
+        if written:
+            log.info(
+                "Job %s/%s: %d ended attempts recorded before its retry",
+                namespace,
+                job_name,
+                written,
+            )
+        return written
+
     def record_orphaned_pods(
         self,
         owner_of: OwnerLookup,
@@ -165,11 +204,15 @@ class Recorder:
 
     def reap(self, owner_of: OwnerLookup) -> None:
         """Finalise executions left RUNNING whose Job or pod is gone (one query, then one Job
-        and one pod listing per schedule that has such rows)."""
+        and one pod listing per schedule that has such rows), and drop checkpoints nobody
+        resumes from any more."""
         history, kube, ledger = self.history, self.kube, self.ledger
         if history is None:
             return
         try:
+            # A checkpoint goes when its Job is recorded finished; this catches the Jobs whose
+            # end never was (deleted with their pods while no operator ran).
+            history.purge_checkpoints(CHECKPOINTS_KEPT)
             stuck = history.stuck_running(REAP_AFTER)
         except HistoryError as exc:
             log.warning("reaper skipped: %s", exc)

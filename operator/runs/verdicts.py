@@ -141,6 +141,45 @@ def record_finished_job(
     return written
 
 
+def record_ended_attempts(
+    job: Mapping[str, Any],
+    rows: Sequence[ExecutionRecord],
+    pods: Sequence[Mapping[str, Any]],
+    history: History,
+    *,
+    now: datetime,
+) -> int:
+    """Finalise the RUNNING ``rows`` of a Job still running whose pods have ended or are gone:
+    the Job has started another attempt, and the ended ones must not keep holding their grants
+    (a runner killed mid-run would otherwise get its Job's retry refused its budget). A pod
+    that ended is recorded from its summary, as at the Job's end; a pod that is gone is reaped
+    (CANCELLED, charged the call it had in flight). Returns how many rows were finalised."""
+    by_uid = {p["metadata"]["uid"]: p for p in pods}
+    ended = [
+        by_uid[r.pod_uid] for r in rows if r.pod_uid in by_uid and pod_finished(by_uid[r.pod_uid])
+    ]
+    written = 0
+    if ended:
+        failed = {
+            **job,
+            "status": {
+                "conditions": [
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "PodFailed",
+                        "message": "the attempt's pod ended; the Job retries it",
+                        "lastTransitionTime": rfc3339(now),
+                    }
+                ]
+            },
+        }
+        written += record_finished_job(failed, ended, {"metadata": {}}, history)
+    gone = [r for r in rows if r.pod_uid not in by_uid]
+    written += len(reap(gone, [job], pods, history, now=now))
+    return written
+
+
 def pod_finished(pod: Mapping[str, Any]) -> bool:
     """The runner container has ended (the pod Succeeded or Failed)."""
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")

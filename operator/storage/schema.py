@@ -25,12 +25,14 @@ __all__ = [
     "EVENTS",
     "EXECUTIONS",
     "PURGED_TOTALS",
+    "RUN_CHECKPOINTS",
     "AgentState",
     "Base",
     "Event",
     "EventKind",
     "Execution",
     "PurgedTotals",
+    "RunCheckpoint",
 ]
 
 
@@ -291,8 +293,35 @@ class PurgedTotals(Base):
     )
 
 
+class RunCheckpoint(Base):
+    """A Job's run after its last completed step (migration 0008): a retry of the Job (a new
+    pod) resumes from it. One row per Job; removed once the Job is recorded as finished."""
+
+    __tablename__ = "run_checkpoints"
+
+    job_uid: Mapped[str]
+    execution_id: Mapped[int] = mapped_column(sa.BigInteger)
+    step: Mapped[int] = mapped_column(sa.Integer)
+    checkpoint: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("job_uid", name="pk_run_checkpoints"),
+        sa.ForeignKeyConstraint(
+            ["execution_id"],
+            ["schedule_executions.id"],
+            name="fk_run_checkpoints_execution_id",
+            ondelete="CASCADE",
+        ),
+        sa.CheckConstraint("step >= 1", name="ck_run_checkpoints_step"),
+        # The safety net's "older than": a Job whose end was never recorded.
+        sa.Index("ix_run_checkpoints_updated_at", "updated_at"),
+    )
+
+
 # The tables as Core objects: the repository writes statements, not ORM sessions.
 EXECUTIONS = cast(sa.Table, Execution.__table__)
 EVENTS = cast(sa.Table, Event.__table__)
 AGENT_STATE = cast(sa.Table, AgentState.__table__)
 PURGED_TOTALS = cast(sa.Table, PurgedTotals.__table__)
+RUN_CHECKPOINTS = cast(sa.Table, RunCheckpoint.__table__)

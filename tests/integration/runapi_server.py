@@ -23,9 +23,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from agent_runner.contract import (
+    CHECKPOINT_PATH,
     FINISH_PATH,
     PROGRESS_PATH,
     START_PATH,
+    CheckpointReport,
     FinishReport,
     ProgressReport,
     StartRequest,
@@ -36,6 +38,7 @@ DOCUMENTS: dict[str, type[BaseModel]] = {
     START_PATH: StartRequest,
     PROGRESS_PATH: ProgressReport,
     FINISH_PATH: FinishReport,
+    CHECKPOINT_PATH: CheckpointReport,
 }
 
 

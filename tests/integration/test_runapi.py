@@ -35,7 +35,7 @@ from harness.postgres import running_postgres
 from nocturne_operator.adapters.metrics import REGISTRY
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.runapi.auth import RefusalError, RunIdentity
-from nocturne_operator.runapi.server import make_app, serve
+from nocturne_operator.runapi.server import RunObserver, make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import History, upgrade
@@ -99,7 +99,9 @@ def free_port() -> int:
 class RunningApi:
     """The server on its own event loop in a thread, and an HTTPS client trusting its CA."""
 
-    def __init__(self, history: History | None, **settings: Any) -> None:
+    def __init__(
+        self, history: History | None, *, observer: RunObserver | None = None, **settings: Any
+    ) -> None:
         self.identities = FixedIdentities()
         self.writes: list[str] = []  # schedule UIDs whose runs were written
         port = free_port()
@@ -117,6 +119,7 @@ class RunningApi:
             prices=load_price_table(),
             settings=self.settings,
             on_write=self.writes.append,
+            observer=observer,
         )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from agent_runner.agent import RunResult, run_agent
 from agent_runner.budget import Budget
 from agent_runner.config import TaskDocument, parse_task
-from agent_runner.contract import RunOutcome
+from agent_runner.contract import Checkpoint, RunOutcome
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, SUCCEEDED
 from agent_runner.providers import Provider, RetryPolicy, make_provider
 from agent_runner.providers.offline import LABEL
@@ -339,3 +339,82 @@ def test_state_round_trips_through_json(server: ScriptedServer) -> None:
     )
     result, _ = execute(task(server))
     assert json.loads(json.dumps(result.state)) == state
+
+
+# ---- checkpoints and resume ------------------------------------------------------------------
+
+
+def _three_steps(server: ScriptedServer, provider: str) -> list[Any]:
+    """Two paid tool rounds, then the answer: the script of one whole run."""
+    reply = openai_reply if provider == "openai" else anthropic_reply
+    return [
+        reply(None, [Call("web_fetch", {"url": f"{server.url}/pricing"}, id="c1")]),
+        reply(None, [Call("web_fetch", {"url": f"{server.url}/plans?token=x"}, id="c2")]),
+        reply(None, [Call("finish", {"output": "Pro 20 USD, Team 50 USD", "alert": False})]),
+    ]
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_retry_resumes_from_the_checkpoint_and_pays_only_the_remaining_steps(
+    server: ScriptedServer, provider: str
+) -> None:
+    path = OPENAI_PATH if provider == "openai" else ANTHROPIC_PATH
+    server.route("/pricing", html_page("<p>Pro plan: 20 USD</p>"))
+    server.route("/plans", html_page("<p>Team plan: 50 USD</p>"))
+    doc = task(server, provider=provider)
+    # The uninterrupted run, for comparison.
+    server.script(path, *_three_steps(server, provider))
+    whole, _ = execute(doc)
+    assert (whole.status, whole.steps) == (RunOutcome.SUCCEEDED, 3)
+    uninterrupted = server.requests_to(path)
+    # The interrupted one: checkpoints after steps 1 and 2, then the pod "dies" (the third call
+    # fails for good and the attempt ends: only its checkpoints matter here).
+    checkpoints: list[Checkpoint] = []
+    server.script(path, *_three_steps(server, provider)[:2], error_reply(400))
+    first, _ = execute(doc, on_checkpoint=checkpoints.append)
+    assert first.status is RunOutcome.FAILED
+    assert [c.step for c in checkpoints] == [1, 2]
+    last = checkpoints[-1]
+    assert last.cost_usd == first.cost  # every paid call of the attempt is in it
+    assert [(c.tool, c.target, c.ok) for c in last.tool_calls] == [
+        ("web_fetch", "127.0.0.1", True),
+        ("web_fetch", "127.0.0.1", True),  # the host only: no path, no query string
+    ]
+    # The retry: a new process gets the checkpoint back over the wire (JSON) and resumes.
+    resumed = Checkpoint.model_validate_json(last.model_dump_json())
+    calls_before = len(server.requests_to(path))
+    server.script(path, _three_steps(server, provider)[2])
+    retry, _ = execute(doc, resume=resumed)
+    assert retry.status is RunOutcome.SUCCEEDED
+    assert retry.output == whole.output
+    assert (retry.steps, retry.resumed_from) == (3, 2)
+    retry_calls = server.requests_to(path)[calls_before:]
+    assert len(retry_calls) == 1  # steps 1 and 2 were not paid again
+
+    # The one call the retry made is the uninterrupted run's third call, word for word but
+    # for the system prompt's clock, and the reservation (max_tokens) that follows the budget.
+    def conversation(request: Any) -> Any:
+        body = request.json()
+        return body.get("messages")[1:] if provider == "openai" else body.get("messages")
+
+    assert conversation(retry_calls[0]) == conversation(uninterrupted[2])
+    assert retry.cost < whole.cost  # only the last step
+    assert len(retry.tool_calls) == 2
+
+
+def test_a_step_whose_tool_failed_is_checkpointed_as_failed(server: ScriptedServer) -> None:
+    server.script(
+        OPENAI_PATH,
+        openai_reply(None, [Call("web_fetch", {"url": "http://10.0.0.1/admin"}, id="c1")]),
+        openai_reply("done"),
+    )
+    checkpoints: list[Checkpoint] = []
+    activities: list[str] = []
+    result, _ = execute(
+        task(server), on_checkpoint=checkpoints.append, on_activity=activities.append
+    )
+    assert result.status is RunOutcome.SUCCEEDED
+    [checkpoint] = checkpoints
+    [brief] = checkpoint.tool_calls
+    assert (brief.tool, brief.target, brief.ok) == ("web_fetch", "10.0.0.1", False)
+    assert activities == ["web_fetch 10.0.0.1"]

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent_runner import exitcodes
-from agent_runner.contract import FINISH_PATH, PROGRESS_PATH, START_PATH
+from agent_runner.contract import CHECKPOINT_PATH, FINISH_PATH, PROGRESS_PATH, START_PATH
 from agent_runner.summary import Summary, parse_summary
 from integration.llm_server import (
     OPENAI_PATH,
@@ -195,9 +195,24 @@ def test_openai_run_spends_within_the_grant_and_reports_progress(
     assert "Two stories yesterday." in first.body.decode()
     assert len(llm.requests_to("/news")) == 1
     reports = [r.json() for r in api.requests_to(PROGRESS_PATH)]
-    assert len(reports) == 4, "one report before each model call, one after"
-    assert [p["executionId"] for p in reports] == [41] * 4
-    before, progress = reports[0::2], reports[1::2]
+    # Before each model call and after it, and before the tool call: what the run does.
+    assert [p.get("activity") for p in reports] == [
+        "model call 1/10",
+        None,
+        "web_fetch 127.0.0.1",
+        "model call 2/10",
+        None,
+    ]
+    assert [p["executionId"] for p in reports] == [41] * 5
+    before, progress = [reports[0], reports[3]], [reports[1], reports[4]]
+    assert reports[2]["reservedUSD"] == "0"
+    # After the first step (the fetch), the conversation is checkpointed for a retry.
+    [checkpoint] = [r.json() for r in api.requests_to(CHECKPOINT_PATH)]
+    assert checkpoint["checkpoint"]["step"] == 1
+    assert "Three stories" in json.dumps(checkpoint["checkpoint"]["messages"])
+    assert checkpoint["checkpoint"]["toolCalls"] == [
+        {"step": 1, "tool": "web_fetch", "target": "127.0.0.1", "ok": True}
+    ]
     # Before a call: what it may cost (charged if the pod is killed during it).
     assert all(Decimal(0) < Decimal(p["reservedUSD"]) <= Decimal("0.20") for p in before)
     assert [Decimal(p["reservedUSD"]) for p in progress] == [0, 0]

@@ -90,6 +90,7 @@ def test_names_printer_columns_and_status_subresource() -> None:
         "Ready": '.status.conditions[?(@.type=="Ready")].status',
         "Phase": ".status.phase",
         "Next Run": ".status.nextRunLocal",
+        "Running": ".status.activeRun.summary",
         "Last Result": ".status.lastRun.result",
         "Cost USD": ".status.totalCostUSD",
         "Age": ".metadata.creationTimestamp",

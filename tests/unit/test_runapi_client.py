@@ -24,6 +24,7 @@ from agent_runner.contract import (
 )
 from agent_runner.exitcodes import BUDGET_EXHAUSTED, CONFIG_ERROR, TRANSIENT
 from agent_runner.runapi import (
+    MAX_RESPONSE_BYTES,
     NoGrantError,
     RunApiClient,
     RunApiRefusedError,
@@ -268,8 +269,10 @@ def test_a_malformed_answer_is_an_error_not_a_crash(
 
 
 def test_an_oversized_answer_is_not_read_whole(client: RunApiClient, server: RunApiServer) -> None:
-    server.route(START_PATH, Answer(body=b"{" * (2 * 1024 * 1024)))
-    with pytest.raises(RunApiUnavailableError, match=r"over 1048576 bytes|-byte answer"):
+    server.route(START_PATH, Answer(body=b"{" * (MAX_RESPONSE_BYTES + 1024)))
+    with pytest.raises(
+        RunApiUnavailableError, match=rf"over {MAX_RESPONSE_BYTES} bytes|-byte answer"
+    ):
         client.start(START)
 
 
