@@ -112,8 +112,24 @@ def _endpoint_url(value: str) -> str:
     return value
 
 
+# The shortest retention of runs and audit rows: this month and the whole month before stay in
+# any zone (the monthly budget and cost by month read them); 0 keeps rows forever.
+MIN_RETENTION_DAYS = 62
+
+
+def _retention_days(value: int) -> int:
+    if 0 < value < MIN_RETENTION_DAYS:
+        raise ValueError(
+            f"below the minimum of {MIN_RETENTION_DAYS} days (the monthly budget sums this "
+            "month's runs in each schedule's zone and cost by month reads the month before; "
+            "0 keeps rows forever)"
+        )
+    return value
+
+
 SecretName = Annotated[str, AfterValidator(_secret_name)]
 EndpointURL = Annotated[str, AfterValidator(_endpoint_url)]
+RetentionDays = Annotated[int, Field(ge=0, le=36_500), AfterValidator(_retention_days)]
 
 
 class Settings(BaseSettings):
@@ -182,6 +198,15 @@ class Settings(BaseSettings):
     notification_max_age_seconds: int = Field(6 * 3600, ge=60, le=7 * 86_400)
     # Sent, failed and suppressed notices are deleted from the outbox after this many days.
     notification_retention_days: int = Field(30, ge=1, le=3650)
+    # --- retention of history (issue 14), purged by the sweep; 0 keeps rows forever ---
+    # Finished runs (schedule_executions) started more than this many days ago are deleted,
+    # their totals kept per schedule (schedule_purged_totals); a schedule's runs since its last
+    # success stay.
+    history_retention_days: RetentionDays = 400
+    # Audit rows (schedule_events) older than this are deleted; a live schedule's `created` stays.
+    audit_retention_days: RetentionDays = 400
+    # Rows one purge transaction deletes at most (a Job's attempts go together).
+    retention_batch_size: int = Field(500, ge=1, le=10_000)
     # --- credentials and endpoints schedules may use (issue 10) ---
     # Secrets (by name, in the schedule's own namespace) a schedule may name in
     # spec.agent.apiKeySecretRef; their values go to the model's endpoint. Empty: no schedule

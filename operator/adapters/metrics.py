@@ -65,6 +65,16 @@ KUBE_REQUESTS = Counter(
     registry=REGISTRY,
 )
 
+PURGED_ROWS = Counter(
+    "nocturne_purged_rows",
+    "Rows the retention purge deleted, by table (a purged run's cost, tokens and outcome stay "
+    "in its schedule's totals, schedule_purged_totals).",
+    ["table"],
+    registry=REGISTRY,
+)
+for _table in ("schedule_executions", "schedule_events"):
+    PURGED_ROWS.labels(_table)
+
 QUEUE_DEPTH = Gauge(
     "nocturne_reconcile_queue_depth",
     "AgentSchedules waiting for a reconcile (not counting those being reconciled).",

@@ -1,7 +1,8 @@
 """The retention purge against a real PostgreSQL: only old finished runs go, whole Jobs at a
 time and in batches; what they added up to stays in the lifetime sums (a maxTotalUSD cap stays
 closed, totals and run counts do not move); runs since a schedule's last success, RUNNING rows
-and a live schedule's creation stay; a second purge finds nothing."""
+and a live schedule's creation stay; a second purge finds nothing. The sweep purges a bounded
+number of batches and counts the rows."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pytest
 import sqlalchemy as sa
 
 from agent_runner.contract import RunOutcome
+from nocturne_operator.adapters.metrics import REGISTRY
+from nocturne_operator.controller.sweep import PURGE_BATCHES, purge_expired
+from nocturne_operator.settings import load_settings
 from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
@@ -256,3 +260,25 @@ def test_table_stats_name_every_table_with_its_size_and_oldest_row(history: Hist
     assert stats["schedule_purged_totals"].rows == 0
     assert stats["schedule_purged_totals"].oldest is None
     assert "alembic_version" not in stats
+
+
+def test_the_sweep_purges_a_bounded_number_of_batches_and_counts_them(history: History) -> None:
+    for job in range(PURGE_BATCHES + 2):
+        attempt(history, f"i{job}", RunOutcome.SUCCEEDED, days_ago(500 - job))
+    attempt(history, "latest", RunOutcome.SUCCEEDED, days_ago(1))
+    history.record_event("ns", "digest", "paused", at=days_ago(500))
+    settings = load_settings(retention_batch_size=1, audit_retention_days=0)
+
+    def purged_rows() -> float:
+        labels = {"table": "schedule_executions"}
+        return REGISTRY.get_sample_value("nocturne_purged_rows_total", labels) or 0.0
+
+    counted = purged_rows()
+    assert purge_expired(history, settings, NOW) is False  # a backlog: the next sweep goes on
+    assert purged_rows() - counted == PURGE_BATCHES
+    assert purge_expired(history, settings, NOW) is True  # two more, then a short batch
+    assert purged_rows() - counted == PURGE_BATCHES + 2
+    assert job_names(history) == ["digest-latest"]
+    assert [e.kind for e in history.events("ns", "digest")] == ["paused"]  # 0: kept forever
+    assert purge_expired(history, load_settings(), NOW) is True
+    assert history.events("ns", "digest") == []

@@ -136,6 +136,9 @@ notification_retry_cap_seconds: {{ .Values.notifications.retryCapSeconds }}
 notification_timeout_seconds: {{ .Values.notifications.timeoutSeconds }}
 notification_max_age_seconds: {{ .Values.notifications.maxAgeSeconds }}
 notification_retention_days: {{ .Values.notifications.retentionDays }}
+history_retention_days: {{ .Values.retention.historyDays }}
+audit_retention_days: {{ .Values.retention.auditDays }}
+retention_batch_size: {{ .Values.retention.batchSize }}
 {{- /* Secrets and endpoints schedules may use; lists as JSON flow sequences. In this helper so
 the Deployment's checksum/settings rolls the operator when they change. */}}
 llm_secrets: {{ .Values.llm.secrets | toJson }}
