@@ -302,6 +302,23 @@ def cmd_db_upgrade(args: argparse.Namespace, _settings: Settings) -> int:
     return EXIT_OK
 
 
+def cmd_db_stats(args: argparse.Namespace, settings: Settings) -> int:
+    """Rows, size and oldest row of each history table, with the retention settings."""
+    try:
+        url = _database_url(args)
+    except ValueError as exc:
+        _say(f"db stats: {exc}")
+        return EXIT_USAGE
+    try:
+        with History.connect(url) as store:
+            tables = store.table_stats()
+    except HistoryError as exc:
+        _say(f"db stats: {exc}")
+        return EXIT_INVALID
+    print(reports.db_stats_report(tables, settings, args.output))
+    return EXIT_OK
+
+
 def _database_url(args: argparse.Namespace) -> str:
     url: str = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
     if not url:
@@ -519,6 +536,12 @@ def _parser(prog: str = "nocturne") -> argparse.ArgumentParser:
     up = db_sub.add_parser("upgrade", help="apply schema migrations (idempotent, safe in parallel)")
     up.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL (keep it in a Secret)")
     up.set_defaults(func=cmd_db_upgrade)
+    stats = db_sub.add_parser(
+        "stats", help="rows, size and oldest row of each table, and how long rows are kept"
+    )
+    stats.add_argument("--database-url", help="default: $NOCTURNE_DATABASE_URL")
+    stats.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    stats.set_defaults(func=cmd_db_stats)
     for name, text in (
         ("pause", "suspend a schedule"),
         ("resume", "resume a schedule"),

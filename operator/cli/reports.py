@@ -1,5 +1,6 @@
-"""``nocturne history``, ``nocturne cost`` and ``nocturne describe``: run history and cost for
-people (tables) and scripts (JSON), read from PostgreSQL with the indexed queries."""
+"""``nocturne history``, ``nocturne cost``, ``nocturne describe`` and ``nocturne db stats``: run
+history, cost and the database's tables for people (tables) and scripts (JSON), read from
+PostgreSQL with the indexed queries."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 from agent_runner.contract import RunOutcome
 from nocturne_operator.api.money import usd
-from nocturne_operator.storage import CostPeriod, ExecutionRecord, History
+from nocturne_operator.settings import Settings
+from nocturne_operator.storage import CostPeriod, ExecutionRecord, History, TableStats
 
 _STATUSES = [s.value for s in RunOutcome]
 _UID_CHARS = 8  # enough to tell a name's incarnations apart in a table; JSON has the whole UID
@@ -124,6 +126,83 @@ def cost_report(periods: Sequence[CostPeriod], by: str, output: str) -> str:
     rows = [[p.period_start.strftime("%Y-%m-%d"), usd(p.cost_usd)] for p in periods]
     rows.append(["total", usd(total)])
     return _table([by.upper(), "COST USD"], rows)
+
+
+def db_stats_report(tables: Sequence[TableStats], settings: Settings, output: str) -> str:
+    """Each history table's rows, total size (indexes and TOAST included), oldest row and how
+    long its rows are kept, with the retention settings these came from."""
+    kept = {
+        "schedule_executions": settings.history_retention_days,
+        "schedule_events": settings.audit_retention_days,
+        "notifications": settings.notification_retention_days,
+        "schedule_purged_totals": 0,  # never purged: the lifetime sums read it
+    }
+    retention = {
+        "historyDays": settings.history_retention_days,
+        "auditDays": settings.audit_retention_days,
+        "notificationDays": settings.notification_retention_days,
+        "batchSize": settings.retention_batch_size,
+    }
+    if output == "json":
+        return json.dumps(
+            {
+                "tables": [
+                    {
+                        "name": t.name,
+                        "rows": t.rows,
+                        "rowsEstimated": t.rows_estimated,
+                        "totalBytes": t.total_bytes,
+                        "oldest": t.oldest.isoformat() if t.oldest else None,
+                        "retentionDays": kept.get(t.name),
+                    }
+                    for t in tables
+                ],
+                "retention": retention,
+            },
+            indent=2,
+        )
+
+    def days(name: str) -> str:
+        if name not in kept:
+            return "-"
+        return f"{kept[name]} days" if kept[name] else "forever"
+
+    table = _table(
+        ["TABLE", "ROWS", "SIZE", "OLDEST (UTC)", "KEPT"],
+        [
+            [
+                t.name,
+                f"{'~' if t.rows_estimated else ''}{t.rows:,}",
+                _size(t.total_bytes),
+                f"{t.oldest.astimezone(UTC):%Y-%m-%d %H:%M}" if t.oldest else "-",
+                days(t.name),
+            ]
+            for t in tables
+        ],
+    )
+    return "\n".join(
+        [
+            table,
+            "~: PostgreSQL's estimate (pg_class.reltuples, as of the last VACUUM or ANALYZE); "
+            "others counted.",
+            "SIZE: the table with its indexes and TOAST.",
+            f"Retention (these settings: --config, NOCTURNE_*): runs {days('schedule_executions')} "
+            f"after they ended (their totals kept), audit rows {days('schedule_events')}; "
+            f"{settings.retention_batch_size} rows a purge batch.",
+        ]
+    )
+
+
+def _size(n: int) -> str:
+    """Bytes for people, in binary units."""
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def describe(schedule: Mapping[str, Any], runs: Sequence[ExecutionRecord]) -> str:
