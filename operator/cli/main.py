@@ -1,5 +1,6 @@
 """The ``nocturne`` command line: offline checks for CI pipelines (``validate``, ``next-runs``) and
-day-to-day control of a schedule in the cluster (``pause``, ``resume``, ``run``)."""
+day-to-day control of a schedule in the cluster (``pause``, ``resume``, ``run``, ``cancel``), and
+its runs (``runs``, ``show``, ``watch``, ``cost``, ``describe``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from kubernetes import config
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api import conditions as cond
 from nocturne_operator.api.model import API_VERSION, KIND
-from nocturne_operator.cli import reports
+from nocturne_operator.cli import reports, watch
 from nocturne_operator.controller.reconcile import (
     ANNOTATION_CANCEL,
     ANNOTATION_RESUME,
@@ -401,9 +402,15 @@ def cmd_show(args: argparse.Namespace, _settings: Settings) -> int:
         which = f"run {args.run!r}" if args.run else "a run"
         _say(f"show: {namespace}/{args.name} has no {which} in history")
         return EXIT_INVALID
-    if args.output == "json":
+    _print_run(run, args.output)
+    return EXIT_OK
+
+
+def _print_run(run: ExecutionRecord, how: str) -> None:
+    """A run as ``show`` prints it: JSON, rendered in a terminal, or its output alone piped."""
+    if how == "json":
         print(json.dumps(reports.run_json(run), indent=2))
-        return EXIT_OK
+        return
     output = reports.printable_block(run.output) if run.output else None
     if sys.stdout.isatty():
         for line in reports.run_header(run):
@@ -416,7 +423,7 @@ def cmd_show(args: argparse.Namespace, _settings: Settings) -> int:
             from rich.markdown import Markdown  # noqa: PLC0415
 
             Console().print(Markdown(output))
-        return EXIT_OK
+        return
     # Piped: the output alone on stdout, so that `> digest.md` holds the digest.
     for line in reports.run_header(run):
         print(line, file=sys.stderr)
@@ -424,7 +431,62 @@ def cmd_show(args: argparse.Namespace, _settings: Settings) -> int:
         print("(no output)", file=sys.stderr)
     else:
         print(output)
-    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace, _settings: Settings) -> int:
+    """Follow the schedule's run in flight to its end, then print it as ``show`` does (with a
+    history database) or its result from status. 0 when the run succeeded."""
+    namespace = args.namespace or _current_namespace()
+    kube = Kube.connect()
+    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
+
+    def waiting(body: Mapping[str, Any]) -> None:
+        nxt = (body.get("status") or {}).get("nextRunLocal") or "not scheduled"
+        _say(
+            f"{namespace}/{args.name}: no run in flight; waiting (next run: {nxt}), Ctrl-C to stop"
+        )
+
+    try:
+        followed = watch.follow(
+            lambda: kube.get(KIND, namespace, args.name),
+            out=sys.stdout,
+            interactive=sys.stdout.isatty(),
+            wait=not args.no_wait,
+            interval=args.interval,
+            on_waiting=waiting,
+        )
+    except KeyboardInterrupt:
+        return EXIT_INVALID
+    if followed.gone:
+        _say(f"{KIND} {namespace}/{args.name} is gone")
+        return EXIT_INVALID
+    if followed.job is None:
+        _say(f"{namespace}/{args.name}: no run in flight")
+        return EXIT_INVALID
+    last = followed.last_run
+    if last is None:
+        _say(f"{namespace}/{args.name}: Job {followed.job} ended; its result is not on status yet")
+        return EXIT_INVALID
+    _say(
+        f"{followed.job}: {last.get('result')}, {last.get('costUSD')} USD"
+        + (f": {last['message']}" if last.get("message") else ""),
+        file=sys.stderr,
+    )
+    if url:
+        try:
+            with History.connect(url) as store:
+                run = _one_run(store, namespace, args.name, followed.job)
+        except HistoryError as exc:
+            _say(f"(history unavailable: {exc})", file=sys.stderr)
+        else:
+            if run is not None:
+                _print_run(run, "text")
+    else:
+        _say(
+            f"(its output: nocturne show {args.name} {followed.job} -n {namespace})",
+            file=sys.stderr,
+        )
+    return EXIT_OK if last.get("result") == "Succeeded" else EXIT_INVALID
 
 
 def _one_run(store: History, namespace: str, name: str, run: str | None) -> ExecutionRecord | None:
@@ -498,6 +560,19 @@ def _add_report_parsers(sub: Any) -> None:
     show.add_argument("run", nargs="?", help="a Job name or a run id (default: the newest run)")
     show.add_argument("-o", "--output", choices=["text", "json"], default="text")
     show.set_defaults(func=cmd_show)
+    follow = sub.add_parser(
+        "watch",
+        parents=[schedule],
+        help="follow the run in flight (steps, budget, activity) and print it when it ends",
+        description="Follows status.activeRun live (a terminal) or one line per change "
+        "(piped), waiting for a run to start unless --no-wait; then prints the run as show "
+        "does (with a history database) or its result. Exit 0 when the run succeeded.",
+    )
+    follow.add_argument("--no-wait", action="store_true", help="exit 1 if no run is in flight")
+    follow.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between reads (default 1)"
+    )
+    follow.set_defaults(func=cmd_watch)
     cost = sub.add_parser(
         "cost", parents=[schedule], help="cost of a schedule per day, week or month"
     )

@@ -307,6 +307,20 @@ def run_header(r: ExecutionRecord) -> list[str]:
         lines.append(f"alert: {r.alert_reason or '(no reason given)'}")
     if r.error:
         lines.append(f"error: {r.error.strip().splitlines()[0] if r.error.strip() else ''}")
+    resumed = r.metadata.get("resumedFromStep")
+    if isinstance(resumed, int):
+        lines.append(f"resumed from the checkpoint after step {resumed} (earlier attempt)")
+    calls = _tool_calls(r)
+    if calls:
+        lines.append("tool calls:")
+        lines += [
+            f"  step {c.get('step')}: {c.get('tool')}"
+            + (f" {c['target']}" if c.get("target") else "")
+            + ("" if c.get("ok", True) else " (failed)")
+            for c in calls[-_TOOL_CALLS_SHOWN:]
+        ]
+        if len(calls) > _TOOL_CALLS_SHOWN:
+            lines.append(f"  ... {len(calls) - _TOOL_CALLS_SHOWN} earlier calls not shown")
     refusals = _refusals(r)
     if refusals:
         lines.append("refused operations:")
@@ -329,8 +343,18 @@ def run_json(r: ExecutionRecord) -> dict[str, Any]:
         "alertReason": r.alert_reason,
         "steps": steps if isinstance(steps, int) else None,
         "refusals": _refusals(r),
+        "toolCalls": _tool_calls(r),
+        "resumedFromStep": r.metadata.get("resumedFromStep"),
         "output": r.output,
     }
+
+
+_TOOL_CALLS_SHOWN = 20
+
+
+def _tool_calls(r: ExecutionRecord) -> list[Mapping[str, Any]]:
+    """The tool calls in brief (tool, host, ok, step), as the runner reported them."""
+    return [x for x in r.metadata.get("toolCalls") or [] if isinstance(x, Mapping)]
 
 
 def _refusals(r: ExecutionRecord) -> list[Mapping[str, Any]]:

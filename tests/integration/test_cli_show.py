@@ -40,6 +40,13 @@ def url(postgres: PostgresServer) -> str:
                 "refusals": [
                     {"tool": "send_email", "reason": "not allowed", "detail": "to ceo", "step": 2}
                 ],
+                "toolCalls": [
+                    {"step": 1, "tool": "web_fetch", "target": "news.test", "ok": True},
+                    {"step": 2, "tool": "send_email", "ok": False},
+                    {"step": 2, "tool": "web_fetch\x1b[31m", "target": "lab-b.test", "ok": True},
+                    "not an object",
+                ],
+                "resumedFromStep": 1,
             },
             later=timedelta(days=1),
         )
@@ -95,6 +102,11 @@ def test_piped_the_newest_run_is_its_output_alone(
         "Succeeded: started 2026-12-03 00:00:03 UTC, took 42.0 s",
         "cost 0.0123 USD; tokens 1,234 in, 567 out; model gpt-4o-mini (openai); 3 steps",
         "alert: Lab B raised",
+        "resumed from the checkpoint after step 1 (earlier attempt)",
+        "tool calls:",
+        "  step 1: web_fetch news.test",
+        "  step 2: send_email (failed)",
+        "  step 2: web_fetch\\x1b[31m lab-b.test",  # the runner's word: shown, not obeyed
         "refused operations:",
         "  step 2: send_email: not allowed (to ceo)",
     ]
@@ -132,6 +144,8 @@ def test_json_has_everything_and_unknown_runs_are_named(
     assert doc["refusals"] == [
         {"tool": "send_email", "reason": "not allowed", "detail": "to ceo", "step": 2}
     ]
+    assert [c["tool"] for c in doc["toolCalls"]] == ["web_fetch", "send_email", "web_fetch\x1b[31m"]
+    assert doc["resumedFromStep"] == 1
     for missing in ("digest-1", "999999"):
         code, out, _ = show(capsys, url, missing)
         assert code == 1
