@@ -316,6 +316,8 @@ class RunCheckpoint(Base):
         sa.CheckConstraint("step >= 1", name="ck_run_checkpoints_step"),
         # The safety net's "older than": a Job whose end was never recorded.
         sa.Index("ix_run_checkpoints_updated_at", "updated_at"),
+        # The foreign key's ON DELETE CASCADE: a purged run finds its checkpoint without a scan.
+        sa.Index("ix_run_checkpoints_execution_id", "execution_id"),
     )
 
 

@@ -532,6 +532,30 @@ def received(server: ScriptedServer, count: int, what: str) -> list[Any]:
     return bodies
 
 
+def resume_without_a_fix_pauses_again(
+    cluster: Cluster, kubectl: Kubectl, namespace: str, hooks: ScriptedServer
+) -> None:
+    """Resume an auto-paused schedule whose cause is still there: the verification run fails,
+    and that one failure pauses the schedule again at once (not after three more)."""
+    retried = nocturne_cli(
+        cluster, "resume", "daily-ai-news", "-n", namespace, "--reason", "one more try"
+    )
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    repaused = wait_for(
+        lambda: (
+            (s := status_of(kubectl, namespace)).get("autoPause") and s["runs"]["failed"] == 4 and s
+        ),
+        90,
+        "the failed verification run to pause the schedule again",
+    )
+    assert repaused["phase"] == "Suspended"
+    assert repaused["consecutiveFailures"] == 1
+    assert "pendingVerification" not in repaused
+    assert cronjob_suspended(kubectl, namespace)
+    _, again = received(hooks, 2, "the second AutoPaused notice")
+    assert again["text"].startswith("Auto-paused: ")
+
+
 def test_consecutive_failures_auto_pause_and_resume_verifies(
     cluster: Cluster,
     operator: OperatorProcess,
@@ -541,7 +565,8 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
 ) -> None:
     """An agent that cannot finish within agent.maxSteps fails every run (the offline model
     spends its one step fetching the page the task names); the operator records the runs,
-    pauses after three and notifies once; a resume runs a check, whose success sends one
+    pauses after three and notifies once; a resume without a fix runs a check whose failure
+    pauses it again at once; a resume after the fix runs a check, whose success sends one
     recovery notice. (An unknown model no longer gets that far: validation refuses it.)"""
     broken = {
         "model": "offline-demo",
@@ -595,6 +620,8 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
         assert {r.status for r in rows} == {RunOutcome.FAILED}
         assert all("agent.maxSteps=1" in (r.error or "") for r in rows), rows
 
+        resume_without_a_fix_pauses_again(cluster, kubectl, namespace, hooks)
+
         # Fix the cause and resume: one verification run at once, then back to Active.
         fixed = {**failing, "spec": {**failing["spec"], "agent": manifest()["spec"]["agent"]}}
         kubectl.apply(namespace, fixed)
@@ -610,14 +637,14 @@ def test_consecutive_failures_auto_pause_and_resume_verifies(
         )
         assert healed["phase"] == "Active"
         assert healed["consecutiveFailures"] == 0
-        assert healed["runs"] == {"succeeded": 1, "failed": 3}
+        assert healed["runs"] == {"succeeded": 1, "failed": 4}
         assert "autoPause" not in healed
         assert "pendingVerification" not in healed
         assert wait_for(lambda: events(kubectl, namespace, "VerificationRun"), 15, "an Event")
         assert not cronjob_suspended(kubectl, namespace)
-        _, recovered = received(hooks, 2, "the recovery notice")
+        *_, recovered = received(hooks, 3, "the recovery notice")
         assert recovered["text"].startswith("Recovered: ")
-        assert hooks.requests_to("/hook")[1].headers["x-nocturne-event"] == "Recovered"
+        assert hooks.requests_to("/hook")[2].headers["x-nocturne-event"] == "Recovered"
 
 
 def test_a_webhook_that_refuses_leaves_a_warning_event_without_the_url(

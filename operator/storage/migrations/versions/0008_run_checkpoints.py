@@ -47,8 +47,10 @@ def upgrade() -> None:
         sa.CheckConstraint("step >= 1", name="ck_run_checkpoints_step"),
     )
     op.create_index("ix_run_checkpoints_updated_at", "run_checkpoints", ["updated_at"])
+    op.create_index("ix_run_checkpoints_execution_id", "run_checkpoints", ["execution_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_run_checkpoints_execution_id", table_name="run_checkpoints")
     op.drop_index("ix_run_checkpoints_updated_at", table_name="run_checkpoints")
     op.drop_table("run_checkpoints")
