@@ -1,5 +1,5 @@
 """PostgreSQL storage of the operator, its only client: execution history, budget grants, the
-audit trail and agent state, split by concern. Import from this package, not its modules.
+audit trail, agent state and run checkpoints, split by concern. Import from this package, not its modules.
 
 - ``schema``: the tables (SQLAlchemy models) and EventKind; a run's outcome is the contract's
   RunOutcome. The leaf.
@@ -9,6 +9,7 @@ audit trail and agent state, split by concern. Import from this package, not its
 - ``runs``: writes of run records -- reserve (budget grants), start, record_progress, finish.
 - ``queries``: reads of run records -- runs, cost, run statistics, RUNNING attempts.
 - ``audit``: the lifecycle audit trail. ``state``: agent state between runs.
+- ``checkpoints``: a Job's conversation after its last completed step, for its retry.
 - ``retention``: purges of old runs (their totals kept) and audit rows; the tables' sizes.
 - ``repository``: ``History``, the one repository object, composed of the concerns' mixins.
 
