@@ -1,5 +1,6 @@
 """PostgreSQL storage of the operator, its only client: execution history, budget grants, the
-audit trail, agent state and run checkpoints, split by concern. Import from this package, not its modules.
+audit trail, agent state and run checkpoints, split by concern. Import from this package, not
+its modules.
 
 - ``schema``: the tables (SQLAlchemy models) and EventKind; a run's outcome is the contract's
   RunOutcome. The leaf.
