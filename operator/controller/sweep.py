@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from nocturne_operator.adapters import metrics
 from nocturne_operator.controller.memo import Memo
 from nocturne_operator.settings import Settings
-from nocturne_operator.storage import History
+from nocturne_operator.storage import History, HistoryUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ async def _purge(history: History, settings: Settings) -> datetime:
     now = datetime.now(UTC)
     try:
         caught_up = await asyncio.to_thread(purge_expired, history, settings, now)
+    except HistoryUnavailableError as exc:
+        # The database away is not a bug: one line, and the purge waits for the next interval.
+        log.warning("purging rows past their retention deferred: %s", exc)
+        return now + PURGE_INTERVAL
     except Exception:
         log.exception("purging rows past their retention failed")
         return now + PURGE_INTERVAL
