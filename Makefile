@@ -50,7 +50,7 @@ typecheck: setup
 	$(VENV)/bin/mypy tests bench
 
 cluster-build: setup
-	@if command -v go >/dev/null; then $(PY) -m harness.build; \
+	@if command -v go >/dev/null; then $(PY) -m harness.build && $(PY) -m harness.gotools; \
 	else echo "[kube-local] Go not installed: e2e tests will skip (and fail under CI=true)"; fi
 
 test: lint typecheck cluster-build
