@@ -31,6 +31,8 @@ EVERYTHING = (
     "--set=operator.watchNamespaces={team-a,team-b}",
     "--set=networkPolicy.enabled=true",
     "--set=metrics.serviceMonitor.enabled=true",
+    "--set=dashboards.enabled=true",
+    "--set=alerts.enabled=true",
 )
 VARIANTS = {"defaults": (), "everything": EVERYTHING}
 
