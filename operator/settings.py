@@ -169,6 +169,12 @@ class Settings(BaseSettings):
     # operator's). Empty namespace: an in-memory CA for one process (development only).
     run_api_tls_secret: str = Field("nocturne-run-api-tls", min_length=1, max_length=253)
     run_api_tls_namespace: str = Field("", max_length=63)
+    # --- the agentruns API, served through API aggregation (issue 17) ---
+    # Port of its TLS listener (the APIService's Service points here); 0: not served.
+    runs_api_port: int = Field(8444, ge=0, le=65535)
+    runs_api_bind: str = "0.0.0.0"  # noqa: S104 - the kube-apiserver connects from outside
+    # The APIService whose caBundle the operator keeps set to its CA ("": leave it alone).
+    runs_api_apiservice: str = Field("v1alpha1.runs.nocturne.dev", max_length=253)
     # Lifetime of the runner's projected token (the kubelet refreshes it at 80%).
     runner_token_expiration_seconds: int = Field(3600, ge=600, le=86_400)
     # Let runners' web_fetch reach private and loopback addresses (never link-local/metadata).

@@ -280,6 +280,55 @@ class Kube:
         status: dict[str, Any] = review.get("status") or {}
         return status
 
+    # ---- the agentruns API (issue 17) ------------------------------------------------------
+
+    def read(self, path: str, query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        """GET an API path (e.g. an aggregated API's); ApiException unless 2xx."""
+        return self._request("GET", path, query=query)
+
+    def review_access(
+        self,
+        user: str,
+        groups: list[str],
+        extra: dict[str, list[str]],
+        attributes: dict[str, str],
+    ) -> tuple[bool, str]:
+        """A SubjectAccessReview (authorization.k8s.io/v1) of ``attributes`` (verb, group,
+        resource, namespace, name) for the user: (allowed, the authorizer's reason)."""
+        body = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SubjectAccessReview",
+            "spec": {
+                "user": user,
+                "groups": groups,
+                "extra": extra,
+                "resourceAttributes": attributes,
+            },
+        }
+        review = self._request(
+            "POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", body=body
+        )
+        status = review.get("status") or {}
+        return bool(status.get("allowed")), str(status.get("reason") or "")
+
+    def patch_api_service_ca(self, name: str, ca_pem: str) -> bool:
+        """Set an APIService's ``caBundle`` (the CA that signed our serving certificate); False
+        when there is no such APIService."""
+        path = f"/apis/apiregistration.k8s.io/v1/apiservices/{name}"
+        bundle = base64.b64encode(ca_pem.encode()).decode()
+        try:
+            self._request(
+                "PATCH",
+                path,
+                body={"spec": {"caBundle": bundle}},
+                content_type="application/merge-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
 
 def _resource(path: str) -> str:
     """The resource (and subresource) an API path names: ``cronjobs``, ``agentschedules/status``,

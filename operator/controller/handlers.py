@@ -47,6 +47,9 @@ from nocturne_operator.runapi.server import make_app, serve
 from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.runs import verdicts
 from nocturne_operator.runs.recorder import Recorder
+from nocturne_operator.runsapi import server as runs_server
+from nocturne_operator.runsapi.auth import AccessReviews, FrontProxy
+from nocturne_operator.runsapi.changes import RunChanges
 from nocturne_operator.schedule.validation import Peer
 from nocturne_operator.storage import EventKind, History
 
@@ -297,14 +300,69 @@ async def start_run_api(*, memo: Memo, **_: Any) -> None:
         ),
     )
     memo.run_api_server = await serve(app, config, tls, context=context)
-    memo.run_api_renewal = asyncio.create_task(_renew_run_api_certificate(memo, tls, context))
+    memo.serving_contexts.append(context)
+    memo.run_api_renewal = asyncio.create_task(_renew_run_api_certificate(memo, tls))
+    if config.runs_api_port:
+        await _start_runs_api(memo, tls)
+
+
+async def _start_runs_api(memo: Memo, tls: RunApiTls) -> None:
+    """Serve the agentruns API (every replica does) with the operator's certificate; keep the
+    APIService's caBundle and the apiserver's request-header settings current."""
+    config, history = memo.settings, memo.history
+    context = tls.server_context()
+    memo.serving_contexts.append(context)
+    conninfo = None
+    if history is not None:
+        url = history.engine.url.set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+    memo.run_changes = RunChanges(conninfo)
+    memo.run_changes.start()
+    app = runs_server.make_app(
+        history=history,
+        front_proxy=lambda: memo.front_proxy,
+        reviews=AccessReviews(memo.kube.review_access),
+        changes=memo.run_changes,
+    )
+    memo.runs_api_server = await runs_server.serve(
+        app, config.runs_api_bind, config.runs_api_port, context
+    )
+    memo.runs_api_tasks.append(asyncio.create_task(_keep_front_proxy(memo, context, tls)))
+
+
+async def _keep_front_proxy(memo: Memo, context: ssl.SSLContext, tls: RunApiTls) -> None:
+    """Read the apiserver's request-header settings (and trust its CA), set the APIService's
+    caBundle; again every RENEWAL_CHECK, and every minute until both worked once."""
+    log = logging.getLogger(__name__)
+    name = memo.settings.runs_api_apiservice
+    patched = not name
+    while True:
+        try:
+            proxy = await asyncio.to_thread(FrontProxy.load, memo.kube)
+            if proxy != memo.front_proxy:
+                proxy.trust(context)
+                memo.front_proxy = proxy
+                log.info(
+                    "agentruns API: trusting the apiserver's front proxy %s", proxy.allowed_names
+                )
+        except Exception as exc:
+            log.warning("agentruns API: no request-header settings yet: %s", exc)
+        if not patched:
+            try:
+                patched = await asyncio.to_thread(memo.kube.patch_api_service_ca, name, tls.ca_pem)
+                if not patched:  # installed later: tried again every minute
+                    log.warning("agentruns API: APIService %s not found; caBundle not set", name)
+            except Exception as exc:
+                log.warning("agentruns API: setting the caBundle of %s failed: %s", name, exc)
+        ready = memo.front_proxy is not None and patched
+        await asyncio.sleep(RENEWAL_CHECK.total_seconds() if ready else 60)
 
 
 # How often the serving certificate's expiry (and a CA another replica replaced) is checked.
 RENEWAL_CHECK = timedelta(hours=6)
 
 
-async def _renew_run_api_certificate(memo: Memo, tls: RunApiTls, context: ssl.SSLContext) -> None:
+async def _renew_run_api_certificate(memo: Memo, tls: RunApiTls) -> None:
     """Re-read (and, near expiry, re-issue) the serving certificate now and then and serve the
     new one from the listening context: an operator that runs for a year keeps a valid one."""
     log = logging.getLogger(__name__)
@@ -317,7 +375,8 @@ async def _renew_run_api_certificate(memo: Memo, tls: RunApiTls, context: ssl.SS
             continue
         if fresh.cert == tls.cert:
             continue
-        fresh.load_into(context)
+        for context in memo.serving_contexts:
+            fresh.load_into(context)
         if fresh.ca_cert != tls.ca_cert:
             # Runners of Jobs created before trust the old CA: their reports fall back to
             # their summaries. New Jobs get the new bundle from the next reconcile.
@@ -338,6 +397,14 @@ async def stop_run_api(*, memo: Memo, **_: Any) -> None:
             await memo.run_api_renewal
     if memo.run_api_server is not None:
         await memo.run_api_server.cleanup()
+    for task in memo.runs_api_tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if memo.runs_api_server is not None:
+        await memo.runs_api_server.cleanup()
+    if memo.run_changes is not None:
+        await memo.run_changes.stop()
 
 
 @kopf.on.startup()

@@ -4,6 +4,7 @@ indexes."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +22,8 @@ from nocturne_operator.notifications.notify import Notifier
 from nocturne_operator.prices import PriceTable
 from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.runs.recorder import Recorder
+from nocturne_operator.runsapi.auth import FrontProxy
+from nocturne_operator.runsapi.changes import RunChanges
 from nocturne_operator.schedule.validation import Peer
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import History
@@ -118,6 +121,15 @@ class Memo:
     listed_at_start: frozenset[Key] = frozenset()
     run_api_server: web.AppRunner | None = None
     run_api_renewal: asyncio.Task[None] | None = None
+    # The TLS contexts serving the operator's certificate (the run API's, the agentruns
+    # API's): a renewed certificate is loaded into each.
+    serving_contexts: list[ssl.SSLContext] = field(default_factory=list)
+    # The agentruns API (issue 17): its server, its request-header settings (None until read
+    # from the apiserver) and the tasks that keep them and its watches' wake-ups.
+    runs_api_server: web.AppRunner | None = None
+    front_proxy: FrontProxy | None = None
+    runs_api_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    run_changes: RunChanges | None = None
     sweeper: asyncio.Task[None] | None = None
     deliveries: asyncio.Task[None] | None = None
 

@@ -11,6 +11,7 @@ its modules.
 - ``queries``: reads of run records -- runs, cost, run statistics, RUNNING attempts.
 - ``audit``: the lifecycle audit trail. ``state``: agent state between runs.
 - ``checkpoints``: a Job's conversation after its last completed step, for its retry.
+- ``pages``: pages of runs, the history's version and changes since one (the agentruns API).
 - ``retention``: purges of old runs (their totals kept) and audit rows; the tables' sizes.
 - ``repository``: ``History``, the one repository object, composed of the concerns' mixins.
 
@@ -33,6 +34,7 @@ from nocturne_operator.storage.engine import (
     translate_errors,
 )
 from nocturne_operator.storage.migrate import MIGRATIONS_DIR, upgrade
+from nocturne_operator.storage.pages import RunFilter
 from nocturne_operator.storage.queries import (
     FAILED_OUTCOMES,
     CostBy,
@@ -81,6 +83,7 @@ __all__ = [
     "HistoryError",
     "HistoryUnavailableError",
     "PurgedTotals",
+    "RunFilter",
     "RunStats",
     "SavedState",
     "StateToSave",

@@ -66,6 +66,8 @@ class ExecutionRecord:
     updated_at: datetime
     # What reserve() granted the attempt; None for rows without a grant (they count at cost).
     granted_usd: Decimal | None = None
+    # Drawn again at every write of the row (0009): the agentruns API's resourceVersion.
+    revision: int = 0
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,7 @@ def execution_columns(include_output: bool) -> list[sa.ColumnElement[Any]]:
         c["metadata"].label("metadata"),
         c.updated_at,
         c.granted_usd,
+        c.revision,
     ]
 
 

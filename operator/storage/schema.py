@@ -25,6 +25,8 @@ __all__ = [
     "EVENTS",
     "EXECUTIONS",
     "PURGED_TOTALS",
+    "REVISION_SEQUENCE",
+    "RUNS_CHANNEL",
     "RUN_CHECKPOINTS",
     "AgentState",
     "Base",
@@ -73,6 +75,11 @@ class Base(DeclarativeBase):
     }
 
 
+REVISION_SEQUENCE = sa.Sequence("schedule_executions_revision_seq", metadata=Base.metadata)
+RUNS_CHANNEL = "nocturne_runs"
+"""The NOTIFY channel of run changes: payload ``<id> <revision>``."""
+
+
 class Execution(Base):
     """One run attempt (one pod of a Job): RUNNING at start, a final status at the end."""
 
@@ -108,6 +115,11 @@ class Execution(Base):
     # The worst case of the model call in flight, from the last progress report (0 between
     # calls and once final): an attempt that ends without its report is charged it (0006).
     reserved_usd: Mapped[Decimal] = mapped_column(server_default=sa.text("0"))
+    # Drawn again on every insert and update (a trigger): the agentruns API's resourceVersion,
+    # its watch and its list's version (0009).
+    revision: Mapped[int] = mapped_column(
+        sa.BigInteger, REVISION_SEQUENCE, server_default=REVISION_SEQUENCE.next_value()
+    )
 
     __table_args__ = (
         sa.PrimaryKeyConstraint("id", name="pk_schedule_executions"),
@@ -174,7 +186,37 @@ class Execution(Base):
         # The retention purge's "ended longest ago first" (0007): it reads only what is due. Not
         # on started_at: the planner would take that for runs()' "newest first" of a schedule.
         sa.Index("ix_schedule_executions_completed", "completed_at"),
+        # "Every run changed since version N" (the agentruns watch), in version order (0009).
+        sa.Index("ix_schedule_executions_revision", "revision"),
+        # A namespace's runs newest first (the agentruns API's list without a schedule, 0009).
+        sa.Index(
+            "ix_schedule_executions_namespace_started",
+            "namespace",
+            sa.desc("started_at"),
+            sa.desc("id"),
+        ),
     )
+
+
+@sa.event.listens_for(Execution.__table__, "after_create")
+def _create_revision_triggers(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
+    # The same functions and triggers as migration 0009.
+    table = connection.dialect.identifier_preparer.format_table(target)
+    for statement in (
+        f"""CREATE FUNCTION fn_schedule_executions_revision() RETURNS trigger AS $$
+        BEGIN NEW.revision := nextval('{REVISION_SEQUENCE.name}'); NEW.updated_at := now();
+        RETURN NEW; END
+        $$ LANGUAGE plpgsql""",
+        f"""CREATE TRIGGER tg_schedule_executions_revision BEFORE UPDATE ON {table}
+        FOR EACH ROW EXECUTE FUNCTION fn_schedule_executions_revision()""",
+        f"""CREATE FUNCTION fn_schedule_executions_notify() RETURNS trigger AS $$
+        BEGIN PERFORM pg_notify('{RUNS_CHANNEL}', NEW.id::text || ' ' || NEW.revision::text);
+        RETURN NULL; END
+        $$ LANGUAGE plpgsql""",
+        f"""CREATE TRIGGER tg_schedule_executions_notify AFTER INSERT OR UPDATE ON {table}
+        FOR EACH ROW EXECUTE FUNCTION fn_schedule_executions_notify()""",
+    ):
+        connection.execute(sa.text(statement))
 
 
 @sa.event.listens_for(Execution.__table__, "after_create")

@@ -145,6 +145,9 @@ def operator_process(
         # The tests' webhook receivers listen on loopback, in Secrets named "webhook".
         "NOCTURNE_WEBHOOK_ALLOW_PRIVATE": "true",
         "NOCTURNE_WEBHOOK_SECRETS": '["webhook", "slack"]',
+        # The agentruns API only where a test asks for it (one APIService per cluster).
+        "NOCTURNE_RUNS_API_PORT": "0",
+        "NOCTURNE_RUNS_API_APISERVICE": "",
         **(extra_env or {}),
     }
     if database_url is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from harness import build
-from harness.pki import Pki, make_pki
+from harness.pki import FRONT_PROXY_CLIENT, Pki, make_pki
 
 CONTROLLERS = (
     "cronjob-controller",
@@ -42,6 +42,8 @@ CONTROLLERS = (
     # Publishes kube-root-ca.crt into every namespace; in-cluster clients (the operator's pod)
     # read it through the projected service-account volume.
     "root-ca-certificate-publisher-controller",
+    # Aggregates ClusterRoles labelled aggregate-to-view/edit/admin (the agentruns readers).
+    "clusterrole-aggregation-controller",
 )
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 
@@ -197,6 +199,15 @@ def _apiserver_args(cp: ControlPlane) -> list[str]:
         f"--service-account-key-file={pki.sa_pub}",
         "--service-cluster-ip-range=10.96.0.0/16",
         "--authorization-mode=RBAC",
+        # The aggregation layer (aggregated APIs such as agentruns): the apiserver proxies with
+        # its front-proxy client certificate and names the user in these headers.
+        f"--requestheader-client-ca-file={pki.front_proxy_ca}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki.front_proxy_client_cert}",
+        f"--proxy-client-key-file={pki.front_proxy_client_key}",
         "--profiling=false",
         "--v=1",
     ]

@@ -212,6 +212,45 @@ def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(variant: str) -> N
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
 
 
+AGENTRUNS_CLUSTER_BINDINGS = {"system:auth-delegator", f"{RELEASE}-operator-apiservice"}
+
+
+def assert_agentruns_reader_binding(docs: list[dict[str, Any]]) -> None:
+    [reader] = [
+        b for b in of_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == "kube-system"
+    ]
+    assert reader["roleRef"]["name"] == "extension-apiserver-authentication-reader"
+
+
+def test_the_agentruns_api_is_an_apiservice_with_aggregated_read_roles() -> None:
+    docs = render()
+    [service] = of_kind(docs, "APIService")
+    assert service["metadata"]["name"] == "v1alpha1.runs.nocturne.dev"
+    assert service["spec"]["service"] == {
+        "namespace": NAMESPACE,
+        "name": f"{RELEASE}-runs-api",
+        "port": 443,
+    }
+    assert "caBundle" not in service["spec"]  # the operator sets it: no key material here
+    view = one(docs, "ClusterRole", f"{RELEASE}-agentruns-view")
+    assert rules_of(view) == {("runs.nocturne.dev", "agentruns"): {"get", "list", "watch"}}
+    for role in ("view", "edit", "admin"):
+        assert (
+            view["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
+        )
+    apiservice_role = one(docs, "ClusterRole", f"{RELEASE}-operator-apiservice")
+    [rule] = apiservice_role["rules"]
+    assert (rule["resourceNames"], sorted(rule["verbs"])) == (
+        ["v1alpha1.runs.nocturne.dev"],
+        ["get", "patch"],
+    )
+    ports = {p["name"]: p["containerPort"] for p in operator_container(docs)["ports"]}
+    assert ports["runs-api"] == 8444
+    off = render("--set=runsApi.enabled=false")
+    assert of_kind(off, "APIService") == []
+    assert "runs-api" not in {p["name"] for p in operator_container(off)["ports"]}
+
+
 def test_cluster_wide_operator_gets_exactly_its_rules_everywhere() -> None:
     docs = render()
     role = one(docs, "ClusterRole", f"{RELEASE}-operator")
@@ -226,10 +265,13 @@ def test_cluster_wide_operator_gets_exactly_its_rules_everywhere() -> None:
     assert {b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")} == {
         f"{RELEASE}-operator",
         f"{RELEASE}-operator-discovery",
+        *AGENTRUNS_CLUSTER_BINDINGS,
     }
-    # One RoleBinding: the run API's CA Secret in the release namespace.
-    [tls] = of_kind(docs, "RoleBinding")
-    assert (tls["metadata"]["namespace"], tls["roleRef"]["kind"]) == (NAMESPACE, "Role")
+    # RoleBindings: the run API's CA Secret in the release namespace, and (the agentruns API)
+    # the apiserver's request-header settings in kube-system.
+    [tls] = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == NAMESPACE]
+    assert tls["roleRef"]["kind"] == "Role"
+    assert_agentruns_reader_binding(docs)
     assert env_of(operator_container(docs))["NOCTURNE_WATCH_NAMESPACES"] == ""
 
 
@@ -255,8 +297,13 @@ def test_watched_namespaces_get_role_bindings_only_there() -> None:
         b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"
     ]
     assert sorted(b["metadata"]["namespace"] for b in role_bindings) == ["team-a", "team-b"]
-    [tls] = [b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["kind"] == "Role"]
+    [tls] = [
+        b
+        for b in of_kind(docs, "RoleBinding")
+        if b["roleRef"]["kind"] == "Role" and b["metadata"]["namespace"] != "kube-system"
+    ]
     assert tls["metadata"]["namespace"] == NAMESPACE
+    assert_agentruns_reader_binding(docs)
     for binding in role_bindings:
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -267,9 +314,10 @@ def test_watched_namespaces_get_role_bindings_only_there() -> None:
             {"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}
         ]
     # No cluster-wide grant of the namespaced rules; namespaces list/watch for kopf instead.
-    assert [b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")] == [
-        f"{RELEASE}-operator-discovery"
-    ]
+    assert {b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")} == {
+        f"{RELEASE}-operator-discovery",
+        *AGENTRUNS_CLUSTER_BINDINGS,
+    }
     discovery = one(docs, "ClusterRole", f"{RELEASE}-operator-discovery")
     assert rules_of(discovery)[("", "namespaces")] == {"list", "watch"}
     assert env_of(operator_container(docs))["NOCTURNE_WATCH_NAMESPACES"] == "team-a,team-b"

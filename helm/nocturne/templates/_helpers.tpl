@@ -117,11 +117,13 @@ runner_token_expiration_seconds: {{ .Values.runner.tokenExpirationSeconds }}
 run_api_port: {{ .Values.runApi.port }}
 run_api_url: {{ .Values.runApi.url | default (printf "https://%s:%d" (include "nocturne.runApiHost" .) (int .Values.runApi.port)) | quote }}
 run_api_hostnames:
-  {{- range (concat (list (printf "%s-run-api" (include "nocturne.fullname" .)) (printf "%s-run-api.%s" (include "nocturne.fullname" .) .Release.Namespace)) .Values.runApi.extraHostnames) }}
+  {{- range (concat (list (printf "%s-run-api" (include "nocturne.fullname" .)) (printf "%s-run-api.%s" (include "nocturne.fullname" .) .Release.Namespace) (printf "%s-runs-api.%s.svc" (include "nocturne.fullname" .) .Release.Namespace)) .Values.runApi.extraHostnames) }}
   - {{ . | quote }}
   {{- end }}
 run_api_tls_secret: {{ printf "%s-run-api-tls" (include "nocturne.fullname" .) | quote }}
 run_api_tls_namespace: {{ .Release.Namespace | quote }}
+runs_api_port: {{ ternary (int .Values.runsApi.port) 0 .Values.runsApi.enabled }}
+runs_api_apiservice: {{ ternary "v1alpha1.runs.nocturne.dev" "" .Values.runsApi.enabled | quote }}
 web_fetch_allow_private: {{ .Values.runner.webFetchAllowPrivate }}
 successful_jobs_history_limit: {{ .Values.runner.jobs.successfulJobsHistoryLimit }}
 failed_jobs_history_limit: {{ .Values.runner.jobs.failedJobsHistoryLimit }}
