@@ -11,6 +11,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -24,6 +25,7 @@ from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api import conditions as cond
 from nocturne_operator.api.model import API_VERSION, KIND
 from nocturne_operator.cli import reports, watch
+from nocturne_operator.cli.apiruns import ApiRuns
 from nocturne_operator.controller.reconcile import (
     ANNOTATION_CANCEL,
     ANNOTATION_RESUME,
@@ -327,19 +329,27 @@ def _database_url(args: argparse.Namespace) -> str:
     return url
 
 
+def _runs(args: argparse.Namespace, namespace: str) -> AbstractContextManager[Any]:
+    """Where a report reads runs: PostgreSQL with a database URL (administrators), else the
+    agentruns API with the user's kubeconfig and RBAC."""
+    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
+    if url:
+        return History.connect(url)
+    return ApiRuns(Kube.connect(), namespace, args.name)
+
+
 def cmd_history(args: argparse.Namespace, _settings: Settings) -> int:
     """Runs of a schedule, newest first, paginated."""
     try:
         since = reports.parse_time(args.since, "--since")
         until = reports.parse_time(args.until, "--until")
         statuses = reports.parse_statuses(args.status)
-        url = _database_url(args)
     except ValueError as exc:
         _say(exc)
         return EXIT_USAGE
     namespace = args.namespace or _current_namespace()
     try:
-        with History.connect(url) as store:
+        with _runs(args, namespace) as store:
             print(
                 reports.history_report(
                     store,
@@ -364,7 +374,6 @@ def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
     try:
         since = reports.parse_time(args.since, "--since")
         until = reports.parse_time(args.until, "--until")
-        url = _database_url(args)
     except ValueError as exc:
         _say(exc)
         return EXIT_USAGE
@@ -373,7 +382,7 @@ def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
         return EXIT_USAGE
     namespace = args.namespace or _current_namespace()
     try:
-        with History.connect(url) as store:
+        with _runs(args, namespace) as store:
             periods = store.cost(
                 namespace, args.name, since=since, until=until, by=args.by, tz=args.tz
             )
@@ -386,14 +395,9 @@ def cmd_cost(args: argparse.Namespace, _settings: Settings) -> int:
 
 def cmd_show(args: argparse.Namespace, _settings: Settings) -> int:
     """One run of a schedule, its output included."""
-    try:
-        url = _database_url(args)
-    except ValueError as exc:
-        _say(exc)
-        return EXIT_USAGE
     namespace = args.namespace or _current_namespace()
     try:
-        with History.connect(url) as store:
+        with _runs(args, namespace) as store:
             run = _one_run(store, namespace, args.name, args.run)
     except HistoryError as exc:
         _say(f"show: {exc}")
@@ -438,7 +442,6 @@ def cmd_watch(args: argparse.Namespace, _settings: Settings) -> int:
     history database) or its result from status. 0 when the run succeeded."""
     namespace = args.namespace or _current_namespace()
     kube = Kube.connect()
-    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
 
     def waiting(body: Mapping[str, Any]) -> None:
         nxt = (body.get("status") or {}).get("nextRunLocal") or "not scheduled"
@@ -472,24 +475,22 @@ def cmd_watch(args: argparse.Namespace, _settings: Settings) -> int:
         + (f": {last['message']}" if last.get("message") else ""),
         file=sys.stderr,
     )
-    if url:
-        try:
-            with History.connect(url) as store:
-                run = _one_run(store, namespace, args.name, followed.job)
-        except HistoryError as exc:
-            _say(f"(history unavailable: {exc})", file=sys.stderr)
-        else:
-            if run is not None:
-                _print_run(run, "text")
+    try:
+        with _runs(args, namespace) as store:
+            run = _one_run(store, namespace, args.name, followed.job)
+    except HistoryError as exc:
+        _say(f"(history unavailable: {exc})", file=sys.stderr)
+        hint = f"nocturne show {args.name} {followed.job} -n {namespace}"
+        _say(f"(its output: {hint})", file=sys.stderr)
     else:
-        _say(
-            f"(its output: nocturne show {args.name} {followed.job} -n {namespace})",
-            file=sys.stderr,
-        )
+        if run is not None:
+            _print_run(run, "text")
     return EXIT_OK if last.get("result") == "Succeeded" else EXIT_INVALID
 
 
-def _one_run(store: History, namespace: str, name: str, run: str | None) -> ExecutionRecord | None:
+def _one_run(
+    store: History | ApiRuns, namespace: str, name: str, run: str | None
+) -> ExecutionRecord | None:
     """The newest run, the run with that id, or the newest attempt of that Job."""
     if run is not None and run.isdigit():
         found = store.get(int(run))
@@ -508,13 +509,11 @@ def cmd_describe(args: argparse.Namespace, _settings: Settings) -> int:
         _say(f"{KIND} {namespace}/{args.name} not found")
         return EXIT_INVALID
     runs: list[ExecutionRecord] = []
-    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
-    if url:  # optional here: describe works without history
-        try:
-            with History.connect(url) as store:
-                runs = store.runs(namespace, args.name, limit=5)
-        except HistoryError as exc:
-            _say(f"(history unavailable: {exc})")
+    try:  # optional here: describe works without history
+        with _runs(args, namespace) as store:
+            runs = store.runs(namespace, args.name, limit=5)
+    except HistoryError as exc:
+        _say(f"(history unavailable: {exc})")
     print(reports.describe(obj, runs))
     return EXIT_OK
 
