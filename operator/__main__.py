@@ -12,6 +12,7 @@ import kopf
 from kopf._core.engines.peering import Identity  # kopf exports no public name for the type
 
 import nocturne_operator.controller.handlers  # noqa: F401 - importing it registers the handlers
+from nocturne_operator.controller import admission
 from nocturne_operator.controller.memo import Memo
 from nocturne_operator.settings import load_settings
 
@@ -26,10 +27,14 @@ class _QuietRoutine(logging.Filter):
         "Handler 'schedule_event' succeeded",
     )
 
+    # A refused admission is the webhook working, not an error: the operator logs it itself.
+    _REFUSAL = "Webhook 'agentschedules' failed permanently"
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.levelno <= logging.INFO and record.getMessage().startswith(self._ROUTINE)
-        )
+        message = record.getMessage()
+        if message.startswith(self._REFUSAL):
+            return False
+        return not (record.levelno <= logging.INFO and message.startswith(self._ROUTINE))
 
 
 def watch_patterns(value: str) -> list[str]:
@@ -50,6 +55,7 @@ def main() -> int:
     logging.getLogger("kopf.objects").addFilter(_QuietRoutine())
     # Bad settings end the process here, with the file and field named, before kopf starts.
     memo = Memo(settings=load_settings())
+    admission.register(memo.settings)
     kopf.run(
         memo=memo,
         # Standalone mode does not peer; an explicit identity spares kopf a getpass lookup,

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import yaml
@@ -169,6 +169,17 @@ class Settings(BaseSettings):
     # operator's). Empty namespace: an in-memory CA for one process (development only).
     run_api_tls_secret: str = Field("nocturne-run-api-tls", min_length=1, max_length=253)
     run_api_tls_namespace: str = Field("", max_length=63)
+    # --- the validating admission webhook (issue 15) ---
+    # Port of its TLS listener; 0: no webhook (errors show on status only).
+    webhook_port: int = Field(0, ge=0, le=65535)
+    webhook_bind: str = "0.0.0.0"  # noqa: S104 - the kube-apiserver connects from outside
+    # The host the apiserver calls (the chart's Service, <fullname>-webhook.<namespace>.svc);
+    # it is in the operator's serving certificate. The URL's port is webhook_port.
+    webhook_host: str = Field("localhost", min_length=1, max_length=253)
+    # Ignore: a stopped operator blocks nobody (status is the second line). Fail: mandatory.
+    webhook_failure_policy: Literal["Ignore", "Fail"] = "Ignore"
+    # The ValidatingWebhookConfiguration kopf keeps pointed at this operator.
+    webhook_configuration: str = Field("validate.nocturne.dev", min_length=1, max_length=253)
     # --- the agentruns API, served through API aggregation (issue 17) ---
     # Port of its TLS listener (the APIService's Service points here); 0: not served.
     runs_api_port: int = Field(8444, ge=0, le=65535)

@@ -21,6 +21,7 @@ import kopf
 from nocturne_operator.adapters import metrics
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from nocturne_operator.controller import admission
 from nocturne_operator.controller.cache import Change, Packed
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.controller.schedules import (
@@ -279,7 +280,7 @@ def schedule_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: A
 
 
 @kopf.on.startup()
-async def start_run_api(*, memo: Memo, **_: Any) -> None:
+async def start_run_api(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     """Serve the run API (every replica does): runner pods get their budget grants here and
     report progress and results. Its CA is the operator's own, kept in a Secret."""
     kube, config = memo.kube, memo.settings
@@ -300,6 +301,8 @@ async def start_run_api(*, memo: Memo, **_: Any) -> None:
         ),
     )
     memo.run_api_server = await serve(app, config, tls, context=context)
+    # The admission webhook (kopf serves it once the startup handlers are done).
+    memo.webhook_pem = admission.serve(settings, config, tls)
     memo.serving_contexts.append(context)
     memo.run_api_renewal = asyncio.create_task(_renew_run_api_certificate(memo, tls))
     if config.runs_api_port:
@@ -377,6 +380,8 @@ async def _renew_run_api_certificate(memo: Memo, tls: RunApiTls) -> None:
             continue
         for context in memo.serving_contexts:
             fresh.load_into(context)
+        if memo.webhook_pem is not None:
+            fresh.write_pem(memo.webhook_pem)
         if fresh.ca_cert != tls.ca_cert:
             # Runners of Jobs created before trust the old CA: their reports fall back to
             # their summaries. New Jobs get the new bundle from the next reconcile.

@@ -71,11 +71,12 @@ class SecretStore(Protocol):
 
 
 def server_hostnames(settings: Settings) -> list[str]:
-    """The serving certificate's names: run_api_url's host, then run_api_hostnames (no
-    duplicates, in order)."""
+    """The serving certificate's names: run_api_url's host, then run_api_hostnames and, with
+    the admission webhook on, webhook_host (no duplicates, in order)."""
     names: list[str] = []
     host = urlsplit(settings.run_api_url).hostname
-    for raw in [host or "", *settings.run_api_hostnames]:
+    webhook = [settings.webhook_host] if settings.webhook_port else []
+    for raw in [host or "", *settings.run_api_hostnames, *webhook]:
         name = raw.strip().lower()
         if name and name not in names:
             names.append(name)
@@ -249,6 +250,15 @@ class RunApiTls:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(_key_pem(self.key) + _cert_pem(self.cert))
             context.load_cert_chain(path)
+
+    def write_pem(self, path: Path) -> None:
+        """Write the key and certificate, PEM, to ``path`` (0600, replaced atomically): for a
+        server that reads its certificate from a file (kopf's webhook server watches it)."""
+        temporary = path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_key_pem(self.key) + _cert_pem(self.cert))
+        temporary.replace(path)
 
     # ---- issuing --------------------------------------------------------------------------
 

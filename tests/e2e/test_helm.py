@@ -164,6 +164,8 @@ def release(
         # unavailable and hold up namespace deletion for every test. The aggregated path is
         # tested with the operator as a process (test_agentruns.py).
         "--set=runsApi.enabled=false",
+        # ... and a webhook URL with a Service name would send the apiserver to DNS.
+        "--set=webhook.enabled=false",
     )
     try:
         yield found

@@ -212,7 +212,41 @@ def test_rbac_has_no_wildcards_and_reads_secrets_only_by_name(variant: str) -> N
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
 
 
-AGENTRUNS_CLUSTER_BINDINGS = {"system:auth-delegator", f"{RELEASE}-operator-apiservice"}
+AGENTRUNS_CLUSTER_BINDINGS = {
+    "system:auth-delegator",
+    f"{RELEASE}-operator-apiservice",
+    f"{RELEASE}-operator-webhook",
+}
+
+
+def test_the_webhook_is_served_on_its_port_and_kopf_may_keep_only_its_configuration() -> None:
+    docs = render()
+    ports = {p["name"]: p["containerPort"] for p in operator_container(docs)["ports"]}
+    assert ports["webhook"] == 9443
+    role = one(docs, "ClusterRole", f"{RELEASE}-operator-webhook")
+    create, own = role["rules"]
+    assert (create["verbs"], create.get("resourceNames")) == (["create"], None)
+    assert own["resourceNames"] == [f"{RELEASE}.validate.nocturne.dev"]
+    settings = yaml.safe_load(
+        one(docs, "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"]
+    )
+    assert settings["webhook_port"] == 9443
+    assert settings["webhook_host"] == f"{RELEASE}-webhook.{NAMESPACE}.svc"
+    assert settings["webhook_failure_policy"] == "Ignore"
+    strict = yaml.safe_load(
+        one(render("--set=webhook.failurePolicy=Fail"), "ConfigMap", f"{RELEASE}-settings")["data"][
+            "settings.yaml"
+        ]
+    )
+    assert strict["webhook_failure_policy"] == "Fail"
+    bad = run_helm(
+        "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+        "--set=webhook.failurePolicy=Sometimes",
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert "failurePolicy" in bad.stderr
+    off = render("--set=webhook.enabled=false")
+    assert "webhook" not in {p["name"] for p in operator_container(off)["ports"]}
 
 
 def assert_agentruns_reader_binding(docs: list[dict[str, Any]]) -> None:

@@ -122,6 +122,10 @@ run_api_hostnames:
   {{- end }}
 run_api_tls_secret: {{ printf "%s-run-api-tls" (include "nocturne.fullname" .) | quote }}
 run_api_tls_namespace: {{ .Release.Namespace | quote }}
+webhook_port: {{ ternary (int .Values.webhook.port) 0 .Values.webhook.enabled }}
+webhook_host: {{ printf "%s-webhook.%s.svc" (include "nocturne.fullname" .) .Release.Namespace | quote }}
+webhook_failure_policy: {{ .Values.webhook.failurePolicy | quote }}
+webhook_configuration: {{ printf "%s.validate.nocturne.dev" (include "nocturne.fullname" .) | quote }}
 runs_api_port: {{ ternary (int .Values.runsApi.port) 0 .Values.runsApi.enabled }}
 runs_api_apiservice: {{ ternary "v1alpha1.runs.nocturne.dev" "" .Values.runsApi.enabled | quote }}
 web_fetch_allow_private: {{ .Values.runner.webFetchAllowPrivate }}

@@ -1,0 +1,109 @@
+"""Errors at ``kubectl apply`` time (issue 15): a validating admission webhook (kopf's) runs the
+same validation the operator's passes run, so ``kubectl apply`` (``--dry-run=server`` too), Helm
+and Argo CD fail with the same field-named message the schedule's status would carry.
+
+``failurePolicy: Ignore`` by default: a stopped operator blocks nobody, and status remains the
+second line of defence (``webhook_failure_policy: Fail`` makes the webhook mandatory). kopf
+manages the ValidatingWebhookConfiguration (``webhook_configuration``): it points it at
+``https://<webhook_host>:<webhook_port>/`` with the operator's own CA as ``caBundle`` (the run
+API's; no key material in the chart). An UPDATE that leaves the spec alone (an annotation: run
+now, pause's reason, a cancel) is never refused, so an already invalid schedule can still be
+paused or annotated.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from nocturne_operator.api.model import GROUP, PLURAL, VERSION
+from nocturne_operator.controller.memo import Memo
+from nocturne_operator.runapi.tls import RunApiTls
+from nocturne_operator.schedule.validation import Peer, validate
+from nocturne_operator.settings import Settings
+
+__all__ = ["register", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def check(
+    body: kopf.Body | dict[str, Any],
+    old: kopf.Body | dict[str, Any] | None,
+    memo: Memo,
+    *,
+    operation: str | None,
+    now: datetime,
+) -> list[str]:
+    """The warnings of an admissible schedule; kopf.AdmissionError (422) naming every field,
+    value and rule when it is not."""
+    if operation == "UPDATE" and old is not None and old.get("spec") == body.get("spec"):
+        return []
+    meta = body.get("metadata") or {}
+    namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    indexes = memo.indexes
+    peers: list[Peer] | None = None
+    if indexes is not None:
+        peers = [p for p in indexes.peers.get(namespace, []) if p.name != name]
+        created = str(meta.get("creationTimestamp") or now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        peers.append(Peer(name, created))
+    result = validate(body, memo.settings, now=now, peers=peers, prices=memo.prices)
+    if result.errors:
+        message = "; ".join(str(e) for e in result.errors)
+        log.info("admission: refused %s %s/%s: %s", operation, namespace, name, message)
+        raise kopf.AdmissionError(message, code=422)
+    return list(result.warnings)
+
+
+def register(settings: Settings) -> None:
+    """Register the validating handler when the webhook is on (its failure policy is fixed at
+    registration: kopf renders it into the configuration)."""
+    if not settings.webhook_port:
+        return
+
+    @kopf.on.validate(
+        GROUP,
+        VERSION,
+        PLURAL,
+        id="agentschedules",
+        operations=["CREATE", "UPDATE"],
+        ignore_failures=settings.webhook_failure_policy == "Ignore",
+    )
+    def agentschedule(*, body: kopf.Body, memo: Memo, warnings: list[str], **kwargs: Any) -> None:
+        """Refuse an AgentSchedule its validation refuses (``validation.validate``); kopf
+        passes the request's ``operation`` and ``old`` object among the keyword arguments."""
+        warnings.extend(
+            check(
+                body,
+                kwargs.get("old"),
+                memo,
+                operation=kwargs.get("operation"),
+                now=datetime.now(UTC),
+            )
+        )
+
+
+def serve(settings: kopf.OperatorSettings, config: Settings, tls: RunApiTls) -> Path | None:
+    """Serve the webhook with the operator's certificate and let kopf keep the configuration;
+    the file kopf reads the certificate from (a renewal rewrites it, kopf then restarts the
+    server with it), or None when the webhook is off."""
+    if not config.webhook_port:
+        return None
+    # kopf's server loads its certificate from a file: a private directory for this process.
+    pem = Path(tempfile.mkdtemp(prefix="nocturne-webhook-")) / "server.pem"
+    tls.write_pem(pem)
+    settings.admission.server = kopf.WebhookServer(
+        addr=config.webhook_bind,
+        port=config.webhook_port,
+        host=config.webhook_host,
+        certfile=pem,
+        pkeyfile=pem,
+        cadata=tls.ca_pem.encode(),
+    )
+    settings.admission.managed = config.webhook_configuration
+    return pem
