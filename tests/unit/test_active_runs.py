@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any
 
 from agent_runner.contract import (
     Checkpoint,
@@ -18,13 +18,11 @@ from agent_runner.contract import (
     RunRef,
     parse_task_document,
 )
-from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.controller.active import ActiveRun, ActiveRuns
 from nocturne_operator.controller.queue import WorkQueue
-from nocturne_operator.controller.reconcile import Plan, reconcile
-from nocturne_operator.render import cronjob_name
+from nocturne_operator.controller.reconcile import Plan
 from nocturne_operator.runapi.auth import RunIdentity
-from unit.test_reconcile_rails import NOW, RUN_API, SETTINGS, Cluster, schedule, stats
+from unit.test_reconcile_rails import NOW, Cluster, schedule, stats
 
 KEY = ("research", "digest")
 PRICE = ModelPrice(
@@ -252,18 +250,4 @@ def test_status_shows_the_active_run_once_and_drops_it_when_it_ends() -> None:
 
 
 def cluster_plan(cluster: Cluster, active: list[ActiveRun]) -> Plan:
-    body = cluster.objects.get("AgentSchedule", "research", "digest")
-    assert body is not None
-    return reconcile(
-        body,
-        SETTINGS,
-        cast(Kube, cluster.objects),
-        events=cluster.seen.event,
-        peers=None,
-        stats=stats(),
-        notices=cluster.seen.notice,
-        now=NOW,
-        run_api=RUN_API,
-        actual=cluster.objects.get("CronJob", "research", cronjob_name("digest")),
-        active=active,
-    )
+    return cluster.plan(stats(), active=active)

@@ -5,6 +5,7 @@ statistics given. The objects live in a dict; the real apiserver is exercised by
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,6 +16,7 @@ import pytest
 from agent_runner.contract import RunOutcome
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api import conditions as cond
+from nocturne_operator.controller.active import ActiveRun
 from nocturne_operator.controller.reconcile import Plan, apply, decide, reconcile
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import RunApiEndpoint, cronjob_name
@@ -149,7 +151,9 @@ class Cluster:
     def reconcile(self, run_stats: RunStats | None, now: datetime = NOW) -> str:
         return self.plan(run_stats, now).phase
 
-    def plan(self, run_stats: RunStats | None, now: datetime = NOW) -> Plan:
+    def plan(
+        self, run_stats: RunStats | None, now: datetime = NOW, active: Sequence[ActiveRun] = ()
+    ) -> Plan:
         body = self.objects.get("AgentSchedule", "research", "digest")
         assert body is not None
         return reconcile(
@@ -163,6 +167,7 @@ class Cluster:
             now=now,
             run_api=RUN_API,
             actual=self.objects.get("CronJob", "research", cronjob_name("digest")),
+            active=active,
         )
 
     @property
