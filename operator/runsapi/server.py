@@ -277,7 +277,10 @@ class _RunsApi:
         began = self.clock()
         sent: dict[int, int] = {}  # run id -> revision sent, for runs within the settle window
         settled = since
-        while loop.time() < ends and not selection.empty:
+        # Selectors nothing can match: a quiet watch until its timeout (or the client leaves).
+        while selection.empty and loop.time() < ends and not _gone(request):
+            await asyncio.sleep(min(5.0, max(0.0, ends - loop.time())))
+        while loop.time() < ends and not selection.empty and not _gone(request):
             heard = self.changes.latest
             rows, db_now = await asyncio.to_thread(history.changed_since, settled, selection.filter)
             for record in rows:
@@ -301,9 +304,16 @@ class _RunsApi:
             # below them.
             settled = _settled(settled, rows, db_now)
             sent = {i: rev for i, rev in sent.items() if rev > settled}
-            await self.changes.wait(heard, max(0.0, ends - loop.time()))
+            # At most 30 s between looks at the connection: a watcher whose client left ends.
+            await self.changes.wait(heard, min(30.0, max(0.0, ends - loop.time())))
         await response.write_eof()
         return response
+
+
+def _gone(request: web.Request) -> bool:
+    """The client has hung up (a watcher stops reading for it)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _settled(settled: int, rows: list[ExecutionRecord], db_now: datetime) -> int:
