@@ -55,7 +55,7 @@ def main() -> int:
     logging.getLogger("kopf.objects").addFilter(_QuietRoutine())
     # Bad settings end the process here, with the file and field named, before kopf starts.
     memo = Memo(settings=load_settings())
-    admission.register(memo.settings)
+    admission.register(memo.settings, namespaces)
     kopf.run(
         memo=memo,
         # Standalone mode does not peer; an explicit identity spares kopf a getpass lookup,

@@ -43,7 +43,8 @@ def from_agent_run(obj: Mapping[str, Any]) -> ExecutionRecord:
     metadata: dict[str, Any] = {
         k: status[k] for k in ("steps", "refusals", "toolCalls", "resumedFromStep") if k in status
     }
-    started = parse_rfc3339(str(status["startedAt"]))
+    precise = (meta.get("annotations") or {}).get(res.ANNOTATION_STARTED)
+    started = parse_rfc3339(str(precise or status["startedAt"]))
     completed = status.get("completedAt")
     return ExecutionRecord(
         id=parsed[1],

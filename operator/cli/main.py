@@ -457,6 +457,7 @@ def cmd_watch(args: argparse.Namespace, _settings: Settings) -> int:
             wait=not args.no_wait,
             interval=args.interval,
             on_waiting=waiting,
+            job_ended=lambda job: _job_ended(kube, namespace, job),
         )
     except KeyboardInterrupt:
         return EXIT_INVALID
@@ -486,6 +487,17 @@ def cmd_watch(args: argparse.Namespace, _settings: Settings) -> int:
         if run is not None:
             _print_run(run, "text")
     return EXIT_OK if last.get("result") == "Succeeded" else EXIT_INVALID
+
+
+def _job_ended(kube: Kube, namespace: str, job: str) -> bool:
+    """The Job finished (Complete or Failed: no retry follows) or is gone."""
+    found = kube.get("Job", namespace, job)
+    if found is None:
+        return True
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in (found.get("status") or {}).get("conditions") or []
+    )
 
 
 def _one_run(

@@ -113,11 +113,12 @@ def follow(
     clock: Callable[[], float] = time.monotonic,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     on_waiting: Callable[[Mapping[str, Any]], None] | None = None,
+    job_ended: Callable[[str], bool] | None = None,
 ) -> Followed:
     """Follow the schedule's run in flight (waiting for one to start when ``wait``) to its end:
     until status.lastRun names its Job with a result no retry follows (success, cancel, no
-    budget), or no retry of it has shown for ``RETRY_WAIT_SECONDS``, or nothing at all for
-    ``RESULT_WAIT_SECONDS``."""
+    budget) or ``job_ended(job)`` says the Job is over (finished or gone; without it: no retry
+    has shown for ``RETRY_WAIT_SECONDS``), or nothing at all for ``RESULT_WAIT_SECONDS``."""
     started = _wait_for_a_run(fetch, wait, interval, sleep, on_waiting)
     if isinstance(started, Followed):
         return started
@@ -136,7 +137,10 @@ def follow(
                 quiet = clock() - quiet_since
                 last = (body.get("status") or {}).get("lastRun")
                 if last is not None and last.get("job") == job:
-                    if last.get("result") in _NO_RETRY or quiet >= RETRY_WAIT_SECONDS:
+                    over = (
+                        job_ended(job) if job_ended is not None else quiet >= RETRY_WAIT_SECONDS
+                    )
+                    if last.get("result") in _NO_RETRY or over:
                         return Followed(job, last)
                 elif quiet >= RESULT_WAIT_SECONDS:
                     return Followed(job, None)

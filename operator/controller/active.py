@@ -8,8 +8,9 @@ seconds, not one per report. The reconcile pass reads ``of(key)`` and writes sta
 operator stays the only writer of status, and a pass stays idempotent (the same reports give
 the same status).
 
-Kept in memory: after a restart a run shows again at its runner's next report (every model
-call and tool call). A runner killed without its final report leaves an entry that ends with
+Kept in memory: after an operator restart, a run already in flight does not show (its reports
+name no attempt, start or budget) -- the next attempt or run shows from its grant on.
+A runner killed without its final report leaves an entry that ends with
 its Job (``forget``, from the pass that sees the Job finished) or at its deadline
 (``expires_at``). Two replicas serving the run API (issue 15) will have to share these reports.
 """

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import kopf
+from kopf._cogs.structs.references import NamespaceName, match_namespace
 
 from nocturne_operator.api.model import GROUP, PLURAL, VERSION
 from nocturne_operator.controller.memo import Memo
@@ -60,9 +62,16 @@ def check(
     return list(result.warnings)
 
 
-def register(settings: Settings) -> None:
+def serves(namespace: str, patterns: Sequence[str]) -> bool:
+    """This operator serves ``namespace`` (kopf's namespace patterns; none: every one)."""
+    return not patterns or any(match_namespace(NamespaceName(namespace), p) for p in patterns)
+
+
+def register(settings: Settings, namespaces: Sequence[str] = ()) -> None:
     """Register the validating handler when the webhook is on (its failure policy is fixed at
-    registration: kopf renders it into the configuration)."""
+    registration: kopf renders it into the configuration). The configuration selects every
+    namespace; schedules in namespaces this operator does not serve (``namespaces``, its watch
+    patterns) are admitted untouched: another operator, or none, decides there."""
     if not settings.webhook_port:
         return
 
@@ -77,6 +86,8 @@ def register(settings: Settings) -> None:
     def agentschedule(*, body: kopf.Body, memo: Memo, warnings: list[str], **kwargs: Any) -> None:
         """Refuse an AgentSchedule its validation refuses (``validation.validate``); kopf
         passes the request's ``operation`` and ``old`` object among the keyword arguments."""
+        if not serves(str(body.get("metadata", {}).get("namespace") or ""), namespaces):
+            return
         warnings.extend(
             check(
                 body,
@@ -88,16 +99,19 @@ def register(settings: Settings) -> None:
         )
 
 
-def serve(settings: kopf.OperatorSettings, config: Settings, tls: RunApiTls) -> Path | None:
-    """Serve the webhook with the operator's certificate and let kopf keep the configuration;
-    the file kopf reads the certificate from (a renewal rewrites it, kopf then restarts the
-    server with it), or None when the webhook is off."""
+def serve(
+    settings: kopf.OperatorSettings, config: Settings, tls: RunApiTls
+) -> tuple[kopf.WebhookServer, Path] | None:
+    """Serve the webhook with the operator's certificate and let kopf keep the configuration:
+    the server and the file it reads the certificate from (a renewal rewrites it and the
+    server's ``cadata``; kopf then restarts the server and re-points the configuration), or
+    None when the webhook is off."""
     if not config.webhook_port:
         return None
     # kopf's server loads its certificate from a file: a private directory for this process.
     pem = Path(tempfile.mkdtemp(prefix="nocturne-webhook-")) / "server.pem"
     tls.write_pem(pem)
-    settings.admission.server = kopf.WebhookServer(
+    server = kopf.WebhookServer(
         addr=config.webhook_bind,
         port=config.webhook_port,
         host=config.webhook_host,
@@ -105,5 +119,6 @@ def serve(settings: kopf.OperatorSettings, config: Settings, tls: RunApiTls) -> 
         pkeyfile=pem,
         cadata=tls.ca_pem.encode(),
     )
+    settings.admission.server = server
     settings.admission.managed = config.webhook_configuration
-    return pem
+    return server, pem

@@ -302,7 +302,7 @@ async def start_run_api(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any
     )
     memo.run_api_server = await serve(app, config, tls, context=context)
     # The admission webhook (kopf serves it once the startup handlers are done).
-    memo.webhook_pem = admission.serve(settings, config, tls)
+    memo.webhook = admission.serve(settings, config, tls)
     memo.serving_contexts.append(context)
     memo.run_api_renewal = asyncio.create_task(_renew_run_api_certificate(memo, tls))
     if config.runs_api_port:
@@ -380,17 +380,32 @@ async def _renew_run_api_certificate(memo: Memo, tls: RunApiTls) -> None:
             continue
         for context in memo.serving_contexts:
             fresh.load_into(context)
-        if memo.webhook_pem is not None:
-            fresh.write_pem(memo.webhook_pem)
+        if memo.webhook is not None:
+            server, pem = memo.webhook
+            server.cadata = fresh.ca_pem.encode()  # read again when kopf restarts the server
+            fresh.write_pem(pem)
         if fresh.ca_cert != tls.ca_cert:
             # Runners of Jobs created before trust the old CA: their reports fall back to
             # their summaries. New Jobs get the new bundle from the next reconcile.
             log.warning("run API: the CA changed; new Jobs get the new bundle")
             memo.run_api = RunApiEndpoint(memo.settings.run_api_url, fresh.ca_pem)
+            await _repoint_api_service(memo, fresh)
         log.info(
             "run API: now serving the certificate valid until %s", fresh.cert.not_valid_after_utc
         )
         tls = fresh
+
+
+async def _repoint_api_service(memo: Memo, tls: RunApiTls) -> None:
+    """A new CA: the agentruns APIService must trust it too (a failure is logged; the front
+    proxy keeper does not retry a patch it made once)."""
+    name = memo.settings.runs_api_apiservice
+    if not (memo.settings.runs_api_port and name):
+        return
+    try:
+        await asyncio.to_thread(memo.kube.patch_api_service_ca, name, tls.ca_pem)
+    except Exception:
+        logging.getLogger(__name__).exception("agentruns API: re-pointing %s failed", name)
 
 
 @kopf.on.cleanup()

@@ -125,8 +125,8 @@ class Memo:
     # The TLS contexts serving the operator's certificate (the run API's, the agentruns
     # API's): a renewed certificate is loaded into each.
     serving_contexts: list[ssl.SSLContext] = field(default_factory=list)
-    # The admission webhook's certificate file (kopf's server reads it; None: no webhook).
-    webhook_pem: Path | None = None
+    # The admission webhook's server and the certificate file it reads (None: no webhook).
+    webhook: tuple[kopf.WebhookServer, Path] | None = None
     # The agentruns API (issue 17): its server, its request-header settings (None until read
     # from the apiserver) and the tasks that keep them and its watches' wake-ups.
     runs_api_server: web.AppRunner | None = None

@@ -119,7 +119,8 @@ def reconcile_key(key: Key, memo: Memo) -> None:
     cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
     memo.active.forget(key, indexes.finished_job_uids(*key))  # their runs are over
     plan = reconcile_schedule(body, memo, indexes.peers, cronjob, behind=behind)
-    memo.queue.add_after(key, next_pass_in(memo.settings, key, plan.due, datetime.now(UTC)))
+    # Within: a pass asked for meanwhile (a run's progress for status) is not put off.
+    memo.queue.add_within(key, next_pass_in(memo.settings, key, plan.due, datetime.now(UTC)))
 
 
 # A pass due at a moment runs this long after it: the slot or deadline has surely passed.

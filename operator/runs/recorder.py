@@ -144,11 +144,12 @@ class Recorder:
     def settle_ended_attempts(
         self, namespace: str, job_name: str, job_uid: str, pod_uid: str
     ) -> int:
-        """A new pod of a Job asks for its grant: finalise the Job's earlier attempts whose pods
-        have ended or are gone, so that their grants no longer count against the Job's per-run
-        cap beyond what they spent (``verdicts.record_ended_attempts``). A pod still running
-        keeps its grant. One history read, and a pod listing only when an earlier attempt is
-        still RUNNING. Returns how many were finalised."""
+        """A new pod of a Job asks for its grant: finalise the Job's earlier attempts whose
+        runner containers the kubelet reports terminated, so that their grants no longer count
+        against the Job's per-run cap beyond what they spent (``verdicts.record_ended_attempts``).
+        A pod still running, gone, or only marked Failed keeps its grant. One history read,
+        and a pod listing only when an earlier attempt is still RUNNING. Returns how many were
+        finalised."""
         history = self.history
         if history is None:
             return 0

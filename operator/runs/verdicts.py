@@ -149,35 +149,43 @@ def record_ended_attempts(
     *,
     now: datetime,
 ) -> int:
-    """Finalise the RUNNING ``rows`` of a Job still running whose pods have ended or are gone:
-    the Job has started another attempt, and the ended ones must not keep holding their grants
-    (a runner killed mid-run would otherwise get its Job's retry refused its budget). A pod
-    that ended is recorded from its summary, as at the Job's end; a pod that is gone is reaped
-    (CANCELLED, charged the call it had in flight). Returns how many rows were finalised."""
+    """Finalise the RUNNING ``rows`` of a Job still running whose runner containers the kubelet
+    reports terminated: the Job has started another attempt, and an ended one must not keep
+    holding its whole grant (a runner killed mid-run would otherwise get its Job's retry refused
+    its budget). Recorded from the pod's summary, as at the Job's end, charged the call it had
+    in flight. An attempt whose pod is gone from the API, or only marked Failed (a lost node,
+    a forced deletion: its container may still run and spend), keeps its grant until the reaper
+    or the Job's end records it. Returns how many rows were finalised."""
     by_uid = {p["metadata"]["uid"]: p for p in pods}
-    ended = [
-        by_uid[r.pod_uid] for r in rows if r.pod_uid in by_uid and pod_finished(by_uid[r.pod_uid])
-    ]
-    written = 0
-    if ended:
-        failed = {
-            **job,
-            "status": {
-                "conditions": [
-                    {
-                        "type": "Failed",
-                        "status": "True",
-                        "reason": "PodFailed",
-                        "message": "the attempt's pod ended; the Job retries it",
-                        "lastTransitionTime": rfc3339(now),
-                    }
-                ]
-            },
-        }
-        written += record_finished_job(failed, ended, {"metadata": {}}, history)
-    gone = [r for r in rows if r.pod_uid not in by_uid]
-    written += len(reap(gone, [job], pods, history, now=now))
-    return written
+    ended = [p for r in rows if (p := by_uid.get(r.pod_uid)) is not None and runner_ended(p)]
+    if not ended:
+        return 0
+    failed = {
+        **job,
+        "status": {
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "PodFailed",
+                    "message": "the attempt's pod ended; the Job retries it",
+                    "lastTransitionTime": rfc3339(now),
+                }
+            ]
+        },
+    }
+    return record_finished_job(failed, ended, {"metadata": {}}, history)
+
+
+def runner_ended(pod: Mapping[str, Any]) -> bool:
+    """The pod has finished and the kubelet reports its runner container terminated (not only
+    a phase set by the control plane for a pod it cannot reach)."""
+    if not pod_finished(pod):
+        return False
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return any(
+        s.get("name") == "runner" and (s.get("state") or {}).get("terminated") for s in statuses
+    )
 
 
 def pod_finished(pod: Mapping[str, Any]) -> bool:

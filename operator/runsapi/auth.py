@@ -15,6 +15,7 @@ delegating authoriser does), so a page-by-page listing costs one review.
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 import threading
@@ -24,6 +25,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.errors import NocturneError
@@ -127,6 +131,13 @@ class FrontProxy:
         (no verified client certificate, a name not allowed, or no user header)."""
         if not peercert:
             return None
+        # TLS verified the chain against every CA ever trusted by this listener (a context only
+        # adds CAs); the issuer must be one the apiserver publishes now (a rotation drops one).
+        issuers = {
+            value for rdn in peercert.get("issuer", ()) for key, value in rdn if key == "commonName"
+        }
+        if not issuers & _common_names(self.client_ca):
+            return None
         names = {
             value
             for rdn in peercert.get("subject", ())
@@ -150,6 +161,20 @@ class FrontProxy:
                     key = urllib.parse.unquote(header[len(prefix) :]).lower()
                     extra.setdefault(key, []).append(value[:_HEADER_CHARS])
         return User(name, groups, tuple((k, tuple(v)) for k, v in sorted(extra.items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _common_names(bundle: str) -> frozenset[str]:
+    """The common names of the certificates in a PEM bundle (none if it does not parse)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(bundle.encode())
+    except ValueError:
+        return frozenset()
+    return frozenset(
+        str(attribute.value)
+        for certificate in certificates
+        for attribute in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    )
 
 
 def _all(headers: Mapping[str, str], name: str) -> list[str]:

@@ -47,6 +47,7 @@ KIND = "AgentRun"
 LABEL_SCHEDULE = "nocturne.dev/schedule"
 LABEL_JOB = "nocturne.dev/job"
 LABEL_RESULT = "nocturne.dev/result"
+ANNOTATION_STARTED = "runs.nocturne.dev/started-at"
 _UID_NAMESPACE = uuid.UUID("8f6a4b8e-3f0c-4d55-9a55-6b1c8f1d2e77")
 _ERROR_CHARS = 4096
 
@@ -72,6 +73,8 @@ def _metadata(record: ExecutionRecord) -> dict[str, Any]:
         "uid": str(uuid.uuid5(_UID_NAMESPACE, str(record.id))),
         "resourceVersion": str(record.revision),
         "creationTimestamp": rfc3339(record.started_at),
+        # The start to the microsecond (timestamps are whole seconds): a page's cursor.
+        "annotations": {ANNOTATION_STARTED: record.started_at.isoformat()},
         "labels": {
             LABEL_SCHEDULE: record.schedule_name,
             LABEL_JOB: record.job_name,

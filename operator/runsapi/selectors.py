@@ -219,10 +219,12 @@ def _field(builder: _Builder, requirement: str, namespace: str | None, where: st
 
 
 def _namespace_field(builder: _Builder, value: str, namespace: str | None, _where: str) -> None:
-    if namespace is None:
+    current = builder.selection.filter.namespace
+    if current is not None and value != current:
+        builder.nothing()  # another namespace than the path's, or than an earlier requirement's
+    else:
         builder._set(namespace=value)
-    elif value != namespace:
-        builder.nothing()
+    del namespace
 
 
 def _name_field(builder: _Builder, value: str, _namespace: str | None, where: str) -> None:
@@ -232,15 +234,21 @@ def _name_field(builder: _Builder, value: str, _namespace: str | None, where: st
         return
     schedule, run_id = parsed
     builder.equal("schedule", [schedule], where)
-    builder._set(run_id=run_id)
+    current = builder.selection.filter.run_id
+    if current is not None and current != run_id:
+        builder.nothing()
+    else:
+        builder._set(run_id=run_id)
 
 
 def _started_after(builder: _Builder, value: str, _namespace: str | None, where: str) -> None:
-    builder._set(started_after=_time(value, where))
+    moment, current = _time(value, where), builder.selection.filter.started_after
+    builder._set(started_after=moment if current is None else max(current, moment))
 
 
 def _started_before(builder: _Builder, value: str, _namespace: str | None, where: str) -> None:
-    builder._set(started_before=_time(value, where))
+    moment, current = _time(value, where), builder.selection.filter.started_before
+    builder._set(started_before=moment if current is None else min(current, moment))
 
 
 _SPECIAL_FIELDS = {

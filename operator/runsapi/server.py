@@ -235,7 +235,8 @@ class _RunsApi:
         limit = _limit(request.query.get("limit"))
         token = request.query.get("continue")
         after = decode_continue(token) if token else None
-        version = await asyncio.to_thread(history.latest_revision)
+        # The settled version: a watch from it misses no write still in flight at this list.
+        version = await asyncio.to_thread(history.latest_revision, SETTLE)
         if selection.empty:
             records: list[ExecutionRecord] = []
             more = False
@@ -260,35 +261,29 @@ class _RunsApi:
 
     async def _watch(self, request: web.Request, selection: Selection) -> web.StreamResponse:
         """Stream watch events (one JSON document per line) of runs written after the given
-        ``resourceVersion`` (unset or 0: from now on), until ``timeoutSeconds``."""
+        ``resourceVersion`` (unset or 0: from the history's settled version on), until
+        ``timeoutSeconds``."""
         history = self._history()
         as_table = _TABLE in request.headers.get("Accept", "")
         include = request.query.get("includeObject", "Metadata")
         since = _resource_version(request.query.get("resourceVersion"))
         if since == 0:
-            since = await asyncio.to_thread(history.latest_revision)
+            since = await asyncio.to_thread(history.latest_revision, SETTLE)
         timeout = _watch_seconds(request.query.get("timeoutSeconds"))
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
         loop = asyncio.get_running_loop()
         ends = loop.time() + timeout
-        # A run first seen here that started after the watch began is ADDED, any other change
-        # MODIFIED (purged runs send no DELETED: history only grows, then ages out).
-        began = self.clock()
-        sent: dict[int, int] = {}  # run id -> revision sent, for runs within the settle window
-        settled = since
         # Selectors nothing can match: a quiet watch until its timeout (or the client leaves).
         while selection.empty and loop.time() < ends and not _gone(request):
             await asyncio.sleep(min(5.0, max(0.0, ends - loop.time())))
+        stream = _WatchStream(since, self.clock())
         while loop.time() < ends and not selection.empty and not _gone(request):
             heard = self.changes.latest
-            rows, db_now = await asyncio.to_thread(history.changed_since, settled, selection.filter)
-            for record in rows:
-                if sent.get(record.id, -1) >= record.revision:
-                    continue
-                fresh = record.id not in sent and record.started_at >= began - timedelta(seconds=5)
-                kind = "ADDED" if fresh else "MODIFIED"
-                sent[record.id] = record.revision
+            rows, db_now = await asyncio.to_thread(
+                history.changed_since, stream.cursor, selection.filter, limit=_WATCH_PAGE
+            )
+            for kind, record in stream.events(rows):
                 obj = (
                     res.table(
                         [record],
@@ -300,14 +295,54 @@ class _RunsApi:
                     else res.agent_run(record)
                 )
                 await response.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
-            # Revisions of rows older than the settle window are done: no write can still land
-            # below them.
-            settled = _settled(settled, rows, db_now)
-            sent = {i: rev for i, rev in sent.items() if rev > settled}
+            if stream.advance(rows, db_now, full=len(rows) >= _WATCH_PAGE):
+                continue  # a full page: read the next one at once
             # At most 30 s between looks at the connection: a watcher whose client left ends.
             await self.changes.wait(heard, min(30.0, max(0.0, ends - loop.time())))
         await response.write_eof()
         return response
+
+
+_WATCH_PAGE = 500
+
+
+class _WatchStream:
+    """Where a watch stands: ``settled`` (every change at or below it was seen: no write still
+    in flight can land there), ``cursor`` (where the next read starts: ``settled``, or past a
+    full page), what was sent within the settle window, and which runs were announced."""
+
+    def __init__(self, since: int, began: datetime) -> None:
+        self.settled = self.cursor = since
+        self.began = began
+        self.sent: dict[int, int] = {}  # run id -> revision sent, within the settle window
+        self.announced: set[int] = set()  # run ids sent at all (ADDED at most once each)
+
+    def events(self, rows: list[ExecutionRecord]) -> list[tuple[str, ExecutionRecord]]:
+        """The changes not sent yet: ADDED for a run first seen that started after the watch
+        began, MODIFIED otherwise (purged runs send no DELETED: history only ages out)."""
+        events = []
+        for record in rows:
+            if self.sent.get(record.id, -1) >= record.revision:
+                continue
+            fresh = record.id not in self.announced and record.started_at >= self.began - timedelta(
+                seconds=5
+            )
+            self.sent[record.id] = record.revision
+            self.announced.add(record.id)
+            events.append(("ADDED" if fresh else "MODIFIED", record))
+        return events
+
+    def advance(self, rows: list[ExecutionRecord], db_now: datetime, *, full: bool) -> bool:
+        """Move on after a read; True when a full page was read (the next one follows at once,
+        from past it; the settle window is read again after)."""
+        if self.cursor == self.settled:
+            self.settled = _settled(self.settled, rows, db_now)
+            self.sent = {i: rev for i, rev in self.sent.items() if rev > self.settled}
+        if full and rows:
+            self.cursor = rows[-1].revision
+            return True
+        self.cursor = self.settled
+        return False
 
 
 def _gone(request: web.Request) -> bool:
@@ -343,7 +378,7 @@ def _resource_version(raw: str | None) -> int:
 
 
 def _watch_seconds(raw: str | None) -> float:
-    if raw is None or raw == "":
+    if raw is None or raw in ("", "0"):  # 0: the default, as the apiserver takes it
         return _WATCH_DEFAULT_SECONDS
     if not raw.isdigit():
         raise _FailureError(400, f"timeoutSeconds {raw!r}: must be a whole number of seconds")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -92,13 +92,20 @@ class RunPages(Repository):
             rows = [_record(row) for row in conn.execute(query)]
         return rows[:limit], len(rows) > limit
 
-    def latest_revision(self) -> int:
-        """The history's version: the largest revision of any run (0 with none)."""
+    def latest_revision(self, settle: timedelta = timedelta(0)) -> int:
+        """The history's version: the largest revision of a run written more than ``settle``
+        ago (0 with none). A write still in flight may commit a revision below the largest
+        committed one; with ``settle`` longer than any write lasts, a watch from this version
+        misses none (it may send again what changed in the last ``settle``)."""
         t = EXECUTIONS
+        latest = (
+            sa.select(t.c.revision)
+            .where(t.c.updated_at < sa.func.now() - settle)
+            .order_by(t.c.revision.desc())
+            .limit(1)
+        )
         with self._begin("read the runs' latest revision") as conn:
-            return int(
-                conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.c.revision), 0))).scalar_one()
-            )
+            return int(conn.execute(latest).scalar_one_or_none() or 0)
 
     def changed_since(
         self, revision: int, selection: RunFilter, *, limit: int = 500

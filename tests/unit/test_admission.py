@@ -9,7 +9,7 @@ from typing import Any, cast
 import kopf
 import pytest
 
-from nocturne_operator.controller.admission import check
+from nocturne_operator.controller.admission import check, serves
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.schedule.validation import Peer
@@ -73,3 +73,19 @@ def test_the_quota_counts_the_schedule_being_created() -> None:
 def test_a_bad_failure_policy_is_a_settings_error() -> None:
     with pytest.raises(ValueError, match="webhook_failure_policy"):
         Settings(webhook_failure_policy="Sometimes")
+
+
+@pytest.mark.parametrize(
+    ("namespace", "patterns", "served"),
+    [
+        ("team-a", [], True),
+        ("team-a", ["team-a", "team-b"], True),
+        ("team-c", ["team-a", "team-b"], False),
+        ("chart-x", ["!chart-*,!solo-*"], False),
+        ("research", ["!chart-*,!solo-*"], True),
+    ],
+)
+def test_only_the_namespaces_this_operator_serves_are_checked(
+    namespace: str, patterns: list[str], served: bool
+) -> None:
+    assert serves(namespace, patterns) is served

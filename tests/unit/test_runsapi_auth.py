@@ -7,11 +7,20 @@ from __future__ import annotations
 import json
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from multidict import CIMultiDict
 
+from nocturne_operator.runapi.tls import RunApiTls
 from nocturne_operator.runsapi.auth import AccessReviews, FrontProxy, FrontProxyError, User
 
-CA = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+CA = RunApiTls.create(["localhost"]).ca_pem  # a real CA: its name is the issuer checked
+CA_NAME = next(
+    str(a.value)
+    for a in x509.load_pem_x509_certificate(CA.encode()).subject.get_attributes_for_oid(
+        NameOID.COMMON_NAME
+    )
+)
 PROXY = FrontProxy.from_configmap(
     {
         "requestheader-client-ca-file": CA,
@@ -23,9 +32,12 @@ PROXY = FrontProxy.from_configmap(
 )
 
 
-def cert(common_name: str) -> dict[str, object]:
+def cert(common_name: str, issuer: str = CA_NAME) -> dict[str, object]:
     """A verified peer certificate as Python's ssl module describes it."""
-    return {"subject": ((("organizationName", "x"),), (("commonName", common_name),))}
+    return {
+        "subject": ((("organizationName", "x"),), (("commonName", common_name),)),
+        "issuer": ((("commonName", issuer),),),
+    }
 
 
 def headers(*pairs: tuple[str, str]) -> CIMultiDict[str]:
@@ -56,6 +68,8 @@ def test_the_front_proxy_speaks_for_the_user_in_its_headers() -> None:
         ({}, headers(("X-Remote-User", "admin"))),
         (cert("kubelet"), headers(("X-Remote-User", "admin"))),  # not an allowed name
         (cert("front-proxy-client"), headers()),  # no user named
+        # Issued by a CA the apiserver no longer publishes (rotated away).
+        (cert("front-proxy-client", issuer="old-ca"), headers(("X-Remote-User", "admin"))),
         (cert("front-proxy-client"), headers(("X-Remote-User", "x" * 2000))),
     ],
 )

@@ -64,6 +64,20 @@ def test_fields_name_a_run_and_a_start_range() -> None:
     assert select("team-a", "", "metadata.name=no-number").empty
 
 
+def test_repeated_field_requirements_all_hold() -> None:
+    assert select(None, "", "metadata.namespace=a,metadata.namespace=b").empty
+    assert select("ns", "", "metadata.name=s-1,metadata.name=s-2").empty
+    assert not select("ns", "", "metadata.name=s-1,metadata.name=s-1").empty
+    both = select(
+        "ns",
+        "",
+        "status.startedAfter=2026-11-01T00:00:00Z,status.startedAfter=2026-11-05T00:00:00Z,"
+        "status.startedBefore=2026-12-01T00:00:00Z,status.startedBefore=2026-11-20T00:00:00Z",
+    )
+    assert both.filter.started_after == datetime(2026, 11, 5, tzinfo=UTC)
+    assert both.filter.started_before == datetime(2026, 11, 20, tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
     ("labels", "fields", "says"),
     [

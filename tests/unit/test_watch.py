@@ -139,3 +139,27 @@ def test_texts_from_status_reach_the_terminal_escaped() -> None:
     assert "\x1b]0;pwned" not in out
     assert "1/8" in out
     assert "0.01 of 0.50 USD" in out
+
+
+def test_with_the_job_to_ask_a_failed_attempt_is_the_end_only_when_the_job_is() -> None:
+    failed = {"job": "digest-1", "result": "Failed", "costUSD": "0.01"}
+    asked: list[str] = []
+    over = [False]
+
+    def job_ended(job: str) -> bool:
+        asked.append(job)
+        return over[0]
+
+    # A long backoff: no retry for minutes, the Job still active; then it fails for good.
+    reads = Reads(body(active(2, "0.01", "x")), *[body(None, failed)] * 200)
+    original_sleep = reads.sleep
+
+    def sleep(seconds: float) -> None:
+        original_sleep(seconds)
+        over[0] = reads.time >= 120  # the Job's last attempt failed two minutes later
+
+    reads.sleep = sleep  # type: ignore[method-assign]
+    followed, _ = run_follow(reads, job_ended=job_ended)
+    assert followed.last_run == failed
+    assert reads.time >= 120 > RETRY_WAIT_SECONDS  # not ended at the 30 s fallback
+    assert set(asked) == {"digest-1"}
