@@ -137,9 +137,7 @@ def follow(
                 quiet = clock() - quiet_since
                 last = (body.get("status") or {}).get("lastRun")
                 if last is not None and last.get("job") == job:
-                    over = (
-                        job_ended(job) if job_ended is not None else quiet >= RETRY_WAIT_SECONDS
-                    )
+                    over = job_ended(job) if job_ended is not None else quiet >= RETRY_WAIT_SECONDS
                     if last.get("result") in _NO_RETRY or over:
                         return Followed(job, last)
                 elif quiet >= RESULT_WAIT_SECONDS:
