@@ -26,15 +26,20 @@ log = logging.getLogger(__name__)
 PURGE_BATCHES = 10
 # Once caught up, or after a failure, the purge looks again this much later, not every sweep.
 PURGE_INTERVAL = timedelta(hours=1)
+# A checkpoint goes when its Job is recorded finished; one not updated for this long belongs to
+# a Job whose end never was (deleted with its pods while no operator ran).
+CHECKPOINTS_KEPT = timedelta(days=7)
 
 
 def purge_expired(history: History, settings: Settings, now: datetime) -> bool:
     """Delete rows past their retention (``history_retention_days`` for runs, their totals
-    kept; ``audit_retention_days`` for audit rows; 0 keeps them), at most PURGE_BATCHES
+    kept; ``audit_retention_days`` for audit rows; 0 keeps them; checkpoints of Jobs long
+    over, a batch), at most PURGE_BATCHES
     batches per table, counted in nocturne_purged_rows_total. True when both are caught up
     (a batch came back short)."""
     caught_up = True
     size = settings.retention_batch_size
+    history.purge_checkpoints(CHECKPOINTS_KEPT, limit=size)
     for table, days, purge in (
         ("schedule_executions", settings.history_retention_days, history.purge_runs),
         ("schedule_events", settings.audit_retention_days, history.purge_events),

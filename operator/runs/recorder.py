@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 # A RUNNING row younger than this may belong to a pod the API has not shown us yet.
 REAP_AFTER = timedelta(minutes=2)
-# A checkpoint not updated for this long belongs to a Job that is surely over.
-CHECKPOINTS_KEPT = timedelta(days=7)
 
 # (namespace, schedule name) -> the AgentSchedule object, or None when it is gone or not seen.
 OwnerLookup = Callable[[str, str], dict[str, Any] | None]
@@ -205,15 +203,11 @@ class Recorder:
 
     def reap(self, owner_of: OwnerLookup) -> None:
         """Finalise executions left RUNNING whose Job or pod is gone (one query, then one Job
-        and one pod listing per schedule that has such rows), and drop checkpoints nobody
-        resumes from any more."""
+        and one pod listing per schedule that has such rows)."""
         history, kube, ledger = self.history, self.kube, self.ledger
         if history is None:
             return
         try:
-            # A checkpoint goes when its Job is recorded finished; this catches the Jobs whose
-            # end never was (deleted with their pods while no operator ran).
-            history.purge_checkpoints(CHECKPOINTS_KEPT)
             stuck = history.stuck_running(REAP_AFTER)
         except HistoryError as exc:
             log.warning("reaper skipped: %s", exc)
