@@ -160,20 +160,12 @@ def record_ended_attempts(
     ended = [p for r in rows if (p := by_uid.get(r.pod_uid)) is not None and runner_ended(p)]
     if not ended:
         return 0
-    failed = {
-        **job,
-        "status": {
-            "conditions": [
-                {
-                    "type": "Failed",
-                    "status": "True",
-                    "reason": "PodFailed",
-                    "message": "the attempt's pod ended; the Job retries it",
-                    "lastTransitionTime": rfc3339(now),
-                }
-            ]
-        },
-    }
+    failed = _ended_job(
+        job["metadata"],
+        succeeded=False,
+        message="the attempt's pod ended; the Job retries it",
+        at=now,
+    )
     return record_finished_job(failed, ended, {"metadata": {}}, history)
 
 
@@ -205,22 +197,34 @@ def record_orphaned_pod(
     if not job_uid or not job_name or not pod_finished(pod):
         return 0
     succeeded = (pod.get("status") or {}).get("phase") == "Succeeded"
-    finished = _finished(pod, {})
-    job = {
-        "metadata": {"name": job_name, "uid": job_uid, "namespace": pod["metadata"]["namespace"]},
+    job = _ended_job(
+        {"name": job_name, "uid": job_uid, "namespace": pod["metadata"]["namespace"]},
+        succeeded=succeeded,
+        message="the Job was gone before the operator recorded the run",
+        at=_finished(pod, {}),
+    )
+    return record_finished_job(job, [pod], schedule, history)
+
+
+def _ended_job(
+    metadata: Mapping[str, Any], *, succeeded: bool, message: str, at: datetime
+) -> dict[str, Any]:
+    """A Job as ``record_finished_job`` reads one that ended (Complete, or Failed with
+    PodFailed) at ``at``: for attempts recorded while their Job is gone or still retrying."""
+    return {
+        "metadata": dict(metadata),
         "status": {
-            "completionTime": rfc3339(finished),
+            "completionTime": rfc3339(at),
             "conditions": [
                 {
                     "type": "Complete" if succeeded else "Failed",
                     "status": "True",
                     "reason": "" if succeeded else "PodFailed",
-                    "message": "the Job was gone before the operator recorded the run",
+                    "message": message,
                 }
             ],
         },
     }
-    return record_finished_job(job, [pod], schedule, history)
 
 
 def _summary(pod: Mapping[str, Any]) -> Summary | None:
