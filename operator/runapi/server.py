@@ -171,8 +171,7 @@ def make_app(
     schedule's runs (start, progress, finish); ``before_grant`` is called before every grant
     (in a thread; a failure is logged and the grant goes on)."""
     app = web.Application(client_max_size=FINISH_LIMIT_BYTES + 1024)
-    api = _RunApi(authenticator, history, prices, settings, clock, observer, on_write)
-    api.before_grant = before_grant
+    api = _RunApi(authenticator, history, prices, settings, clock, observer, on_write, before_grant)
     app.router.add_post(START_PATH, _endpoint("start", REPORT_LIMIT_BYTES, api.start))
     app.router.add_post(PROGRESS_PATH, _endpoint("progress", REPORT_LIMIT_BYTES, api.progress))
     app.router.add_post(
@@ -218,6 +217,7 @@ class _RunApi:
         clock: Clock,
         observer: RunObserver | None,
         on_write: OnWrite | None,
+        before_grant: BeforeGrant | None,
     ) -> None:
         self.authenticator = authenticator
         self.history = history
@@ -229,7 +229,7 @@ class _RunApi:
         self.clock = clock
         self.observer = observer
         self.on_write = on_write
-        self.before_grant: BeforeGrant | None = None
+        self.before_grant = before_grant
 
     async def _identity(
         self, token: str, body: bytes, model: type[_Doc]
