@@ -337,8 +337,7 @@ async def _keep_front_proxy(memo: Memo, context: ssl.SSLContext, tls: RunApiTls)
     """Read the apiserver's request-header settings (and trust its CA), set the APIService's
     caBundle; again every RENEWAL_CHECK, and every minute until both worked once."""
     log = logging.getLogger(__name__)
-    name = memo.settings.runs_api_apiservice
-    patched = not name
+    patched = False
     while True:
         try:
             proxy = await asyncio.to_thread(FrontProxy.load, memo.kube)
@@ -350,13 +349,8 @@ async def _keep_front_proxy(memo: Memo, context: ssl.SSLContext, tls: RunApiTls)
                 )
         except Exception as exc:
             log.warning("agentruns API: no request-header settings yet: %s", exc)
-        if not patched:
-            try:
-                patched = await asyncio.to_thread(memo.kube.patch_api_service_ca, name, tls.ca_pem)
-                if not patched:  # installed later: tried again every minute
-                    log.warning("agentruns API: APIService %s not found; caBundle not set", name)
-            except Exception as exc:
-                log.warning("agentruns API: setting the caBundle of %s failed: %s", name, exc)
+        if not patched:  # an APIService installed later: tried again every minute
+            patched = await _point_api_service(memo, tls.ca_pem)
         ready = memo.front_proxy is not None and patched
         await asyncio.sleep(RENEWAL_CHECK.total_seconds() if ready else 60)
 
@@ -389,23 +383,28 @@ async def _renew_run_api_certificate(memo: Memo, tls: RunApiTls) -> None:
             # their summaries. New Jobs get the new bundle from the next reconcile.
             log.warning("run API: the CA changed; new Jobs get the new bundle")
             memo.run_api = RunApiEndpoint(memo.settings.run_api_url, fresh.ca_pem)
-            await _repoint_api_service(memo, fresh)
+            await _point_api_service(memo, fresh.ca_pem)
         log.info(
             "run API: now serving the certificate valid until %s", fresh.cert.not_valid_after_utc
         )
         tls = fresh
 
 
-async def _repoint_api_service(memo: Memo, tls: RunApiTls) -> None:
-    """A new CA: the agentruns APIService must trust it too (a failure is logged; the front
-    proxy keeper does not retry a patch it made once)."""
+async def _point_api_service(memo: Memo, ca_pem: str) -> bool:
+    """Set the agentruns APIService's caBundle to ``ca_pem``; True when it is set (or there is
+    none to keep), False when the APIService is missing or the patch failed (logged)."""
     name = memo.settings.runs_api_apiservice
     if not (memo.settings.runs_api_port and name):
-        return
+        return True
+    log = logging.getLogger(__name__)
     try:
-        await asyncio.to_thread(memo.kube.patch_api_service_ca, name, tls.ca_pem)
-    except Exception:
-        logging.getLogger(__name__).exception("agentruns API: re-pointing %s failed", name)
+        found = await asyncio.to_thread(memo.kube.patch_api_service_ca, name, ca_pem)
+    except Exception as exc:
+        log.warning("agentruns API: setting the caBundle of %s failed: %s", name, exc)
+        return False
+    if not found:
+        log.warning("agentruns API: APIService %s not found; caBundle not set", name)
+    return found
 
 
 @kopf.on.cleanup()
