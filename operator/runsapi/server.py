@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from aiohttp import web
 
@@ -207,16 +208,25 @@ class _RunsApi:
             or (record.namespace, record.schedule_name) != (namespace, parsed[0])
         ):
             raise _FailureError(404, f'agentruns.{res.GROUP} "{name}" not found')
-        if _TABLE in request.headers.get("Accept", ""):
-            return web.json_response(
-                res.table(
-                    [record],
-                    now=self.clock(),
-                    include_object=request.query.get("includeObject", "Metadata"),
-                    resource_version=record.revision,
-                )
-            )
+        if _as_table(request):
+            return web.json_response(self._table(request, [record], record.revision))
         return web.json_response(res.agent_run(record, with_output=True))
+
+    def _table(
+        self,
+        request: web.Request,
+        records: list[ExecutionRecord],
+        version: int,
+        continue_token: str | None = None,
+    ) -> dict[str, Any]:
+        """The Table kubectl asked for, the objects in its rows as ``includeObject`` says."""
+        return res.table(
+            records,
+            now=self.clock(),
+            include_object=request.query.get("includeObject", "Metadata"),
+            resource_version=version,
+            continue_token=continue_token,
+        )
 
     async def collection(self, request: web.Request, user: User) -> web.StreamResponse:
         namespace = request.match_info.get("namespace")
@@ -245,16 +255,8 @@ class _RunsApi:
                 history.run_page, selection.filter, limit=limit, after=after
             )
         next_token = encode_continue(records[-1].started_at, records[-1].id) if more else None
-        if _TABLE in request.headers.get("Accept", ""):
-            return web.json_response(
-                res.table(
-                    records,
-                    now=self.clock(),
-                    include_object=request.query.get("includeObject", "Metadata"),
-                    resource_version=version,
-                    continue_token=next_token,
-                )
-            )
+        if _as_table(request):
+            return web.json_response(self._table(request, records, version, next_token))
         return web.json_response(
             res.run_list(records, resource_version=version, continue_token=next_token)
         )
@@ -264,8 +266,7 @@ class _RunsApi:
         ``resourceVersion`` (unset or 0: from the history's settled version on), until
         ``timeoutSeconds``."""
         history = self._history()
-        as_table = _TABLE in request.headers.get("Accept", "")
-        include = request.query.get("includeObject", "Metadata")
+        as_table = _as_table(request)
         since = _resource_version(request.query.get("resourceVersion"))
         if since == 0:
             since = await asyncio.to_thread(history.latest_revision, SETTLE)
@@ -285,12 +286,7 @@ class _RunsApi:
             )
             for kind, record in stream.events(rows):
                 obj = (
-                    res.table(
-                        [record],
-                        now=self.clock(),
-                        include_object=include,
-                        resource_version=record.revision,
-                    )
+                    self._table(request, [record], record.revision)
                     if as_table
                     else res.agent_run(record)
                 )
@@ -343,6 +339,11 @@ class _WatchStream:
             return True
         self.cursor = self.settled
         return False
+
+
+def _as_table(request: web.Request) -> bool:
+    """kubectl asks for the Table format (``as=Table`` in Accept)."""
+    return _TABLE in request.headers.get("Accept", "")
 
 
 def _gone(request: web.Request) -> bool:
