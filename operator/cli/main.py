@@ -322,8 +322,14 @@ def cmd_db_stats(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _database_url(args: argparse.Namespace) -> str:
+def _configured_url(args: argparse.Namespace) -> str:
+    """--database-url, else $NOCTURNE_DATABASE_URL ("" when neither is set)."""
     url: str = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
+    return url
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    url = _configured_url(args)
     if not url:
         raise ValueError("no database URL (set NOCTURNE_DATABASE_URL or --database-url)")
     return url
@@ -332,7 +338,7 @@ def _database_url(args: argparse.Namespace) -> str:
 def _runs(args: argparse.Namespace, namespace: str) -> AbstractContextManager[Any]:
     """Where a report reads runs: PostgreSQL with a database URL (administrators), else the
     agentruns API with the user's kubeconfig and RBAC."""
-    url = args.database_url or os.environ.get("NOCTURNE_DATABASE_URL", "")
+    url = _configured_url(args)
     if url:
         return History.connect(url)
     return ApiRuns(Kube.connect(), namespace, args.name)

@@ -354,10 +354,15 @@ _TOOL_CALLS_SHOWN = 20
 
 def _tool_calls(r: ExecutionRecord) -> list[Mapping[str, Any]]:
     """The tool calls in brief (tool, host, ok, step), as the runner reported them."""
-    return [x for x in r.metadata.get("toolCalls") or [] if isinstance(x, Mapping)]
+    return _reported(r, "toolCalls")
 
 
 def _refusals(r: ExecutionRecord) -> list[Mapping[str, Any]]:
-    """The operations the agent was refused, as the runner reported them (its metadata is
-    the runner's word: entries that are not objects are left out)."""
-    return [x for x in r.metadata.get("refusals") or [] if isinstance(x, Mapping)]
+    """The operations the agent was refused, as the runner reported them."""
+    return _reported(r, "refusals")
+
+
+def _reported(r: ExecutionRecord, key: str) -> list[Mapping[str, Any]]:
+    """A list the runner put in the run's metadata (its word: entries that are not objects are
+    left out)."""
+    return [x for x in r.metadata.get(key) or [] if isinstance(x, Mapping)]
