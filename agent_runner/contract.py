@@ -135,7 +135,9 @@ class RunOutcome(StrEnum):
 
 FINAL_OUTCOMES = tuple(outcome for outcome in RunOutcome if outcome.final)
 
-NoGrantReason = Literal["BudgetExhausted", "MonthlyBudgetReached", "TotalBudgetReached"]
+NoGrantReason = Literal[
+    "BudgetExhausted", "MonthlyBudgetReached", "TotalBudgetReached", "NamespaceBudgetReached"
+]
 
 # --------------------------------------------------------------------------------------------
 # Money: stored as NUMERIC(14, 6); every amount rounds *up* to the micro-dollar.

@@ -28,7 +28,10 @@ class _QuietRoutine(logging.Filter):
     )
 
     # A refused admission is the webhook working, not an error: the operator logs it itself.
-    _REFUSAL = "Webhook 'agentschedules' failed permanently"
+    _REFUSAL = (
+        "Webhook 'agentschedules' failed permanently",
+        "Webhook 'agentschedulepolicies' failed permanently",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -54,7 +57,7 @@ def main() -> int:
     kopf.configure(verbose=os.environ.get("NOCTURNE_LOG_LEVEL", "").upper() == "DEBUG")
     logging.getLogger("kopf.objects").addFilter(_QuietRoutine())
     # Bad settings end the process here, with the file and field named, before kopf starts.
-    memo = Memo(settings=load_settings())
+    memo = Memo(settings=load_settings(), watch_patterns=tuple(namespaces))
     admission.register(memo.settings, namespaces)
     kopf.run(
         memo=memo,

@@ -30,6 +30,8 @@ _PATHS = {
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "Event": "/api/v1/namespaces/{ns}/events",
     "AgentSchedule": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
+    # Cluster-scoped: the namespace argument is ignored.
+    "AgentSchedulePolicy": f"/apis/{GROUP}/{VERSION}/agentschedulepolicies",
 }
 
 

@@ -24,9 +24,11 @@ import kopf
 from kopf._cogs.structs.references import NamespaceName, match_namespace
 
 from nocturne_operator.api.model import GROUP, PLURAL, VERSION
+from nocturne_operator.api.policy import POLICY_PLURAL
 from nocturne_operator.controller.memo import Memo
 from nocturne_operator.runapi.tls import RunApiTls
-from nocturne_operator.schedule.validation import Peer, validate
+from nocturne_operator.schedule.policy import Policy
+from nocturne_operator.schedule.validation import Limits, Peer, validate
 from nocturne_operator.settings import Settings
 
 __all__ = ["register", "serve"]
@@ -50,11 +52,13 @@ def check(
     namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
     indexes = memo.indexes
     peers: list[Peer] | None = None
+    limits: Limits | None = None
     if indexes is not None:
         peers = [p for p in indexes.peers.get(namespace, []) if p.name != name]
         created = str(meta.get("creationTimestamp") or now.strftime("%Y-%m-%dT%H:%M:%SZ"))
         peers.append(Peer(name, created))
-    result = validate(body, memo.settings, now=now, peers=peers, prices=memo.prices)
+        limits = indexes.limits(memo.settings, namespace)
+    result = validate(body, memo.settings, now=now, peers=peers, prices=memo.prices, limits=limits)
     if result.errors:
         message = "; ".join(str(e) for e in result.errors)
         log.info("admission: refused %s %s/%s: %s", operation, namespace, name, message)
@@ -97,6 +101,29 @@ def register(settings: Settings, namespaces: Sequence[str] = ()) -> None:
                 now=datetime.now(UTC),
             )
         )
+
+    @kopf.on.validate(
+        GROUP,
+        VERSION,
+        POLICY_PLURAL,
+        id="agentschedulepolicies",
+        operations=["CREATE", "UPDATE"],
+        ignore_failures=settings.webhook_failure_policy == "Ignore",
+    )
+    def agentschedulepolicy(*, body: kopf.Body, **_: Any) -> None:
+        """Refuse an AgentSchedulePolicy that cannot be read (a zone, an endpoint): applied, it
+        would hold every schedule of the namespaces it selects."""
+        check_policy(body)
+
+
+def check_policy(body: kopf.Body | dict[str, Any]) -> None:
+    """kopf.AdmissionError (422) naming every broken field of an AgentSchedulePolicy."""
+    name = str((body.get("metadata") or {}).get("name") or "")
+    policy = Policy.parse(name, body.get("spec"))
+    if policy.errors:
+        message = "; ".join(policy.errors)
+        log.info("admission: refused AgentSchedulePolicy %s: %s", name, message)
+        raise kopf.AdmissionError(message, code=422)
 
 
 def serve(

@@ -21,7 +21,8 @@ import kopf
 from nocturne_operator.adapters import metrics
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from nocturne_operator.controller import admission
+from nocturne_operator.api.policy import POLICY_KIND, POLICY_PLURAL
+from nocturne_operator.controller import admission, policies
 from nocturne_operator.controller.cache import Change, Packed
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.controller.schedules import (
@@ -51,6 +52,7 @@ from nocturne_operator.runs.recorder import Recorder
 from nocturne_operator.runsapi import server as runs_server
 from nocturne_operator.runsapi.auth import AccessReviews, FrontProxy
 from nocturne_operator.runsapi.changes import RunChanges
+from nocturne_operator.schedule.policy import Policy
 from nocturne_operator.schedule.validation import Peer
 from nocturne_operator.storage import EventKind, History
 
@@ -225,6 +227,18 @@ def unrecorded_pods(
     return {(str(namespace), labels.get(LABEL_SCHEDULE, "")): Packed(trimmed(body))}
 
 
+@kopf.index(GROUP, VERSION, POLICY_PLURAL)
+def schedule_policies(*, name: str, spec: kopf.Spec, **_: Any) -> dict[str, Policy]:
+    """Name -> the AgentSchedulePolicy as read (a broken one carries its errors)."""
+    return {name: Policy.parse(name, dict(spec))}
+
+
+@kopf.index("", "v1", "namespaces")
+def namespace_labels(*, name: str, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, str]]:
+    """Namespace -> its labels: which policies select it."""
+    return {name: dict(labels)}
+
+
 def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
     """The indexes among a handler's arguments. The first handler call hands them over to the
     workers and the sweep, and queues every schedule for the first pass: kopf calls no handler
@@ -239,6 +253,7 @@ def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
             memo.workers.first_pass.begin(keys)
         for key in keys:  # behind what events name: a schedule created meanwhile goes first
             memo.queue.add_after(key, 0)
+        policies.sync_budgets(memo, indexes)
     return indexes
 
 
@@ -277,6 +292,40 @@ def schedule_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: A
     if change in (Change.CREATED, Change.UPDATED):
         kind = EventKind.CREATED if change is Change.CREATED else EventKind.UPDATED
         audit(memo, body, kind, f"generation {meta.get('generation')}")
+
+
+@kopf.on.event(GROUP, VERSION, POLICY_PLURAL)
+def policy_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: Any) -> None:
+    """An AgentSchedulePolicy listed, changed or deleted: its status; the namespace budgets the
+    grants read; and a pass for the schedules it selects (every schedule when it is deleted or
+    broken: which namespaces it held is not known any more)."""
+    indexes = _indexes(memo, kwargs)
+    name = str(body["metadata"]["name"])
+    if type == "DELETED":
+        policies.sync_budgets(memo, indexes)
+        policies.queue_selected(memo, indexes, None)
+        return
+    policies.policy_status(memo, indexes, dict(body))
+    if type is None:  # the initial listing: the first pass covers every schedule
+        return
+    policies.sync_budgets(memo, indexes)
+    policy = Policy.parse(name, body.get("spec"))
+    policies.queue_selected(memo, indexes, None if policy.spec is None else policy)
+
+
+@kopf.on.event("", "v1", "namespaces")
+def namespace_event(*, type: str | None, name: str, memo: Memo, **kwargs: Any) -> None:
+    """A namespace created, relabelled or deleted: the policies that select it may differ."""
+    indexes = _indexes(memo, kwargs)
+    if type is None:  # the initial listing: the first pass covers every schedule
+        return
+    for policy in indexes.all_policies():  # how many namespaces each selects
+        body = memo.kube.get(POLICY_KIND, "", policy.name)
+        if body is not None:
+            policies.policy_status(memo, indexes, body)
+    if memo.serves(name):
+        policies.sync_budgets(memo, indexes)
+        policies.queue_namespace(memo, indexes, name)
 
 
 @kopf.on.startup()

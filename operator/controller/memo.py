@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import kopf
 from aiohttp import web
+from kopf._cogs.structs.references import NamespaceName, match_namespace
 
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.controller.active import ActiveRuns
@@ -25,7 +26,8 @@ from nocturne_operator.render import RunApiEndpoint
 from nocturne_operator.runs.recorder import Recorder
 from nocturne_operator.runsapi.auth import FrontProxy
 from nocturne_operator.runsapi.changes import RunChanges
-from nocturne_operator.schedule.validation import Peer
+from nocturne_operator.schedule.policy import Policy, limits_for
+from nocturne_operator.schedule.validation import Limits, Peer
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import History
 
@@ -35,6 +37,8 @@ SchedulePeers = kopf.Index[str, Peer]
 ScheduleCronJobs = kopf.Index[tuple[str, str], Packed]
 FinishedJobs = kopf.Index[tuple[str, str], Packed]
 UnrecordedPods = kopf.Index[tuple[str, str], Packed]
+SchedulePolicies = kopf.Index[str, Policy]
+NamespaceLabels = kopf.Index[str, Mapping[str, str]]
 
 
 class Indexes(NamedTuple):
@@ -47,6 +51,8 @@ class Indexes(NamedTuple):
     cronjobs: ScheduleCronJobs  # schedule_cronjobs
     jobs: FinishedJobs  # finished_jobs
     pods: UnrecordedPods  # unrecorded_pods
+    policies: SchedulePolicies  # schedule_policies
+    namespaces: NamespaceLabels  # namespace_labels
 
     @classmethod
     def of(cls, kwargs: Mapping[str, Any]) -> Indexes:
@@ -57,7 +63,21 @@ class Indexes(NamedTuple):
             kwargs["schedule_cronjobs"],
             kwargs["finished_jobs"],
             kwargs["unrecorded_pods"],
+            kwargs["schedule_policies"],
+            kwargs["namespace_labels"],
         )
+
+    def all_policies(self) -> list[Policy]:
+        """Every AgentSchedulePolicy as last watched, by name."""
+        return sorted(
+            (p for store in list(self.policies.values()) for p in store), key=lambda p: p.name
+        )
+
+    def limits(self, settings: Settings, namespace: str) -> Limits:
+        """The limits of ``namespace``'s schedules: the cluster's settings as the policies
+        selecting it (by its labels as last watched) make them."""
+        labels = next(iter(self.namespaces.get(namespace, ())), None)
+        return limits_for(settings, self.all_policies(), labels)
 
     def owner(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
@@ -133,6 +153,11 @@ class Memo:
     front_proxy: FrontProxy | None = None
     runs_api_tasks: list[asyncio.Task[None]] = field(default_factory=list)
     run_changes: RunChanges | None = None
+    # Namespaces whose monthly budget was found spent (with the month): their schedules were
+    # all queued then, so that each holds (see schedules.hold_namespace).
+    spent_namespaces: set[tuple[str, datetime]] = field(default_factory=set)
+    # kopf's namespace patterns this process serves (none: every namespace).
+    watch_patterns: tuple[str, ...] = ()
     sweeper: asyncio.Task[None] | None = None
     deliveries: asyncio.Task[None] | None = None
 
@@ -146,6 +171,11 @@ class Memo:
                 queue.add_within(key, within)
 
         self.active = ActiveRuns(queue=soon)
+
+    def serves(self, namespace: str) -> bool:
+        """This process serves ``namespace`` (its watch patterns)."""
+        patterns = self.watch_patterns
+        return not patterns or any(match_namespace(NamespaceName(namespace), p) for p in patterns)
 
     def in_first_pass(self, key: Key) -> bool:
         """``key`` was listed at the start and the first pass, which queued it then, is still

@@ -42,7 +42,7 @@ from nocturne_operator.render import (
 )
 from nocturne_operator.runs.verdicts import cancellable
 from nocturne_operator.schedule import cron
-from nocturne_operator.schedule.validation import Peer, Validated, validate
+from nocturne_operator.schedule.validation import Limits, Peer, Validated, validate
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import (
     ExecutionRecord,
@@ -192,6 +192,8 @@ def reconcile(
     now: datetime | None = None,
     actual: dict[str, Any] | None,
     active: Sequence[ActiveRun] = (),
+    limits: Limits | None = None,
+    namespace_spent: Decimal | None = None,
 ) -> Plan:
     """Bring the CronJob and the status in line with the AgentSchedule; returns what was
     decided (the phase, and when the clock calls for the next pass). ``active``: the runs in
@@ -199,7 +201,10 @@ def reconcile(
     ``stats`` (from PostgreSQL) fills the run results and drives auto-pause and the budgets;
     None when no database is configured. ``notices`` receives the schedule-level notifications
     (auto-pause, budget reached, silent stop); run-level ones come from finished Jobs.
-    ``actual`` is the CronJob as the cluster has it (None: there is none)."""
+    ``actual`` is the CronJob as the cluster has it (None: there is none). ``limits``: the
+    namespace's, from its AgentSchedulePolicies (None: the cluster's settings);
+    ``namespace_spent``: what the namespace's runs cost this month in its budget's zone (None:
+    unknown, or no namespace budget)."""
     plan = decide(
         body,
         settings,
@@ -210,6 +215,8 @@ def reconcile(
         run_api=run_api,
         prices=prices,
         active=active,
+        limits=limits,
+        namespace_spent=namespace_spent,
     )
     apply(
         plan,
@@ -233,10 +240,21 @@ def decide(
     run_api: RunApiEndpoint,
     prices: PriceTable | None,
     active: Sequence[ActiveRun] = (),
+    limits: Limits | None = None,
+    namespace_spent: Decimal | None = None,
 ) -> Plan:
     """The pass's decisions, without any I/O: ``actual`` is the CronJob as the cluster has it
     (None: missing)."""
-    planner = _Planner(body, settings, now, stats=stats, run_api=run_api, prices=prices)
+    planner = _Planner(
+        body,
+        settings,
+        now,
+        stats=stats,
+        run_api=run_api,
+        prices=prices,
+        limits=limits or Limits.of(settings),
+        namespace_spent=namespace_spent,
+    )
     return planner.decide(peers, actual, active)
 
 
@@ -316,8 +334,12 @@ class _Planner:
         stats: RunStats | None,
         run_api: RunApiEndpoint,
         prices: PriceTable | None,
+        limits: Limits,
+        namespace_spent: Decimal | None,
     ) -> None:
         meta = body["metadata"]
+        self.limits = limits
+        self.namespace_spent = namespace_spent
         self.stats = stats
         self.run_api = run_api
         self.prices = prices
@@ -345,7 +367,14 @@ class _Planner:
         if cancel and cancel != self.old.get("lastCancelRequest"):
             self.plan.cancel = cancel  # answered once: the request id goes on status
             self.new["lastCancelRequest"] = cancel
-        result = validate(self.body, self.settings, now=self.now, peers=peers, prices=self.prices)
+        result = validate(
+            self.body,
+            self.settings,
+            now=self.now,
+            peers=peers,
+            prices=self.prices,
+            limits=self.limits,
+        )
         name = cronjob_name(self.ref.name)
         self.new.update(
             observedGeneration=self.generation,
@@ -590,7 +619,7 @@ class _Planner:
             )
         monthly = spec.budget.max_monthly_usd
         if monthly is None:
-            return None
+            return self._namespace_budget_state()
         month = self._month(spec)
         label = month.strftime("%Y-%m")
         if self.stats is not None and self.stats.month_cost is not None:
@@ -599,7 +628,7 @@ class _Planner:
             recorded = self.old.get("thisMonth") or {}
             spent = Decimal(recorded["costUSD"]) if recorded.get("month") == label else Decimal(0)
         if spent < monthly:
-            return None
+            return self._namespace_budget_state()
         zone = ZoneInfo(spec.time_zone)
         resumes = next_month_start(self.now, spec.time_zone)
         return (
@@ -608,6 +637,40 @@ class _Planner:
             f"automatically at {cron.describe_run(resumes, zone).local} "
             "(or raise spec.budget.maxMonthlyUSD)",
             f"monthly:{label}:{usd(monthly)}",
+        )
+
+    def _namespace_budget_state(self) -> tuple[str, str, str] | None:
+        """(reason, message, notice key) when the namespace's monthly budget (an
+        AgentSchedulePolicy's) is spent: every schedule of the namespace is held until the month
+        turns in the budget's zone. With the database away, a hold of this month stays."""
+        cap = self.limits.namespace_budget
+        if cap is None:
+            return None
+        start = month_start(self.now, cap.time_zone)
+        resumes = next_month_start(self.now, cap.time_zone)
+        self.plan.due_by(resumes)
+        label = start.strftime("%Y-%m")
+        spent = self.namespace_spent
+        if spent is None:
+            old = self._find(cond.BUDGET_EXHAUSTED)
+            held = (
+                old is not None
+                and old.get("status") == "True"
+                and old.get("reason") == cond.NAMESPACE_BUDGET_REACHED
+                and f" in {label} " in str(old.get("message", ""))
+            )
+            if not held or old is None:
+                return None
+            return (cond.NAMESPACE_BUDGET_REACHED, str(old["message"]), f"namespace:{label}")
+        if spent < cap.max_monthly_usd:
+            return None
+        when = cron.describe_run(resumes, ZoneInfo(cap.time_zone)).local
+        return (
+            cond.NAMESPACE_BUDGET_REACHED,
+            f"namespace {self.ref.namespace} spent {usd(spent)} USD in {label} "
+            f"({cap.time_zone}), reaching its maxMonthlyUSD {usd(cap.max_monthly_usd)} "
+            f'(AgentSchedulePolicy "{cap.policy}"); resumes automatically at {when}',
+            f"namespace:{label}:{usd(cap.max_monthly_usd)}",
         )
 
     def _budget_condition(self, spec: AgentScheduleSpec) -> dict[str, Any]:

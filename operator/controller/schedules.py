@@ -9,6 +9,7 @@ import logging
 import zlib
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from nocturne_operator.adapters import metrics
@@ -19,6 +20,7 @@ from nocturne_operator.controller.memo import Memo, SchedulePeers
 from nocturne_operator.controller.queue import Key
 from nocturne_operator.notifications import notices
 from nocturne_operator.render import cronjob_name
+from nocturne_operator.schedule.validation import Limits, Peer
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import EventKind, HistoryError, RunStats, StatsQuery, month_start
 
@@ -118,7 +120,14 @@ def reconcile_key(key: Key, memo: Memo) -> None:
             behind = not memo.recorder.record_job(job, body) or behind
     cronjob = _current(memo, "CronJob", namespace, cronjob_name(name), indexes.cronjob(*key))
     memo.active.forget(key, indexes.finished_job_uids(*key))  # their runs are over
-    plan = reconcile_schedule(body, memo, indexes.peers, cronjob, behind=behind)
+    plan = reconcile_schedule(
+        body,
+        memo,
+        indexes.peers,
+        cronjob,
+        behind=behind,
+        limits=indexes.limits(memo.settings, namespace),
+    )
     # Within: a pass asked for meanwhile (a run's progress for status) is not put off.
     memo.queue.add_within(key, next_pass_in(memo.settings, key, plan.due, datetime.now(UTC)))
 
@@ -157,11 +166,12 @@ def reconcile_schedule(
     cronjob: dict[str, Any] | None,
     *,
     behind: bool = False,
+    limits: Limits | None = None,
 ) -> rec.Plan:
     """Reconcile ``body`` against ``cronjob`` (its CronJob as the cluster has it, or None); the
     plan carried out. When the database was away -- its run statistics unread, or a finished
     Job left unrecorded (``behind``) -- the plan is due again within the reconcile interval, to
-    catch up once the database is back."""
+    catch up once the database is back. ``limits``: the namespace's (its policies')."""
     meta = body["metadata"]
     peers = list(index.get(meta["namespace"], []))
     history = memo.history
@@ -175,6 +185,8 @@ def reconcile_schedule(
             # Keep reconciling (drift repair must not depend on the database); results and
             # holds stay as last recorded on status.
             log.warning("run results unavailable: %s", exc)
+    namespace_spent = _namespace_spent(memo, meta["namespace"], limits, now)
+    _spread_hold(memo, meta["namespace"], peers, limits=limits, spent=namespace_spent, now=now)
 
     def notice(kind: str, key: str, message: str) -> None:
         notifier = memo.notifier
@@ -218,14 +230,61 @@ def reconcile_schedule(
                 now=now,
                 actual=cronjob,
                 active=memo.active.of((meta["namespace"], meta["name"])),
+                limits=limits,
+                namespace_spent=namespace_spent,
             )
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
             raise
     metrics.observe_schedule(meta["namespace"], meta["name"], plan.phase)
-    if behind or (history is not None and stats is None):
+    lost = stats is None or (
+        limits is not None and limits.namespace_budget and namespace_spent is None
+    )
+    if behind or (history is not None and lost):
         plan.due_by(now + timedelta(seconds=memo.settings.reconcile_interval_seconds))
     return plan
+
+
+def _namespace_spent(
+    memo: Memo, namespace: str, limits: Limits | None, now: datetime
+) -> Decimal | None:
+    """What ``namespace`` spent this month in its budget's zone, when it has a budget and the
+    database answers (None otherwise). Read afresh by every pass (one index range): a run that
+    ended in another schedule of the namespace may have spent the rest of the budget."""
+    cap = None if limits is None else limits.namespace_budget
+    history = memo.history
+    if cap is None or history is None:
+        return None
+    try:
+        return history.namespace_month_cost(namespace, month_start(now, cap.time_zone))
+    except HistoryError as exc:
+        log.warning("cost of namespace %s unavailable: %s", namespace, exc)
+        return None
+
+
+def _spread_hold(
+    memo: Memo,
+    namespace: str,
+    peers: list[Peer],
+    *,
+    limits: Limits | None,
+    spent: Decimal | None,
+    now: datetime,
+) -> None:
+    """The first pass to find the namespace's monthly budget spent queues every schedule of
+    the namespace, so that all of them hold now rather than at their next pass."""
+    cap = None if limits is None else limits.namespace_budget
+    if cap is None or spent is None:
+        return
+    mark = (namespace, month_start(now, cap.time_zone))
+    if spent < cap.max_monthly_usd:
+        memo.spent_namespaces.discard(mark)
+        return
+    if mark in memo.spent_namespaces:
+        return
+    memo.spent_namespaces.add(mark)
+    for peer in peers:
+        memo.queue.add((namespace, peer.name))
 
 
 def _stats_query(body: Mapping[str, Any], now: datetime) -> StatsQuery:

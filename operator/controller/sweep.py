@@ -15,6 +15,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from nocturne_operator.adapters import metrics
+from nocturne_operator.controller import policies
 from nocturne_operator.controller.memo import Memo
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import History, HistoryUnavailableError
@@ -88,6 +89,8 @@ async def sweep(memo: Memo) -> None:
         if indexes is None:  # no schedule seen yet
             continue
         recorder = memo.recorder
+        # The namespace budgets, again: a write missed while the database was away.
+        await asyncio.to_thread(policies.sync_budgets, memo, indexes)
         try:
             await asyncio.to_thread(
                 recorder.record_orphaned_pods, indexes.owner, indexes.unrecorded_pods()

@@ -8,12 +8,14 @@ passes the clock and, for the quota, the namespace's schedules.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -85,6 +87,59 @@ class Validated:
 
 
 @dataclass(frozen=True)
+class Allowed:
+    """A list of names one source allows (the cluster's settings, or a policy)."""
+
+    entries: tuple[str, ...]
+    source: str = ""
+    """' (AgentSchedulePolicy "x")' when a policy set it, else "" (the cluster's settings)."""
+
+
+@dataclass(frozen=True)
+class NamespaceCap:
+    """A monthly USD cap on a whole namespace, from the policy named ``policy``."""
+
+    max_monthly_usd: Decimal
+    time_zone: str
+    policy: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits a namespace's schedules are validated against: the cluster's settings, or
+    what the AgentSchedulePolicies selecting the namespace make of them (``schedule.policy``).
+    Each ``*_by`` is appended to the rule a limit breaks: who decided it. A value must pass
+    every ``Allowed`` of a tuple (policies of equal priority each have their say)."""
+
+    min_interval_minutes: int
+    max_per_run_usd: Decimal
+    max_schedules: int
+    llm_secrets: tuple[Allowed, ...]
+    llm_base_urls: tuple[Allowed, ...]
+    webhook_secrets: tuple[Allowed, ...]
+    providers: tuple[Allowed, ...] = ()
+    models: tuple[Allowed, ...] = ()
+    namespace_budget: NamespaceCap | None = None
+    min_interval_by: str = ""
+    max_per_run_by: str = ""
+    max_schedules_by: str = ""
+    # A policy selecting the namespace is broken: its schedules are held until it is fixed.
+    broken: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The cluster's own limits (no policy selects the namespace)."""
+        return cls(
+            min_interval_minutes=settings.min_interval_minutes,
+            max_per_run_usd=settings.max_per_run_usd,
+            max_schedules=settings.max_schedules_per_namespace,
+            llm_secrets=(Allowed(tuple(settings.llm_secrets)),),
+            llm_base_urls=(Allowed(tuple(settings.llm_base_urls)),),
+            webhook_secrets=(Allowed(tuple(settings.webhook_secrets)),),
+        )
+
+
+@dataclass(frozen=True)
 class Peer:
     """Another AgentSchedule in the same namespace, for the quota (oldest first wins)."""
 
@@ -99,15 +154,21 @@ def validate(
     now: datetime,
     peers: Sequence[Peer] | None = None,
     prices: PriceTable | None = None,
+    limits: Limits | None = None,
 ) -> Validated:
     """Validate an AgentSchedule object (``metadata`` + ``spec``) against ``settings``.
 
     ``peers`` are the namespace's AgentSchedules (including this one) for the quota; None skips
     the quota check (offline CLI without a cluster). ``prices`` is the cluster's price table
-    (``load_price_table(settings.price_table_file)``); None skips the model's price check."""
+    (``load_price_table(settings.price_table_file)``); None skips the model's price check.
+    ``limits``: the namespace's, as its AgentSchedulePolicies make them (None: the cluster's
+    settings alone)."""
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
-    errors: list[FieldError] = []
+    limits = limits or Limits.of(settings)
+    errors: list[FieldError] = [
+        FieldError("metadata.namespace", None, rule, has_value=False) for rule in limits.broken
+    ]
     name = _name(body.get("metadata"), errors)
     raw_spec = body.get("spec")
     if not isinstance(raw_spec, Mapping):
@@ -119,23 +180,26 @@ def validate(
         errors.extend(_from_pydantic(exc, raw_spec))
         return Validated(None, errors)
 
-    timing = _timing(spec.schedule, spec.time_zone, settings.min_interval_minutes, _hour_of(now))
-    errors.extend(timing.errors)
+    timing = _timing(spec.schedule, spec.time_zone, limits.min_interval_minutes, _hour_of(now))
+    errors.extend(_decided(timing.errors, "spec.schedule", limits.min_interval_by))
     warnings = list(timing.warnings)
-    if spec.budget.max_per_run_usd > settings.max_per_run_usd:
+    if spec.budget.max_per_run_usd > limits.max_per_run_usd:
+        cap = plain(limits.max_per_run_usd)
+        where = "the namespace's" if limits.max_per_run_by else "the cluster-wide"
         errors.append(
             FieldError(
                 "spec.budget.maxPerRunUSD",
                 str(spec.budget.max_per_run_usd),
-                f"exceeds the cluster-wide cap of {plain(settings.max_per_run_usd)} USD per run",
+                f"exceeds {where} cap of {cap} USD per run{limits.max_per_run_by}",
             )
         )
     errors.extend(_task_size(spec))
+    errors.extend(_models(spec, limits))
     if prices is not None:
         errors.extend(_priced(spec, prices))
-    errors.extend(_credentials(spec, settings))
+    errors.extend(_credentials(spec, limits))
     if peers is not None:
-        errors.extend(_quota(name, peers, settings.max_schedules_per_namespace))
+        errors.extend(_quota(name, peers, limits.max_schedules, limits.max_schedules_by))
     if errors:
         return Validated(None, errors, warnings)
     return Validated(spec, [], warnings, timing.gap)
@@ -285,35 +349,88 @@ def _priced(spec: AgentScheduleSpec, prices: PriceTable) -> list[FieldError]:
     return []
 
 
-def _credentials(spec: AgentScheduleSpec, settings: Settings) -> list[FieldError]:
+def _decided(errors: Sequence[FieldError], field: str, by: str) -> list[FieldError]:
+    """``errors`` with ``by`` (the policy that set the limit) appended to the rule of those
+    about ``field`` that a limit decides (the minimum interval)."""
+    if not by:
+        return list(errors)
+    return [
+        FieldError(e.field, e.value, f"{e.rule}{by}", e.has_value)
+        if e.field == field and "minimum interval is" in e.rule
+        else e
+        for e in errors
+    ]
+
+
+def _models(spec: AgentScheduleSpec, limits: Limits) -> list[FieldError]:
+    """The providers and models the namespace's policies allow (the price table otherwise)."""
+    errors: list[FieldError] = []
+    provider = spec.agent.provider.value
+    for allowed in limits.providers:
+        if provider not in allowed.entries:
+            errors.append(
+                FieldError(
+                    "spec.agent.provider",
+                    provider,
+                    f"not a provider this namespace may use (allowed: "
+                    f"{_listed(allowed.entries)}){allowed.source}",
+                )
+            )
+            break
+    for allowed in limits.models:
+        if not any(fnmatch.fnmatchcase(spec.agent.model, entry) for entry in allowed.entries):
+            errors.append(
+                FieldError(
+                    "spec.agent.model",
+                    spec.agent.model,
+                    f"not a model this namespace may use (allowed: "
+                    f"{_listed(allowed.entries)}){allowed.source}",
+                )
+            )
+            break
+    return errors
+
+
+def _credentials(spec: AgentScheduleSpec, limits: Limits) -> list[FieldError]:
     """Secrets and endpoints are the cluster admin's choice: an API key goes out as
     ``Authorization`` to ``baseURL``, and the operator reads the webhook Secret with its own
-    rights, so a schedule names only Secrets and endpoints the settings list."""
+    rights, so a schedule names only Secrets and endpoints the settings (or the namespace's
+    policy) list."""
     errors: list[FieldError] = []
     key = spec.agent.api_key_secret_ref
-    if key is not None and key.name not in settings.llm_secrets:
-        errors.append(
-            FieldError(
-                "spec.agent.apiKeySecretRef.name",
-                key.name,
-                "not a Secret the cluster admin allows for LLM keys "
-                f"(allowed: {_listed(settings.llm_secrets)})",
-            )
-        )
+    if key is not None:
+        for allowed in limits.llm_secrets:
+            if key.name not in allowed.entries:
+                errors.append(
+                    FieldError(
+                        "spec.agent.apiKeySecretRef.name",
+                        key.name,
+                        "not a Secret the cluster admin allows for LLM keys "
+                        f"(allowed: {_listed(allowed.entries)}){allowed.source}",
+                    )
+                )
+                break
     if spec.agent.base_url:
-        rule = _endpoint_rule(spec.agent.base_url, settings.llm_base_urls)
-        if rule is not None:
-            errors.append(FieldError("spec.agent.baseURL", spec.agent.base_url, rule))
+        for allowed in limits.llm_base_urls:
+            rule = _endpoint_rule(spec.agent.base_url, allowed.entries)
+            if rule is not None:
+                errors.append(
+                    FieldError("spec.agent.baseURL", spec.agent.base_url, rule + allowed.source)
+                )
+                break
     hook = spec.notifications.webhook_secret_ref
-    if hook is not None and hook.name not in settings.webhook_secrets:
-        errors.append(
-            FieldError(
-                "spec.notifications.webhookSecretRef.name",
-                hook.name,
-                "not a Secret the cluster admin allows for webhooks "
-                f"(allowed: {_listed(settings.webhook_secrets)})",
-            )
-        )
+    if hook is not None:
+        for allowed in limits.webhook_secrets:
+            if hook.name not in allowed.entries:
+                errors.append(
+                    FieldError(
+                        "spec.notifications.webhookSecretRef.name",
+                        hook.name,
+                        "not a Secret the cluster admin allows for webhooks "
+                        f"(allowed: {_listed(allowed.entries)}){allowed.source}",
+                    )
+                )
+                break
     return errors
 
 
@@ -362,7 +479,7 @@ def _schedule(expr: str, errors: list[FieldError]) -> cron.CronSchedule | None:
         return None
 
 
-def _quota(name: str, peers: Sequence[Peer], limit: int) -> list[FieldError]:
+def _quota(name: str, peers: Sequence[Peer], limit: int, by: str = "") -> list[FieldError]:
     ordered = sorted(peers, key=lambda p: (p.created, p.name))
     allowed = {p.name for p in ordered[:limit]}
     if name in allowed or len(ordered) <= limit:
@@ -372,7 +489,7 @@ def _quota(name: str, peers: Sequence[Peer], limit: int) -> list[FieldError]:
             "metadata.namespace",
             name,
             f"quota exceeded: at most {limit} AgentSchedules per namespace "
-            f"({len(ordered)} exist; the oldest {limit} run)",
+            f"({len(ordered)} exist; the oldest {limit} run){by}",
             has_value=True,
         )
     ]

@@ -26,6 +26,7 @@ from agent_runner.contract import (
     validate_state,
 )
 from nocturne_operator.storage.audit import EventRecord
+from nocturne_operator.storage.budgets import NamespaceBudgetRow
 from nocturne_operator.storage.engine import (
     ExecutionNotFoundError,
     HistoryError,
@@ -82,6 +83,7 @@ __all__ = [
     "History",
     "HistoryError",
     "HistoryUnavailableError",
+    "NamespaceBudgetRow",
     "PurgedTotals",
     "RunFilter",
     "RunStats",

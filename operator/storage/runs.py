@@ -23,8 +23,13 @@ from sqlalchemy.dialects import postgresql as pg
 
 from agent_runner.contract import MAX_USD, NoGrantReason, RunOutcome, grant_usd, json_document
 from nocturne_operator.storage.engine import ExecutionNotFoundError, HistoryError, Repository
-from nocturne_operator.storage.queries import cost_sum, execution_columns, purged_cost
-from nocturne_operator.storage.schema import EXECUTIONS, PURGED_TOTALS
+from nocturne_operator.storage.queries import (
+    cost_sum,
+    execution_columns,
+    month_start,
+    purged_cost,
+)
+from nocturne_operator.storage.schema import EXECUTIONS, NAMESPACE_BUDGETS, PURGED_TOTALS
 from nocturne_operator.storage.state import StateToSave, save_state_in
 from nocturne_operator.storage.values import (
     ERROR_LIMIT_BYTES,
@@ -43,6 +48,8 @@ log = logging.getLogger(__name__)
 # reserve() decides a schedule's grants ("noct" + "budg"). A collision only serialises two
 # schedules' reservations; it never mixes their sums.
 _BUDGET_LOCK_SEED = 0x6E6F6374_62756467
+# The same for a namespace's monthly budget ("noct" + "nsbg"), taken before the schedule's.
+_NAMESPACE_LOCK_SEED = 0x6E6F6374_6E736267
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,17 @@ class RunWrites(Repository):
             uid=key.schedule_uid, seed=_BUDGET_LOCK_SEED
         )
         with self._begin(what) as conn:
+            # A namespace with a monthly budget (AgentSchedulePolicy): its lock first, always in
+            # this order, so reservations of all its schedules see each other.
+            budget = conn.execute(
+                sa.select(NAMESPACE_BUDGETS).where(NAMESPACE_BUDGETS.c.namespace == key.namespace)
+            ).first()
+            if budget is not None:
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_advisory_xact_lock(hashtextextended(:ns, :seed))"
+                    ).bindparams(ns=key.namespace, seed=_NAMESPACE_LOCK_SEED)
+                )
             # Read committed: every statement after the lock sees what earlier holders committed.
             conn.execute(lock)
             existing = self._attempt_row(conn, key)
@@ -253,6 +271,8 @@ class RunWrites(Repository):
                     f"than {key.schedule_uid}"
                 )
             refusal, limit = self._decide(conn, key, caps, _Held(job_committed, job_spent))
+            if budget is not None and refusal is None:
+                refusal, limit = self._namespace_left(conn, key, budget, started_at, limit)
             values = _new_attempt(key, int(attempts), started_at, model, provider)
             values["granted_usd"] = limit
             if refusal is not None:
@@ -335,6 +355,38 @@ class RunWrites(Repository):
             return None, limit
         reason, _, message = next(item for item in left if grant_usd(item[1]) <= 0)
         return (reason, message), Decimal(0)
+
+    @staticmethod
+    def _namespace_left(
+        conn: sa.Connection,
+        key: ExecutionKey,
+        budget: sa.Row[Any],
+        started_at: datetime,
+        limit: Decimal,
+    ) -> tuple[tuple[NoGrantReason, str] | None, Decimal]:
+        """``limit``, lowered to what the namespace's monthly budget has left (every schedule
+        of the namespace: spent, and granted to runs still running), or the refusal."""
+        t = EXECUTIONS
+        since = month_start(started_at, budget.time_zone)
+        committed, spent = conn.execute(
+            sa.select(_committed_sum(), cost_sum()).where(
+                t.c.namespace == key.namespace, t.c.started_at >= since
+            )
+        ).one()
+        month = _Held(Decimal(committed), Decimal(spent))
+        left = grant_usd(max(Decimal(0), Decimal(budget.max_monthly_usd) - month.committed))
+        if left > 0:
+            return None, min(limit, left)
+        message = (
+            month.describe(
+                "the namespace's maxMonthlyUSD",
+                Decimal(budget.max_monthly_usd),
+                f"running Jobs in namespace {key.namespace}",
+                f" for the month from {since.isoformat()}",
+            )
+            + f' (AgentSchedulePolicy "{budget.policy}")'
+        )
+        return ("NamespaceBudgetReached", message), Decimal(0)
 
     @staticmethod
     def _attempt_row(conn: sa.Connection, key: ExecutionKey) -> sa.Row[Any] | None:

@@ -24,6 +24,7 @@ __all__ = [
     "AGENT_STATE",
     "EVENTS",
     "EXECUTIONS",
+    "NAMESPACE_BUDGETS",
     "PURGED_TOTALS",
     "REVISION_SEQUENCE",
     "RUNS_CHANNEL",
@@ -33,6 +34,7 @@ __all__ = [
     "Event",
     "EventKind",
     "Execution",
+    "NamespaceBudget",
     "PurgedTotals",
     "RunCheckpoint",
 ]
@@ -363,9 +365,28 @@ class RunCheckpoint(Base):
     )
 
 
+class NamespaceBudget(Base):
+    """A namespace's monthly USD cap from an AgentSchedulePolicy (migration 0010), kept in step
+    with the policies by the operator; ``reserve()`` applies it to every schedule there."""
+
+    __tablename__ = "namespace_budgets"
+
+    namespace: Mapped[str]
+    max_monthly_usd: Mapped[Decimal] = mapped_column(sa.Numeric(14, 6))
+    time_zone: Mapped[str]
+    policy: Mapped[str]
+    updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
+
+    __table_args__ = (
+        sa.PrimaryKeyConstraint("namespace", name="pk_namespace_budgets"),
+        sa.CheckConstraint("max_monthly_usd >= 0", name="ck_namespace_budgets_max_monthly_usd"),
+    )
+
+
 # The tables as Core objects: the repository writes statements, not ORM sessions.
 EXECUTIONS = cast(sa.Table, Execution.__table__)
 EVENTS = cast(sa.Table, Event.__table__)
 AGENT_STATE = cast(sa.Table, AgentState.__table__)
 PURGED_TOTALS = cast(sa.Table, PurgedTotals.__table__)
 RUN_CHECKPOINTS = cast(sa.Table, RunCheckpoint.__table__)
+NAMESPACE_BUDGETS = cast(sa.Table, NamespaceBudget.__table__)

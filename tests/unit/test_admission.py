@@ -39,7 +39,7 @@ def memo(peers: list[Peer] | None = None, **settings: Any) -> Memo:
         empty: dict[Any, Any] = {}
         made.indexes = Indexes(
             cast(Any, empty), cast(Any, {"research": peers}), cast(Any, empty),
-            cast(Any, empty), cast(Any, empty),
+            cast(Any, empty), cast(Any, empty), cast(Any, empty), cast(Any, empty),
         )  # fmt: skip
     return made
 

@@ -437,7 +437,7 @@ def test_finished_jobs_already_dealt_with_are_not_unpacked() -> None:
             Packed(obj("Job", "2", name="j2", uid="job-2")),
         ]
     }
-    indexes = Indexes({}, {}, {}, jobs, {})  # type: ignore[arg-type]
+    indexes = Indexes({}, {}, {}, jobs, {}, {}, {})  # type: ignore[arg-type]
     assert [j["metadata"]["uid"] for j in indexes.finished_jobs("team-a", "digest")] == [
         "job-1",
         "job-2",

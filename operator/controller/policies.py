@@ -1,0 +1,101 @@
+"""AgentSchedulePolicies at work: the namespace budgets kept in the database for ``reserve()``,
+each policy's status (how many namespaces it selects, whether it is valid), and the schedules to
+look at again when a policy or a namespace's labels change."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from nocturne_operator.api import conditions as cond
+from nocturne_operator.api.policy import POLICY_KIND
+from nocturne_operator.controller.memo import Indexes, Memo
+from nocturne_operator.schedule.policy import Policy
+from nocturne_operator.storage import HistoryError, NamespaceBudgetRow
+
+__all__ = ["policy_status", "queue_namespace", "queue_selected", "sync_budgets"]
+
+log = logging.getLogger(__name__)
+
+VALID = "Valid"
+
+
+def sync_budgets(memo: Memo, indexes: Indexes) -> bool:
+    """Write the monthly budgets of the namespaces this process serves (as their policies set
+    them) to ``namespace_budgets``, where every replica's grants read them. False when the
+    database is away (the sweep tries again)."""
+    history = memo.history
+    if history is None:
+        return True
+    budgets: dict[str, NamespaceBudgetRow] = {}
+    for namespace in list(indexes.namespaces):
+        if not memo.serves(namespace):
+            continue
+        cap = indexes.limits(memo.settings, namespace).namespace_budget
+        if cap is not None:
+            budgets[namespace] = NamespaceBudgetRow(cap.max_monthly_usd, cap.time_zone, cap.policy)
+    try:
+        changed = history.sync_namespace_budgets(budgets, memo.serves)
+    except HistoryError as exc:
+        log.warning("namespace budgets not written: %s", exc)
+        return False
+    if changed:
+        log.info(
+            "namespace budgets: %d row(s) written, %d namespace(s) capped", changed, len(budgets)
+        )
+    return True
+
+
+def selected(indexes: Indexes, policy: Policy) -> list[str]:
+    """The namespaces ``policy`` selects, as last watched, by name."""
+    return sorted(
+        name
+        for name, store in list(indexes.namespaces.items())
+        for labels in store
+        if policy.selects(labels)
+    )
+
+
+def queue_selected(memo: Memo, indexes: Indexes, policy: Policy | None) -> None:
+    """Queue the schedules a policy change may decide differently: those of the namespaces it
+    selects (None: every schedule, for a policy deleted or no longer readable)."""
+    namespaces = None if policy is None else set(selected(indexes, policy))
+    for key in list(indexes.bodies):
+        if namespaces is None or key[0] in namespaces:
+            memo.queue.add(key)
+
+
+def queue_namespace(memo: Memo, indexes: Indexes, namespace: str) -> None:
+    """Queue the schedules of ``namespace`` (its labels changed: other policies may apply)."""
+    for key in list(indexes.bodies):
+        if key[0] == namespace:
+            memo.queue.add(key)
+
+
+def policy_status(
+    memo: Memo, indexes: Indexes, body: dict[str, Any], now: datetime | None = None
+) -> dict[str, Any]:
+    """Bring a policy's status in line: the namespaces it selects, and Valid (with the errors
+    that hold its namespaces' schedules). Returns the patch written ({}: nothing changed)."""
+    meta = body["metadata"]
+    policy = Policy.parse(str(meta["name"]), body.get("spec"))
+    generation = meta.get("generation")
+    if policy.spec is not None:
+        valid = cond.condition(VALID, True, "Valid", "", generation)
+    else:
+        message = "; ".join(policy.errors)
+        if policy.selector is None:
+            message += " (its namespaceSelector is broken too: it selects no namespace)"
+        valid = cond.condition(VALID, False, "Invalid", message, generation)
+    old = dict(body.get("status") or {})
+    conditions = cond.merge(old.get("conditions"), [valid], now or datetime.now(UTC))
+    new = {
+        "observedGeneration": generation,
+        "namespaces": len(selected(indexes, policy)),
+        "conditions": conditions,
+    }
+    patch = {k: v for k, v in new.items() if old.get(k) != v}
+    if patch:
+        memo.kube.merge_patch(POLICY_KIND, "", str(meta["name"]), {"status": patch}, status=True)
+    return patch
