@@ -65,6 +65,9 @@ local function evaluate(o)
     if budget.reason == "MonthlyBudgetReached" then
       return result("Suspended", describe("Monthly budget spent", budget))
     end
+    if budget.reason == "NamespaceBudgetReached" then
+      return result("Suspended", describe("Namespace's monthly budget spent", budget))
+    end
     return result("Degraded", describe("Budget exhausted", budget))
   end
   if suspended ~= nil and suspended.status == "True" and suspended.reason ~= USER_REASON then

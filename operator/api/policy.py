@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from agent_runner.contract import USD_CAP_PATTERN, USD_PER_RUN_PATTERN
-from nocturne_operator.api.model import _SECRET_NAME_PATTERN, Provider, _Model, _no_repeats
+from nocturne_operator.api.model import _SECRET_NAME_PATTERN, _Model, _no_repeats
 
 POLICY_PLURAL = "agentschedulepolicies"
 POLICY_KIND = "AgentSchedulePolicy"
@@ -133,7 +133,7 @@ class PolicyAllow(_Model):
     """What schedules may use; each list set here replaces the cluster's list (or, for
     providers and models, the price table's every entry)."""
 
-    providers: list[Provider] | None = Field(None, max_length=8, strict=False)
+    providers: list[Literal["openai", "anthropic", "offline"]] | None = Field(None, max_length=8)
     # Exact names, or a glob with ``*`` (``gpt-4o*``).
     models: list[str] | None = Field(None, max_length=64)
     llm_base_urls: list[str] | None = Field(None, alias="llmBaseURLs", max_length=64)

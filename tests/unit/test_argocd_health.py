@@ -119,6 +119,19 @@ def test_a_spent_monthly_budget_is_suspended_until_next_month() -> None:
     assert health(obj) == {"status": "Suspended", "message": f"Monthly budget spent: {message}"}
 
 
+def test_a_spent_namespace_budget_is_suspended_until_the_month_turns() -> None:
+    message = (
+        "namespace team spent 30.00 USD in 2026-11 (UTC), reaching its maxMonthlyUSD 30.00 "
+        '(AgentSchedulePolicy "team"); resumes automatically at 2026-12-01 00:00 UTC (+00:00)'
+    )
+    spent = condition("BudgetExhausted", "True", "NamespaceBudgetReached", message)
+    obj = schedule(READY, NOT_SUSPENDED, spent)
+    assert health(obj) == {
+        "status": "Suspended",
+        "message": f"Namespace's monthly budget spent: {message}",
+    }
+
+
 def test_a_silent_stop_is_degraded() -> None:
     message = "no successful run since 2026-11-23 09:00 JST (+09:00); runs were due at ..."
     silent = condition("SilentStop", "True", "NoSuccessfulRun", message)

@@ -290,11 +290,14 @@ def test_cluster_wide_operator_gets_exactly_its_rules_everywhere() -> None:
     role = one(docs, "ClusterRole", f"{RELEASE}-operator")
     assert rules_of(role) == NAMESPACED_RULES
     discovery = one(docs, "ClusterRole", f"{RELEASE}-operator-discovery")
-    # Serving every namespace, kopf does not watch namespaces; it does follow CRDs.
+    # kopf follows CRDs; namespaces' labels decide which AgentSchedulePolicies apply.
     assert rules_of(discovery) == {
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
         # The run API checks each runner's pod-bound token.
         ("authentication.k8s.io", "tokenreviews"): {"create"},
+        ("", "namespaces"): {"list", "watch"},
+        ("nocturne.dev", "agentschedulepolicies"): {"get", "list", "watch"},
+        ("nocturne.dev", "agentschedulepolicies/status"): {"get", "patch"},
     }
     assert {b["roleRef"]["name"] for b in of_kind(docs, "ClusterRoleBinding")} == {
         f"{RELEASE}-operator",

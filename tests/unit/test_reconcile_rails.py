@@ -20,6 +20,7 @@ from nocturne_operator.controller.active import ActiveRun
 from nocturne_operator.controller.reconcile import Plan, apply, decide, reconcile
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.render import RunApiEndpoint, cronjob_name
+from nocturne_operator.schedule.validation import Limits
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import ExecutionRecord, RunStats
 
@@ -144,6 +145,9 @@ class Cluster:
         self.objects = Objects()
         self.objects.items[("AgentSchedule", "digest")] = body
         self.seen = Recorder()
+        # The namespace's limits (its AgentSchedulePolicies) and its cost this month.
+        self.limits: Limits | None = None
+        self.namespace_spent: Decimal | None = None
         # The first pass happens when the schedule is created, as with the operator.
         created = datetime.fromisoformat(body["metadata"]["creationTimestamp"])
         self.reconcile(stats(last_success=None), now=created)
@@ -168,6 +172,8 @@ class Cluster:
             run_api=RUN_API,
             actual=self.objects.get("CronJob", "research", cronjob_name("digest")),
             active=active,
+            limits=self.limits,
+            namespace_spent=self.namespace_spent,
         )
 
     @property
