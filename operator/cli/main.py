@@ -24,6 +24,7 @@ from kubernetes import config
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api import conditions as cond
 from nocturne_operator.api.model import API_VERSION, KIND
+from nocturne_operator.api.policy import POLICY_KIND
 from nocturne_operator.cli import reports, watch
 from nocturne_operator.cli.apiruns import ApiRuns
 from nocturne_operator.controller.reconcile import (
@@ -38,6 +39,7 @@ from nocturne_operator.prices import PriceTableError, load_price_table
 from nocturne_operator.render import LABEL_SCHEDULE
 from nocturne_operator.runs.verdicts import cancellable
 from nocturne_operator.schedule import cron
+from nocturne_operator.schedule.policy import Policy, limits_for
 from nocturne_operator.schedule.validation import iana_zone, validate
 from nocturne_operator.settings import Settings, load_settings
 from nocturne_operator.storage import ExecutionRecord, History, HistoryError, redact_url, upgrade
@@ -99,6 +101,8 @@ def _kind_error(doc: dict[str, Any]) -> str | None:
     kind = doc.get("kind")
     if not isinstance(kind, str) or not kind:
         return "kind: required (kubectl refuses a document without one)"
+    if kind == POLICY_KIND:
+        return None
     group = str(doc.get("apiVersion", "")).rpartition("/")[0]
     near = difflib.SequenceMatcher(None, kind.lower(), KIND.lower()).ratio() >= 0.8
     if group == API_VERSION.partition("/")[0] or near:
@@ -106,10 +110,15 @@ def _kind_error(doc: dict[str, Any]) -> str | None:
     return None
 
 
-def _documents(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
-    """(label, AgentSchedule document or None, error) for each YAML document in ``path``."""
+def _documents(
+    path: Path, read: list[Any] | _ManifestError | None = None
+) -> Iterator[tuple[str, dict[str, Any] | None, str | None]]:
+    """(label, AgentSchedule document or None, error) for each YAML document in ``path`` (or
+    in ``read``, its documents read before)."""
     try:
-        docs = _read(path)
+        docs = _read(path) if read is None else read
+        if isinstance(docs, _ManifestError):
+            raise docs
     except _ManifestError as exc:
         yield str(path), None, f"cannot read YAML: {exc}"
         return
@@ -133,23 +142,78 @@ def _documents(path: Path) -> Iterator[tuple[str, dict[str, Any] | None, str | N
         yield label, doc, None
 
 
+def _namespace_labels(text: str | None) -> dict[str, str] | None:
+    """``--namespace-labels team=sre,tier=fast`` as a mapping (None when not given)."""
+    if text is None:
+        return None
+    labels: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--namespace-labels {text!r}: {pair!r} is not key=value")
+        labels[key] = value
+    return labels
+
+
+def _policies_and_namespaces(
+    files: Mapping[Path, list[Any] | _ManifestError],
+) -> tuple[list[Policy], dict[str, dict[str, str]], list[str]]:
+    """The AgentSchedulePolicies and Namespaces among the manifests (a GitOps repository holds
+    them next to the schedules), and the errors of the policies that are broken."""
+    policies: list[Policy] = []
+    namespaces: dict[str, dict[str, str]] = {}
+    errors: list[str] = []
+    for path, docs in files.items():
+        if isinstance(docs, _ManifestError):
+            continue
+        for doc in docs:
+            if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+                continue
+            name = str(doc["metadata"].get("name") or "")
+            if doc.get("kind") == POLICY_KIND:
+                policy = Policy.parse(name, doc.get("spec"))
+                policies.append(policy)
+                errors.extend(f"{path}: {POLICY_KIND}/{name}: {e}" for e in policy.errors)
+            elif doc.get("kind") == "Namespace" and doc.get("apiVersion") == "v1":
+                labels = doc["metadata"].get("labels") or {}
+                if isinstance(labels, dict):
+                    namespaces[name] = {str(k): str(v) for k, v in labels.items()}
+    return policies, namespaces, errors
+
+
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
-    """One line per error; exit 1 when any schedule is invalid."""
+    """One line per error; exit 1 when any schedule (or policy) is invalid. AgentSchedulePolicies
+    in the files apply to the schedules as in the cluster: to the namespace a schedule names, by
+    that Namespace's labels when it is among the files, else by ``--namespace-labels``."""
     now = datetime.now(UTC)
     try:
         prices = load_price_table(settings.price_table_file)
-    except PriceTableError as exc:
+        given_labels = _namespace_labels(args.namespace_labels)
+    except (PriceTableError, ValueError) as exc:
         _say(exc)
         return EXIT_USAGE
-    failed = checked = 0
-    for path in args.files:
-        for label, doc, error in _documents(Path(path)):
+    files: dict[Path, list[Any] | _ManifestError] = {}
+    for path in map(Path, args.files):
+        try:
+            files[path] = _read(path)
+        except _ManifestError as exc:
+            files[path] = exc
+    policies, namespaces, policy_errors = _policies_and_namespaces(files)
+    for broken in policy_errors:
+        _say(broken)
+    failed = len(policy_errors)
+    checked = 0
+    for path, read in files.items():
+        for label, doc, error in _documents(path, read):
             if doc is None:
                 _say(f"{label}: {error}")
                 failed += 1
                 continue
             checked += 1
-            result = validate(doc, settings, now=now, prices=prices)
+            namespace = str((doc.get("metadata") or {}).get("namespace") or "")
+            labels = namespaces.get(namespace, given_labels)
+            limits = limits_for(settings, policies, labels) if policies else None
+            result = validate(doc, settings, now=now, prices=prices, limits=limits)
             for problem in result.errors:
                 _say(f"{label}: {problem}")
             for warning in result.warnings:
@@ -158,7 +222,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
                 failed += 1
             elif not args.quiet:
                 _say(f"{label}: valid")
-    if checked == 0 and failed == 0:
+    if checked == 0 and failed == 0 and not policies:
         _say(f"no {KIND} documents found in {', '.join(args.files)}")
         return EXIT_INVALID
     return EXIT_INVALID if failed else EXIT_OK
@@ -615,6 +679,12 @@ def _parser(prog: str = "nocturne") -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate AgentSchedule manifests offline")
     val.add_argument("files", nargs="+", help="YAML files ('-' for stdin)")
     val.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    val.add_argument(
+        "--namespace-labels",
+        metavar="K=V,...",
+        help="labels of the schedules' namespace, for the AgentSchedulePolicies in the files "
+        "(a Namespace manifest among the files gives its own)",
+    )
     val.set_defaults(func=cmd_validate)
     nxt = sub.add_parser("next-runs", help="print the next fire times of AgentSchedules")
     nxt.add_argument("files", nargs="+")

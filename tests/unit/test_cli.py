@@ -164,3 +164,56 @@ def test_pausing_twice_or_resuming_what_is_not_paused_changes_nothing(
     command: str, body: dict[str, object], unchanged: str | None
 ) -> None:
     assert _already(command, body) == unchanged
+
+
+def aspol(name: str, selector: dict[str, object], **spec: object) -> dict[str, object]:
+    return {
+        "apiVersion": "nocturne.dev/v1alpha1",
+        "kind": "AgentSchedulePolicy",
+        "metadata": {"name": name},
+        "spec": {"namespaceSelector": selector, **spec},
+    }
+
+
+def in_namespace(body: dict[str, object], namespace: str) -> dict[str, object]:
+    body["metadata"] = {**body["metadata"], "namespace": namespace}  # type: ignore[dict-item]
+    return body
+
+
+def test_policies_in_the_files_apply_by_the_namespaces_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GitOps repository keeps policies and Namespaces next to the schedules: validate checks
+    each schedule as the cluster will, and names the policy that refused it."""
+    path = write(
+        tmp_path,
+        "repo.yaml",
+        aspol("sre", {"matchLabels": {"team": "sre"}}, limits={"minIntervalMinutes": 5}),
+        {"apiVersion": "v1", "kind": "Namespace",
+         "metadata": {"name": "sre", "labels": {"team": "sre"}}},
+        in_namespace(schedule("check", "*/5 * * * *"), "sre"),
+        in_namespace(schedule("news", "*/5 * * * *"), "research"),
+    )  # fmt: skip
+    assert main(["validate", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{path}: AgentSchedule/check: valid",
+        f'{path}: AgentSchedule/news: spec.schedule "*/5 * * * *": runs as often as every 5 min '
+        "(in UTC), minimum interval is 60 min",
+    ]
+    # A namespace not among the files: its labels from the command line.
+    assert main(["validate", "-q", "--namespace-labels", "team=sre", str(path)]) == 0
+
+
+def test_a_broken_policy_in_the_files_is_an_error_and_a_bad_label_flag_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(
+        tmp_path,
+        "policy.yaml",
+        aspol("cap", {}, namespaceBudget={"maxMonthlyUSD": "10", "timeZone": "Mars/Olympus"}),
+    )
+    assert main(["validate", str(path)]) == 1
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f'{path}: AgentSchedulePolicy/cap: spec.namespaceBudget.timeZone "Mars')
+    assert main(["validate", "--namespace-labels", "team", str(path)]) == 2
+    assert "'team' is not key=value" in capsys.readouterr().out
