@@ -579,6 +579,7 @@ def test_a_sweep_after_a_late_first_pass_writes_no_status() -> None:
     objects.items[("AgentSchedule", "digest")] = body
     cluster = Cluster.__new__(Cluster)
     cluster.objects, cluster.seen = objects, Recorder()
+    cluster.limits, cluster.namespace_spent = None, None
     cluster.reconcile(stats(last_success=None), now=NOW - timedelta(seconds=5))  # 00:59:55
     writes = len(objects.patches)
     for later in (timedelta(minutes=1), timedelta(minutes=7)):
