@@ -217,6 +217,56 @@ PER_SCHEDULE = _PerSchedule()
 REGISTRY.register(PER_SCHEDULE)
 
 
+class _NamespaceBudgets(Collector):
+    """``nocturne_namespace_budget_usd{namespace}``: a namespace's monthly cap from its
+    AgentSchedulePolicy; ``nocturne_namespace_month_cost_usd{namespace}``: what its runs cost
+    this month in the budget's zone, as the latest pass of one of its schedules read it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._budgets: dict[str, tuple[Decimal, Decimal]] = {}
+
+    def set(self, namespace: str, cap: Decimal, spent: Decimal) -> None:
+        with self._lock:
+            self._budgets[namespace] = (cap, spent)
+
+    def forget(self, namespace: str) -> None:
+        with self._lock:
+            self._budgets.pop(namespace, None)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        cap = GaugeMetricFamily(
+            "nocturne_namespace_budget_usd",
+            "The namespace's monthly USD cap (AgentSchedulePolicy namespaceBudget).",
+            labels=["namespace"],
+        )
+        spent = GaugeMetricFamily(
+            "nocturne_namespace_month_cost_usd",
+            "What the namespace's runs cost this month, in its budget's zone, in USD.",
+            labels=["namespace"],
+        )
+        with self._lock:
+            entries = sorted(self._budgets.items())
+        for namespace, (amount, cost) in entries:
+            cap.add_metric([namespace], float(amount))
+            spent.add_metric([namespace], float(cost))
+        yield cap
+        yield spent
+
+
+NAMESPACE_BUDGETS = _NamespaceBudgets()
+REGISTRY.register(NAMESPACE_BUDGETS)
+
+
+def observe_namespace_budget(namespace: str, cap: Decimal | None, spent: Decimal | None) -> None:
+    """A pass read the namespace's budget: its series (none when it has no cap). A cost that
+    could not be read leaves the last one."""
+    if cap is None:
+        NAMESPACE_BUDGETS.forget(namespace)
+    elif spent is not None:
+        NAMESPACE_BUDGETS.set(namespace, cap, spent)
+
+
 def observe_schedule(namespace: str, name: str, phase: str) -> None:
     """Track the schedule's phase and when it was reconciled; the first time, its run series
     start at zero."""

@@ -253,13 +253,14 @@ def _namespace_spent(
     ended in another schedule of the namespace may have spent the rest of the budget."""
     cap = None if limits is None else limits.namespace_budget
     history = memo.history
-    if cap is None or history is None:
-        return None
-    try:
-        return history.namespace_month_cost(namespace, month_start(now, cap.time_zone))
-    except HistoryError as exc:
-        log.warning("cost of namespace %s unavailable: %s", namespace, exc)
-        return None
+    spent = None
+    if cap is not None and history is not None:
+        try:
+            spent = history.namespace_month_cost(namespace, month_start(now, cap.time_zone))
+        except HistoryError as exc:
+            log.warning("cost of namespace %s unavailable: %s", namespace, exc)
+    metrics.observe_namespace_budget(namespace, None if cap is None else cap.max_monthly_usd, spent)
+    return spent
 
 
 def _spread_hold(

@@ -6,6 +6,8 @@ PromQL parser)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from e2e.conftest import OperatorProcess
@@ -20,6 +22,50 @@ pytestmark = pytest.mark.e2e
 def test_every_metric_of_the_dashboard_and_alerts_is_served_after_a_run(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str, runner_database: str
 ) -> None:
+    # A monthly cap on the namespace (AgentSchedulePolicy): its series are served too.
+    kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s",
+        "crd/agentschedulepolicies.nocturne.dev",
+    )  # fmt: skip
+    kubectl("label", "namespace", namespace, f"nocturne-coverage={namespace}")
+    kubectl.apply(
+        "default",
+        {
+            "apiVersion": "nocturne.dev/v1alpha1",
+            "kind": "AgentSchedulePolicy",
+            "metadata": {"name": namespace},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"nocturne-coverage": namespace}},
+                "namespaceBudget": {"maxMonthlyUSD": "100"},
+            },
+        },
+    )
+    capped = f'nocturne_namespace_budget_usd{{namespace="{namespace}"}} 100.0'
+    try:
+        served = _served_after_a_run(operator, kubectl, namespace).names
+        page = wait_for(
+            lambda: text if capped in (text := operator.metrics()) else None,
+            30,
+            "the namespace's budget in the metrics",
+        )
+    finally:
+        kubectl("delete", "agentschedulepolicy", namespace, "--wait=false", check=False)
+    served |= served_names(page)
+    used = referenced_names()
+    missing = unserved(used, served)
+    assert not missing, "read by the dashboard or alerts, not served: " + ", ".join(
+        f"{name} ({', '.join(sorted(where))})" for name, where in sorted(missing.items())
+    )
+
+
+@dataclass(frozen=True)
+class _Served:
+    page: str
+    names: set[str]
+
+
+def _served_after_a_run(operator: OperatorProcess, kubectl: Kubectl, namespace: str) -> _Served:
+    """The operator's metrics page once a run of a schedule in ``namespace`` is on it."""
     kubectl.apply(namespace, manifest(suspend=True))
     wait_for(lambda: ready(kubectl, namespace), 30, "Ready=True")
     run_now(kubectl, namespace, "coverage-1")
@@ -41,8 +87,4 @@ def test_every_metric_of_the_dashboard_and_alerts_is_served_after_a_run(
     # The run's own series are there: what the run panels and the silent-stop alert read.
     assert f'nocturne_run_duration_seconds_count{{namespace="{namespace}"' in page
     assert {"nocturne_run_duration_seconds_bucket", "nocturne_run_cost_usd_total"} <= served
-    used = referenced_names()
-    missing = unserved(used, served)
-    assert not missing, "read by the dashboard or alerts, not served: " + ", ".join(
-        f"{name} ({', '.join(sorted(where))})" for name, where in sorted(missing.items())
-    )
+    return _Served(page, set(served))

@@ -35,6 +35,7 @@ PROMTOOL_TESTS = sorted((Path(__file__).parent / "promtool").glob("*.test.yaml")
 ALERTS = {
     "NocturneScheduleAutoPaused",
     "NocturneBudgetExhausted",
+    "NocturneNamespaceBudgetNearlySpent",
     "NocturneScheduleSilent",
     "NocturneNotificationsFailing",
     "NocturneOperatorDown",
@@ -244,6 +245,7 @@ def test_alerts_pass_promtool_check_and_their_unit_tests(tmp_path: Path) -> None
     [
         (("--set=alerts.autoPaused.window=2h",), "NocturneScheduleAutoPaused"),
         (("--set=alerts.budgetExhausted.severity=critical",), "NocturneBudgetExhausted"),
+        (("--set=alerts.namespaceBudget.threshold=0.9",), "NocturneNamespaceBudgetNearlySpent"),
         (("--set=alerts.silentStop.window=49h",), "NocturneScheduleSilent"),
         (("--set=alerts.notificationFailures.threshold=1",), "NocturneNotificationsFailing"),
         (("--set=alerts.operatorDown.for=1m",), "NocturneOperatorDown"),
