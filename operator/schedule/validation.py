@@ -12,7 +12,7 @@ import fnmatch
 import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -362,33 +362,43 @@ def _decided(errors: Sequence[FieldError], field: str, by: str) -> list[FieldErr
     ]
 
 
+def _refused(
+    field: str,
+    value: str,
+    lists: Sequence[Allowed],
+    rule: str,
+    allows: Callable[[tuple[str, ...]], bool],
+) -> list[FieldError]:
+    """The error of ``value`` when one of ``lists`` (each source's) does not allow it."""
+    for allowed in lists:
+        if not allows(allowed.entries):
+            return [
+                FieldError(
+                    field, value, f"{rule} (allowed: {_listed(allowed.entries)}){allowed.source}"
+                )
+            ]
+    return []
+
+
 def _models(spec: AgentScheduleSpec, limits: Limits) -> list[FieldError]:
     """The providers and models the namespace's policies allow (the price table otherwise)."""
-    errors: list[FieldError] = []
-    provider = spec.agent.provider.value
-    for allowed in limits.providers:
-        if provider not in allowed.entries:
-            errors.append(
-                FieldError(
-                    "spec.agent.provider",
-                    provider,
-                    f"not a provider this namespace may use (allowed: "
-                    f"{_listed(allowed.entries)}){allowed.source}",
-                )
-            )
-            break
-    for allowed in limits.models:
-        if not any(fnmatch.fnmatchcase(spec.agent.model, entry) for entry in allowed.entries):
-            errors.append(
-                FieldError(
-                    "spec.agent.model",
-                    spec.agent.model,
-                    f"not a model this namespace may use (allowed: "
-                    f"{_listed(allowed.entries)}){allowed.source}",
-                )
-            )
-            break
-    return errors
+    provider, model = spec.agent.provider.value, spec.agent.model
+    return [
+        *_refused(
+            "spec.agent.provider",
+            provider,
+            limits.providers,
+            "not a provider this namespace may use",
+            lambda entries: provider in entries,
+        ),
+        *_refused(
+            "spec.agent.model",
+            model,
+            limits.models,
+            "not a model this namespace may use",
+            lambda entries: any(fnmatch.fnmatchcase(model, entry) for entry in entries),
+        ),
+    ]
 
 
 def _credentials(spec: AgentScheduleSpec, limits: Limits) -> list[FieldError]:
@@ -399,17 +409,13 @@ def _credentials(spec: AgentScheduleSpec, limits: Limits) -> list[FieldError]:
     errors: list[FieldError] = []
     key = spec.agent.api_key_secret_ref
     if key is not None:
-        for allowed in limits.llm_secrets:
-            if key.name not in allowed.entries:
-                errors.append(
-                    FieldError(
-                        "spec.agent.apiKeySecretRef.name",
-                        key.name,
-                        "not a Secret the cluster admin allows for LLM keys "
-                        f"(allowed: {_listed(allowed.entries)}){allowed.source}",
-                    )
-                )
-                break
+        errors += _refused(
+            "spec.agent.apiKeySecretRef.name",
+            key.name,
+            limits.llm_secrets,
+            "not a Secret the cluster admin allows for LLM keys",
+            lambda entries: key.name in entries,
+        )
     if spec.agent.base_url:
         for allowed in limits.llm_base_urls:
             rule = _endpoint_rule(spec.agent.base_url, allowed.entries)
@@ -420,17 +426,13 @@ def _credentials(spec: AgentScheduleSpec, limits: Limits) -> list[FieldError]:
                 break
     hook = spec.notifications.webhook_secret_ref
     if hook is not None:
-        for allowed in limits.webhook_secrets:
-            if hook.name not in allowed.entries:
-                errors.append(
-                    FieldError(
-                        "spec.notifications.webhookSecretRef.name",
-                        hook.name,
-                        "not a Secret the cluster admin allows for webhooks "
-                        f"(allowed: {_listed(allowed.entries)}){allowed.source}",
-                    )
-                )
-                break
+        errors += _refused(
+            "spec.notifications.webhookSecretRef.name",
+            hook.name,
+            limits.webhook_secrets,
+            "not a Secret the cluster admin allows for webhooks",
+            lambda entries: hook.name in entries,
+        )
     return errors
 
 

@@ -40,20 +40,24 @@ class NamespaceBudgetRow:
         month_start(datetime.now(UTC), self.time_zone)  # raises unless an IANA zone
 
 
+def _stored(conn: sa.Connection, *, lock: bool = False) -> dict[str, NamespaceBudgetRow]:
+    """Every namespace's budget as stored (``lock``: rows locked until the transaction ends)."""
+    b = NAMESPACE_BUDGETS
+    query = sa.select(b.c.namespace, b.c.max_monthly_usd, b.c.time_zone, b.c.policy)
+    rows = conn.execute(query.with_for_update() if lock else query)
+    return {
+        r.namespace: NamespaceBudgetRow(Decimal(r.max_monthly_usd), r.time_zone, r.policy)
+        for r in rows
+    }
+
+
 class NamespaceBudgets(Repository):
     """Writes and reads of ``namespace_budgets``."""
 
     def namespace_budgets(self) -> dict[str, NamespaceBudgetRow]:
         """Every namespace's budget as stored."""
-        b = NAMESPACE_BUDGETS
         with self._begin("read the namespace budgets") as conn:
-            rows = conn.execute(
-                sa.select(b.c.namespace, b.c.max_monthly_usd, b.c.time_zone, b.c.policy)
-            )
-            return {
-                r.namespace: NamespaceBudgetRow(Decimal(r.max_monthly_usd), r.time_zone, r.policy)
-                for r in rows
-            }
+            return _stored(conn)
 
     def sync_namespace_budgets(
         self,
@@ -66,14 +70,7 @@ class NamespaceBudgets(Repository):
         a second call writes nothing)."""
         b = NAMESPACE_BUDGETS
         with self._begin("keep the namespace budgets in step with the policies") as conn:
-            stored = {
-                r.namespace: NamespaceBudgetRow(Decimal(r.max_monthly_usd), r.time_zone, r.policy)
-                for r in conn.execute(
-                    sa.select(
-                        b.c.namespace, b.c.max_monthly_usd, b.c.time_zone, b.c.policy
-                    ).with_for_update()
-                )
-            }
+            stored = _stored(conn, lock=True)
             gone = sorted(ns for ns in set(stored) - set(budgets) if manages(ns))
             changed = {ns: row for ns, row in budgets.items() if stored.get(ns) != row}
             if gone:
