@@ -6,7 +6,6 @@ never overspend."""
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from hypothesis import strategies as st
 
 from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
+from integration.concurrency import at_once
 from nocturne_operator.runs.verdicts import reap
 from nocturne_operator.storage import (
     Caps,
@@ -494,26 +494,14 @@ def test_concurrent_jobs_never_overspend_the_total_and_monthly_caps(url: str) ->
         earlier = reserve(setup, "before", caps=Caps(D(1)), at=MONTH - timedelta(days=1))
         spend(setup, earlier, "0.10")  # counts for the total, not for the month
     threads = 12
-    barrier = threading.Barrier(threads)
-    grants: list[GrantRecord] = []
-    errors: list[BaseException] = []
 
-    def job(n: int) -> None:
-        try:
-            with History.connect(url) as history:
-                barrier.wait()
-                grant = reserve(history, f"j{n}", caps=caps)
-                grants.append(grant)
-                spend(history, grant, grant.limit)
-        except BaseException as exc:  # reported by the assertion below
-            errors.append(exc)
+    def job(n: int) -> GrantRecord:
+        with History.connect(url) as history:
+            grant = reserve(history, f"j{n}", caps=caps)
+            spend(history, grant, grant.limit)
+            return grant
 
-    workers = [threading.Thread(target=job, args=(n,)) for n in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert errors == []
+    grants = at_once(threads, job)
     assert sorted(g.limit for g in grants if g.limit) == [D("0.25"), D("0.30"), D("0.30")]
     assert {g.refused for g in grants if not g.limit} == {"MonthlyBudgetReached"}
     with History.connect(url) as history:

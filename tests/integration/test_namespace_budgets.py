@@ -4,13 +4,13 @@ the namespace together within the cap, concurrent Jobs of different schedules in
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from agent_runner.contract import RunOutcome
+from integration.concurrency import at_once
 from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
@@ -127,27 +127,14 @@ def test_concurrent_jobs_of_many_schedules_never_overspend_the_namespace(url: st
     its own schedule's lock): the namespace's lock makes them see each other."""
     with History.connect(url) as setup:
         setup.sync_namespace_budgets({"team": budget("2.50")})
-    threads = 12
-    barrier = threading.Barrier(threads)
-    grants: list[GrantRecord] = []
-    errors: list[BaseException] = []
 
-    def job(n: int) -> None:
-        try:
-            with History.connect(url) as history:
-                barrier.wait()
-                grant = reserve(history, f"s{n}", "a")
-                grants.append(grant)
-                spend(history, grant, grant.limit)
-        except BaseException as exc:  # reported by the assertion below
-            errors.append(exc)
+    def job(n: int) -> GrantRecord:
+        with History.connect(url) as history:
+            grant = reserve(history, f"s{n}", "a")
+            spend(history, grant, grant.limit)
+            return grant
 
-    workers = [threading.Thread(target=job, args=(n,)) for n in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    assert errors == []
+    grants = at_once(12, job)
     assert sorted(g.limit for g in grants if g.limit) == [D("0.50"), D("1.00"), D("1.00")]
     assert {g.refused for g in grants if not g.limit} == {"NamespaceBudgetReached"}
     with History.connect(url) as history:
