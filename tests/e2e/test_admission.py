@@ -78,7 +78,10 @@ def test_apply_fails_with_the_field_named_message_and_a_stopped_operator_blocks_
                 60,
                 "kopf to register the webhook",
             )  # fmt: skip
-            [hook] = json.loads(webhook)["webhooks"]
+            # One webhook for schedules, one for AgentSchedulePolicies.
+            hooks = {h["name"].split(".")[0]: h for h in json.loads(webhook)["webhooks"]}
+            assert sorted(hooks) == ["agentschedulepolicies", "agentschedules"]
+            hook = hooks["agentschedules"]
             assert hook["failurePolicy"] == "Ignore"
             assert hook["clientConfig"]["caBundle"]  # the operator's CA
             refused = apply(kubectl, namespace, every_five_minutes("too-often"))
