@@ -6,7 +6,9 @@ one run an hour each), VACUUM ANALYZE, then times each History call (median and 
 end to end through the public API). The baseline measured in the same run is the same call on a
 connection with index and bitmap scans disabled (so every query reads the table sequentially);
 the ratio shows what the indexes buy. Also times one run's writes as the run API makes them
-(reserve on a schedule with its whole history, 3 progress reports, finish).
+(reserve on a schedule with its whole history, 3 progress reports, finish), then the same with a
+namespace budget (an AgentSchedulePolicy's monthly cap: every grant also sums the namespace's
+month, MONTH_ROWS runs of 1,000 schedules) against it without, in the same run.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from decimal import Decimal
 import sqlalchemy as sa
 
 from harness.postgres import running_postgres
-from nocturne_operator.storage import Caps, ExecutionKey, History, upgrade
+from nocturne_operator.storage import Caps, ExecutionKey, History, NamespaceBudgetRow, upgrade
 
 SCHEDULES = 40
 NAMESPACES = 4
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 NO_INDEXES = "-c enable_indexscan=off -c enable_indexonlyscan=off -c enable_bitmapscan=off"
+# Runs of this month in the namespace with a budget: 1,000 schedules, one run a day each.
+MONTH_ROWS = 30_000
 
 
 def load(history: History, rows: int) -> None:
@@ -54,6 +58,32 @@ def load(history: History, rows: int) -> None:
                 """
             ),
             {"namespaces": NAMESPACES, "schedules": SCHEDULES, "rows": rows, "t0": T0},
+        )
+    with history.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE schedule_executions"))
+
+
+def load_month(history: History, rows: int) -> None:
+    """``rows`` finished runs of this month in ns-budget (1,000 schedules)."""
+    start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    with history.engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL synchronous_commit = on"))
+        conn.execute(
+            sa.text(
+                """
+                INSERT INTO schedule_executions
+                    (namespace, schedule_name, schedule_uid, job_name, job_uid, pod_uid, attempt,
+                     status, started_at, completed_at, cost_usd, input_tokens, output_tokens,
+                     model, provider)
+                SELECT 'ns-budget', 'm-' || (g % 1000), 'msuid-' || (g % 1000), 'mjob-' || g,
+                       'mjuid-' || g, 'mpuid-' || g, 0, 'SUCCEEDED',
+                       :start + (g % 600) * interval '1 minute',
+                       :start + (g % 600) * interval '1 minute' + interval '2 minutes',
+                       0.001, 100, 10, 'gpt-4o-mini', 'openai'
+                FROM generate_series(1, :rows) AS g
+                """
+            ),
+            {"rows": rows, "start": start},
         )
     with history.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE schedule_executions"))
@@ -110,9 +140,10 @@ def cases(history: History) -> list[tuple[str, Callable[[], object]]]:
     ]
 
 
-def write_path(history: History, runs: int) -> float:
+def write_path(history: History, runs: int, namespace: str = "ns-0", tag: str = "w") -> float:
     """Median milliseconds for one run's writes: reserve (summing the schedule's committed spend
-    under its lock, ever and this month), 3 progress updates, finish."""
+    under its lock, ever and this month; and the namespace's month when it has a budget),
+    3 progress updates, finish."""
     now = datetime.now(UTC)
     caps = Caps(
         Decimal(1),
@@ -122,7 +153,9 @@ def write_path(history: History, runs: int) -> float:
     )
     samples = []
     for i in range(runs):
-        key = ExecutionKey("ns-0", "sched-0", "suid-0", f"job-{i}", f"w-juid-{i}", f"w-pod-{i}", 0)
+        key = ExecutionKey(
+            namespace, "sched-0", "suid-0", f"job-{i}", f"{tag}-juid-{i}", f"{tag}-pod-{i}", 0
+        )
         t0 = time.perf_counter()
         execution_id = history.reserve(
             key, model="gpt-4o-mini", provider="openai", started_at=datetime.now(UTC), caps=caps
@@ -170,6 +203,17 @@ def main(rows: int, repeats: int) -> None:
                 )
             per_run = write_path(history, 200)
             print(f"run write path (reserve + 3 progress + finish): {per_run:.2f} ms per run")
+            load_month(history, MONTH_ROWS)
+            unbudgeted = write_path(history, 200, "ns-budget", "u")
+            history.sync_namespace_budgets(
+                {"ns-budget": NamespaceBudgetRow(Decimal(10**7), "UTC", "bench")}
+            )
+            budgeted = write_path(history, 200, "ns-budget", "b")
+            print(
+                f"... in a namespace with {MONTH_ROWS} runs this month: {unbudgeted:.2f} ms "
+                f"without a namespace budget, {budgeted:.2f} ms with one "
+                f"({budgeted / unbudgeted:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from agent_runner.contract import USD_CAP_PATTERN, USD_PER_RUN_PATTERN
+from agent_runner.contract import USD_PER_RUN_PATTERN
 from nocturne_operator.api.model import _SECRET_NAME_PATTERN, _Model, _no_repeats
 
 POLICY_PLURAL = "agentschedulepolicies"
 POLICY_KIND = "AgentSchedulePolicy"
+# A namespace's monthly cap is kept in NUMERIC(14, 6) (namespace_budgets): below 10^8 USD.
+NAMESPACE_BUDGET_PATTERN = r"^[0-9]{1,8}(\.[0-9]{1,6})?$"
 
 # Label keys and values as the apiserver checks them (a qualified name with an optional DNS
 # prefix; a value of at most 63 characters).
@@ -123,7 +125,7 @@ class NamespaceBudget(_Model):
     @field_validator("max_monthly_usd", mode="before")
     @classmethod
     def _monthly(cls, value: object) -> object:
-        return _usd(value, USD_CAP_PATTERN, positive=False)
+        return _usd(value, NAMESPACE_BUDGET_PATTERN, positive=False)
 
 
 _MODEL = r"^[A-Za-z0-9][A-Za-z0-9._:/@+*-]*$"

@@ -14,8 +14,13 @@ from typing import Any
 import pytest
 import yaml
 
+from agent_runner.contract import USD_PER_RUN_PATTERN
 from nocturne_operator.api import conditions as cond
-from nocturne_operator.api.policy import AgentSchedulePolicySpec, LabelSelector
+from nocturne_operator.api.policy import (
+    NAMESPACE_BUDGET_PATTERN,
+    AgentSchedulePolicySpec,
+    LabelSelector,
+)
 from nocturne_operator.schedule.policy import Policy, limits_for
 from nocturne_operator.schedule.validation import Limits, NamespaceCap, Peer, validate
 from nocturne_operator.settings import Settings
@@ -60,6 +65,12 @@ def test_the_crd_and_the_model_have_the_same_fields_and_defaults() -> None:
     assert sorted(from_crd) == sorted(from_model)
     assert from_crd["spec.priority"] == from_model["spec.priority"] == 0
     assert from_crd["spec.namespaceBudget.timeZone"] == from_model["spec.namespaceBudget.timeZone"]
+    # One pattern each, in the CRD and the model (a namespace's cap fits NUMERIC(14, 6)).
+    props = spec_schema["properties"]
+    assert props["namespaceBudget"]["properties"]["maxMonthlyUSD"]["pattern"] == (
+        NAMESPACE_BUDGET_PATTERN
+    )
+    assert props["limits"]["properties"]["maxPerRunUSD"]["pattern"] == USD_PER_RUN_PATTERN
     chart_copy = Path(__file__).parents[2] / "helm" / "nocturne" / "crds" / CRD_FILE.name
     assert chart_copy.read_text() == CRD_FILE.read_text()
 
@@ -78,6 +89,8 @@ def test_the_crd_and_the_model_have_the_same_fields_and_defaults() -> None:
         ({"limits": {"maxInterval": 5}}, "spec.limits.maxInterval: Extra inputs"),
         ({"namespaceBudget": {}}, "spec.namespaceBudget.maxMonthlyUSD: Field required"),
         ({"namespaceBudget": {"maxMonthlyUSD": "1e3"}}, "spec.namespaceBudget.maxMonthlyUSD"),
+        # NUMERIC(14, 6) in namespace_budgets: 100 million USD does not fit.
+        ({"namespaceBudget": {"maxMonthlyUSD": "100000000"}}, "spec.namespaceBudget.maxMonthlyUSD"),
         (
             {"namespaceBudget": {"maxMonthlyUSD": "10", "timeZone": "Mars/Olympus"}},
             'spec.namespaceBudget.timeZone "Mars/Olympus": not an IANA time zone name',
