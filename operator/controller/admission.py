@@ -110,14 +110,22 @@ def register(settings: Settings, namespaces: Sequence[str] = ()) -> None:
         operations=["CREATE", "UPDATE"],
         ignore_failures=settings.webhook_failure_policy == "Ignore",
     )
-    def agentschedulepolicy(*, body: kopf.Body, **_: Any) -> None:
+    def agentschedulepolicy(*, body: kopf.Body, **kwargs: Any) -> None:
         """Refuse an AgentSchedulePolicy that cannot be read (a zone, an endpoint): applied, it
         would hold every schedule of the namespaces it selects."""
-        check_policy(body)
+        check_policy(body, kwargs.get("old"), operation=kwargs.get("operation"))
 
 
-def check_policy(body: kopf.Body | dict[str, Any]) -> None:
-    """kopf.AdmissionError (422) naming every broken field of an AgentSchedulePolicy."""
+def check_policy(
+    body: kopf.Body | dict[str, Any],
+    old: kopf.Body | dict[str, Any] | None = None,
+    *,
+    operation: str | None = "CREATE",
+) -> None:
+    """kopf.AdmissionError (422) naming every broken field of an AgentSchedulePolicy. An UPDATE
+    that leaves the spec alone (a label, an annotation) is never refused."""
+    if operation == "UPDATE" and old is not None and old.get("spec") == body.get("spec"):
+        return
     name = str((body.get("metadata") or {}).get("name") or "")
     policy = Policy.parse(name, body.get("spec"))
     if policy.errors:

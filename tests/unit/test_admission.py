@@ -9,7 +9,7 @@ from typing import Any, cast
 import kopf
 import pytest
 
-from nocturne_operator.controller.admission import check, serves
+from nocturne_operator.controller.admission import check, check_policy, serves
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.prices import load_price_table
 from nocturne_operator.schedule.validation import Peer
@@ -89,3 +89,25 @@ def test_only_the_namespaces_this_operator_serves_are_checked(
     namespace: str, patterns: list[str], served: bool
 ) -> None:
     assert serves(namespace, patterns) is served
+
+
+def test_a_broken_policy_is_refused_by_name_and_field_but_its_labels_may_change() -> None:
+    good: dict[str, Any] = {
+        "metadata": {"name": "sre"},
+        "spec": {"namespaceSelector": {}, "namespaceBudget": {"maxMonthlyUSD": "30"}},
+    }
+    check_policy(good)
+    budget = {"maxMonthlyUSD": "30", "timeZone": "Nowhere"}
+    broken = {
+        "metadata": {"name": "sre", "labels": {"owner": "platform"}},
+        "spec": {"namespaceSelector": {}, "namespaceBudget": budget},
+    }
+    with pytest.raises(kopf.AdmissionError) as refused:
+        check_policy(broken)
+    assert 'spec.namespaceBudget.timeZone "Nowhere": not an IANA time zone name' in str(
+        refused.value
+    )
+    assert refused.value.code == 422
+    # Already in (the webhook was off): relabelling it is not refused, fixing it is accepted.
+    check_policy(broken, {**broken, "metadata": {"name": "sre"}}, operation="UPDATE")
+    check_policy(good, broken, operation="UPDATE")
