@@ -142,6 +142,10 @@ def _documents(
         yield label, doc, None
 
 
+# The label the apiserver puts on every namespace: the one way to select it by name.
+NAME_LABEL = "kubernetes.io/metadata.name"
+
+
 def _namespace_labels(text: str | None) -> dict[str, str] | None:
     """``--namespace-labels team=sre,tier=fast`` as a mapping (None when not given)."""
     if text is None:
@@ -177,8 +181,41 @@ def _policies_and_namespaces(
             elif doc.get("kind") == "Namespace" and doc.get("apiVersion") == "v1":
                 labels = doc["metadata"].get("labels") or {}
                 if isinstance(labels, dict):
-                    namespaces[name] = {str(k): str(v) for k, v in labels.items()}
+                    namespaces[name] = {
+                        **{str(k): str(v) for k, v in labels.items()},
+                        NAME_LABEL: name,  # the apiserver sets it on every namespace
+                    }
     return policies, namespaces, errors
+
+
+def _read_or_error(path: Path) -> list[Any] | _ManifestError:
+    """The YAML documents of ``path``, or why they cannot be read."""
+    try:
+        return _read(path)
+    except _ManifestError as exc:
+        return exc
+
+
+def _labels_of(
+    label: str,
+    doc: Mapping[str, Any],
+    namespaces: Mapping[str, dict[str, str]],
+    given: dict[str, str] | None,
+) -> dict[str, str]:
+    """The labels of the namespace ``doc`` names: its Namespace manifest's, else those given
+    on the command line (with the name label the apiserver sets); a warning when unknown."""
+    namespace = str((doc.get("metadata") or {}).get("namespace") or "")
+    known = namespaces.get(namespace)
+    if known is not None:
+        return known
+    if given is None:
+        _say(
+            f"{label}: warning: the labels of namespace {namespace or '(none)'} are unknown (no "
+            "Namespace manifest, no --namespace-labels): policies selecting by other labels "
+            "are not applied",
+            file=sys.stderr,
+        )
+    return {**(given or {}), **({NAME_LABEL: namespace} if namespace else {})}
 
 
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
@@ -192,12 +229,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
     except (PriceTableError, ValueError) as exc:
         _say(exc)
         return EXIT_USAGE
-    files: dict[Path, list[Any] | _ManifestError] = {}
-    for path in map(Path, args.files):
-        try:
-            files[path] = _read(path)
-        except _ManifestError as exc:
-            files[path] = exc
+    files = {path: _read_or_error(path) for path in map(Path, args.files)}
     policies, namespaces, policy_errors = _policies_and_namespaces(files)
     for broken in policy_errors:
         _say(broken)
@@ -210,8 +242,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
                 failed += 1
                 continue
             checked += 1
-            namespace = str((doc.get("metadata") or {}).get("namespace") or "")
-            labels = namespaces.get(namespace, given_labels)
+            labels = _labels_of(label, doc, namespaces, given_labels) if policies else None
             limits = limits_for(settings, policies, labels) if policies else None
             result = validate(doc, settings, now=now, prices=prices, limits=limits)
             for problem in result.errors:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from nocturne_operator.api import conditions as cond
 from nocturne_operator.api.policy import POLICY_KIND
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.schedule.policy import Policy
+from nocturne_operator.schedule.validation import Limits
 from nocturne_operator.storage import HistoryError, NamespaceBudgetRow
 
 __all__ = ["policy_status", "queue_namespace", "queue_selected", "sync_budgets"]
@@ -30,11 +32,10 @@ def sync_budgets(memo: Memo, indexes: Indexes) -> bool:
         return True
     budgets: dict[str, NamespaceBudgetRow] = {}
     for namespace in list(indexes.namespaces):
-        if not memo.serves(namespace):
-            continue
-        cap = indexes.limits(memo.settings, namespace).namespace_budget
-        if cap is not None:
-            budgets[namespace] = NamespaceBudgetRow(cap.max_monthly_usd, cap.time_zone, cap.policy)
+        if memo.serves(namespace):
+            row = budget_row(indexes.limits(memo.settings, namespace))
+            if row is not None:
+                budgets[namespace] = row
     try:
         changed = history.sync_namespace_budgets(budgets, memo.serves)
     except HistoryError as exc:
@@ -45,6 +46,26 @@ def sync_budgets(memo: Memo, indexes: Indexes) -> bool:
             "namespace budgets: %d row(s) written, %d namespace(s) capped", changed, len(budgets)
         )
     return True
+
+
+def budget_row(limits: Limits) -> NamespaceBudgetRow | None:
+    """The money limits the grants of a namespace with ``limits`` must apply (None: the
+    cluster's). A broken policy selecting the namespace allows nothing until it is fixed (its
+    schedules are held; a Job started by hand or a retry gets no grant either): whatever
+    limit it meant to set is never silently dropped."""
+    if limits.broken_policies:
+        return NamespaceBudgetRow(Decimal(0), "UTC", limits.broken_policies[0])
+    cap = limits.namespace_budget
+    per_run = limits.max_per_run_usd if limits.max_per_run_policy else None
+    if cap is None and per_run is None:
+        return None
+    return NamespaceBudgetRow(
+        None if cap is None else cap.max_monthly_usd,
+        "UTC" if cap is None else cap.time_zone,
+        None if cap is None else cap.policy,
+        per_run,
+        limits.max_per_run_policy or None,
+    )
 
 
 def selected(indexes: Indexes, policy: Policy) -> list[str]:

@@ -281,10 +281,12 @@ class _RunApi:
         budget = task.budget
         monthly = budget.max_monthly_usd
         caps = Caps(
+            # The cluster's cap, unless the namespace's policy sets its own (reserve() reads it).
             per_run=min(budget.max_per_run_usd, self.settings.max_per_run_usd),
             total=budget.max_total_usd,
             monthly=monthly,
             month_start=month_start(now, task.time_zone) if monthly is not None else None,
+            asked=budget.max_per_run_usd,
         )
         key = ExecutionKey(
             namespace=identity.namespace,

@@ -108,11 +108,11 @@ def limits_for(
     policies selecting every namespace apply)."""
     chosen = [p for p in policies if p.selects(labels or {})]
     cluster = Limits.of(settings)
+    broken_policies = sorted((p for p in chosen if p.spec is None), key=lambda p: p.name)
     broken = tuple(
-        f"{POLICY_KIND} {p.name!r} selects this namespace but is invalid "
+        f'{POLICY_KIND} "{p.name}" selects this namespace but is invalid '
         f"({'; '.join(p.errors)}); its schedules are held until it is fixed"
-        for p in sorted(chosen, key=lambda p: p.name)
-        if p.spec is None
+        for p in broken_policies
     )
     usable = [p for p in chosen if p.spec is not None]
     if not usable and not broken:
@@ -133,13 +133,15 @@ def limits_for(
     return replace(
         cluster,
         min_interval_minutes=interval,
-        min_interval_by=interval_by,
+        min_interval_by=interval_by.by if interval_by else "",
         max_per_run_usd=per_run,
-        max_per_run_by=per_run_by,
+        max_per_run_by=per_run_by.by if per_run_by else "",
+        max_per_run_policy=per_run_by.name if per_run_by else "",
         max_schedules=schedules,
-        max_schedules_by=schedules_by,
+        max_schedules_by=schedules_by.by if schedules_by else "",
         namespace_budget=_budget(usable),
         broken=broken,
+        broken_policies=tuple(p.name for p in broken_policies),
         **allow,
     )
 
@@ -163,16 +165,15 @@ def _decide(
     pick: Callable[[AgentSchedulePolicySpec], T | None],
     stricter: Callable[[T, T], T],
     default: T,
-) -> tuple[T, str]:
-    """A limit's value and who decided it ("" for the cluster's settings)."""
+) -> tuple[T, Policy | None]:
+    """A limit's value and the policy that decided it (None: the cluster's settings)."""
     top = _top(policies, pick)
     if not top:
-        return default, ""
+        return default, None
     value = top[0][1]
     for _, other in top[1:]:
         value = stricter(value, other)
-    decider = next(p for p, v in top if v == value)
-    return value, decider.by
+    return value, next(p for p, v in top if v == value)
 
 
 def _lists(

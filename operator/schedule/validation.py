@@ -123,8 +123,12 @@ class Limits:
     min_interval_by: str = ""
     max_per_run_by: str = ""
     max_schedules_by: str = ""
-    # A policy selecting the namespace is broken: its schedules are held until it is fixed.
+    # The policy that set the per-run cap ("": the cluster's settings).
+    max_per_run_policy: str = ""
+    # A policy selecting the namespace is broken: its schedules are held until it is fixed (the
+    # rules, and the policies' names).
     broken: tuple[str, ...] = ()
+    broken_policies: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:

@@ -1,5 +1,6 @@
-"""Namespace budgets (``namespace_budgets``): the monthly USD caps AgentSchedulePolicies put on
-whole namespaces. The operator keeps the rows in step with its policies (``sync_namespace_
+"""Namespace budgets (``namespace_budgets``): the money limits AgentSchedulePolicies set for whole
+namespaces -- a monthly USD cap on all their schedules together, and a per-run cap replacing the
+cluster's. The operator keeps the rows in step with its policies (``sync_namespace_
 budgets``); ``reserve()`` applies a namespace's row to every grant there, and a schedule's pass
 reads what its namespace spent this month (``namespace_month_cost``) to hold it when the cap is
 reached. Kept in the database, not in one process's memory, so that every replica's run API
@@ -12,43 +13,68 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 
+from agent_runner.contract import MAX_USD
 from nocturne_operator.storage.engine import Repository
 from nocturne_operator.storage.queries import cost_sum, month_start
 from nocturne_operator.storage.schema import EXECUTIONS, NAMESPACE_BUDGETS
 from nocturne_operator.storage.values import aware
 
-__all__ = ["NamespaceBudgetRow", "NamespaceBudgets"]
+__all__ = ["NamespaceBudgetRow", "NamespaceBudgets", "row_of"]
 
 
 @dataclass(frozen=True)
 class NamespaceBudgetRow:
-    """A namespace's monthly cap, the zone its month resets in, and the policy that set it."""
+    """A namespace's money limits: the monthly cap (None: none), the zone its month resets in
+    and the policy that set it; the per-run cap that replaces the cluster's there (None: the
+    cluster's) and its policy."""
 
-    max_monthly_usd: Decimal
-    time_zone: str
-    policy: str
+    max_monthly_usd: Decimal | None
+    time_zone: str = "UTC"
+    policy: str | None = None
+    max_per_run_usd: Decimal | None = None
+    per_run_policy: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_monthly_usd, Decimal):
-            raise TypeError(f"max_monthly_usd: {self.max_monthly_usd!r} must be a Decimal")
-        if not self.max_monthly_usd.is_finite() or self.max_monthly_usd < 0:
-            raise ValueError(f"max_monthly_usd: {self.max_monthly_usd} must be >= 0")
+        for name in ("max_monthly_usd", "max_per_run_usd"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, Decimal):
+                raise TypeError(f"{name}: {value!r} must be a Decimal")
+            if not value.is_finite() or value < 0 or value > MAX_USD:
+                raise ValueError(f"{name}: {value} must be from 0 to {MAX_USD}")
+        if self.max_monthly_usd is None and self.max_per_run_usd is None:
+            raise ValueError("a namespace budget row needs a monthly or a per-run cap")
+        if self.max_per_run_usd is not None and not self.max_per_run_usd:
+            raise ValueError("max_per_run_usd: must be greater than 0")
         month_start(datetime.now(UTC), self.time_zone)  # raises unless an IANA zone
+
+
+_COLUMNS = ("max_monthly_usd", "time_zone", "policy", "max_per_run_usd", "per_run_policy")
 
 
 def _stored(conn: sa.Connection, *, lock: bool = False) -> dict[str, NamespaceBudgetRow]:
     """Every namespace's budget as stored (``lock``: rows locked until the transaction ends)."""
     b = NAMESPACE_BUDGETS
-    query = sa.select(b.c.namespace, b.c.max_monthly_usd, b.c.time_zone, b.c.policy)
+    query = sa.select(b.c.namespace, *(b.c[c] for c in _COLUMNS))
     rows = conn.execute(query.with_for_update() if lock else query)
-    return {
-        r.namespace: NamespaceBudgetRow(Decimal(r.max_monthly_usd), r.time_zone, r.policy)
-        for r in rows
-    }
+    return {r.namespace: row_of(r) for r in rows}
+
+
+def row_of(row: sa.Row[Any]) -> NamespaceBudgetRow:
+    """The budget a ``namespace_budgets`` row holds."""
+    return NamespaceBudgetRow(
+        None if row.max_monthly_usd is None else Decimal(row.max_monthly_usd),
+        row.time_zone,
+        row.policy,
+        None if row.max_per_run_usd is None else Decimal(row.max_per_run_usd),
+        row.per_run_policy,
+    )
 
 
 class NamespaceBudgets(Repository):
@@ -78,12 +104,7 @@ class NamespaceBudgets(Repository):
             if changed:
                 insert = pg.insert(b).values(
                     [
-                        {
-                            "namespace": ns,
-                            "max_monthly_usd": row.max_monthly_usd,
-                            "time_zone": row.time_zone,
-                            "policy": row.policy,
-                        }
+                        {"namespace": ns, **{c: getattr(row, c) for c in _COLUMNS}}
                         for ns, row in sorted(changed.items())
                     ]
                 )
@@ -91,9 +112,7 @@ class NamespaceBudgets(Repository):
                     insert.on_conflict_do_update(
                         constraint="pk_namespace_budgets",
                         set_={
-                            "max_monthly_usd": insert.excluded.max_monthly_usd,
-                            "time_zone": insert.excluded.time_zone,
-                            "policy": insert.excluded.policy,
+                            **{c: insert.excluded[c] for c in _COLUMNS},
                             "updated_at": sa.func.now(),
                         },
                     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple, cast, get_args
@@ -93,9 +93,12 @@ class Caps:
     """maxMonthlyUSD: every Job of this schedule UID started since ``month_start``."""
     month_start: datetime | None = None
     """Aware start of the current month in the schedule's zone; required with ``monthly``."""
+    asked: Decimal | None = None
+    """The schedule's own maxPerRunUSD: where a policy sets the namespace's per-run cap
+    (``namespace_budgets``), ``per_run`` is this under that cap instead of the cluster's."""
 
     def __post_init__(self) -> None:
-        for name in ("per_run", "total", "monthly"):
+        for name in ("per_run", "total", "monthly", "asked"):
             value = getattr(self, name)
             if value is None and name != "per_run":
                 continue
@@ -241,15 +244,18 @@ class RunWrites(Repository):
         with self._begin(what) as conn:
             # A namespace with a monthly budget (AgentSchedulePolicy): its lock first, always in
             # this order, so reservations of all its schedules see each other.
-            budget = conn.execute(
-                sa.select(NAMESPACE_BUDGETS).where(NAMESPACE_BUDGETS.c.namespace == key.namespace)
-            ).first()
-            if budget is not None:
+            row = sa.select(NAMESPACE_BUDGETS).where(NAMESPACE_BUDGETS.c.namespace == key.namespace)
+            budget = conn.execute(row).first()
+            if budget is not None and budget.max_monthly_usd is not None:
                 conn.execute(
                     sa.text(
                         "SELECT pg_advisory_xact_lock(hashtextextended(:ns, :seed))"
                     ).bindparams(ns=key.namespace, seed=_NAMESPACE_LOCK_SEED)
                 )
+                budget = conn.execute(row).first()  # as it is now, not before the wait
+            if budget is not None and budget.max_per_run_usd is not None and caps.asked:
+                # The namespace's policy sets the per-run cap there, instead of the cluster's.
+                caps = replace(caps, per_run=min(caps.asked, Decimal(budget.max_per_run_usd)))
             # Read committed: every statement after the lock sees what earlier holders committed.
             conn.execute(lock)
             existing = self._attempt_row(conn, key)
@@ -271,7 +277,7 @@ class RunWrites(Repository):
                     f"than {key.schedule_uid}"
                 )
             refusal, limit = self._decide(conn, key, caps, _Held(job_committed, job_spent))
-            if budget is not None and refusal is None:
+            if budget is not None and budget.max_monthly_usd is not None and refusal is None:
                 refusal, limit = self._namespace_left(conn, key, budget, started_at, limit)
             values = _new_attempt(key, int(attempts), started_at, model, provider)
             values["granted_usd"] = limit
@@ -384,7 +390,7 @@ class RunWrites(Repository):
                 f"running Jobs in namespace {key.namespace}",
                 f" for the month from {since.isoformat()}",
             )
-            + f' (AgentSchedulePolicy "{budget.policy}")'
+            + f' (AgentSchedulePolicy "{budget.policy or "?"}")'
         )
         return ("NamespaceBudgetReached", message), Decimal(0)
 

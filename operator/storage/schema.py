@@ -366,20 +366,28 @@ class RunCheckpoint(Base):
 
 
 class NamespaceBudget(Base):
-    """A namespace's monthly USD cap from an AgentSchedulePolicy (migration 0010), kept in step
-    with the policies by the operator; ``reserve()`` applies it to every schedule there."""
+    """A namespace's money limits from AgentSchedulePolicies (migration 0010), kept in step with
+    the policies by the operator: a monthly USD cap on all its schedules together (its zone,
+    its policy) and a per-run cap replacing the cluster's; ``reserve()`` applies them."""
 
     __tablename__ = "namespace_budgets"
 
     namespace: Mapped[str]
-    max_monthly_usd: Mapped[Decimal] = mapped_column(sa.Numeric(14, 6))
+    max_monthly_usd: Mapped[Decimal | None] = mapped_column(sa.Numeric(14, 6))
     time_zone: Mapped[str]
-    policy: Mapped[str]
+    policy: Mapped[str | None]
+    max_per_run_usd: Mapped[Decimal | None] = mapped_column(sa.Numeric(14, 6))
+    per_run_policy: Mapped[str | None]
     updated_at: Mapped[datetime] = mapped_column(server_default=sa.func.now())
 
     __table_args__ = (
         sa.PrimaryKeyConstraint("namespace", name="pk_namespace_budgets"),
         sa.CheckConstraint("max_monthly_usd >= 0", name="ck_namespace_budgets_max_monthly_usd"),
+        sa.CheckConstraint("max_per_run_usd > 0", name="ck_namespace_budgets_max_per_run_usd"),
+        sa.CheckConstraint(
+            "max_monthly_usd IS NOT NULL OR max_per_run_usd IS NOT NULL",
+            name="ck_namespace_budgets_a_limit",
+        ),
     )
 
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import TypeVar
+
+import sqlalchemy as sa
+
+from nocturne_operator.storage import History
 
 T = TypeVar("T")
 
@@ -31,3 +36,13 @@ def at_once(count: int, job: Callable[[int], T]) -> list[T]:
     if errors:
         raise errors[0]
     return results
+
+
+def warm_histories(url: str, count: int, stack: ExitStack) -> list[History]:
+    """``count`` repositories on ``url``, each with its connection open and used once, so that
+    connecting does not stagger the threads ``at_once`` releases (closed with ``stack``)."""
+    histories = [stack.enter_context(History.connect(url)) for _ in range(count)]
+    for history in histories:
+        with history.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    return histories

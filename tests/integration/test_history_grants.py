@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, Decimal
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 
 from agent_runner.contract import RunOutcome
 from harness.postgres import PostgresServer
-from integration.concurrency import at_once
+from integration.concurrency import at_once, warm_histories
 from nocturne_operator.runs.verdicts import reap
 from nocturne_operator.storage import (
     Caps,
@@ -495,13 +496,15 @@ def test_concurrent_jobs_never_overspend_the_total_and_monthly_caps(url: str) ->
         spend(setup, earlier, "0.10")  # counts for the total, not for the month
     threads = 12
 
-    def job(n: int) -> GrantRecord:
-        with History.connect(url) as history:
-            grant = reserve(history, f"j{n}", caps=caps)
-            spend(history, grant, grant.limit)
+    with ExitStack() as stack:
+        histories = warm_histories(url, threads, stack)
+
+        def job(n: int) -> GrantRecord:
+            grant = reserve(histories[n], f"j{n}", caps=caps)
+            spend(histories[n], grant, grant.limit)
             return grant
 
-    grants = at_once(threads, job)
+        grants = at_once(threads, job)
     assert sorted(g.limit for g in grants if g.limit) == [D("0.25"), D("0.30"), D("0.30")]
     assert {g.refused for g in grants if not g.limit} == {"MonthlyBudgetReached"}
     with History.connect(url) as history:

@@ -4,13 +4,15 @@ the namespace together within the cap, concurrent Jobs of different schedules in
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
 from agent_runner.contract import RunOutcome
-from integration.concurrency import at_once
+from integration.concurrency import at_once, warm_histories
 from nocturne_operator.storage import (
     Caps,
     ExecutionKey,
@@ -128,14 +130,48 @@ def test_concurrent_jobs_of_many_schedules_never_overspend_the_namespace(url: st
     with History.connect(url) as setup:
         setup.sync_namespace_budgets({"team": budget("2.50")})
 
-    def job(n: int) -> GrantRecord:
-        with History.connect(url) as history:
-            grant = reserve(history, f"s{n}", "a")
-            spend(history, grant, grant.limit)
+    with ExitStack() as stack:
+        histories = warm_histories(url, 12, stack)
+
+        def job(n: int) -> GrantRecord:
+            grant = reserve(histories[n], f"s{n}", "a")
+            spend(histories[n], grant, grant.limit)
             return grant
 
-    grants = at_once(12, job)
+        grants = at_once(12, job)
     assert sorted(g.limit for g in grants if g.limit) == [D("0.50"), D("1.00"), D("1.00")]
     assert {g.refused for g in grants if not g.limit} == {"NamespaceBudgetReached"}
     with History.connect(url) as history:
         assert history.namespace_month_cost("team", month_start(T0, "UTC")) == D("2.50")
+
+
+def test_a_policys_per_run_cap_replaces_the_clusters_at_grant_time(history: History) -> None:
+    """The run API passes the cluster's cap as per_run and the schedule's own ask: a namespace
+    row with a per-run cap decides between them, relaxing or tightening."""
+    key = ExecutionKey("team", "news", "uid-n", "news-1", "job-n-1", "pod-0", 0)
+
+    def granted(job: str, per_run: str, asked: str) -> Decimal:
+        caps = Caps(D(per_run), asked=D(asked))
+        return history.reserve(
+            replace(key, job_name=f"news-{job}", job_uid=f"job-n-{job}"),
+            model="gpt-4o-mini",
+            provider="openai",
+            started_at=T0,
+            caps=caps,
+        ).limit
+
+    # No row: the cluster's cap (10) stands under the schedule's ask (20).
+    assert granted("a", "10", "20") == D(10)
+    history.sync_namespace_budgets({"team": NamespaceBudgetRow(None, max_per_run_usd=D(50))})
+    assert granted("b", "10", "20") == D(20)  # relaxed: the schedule's own 20
+    history.sync_namespace_budgets({"team": NamespaceBudgetRow(None, max_per_run_usd=D(2))})
+    assert granted("c", "10", "20") == D(2)  # tightened, whatever the Job's snapshot asks
+
+
+def test_a_row_needs_a_cap_and_a_per_run_cap_above_zero() -> None:
+    with pytest.raises(ValueError, match="needs a monthly or a per-run cap"):
+        NamespaceBudgetRow(None)
+    with pytest.raises(ValueError, match="must be greater than 0"):
+        NamespaceBudgetRow(None, max_per_run_usd=D(0))
+    with pytest.raises(ValueError, match="must be from 0 to"):
+        NamespaceBudgetRow(D("100000000"))

@@ -119,3 +119,22 @@ def test_a_policy_change_queues_the_schedules_of_the_namespaces_it_selects(memo:
         ("sre", "check"),
         ("web", "news"),
     }
+
+
+def test_a_broken_policy_leaves_its_namespaces_no_budget_at_all(memo: Memo) -> None:
+    """Its cap cannot be read, so nothing is granted there until it is fixed (its schedules
+    are held too): a limit is never dropped because its policy broke."""
+    assert memo.history is not None
+    broken = Policy.parse(
+        "sre", {**SPEC, "namespaceBudget": {"maxMonthlyUSD": "30", "timeZone": "Europe/Berln"}}
+    )
+    per_run = Policy.parse(
+        "web",
+        {"namespaceSelector": {"matchLabels": {"team": "web"}}, "limits": {"maxPerRunUSD": "3"}},
+    )
+    found = indexes({"sre": {"team": "sre"}, "web": {"team": "web"}}, [broken, per_run], [])
+    assert policies.sync_budgets(memo, found)
+    assert memo.history.namespace_budgets() == {
+        "sre": NamespaceBudgetRow(Decimal(0), "UTC", "sre"),
+        "web": NamespaceBudgetRow(None, "UTC", None, Decimal(3), "web"),
+    }

@@ -217,3 +217,20 @@ def test_a_broken_policy_in_the_files_is_an_error_and_a_bad_label_flag_is_a_usag
     assert line.startswith(f'{path}: AgentSchedulePolicy/cap: spec.namespaceBudget.timeZone "Mars')
     assert main(["validate", "--namespace-labels", "team", str(path)]) == 2
     assert "'team' is not key=value" in capsys.readouterr().out
+
+
+def test_a_policy_selecting_by_the_namespaces_name_applies_without_its_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    by_name = {"matchLabels": {"kubernetes.io/metadata.name": "sre"}}
+    path = write(
+        tmp_path,
+        "repo.yaml",
+        aspol("sre", by_name, limits={"minIntervalMinutes": 5}),
+        in_namespace(schedule("check", "*/5 * * * *"), "sre"),
+    )
+    assert main(["validate", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{path}: AgentSchedule/check: valid"]
+    # The other labels are unknown: said, on stderr.
+    assert "the labels of namespace sre are unknown" in captured.err

@@ -16,7 +16,11 @@ import yaml
 
 from agent_runner.contract import USD_PER_RUN_PATTERN
 from nocturne_operator.api import conditions as cond
+from nocturne_operator.api.model import _SECRET_NAME_PATTERN
 from nocturne_operator.api.policy import (
+    _LABEL_KEY,
+    _LABEL_VALUE,
+    _MODEL,
     NAMESPACE_BUDGET_PATTERN,
     AgentSchedulePolicySpec,
     LabelSelector,
@@ -71,6 +75,16 @@ def test_the_crd_and_the_model_have_the_same_fields_and_defaults() -> None:
         NAMESPACE_BUDGET_PATTERN
     )
     assert props["limits"]["properties"]["maxPerRunUSD"]["pattern"] == USD_PER_RUN_PATTERN
+    # What the model refuses, the apiserver refuses too (with the webhook off or down).
+    selector = props["namespaceSelector"]["properties"]
+    term = selector["matchExpressions"]["items"]["properties"]
+    allow = props["allow"]["properties"]
+    assert selector["matchLabels"]["additionalProperties"]["pattern"] == _LABEL_VALUE
+    assert term["key"]["pattern"] == _LABEL_KEY
+    assert term["values"]["items"]["pattern"] == _LABEL_VALUE
+    assert allow["models"]["items"]["pattern"] == _MODEL
+    for secrets in ("llmSecrets", "webhookSecrets"):
+        assert allow[secrets]["items"]["pattern"] == _SECRET_NAME_PATTERN
     chart_copy = Path(__file__).parents[2] / "helm" / "nocturne" / "crds" / CRD_FILE.name
     assert chart_copy.read_text() == CRD_FILE.read_text()
 
@@ -235,11 +249,12 @@ def test_a_broken_policy_holds_the_schedules_of_the_namespaces_it_selects() -> N
     assert broken.spec is None
     limits = limits_for(SETTINGS, [broken], OPS)
     assert len(limits.broken) == 1
-    assert "AgentSchedulePolicy 'ops' selects this namespace but is invalid" in limits.broken[0]
+    assert 'AgentSchedulePolicy "ops" selects this namespace but is invalid' in limits.broken[0]
+    assert limits.broken_policies == ("ops",)
     assert "Mars/Olympus" in limits.broken[0]
     result = validate(research_schedule(), SETTINGS, now=NOW, limits=limits)
     assert not result.ok
-    assert str(result.errors[0]).startswith("metadata.namespace: AgentSchedulePolicy 'ops'")
+    assert str(result.errors[0]).startswith('metadata.namespace: AgentSchedulePolicy "ops"')
     # Its selector is readable: other namespaces are not held.
     assert limits_for(SETTINGS, [broken], RESEARCH) == Limits.of(SETTINGS)
     # A policy whose selector itself is broken selects nothing.
