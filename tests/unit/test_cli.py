@@ -222,7 +222,7 @@ def test_a_broken_policy_in_the_files_is_an_error_and_a_bad_label_flag_is_a_usag
 def test_a_policy_selecting_by_the_namespaces_name_applies_without_its_manifest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    by_name = {"matchLabels": {"kubernetes.io/metadata.name": "sre"}}
+    by_name: dict[str, object] = {"matchLabels": {"kubernetes.io/metadata.name": "sre"}}
     path = write(
         tmp_path,
         "repo.yaml",
