@@ -204,7 +204,8 @@ def _labels_of(
 ) -> dict[str, str]:
     """The labels of the namespace ``doc`` names: its Namespace manifest's, else those given
     on the command line (with the name label the apiserver sets); a warning when unknown."""
-    namespace = str((doc.get("metadata") or {}).get("namespace") or "")
+    metadata = doc.get("metadata")
+    namespace = str(metadata.get("namespace") or "") if isinstance(metadata, Mapping) else ""
     known = namespaces.get(namespace)
     if known is not None:
         return known

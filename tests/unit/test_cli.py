@@ -234,3 +234,14 @@ def test_a_policy_selecting_by_the_namespaces_name_applies_without_its_manifest(
     assert captured.out.splitlines() == [f"{path}: AgentSchedule/check: valid"]
     # The other labels are unknown: said, on stderr.
     assert "the labels of namespace sre are unknown" in captured.err
+
+
+def test_a_hostile_schedule_next_to_a_policy_is_an_error_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = {**schedule("x", "@daily"), "metadata": "x"}
+    path = write(tmp_path, "mixed.yaml", aspol("p", {}), bad)
+    assert main(["validate", "-q", "--namespace-labels", "", str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f'{path}: AgentSchedule/#2: metadata "x": must be a mapping'
+    ]
