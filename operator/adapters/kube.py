@@ -22,9 +22,10 @@ from nocturne_operator.api.model import GROUP, PLURAL, VERSION
 from nocturne_operator.api.timestamps import rfc3339
 
 FIELD_MANAGER = "nocturne-operator"
-# What only the leading replica writes (issue 15): schedules' status, their CronJobs and Jobs,
-# runner pods' finalizer. Secrets (the run API's certificate), Leases and Events are not held.
-LEADER_KINDS = frozenset({"AgentSchedule", "CronJob", "Job", "Pod"})
+# What only the leading replica writes (issue 15): schedules' and policies' status, schedules'
+# CronJobs and Jobs, runner pods' finalizer. Secrets (the run API's certificate), Leases and
+# Events are not held.
+LEADER_KINDS = frozenset({"AgentSchedule", "AgentSchedulePolicy", "CronJob", "Job", "Pod"})
 _WRITES = frozenset({"PATCH", "POST", "PUT", "DELETE"})
 
 
