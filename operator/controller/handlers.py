@@ -134,7 +134,8 @@ def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
     )
     memo.workers = Workers(memo.queue, lambda key: reconcile_key(key, memo), RECONCILE_WORKERS)
     memo.workers.start(paused=True)
-    metrics.QUEUE_DEPTH.set_function(lambda: len(memo.queue))
+    # A standby's queue keeps what events name until it leads: nothing waits on it meanwhile.
+    metrics.QUEUE_DEPTH.set_function(lambda: len(memo.queue) if memo.leading() else 0)
     # Two replicas (issue 15): the workers wait until this one holds the Lease; what only the
     # leader writes is refused the moment it no longer does.
     memo.elector = leadership.elect(memo)
