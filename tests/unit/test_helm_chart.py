@@ -748,6 +748,8 @@ def test_notes_tell_what_to_do_next() -> None:
     assert "no database Secret" in notes
     assert "nocturne.dev/run-now=" in notes
     assert "keeps the CRD and every AgentSchedule" in notes
+    # Two replicas: which one reconciles.
+    assert f"get lease {RELEASE}-operator" in notes
 
 
 # docs/helm.md
