@@ -479,6 +479,16 @@ def test_two_replicas_get_a_disruption_budget_and_their_lease_by_name() -> None:
     assert (settings["leader_lease_seconds"], settings["shutdown_drain_seconds"]) == (15, 5)
 
 
+def test_the_roll_can_replace_instead_of_surging() -> None:
+    docs = render(
+        "--set=operator.rollingUpdate.maxSurge=0", "--set=operator.rollingUpdate.maxUnavailable=1"
+    )
+    assert one(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {
+        "maxUnavailable": 1,
+        "maxSurge": 0,
+    }
+
+
 def test_one_replica_gets_no_disruption_budget_and_own_affinity_wins() -> None:
     docs = render("--set=operator.replicas=1", "--set=operator.affinity.nodeAffinity.x=y")
     assert one(docs, "Deployment")["spec"]["replicas"] == 1
@@ -671,6 +681,7 @@ BAD_VALUES = [
     (("--set=operator.replicas=0",), "'/operator/replicas': minimum"),
     (("--set=operator.leaderElection.leaseSecondz=9",), "additional properties 'leaseSecondz'"),
     (("--set=operator.podDisruptionBudget.minAvailable=0",), "minAvailable': minimum"),
+    (("--set=operator.rollingUpdate.maxSurge=-1",), "'/operator/rollingUpdate/maxSurge'"),
     (("--set=limits.maxSchedulesPerNamespace=-1",), "'/limits/maxSchedulesPerNamespace': minimum"),
     (("--set=limits.minIntervalMinutes=0",), "'/limits/minIntervalMinutes': minimum"),
     (("--set=limits.maxSchedulesPerNamespace=lots",), "got string, want integer"),
@@ -730,6 +741,10 @@ def test_a_float_budget_in_a_values_file_is_rejected(tmp_path: Path) -> None:
         (
             ("--set=operator.podDisruptionBudget.minAvailable=2",),
             "minAvailable must be below operator.replicas",
+        ),
+        (
+            ("--set=operator.rollingUpdate.maxSurge=0",),
+            "maxSurge and maxUnavailable are both 0",
         ),
     ],
 )
