@@ -116,6 +116,7 @@ def register(settings: Settings, namespaces: Sequence[str] = ()) -> None:
         id="agentschedulepolicies",
         operations=["CREATE", "UPDATE"],
         ignore_failures=settings.webhook_failure_policy == "Ignore",
+        persistent=True,  # as the schedules' webhook: the other replica serves it
     )
     def agentschedulepolicy(*, body: kopf.Body, **kwargs: Any) -> None:
         """Refuse an AgentSchedulePolicy that cannot be read (a zone, an endpoint): applied, it
