@@ -12,7 +12,15 @@ Errors say what to do with the run:
 - ``RunApiRefusedError`` (other 4xx, a certificate that does not verify, an unreadable token
   file): the request or the pod's configuration is wrong; retrying cannot help.
 - ``RunApiUnavailableError`` (connection errors, timeouts, 429, 5xx, an answer that is not the
-  contract's document): retried a few times within a few seconds, then raised.
+  contract's document): retried within the call's deadline (about 7 s of pauses at most without
+  one), then raised.
+
+The URL is the operator's Service, and the operator runs as two replicas (issue 15): a try that
+fails on one (it was killed, or it closed a kept-alive connection while stopping) is retried on
+a new connection, which the Service sends to a replica that serves. Every report is idempotent
+on the server (a start replayed by the same pod gets its recorded grant, progress and
+checkpoints carry totals, a finish is recorded once), so a try whose answer was lost is safe to
+repeat.
 """
 
 from __future__ import annotations
@@ -105,13 +113,16 @@ class RunApiClient:
         token_file: Path,
         *,
         timeout: float = 5.0,
-        attempts: int = 3,
+        attempts: int = 6,
         backoff: float = 0.25,
+        max_backoff: float = 2.0,
         max_response_bytes: int = MAX_RESPONSE_BYTES,
     ) -> None:
         """``url``: ``https://host:port``; ``ca_pem``: the CA bundle the server's certificate must
         chain to. ``timeout`` bounds each try; ``attempts`` tries are made with backoff
-        ``backoff``, 3x``backoff``, ... in between. RunApiRefusedError if the CA is unusable."""
+        ``backoff``, 3x``backoff``, ... (at most ``max_backoff``) in between: long enough for
+        the Service to stop sending to a replica that died. RunApiRefusedError if the CA is
+        unusable."""
         if not url.startswith("https://"):
             raise RunApiRefusedError(f"run API URL {url!r}: must be https://")
         if attempts < 1:
@@ -126,6 +137,7 @@ class RunApiClient:
         self.token_file = token_file
         self.attempts = attempts
         self.backoff = backoff
+        self.max_backoff = max_backoff
         self.max_response_bytes = max_response_bytes
         self._timeout = timeout
         self._client = httpx.Client(
@@ -197,7 +209,7 @@ class RunApiClient:
                 ) from None
             log.warning("%s: %s; retrying in %.2f s", endpoint, problem, delay)
             time.sleep(delay)
-            delay *= 3
+            delay = min(delay * 3, self.max_backoff)
         raise RunApiUnavailableError(f"{endpoint}: {problem}")
 
     def _try(

@@ -492,6 +492,10 @@ class Operator:
             "NOCTURNE_RUN_API_BIND": "127.0.0.1",
             "NOCTURNE_RUN_API_URL": self.run_api_url,
             "NOCTURNE_RUN_API_TLS_NAMESPACE": TLS_NAMESPACE,
+            # A Lease per process: a restart after SIGKILL measures getting back in step, not
+            # the predecessor's Lease running out (in a pod, a restarted container is PID 1
+            # again and takes its own Lease back at once).
+            "NOCTURNE_LEADER_LEASE_NAME": f"nocturne-bench-{os.getpid()}-{time.monotonic_ns()}",
             # Only when more schedules share a namespace than the default quota allows.
             **(
                 {"NOCTURNE_MAX_SCHEDULES_PER_NAMESPACE": str(self.max_per_namespace)}

@@ -1,5 +1,6 @@
-"""``python -m nocturne_operator`` / ``nocturne-operator``: run the operator (standalone, one
-active pod; the Deployment uses the Recreate strategy)."""
+"""``python -m nocturne_operator`` / ``nocturne-operator``: run the operator. kopf runs standalone
+(no peering: with equal priorities it would freeze every replica); of the Deployment's replicas
+the holder of a Lease reconciles (``controller.lease``), every one serves the run API."""
 
 from __future__ import annotations
 

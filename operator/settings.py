@@ -241,6 +241,30 @@ class Settings(BaseSettings):
     # Let webhooks go to loopback and private addresses, over http too (in-cluster receivers);
     # never to link-local or cloud metadata addresses. Off: public https receivers only.
     webhook_allow_private: bool = False
+    # --- replicas (issue 15): the Lease (in run_api_tls_namespace) the leading replica holds;
+    # it reconciles and sweeps. A standby takes a Lease not renewed for leader_lease_seconds;
+    # the leader stops writing leader_renew_deadline_seconds after its last renewal.
+    leader_lease_name: str = Field("nocturne-operator", min_length=1, max_length=253)
+    leader_lease_seconds: float = Field(15.0, ge=2, le=300)
+    leader_renew_deadline_seconds: float = Field(10.0, ge=1, le=300)
+    leader_retry_seconds: float = Field(2.0, ge=0.2, le=60)
+    # On SIGTERM the run API answers readiness 503 and goes on serving this long, so that the
+    # Service stops sending reports here before the listener closes.
+    shutdown_drain_seconds: float = Field(0.0, ge=0, le=120)
+
+    @model_validator(mode="after")
+    def _lease_timing_is_ordered(self) -> Settings:
+        if not (
+            self.leader_retry_seconds
+            < self.leader_renew_deadline_seconds
+            < self.leader_lease_seconds
+        ):
+            raise ValueError(
+                f"leader_retry_seconds {self.leader_retry_seconds} < "
+                f"leader_renew_deadline_seconds {self.leader_renew_deadline_seconds} < "
+                f"leader_lease_seconds {self.leader_lease_seconds} does not hold"
+            )
+        return self
 
     @model_validator(mode="after")
     def _retry_cap_covers_the_base(self) -> Settings:

@@ -22,12 +22,24 @@ from nocturne_operator.api.model import GROUP, PLURAL, VERSION
 from nocturne_operator.api.timestamps import rfc3339
 
 FIELD_MANAGER = "nocturne-operator"
+# What only the leading replica writes (issue 15): schedules' and policies' status, schedules'
+# CronJobs and Jobs, runner pods' finalizer. Secrets (the run API's certificate), Leases and
+# Events are not held.
+LEADER_KINDS = frozenset({"AgentSchedule", "AgentSchedulePolicy", "CronJob", "Job", "Pod"})
+_WRITES = frozenset({"PATCH", "POST", "PUT", "DELETE"})
+
+
+class NotLeadingError(RuntimeError):
+    """A write only the leading replica makes, refused because this one does not lead (now)."""
+
+
 _PATHS = {
     "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
     "CronJob": "/apis/batch/v1/namespaces/{ns}/cronjobs",
     "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
     "Pod": "/api/v1/namespaces/{ns}/pods",
     "Secret": "/api/v1/namespaces/{ns}/secrets",
+    "Lease": "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
     "Event": "/api/v1/namespaces/{ns}/events",
     "AgentSchedule": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
     # Cluster-scoped: the namespace argument is ignored.
@@ -42,6 +54,9 @@ class Kube:
         self._api = api
         # Told of every object a write of ours returned (the operator's caches: ``Unseen``).
         self.on_write: Callable[[dict[str, Any]], None] | None = None
+        # Asked before every write of a LEADER_KINDS object: False refuses it (NotLeadingError),
+        # so a replica that lost the Lease stops writing at once, even mid-pass.
+        self.may_write: Callable[[], bool] | None = None
 
     @classmethod
     def connect(cls) -> Kube:
@@ -188,6 +203,8 @@ class Kube:
         subresource: str = "",
         query: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
+        if method in _WRITES and kind in LEADER_KINDS and self.may_write and not self.may_write():
+            raise NotLeadingError(f"{method} {kind} {namespace}/{name}: this replica does not lead")
         path = _PATHS[kind].format(ns=namespace)
         if name:
             path += f"/{name}"
@@ -206,8 +223,10 @@ class Kube:
         body: dict[str, Any] | None = None,
         content_type: str = "application/json",
         query: list[tuple[str, str]] | None = None,
+        timeout: float | None = None,
     ) -> dict[str, Any]:
-        """One API call with the client's credentials; ApiException unless 2xx."""
+        """One API call with the client's credentials (at most ``timeout`` seconds, when
+        given); ApiException unless 2xx."""
         method_, url, headers, payload, post = self._api.param_serialize(
             method=method,
             resource_path=path,
@@ -219,7 +238,12 @@ class Kube:
         resource = _resource(path)
         try:
             response = self._api.call_api(
-                method_, url, header_params=headers, body=payload, post_params=post
+                method_,
+                url,
+                header_params=headers,
+                body=payload,
+                post_params=post,
+                _request_timeout=timeout,
             )
             response.read()
         except Exception:
@@ -281,6 +305,34 @@ class Kube:
         review = self._request("POST", "/apis/authentication.k8s.io/v1/tokenreviews", body=body)
         status: dict[str, Any] = review.get("status") or {}
         return status
+
+    # ---- leader election (issue 15) ----------------------------------------------------------
+
+    def get_lease(self, namespace: str, name: str, timeout: float) -> dict[str, Any] | None:
+        """The Lease, or None when there is none."""
+        try:
+            return self._request(
+                "GET", f"{_PATHS['Lease'].format(ns=namespace)}/{name}", timeout=timeout
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def write_lease(self, lease: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """Create the Lease (no resourceVersion) or replace it (at its resourceVersion); None
+        when another replica wrote it first (409)."""
+        meta = lease["metadata"]
+        path = _PATHS["Lease"].format(ns=meta["namespace"])
+        method = "PUT" if meta.get("resourceVersion") else "POST"
+        if method == "PUT":
+            path += f"/{meta['name']}"
+        try:
+            return self._request(method, path, body=lease, timeout=timeout)
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            raise
 
     # ---- the agentruns API (issue 17) ------------------------------------------------------
 

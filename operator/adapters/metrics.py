@@ -82,6 +82,14 @@ QUEUE_DEPTH = Gauge(
 )
 
 
+LEADER = Gauge(
+    "nocturne_leader",
+    "1 on the replica that holds the leader Lease (reconciles and sweeps), 0 on a standby: "
+    "the replicas' sum is 1 in a healthy installation.",
+    registry=REGISTRY,
+)
+
+
 class _Schedules(Collector):
     """``nocturne_schedules{phase}``: how many AgentSchedules are in each phase right now;
     ``nocturne_schedule_reconciled_timestamp_seconds{namespace,schedule}``: when each was last
@@ -99,6 +107,12 @@ class _Schedules(Collector):
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._phases.pop((namespace, name), None)
+
+    def clear(self) -> None:
+        """This replica stopped leading: the leader reports schedules now (a standby's stale
+        reconcile times would look like a stuck operator)."""
+        with self._lock:
+            self._phases.clear()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(

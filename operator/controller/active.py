@@ -8,11 +8,14 @@ seconds, not one per report. The reconcile pass reads ``of(key)`` and writes sta
 operator stays the only writer of status, and a pass stays idempotent (the same reports give
 the same status).
 
-Kept in memory: after an operator restart, a run already in flight does not show (its reports
-name no attempt, start or budget) -- the next attempt or run shows from its grant on.
-A runner killed without its final report leaves an entry that ends with
-its Job (``forget``, from the pass that sees the Job finished) or at its deadline
-(``expires_at``). Two replicas serving the run API (issue 15) will have to share these reports.
+With two replicas (issue 15) a runner's reports reach either one: ``controller.relay`` sends
+every change (``on_start``/``on_progress`` -> ``put``, a finish -> ``end``) to every replica
+through PostgreSQL, and each keeps the same entries, the standby too (a takeover shows them at
+once). Kept in memory: after a restart of every replica, a run already in flight does not show
+(its reports name no attempt, start or budget) -- the next attempt or run shows from its grant
+on; a rolling restart keeps them (the new replica hears the old one's). A runner killed without
+its final report leaves an entry that ends with its Job (``forget``, from the pass that sees the
+Job finished) or at its deadline (``expires_at``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ Queue = Callable[[Key, float], None]
 # A run's entry outlives its deadline by this much: its Job's end is recorded by then.
 _EXPIRY_SLACK = timedelta(minutes=1)
 _ACTIVITY_CHARS = 120
+_ENDED_KEPT = 10_000
 
 
 def _clean(text: str | None) -> str | None:
@@ -96,10 +100,27 @@ class ActiveRuns:
     refresh: float = 5.0
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     _runs: dict[Key, dict[str, ActiveRun]] = field(default_factory=dict)
+    # (Job UID, attempt) of attempts that ended, oldest first: a late report is not shown.
+    _ended: dict[tuple[str, int], None] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def started(self, identity: RunIdentity, grant: Grant) -> None:
         """An attempt got its grant: it shows at once (a retry's checkpoint counts its steps)."""
+        self.put(*self.on_start(identity, grant), 0.0)
+
+    def progressed(self, identity: RunIdentity, report: ProgressReport) -> None:
+        """Cost so far and what the runner does now; status within ``refresh`` seconds."""
+        update = self.on_progress(identity, report)
+        if update is not None:
+            self.put(*update, self.refresh)
+
+    def finished(self, identity: RunIdentity, report: FinishReport) -> None:
+        """The attempt ended: it no longer shows."""
+        del report
+        self.end((identity.namespace, identity.schedule), identity.job_uid)
+
+    def on_start(self, identity: RunIdentity, grant: Grant) -> tuple[Key, ActiveRun]:
+        """The entry a grant makes (not kept yet: ``put``)."""
         now = self.clock()
         task = identity.task
         step = grant.resume.step if grant.resume is not None else 0
@@ -117,32 +138,45 @@ class ActiveRuns:
             updated_at=now,
             expires_at=now + timedelta(seconds=task.timeout_seconds) + _EXPIRY_SLACK,
         )
-        key = (identity.namespace, identity.schedule)
-        with self._lock:
-            self._runs.setdefault(key, {})[identity.job_uid] = run
-        self.queue(key, 0.0)
+        return (identity.namespace, identity.schedule), run
 
-    def progressed(self, identity: RunIdentity, report: ProgressReport) -> None:
-        """Cost so far and what the runner does now; status within ``refresh`` seconds."""
+    def on_progress(
+        self, identity: RunIdentity, report: ProgressReport
+    ) -> tuple[Key, ActiveRun] | None:
+        """The entry a progress report makes of the one kept (not kept yet: ``put``); None
+        for a run this process never heard start of (a restart of every replica)."""
         key = (identity.namespace, identity.schedule)
         with self._lock:
             run = self._runs.get(key, {}).get(identity.job_uid)
-            if run is None:  # reported before this process saw its start (a restart)
-                return
-            self._runs[key][identity.job_uid] = replace(
-                run,
-                step=max(run.step, report.steps),
-                cost=quantize_usd(run.spent_before + report.cost_usd),
-                activity=_clean(report.activity) or run.activity,
-                updated_at=self.clock(),
-            )
-        self.queue(key, self.refresh)
+        if run is None:
+            return None
+        return key, replace(
+            run,
+            step=max(run.step, report.steps),
+            cost=quantize_usd(run.spent_before + report.cost_usd),
+            activity=_clean(report.activity) or run.activity,
+            updated_at=self.clock(),
+        )
 
-    def finished(self, identity: RunIdentity, report: FinishReport) -> None:
-        """The attempt ended: it no longer shows."""
-        del report
-        key = (identity.namespace, identity.schedule)
-        self.forget(key, [identity.job_uid])
+    def put(self, key: Key, run: ActiveRun, within: float) -> None:
+        """Keep ``run`` (replacing the Job's entry) and have status show it ``within``
+        seconds; an attempt already ended (``end``) is not shown again."""
+        with self._lock:
+            if (run.job_uid, run.attempt) in self._ended:
+                return
+            self._runs.setdefault(key, {})[run.job_uid] = run
+        self.queue(key, within)
+
+    def end(self, key: Key, job_uid: str) -> None:
+        """The Job's attempt in flight ended: it no longer shows (nor does a report of it that
+        reaches this process later, through another replica)."""
+        with self._lock:
+            run = self._runs.get(key, {}).get(job_uid)
+            if run is not None:
+                self._ended[(job_uid, run.attempt)] = None
+                while len(self._ended) > _ENDED_KEPT:
+                    del self._ended[next(iter(self._ended))]
+        self.forget(key, [job_uid])
         self.queue(key, 0.0)
 
     def forget(self, key: Key, job_uids: Collection[str]) -> None:

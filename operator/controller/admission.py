@@ -6,7 +6,10 @@ and Argo CD fail with the same field-named message the schedule's status would c
 second line of defence (``webhook_failure_policy: Fail`` makes the webhook mandatory). kopf
 manages the ValidatingWebhookConfiguration (``webhook_configuration``): it points it at
 ``https://<webhook_host>:<webhook_port>/`` with the operator's own CA as ``caBundle`` (the run
-API's; no key material in the chart). An UPDATE that leaves the spec alone (an annotation: run
+API's; no key material in the chart). Every replica serves it behind one Service and keeps the
+configuration the same way (one CA from one Secret, the Service's host), so two replicas never
+flap its ``caBundle``; it is persistent, so a replica that stops leaves it to the other.
+An UPDATE that leaves the spec alone (an annotation: run
 now, pause's reason, a cancel) is never refused, so an already invalid schedule can still be
 paused or annotated.
 """
@@ -86,6 +89,10 @@ def register(settings: Settings, namespaces: Sequence[str] = ()) -> None:
         id="agentschedules",
         operations=["CREATE", "UPDATE"],
         ignore_failures=settings.webhook_failure_policy == "Ignore",
+        # kopf takes a webhook out of the configuration when its operator stops, unless it is
+        # persistent: with two replicas, one stopping (a rolling update) must leave the other's
+        # webhook in place. With both stopped, failurePolicy decides, as it says.
+        persistent=True,
     )
     def agentschedule(*, body: kopf.Body, memo: Memo, warnings: list[str], **kwargs: Any) -> None:
         """Refuse an AgentSchedule its validation refuses (``validation.validate``); kopf
@@ -109,6 +116,7 @@ def register(settings: Settings, namespaces: Sequence[str] = ()) -> None:
         id="agentschedulepolicies",
         operations=["CREATE", "UPDATE"],
         ignore_failures=settings.webhook_failure_policy == "Ignore",
+        persistent=True,  # as the schedules' webhook: the other replica serves it
     )
     def agentschedulepolicy(*, body: kopf.Body, **kwargs: Any) -> None:
         """Refuse an AgentSchedulePolicy that cannot be read (a zone, an endpoint): applied, it

@@ -22,7 +22,7 @@ from nocturne_operator.adapters import metrics
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from nocturne_operator.api.policy import POLICY_KIND, POLICY_PLURAL
-from nocturne_operator.controller import admission, policies
+from nocturne_operator.controller import admission, leadership, policies, relay
 from nocturne_operator.controller.cache import Change, Packed
 from nocturne_operator.controller.memo import Indexes, Memo
 from nocturne_operator.controller.schedules import (
@@ -133,8 +133,14 @@ def configure(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any) -> None:
         timedelta(seconds=config.notification_max_age_seconds),
     )
     memo.workers = Workers(memo.queue, lambda key: reconcile_key(key, memo), RECONCILE_WORKERS)
-    memo.workers.start()
-    metrics.QUEUE_DEPTH.set_function(lambda: len(memo.queue))
+    memo.workers.start(paused=True)
+    # A standby's queue keeps what events name until it leads: nothing waits on it meanwhile.
+    metrics.QUEUE_DEPTH.set_function(lambda: len(memo.queue) if memo.leading() else 0)
+    # Two replicas (issue 15): the workers wait until this one holds the Lease; what only the
+    # leader writes is refused the moment it no longer does.
+    memo.elector = leadership.elect(memo)
+    memo.kube.may_write = memo.leading
+    memo.elector.start()
 
 
 def _notifier(memo: Memo) -> notify.Notifier:
@@ -253,7 +259,8 @@ def _indexes(memo: Memo, kwargs: dict[str, Any]) -> Indexes:
             memo.workers.first_pass.begin(keys)
         for key in keys:  # behind what events name: a schedule created meanwhile goes first
             memo.queue.add_after(key, 0)
-        policies.sync_budgets(memo, indexes)
+        if memo.leading():  # else the replica taking the lead writes them
+            policies.sync_budgets(memo, indexes)
     return indexes
 
 
@@ -288,8 +295,10 @@ def schedule_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: A
             not_run_yet(memo, body)
         if type is not None or not memo.in_first_pass(key):  # else queued by _indexes
             memo.queue.add(key)
-    # Audited after the schedule was queued: its pass need not wait for the row.
-    if change in (Change.CREATED, Change.UPDATED):
+    # Audited after the schedule was queued: its pass need not wait for the row. A creation
+    # is audited once whoever writes it (the database keeps one row): every replica does,
+    # so none is missed while the lead changes hands; a new generation by the leader.
+    if change is Change.CREATED or (change is Change.UPDATED and memo.leading()):
         kind = EventKind.CREATED if change is Change.CREATED else EventKind.UPDATED
         audit(memo, body, kind, f"generation {meta.get('generation')}")
 
@@ -301,14 +310,18 @@ def policy_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: Any
     broken: which namespaces it held is not known any more)."""
     indexes = _indexes(memo, kwargs)
     name = str(body["metadata"]["name"])
+    leading = memo.leading()  # the leader writes budgets and status (issue 15)
     if type == "DELETED":
-        policies.sync_budgets(memo, indexes)
+        if leading:
+            policies.sync_budgets(memo, indexes)
         policies.queue_selected(memo, indexes, None)
         return
-    policies.policy_status(memo, indexes, dict(body))
+    if leading:
+        policies.policy_status(memo, indexes, dict(body))
     if type is None:  # the initial listing: the first pass covers every schedule
         return
-    policies.sync_budgets(memo, indexes)
+    if leading:
+        policies.sync_budgets(memo, indexes)
     policy = Policy.parse(name, body.get("spec"))
     policies.queue_selected(memo, indexes, None if policy.spec is None else policy)
 
@@ -318,6 +331,8 @@ def namespace_event(*, type: str | None, name: str, memo: Memo, **kwargs: Any) -
     """A namespace created, relabelled or deleted: the policies that select it may differ."""
     indexes = _indexes(memo, kwargs)
     if type is None:  # the initial listing: the first pass covers every schedule
+        return
+    if not memo.leading():  # a replica taking the lead brings every policy in line
         return
     for policy in indexes.all_policies():  # how many namespaces each selects
         body = memo.kube.get(POLICY_KIND, "", policy.name)
@@ -336,18 +351,25 @@ async def start_run_api(*, settings: kopf.OperatorSettings, memo: Memo, **_: Any
     tls = await asyncio.to_thread(RunApiTls.load_or_create, kube, config)
     memo.run_api = RunApiEndpoint(config.run_api_url, tls.ca_pem)
     context = tls.server_context()
+    conninfo = _conninfo(memo)
+    if conninfo is not None:
+        # A report may reach any replica: every replica hears of it (controller.relay).
+        channel = relay.channel_for(config.run_api_tls_namespace, config.leader_lease_name)
+        memo.relay = relay.RunRelay(memo.active, memo.recorder.stats, conninfo, channel)
+        await memo.relay.start()
     app = make_app(
         authenticator=Authenticator(kube),
         history=memo.history,
         prices=memo.prices,
         settings=config,
         # Status reads a schedule's run statistics from a cache this keeps true.
-        on_write=memo.recorder.stats.invalidate,
-        observer=memo.active,
+        on_write=memo.relay.wrote if memo.relay else memo.recorder.stats.invalidate,
+        observer=memo.relay or memo.active,
         # A retry finds its Job's ended attempts recorded, their grants released.
         before_grant=lambda identity: memo.recorder.settle_ended_attempts(
             identity.namespace, identity.job_name, identity.job_uid, identity.pod_uid
         ),
+        ready=lambda: not memo.draining,
     )
     memo.run_api_server = await serve(app, config, tls, context=context)
     # The admission webhook (kopf serves it once the startup handlers are done).
@@ -364,11 +386,7 @@ async def _start_runs_api(memo: Memo, tls: RunApiTls) -> None:
     config, history = memo.settings, memo.history
     context = tls.server_context()
     memo.serving_contexts.append(context)
-    conninfo = None
-    if history is not None:
-        url = history.engine.url.set(drivername="postgresql")
-        conninfo = url.render_as_string(hide_password=False)
-    memo.run_changes = RunChanges(conninfo)
+    memo.run_changes = RunChanges(_conninfo(memo))
     memo.run_changes.start()
     app = runs_server.make_app(
         history=history,
@@ -380,6 +398,14 @@ async def _start_runs_api(memo: Memo, tls: RunApiTls) -> None:
         app, config.runs_api_bind, config.runs_api_port, context
     )
     memo.runs_api_tasks.append(asyncio.create_task(_keep_front_proxy(memo, context, tls)))
+
+
+def _conninfo(memo: Memo) -> str | None:
+    """The history database as a libpq connection string (for LISTEN), or None."""
+    if memo.history is None:
+        return None
+    url = memo.history.engine.url.set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
 
 
 async def _keep_front_proxy(memo: Memo, context: ssl.SSLContext, tls: RunApiTls) -> None:
@@ -458,7 +484,13 @@ async def _point_api_service(memo: Memo, ca_pem: str) -> bool:
 
 @kopf.on.cleanup()
 async def stop_run_api(*, memo: Memo, **_: Any) -> None:
-    """Stop listening; reports in flight finish first (aiohttp's graceful shutdown)."""
+    """Give up the lead (a standby takes it within seconds), answer readiness 503 and keep
+    serving for shutdown_drain_seconds while the Service turns to the other replica; then
+    stop listening (reports in flight finish first: aiohttp's graceful shutdown)."""
+    memo.draining = True
+    if memo.elector is not None:
+        await asyncio.to_thread(memo.elector.stop)
+    await asyncio.sleep(memo.settings.shutdown_drain_seconds)
     if memo.run_api_renewal is not None:
         memo.run_api_renewal.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -473,6 +505,8 @@ async def stop_run_api(*, memo: Memo, **_: Any) -> None:
         await memo.runs_api_server.cleanup()
     if memo.run_changes is not None:
         await memo.run_changes.stop()
+    if memo.relay is not None:
+        await memo.relay.stop()
 
 
 @kopf.on.startup()
@@ -525,6 +559,8 @@ def cronjob_event(
         return
     owner_name = key[1]
     kube = memo.kube
+    if not memo.leading():  # the leader removes it (a new leader when it takes over)
+        return
     if not deleted and kube.delete("CronJob", str(namespace), name):
         post_event(
             kube,
@@ -548,6 +584,7 @@ def pod_event(
         not meta.get("deletionTimestamp")
         or RUN_RECORD_FINALIZER not in finalizers
         or not verdicts.pod_finished(body)
+        or not memo.leading()  # the leader's sweep records it
     ):
         return
     indexes = _indexes(memo, kwargs)
@@ -581,7 +618,7 @@ def job_event(
             memo.queue.add(key)
         return
     owner = indexes.owner(str(namespace), owner_name)
-    if owner is None:
+    if owner is None or not memo.leading():  # the leader's pass records it
         return
     memo.recorder.record_job(body, owner)
     memo.queue.add((str(namespace), owner_name))

@@ -18,7 +18,9 @@ from kopf._cogs.structs.references import NamespaceName, match_namespace
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.controller.active import ActiveRuns
 from nocturne_operator.controller.cache import Changes, Packed, Unseen
+from nocturne_operator.controller.lease import LeaderElector
 from nocturne_operator.controller.queue import Key, WorkQueue
+from nocturne_operator.controller.relay import RunRelay
 from nocturne_operator.controller.workers import Workers
 from nocturne_operator.notifications.notify import Notifier
 from nocturne_operator.prices import PriceTable
@@ -160,6 +162,12 @@ class Memo:
     watch_patterns: tuple[str, ...] = ()
     sweeper: asyncio.Task[None] | None = None
     deliveries: asyncio.Task[None] | None = None
+    # Replicas (issue 15): the Lease this replica campaigns for (None: it leads alone), the
+    # relay that shares its run API's reports with the others (None: no database), and
+    # whether it is shutting down (readiness answers 503 while the Service drains).
+    elector: LeaderElector | None = None
+    relay: RunRelay | None = None
+    draining: bool = False
 
     def __post_init__(self) -> None:
         queue = self.queue
@@ -176,6 +184,10 @@ class Memo:
         """This process serves ``namespace`` (its watch patterns)."""
         patterns = self.watch_patterns
         return not patterns or any(match_namespace(NamespaceName(namespace), p) for p in patterns)
+
+    def leading(self) -> bool:
+        """This replica reconciles and sweeps now (it holds the Lease, or leads alone)."""
+        return self.elector is None or self.elector.leading()
 
     def in_first_pass(self, key: Key) -> bool:
         """``key`` was listed at the start and the first pass, which queued it then, is still

@@ -6,7 +6,8 @@ only when the clock changes something about it.
 
 Not a ``@kopf.timer``: kopf puts a finalizer on every object a timer serves, so deleting a
 schedule would hang whenever the operator is down or uninstalled. One operator-level loop over
-kopf's indexes does the same work and leaves deletion to garbage collection alone."""
+kopf's indexes does the same work and leaves deletion to garbage collection alone. It runs on
+every replica and does its work on the leading one (issue 15)."""
 
 from __future__ import annotations
 
@@ -78,11 +79,13 @@ async def _purge(history: History, settings: Settings) -> datetime:
 
 
 async def sweep(memo: Memo) -> None:
-    """Every ``reconcile_interval_seconds`` until cancelled; a failing step is logged and the
-    next one runs."""
+    """Every ``reconcile_interval_seconds`` until cancelled, on the leading replica only (a
+    standby's sweeps are skipped); a failing step is logged and the next one runs."""
     purge_due = datetime.now(UTC)
     while True:
         await asyncio.sleep(memo.settings.reconcile_interval_seconds)
+        if not memo.leading():
+            continue
         if memo.history is not None and datetime.now(UTC) >= purge_due:
             purge_due = await _purge(memo.history, memo.settings)
         indexes = memo.indexes

@@ -1,6 +1,11 @@
 """The workers: threads that take schedules off the queue and reconcile them, one schedule per
 worker at a time. A pass that fails comes back after its backoff; an apiserver that is away
-(a restart, an outage) is logged in one line a minute, not a traceback per schedule."""
+(a restart, an outage) is logged in one line a minute, not a traceback per schedule.
+
+Only the leading replica reconciles (issue 15): on a standby the workers wait (``pause``) while
+the queue keeps what events name; ``resume`` when this replica takes the lead. A pass that
+loses the lead midway is refused its next write (``NotLeadingError``) and dropped: the new
+leader passes over every schedule when it takes over."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from dataclasses import dataclass, field
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
 
+from nocturne_operator.adapters.kube import NotLeadingError
 from nocturne_operator.controller.queue import Key, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ class FirstPass:
     then the operator is back in step, and says so in its log with the time it took."""
 
     started: float = field(default_factory=time.monotonic)
+    # What it follows: the process's start, or this replica taking the lead (issue 15).
+    after: str = "start"
     _left: set[Key] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,7 +72,8 @@ class FirstPass:
 
     def _done(self) -> None:
         log.info(
-            "first pass done: every schedule listed at start reconciled, %.1f s after start",
+            "first pass done: every schedule listed at %s reconciled, %.1f s after it",
+            self.after,
             time.monotonic() - self.started,
         )
 
@@ -81,8 +90,23 @@ class Workers:
     _away_logged: float = float("-inf")
     _away_failures: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set while this replica leads (and at shutdown, to let waiting workers end).
+    _leading: threading.Event = field(default_factory=threading.Event)
+    _stopping: bool = False
 
-    def start(self) -> None:
+    def resume(self) -> None:
+        """This replica leads: take schedules off the queue."""
+        self._leading.set()
+
+    def pause(self) -> None:
+        """This replica no longer leads: take no schedule off the queue (passes in progress
+        are refused their next write)."""
+        self._leading.clear()
+
+    def start(self, *, paused: bool = False) -> None:
+        """Start the threads; ``paused``: they wait for ``resume`` (a replica standing by)."""
+        if not paused:
+            self._leading.set()
         for number in range(self.count):
             thread = threading.Thread(target=self._run, name=f"reconcile-{number}", daemon=True)
             thread.start()
@@ -91,15 +115,23 @@ class Workers:
     def stop(self, timeout: float = 10.0) -> None:
         """Shut the queue down and wait for passes in progress (up to ``timeout`` in all)."""
         self.queue.shut_down()
+        self._stopping = True
+        self._leading.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads.clear()
 
     def _run(self) -> None:
-        while (key := self.queue.get()) is not None:
+        while self._leading.wait() and (key := self.queue.get()) is not None:
+            if not self._leading.is_set() and not self._stopping:
+                self.queue.done(key)
+                self.queue.add(key)  # kept for when this replica leads again
+                continue
             try:
                 self.handle(key)
+            except NotLeadingError as exc:
+                log.info("reconcile of %s/%s stopped: %s", *key, exc)
             except Exception as exc:
                 delay = self.queue.retry(key)
                 self._failed(key, exc, delay)

@@ -164,12 +164,14 @@ def make_app(
     observer: RunObserver | None = None,
     on_write: OnWrite | None = None,
     before_grant: BeforeGrant | None = None,
+    ready: Callable[[], bool] = lambda: True,
 ) -> web.Application:
     """The run API as an aiohttp application. ``history`` None: every start is refused with
     503 (no grant without the database). ``observer`` (optional) hears of every recorded
     start, progress report and finish; ``on_write`` (sync, must not block) of every write of a
     schedule's runs (start, progress, finish); ``before_grant`` is called before every grant
-    (in a thread; a failure is logged and the grant goes on)."""
+    (in a thread; a failure is logged and the grant goes on); ``ready`` False makes the health
+    path answer 503 (draining)."""
     app = web.Application(client_max_size=FINISH_LIMIT_BYTES + 1024)
     api = _RunApi(authenticator, history, prices, settings, clock, observer, on_write, before_grant)
     app.router.add_post(START_PATH, _endpoint("start", REPORT_LIMIT_BYTES, api.start))
@@ -178,12 +180,21 @@ def make_app(
         CHECKPOINT_PATH, _endpoint("checkpoint", CHECKPOINT_LIMIT_BYTES + 4096, api.checkpoint)
     )
     app.router.add_post(FINISH_PATH, _endpoint("finish", FINISH_LIMIT_BYTES, api.finish))
-    app.router.add_get(HEALTH_PATH, _health)
+    app.router.add_get(HEALTH_PATH, _health(ready))
     return app
 
 
-async def _health(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
+def _health(ready: Callable[[], bool]) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The readiness of this replica's run API (the chart's readinessProbe): 200 while it
+    serves, 503 once it is draining before a shutdown (the Service then sends reports to the
+    other replica). Leadership does not count: every replica serves reports."""
+
+    async def health(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ok")
+        return web.Response(status=503, text="draining")
+
+    return health
 
 
 def _endpoint(

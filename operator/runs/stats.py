@@ -3,15 +3,14 @@
 Every reconcile needs them (status totals, the failure streak, the budget holds), and passes
 come with every slot and event: at 1,000 schedules the ``run_stats`` query was a third of the
 operator's idle work when a sweep passed over every schedule every minute. A schedule's rows
-change only through this process -- the run API (start, progress, finish) and the recorder
-(finished Jobs, orphaned pods, the reaper) -- and each of those calls ``invalidate`` for the
-schedule's UID. A read that raced with a write is not kept (a generation per schedule), and an
-entry lives at most ``ttl`` as a safety net: writes by another operator process (one replica
-today, replaced with ``Recreate``) or by hand reach status within it, or at once with any change
+change only through the operator -- the run API of any replica (start, progress, finish) and
+the leader's recorder (finished Jobs, orphaned pods, the reaper) -- and each of those calls
+``invalidate`` for the schedule's UID; the run API's writes reach every replica's cache through
+``controller.relay`` (LISTEN/NOTIFY), and a replica taking the lead starts from an empty cache.
+A read that raced with a write is not kept (a generation per schedule), and an entry lives at
+most ``ttl`` as a safety net: writes by hand reach status within it, or at once with any change
 to the schedule (its event invalidates too, but a resume: the first pass after a start reads
-every schedule's at once, ``fill``); a finished Job's event invalidates in the process that
-records it. Two replicas serving the run API (issue 15) will have to share invalidations (e.g.
-PostgreSQL LISTEN/NOTIFY).
+every schedule's at once, ``fill``).
 """
 
 from __future__ import annotations
@@ -118,6 +117,14 @@ class RunStatsCache:
         with self._cond:
             self._entries.pop(uid, None)
             self._generations[uid] = self._generations.get(uid, 0) + 1
+
+    def clear(self) -> None:
+        """Read every schedule's statistics afresh (this replica just took the lead, or may
+        have missed another replica's writes)."""
+        with self._cond:
+            for uid in self._entries:
+                self._generations[uid] = self._generations.get(uid, 0) + 1
+            self._entries.clear()
 
     def forget(self, uid: str) -> None:
         """The schedule is gone."""

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+import uuid
 from collections.abc import Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -148,6 +149,9 @@ def operator_process(
         # The agentruns API only where a test asks for it (one APIService per cluster).
         "NOCTURNE_RUNS_API_PORT": "0",
         "NOCTURNE_RUNS_API_APISERVICE": "",
+        # Every operator leads its own installation: a Lease of its own (test_replicas.py
+        # gives two processes one Lease).
+        "NOCTURNE_LEADER_LEASE_NAME": f"nocturne-{log_name}-{uuid.uuid4().hex[:8]}",
         **(extra_env or {}),
     }
     if database_url is not None:

@@ -98,9 +98,9 @@ def test_apply_fails_with_the_field_named_message_and_a_stopped_operator_blocks_
             accepted = apply(kubectl, namespace, hourly)
             assert accepted.returncode == 0, accepted.stderr
             kubectl("annotate", "-n", namespace, "asched/hourly", "nocturne.dev/run-now=one")
-            # The operator dies (SIGKILL: no clean-up; a graceful stop removes an Ignore
-            # webhook itself): the configuration still names it, the apiserver's call fails,
-            # and Ignore lets the schedule in ...
+            # The operator dies (a graceful stop would leave the webhook too: it is persistent,
+            # for the other replica): the configuration still names it, the apiserver's call
+            # fails, and Ignore lets the schedule in ...
             operator.process.kill()
             operator.process.wait(timeout=30)
         assert kubectl("get", "validatingwebhookconfiguration", configuration, "-o", "name")

@@ -280,7 +280,7 @@ def test_run_api_with_its_database_down_is_unavailable_too(
     env = env_for(tmp_path, api, openai_task(llm))
     result = run(env)
     assert result.returncode == exitcodes.TRANSIENT, result.stderr
-    assert len(api.requests_to(START_PATH)) == 3
+    assert len(api.requests_to(START_PATH)) == 6  # the client's default tries, about 7 s
     assert llm.requests == []
     summary = summary_of(env)
     assert summary.error is not None
@@ -324,7 +324,9 @@ def test_a_failing_finish_falls_back_to_the_summary(
     env = env_for(tmp_path, api, openai_task(llm))
     result = run(env)
     assert result.returncode == exitcodes.SUCCEEDED, result.stderr
-    assert len(api.requests_to(FINISH_PATH)) == 3, "a few tries"
+    # Tries within the final report's 8 s deadline (long enough for a replica to die and the
+    # Service to send the next try to the other).
+    assert 4 <= len(api.requests_to(FINISH_PATH)) <= 6
     summary = summary_of(env)
     assert (summary.status, summary.execution_id) == ("SUCCEEDED", 7)
     assert summary.history_written is False

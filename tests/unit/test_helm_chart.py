@@ -1,7 +1,8 @@
 """The Helm chart, rendered by the pinned helm binary: copies of generated artifacts match their
-source, rendering is deterministic and lint-clean, RBAC is least privilege, the operator pod is
-hardened and single, the settings file is one the operator accepts, and the values schema
-rejects bad values with messages that name the key and the rule."""
+source, rendering is deterministic and lint-clean, RBAC is least privilege, the operator pods
+are hardened and replicated (one leads by Lease), the settings file is one the operator
+accepts, and the values schema rejects bad values with messages that name the key and the
+rule."""
 
 from __future__ import annotations
 
@@ -304,10 +305,14 @@ def test_cluster_wide_operator_gets_exactly_its_rules_everywhere() -> None:
         f"{RELEASE}-operator-discovery",
         *AGENTRUNS_CLUSTER_BINDINGS,
     }
-    # RoleBindings: the run API's CA Secret in the release namespace, and (the agentruns API)
-    # the apiserver's request-header settings in kube-system.
-    [tls] = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == NAMESPACE]
-    assert tls["roleRef"]["kind"] == "Role"
+    # RoleBindings: the run API's CA Secret and the leader election Lease in the release
+    # namespace, and (the agentruns API) the apiserver's request-header settings in kube-system.
+    own = [b for b in of_kind(docs, "RoleBinding") if b["metadata"]["namespace"] == NAMESPACE]
+    assert {b["roleRef"]["name"] for b in own} == {
+        f"{RELEASE}-operator-run-api-tls",
+        f"{RELEASE}-operator-leader-election",
+    }
+    assert {b["roleRef"]["kind"] for b in own} == {"Role"}
     assert_agentruns_reader_binding(docs)
     assert env_of(operator_container(docs))["NOCTURNE_WATCH_NAMESPACES"] == ""
 
@@ -334,12 +339,14 @@ def test_watched_namespaces_get_role_bindings_only_there() -> None:
         b for b in of_kind(docs, "RoleBinding") if b["roleRef"]["kind"] == "ClusterRole"
     ]
     assert sorted(b["metadata"]["namespace"] for b in role_bindings) == ["team-a", "team-b"]
-    [tls] = [
+    own = [
         b
         for b in of_kind(docs, "RoleBinding")
         if b["roleRef"]["kind"] == "Role" and b["metadata"]["namespace"] != "kube-system"
     ]
-    assert tls["metadata"]["namespace"] == NAMESPACE
+    # The run API's CA Secret and the leader election Lease, in the release namespace.
+    assert {b["metadata"]["namespace"] for b in own} == {NAMESPACE}
+    assert len(own) == 2
     assert_agentruns_reader_binding(docs)
     for binding in role_bindings:
         assert binding["roleRef"] == {
@@ -397,12 +404,16 @@ def test_runner_service_account_is_used_only_where_it_exists() -> None:
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_operator_is_one_hardened_pod_replaced_with_recreate(variant: str) -> None:
+def test_operator_is_two_hardened_pods_rolled_one_at_a_time(variant: str) -> None:
     docs = render(*VARIANTS[variant])
     deployment = one(docs, "Deployment")
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 2
+    # A new replica serves before an old one stops: reports always have somewhere to go.
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
     pod = spec["template"]["spec"]
     assert pod["serviceAccountName"] == f"{RELEASE}-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -416,10 +427,74 @@ def test_operator_is_one_hardened_pod_replaced_with_recreate(variant: str) -> No
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}, probe
+    # Readiness is serving reports (every replica), not leading.
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": "/healthz",
+        "port": "run-api",
+        "scheme": "HTTPS",
+    }
     env = env_of(container)
     assert env["NOCTURNE_HEALTH_ENDPOINT"] == "http://0.0.0.0:8080/healthz"
+    # Replicas prefer different nodes; the drain fits in the grace period.
+    [term] = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    labels = term["podAffinityTerm"]["labelSelector"]["matchLabels"]
+    assert labels.items() <= spec["template"]["metadata"]["labels"].items()
+    assert labels == spec["selector"]["matchLabels"]
+    assert pod["terminationGracePeriodSeconds"] > 5 + 10
+
+
+def test_two_replicas_get_a_disruption_budget_and_their_lease_by_name() -> None:
+    docs = render()
+    deployment = one(docs, "Deployment")
+    budget = one(docs, "PodDisruptionBudget")
+    assert budget["spec"] == {
+        "minAvailable": 1,
+        "selector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]},
+    }
+    role = one(docs, "Role", f"{RELEASE}-operator-leader-election")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [f"{RELEASE}-operator"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = one(docs, "RoleBinding", f"{RELEASE}-operator-leader-election")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}
+    ]
+    settings = yaml.safe_load(
+        one(docs, "ConfigMap", f"{RELEASE}-settings")["data"]["settings.yaml"]
+    )
+    assert settings["leader_lease_name"] == f"{RELEASE}-operator"
+    assert settings["run_api_tls_namespace"] == NAMESPACE  # where the Lease lives
+    assert (settings["leader_retry_seconds"], settings["leader_renew_deadline_seconds"]) == (2, 10)
+    assert (settings["leader_lease_seconds"], settings["shutdown_drain_seconds"]) == (15, 5)
+
+
+def test_the_roll_can_replace_instead_of_surging() -> None:
+    docs = render(
+        "--set=operator.rollingUpdate.maxSurge=0", "--set=operator.rollingUpdate.maxUnavailable=1"
+    )
+    assert one(docs, "Deployment")["spec"]["strategy"]["rollingUpdate"] == {
+        "maxUnavailable": 1,
+        "maxSurge": 0,
+    }
+
+
+def test_one_replica_gets_no_disruption_budget_and_own_affinity_wins() -> None:
+    docs = render("--set=operator.replicas=1", "--set=operator.affinity.nodeAffinity.x=y")
+    assert one(docs, "Deployment")["spec"]["replicas"] == 1
+    assert not of_kind(docs, "PodDisruptionBudget")  # it would block every drain
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    assert pod["affinity"] == {"nodeAffinity": {"x": "y"}}
 
 
 def test_operator_reads_the_database_url_from_the_existing_secret() -> None:
@@ -602,7 +677,11 @@ def test_schema_forbids_unknown_keys_at_every_level() -> None:
 
 BAD_VALUES = [
     (("--set=limitz.maxSchedulesPerNamespace=5",), "additional properties 'limitz' not allowed"),
-    (("--set=operator.replicas=2",), "additional properties 'replicas' not allowed"),
+    (("--set=operator.replicaz=2",), "additional properties 'replicaz' not allowed"),
+    (("--set=operator.replicas=0",), "'/operator/replicas': minimum"),
+    (("--set=operator.leaderElection.leaseSecondz=9",), "additional properties 'leaseSecondz'"),
+    (("--set=operator.podDisruptionBudget.minAvailable=0",), "minAvailable': minimum"),
+    (("--set=operator.rollingUpdate.maxSurge=-1",), "'/operator/rollingUpdate/maxSurge'"),
     (("--set=limits.maxSchedulesPerNamespace=-1",), "'/limits/maxSchedulesPerNamespace': minimum"),
     (("--set=limits.minIntervalMinutes=0",), "'/limits/minIntervalMinutes': minimum"),
     (("--set=limits.maxSchedulesPerNamespace=lots",), "got string, want integer"),
@@ -655,6 +734,18 @@ def test_a_float_budget_in_a_values_file_is_rejected(tmp_path: Path) -> None:
             "set postgresql.auth.password or postgresql.auth.existingSecret",
         ),
         (("--set=database.existingSecret=",), "database.existingSecret is empty"),
+        (
+            ("--set=operator.leaderElection.renewDeadlineSeconds=20",),
+            "need retryPeriodSeconds < renewDeadlineSeconds < leaseSeconds",
+        ),
+        (
+            ("--set=operator.podDisruptionBudget.minAvailable=2",),
+            "minAvailable must be below operator.replicas",
+        ),
+        (
+            ("--set=operator.rollingUpdate.maxSurge=0",),
+            "maxSurge and maxUnavailable are both 0",
+        ),
     ],
 )
 def test_inconsistent_values_fail_with_the_fix(args: tuple[str, ...], message: str) -> None:
@@ -672,6 +763,8 @@ def test_notes_tell_what_to_do_next() -> None:
     assert "no database Secret" in notes
     assert "nocturne.dev/run-now=" in notes
     assert "keeps the CRD and every AgentSchedule" in notes
+    # Two replicas: which one reconciles.
+    assert f"get lease {RELEASE}-operator" in notes
 
 
 # docs/helm.md

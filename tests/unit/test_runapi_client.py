@@ -191,15 +191,15 @@ def test_5xx_every_time_is_unavailable_after_bounded_tries(
     server.route(START_PATH, Answer(500, body=b"<html>Internal Server Error</html>"))
     with pytest.raises(RunApiUnavailableError) as excinfo:
         client.start(START)
-    assert len(server.requests_to(START_PATH)) == client.attempts == 3
+    assert len(server.requests_to(START_PATH)) == client.attempts == 6
     assert "HTTP 500 (not an ApiError: '<html>Internal Server Error</html>')" in str(excinfo.value)
-    assert "after 3 tries" in str(excinfo.value)
+    assert "after 6 tries" in str(excinfo.value)
     assert excinfo.value.exit_code == TRANSIENT
 
 
 def test_connection_refused_is_unavailable_within_seconds(ca: RunApiTls, token_file: Path) -> None:
     with client_for(
-        f"https://127.0.0.1:{free_port()}", ca.ca_pem, token_file, backoff=0.1
+        f"https://127.0.0.1:{free_port()}", ca.ca_pem, token_file, backoff=0.1, attempts=3
     ) as client:
         started = time.monotonic()
         with pytest.raises(RunApiUnavailableError) as excinfo:
@@ -210,13 +210,16 @@ def test_connection_refused_is_unavailable_within_seconds(ca: RunApiTls, token_f
     assert 0.4 <= elapsed < 5  # backoff 0.1 + 0.3 between the three tries
 
 
-def test_default_retries_fit_in_a_few_seconds(ca: RunApiTls, token_file: Path) -> None:
-    """The defaults (3 tries, 0.25 s then 0.75 s apart) against a port nobody listens on."""
+def test_default_retries_outlast_a_replica_dying_but_stay_bounded(
+    ca: RunApiTls, token_file: Path
+) -> None:
+    """The defaults (6 tries, 0.25, 0.75, then 2 s apart: about 7 s, long enough for the
+    Service to stop sending to a replica that died) against a port nobody listens on."""
     with RunApiClient(f"https://127.0.0.1:{free_port()}", ca.ca_pem, token_file) as client:
         started = time.monotonic()
-        with pytest.raises(RunApiUnavailableError):
+        with pytest.raises(RunApiUnavailableError, match="after 6 tries"):
             client.progress(progress())
-        assert time.monotonic() - started < 3
+        assert 6.5 <= time.monotonic() - started < 10
 
 
 def test_timeouts_are_retried_then_unavailable(

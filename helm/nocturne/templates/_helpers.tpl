@@ -151,6 +151,11 @@ llm_secrets: {{ .Values.llm.secrets | toJson }}
 llm_base_urls: {{ .Values.llm.baseURLs | toJson }}
 webhook_secrets: {{ .Values.notifications.webhookSecrets | toJson }}
 webhook_allow_private: {{ .Values.notifications.webhookAllowPrivate }}
+leader_lease_name: {{ printf "%s-operator" (include "nocturne.fullname" .) | quote }}
+leader_lease_seconds: {{ .Values.operator.leaderElection.leaseSeconds }}
+leader_renew_deadline_seconds: {{ .Values.operator.leaderElection.renewDeadlineSeconds }}
+leader_retry_seconds: {{ .Values.operator.leaderElection.retryPeriodSeconds }}
+shutdown_drain_seconds: {{ .Values.operator.shutdownDrainSeconds }}
 {{- end }}
 
 {{- define "nocturne.priceTable" -}}
