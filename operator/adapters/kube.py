@@ -40,6 +40,8 @@ _PATHS = {
     "Pod": "/api/v1/namespaces/{ns}/pods",
     "Secret": "/api/v1/namespaces/{ns}/secrets",
     "Lease": "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+    # Cluster-scoped: the namespace argument is ignored (its labels: which policies apply).
+    "Namespace": "/api/v1/namespaces",
     "Event": "/api/v1/namespaces/{ns}/events",
     "AgentSchedule": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
     # Cluster-scoped: the namespace argument is ignored.

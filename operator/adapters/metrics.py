@@ -248,6 +248,12 @@ class _NamespaceBudgets(Collector):
         with self._lock:
             self._budgets.pop(namespace, None)
 
+    def clear(self) -> None:
+        """This replica stopped leading: the leader reports namespaces' spend now (a standby's
+        would stay at what it last read, last month's included)."""
+        with self._lock:
+            self._budgets.clear()
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         cap = GaugeMetricFamily(
             "nocturne_namespace_budget_usd",

@@ -60,7 +60,7 @@ def check(
         peers = [p for p in indexes.peers.get(namespace, []) if p.name != name]
         created = str(meta.get("creationTimestamp") or now.strftime("%Y-%m-%dT%H:%M:%SZ"))
         peers.append(Peer(name, created))
-        limits = indexes.limits(memo.settings, namespace)
+        limits = indexes.limits(memo.settings, namespace, memo.kube)
     result = validate(body, memo.settings, now=now, peers=peers, prices=memo.prices, limits=limits)
     if result.errors:
         message = "; ".join(str(e) for e in result.errors)

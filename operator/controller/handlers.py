@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import os
 import ssl
@@ -21,7 +22,7 @@ import kopf
 from nocturne_operator.adapters import metrics
 from nocturne_operator.adapters.kube import Kube
 from nocturne_operator.api.model import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from nocturne_operator.api.policy import POLICY_KIND, POLICY_PLURAL
+from nocturne_operator.api.policy import POLICY_PLURAL
 from nocturne_operator.controller import admission, leadership, policies, relay
 from nocturne_operator.controller.cache import Change, Packed
 from nocturne_operator.controller.memo import Indexes, Memo
@@ -305,25 +306,22 @@ def schedule_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: A
 
 @kopf.on.event(GROUP, VERSION, POLICY_PLURAL)
 def policy_event(*, type: str | None, body: kopf.Body, memo: Memo, **kwargs: Any) -> None:
-    """An AgentSchedulePolicy listed, changed or deleted: its status; the namespace budgets the
-    grants read; and a pass for the schedules it selects (every schedule when it is deleted or
-    broken: which namespaces it held is not known any more)."""
+    """An AgentSchedulePolicy listed, changed or deleted: a pass for every schedule (which
+    namespaces it selected before is not known), the namespace budgets the grants read, then
+    its status -- the leader writes both (issue 15); a failed status write loses nothing else."""
     indexes = _indexes(memo, kwargs)
     name = str(body["metadata"]["name"])
-    leading = memo.leading()  # the leader writes budgets and status (issue 15)
+    leading = memo.leading()
     if type == "DELETED":
+        memo.policy_bodies.pop(name, None)
+    else:
+        memo.policy_bodies[name] = copy.deepcopy(dict(body))
+    if type is not None:  # not the initial listing: the first pass covers every schedule
+        policies.queue_all(memo, indexes)
         if leading:
             policies.sync_budgets(memo, indexes)
-        policies.queue_selected(memo, indexes, None)
-        return
-    if leading:
-        policies.policy_status(memo, indexes, dict(body))
-    if type is None:  # the initial listing: the first pass covers every schedule
-        return
-    if leading:
-        policies.sync_budgets(memo, indexes)
-    policy = Policy.parse(name, body.get("spec"))
-    policies.queue_selected(memo, indexes, None if policy.spec is None else policy)
+    if leading and type != "DELETED":
+        policies.refresh_statuses(memo, indexes)
 
 
 @kopf.on.event("", "v1", "namespaces")
@@ -332,15 +330,15 @@ def namespace_event(*, type: str | None, name: str, memo: Memo, **kwargs: Any) -
     indexes = _indexes(memo, kwargs)
     if type is None:  # the initial listing: the first pass covers every schedule
         return
+    if type == "DELETED":
+        metrics.NAMESPACE_BUDGETS.forget(name)
+    if memo.serves(name):
+        policies.queue_namespace(memo, indexes, name)
     if not memo.leading():  # a replica taking the lead brings every policy in line
         return
-    for policy in indexes.all_policies():  # how many namespaces each selects
-        body = memo.kube.get(POLICY_KIND, "", policy.name)
-        if body is not None:
-            policies.policy_status(memo, indexes, body)
     if memo.serves(name):
         policies.sync_budgets(memo, indexes)
-        policies.queue_namespace(memo, indexes, name)
+    policies.refresh_statuses(memo, indexes)  # how many namespaces each selects
 
 
 @kopf.on.startup()

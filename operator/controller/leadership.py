@@ -95,6 +95,7 @@ def step_down(memo: Memo) -> None:
     if memo.workers is not None:
         memo.workers.pause()
     metrics.SCHEDULES.clear()
+    metrics.NAMESPACE_BUDGETS.clear()
 
 
 def _bring_policies_in_line(memo: Memo, indexes: Indexes) -> None:

@@ -4,6 +4,7 @@ indexes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from nocturne_operator.schedule.policy import Policy, limits_for
 from nocturne_operator.schedule.validation import Limits, Peer
 from nocturne_operator.settings import Settings
 from nocturne_operator.storage import History
+
+log = logging.getLogger(__name__)
 
 # Objects are kept packed (``cache.Packed``); the methods of ``Indexes`` unpack them.
 ScheduleBodies = kopf.Index[tuple[str, str], Packed]
@@ -75,11 +78,26 @@ class Indexes(NamedTuple):
             (p for store in list(self.policies.values()) for p in store), key=lambda p: p.name
         )
 
-    def limits(self, settings: Settings, namespace: str) -> Limits:
+    def limits(self, settings: Settings, namespace: str, kube: Kube | None = None) -> Limits:
         """The limits of ``namespace``'s schedules: the cluster's settings as the policies
-        selecting it (by its labels as last watched) make them."""
-        labels = next(iter(self.namespaces.get(namespace, ())), None)
-        return limits_for(settings, self.all_policies(), labels)
+        selecting it (by its labels as last watched) make them. A namespace the watch has not
+        shown yet has its labels read through ``kube`` (when given): deciding by no labels
+        would let a ``NotIn`` or ``DoesNotExist`` selector relax its limits."""
+        labels = self.labels(namespace)
+        found = self.all_policies()
+        if labels is None and found and kube is not None:
+            try:
+                namespace_object = kube.get("Namespace", "", namespace)
+            except Exception as exc:  # the apiserver away: decide by what is known
+                log.warning("labels of namespace %s not read: %s", namespace, exc)
+            else:
+                if namespace_object is not None:
+                    labels = dict((namespace_object.get("metadata") or {}).get("labels") or {})
+        return limits_for(settings, found, labels)
+
+    def labels(self, namespace: str) -> Mapping[str, str] | None:
+        """The namespace's labels as last watched (None: not seen)."""
+        return next(iter(self.namespaces.get(namespace, ())), None)
 
     def owner(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The AgentSchedule from kopf's index (None when it is gone or not seen yet)."""
@@ -158,6 +176,9 @@ class Memo:
     # Namespaces whose monthly budget was found spent (with the month): their schedules were
     # all queued then, so that each holds (see schedules.hold_namespace).
     spent_namespaces: set[tuple[str, datetime]] = field(default_factory=set)
+    # Each AgentSchedulePolicy as its last event (and this replica's status writes) left it:
+    # a namespace's event brings their status in line without reading them again.
+    policy_bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
     # kopf's namespace patterns this process serves (none: every namespace).
     watch_patterns: tuple[str, ...] = ()
     sweeper: asyncio.Task[None] | None = None

@@ -16,7 +16,14 @@ from nocturne_operator.schedule.policy import Policy
 from nocturne_operator.schedule.validation import Limits
 from nocturne_operator.storage import HistoryError, NamespaceBudgetRow
 
-__all__ = ["policy_status", "queue_namespace", "queue_selected", "sync_budgets"]
+__all__ = [
+    "budget_row",
+    "policy_status",
+    "queue_all",
+    "queue_namespace",
+    "refresh_statuses",
+    "sync_budgets",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +85,6 @@ def selected(indexes: Indexes, policy: Policy) -> list[str]:
     )
 
 
-def queue_selected(memo: Memo, indexes: Indexes, policy: Policy | None) -> None:
-    """Queue the schedules a policy change may decide differently: those of the namespaces it
-    selects (None: every schedule, for a policy deleted or no longer readable)."""
-    namespaces = None if policy is None else set(selected(indexes, policy))
-    for key in list(indexes.bodies):
-        if namespaces is None or key[0] in namespaces:
-            memo.queue.add(key)
-
-
 def queue_namespace(memo: Memo, indexes: Indexes, namespace: str) -> None:
     """Queue the schedules of ``namespace`` (its labels changed: other policies may apply)."""
     for key in list(indexes.bodies):
@@ -119,4 +117,25 @@ def policy_status(
     patch = {k: v for k, v in new.items() if old.get(k) != v}
     if patch:
         memo.kube.merge_patch(POLICY_KIND, "", str(meta["name"]), {"status": patch}, status=True)
+        cached = memo.policy_bodies.get(str(meta["name"]))
+        if cached is not None:
+            cached["status"] = {**old, **patch}
     return patch
+
+
+def refresh_statuses(memo: Memo, indexes: Indexes) -> None:
+    """Every policy's status as its last event left it, brought in line (a namespace came,
+    went or was relabelled: how many each selects changed); a failure is logged, the next
+    event tries again."""
+    for name, body in sorted(memo.policy_bodies.items()):
+        try:
+            policy_status(memo, indexes, body)
+        except Exception as exc:  # any API error: never lose the rest of the handler
+            log.warning("status of AgentSchedulePolicy %s not written: %s", name, exc)
+
+
+def queue_all(memo: Memo, indexes: Indexes) -> None:
+    """Queue every schedule: a policy changed (what it selected before is not known, and its
+    new selection may differ; policies change rarely)."""
+    for key in list(indexes.bodies):
+        memo.queue.add(key)

@@ -126,7 +126,7 @@ def reconcile_key(key: Key, memo: Memo) -> None:
         indexes.peers,
         cronjob,
         behind=behind,
-        limits=indexes.limits(memo.settings, namespace),
+        limits=indexes.limits(memo.settings, namespace, memo.kube),
     )
     # Within: a pass asked for meanwhile (a run's progress for status) is not put off.
     memo.queue.add_within(key, next_pass_in(memo.settings, key, plan.due, datetime.now(UTC)))
@@ -283,6 +283,8 @@ def _spread_hold(
         return
     if mark in memo.spent_namespaces:
         return
+    # Marks of months past go (a namespace's zone cannot make a month start 40 days back).
+    memo.spent_namespaces = {m for m in memo.spent_namespaces if m[1] > now - timedelta(days=40)}
     memo.spent_namespaces.add(mark)
     for peer in peers:
         memo.queue.add((namespace, peer.name))

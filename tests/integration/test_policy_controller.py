@@ -105,20 +105,25 @@ def test_a_policys_status_is_written_once_and_names_a_broken_field(memo: Memo) -
     assert 'spec.namespaceBudget.timeZone "Mars/Olympus"' in invalid["message"]
 
 
-def test_a_policy_change_queues_the_schedules_of_the_namespaces_it_selects(memo: Memo) -> None:
+def test_a_policy_change_queues_every_schedule_and_a_namespace_change_its_own(
+    memo: Memo,
+) -> None:
+    """A selector moved from one namespace to another changes both: every schedule is looked
+    at again (what a policy selected before its change is not known)."""
     policy = Policy.parse("sre", SPEC)
     found = indexes(
         {"sre": {"team": "sre"}, "web": {}}, [policy], [("sre", "check"), ("web", "news")]
     )
-    policies.queue_selected(memo, found, policy)
-    assert memo.queue.get(timeout=0) == ("sre", "check")
-    assert memo.queue.get(timeout=0) is None
-    memo.queue.done(("sre", "check"))
-    policies.queue_selected(memo, found, None)  # deleted: every schedule
+    policies.queue_all(memo, found)
     assert {memo.queue.get(timeout=0), memo.queue.get(timeout=0)} == {
         ("sre", "check"),
         ("web", "news"),
     }
+    for key in (("sre", "check"), ("web", "news")):
+        memo.queue.done(key)
+    policies.queue_namespace(memo, found, "web")
+    assert memo.queue.get(timeout=0) == ("web", "news")
+    assert memo.queue.get(timeout=0) is None
 
 
 def test_a_broken_policy_leaves_its_namespaces_no_budget_at_all(memo: Memo) -> None:

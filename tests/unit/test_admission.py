@@ -35,6 +35,7 @@ def body(name: str = "digest", schedule: str = "0 9 * * *") -> dict[str, Any]:
 def memo(peers: list[Peer] | None = None, **settings: Any) -> Memo:
     made = Memo(settings=Settings(**settings))
     made.prices = load_price_table()
+    made.kube = cast(Any, None)  # no apiserver: a namespace's labels come from the index only
     if peers is not None:
         empty: dict[Any, Any] = {}
         made.indexes = Indexes(

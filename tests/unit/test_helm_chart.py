@@ -296,7 +296,7 @@ def test_cluster_wide_operator_gets_exactly_its_rules_everywhere() -> None:
         ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
         # The run API checks each runner's pod-bound token.
         ("authentication.k8s.io", "tokenreviews"): {"create"},
-        ("", "namespaces"): {"list", "watch"},
+        ("", "namespaces"): {"get", "list", "watch"},
         ("nocturne.dev", "agentschedulepolicies"): {"get", "list", "watch"},
         ("nocturne.dev", "agentschedulepolicies/status"): {"get", "patch"},
     }
@@ -363,7 +363,7 @@ def test_watched_namespaces_get_role_bindings_only_there() -> None:
         *AGENTRUNS_CLUSTER_BINDINGS,
     }
     discovery = one(docs, "ClusterRole", f"{RELEASE}-operator-discovery")
-    assert rules_of(discovery)[("", "namespaces")] == {"list", "watch"}
+    assert rules_of(discovery)[("", "namespaces")] == {"get", "list", "watch"}
     assert env_of(operator_container(docs))["NOCTURNE_WATCH_NAMESPACES"] == "team-a,team-b"
 
 
