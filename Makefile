@@ -50,7 +50,8 @@ typecheck: setup
 	$(VENV)/bin/mypy tests bench
 
 cluster-build: setup
-	@if command -v go >/dev/null; then $(PY) -m harness.build && $(PY) -m harness.gotools; \
+	@if command -v go >/dev/null; then $(PY) -m harness.build && $(PY) -m harness.gotools \
+		&& $(PY) -m harness.images; \
 	else echo "[kube-local] Go not installed: e2e tests will skip (and fail under CI=true)"; fi
 
 test: lint typecheck cluster-build

@@ -1,0 +1,3 @@
+module nocturne.test/pause
+
+go 1.25.0
