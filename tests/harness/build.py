@@ -1,5 +1,5 @@
-"""Build (or reuse) ``kube-local``, the busybox of upstream etcd, kube-apiserver and
-kube-controller-manager that the end-to-end tests run.
+"""Build (or reuse) ``kube-local``, the busybox of upstream etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler and kubelet that the end-to-end tests run.
 
 The binary is cached outside the repository, keyed by the content hash of the Go module, the Go
 version and the link flags, so a warm run costs nothing. Run ``python -m harness.build``

@@ -44,6 +44,8 @@ CONTROLLERS = (
     "root-ca-certificate-publisher-controller",
     # Aggregates ClusterRoles labelled aggregate-to-view/edit/admin (the agentruns readers).
     "clusterrole-aggregation-controller",
+    # Takes the node's not-ready taint off once its kubelet reports Ready (harness.node).
+    "node-lifecycle-controller",
 )
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager")
 
@@ -199,6 +201,9 @@ def _apiserver_args(cp: ControlPlane) -> list[str]:
         f"--service-account-key-file={pki.sa_pub}",
         "--service-cluster-ip-range=10.96.0.0/16",
         "--authorization-mode=RBAC",
+        # A namespace's defaultTolerations annotation sends its pods to the real node
+        # (harness.node) while the pod executor serves the others.
+        "--enable-admission-plugins=PodTolerationRestriction",
         # The aggregation layer (aggregated APIs such as agentruns): the apiserver proxies with
         # its front-proxy client certificate and names the user in these headers.
         f"--requestheader-client-ca-file={pki.front_proxy_ca}",
@@ -208,6 +213,12 @@ def _apiserver_args(cp: ControlPlane) -> list[str]:
         "--requestheader-extra-headers-prefix=X-Remote-Extra-",
         f"--proxy-client-cert-file={pki.front_proxy_client_cert}",
         f"--proxy-client-key-file={pki.front_proxy_client_key}",
+        # The kubelet (harness.node): the apiserver reaches it by its InternalIP, never by its
+        # name (a DNS query that would leave the machine), as admin, and checks its certificate.
+        "--kubelet-preferred-address-types=InternalIP",
+        f"--kubelet-client-certificate={pki.admin_cert}",
+        f"--kubelet-client-key={pki.admin_key}",
+        f"--kubelet-certificate-authority={pki.ca_cert}",
         "--profiling=false",
         "--v=1",
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from harness import build, controlplane, tools
+from harness import build, controlplane, images, tools
+from harness import node as real_node
 from harness.executor import ExecutorProcess, run_executor
 from harness.kube import Cluster, Kubectl, wait_for
 from harness.postgres import PostgresServer, running_postgres
@@ -72,6 +74,41 @@ def executor(cluster: Cluster) -> Iterator[ExecutorProcess | None]:
         yield proc
 
 
+# The names pods use for the project's images (the kind workflow loads them under the same names).
+IMAGE_TAG = "e2e"
+
+
+@pytest.fixture(scope="session")
+def node(cluster: Cluster) -> Iterator[real_node.Node | None]:
+    """A real node (kubelet, kube-scheduler, containerd, CNI bridge) with the project's images
+    built from its Dockerfiles as ``nocturne-operator:e2e`` and ``nocturne-runner:e2e``; None
+    against kind. Its pods are those of namespaces made by ``fresh_namespace(..., node=True)``."""
+    if cluster.local is None:
+        yield None
+        return
+    missing = images.missing_tools() + [
+        t for t in ("containerd", "ctr", "unshare") if shutil.which(t) is None
+    ]
+    if missing or os.geteuid() != 0:
+        skip_or_fail(f"the real node needs root and {', '.join(missing) or 'nothing else'}")
+    try:
+        built = images.ensure_all()
+    except images.ImageBuildError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    started = real_node.start(cluster.local, cluster.state_dir / "node", built["pause"])
+    _node_for_reports.append(started)
+    try:
+        for image in images.IMAGES:
+            started.import_image(built[image.name], f"{image.name}:{IMAGE_TAG}")
+        yield started
+    finally:
+        _node_for_reports.clear()
+        started.stop()
+
+
+_node_for_reports: list[real_node.Node] = []
+
+
 @pytest.fixture(scope="session")
 def kube(cluster: Cluster) -> Iterator[client.ApiClient]:
     """An admin API client."""
@@ -95,9 +132,13 @@ def kubectl(cluster: Cluster, cli_tools: tools.Tools) -> Kubectl:
 
 
 @contextmanager
-def fresh_namespace(kubectl: Kubectl, name: str) -> Iterator[str]:
-    """Create namespace ``name``, wait for its default ServiceAccount; delete it afterwards."""
+def fresh_namespace(kubectl: Kubectl, name: str, *, node: bool = False) -> Iterator[str]:
+    """Create namespace ``name``, wait for its default ServiceAccount; delete it afterwards.
+    ``node``: its pods run on the real node (the ``node`` fixture), not the pod executor."""
     kubectl("create", "namespace", name)
+    if node:
+        notes = [f"{k}={v}" for k, v in real_node.on_the_node().items()]
+        kubectl("annotate", "namespace", name, *notes)
     # Pods need the namespace's default ServiceAccount (ServiceAccount admission).
     wait_for(
         lambda: kubectl("get", "serviceaccount", "default", "-n", name, check=False),
@@ -130,4 +171,8 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and _cluster_for_reports:
         report.sections.append(("control-plane logs", _cluster_for_reports[0].log_tails()))
+    if report.failed and _node_for_reports:
+        found = _node_for_reports[0]
+        tails = "\n".join(found.log_tail(c, 40) for c in ("kubelet", "containerd"))
+        report.sections.append(("node logs", tails))
     return report

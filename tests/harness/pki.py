@@ -176,3 +176,41 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) 
         )
     )
     path.chmod(0o600)
+
+
+def issue_certificate(
+    pki: Pki,
+    name: Path,
+    common_name: str,
+    organizations: tuple[str, ...] = (),
+    *,
+    server_ips: tuple[str, ...] = (),
+) -> tuple[Path, Path]:
+    """Sign a leaf of the cluster CA into ``<name>.crt`` and ``<name>.key``: a serving
+    certificate for ``server_ips`` when any are given, else a client certificate."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    key = ec.generate_private_key(ec.SECP256R1())
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    attrs += [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in organizations]
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_ips else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    )
+    if server_ips:
+        sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert_path, key_path = name.with_suffix(".crt"), name.with_suffix(".key")
+    _write_cert(cert_path, builder.sign(ca_key, hashes.SHA256()))
+    _write_key(key_path, key)
+    return cert_path, key_path

@@ -29,6 +29,12 @@ from harness.executor.termination import lost_termination
 from harness.executor.watch import PodWatch
 
 log = logging.getLogger("nocturne.executor")
+# harness.node's taint: pods that tolerate it are the real node's (the scheduler binds them).
+REAL_NODE_TAINT = "nocturne.test/real-node"
+
+
+def _for_the_real_node(spec: JSON) -> bool:
+    return any(get_text(t, "key") == REAL_NODE_TAINT for t in get_items(spec, "tolerations"))
 
 
 class Executor(Runtime):
@@ -107,7 +113,7 @@ class Executor(Runtime):
             if meta.get("deletionTimestamp"):
                 self._terminate(run, grace_seconds(pod), "", "")
             return
-        if self._stopping.is_set() or get_text(spec, "nodeName"):
+        if self._stopping.is_set() or get_text(spec, "nodeName") or _for_the_real_node(spec):
             return
         with self._lock:
             if key.uid in self._done:
