@@ -27,9 +27,9 @@ import sqlalchemy as sa
 from agent_runner.contract import RunOutcome
 from e2e.schedules import finished_job, patch_spec, ready, run_now, runner_summary, schedule
 from harness.controlplane import free_ports
-from harness.executor import ExecutorProcess
-from harness.fixtures import fresh_namespace
+from harness.fixtures import fresh_namespace, namespace_name
 from harness.kube import Cluster, Kubectl, wait_for
+from harness.node import Node
 from harness.prerequisites import skip_or_fail
 from harness.tools import Tools
 from nocturne_operator.storage import History
@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "nocturne"
 EXAMPLE = REPO / "docs" / "examples" / "daily-news.yaml"
 CHART_NAMESPACE_PREFIX = "chart-"
-# The local executor maps these repositories to this checkout's entry points; the kind workflow
-# builds and loads both images under exactly these names.
+# The images built from the project's Dockerfiles, on the real node of the local cluster
+# (harness.node) as on kind, where the workflow builds and loads both under exactly these names.
 OPERATOR_IMAGE, RUNNER_IMAGE, IMAGE_TAG = "nocturne-operator", "nocturne-runner", "e2e"
 # Against kind, pods cannot reach the test's loopback PostgreSQL: the workflow passes an
 # in-cluster URL (the chart's bundled PostgreSQL) instead.
@@ -101,9 +101,20 @@ def database_url(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[s
 
 
 @pytest.fixture
-def watched_namespace(kubectl: Kubectl) -> Iterator[str]:
-    """The namespace the chart's operator serves (the session operator leaves chart-* alone)."""
-    with fresh_namespace(kubectl, f"{CHART_NAMESPACE_PREFIX}{secrets.token_hex(4)}") as name:
+def release_namespace(
+    kubectl: Kubectl, node: Node | None, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """The release's namespace; its pods (the operator, the migration hook) on the real node."""
+    with fresh_namespace(kubectl, namespace_name(request), node=node is not None) as name:
+        yield name
+
+
+@pytest.fixture
+def watched_namespace(kubectl: Kubectl, node: Node | None) -> Iterator[str]:
+    """The namespace the chart's operator serves (the session operator leaves chart-* alone);
+    its runner pods on the real node."""
+    name = f"{CHART_NAMESPACE_PREFIX}{secrets.token_hex(4)}"
+    with fresh_namespace(kubectl, name, node=node is not None) as name:
         try:
             yield name
         finally:
@@ -119,13 +130,13 @@ def release(
     cluster: Cluster,
     cli_tools: Tools,
     kubectl: Kubectl,
-    namespace: str,
+    release_namespace: str,
     *,
-    executor: ExecutorProcess | None,  # runs the pods locally (None against kind)
     watched_namespace: str,
     database_url: str,
 ) -> Iterator[Release]:
     """The chart installed with --wait: the migration hook has run, the operator is Ready."""
+    namespace = release_namespace
     found = Release(
         name=f"e2e-{secrets.token_hex(3)}",
         namespace=namespace,
@@ -139,34 +150,51 @@ def release(
     # database credential (they report through the run API).
     kubectl.create_secret(namespace, "nocturne-database", url=database_url)
     health_port, metrics_port, run_api_port = free_ports(3)
-    found.run(
-        "install",
-        found.name,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--wait",
-        "--timeout=4m",
-        f"--set=operator.image.repository={OPERATOR_IMAGE}",
-        f"--set=operator.image.tag={IMAGE_TAG}",
-        f"--set=runner.image.repository={RUNNER_IMAGE}",
-        f"--set=runner.image.tag={IMAGE_TAG}",
-        f"--set=operator.watchNamespaces={{{watched_namespace}}}",
-        # The local executor runs pods on the host network: every pod needs its own ports.
-        f"--set=operator.healthPort={health_port}",
-        f"--set=metrics.port={metrics_port}",
-        # ... and no Service DNS: runner pods reach the run API on loopback.
-        f"--set=runApi.port={run_api_port}",
-        f"--set=runApi.url=https://127.0.0.1:{run_api_port}",
-        "--set=runApi.extraHostnames={127.0.0.1}",
-        "--set=operator.reconcileIntervalSeconds=3",
-        # No kube-proxy here: an APIService on the chart's ClusterIP Service would stay
-        # unavailable and hold up namespace deletion for every test. The aggregated path is
-        # tested with the operator as a process (test_agentruns.py).
-        "--set=runsApi.enabled=false",
-        # ... and a webhook URL with a Service name would send the apiserver to DNS.
-        "--set=webhook.enabled=false",
-    )
+    try:
+        found.run(
+            "install",
+            found.name,
+            str(CHART),
+            "--namespace",
+            namespace,
+            "--wait",
+            "--timeout=4m",
+            f"--set=operator.image.repository={OPERATOR_IMAGE}",
+            f"--set=operator.image.tag={IMAGE_TAG}",
+            f"--set=runner.image.repository={RUNNER_IMAGE}",
+            f"--set=runner.image.tag={IMAGE_TAG}",
+            f"--set=operator.watchNamespaces={{{watched_namespace}}}",
+            # The real node runs the suite's pods on the host network (harness.node): every pod
+            # needs its own ports.
+            f"--set=operator.healthPort={health_port}",
+            f"--set=metrics.port={metrics_port}",
+            # ... and no Service DNS: runner pods reach the run API on loopback.
+            f"--set=runApi.port={run_api_port}",
+            f"--set=runApi.url=https://127.0.0.1:{run_api_port}",
+            "--set=runApi.extraHostnames={127.0.0.1}",
+            "--set=operator.reconcileIntervalSeconds=3",
+            # No kube-proxy here: an APIService on the chart's ClusterIP Service would stay
+            # unavailable and hold up namespace deletion for every test. The aggregated path is
+            # tested with the operator as a process (test_agentruns.py).
+            "--set=runsApi.enabled=false",
+            # ... and a webhook URL with a Service name would send the apiserver to DNS.
+            "--set=webhook.enabled=false",
+        )
+    except AssertionError as exc:
+        # What the release's pods said, read the way users read it.
+        logs = kubectl(
+            "logs",
+            "-n",
+            namespace,
+            "--all-containers",
+            "--prefix",
+            "--tail=40",
+            "-l",
+            f"app.kubernetes.io/instance={found.name}",
+            check=False,
+        )
+        found.run("uninstall", found.name, "--namespace", namespace, "--wait", check=False)
+        raise AssertionError(f"{exc}\n--- kubectl logs of the release's pods ---\n{logs}") from None
     try:
         yield found
     finally:

@@ -204,6 +204,10 @@ def _apiserver_args(cp: ControlPlane) -> list[str]:
         # A namespace's defaultTolerations annotation sends its pods to the real node
         # (harness.node) while the pod executor serves the others.
         "--enable-admission-plugins=PodTolerationRestriction",
+        # MutatingAdmissionPolicy (beta in 1.35, off by default): the real node's policy puts
+        # the suite's pods on the host network (harness.node.HOST_NETWORK_POLICY).
+        "--feature-gates=MutatingAdmissionPolicy=true",
+        "--runtime-config=admissionregistration.k8s.io/v1beta1=true",
         # The aggregation layer (aggregated APIs such as agentruns): the apiserver proxies with
         # its front-proxy client certificate and names the user in these headers.
         f"--requestheader-client-ca-file={pki.front_proxy_ca}",

@@ -132,13 +132,20 @@ def kubectl(cluster: Cluster, cli_tools: tools.Tools) -> Kubectl:
 
 
 @contextmanager
-def fresh_namespace(kubectl: Kubectl, name: str, *, node: bool = False) -> Iterator[str]:
+def fresh_namespace(
+    kubectl: Kubectl, name: str, *, node: bool = False, host_network: bool = True
+) -> Iterator[str]:
     """Create namespace ``name``, wait for its default ServiceAccount; delete it afterwards.
-    ``node``: its pods run on the real node (the ``node`` fixture), not the pod executor."""
+    ``node``: its pods run on the real node (the ``node`` fixture), not the pod executor, on the
+    host network (where the suite's servers listen) unless ``host_network`` is False (then on
+    the node's bridge: they reach the host at ``Node.host_ip`` only)."""
     kubectl("create", "namespace", name)
     if node:
         notes = [f"{k}={v}" for k, v in real_node.on_the_node().items()]
         kubectl("annotate", "namespace", name, *notes)
+        if host_network:
+            labels = [f"{k}={v}" for k, v in real_node.host_network().items()]
+            kubectl("label", "namespace", name, *labels)
     # Pods need the namespace's default ServiceAccount (ServiceAccount admission).
     wait_for(
         lambda: kubectl("get", "serviceaccount", "default", "-n", name, check=False),

@@ -38,6 +38,7 @@ from pathlib import Path
 import yaml
 from kubernetes import client, config
 
+from harness import tools
 from harness.controlplane import ControlPlane, ControlPlaneError, alive, free_ports
 from harness.images import BuiltImage
 from harness.pki import issue_certificate
@@ -174,6 +175,11 @@ class Node:
         clean_up(self.record)
 
 
+def host_network() -> dict[str, str]:
+    """The namespace label that puts a namespace's pods on the host network."""
+    return {HOST_NETWORK_LABEL: "host"}
+
+
 def on_the_node() -> dict[str, str]:
     """The namespace annotation that sends a namespace's pods to the real node."""
     toleration = {"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}
@@ -230,6 +236,9 @@ def _start(
     log(f"[node] bridge {record.bridge} {record.subnet}, cgroup /{record.cgroup}")
 
     _write_cni(record, node.host_ip)
+    default_hosts = state / "registries" / "_default" / "hosts.toml"
+    default_hosts.parent.mkdir(parents=True, exist_ok=True)
+    default_hosts.write_text('server = "http://127.0.0.1:9"\n')
     containerd_config = state / "containerd.toml"
     containerd_config.write_text(_containerd_toml(record, pause.reference))
     node.processes["containerd"] = _spawn(
@@ -239,6 +248,7 @@ def _start(
     node.import_image(pause)
     log(f"[node] containerd ready, pause image imported ({time.monotonic() - started:.1f} s)")
 
+    _apply_host_network_policy(cp)
     kubelet_args = _kubelet_setup(node, cp)
     node.processes["kubelet"] = _spawn(state, "kubelet", kubelet_args)
     if not node.record.private:
@@ -490,6 +500,65 @@ def _kubelet_setup(node: Node, cp: ControlPlane) -> list[str]:
     script = " && ".join([*binds, "exec " + shlex.join(kubelet)])
     # /proc is private on the host, so the binds above stay in the kubelet's namespace.
     return ["unshare", "--mount", "--propagation=unchanged", "--", "sh", "-c", script]
+
+
+HOST_NETWORK_LABEL = "nocturne.test/network"
+# Pods of namespaces labelled nocturne.test/network=host share the host's network, as they did
+# under the pod executor: the suite's servers (PostgreSQL, models, pages, the operator's run API)
+# listen on loopback. The apiserver is on loopback too (no kube-proxy for the `kubernetes`
+# Service): in-cluster clients get its address. Host ports equal container ports (the apiserver
+# validates that for host-network pods), and images are never pulled: they are imported.
+HOST_NETWORK_POLICY = """
+apiVersion: admissionregistration.k8s.io/v1beta1
+kind: MutatingAdmissionPolicy
+metadata: {name: nocturne-test-host-network}
+spec:
+  matchConstraints:
+    resourceRules:
+    - {apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}
+    namespaceSelector:
+      matchLabels: {"@LABEL@": host}
+  failurePolicy: Fail
+  reinvocationPolicy: Never
+  mutations:
+  - patchType: ApplyConfiguration
+    applyConfiguration:
+      expression: >
+        Object{spec: Object.spec{
+          hostNetwork: true,
+          containers: object.spec.containers.map(c, Object.spec.containers{
+            name: c.name,
+            imagePullPolicy: "Never",
+            env: [
+              Object.spec.containers.env{name: "KUBERNETES_SERVICE_HOST", value: "127.0.0.1"},
+              Object.spec.containers.env{name: "KUBERNETES_SERVICE_PORT", value: "@API_PORT@"}
+            ],
+            ports: (has(c.ports) ? c.ports : []).map(p, Object.spec.containers.ports{
+              containerPort: p.containerPort, hostPort: p.containerPort})
+          })
+        }}
+---
+apiVersion: admissionregistration.k8s.io/v1beta1
+kind: MutatingAdmissionPolicyBinding
+metadata: {name: nocturne-test-host-network}
+spec:
+  policyName: nocturne-test-host-network
+"""
+
+
+def _apply_host_network_policy(cp: ControlPlane) -> None:
+    policy = HOST_NETWORK_POLICY.replace("@LABEL@", HOST_NETWORK_LABEL)
+    policy = policy.replace("@API_PORT@", str(cp.api_port))
+    kubectl = tools.ensure().kubectl
+    result = subprocess.run(
+        [str(kubectl), f"--kubeconfig={cp.kubeconfig}", "apply", "-f", "-"],
+        input=policy,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise NodeError(f"applying the host-network policy failed: {result.stderr}")
 
 
 def _bind_node_role(cp: ControlPlane, name: str) -> None:
