@@ -9,18 +9,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DIR := .nocturne/cluster
 # The repository root must never be on sys.path: `operator/` would shadow the stdlib module.
-# tests/ holds the packages `harness` (control plane, executor, PostgreSQL; see tests/harness/README.md),
-# `unit`, `integration` and `e2e` (the product's tests).
+# tests/ holds the packages `harness` (control plane, real node, images, PostgreSQL; see
+# tests/harness/README.md), `unit`, `integration` and `e2e` (the product's tests).
 export PYTHONSAFEPATH := 1
 export PYTHONPATH := $(CURDIR)/tests
 export PYTHONDONTWRITEBYTECODE := 1
 
 PY_SOURCES := $(shell find operator agent_runner -name '*.py' 2>/dev/null)
 
-.PHONY: help setup system-deps lint typecheck test test-fast cluster-build demo demo-down clean
+.PHONY: help setup system-deps lint typecheck test pytest-all test-fast cluster-build demo demo-down clean
 
 help:
-	@echo "make demo       local control plane + pod executor + operator, example schedules, one run"
+	@echo "make demo       local control plane + real node + operator, example schedules, one run"
 	@echo "make demo-down  stop it"
 	@echo "make test       set up and run all tests (lint, types, unit, integration, e2e, fault drills)"
 	@echo "make test-fast  unit + integration tests only"
@@ -54,8 +54,18 @@ cluster-build: setup
 		&& $(PY) -m harness.images; \
 	else echo "[kube-local] Go not installed: e2e tests will skip (and fail under CI=true)"; fi
 
-test: lint typecheck cluster-build
-	$(VENV)/bin/pytest
+# Each stage prints how long it took (CI's budget is 90 min): `[time] <stage>: N s`.
+TIMED = t=$$(date +%s); $(MAKE) --no-print-directory $(1); rc=$$?; \
+	echo "[time] $(1): $$(( $$(date +%s) - t )) s"; exit $$rc
+
+test: setup
+	@$(call TIMED,lint)
+	@$(call TIMED,typecheck)
+	@$(call TIMED,cluster-build)
+	@$(call TIMED,pytest-all)
+
+pytest-all:
+	$(VENV)/bin/pytest --durations=15
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not e2e"

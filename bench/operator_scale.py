@@ -5,7 +5,7 @@ Run: PYTHONSAFEPATH=1 PYTHONPATH=tests .venv/bin/python bench/operator_scale.py 
      [--json PATH]
 Starts its own control plane (harness.controlplane), a private PostgreSQL migrated like the Helm
 hook does, and ``python -m nocturne_operator`` as a subprocess with default settings (offline
-provider, no pod executor: schedules are created, never run; each fires once a day, 12 hours
+provider, no node: schedules are created, never run; each fires once a day, 12 hours
 from now, so no Job is created while the bench runs).
 
 One client (httpx, ``--clients`` threads, server-side apply with the admin certificate) does

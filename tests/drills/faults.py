@@ -18,16 +18,14 @@ from pathlib import Path
 
 from e2e.conftest import OperatorProcess
 from harness.controlplane import ControlPlane
-from harness.executor.processes import main_process
 from harness.kube import Kubectl
+from harness.node import Node
 
 OPERATOR_KILL = "operator SIGKILL (restarted at once)"
 APISERVER_RESTART = "kube-apiserver restart"
 POSTGRES_OUTAGE = "PostgreSQL stopped"
 RUNNER_KILL = "runner pod SIGKILL"
 FAULT_KINDS = (OPERATOR_KILL, APISERVER_RESTART, POSTGRES_OUTAGE, RUNNER_KILL)
-
-LOCAL_CONTAINER_ID = "local://"  # the pod executor's container IDs: local://<bwrap pid>
 
 
 @dataclass
@@ -99,9 +97,9 @@ def restart_apiserver(control_plane: ControlPlane) -> float:
     return time.monotonic() - began
 
 
-def running_runner_pids(kubectl: Kubectl, namespace: str) -> dict[str, int]:
-    """Pod name -> sandbox pid of every runner pod whose container runs now (empty when the
-    apiserver does not answer)."""
+def running_runner_pids(kubectl: Kubectl, namespace: str, node: Node) -> dict[str, int]:
+    """Pod name -> host pid of the main process of every runner pod whose container runs now
+    (empty when the apiserver does not answer)."""
     out = kubectl("get", "pods", "-n", namespace, "-o", "json", check=False)
     if not out:
         return {}
@@ -109,28 +107,22 @@ def running_runner_pids(kubectl: Kubectl, namespace: str) -> dict[str, int]:
     for pod in json.loads(out)["items"]:
         for status in (pod.get("status") or {}).get("containerStatuses") or []:
             container_id = str(status.get("containerID") or "")
-            if "running" in (status.get("state") or {}) and container_id.startswith(
-                LOCAL_CONTAINER_ID
-            ):
-                found[pod["metadata"]["name"]] = int(container_id.removeprefix(LOCAL_CONTAINER_ID))
+            pid = node.container_pid(container_id) if container_id else None
+            if "running" in (status.get("state") or {}) and pid is not None:
+                found[pod["metadata"]["name"]] = pid
     return found
 
 
 def kill_runner(
-    kubectl: Kubectl, namespace: str, rng: random.Random, spared: set[str]
+    kubectl: Kubectl, namespace: str, node: Node, rng: random.Random, spared: set[str]
 ) -> str | None:
     """SIGKILL the main process of one running runner container (chosen by ``rng``, not one of
     ``spared``), as the kernel's OOM killer would; the pod's name, or None when none ran."""
-    pods = running_runner_pids(kubectl, namespace)
+    pods = running_runner_pids(kubectl, namespace, node)
     candidates = sorted(set(pods) - spared)
     for name in rng.sample(candidates, len(candidates)):
-        sandbox = pods[name]
-        target = main_process(sandbox)
         try:
-            if target is not None:
-                os.kill(target, signal.SIGKILL)
-            else:  # not exec'd yet: the whole sandbox
-                os.killpg(sandbox, signal.SIGKILL)
+            os.kill(pods[name], signal.SIGKILL)
         except ProcessLookupError:
             continue  # it ended in the meantime: try another
         return name

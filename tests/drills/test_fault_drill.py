@@ -52,6 +52,7 @@ from e2e.conftest import OperatorProcess, operator_process
 from e2e.schedules import condition, finished, run_now
 from harness.controlplane import free_ports
 from harness.kube import Cluster, Kubectl, wait_for
+from harness.node import Node
 from harness.postgres import PostgresServer
 from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
 from nocturne_operator.prices import load_price_table
@@ -249,6 +250,7 @@ def drive(
     postgres: PostgresServer,
     kubectl: Kubectl,
     namespace: str,
+    node: Node,
     rng: random.Random,
 ) -> None:
     """Inject the timeline's faults, each at its time (in this thread, one after another)."""
@@ -273,7 +275,7 @@ def drive(
             deadline = time.monotonic() + 5.0
             pod = None
             while pod is None and time.monotonic() < deadline:
-                pod = kill_runner(kubectl, namespace, rng, killed)
+                pod = kill_runner(kubectl, namespace, node, rng, killed)
                 time.sleep(0 if pod else 0.5)
             if pod is not None:
                 killed.add(pod)
@@ -296,16 +298,17 @@ def all_jobs_finished(load: Load) -> bool:
     return jobs is not None and all(finished(j) for j in jobs)
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds")
 def test_fault_drill(  # noqa: PLR0917 - the fixtures it needs
     cluster: Cluster,
     kubectl: Kubectl,
+    node: Node | None,
     solo_namespace: str,
     private_postgres: PostgresServer,
     billing_model: tuple[BillingModel, ScriptedServer],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if cluster.local is None:
+    if cluster.local is None or node is None:
         pytest.skip("the drill restarts the local control plane's kube-apiserver")
     namespace, url = solo_namespace, private_postgres.url
     model, site = billing_model
@@ -351,6 +354,7 @@ def test_fault_drill(  # noqa: PLR0917 - the fixtures it needs
                 postgres=private_postgres,
                 kubectl=kubectl,
                 namespace=namespace,
+                node=node,
                 rng=rng,
             )
             wait_for(

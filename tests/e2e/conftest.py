@@ -1,5 +1,5 @@
 """End-to-end fixtures of the product: the CRDs, the history database, the operator as a real
-process. The cluster, the pod executor, kubectl and namespaces come from the harness
+process. The cluster, the real node, kubectl and namespaces come from the harness
 (``harness.fixtures``, loaded by ``tests/conftest.py``)."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from harness import controlplane
-from harness.executor import ExecutorProcess
 from harness.fixtures import fresh_namespace, namespace_name
 from harness.kube import Cluster, Kubectl, healthy, wait_for
+from harness.node import Node
 from harness.postgres import PostgresServer, start_postgres, stop_postgres
 from integration.llm_server import OPENAI_PATH, Recorded, Reply, ScriptedServer, openai_reply
 from nocturne_operator.storage import upgrade
@@ -136,8 +136,8 @@ def operator_process(
         "NOCTURNE_METRICS_PORT": str(metrics_port),
         # Tests serve pages on loopback; production keeps the SSRF guard's default.
         "NOCTURNE_WEB_FETCH_ALLOW_PRIVATE": "true",
-        # Runner pods share the host network here (the executor has no CNI): they reach the
-        # run API on loopback. Its CA lives in a Secret of `default`, so every operator the
+        # Runner pods share the host network here (harness.node): they reach the run API on
+        # loopback. Its CA lives in a Secret of `default`, so every operator the
         # tests start (and restart) serves the certificate the running Jobs trust.
         "NOCTURNE_RUN_API_PORT": str(run_api_port),
         "NOCTURNE_RUN_API_BIND": "127.0.0.1",
@@ -221,7 +221,7 @@ def runner_database(history_url: str, namespace: str) -> str:
 
 @pytest.fixture(scope="session")
 def operator(
-    cluster: Cluster, crds: None, executor: ExecutorProcess | None, history_url: str
+    cluster: Cluster, crds: None, node: Node | None, history_url: str
 ) -> Iterator[OperatorProcess]:
     """``python -m nocturne_operator`` with a fast drift timer, as a real separate process."""
     with operator_process(

@@ -1,5 +1,6 @@
-"""``make demo``: a local control plane with the pod executor and the Nocturne operator, the example
-schedules applied and one run started. ``make demo-down`` stops everything.
+"""``make demo``: a local control plane with a real node (kubelet, containerd, the project's images
+built from its Dockerfiles) and the Nocturne operator, the example schedules applied and one run
+started in a real container. ``make demo-down`` stops everything.
 
 Everything runs detached; pids live in ``<dir>/demo.json``, logs in ``<dir>/logs``.
 """
@@ -16,8 +17,8 @@ from functools import partial
 from pathlib import Path
 
 from e2e.schedules import run_cli
-from harness import build, controlplane, tools
-from harness.executor import executor_command
+from harness import build, controlplane, images, tools
+from harness import node as real_node
 from harness.kube import Kubectl, healthy, wait_for
 from harness.postgres import start_postgres, stop_postgres
 from nocturne_operator.storage import upgrade
@@ -25,6 +26,7 @@ from nocturne_operator.storage import upgrade
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "docs" / "examples"
 NAMESPACE = "demo"
+RUNNER_IMAGE = "nocturne-runner:dev"
 
 
 def say(message: str) -> None:
@@ -74,16 +76,8 @@ def up(state: Path) -> int:
         say("PostgreSQL running, history schema migrated")
     db_url = json.loads(database.read_text())["url"]
     env["NOCTURNE_DATABASE_URL"] = db_url
-    if not controlplane.alive(pids.get("executor", 0)):
-        ready = state / "executor.ready"
-        ready.unlink(missing_ok=True)
-        pids["executor"] = _spawn(
-            executor_command(kubeconfig, state / "executor", ready),
-            state / "logs" / "executor.log",
-            env,
-        )
-        wait_for(ready.exists, 60, "the pod executor")
-        say("pod executor running (it plays the kubelet)")
+    if not real_node.running_at(state / "node"):
+        _start_node(state)
     kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
     kubectl(
         "wait", "--for=condition=Established", "--timeout=60s", "crd/agentschedules.nocturne.dev"
@@ -96,9 +90,9 @@ def up(state: Path) -> int:
             {
                 **env,
                 "NOCTURNE_HEALTH_ENDPOINT": f"http://127.0.0.1:{port}/healthz",
-                "NOCTURNE_RUNNER_IMAGE": "nocturne-runner:dev",
-                # Runner pods share the host network (no CNI): the run API on loopback, its CA
-                # in a Secret of `default`.
+                "NOCTURNE_RUNNER_IMAGE": RUNNER_IMAGE,
+                # Runner pods share the host network (harness.node): the run API on loopback,
+                # its CA in a Secret of `default`.
                 "NOCTURNE_RUN_API_PORT": str(run_api_port),
                 "NOCTURNE_RUN_API_BIND": "127.0.0.1",
                 "NOCTURNE_RUN_API_URL": f"https://127.0.0.1:{run_api_port}",
@@ -149,13 +143,27 @@ def up(state: Path) -> int:
     return 0
 
 
+def _start_node(state: Path) -> None:
+    """Build or reuse the images, start a real node beside the control plane, leave it running."""
+    step = time.monotonic()
+    say("building or reusing the images (podman; the first build takes ~3 min)")
+    built = images.ensure_all(log=print)
+    say(f"images ready in {time.monotonic() - step:.0f} s")
+    node = real_node.start(controlplane.attached(state), state / "node", built["pause"], log=print)
+    step = time.monotonic()
+    node.import_image(built["nocturne-runner"], RUNNER_IMAGE)
+    node.import_image(built["nocturne-operator"], "nocturne-operator:dev")
+    node.detach()
+    say(f"real node {node.name} Ready, images imported in {time.monotonic() - step:.0f} s")
+
+
 def down(state: Path) -> int:
-    """Stop the operator, the executor and the control plane."""
+    """Stop the operator, the node and the control plane."""
     pids = _read_pids(state)
-    for name in ("operator", "executor"):
-        pid = pids.get(name)
-        if pid:
-            controlplane.stop_group(pid, timeout=30)
+    pid = pids.get("operator")
+    if pid:
+        controlplane.stop_group(pid, timeout=30)
+    real_node.stop_detached(state / "node")
     (state / "demo.json").unlink(missing_ok=True)
     database = state / "database.json"
     if database.exists():

@@ -271,7 +271,7 @@ def test_selectors_and_pages_over_ten_thousand_runs(runs_api: RunsApi) -> None:
     assert 'field label not supported: "status.cost"' in bad.stderr
 
 
-@pytest.mark.usefixtures("executor")
+@pytest.mark.usefixtures("node")
 def test_a_run_now_appears_and_finishes_in_a_watch_and_get_shows_its_output(
     runs_api: RunsApi, kubectl: Kubectl, cluster: Cluster
 ) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import build, controlplane
+from harness import node as real_node
 from harness.kube import cluster_cli
 from harness.prerequisites import skip_or_fail
 
@@ -34,10 +35,13 @@ def test_demo_up_shows_a_successful_run_and_down_stops_everything(tmp_path: Path
         assert digest, up.stdout
         assert "show:" not in digest, digest  # not an error of the CLI
         pids = json.loads((state / "demo.json").read_text())
-        assert set(pids) == {"executor", "operator"}
+        assert set(pids) == {"operator"}
+        assert real_node.running_at(state / "node")
     finally:
         down = cluster_cli("e2e.demo", "down", "--dir", str(state), timeout=120)
     assert down.returncode == 0, down.stderr
     assert not any(controlplane.alive(pid) for pid in pids.values())
     assert not controlplane.is_up(state)
+    assert not real_node.running_at(state / "node")
+    assert not [r for r in real_node.records() if r.state_dir == str(state / "node")]
     assert not (state / "database.json").exists()

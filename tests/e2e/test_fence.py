@@ -128,7 +128,7 @@ PER_RUN = Decimal("0.005")
 TOTAL = Decimal("0.006")
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_two_jobs_at_once_never_exceed_max_total(
     cluster: Cluster,
     kubectl: Kubectl,
@@ -189,7 +189,7 @@ def test_two_jobs_at_once_never_exceed_max_total(
     assert Decimal(status["totalCostUSD"]) == spent, status
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_a_recreated_schedule_starts_clean(
     cluster: Cluster,
     kubectl: Kubectl,
@@ -276,7 +276,7 @@ def history_json(cluster: Cluster, namespace: str, database_url: str) -> list[di
     return runs
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_a_retry_runs_the_task_its_job_was_created_with(
     cluster: Cluster,
     kubectl: Kubectl,
@@ -330,7 +330,7 @@ def test_a_retry_runs_the_task_its_job_was_created_with(
 RUNS = 10
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 @pytest.mark.parametrize(
     "history_limit",
     [

@@ -95,7 +95,7 @@ def watch_process(cluster: Cluster, namespace: str, url: str) -> subprocess.Pope
     )
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_watch_follows_a_multi_step_run_to_its_end_and_prints_its_output(
     cluster: Cluster, kubectl: Kubectl, solo_namespace: str, postgres: PostgresServer
 ) -> None:
@@ -179,7 +179,7 @@ def conversation(request: Recorded) -> list[Any]:
     return messages[1:]
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_a_killed_runners_retry_resumes_from_its_checkpoint(
     cluster: Cluster, kubectl: Kubectl, solo_namespace: str, postgres: PostgresServer
 ) -> None:

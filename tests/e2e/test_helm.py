@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from agent_runner.contract import RunOutcome
 from e2e.schedules import finished_job, patch_spec, ready, run_now, runner_summary, schedule
 from harness.controlplane import free_ports
-from harness.fixtures import fresh_namespace, namespace_name
+from harness.fixtures import fresh_namespace
 from harness.kube import Cluster, Kubectl, wait_for
 from harness.node import Node
 from harness.prerequisites import skip_or_fail
@@ -101,20 +101,9 @@ def database_url(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[s
 
 
 @pytest.fixture
-def release_namespace(
-    kubectl: Kubectl, node: Node | None, request: pytest.FixtureRequest
-) -> Iterator[str]:
-    """The release's namespace; its pods (the operator, the migration hook) on the real node."""
-    with fresh_namespace(kubectl, namespace_name(request), node=node is not None) as name:
-        yield name
-
-
-@pytest.fixture
-def watched_namespace(kubectl: Kubectl, node: Node | None) -> Iterator[str]:
-    """The namespace the chart's operator serves (the session operator leaves chart-* alone);
-    its runner pods on the real node."""
-    name = f"{CHART_NAMESPACE_PREFIX}{secrets.token_hex(4)}"
-    with fresh_namespace(kubectl, name, node=node is not None) as name:
+def watched_namespace(kubectl: Kubectl) -> Iterator[str]:
+    """The namespace the chart's operator serves (the session operator leaves chart-* alone)."""
+    with fresh_namespace(kubectl, f"{CHART_NAMESPACE_PREFIX}{secrets.token_hex(4)}") as name:
         try:
             yield name
         finally:
@@ -130,13 +119,13 @@ def release(
     cluster: Cluster,
     cli_tools: Tools,
     kubectl: Kubectl,
-    release_namespace: str,
+    namespace: str,
     *,
+    node: Node | None,  # runs the release's pods (None against kind)
     watched_namespace: str,
     database_url: str,
 ) -> Iterator[Release]:
     """The chart installed with --wait: the migration hook has run, the operator is Ready."""
-    namespace = release_namespace
     found = Release(
         name=f"e2e-{secrets.token_hex(3)}",
         namespace=namespace,

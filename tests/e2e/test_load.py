@@ -60,7 +60,7 @@ def ready_count(kubectl: Kubectl, namespace: str) -> int:
     return ready
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_two_hundred_schedules_at_once_are_each_handled_once(
     cluster: Cluster, kubectl: Kubectl, solo_namespace: str, postgres: PostgresServer
 ) -> None:

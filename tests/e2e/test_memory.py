@@ -36,7 +36,7 @@ pytestmark = pytest.mark.e2e
 STATE_KEY = "competitor-prices"
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_the_second_run_receives_the_first_runs_state_and_reports_the_change(
     cluster: Cluster, kubectl: Kubectl, solo_namespace: str, postgres: PostgresServer
 ) -> None:

@@ -36,7 +36,7 @@ def node_namespace(kubectl: Kubectl, node: Node | None) -> Iterator[str]:
     if node is None:
         pytest.skip("the real node is the local cluster's (kind runs its own)")
     name = f"{SOLO_NAMESPACE_PREFIX}node-{secrets.token_hex(3)}"
-    with fresh_namespace(kubectl, name, node=True, host_network=False) as found:
+    with fresh_namespace(kubectl, name, host_network=False) as found:
         yield found
 
 

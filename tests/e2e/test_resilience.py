@@ -215,7 +215,7 @@ def assert_results_match(status: dict[str, Any], rows: list[ExecutionRecord]) ->
     )
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_operator_restart_changes_no_totals(
     cluster: Cluster,
     kubectl: Kubectl,
@@ -297,7 +297,7 @@ def test_operator_restart_changes_no_totals(
         assert metric(second, runs_total(namespace, "succeeded")) == 0.0
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_no_database_no_grant_no_spend_and_status_says_why(
     cluster: Cluster,
     kubectl: Kubectl,
@@ -362,7 +362,7 @@ def test_no_database_no_grant_no_spend_and_status_says_why(
         assert len(site.requests_to(OPENAI_PATH)) >= 1
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_the_reaper_finalises_a_run_whose_job_is_gone(
     cluster: Cluster,
     kubectl: Kubectl,

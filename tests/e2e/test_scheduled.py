@@ -1,6 +1,6 @@
 """Runs as users meet them (issue 14): the scheduled path, and cancel. The path users take: nobody
-asks for a run; the CronJob controller fires the AgentSchedule's CronJob at its slot, the pod
-executor runs the runner, the run reports through the operator's run API and reaches history and
+asks for a run; the CronJob controller fires the AgentSchedule's CronJob at its slot, the real
+node runs the runner image, the run reports through the operator's run API and reaches history and
 status. Its own operator (minimum interval lowered to one minute for the test, the default
 resync of an hour: passes come from events and the schedule's own timer, issue 13) over its own
 namespace."""
@@ -33,7 +33,7 @@ from nocturne_operator.storage import History
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_the_cronjob_controller_fires_a_schedule_and_its_run_reaches_history_and_status(
     cluster: Cluster,
     kubectl: Kubectl,
@@ -85,7 +85,7 @@ def test_the_cronjob_controller_fires_a_schedule_and_its_run_reaches_history_and
         assert parse_rfc3339(status["nextRunAt"]) > first_slot
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_cancel_stops_the_active_run_which_ends_cancelled_and_is_audited(
     cluster: Cluster,
     kubectl: Kubectl,

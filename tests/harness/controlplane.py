@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from harness import build
-from harness.pki import FRONT_PROXY_CLIENT, Pki, make_pki
+from harness.pki import FRONT_PROXY_CLIENT, Pki, make_pki, pki_in
 
 CONTROLLERS = (
     "cronjob-controller",
@@ -201,9 +201,6 @@ def _apiserver_args(cp: ControlPlane) -> list[str]:
         f"--service-account-key-file={pki.sa_pub}",
         "--service-cluster-ip-range=10.96.0.0/16",
         "--authorization-mode=RBAC",
-        # A namespace's defaultTolerations annotation sends its pods to the real node
-        # (harness.node) while the pod executor serves the others.
-        "--enable-admission-plugins=PodTolerationRestriction",
         # MutatingAdmissionPolicy (beta in 1.35, off by default): the real node's policy puts
         # the suite's pods on the host network (harness.node.HOST_NETWORK_POLICY).
         "--feature-gates=MutatingAdmissionPolicy=true",
@@ -391,6 +388,17 @@ def down(state_dir: Path) -> bool:
             stop_group(pid, timeout=20)
     pid_file.unlink()
     return True
+
+
+def attached(state_dir: Path) -> ControlPlane:
+    """A handle on the detached control plane recorded in ``state_dir`` (for starting a node
+    beside it); its processes stay the ``up`` command's."""
+    server: str = json.loads((state_dir / "pids.json").read_text())["server"]
+    api_port = int(server.rsplit(":", 1)[1])
+    kubeconfig = state_dir / "admin.kubeconfig"
+    return ControlPlane(
+        state_dir, build.ensure(), pki_in(state_dir / "pki"), 0, api_port, kubeconfig
+    )
 
 
 def is_up(state_dir: Path) -> bool:

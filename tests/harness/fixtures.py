@@ -1,10 +1,11 @@
-"""The harness as a pytest plugin: a real cluster for the session, the pod executor, kubectl,
+"""The harness as a pytest plugin: a real cluster for the session, a real node, kubectl,
 PostgreSQL, and fresh namespaces. Loaded by ``tests/conftest.py``; product tests build on it.
 
 Local mode (default): build/reuse ``kube-local``, start etcd -> kube-apiserver ->
-kube-controller-manager on free loopback ports and run the pod executor as the kubelet.
+kube-controller-manager on free loopback ports and, for tests that run pods, a real node
+(kubelet, kube-scheduler, containerd) with the project's images.
 kind mode: ``NOCTURNE_E2E_KUBECONFIG=/path/to/kind.kubeconfig`` runs the same tests against it
-(no local control plane, no executor: kind's kubelet runs the pods).
+(no local control plane, no local node: kind's kubelet runs the pods).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from kubernetes import client, config
 
 from harness import build, controlplane, images, tools
 from harness import node as real_node
-from harness.executor import ExecutorProcess, run_executor
 from harness.kube import Cluster, Kubectl, wait_for
 from harness.postgres import PostgresServer, running_postgres
 from harness.prerequisites import skip_or_fail
@@ -64,25 +64,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cp.stop()
 
 
-@pytest.fixture(scope="session")
-def executor(cluster: Cluster) -> Iterator[ExecutorProcess | None]:
-    """The pod executor acting as the kubelet (None against kind, whose kubelet runs pods)."""
-    if cluster.local is None:
-        yield None
-        return
-    with run_executor(cluster.kubeconfig, cluster.state_dir / "executor") as proc:
-        yield proc
-
-
 # The names pods use for the project's images (the kind workflow loads them under the same names).
 IMAGE_TAG = "e2e"
+# What the suite's plain shell pods name (no registry here: the Debian base stands in).
+SHELL_IMAGES = ("busybox:latest", "busybox:1.37")
+KUBECTL_IMAGE = "registry.k8s.io/kubectl:v1.35.2"  # the pinned kubectl of tools.py
 
 
 @pytest.fixture(scope="session")
 def node(cluster: Cluster) -> Iterator[real_node.Node | None]:
     """A real node (kubelet, kube-scheduler, containerd, CNI bridge) with the project's images
-    built from its Dockerfiles as ``nocturne-operator:e2e`` and ``nocturne-runner:e2e``; None
-    against kind. Its pods are those of namespaces made by ``fresh_namespace(..., node=True)``."""
+    built from its Dockerfiles as ``nocturne-operator:e2e`` and ``nocturne-runner:e2e``, and
+    the Debian base as ``busybox`` (a shell and its tools); None against kind, whose kubelet
+    runs the pods."""
     if cluster.local is None:
         yield None
         return
@@ -100,6 +94,8 @@ def node(cluster: Cluster) -> Iterator[real_node.Node | None]:
     try:
         for image in images.IMAGES:
             started.import_image(built[image.name], f"{image.name}:{IMAGE_TAG}")
+        started.import_image(built["base"], *SHELL_IMAGES)
+        started.import_image(built["kubectl"], KUBECTL_IMAGE)
         yield started
     finally:
         _node_for_reports.clear()
@@ -132,20 +128,15 @@ def kubectl(cluster: Cluster, cli_tools: tools.Tools) -> Kubectl:
 
 
 @contextmanager
-def fresh_namespace(
-    kubectl: Kubectl, name: str, *, node: bool = False, host_network: bool = True
-) -> Iterator[str]:
+def fresh_namespace(kubectl: Kubectl, name: str, *, host_network: bool = True) -> Iterator[str]:
     """Create namespace ``name``, wait for its default ServiceAccount; delete it afterwards.
-    ``node``: its pods run on the real node (the ``node`` fixture), not the pod executor, on the
-    host network (where the suite's servers listen) unless ``host_network`` is False (then on
-    the node's bridge: they reach the host at ``Node.host_ip`` only)."""
+    Its pods run on the real node on the host network (where the suite's servers listen), or,
+    with ``host_network=False``, on the node's bridge: they reach the host at ``Node.host_ip``
+    only."""
     kubectl("create", "namespace", name)
-    if node:
-        notes = [f"{k}={v}" for k, v in real_node.on_the_node().items()]
-        kubectl("annotate", "namespace", name, *notes)
-        if host_network:
-            labels = [f"{k}={v}" for k, v in real_node.host_network().items()]
-            kubectl("label", "namespace", name, *labels)
+    if not host_network:
+        labels = [f"{k}={v}" for k, v in real_node.pod_network().items()]
+        kubectl("label", "namespace", name, *labels)
     # Pods need the namespace's default ServiceAccount (ServiceAccount admission).
     wait_for(
         lambda: kubectl("get", "serviceaccount", "default", "-n", name, check=False),

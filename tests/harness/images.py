@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import tools
 from harness.build import BuildError, go_binary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -291,6 +292,11 @@ def ensure_pause(log: Callable[[str], None] = print) -> BuiltImage:
     return BuiltImage(reference, archive)
 
 
+# Archives kept per image (each change of the sources makes a new one; worktrees of different
+# commits share the cache, so more than the newest).
+_KEEP = 3
+
+
 def _save(reference: str, archive: Path) -> None:
     partial = archive.with_suffix(".tmp")
     partial.unlink(missing_ok=True)
@@ -299,6 +305,14 @@ def _save(reference: str, archive: Path) -> None:
         what="podman save",
     )
     partial.rename(archive)
+    stem = archive.name.rsplit("-", 1)[0]
+    older = sorted(
+        (p for p in archive.parent.glob(f"{stem}-*.tar") if p.name.rsplit("-", 1)[0] == stem),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for stale in older[_KEEP:]:
+        stale.unlink(missing_ok=True)
 
 
 def _go_version() -> str:
@@ -308,10 +322,49 @@ def _go_version() -> str:
     return subprocess.run([go, "version"], check=True, capture_output=True, text=True).stdout
 
 
+def ensure_base_archive(log: Callable[[str], None] = print) -> BuiltImage:
+    """The base itself as a docker-archive: the node's shell image (the suite's ``busybox``
+    pods need ``sh`` and a few tools, and no registry can give them busybox)."""
+    key = base_key()
+    archive = cache_root() / f"base-{key}.docker.tar"
+    reference = ensure_base(log)
+    _locked(lambda: _save(reference, archive), archive)
+    return BuiltImage(reference, archive)
+
+
+def ensure_kubectl(log: Callable[[str], None] = print) -> BuiltImage:
+    """The pinned kubectl of ``tools.py`` on the base, ``ENTRYPOINT ["kubectl"]`` like
+    registry.k8s.io/kubectl: the suite's in-cluster client pods."""
+    kubectl = tools.ensure().kubectl
+    key = _digest([base_key().encode(), kubectl.read_bytes()])
+    reference = f"localhost/nocturne-kubectl:{key}"
+    archive = cache_root() / f"kubectl-{key}.tar"
+
+    def build() -> None:
+        base = ensure_base(log)
+        with tempfile.TemporaryDirectory(prefix="nocturne-kubectl-") as tmp:
+            shutil.copy2(kubectl, Path(tmp) / "kubectl")
+            Path(tmp, "Containerfile").write_text(
+                f"FROM {base}\nCOPY kubectl /usr/local/bin/kubectl\n"
+                'USER 65532:65532\nENTRYPOINT ["kubectl"]\n'
+            )
+            _run(
+                ["podman", "build", *PODMAN_RUN_FLAGS, "--pull=never", f"--tag={reference}", tmp],
+                what="podman build of the kubectl image",
+            )
+        _save(reference, archive)
+
+    _locked(build, archive)
+    return BuiltImage(reference, archive)
+
+
 def ensure_all(log: Callable[[str], None] = print) -> dict[str, BuiltImage]:
-    """Every image a node needs, by repository name (``pause`` for the sandbox image)."""
+    """Every image a node needs, by repository name (``pause`` for the sandbox image, ``base``
+    for the shell image, ``kubectl`` for in-cluster client pods)."""
     built = {image.name: ensure(image, log) for image in IMAGES}
     built["pause"] = ensure_pause(log)
+    built["base"] = ensure_base_archive(log)
+    built["kubectl"] = ensure_kubectl(log)
     return built
 
 

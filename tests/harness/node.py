@@ -46,6 +46,7 @@ from harness.pki import issue_certificate
 RECORDS = Path("/run/nocturne-node")
 NODE_NAME = "nocturne-node"
 _CGROUP_FS = Path("/sys/fs/cgroup")
+_TASKS = Path("io.containerd.runtime.v2.task") / "k8s.io"
 # Host sysctls the kubelet sets at start (container_manager_linux.go, setupKernelTunables);
 # in its mount namespace these paths are files of the node's.
 _KUBELET_SYSCTLS = (
@@ -55,10 +56,7 @@ _KUBELET_SYSCTLS = (
     "kernel/panic_on_oops",
 )
 _SUBNETS = ipaddress.ip_network("10.244.0.0/16")
-# While the pod executor still serves part of the suite, the node takes only the pods that
-# tolerate this taint: those of namespaces annotated by ``on_the_node`` (the apiserver's
-# PodTolerationRestriction adds the toleration); the executor leaves exactly those alone.
-TAINT = "nocturne.test/real-node"
+# A test's second node: nothing tolerates its taint, so only pods naming it in nodeName run there.
 PRIVATE_TAINT = "nocturne.test/private-node"
 
 
@@ -162,6 +160,24 @@ class Node:
         finally:
             _terminate(proc, 5)
 
+    def container_pid(self, container_id: str) -> int | None:
+        """The host pid of a running container's main process (``containerd://<id>`` from a
+        pod's status), None when it runs no more."""
+        task = container_id.removeprefix("containerd://")
+        pid_file = self.record.run_dir / "containerd" / _TASKS / task / "init.pid"
+        try:
+            return int(pid_file.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def detach(self) -> None:
+        """Leave the node running after this process exits (``make demo``): containerd becomes
+        its owner, so the sweep leaves it alone while containerd lives; ``stop_detached``
+        ends it."""
+        self.record.owner_pid = self.processes["containerd"].pid
+        self.record.save()
+        self.processes.clear()
+
     def stop(self) -> None:
         """Stop every process of the node and remove all it made; idempotent."""
         for name in ("kube-scheduler", "kubelet"):
@@ -175,15 +191,25 @@ class Node:
         clean_up(self.record)
 
 
-def host_network() -> dict[str, str]:
-    """The namespace label that puts a namespace's pods on the host network."""
-    return {HOST_NETWORK_LABEL: "host"}
+def pod_network() -> dict[str, str]:
+    """The namespace label that keeps a namespace's pods on the node's bridge (off the host
+    network, where HOST_NETWORK_POLICY puts every other namespace's pods)."""
+    return {HOST_NETWORK_LABEL: "pod"}
 
 
-def on_the_node() -> dict[str, str]:
-    """The namespace annotation that sends a namespace's pods to the real node."""
-    toleration = {"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}
-    return {"scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps([toleration])}
+def running_at(state_dir: Path) -> bool:
+    """True when a node whose state is in ``state_dir`` runs (its owner lives)."""
+    return any(Path(r.state_dir) == state_dir and alive(r.owner_pid) for r in records())
+
+
+def stop_detached(state_dir: Path) -> bool:
+    """Stop a node left running by ``detach`` (found by its state dir); False if there is none."""
+    for record in records():
+        if Path(record.state_dir) == state_dir:
+            _kill_containers(record)
+            clean_up(record)
+            return True
+    return False
 
 
 def normalized(reference: str) -> str:
@@ -468,9 +494,9 @@ def _kubelet_setup(node: Node, cp: ControlPlane) -> list[str]:
         "syncFrequency": "10s",
         "nodeStatusReportFrequency": "10s",
         "maxPods": 250,
-        "registerWithTaints": [
-            {"key": TAINT if not record.private else PRIVATE_TAINT, "effect": "NoSchedule"}
-        ],
+        "registerWithTaints": (
+            [{"key": PRIVATE_TAINT, "effect": "NoSchedule"}] if record.private else []
+        ),
         "enableServer": True,
         "shutdownGracePeriod": "0s",
     }
@@ -503,11 +529,12 @@ def _kubelet_setup(node: Node, cp: ControlPlane) -> list[str]:
 
 
 HOST_NETWORK_LABEL = "nocturne.test/network"
-# Pods of namespaces labelled nocturne.test/network=host share the host's network, as they did
-# under the pod executor: the suite's servers (PostgreSQL, models, pages, the operator's run API)
-# listen on loopback. The apiserver is on loopback too (no kube-proxy for the `kubernetes`
-# Service): in-cluster clients get its address. Host ports equal container ports (the apiserver
-# validates that for host-network pods), and images are never pulled: they are imported.
+# Pods share the host's network, as they did under the old pod executor, unless their namespace
+# is labelled nocturne.test/network=pod: the suite's servers (PostgreSQL, models, pages, the
+# operators' run APIs) listen on loopback. The apiserver is on loopback too (no kube-proxy for the
+# `kubernetes` Service): in-cluster clients get its address. Host ports equal container ports
+# (the apiserver validates that for host-network pods), and images are never pulled: they are
+# imported.
 HOST_NETWORK_POLICY = """
 apiVersion: admissionregistration.k8s.io/v1beta1
 kind: MutatingAdmissionPolicy
@@ -517,7 +544,8 @@ spec:
     resourceRules:
     - {apiGroups: [""], apiVersions: [v1], operations: [CREATE], resources: [pods]}
     namespaceSelector:
-      matchLabels: {"@LABEL@": host}
+      matchExpressions:
+      - {key: "@LABEL@", operator: NotIn, values: [pod]}
   failurePolicy: Fail
   reinvocationPolicy: Never
   mutations:
@@ -639,7 +667,7 @@ def _node_ready(api: client.ApiClient, name: str) -> bool:
         return False
     status, spec = found.status, found.spec
     conditions = {c.type: c.status for c in ((status and status.conditions) or [])}
-    taints = [t for t in ((spec and spec.taints) or []) if t.key not in (TAINT, PRIVATE_TAINT)]
+    taints = [t for t in ((spec and spec.taints) or []) if t.key != PRIVATE_TAINT]
     return conditions.get("Ready") == "True" and not taints
 
 
@@ -696,9 +724,15 @@ def _kill_containers(record: Record) -> None:
 
 def _owned_pids(record: Record) -> list[int]:
     """Processes of this node still alive: whatever names its run dir or state dir on its
-    command line (containerd, its shims, the kubelet, ...)."""
+    command line (containerd, its shims, the kubelet, ...) and whatever runs in its cgroups
+    (containers whose shim is gone)."""
     marks = (str(record.run_dir), record.state_dir)
     found = []
+    if record.cgroup:
+        for hierarchy in _cgroup_hierarchies():
+            for procs in (hierarchy / record.cgroup).rglob("cgroup.procs"):
+                with suppress(OSError, ValueError):
+                    found += [int(pid) for pid in procs.read_text().split()]
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -708,7 +742,7 @@ def _owned_pids(record: Record) -> list[int]:
             continue
         if any(mark in argv for mark in marks) and int(entry.name) != os.getpid():
             found.append(int(entry.name))
-    return found
+    return sorted(set(found) - {os.getpid()})
 
 
 def _mounts_under(*roots: str) -> list[str]:

@@ -72,6 +72,23 @@ def _new_ca(
     return ca_cert, ca_key
 
 
+def pki_in(directory: Path) -> Pki:
+    """The paths ``make_pki`` writes in ``directory``."""
+    return Pki(
+        ca_cert=directory / "ca.crt",
+        ca_key=directory / "ca.key",
+        apiserver_cert=directory / "apiserver.crt",
+        apiserver_key=directory / "apiserver.key",
+        admin_cert=directory / "admin.crt",
+        admin_key=directory / "admin.key",
+        sa_key=directory / "sa.key",
+        sa_pub=directory / "sa.pub",
+        front_proxy_ca=directory / "front-proxy-ca.crt",
+        front_proxy_client_cert=directory / "front-proxy-client.crt",
+        front_proxy_client_key=directory / "front-proxy-client.key",
+    )
+
+
 def make_pki(directory: Path) -> Pki:
     """Write a fresh CA, serving/client certificates and an SA key pair into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -132,19 +149,7 @@ def make_pki(directory: Path) -> Pki:
     )
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
-    pki = Pki(
-        ca_cert=directory / "ca.crt",
-        ca_key=directory / "ca.key",
-        apiserver_cert=directory / "apiserver.crt",
-        apiserver_key=directory / "apiserver.key",
-        admin_cert=directory / "admin.crt",
-        admin_key=directory / "admin.key",
-        sa_key=directory / "sa.key",
-        sa_pub=directory / "sa.pub",
-        front_proxy_ca=directory / "front-proxy-ca.crt",
-        front_proxy_client_cert=directory / "front-proxy-client.crt",
-        front_proxy_client_key=directory / "front-proxy-client.key",
-    )
+    pki = pki_in(directory)
     _write_cert(pki.ca_cert, ca_cert)
     _write_key(pki.ca_key, ca_key)
     _write_cert(pki.apiserver_cert, serving)

@@ -1,4 +1,4 @@
-"""How a test reacts to a missing prerequisite (Go, bubblewrap, PostgreSQL binaries)."""
+"""How a test reacts to a missing prerequisite (Go, podman and containerd, PostgreSQL binaries)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Acceptance of the test cluster itself: the real CronJob, Job, garbage-collector and Deployment
-controllers drive pods that the executor (or kind's kubelet) runs."""
+controllers drive pods that the real node (or kind's kubelet) runs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from harness import controlplane
-from harness.executor import ExecutorProcess
 from harness.kube import Kubectl, cluster_cli, wait_for
+from harness.node import Node
 
 pytestmark = pytest.mark.e2e
 
@@ -35,14 +35,9 @@ def terminated(pod: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def pod_log(
-    executor: ExecutorProcess | None, kubectl: Kubectl, namespace: str, pod: str, container: str
-) -> str:
-    """A container's log: the executor's file locally, `kubectl logs` on kind."""
-    if executor is None:
-        return kubectl("logs", "-n", namespace, pod, "-c", container, check=False)
-    path = executor.log_path(namespace, pod, container)
-    return path.read_text() if path.exists() else ""
+def pod_log(kubectl: Kubectl, namespace: str, pod: str, container: str) -> str:
+    """A container's log, through the apiserver from the kubelet."""
+    return kubectl("logs", "-n", namespace, pod, "-c", container, check=False)
 
 
 def job_manifest(name: str, script: str, **spec: object) -> dict[str, Any]:
@@ -56,7 +51,19 @@ def job_manifest(name: str, script: str, **spec: object) -> dict[str, Any]:
                 "spec": {
                     "restartPolicy": "Never",
                     "containers": [
-                        {"name": "main", "image": "busybox:1.37", "command": ["sh", "-c", script]}
+                        {
+                            "name": "main",
+                            "image": "busybox:1.37",
+                            "command": ["sh", "-c", script],
+                            # Pods share the host's network (and so its hostname): the downward
+                            # API names the pod.
+                            "env": [
+                                {
+                                    "name": "POD_NAME",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                                }
+                            ],
+                        }
                     ],
                 }
             },
@@ -73,7 +80,7 @@ def test_server_reports_a_real_version(kubectl: Kubectl) -> None:
 
 @pytest.mark.slow
 def test_cronjob_in_tokyo_time_is_fired_by_the_cronjob_controller(
-    kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
+    kubectl: Kubectl, namespace: str, node: Node | None
 ) -> None:
     kubectl.apply(
         namespace,
@@ -84,7 +91,7 @@ def test_cronjob_in_tokyo_time_is_fired_by_the_cronjob_controller(
             "spec": {
                 "schedule": "* * * * *",
                 "timeZone": "Asia/Tokyo",
-                "jobTemplate": {"spec": job_manifest("unused", "echo tick from $HOSTNAME")["spec"]},
+                "jobTemplate": {"spec": job_manifest("unused", "echo tick from $POD_NAME")["spec"]},
             },
         },
     )
@@ -98,12 +105,12 @@ def test_cronjob_in_tokyo_time_is_fired_by_the_cronjob_controller(
         "CompletionsReached",
     )
     pod = job_pods(kubectl, namespace, name)[0]["metadata"]["name"]
-    assert f"tick from {pod}" in pod_log(executor, kubectl, namespace, pod, "main")
+    assert f"tick from {pod}" in pod_log(kubectl, namespace, pod, "main")
     assert kubectl.json("cronjob", "tick", "-n", namespace)["status"]["lastScheduleTime"]
 
 
 def test_create_job_from_cronjob_runs_at_once(
-    kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
+    kubectl: Kubectl, namespace: str, node: Node | None
 ) -> None:
     kubectl.apply(
         namespace,
@@ -126,7 +133,7 @@ def test_create_job_from_cronjob_runs_at_once(
 
 
 def test_failing_pod_is_retried_up_to_backoff_limit(
-    kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
+    kubectl: Kubectl, namespace: str, node: Node | None
 ) -> None:
     kubectl.apply(namespace, job_manifest("flaky", "echo failing; exit 1", backoffLimit=1))
     # The Job controller waits its real 10 s pod-failure backoff before the retry.
@@ -140,7 +147,7 @@ def test_failing_pod_is_retried_up_to_backoff_limit(
 
 
 def test_pod_failure_policy_fails_the_job_at_once(
-    kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
+    kubectl: Kubectl, namespace: str, node: Node | None
 ) -> None:
     manifest = job_manifest(
         "bad-config",
@@ -162,26 +169,23 @@ def test_pod_failure_policy_fails_the_job_at_once(
     assert json.loads(terminated(pods[0])["message"]) == {"status": "config-error"}
 
 
-def test_job_deadline_kills_the_pod(
-    kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
-) -> None:
+def test_job_deadline_kills_the_pod(kubectl: Kubectl, namespace: str, node: Node | None) -> None:
     manifest = job_manifest(
         "slow", "echo started; sleep 120; echo never", backoffLimit=0, activeDeadlineSeconds=5
     )
     kubectl.apply(namespace, manifest)
     result = wait_for(lambda: job_condition(kubectl, namespace, "slow"), 60, "Job slow to fail")
     assert result == ("Failed", "DeadlineExceeded")
-    if executor is not None:
-        # The process really stopped: its log ends before "never".
-        pods = [p["metadata"]["name"] for p in job_pods(kubectl, namespace, "slow")]
-        for pod in pods:
-            log = pod_log(executor, kubectl, namespace, pod, "main")
-            assert "started" in log
-            assert "never" not in log
+    # The process really stopped: its log ends before "never".
+    pods = [p["metadata"]["name"] for p in job_pods(kubectl, namespace, "slow")]
+    for pod in pods:
+        log = pod_log(kubectl, namespace, pod, "main")
+        assert "started" in log
+        assert "never" not in log
 
 
 def test_deleting_a_cronjob_collects_its_jobs_and_pods(
-    kubectl: Kubectl, namespace: str, executor: ExecutorProcess | None
+    kubectl: Kubectl, namespace: str, node: Node | None
 ) -> None:
     kubectl.apply(
         namespace,
@@ -205,7 +209,7 @@ def test_deleting_a_cronjob_collects_its_jobs_and_pods(
 def test_deployment_pod_gets_a_real_service_account_token_and_rbac_applies(
     kubectl: Kubectl,
     namespace: str,
-    executor: ExecutorProcess | None,
+    node: Node | None,
 ) -> None:
     kubectl("create", "serviceaccount", "-n", namespace, "reader")
     kubectl("create", "configmap", "-n", namespace, "probe", "--from-literal=msg=hello-rbac")
@@ -254,7 +258,7 @@ def test_deployment_pod_gets_a_real_service_account_token_and_rbac_applies(
 
     def deployment_pod_log() -> str:
         names = [p["metadata"]["name"] for p in deployment_pods()]
-        logs = [pod_log(executor, kubectl, namespace, name, "kubectl") for name in names]
+        logs = [pod_log(kubectl, namespace, name, "kubectl") for name in names]
         return next((log for log in logs if "hello-rbac" in log), "")
 
     assert "hello-rbac" in wait_for(deployment_pod_log, 60, "the Deployment's pod to read")
@@ -284,7 +288,7 @@ def test_deployment_pod_gets_a_real_service_account_token_and_rbac_applies(
         return phase if phase in ("Failed", "Succeeded") else None
 
     assert wait_for(finished_phase, 60, "pod snoop to finish") == "Failed"
-    log = pod_log(executor, kubectl, namespace, "snoop", "kubectl")
+    log = pod_log(kubectl, namespace, "snoop", "kubectl")
     assert "Forbidden" in log
     assert f"system:serviceaccount:{namespace}:reader" in log
 
