@@ -142,7 +142,7 @@ def labelled(body: dict[str, Any], base: str) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_exercise_one_runs_every_5_minutes_where_a_policy_allows_it_and_is_refused_elsewhere(
     cluster: Cluster,
     kubectl: Kubectl,
@@ -266,7 +266,7 @@ def seed_spend(history_url: str, namespace: str, schedule_uid: str, cost: str) -
         )
 
 
-@pytest.mark.usefixtures("crds", "executor")
+@pytest.mark.usefixtures("crds", "node")
 def test_a_namespace_at_its_monthly_cap_holds_every_schedule_until_the_cap_is_raised(
     cluster: Cluster,
     kubectl: Kubectl,

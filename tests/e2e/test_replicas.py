@@ -155,7 +155,7 @@ def installation(  # noqa: PLR0917 - fixtures
     cluster: Cluster,
     kubectl: Kubectl,
     crds: None,
-    executor: object,
+    node: object,
     postgres: PostgresServer,
     solo_namespace: str,
     model: tuple[Model, ScriptedServer],

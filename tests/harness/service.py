@@ -1,5 +1,5 @@
 """A Service's stand-in on loopback: one TCP port in front of several backend ports, for tests
-of a Deployment's replicas run as local processes (the executor has no CNI and no kube-proxy).
+of a Deployment's replicas run as local processes (no kube-proxy here; pods share the host network).
 
 Each new connection goes to the next backend in turn, as kube-proxy spreads connections over a
 Service's endpoints; a backend that refuses the connection (its process is gone, or it stopped
