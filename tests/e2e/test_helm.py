@@ -153,10 +153,12 @@ def release(
             f"--set=runner.image.repository={RUNNER_IMAGE}",
             f"--set=runner.image.tag={IMAGE_TAG}",
             f"--set=operator.watchNamespaces={{{watched_namespace}}}",
-            # One operator pod: on the one node's host network a second would want the same
-            # host ports (the scheduler refuses it). Replicas are tested as processes
-            # (test_replicas.py).
+            # One operator pod, replaced by stopping it first: on the one node's host network a
+            # second would want the same host ports (the scheduler refuses it). Replicas are
+            # tested as processes (test_replicas.py).
             "--set=operator.replicas=1",
+            "--set=operator.rollingUpdate.maxSurge=0",
+            "--set=operator.rollingUpdate.maxUnavailable=1",
             # The real node runs the suite's pods on the host network (harness.node): every pod
             # needs its own ports.
             f"--set=operator.healthPort={health_port}",
