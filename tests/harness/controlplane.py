@@ -98,7 +98,7 @@ class ControlPlane:
         (watches, controllers) must ride out."""
         proc = self.processes.pop("kube-apiserver", None)
         if proc is not None:
-            _terminate(proc, grace_seconds)
+            terminate(proc, grace_seconds)
         time.sleep(down_seconds)
         self.processes["kube-apiserver"] = _spawn(self, "kube-apiserver", _apiserver_args(self))
         _wait(self, "kube-apiserver", lambda: _api_ready(self), timeout)
@@ -109,7 +109,7 @@ class ControlPlane:
         for name in reversed(COMPONENTS):
             proc = self.processes.pop(name, None)
             if proc is not None:
-                _terminate(proc, timeout)
+                terminate(proc, timeout)
         _forget_pids(self.state_dir)
 
 
@@ -305,7 +305,8 @@ def _default_sa_exists(cp: ControlPlane) -> bool:
     return api_get(cp, "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
 
 
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+def terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM to ``proc``'s process group, SIGKILL after ``timeout`` s; a no-op once it exited."""
     if proc.poll() is not None:
         return
     with suppress(ProcessLookupError):

@@ -39,7 +39,13 @@ import yaml
 from kubernetes import client, config
 
 from harness import tools
-from harness.controlplane import ControlPlane, ControlPlaneError, alive, free_ports
+from harness.controlplane import (
+    ControlPlane,
+    ControlPlaneError,
+    alive,
+    free_ports,
+    terminate,
+)
 from harness.images import BuiltImage
 from harness.pki import issue_certificate
 
@@ -158,7 +164,7 @@ class Node:
                 time.sleep(0.05)
             yield f"{self.host_ip}:{outer}"
         finally:
-            _terminate(proc, 5)
+            terminate(proc, 5)
 
     def container_pid(self, container_id: str) -> int | None:
         """The host pid of a running container's main process (``containerd://<id>`` from a
@@ -183,11 +189,11 @@ class Node:
         for name in ("kube-scheduler", "kubelet"):
             proc = self.processes.pop(name, None)
             if proc is not None:
-                _terminate(proc, 15)
+                terminate(proc, 15)
         _kill_containers(self.record)
         proc = self.processes.pop("containerd", None)
         if proc is not None:
-            _terminate(proc, 15)
+            terminate(proc, 15)
         clean_up(self.record)
 
 
@@ -669,19 +675,6 @@ def _node_ready(api: client.ApiClient, name: str) -> bool:
     conditions = {c.type: c.status for c in ((status and status.conditions) or [])}
     taints = [t for t in ((spec and spec.taints) or []) if t.key != PRIVATE_TAINT]
     return conditions.get("Ready") == "True" and not taints
-
-
-def _terminate(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is not None:
-        return
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def _check(cmd: list[str]) -> str:
