@@ -20,7 +20,6 @@ import time
 from datetime import UTC, datetime
 
 from nocturne_operator.adapters import metrics
-from nocturne_operator.api.policy import POLICY_KIND
 from nocturne_operator.controller import policies
 from nocturne_operator.controller.lease import LeaderElector, LeaseTiming
 from nocturne_operator.controller.memo import Indexes, Memo
@@ -102,13 +101,8 @@ def _bring_policies_in_line(memo: Memo, indexes: Indexes) -> None:
     """The namespace budgets the grants read and each AgentSchedulePolicy's status, as the
     indexes show them now (their events reached this replica while it stood by)."""
     policies.sync_budgets(memo, indexes)
-    for policy in indexes.all_policies():
-        try:
-            body = memo.kube.get(POLICY_KIND, "", policy.name)
-            if body is not None:
-                policies.policy_status(memo, indexes, body)
-        except Exception as exc:  # its next event, or the next takeover, tries again
-            log.warning("status of AgentSchedulePolicy %s not written: %s", policy.name, exc)
+    # Each policy as its latest event showed it here (status writes of the old leader included).
+    policies.refresh_statuses(memo, indexes)
 
 
 def _remove_orphaned_cronjobs(memo: Memo, indexes: Indexes) -> None:
