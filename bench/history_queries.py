@@ -33,14 +33,21 @@ NO_INDEXES = "-c enable_indexscan=off -c enable_indexonlyscan=off -c enable_bitm
 MONTH_ROWS = 30_000
 
 
-def load(history: History, rows: int) -> None:
+def _insert(history: History, insert: str, params: dict[str, object]) -> None:
+    """Run one INSERT ... SELECT, then VACUUM ANALYZE the table."""
     with history.engine.begin() as conn:
         # The test server commits asynchronously; VACUUM sets the visibility map only for
         # flushed commits (index-only scans need it).
         conn.execute(sa.text("SET LOCAL synchronous_commit = on"))
-        conn.execute(
-            sa.text(
-                """
+        conn.execute(sa.text(insert), params)
+    with history.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE schedule_executions"))
+
+
+def load(history: History, rows: int) -> None:
+    _insert(
+        history,
+        """
                 INSERT INTO schedule_executions
                     (namespace, schedule_name, schedule_uid, job_name, job_uid, pod_uid, attempt,
                      status, started_at, completed_at, cost_usd, input_tokens, output_tokens,
@@ -55,22 +62,17 @@ def load(history: History, rows: int) -> None:
                        (g % 997) / 1000.0, 2000 + g % 1000, 300 + g % 100,
                        'gpt-4o-mini', 'openai', repeat('digest line ', 40)
                 FROM generate_series(1, :rows) AS g
-                """
-            ),
-            {"namespaces": NAMESPACES, "schedules": SCHEDULES, "rows": rows, "t0": T0},
-        )
-    with history.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE schedule_executions"))
+                """,
+        {"namespaces": NAMESPACES, "schedules": SCHEDULES, "rows": rows, "t0": T0},
+    )
 
 
 def load_month(history: History, rows: int) -> None:
     """``rows`` finished runs of this month in ns-budget (1,000 schedules)."""
     start = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    with history.engine.begin() as conn:
-        conn.execute(sa.text("SET LOCAL synchronous_commit = on"))
-        conn.execute(
-            sa.text(
-                """
+    _insert(
+        history,
+        """
                 INSERT INTO schedule_executions
                     (namespace, schedule_name, schedule_uid, job_name, job_uid, pod_uid, attempt,
                      status, started_at, completed_at, cost_usd, input_tokens, output_tokens,
@@ -81,12 +83,9 @@ def load_month(history: History, rows: int) -> None:
                        :start + (g % 600) * interval '1 minute' + interval '2 minutes',
                        0.001, 100, 10, 'gpt-4o-mini', 'openai'
                 FROM generate_series(1, :rows) AS g
-                """
-            ),
-            {"rows": rows, "start": start},
-        )
-    with history.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE schedule_executions"))
+                """,
+        {"rows": rows, "start": start},
+    )
 
 
 def timed(call: Callable[[], object], repeats: int) -> tuple[float, float]:
